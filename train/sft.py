@@ -1,0 +1,23 @@
+"""Retrieval-augmented SFT: python train/sft.py [conf=nemo_rag] [key=value ...]
+
+Index the corpus, build RAFT-style examples with the shared retriever and prompt schema,
+train the LoRA, merge, write the manifest. Returns the headline metric for sweepers.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+import ragtune.config  # noqa: F401  (registers the ${ragtune_root:} resolver)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
+def main(cfg: DictConfig) -> float | None:
+    from ragtune.sft import run_sft
+
+    from ragtune.config import user_errors
+
+    return user_errors(run_sft)(cfg)
+
+
+if __name__ == "__main__":
+    main()
