@@ -143,7 +143,7 @@ def test_unknown_variant_is_a_clear_error():
 
 def test_template_text_lives_in_one_place():
     """The seed's sentences appear only in prompts/, never copied into code or configs."""
-    needles = ["You are an excellent AI assistant", "you should refer the information to response"]
+    needles = ["You are an excellent AI assistant", "refer the information to response"]
     for needle in needles:
         out = subprocess.run(
             ["git", "grep", "-l", "-F", needle, "--", ".", ":!tests", ":!*.md"],
