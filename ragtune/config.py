@@ -83,6 +83,7 @@ class DataConfig:
 
 @dataclass
 class RaftConfig:
+    mode: str = "rag"  # rag: retrieved contexts; closed: no context (the closed-book baseline)
     oracle_fraction: float = 0.8
     abstain_without_oracle: bool = True
     shuffle_oracle: bool = True
@@ -235,6 +236,11 @@ def _check_values(cfg: DictConfig) -> None:
     if "raft" in cfg:
         p = cfg.raft.oracle_fraction
         need(0.0 <= p <= 1.0, "raft.oracle_fraction", f"must be in [0, 1], got {p}")
+        need(
+            cfg.raft.mode in ("rag", "closed"),
+            "raft.mode",
+            f"must be rag or closed, got {cfg.raft.mode!r}",
+        )
     if "train" in cfg:
         t = cfg.train
         need(

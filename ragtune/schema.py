@@ -128,6 +128,17 @@ class PromptSchema:
             ids = [bos, *ids]
         return ids
 
+    def context_budget(
+        self, tokenizer: Any, fields: PromptFields, max_seq_length: int, answer_reserve: int = 64
+    ) -> int:
+        """Tokens left for the context block once the rest of the prompt and the answer fit.
+
+        Training and serving both call this, so a context that fits in one fits in the other.
+        """
+        empty = PromptFields(fields.instruction, fields.input, [])
+        used = len(self.encode_prompt(tokenizer, self.render_prompt(empty, tokenizer)))
+        return max(0, max_seq_length - used - answer_reserve)
+
     @property
     def stop_strings(self) -> list[str]:
         """Text that must end generation: any section header means the answer is over."""

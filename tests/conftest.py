@@ -44,3 +44,34 @@ def outputs(tmp_path, monkeypatch):
     root = tmp_path / "outputs"
     monkeypatch.setenv("RAGTUNE_OUTPUTS", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_path(tmp_path_factory, lm_path: str) -> str:
+    """A 2-layer, 64-wide Llama with SmolLM2's tokenizer: trains and generates in milliseconds.
+
+    Random weights: use it to test mechanics (loss goes down, weights change, shapes, I/O),
+    and the real SmolLM2 only where answer quality matters.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-lm")
+    config = AutoConfig.from_pretrained(lm_path)
+    config.update(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+        }
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(lm_path).save_pretrained(out)
+    return str(out)

@@ -153,3 +153,14 @@ def test_template_text_lives_in_one_place():
         )
         files = [f for f in out.stdout.split() if f]
         assert files == ["prompts/alpaca_rag.yaml"], (needle, files)
+
+
+def test_context_budget_leaves_room_for_prompt_and_answer(tokenizer):
+    schema = get_schema("alpaca_rag")
+    fields = PromptFields("Who designed the Quillon bridge?")
+    budget = schema.context_budget(tokenizer, fields, max_seq_length=512, answer_reserve=32)
+    empty = schema.encode_prompt(
+        tokenizer, schema.render_prompt(PromptFields(fields.instruction, "", []), tokenizer)
+    )
+    assert budget == 512 - len(empty) - 32
+    assert schema.context_budget(tokenizer, fields, max_seq_length=10) == 0
