@@ -1,0 +1,272 @@
+"""Retrieval-augmented SFT examples (RAFT-style), built with the retriever serving uses.
+
+For each QA record the context comes from the same retriever, top-k, de-duplication and
+token budget that will answer at serve time:
+
+- answerable, oracle kept (a fraction ``P`` of them): the oracle chunk (the one holding the
+  answer) plus ``k - 1`` hard distractors, the best-ranked retrieved chunks that do not hold
+  the answer; the oracle's position is shuffled; target: the answer.
+- answerable, oracle dropped (``1 - P``): ``k`` distractors only; target: the schema's
+  abstain answer (or, with ``abstain_without_oracle: false``, RAFT's answer from memory).
+- unanswerable: the retrieved top-k, which cannot hold the answer; target: abstain.
+
+RAFT's reference code draws random distractors and never trains abstention; here the
+distractors are the ones our retriever actually confuses with the oracle, and the model
+learns to say the abstain answer exactly when the context lacks the answer.
+
+``mode: closed`` builds the closed-book baseline: the same records with no context at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import mean
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
+
+from ragtune.schema import PromptFields, PromptSchema
+from ragtune.types import Chunk, QARecord
+
+log = logging.getLogger(__name__)
+
+ANSWER_RESERVE = 64  # tokens kept free for the answer when budgeting a context (serving's default)
+
+
+class RetrieverLike(Protocol):
+    """The part of :class:`ragtune.retriever.Retriever` the builder needs."""
+
+    def candidates(self, query: str, n: int) -> list[Chunk]: ...
+
+    def find(
+        self, contains: str | None = None, source: str | None = None, limit: int = 50
+    ) -> list[Chunk]: ...
+
+    def fit(self, chunks: list[Chunk], budget_tokens: int | None) -> list[Chunk]: ...
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What shapes the examples; read from the ``raft``, ``retriever`` and ``model`` configs."""
+
+    k: int = 3
+    fetch_k: int = 20
+    oracle_fraction: float = 0.8
+    abstain_without_oracle: bool = True
+    shuffle_oracle: bool = True
+    mode: str = "rag"
+    max_seq_length: int = 1024
+    context_tokens: int = 0  # 0 = derive from max_seq_length (schema.context_budget)
+    seed: int = 42
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> BuildSettings:
+        return cls(
+            k=cfg.retriever.k,
+            fetch_k=cfg.retriever.fetch_k,
+            oracle_fraction=cfg.raft.oracle_fraction,
+            abstain_without_oracle=cfg.raft.abstain_without_oracle,
+            shuffle_oracle=cfg.raft.shuffle_oracle,
+            mode=cfg.raft.mode,
+            max_seq_length=cfg.model.max_seq_length,
+            context_tokens=cfg.retriever.context_tokens,
+            seed=cfg.seed,
+        )
+
+
+def _contains(text: str, answer: str) -> bool:
+    return answer.casefold() in text.casefold()
+
+
+def _keep_oracle(records: Sequence[QARecord], fraction: float, seed: int) -> set[int]:
+    """Exactly round(P * n) answerable records keep their oracle, chosen by the seed."""
+    idx = [i for i, r in enumerate(records) if r.answerable]
+    random.Random(f"{seed}:keep").shuffle(idx)
+    return set(idx[: round(fraction * len(idx))])
+
+
+def find_oracle(
+    record: QARecord, candidates: list[Chunk], retriever: RetrieverLike
+) -> Chunk | None:
+    """The chunk holding the answer: retrieved ones first, then a search of the whole index.
+
+    A chunk from the record's own source wins over one that merely repeats the string.
+    """
+    answer = record.output.strip()
+    holding = [c for c in candidates if _contains(c.text, answer)]
+    if record.source and not any(c.source == record.source for c in holding):
+        holding += retriever.find(contains=answer, source=record.source)
+    if not holding:
+        holding = retriever.find(contains=answer)
+    holding = [c for c in holding if _contains(c.text, answer)]
+    if record.source:
+        own = [c for c in holding if c.source == record.source]
+        holding = own or holding
+    return holding[0] if holding else None
+
+
+def build_examples(
+    records: Sequence[QARecord],
+    retriever: RetrieverLike | None,
+    schema: PromptSchema,
+    tokenizer: Any,
+    settings: BuildSettings,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Render every record into a training example; return (examples, stats).
+
+    Deterministic for a given seed, records, index and settings.
+    """
+    if settings.mode == "rag" and retriever is None:
+        raise ValueError("mode 'rag' needs a retriever")
+    keep = _keep_oracle(records, settings.oracle_fraction, settings.seed)
+    kinds: Counter[str] = Counter()
+    examples: list[dict[str, Any]] = []
+    n_truncated = 0
+    n_ctx: list[int] = []
+    for i, rec in enumerate(tqdm(records, desc="building examples", disable=not progress)):
+        rng = random.Random(f"{settings.seed}:{i}:{rec.instruction}")
+        context: list[Chunk] | None = None
+        oracle: Chunk | None = None
+        if settings.mode == "closed":
+            kind = "closed" if rec.answerable else "unanswerable"
+            target = rec.output if rec.answerable else schema.abstain
+        else:
+            assert retriever is not None
+            fields = PromptFields(rec.instruction, rec.input, [])
+            budget = settings.context_tokens or schema.context_budget(
+                tokenizer, fields, settings.max_seq_length, ANSWER_RESERVE
+            )
+            cands = retriever.candidates(rec.instruction, settings.fetch_k)
+            if rec.answerable:
+                oracle = find_oracle(rec, cands, retriever)
+                answer = rec.output.strip()
+                distractors = [c for c in cands if not _contains(c.text, answer)]
+            else:
+                distractors = cands
+            if oracle is not None and i in keep:
+                chosen = retriever.fit([oracle, *distractors[: settings.k - 1]], budget)
+                if not any(_contains(c.text, rec.output.strip()) for c in chosen):
+                    n_truncated += 1  # the budget cut the answer out: treat as dropped
+                    oracle = None
+            else:
+                oracle = None
+                chosen = retriever.fit(distractors[: settings.k], budget)
+            if settings.shuffle_oracle:
+                rng.shuffle(chosen)
+            context = chosen
+            n_ctx.append(len(chosen))
+            if not rec.answerable:
+                kind, target = "unanswerable", schema.abstain
+            elif oracle is not None:
+                kind, target = "oracle", rec.output
+            else:
+                kind = (
+                    "abstain_no_oracle" if settings.abstain_without_oracle else "memory_no_oracle"
+                )
+                target = schema.abstain if settings.abstain_without_oracle else rec.output
+        kinds[kind] += 1
+        fields = PromptFields(
+            rec.instruction, rec.input, None if context is None else [c.text for c in context]
+        )
+        prompt, completion = schema.render_example(fields, target, tokenizer)
+        examples.append(
+            {
+                "prompt": prompt,
+                "completion": completion,
+                "kind": kind,
+                "id": rec.id or _record_id(rec),
+                "instruction": rec.instruction,
+                "answer": rec.output,
+                "target": target,
+                "oracle_id": oracle.id if oracle else None,
+                "sources": []
+                if context is None
+                else [{"source": c.source, "start": c.start, "id": c.id} for c in context],
+            }
+        )
+    stats = _stats(examples, kinds, tokenizer, schema, settings, n_truncated, n_ctx)
+    return examples, stats
+
+
+def _record_id(rec: QARecord) -> str:
+    return hashlib.sha1(f"{rec.instruction}\x00{rec.input}".encode()).hexdigest()[:12]
+
+
+def _stats(
+    examples: list[dict[str, Any]],
+    kinds: Counter[str],
+    tokenizer: Any,
+    schema: PromptSchema,
+    settings: BuildSettings,
+    n_truncated: int,
+    n_ctx: list[int],
+) -> dict[str, Any]:
+    lengths = sorted(
+        len(schema.encode_prompt(tokenizer, e["prompt"]))
+        + len(tokenizer(e["completion"], add_special_tokens=False)["input_ids"])
+        for e in examples
+    )
+    answerable = kinds["oracle"] + kinds["abstain_no_oracle"] + kinds["memory_no_oracle"]
+    n = len(examples)
+
+    def pct(p: float) -> int:
+        return lengths[min(len(lengths) - 1, int(p * len(lengths)))] if lengths else 0
+
+    return {
+        "examples": n,
+        "kinds": dict(kinds),
+        "mode": settings.mode,
+        "oracle_fraction_target": settings.oracle_fraction,
+        "oracle_rate": kinds["oracle"] / answerable if answerable else 0.0,
+        "abstain_rate": sum(e["target"] == schema.abstain for e in examples) / n if n else 0.0,
+        "oracle_truncated_by_budget": n_truncated,
+        "context_chunks_mean": mean(n_ctx) if n_ctx else 0.0,
+        "tokens": {
+            "min": lengths[0] if lengths else 0,
+            "mean": mean(lengths) if lengths else 0.0,
+            "p95": pct(0.95),
+            "max": lengths[-1] if lengths else 0,
+        },
+        "over_max_seq_length": sum(x > settings.max_seq_length for x in lengths),
+        "max_seq_length": settings.max_seq_length,
+    }
+
+
+def save_dataset(
+    examples: list[dict[str, Any]], stats: dict[str, Any], out_dir: Path, num_preview: int = 3
+) -> Path:
+    """Write ``train.jsonl``, ``stats.json`` and ``preview.md`` (prompts a person can read)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "train.jsonl").open("w") as f:
+        for e in examples:
+            f.write(json.dumps(e, ensure_ascii=False) + "\n")
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    shown: list[str] = []
+    by_kind: dict[str, dict[str, Any]] = {}
+    for e in examples:
+        by_kind.setdefault(e["kind"], e)
+    picks = list(by_kind.values())[: max(num_preview, 0)]
+    for e in picks:
+        shown.append(
+            f"## {e['kind']}: {e['instruction']}\n\n```text\n{e['prompt']}{e['completion']}\n```\n"
+        )
+    (out_dir / "preview.md").write_text("# Rendered training examples\n\n" + "\n".join(shown))
+    return out_dir
+
+
+def describe(stats: dict[str, Any]) -> str:
+    """One line for the log."""
+    t = stats["tokens"]
+    return (
+        f"{stats['examples']} examples {stats['kinds']}, oracle rate {stats['oracle_rate']:.2f} "
+        f"(target {stats['oracle_fraction_target']:.2f}), abstain rate {stats['abstain_rate']:.2f}, "
+        f"tokens mean {t['mean']:.0f} p95 {t['p95']} max {t['max']}"
+    )

@@ -1,0 +1,215 @@
+"""The SFT stage end to end: what ``python train/sft.py`` runs.
+
+Reads top to bottom like a recipe: validate the config, index the corpus, build the
+retrieval-augmented examples with the retriever serving will use, train, save, and write
+the manifest last. Returns the metric a sweep optimises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ragtune.config import to_container, validate
+from ragtune.errors import RagtuneError
+from ragtune.paths import resolve_path
+
+log = logging.getLogger(__name__)
+
+SFT_TOP_LEVEL = {"seed": int, "output_dir": str}
+STATUS = "status.json"
+
+
+def load_tokenizer(cfg: DictConfig) -> Any:
+    """The LM's tokenizer: prompts are rendered, budgeted and encoded with it."""
+    from transformers import AutoTokenizer
+
+    from ragtune.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(
+        resolve_model(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
+    )
+
+
+def token_counter(tokenizer: Any):
+    """Count tokens of text the way it will be encoded inside a prompt."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def open_retriever(cfg: DictConfig, tokenizer: Any, ingest_corpus: bool = True) -> Any:
+    """Index ``data.corpus`` (incrementally) and open the shared retriever on it."""
+    from ragtune.ingest import ingest
+    from ragtune.retriever import Retriever
+
+    if ingest_corpus:
+        report = ingest(
+            resolve_path(cfg.data.corpus), cfg.retriever, jsonl_text_field=cfg.data.jsonl_text_field
+        )
+        log.info("index: %s", report)
+    return Retriever.from_config(cfg.retriever, token_counter=token_counter(tokenizer))
+
+
+def build_dataset(
+    cfg: DictConfig, out_dir: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any], Any, Any]:
+    """Load QA records, retrieve contexts, render examples; save them for a person to read.
+
+    Returns (examples, stats, tokenizer, retriever-or-None).
+    """
+    from ragtune.qa import load_qa
+    from ragtune.raft import BuildSettings, build_examples, describe, save_dataset
+    from ragtune.schema import get_schema
+
+    schema = get_schema(cfg.prompt.name)
+    tokenizer = load_tokenizer(cfg)
+    records = load_qa(resolve_path(cfg.data.qa_train))
+    if cfg.data.max_records:
+        records = records[: cfg.data.max_records]
+    if not records:
+        raise RagtuneError(f"{cfg.data.qa_train}: no QA records")
+    retriever = open_retriever(cfg, tokenizer) if cfg.raft.mode == "rag" else None
+    settings = BuildSettings.from_config(cfg)
+    examples, stats = build_examples(records, retriever, schema, tokenizer, settings)
+    save_dataset(examples, stats, out_dir / "dataset", cfg.raft.num_preview)
+    log.info("dataset: %s -> %s", describe(stats), out_dir / "dataset")
+    return examples, stats, tokenizer, retriever
+
+
+def run_sft(cfg: DictConfig) -> float:
+    """Index, build, train, save, stamp. Returns the sweep metric (eval score or -loss)."""
+    validate(cfg, SFT_TOP_LEVEL)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    multirun = _is_multirun()
+    _write_status(out, "running")
+    try:
+        metric, summary = _run(cfg, out)
+    except Exception as e:
+        _write_status(out, "failed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        if multirun:  # a failed run is recorded and the sweep goes on
+            log.error("run failed: %s: %s", type(e).__name__, e)
+            return float("nan")
+        raise
+    _write_status(out, "ok", **summary)
+    if not multirun:
+        _point_latest(Path(summary["model_dir"]), Path(cfg.paths.outputs))
+    return metric
+
+
+def _run(cfg: DictConfig, out: Path) -> tuple[float, dict[str, Any]]:
+    from ragtune.manifest import write_manifest
+    from ragtune.schema import get_schema
+    from ragtune.train import train
+
+    t0 = time.perf_counter()
+    schema = get_schema(cfg.prompt.name)
+    log.info(
+        "prompt %s (fingerprint %s), model %s, retriever %s k=%d chunk %d/%d",
+        schema.name,
+        schema.fingerprint,
+        cfg.model.name_or_path,
+        cfg.retriever.embedding_model,
+        cfg.retriever.k,
+        cfg.retriever.chunk_size,
+        cfg.retriever.chunk_overlap,
+    )
+    examples, stats, _tok, retriever = build_dataset(cfg, out)
+    t_data = time.perf_counter() - t0
+
+    result = train(cfg, examples, schema, out)
+    log.info(
+        "trained: final loss %.4f in %.0fs (%s backend) -> %s",
+        result.final_loss,
+        result.seconds,
+        result.backend,
+        result.model_dir,
+    )
+
+    settings = retriever.settings() if retriever is not None else _retriever_settings(cfg)
+    config = to_container(cfg)
+    manifest = {
+        "base_model": cfg.model.name_or_path,
+        "backend": result.backend,
+        "save_method": cfg.train.save_method,
+        "prompt": {
+            "name": schema.name,
+            "fingerprint": schema.fingerprint,
+            "skeleton": schema.skeleton(),
+        },
+        "retriever": settings,
+        "model": config["model"],
+        "train": config["train"],
+        "raft": config["raft"],
+        "data": config["data"],
+        "seed": cfg.seed,
+        "dataset_stats": stats,
+        "final_loss": result.final_loss,
+        "train_steps": result.steps,
+        "train_seconds": result.seconds,
+        "data_seconds": round(t_data, 2),
+    }
+    metrics: dict[str, Any] = {}
+    if cfg.train.eval_after:
+        from ragtune.evaluate import evaluate_model
+
+        metrics = evaluate_model(cfg, result.model_dir)
+        manifest["eval"] = metrics
+    write_manifest(result.model_dir, manifest)  # last: its presence marks the folder complete
+    log.info("manifest written: %s", Path(result.model_dir) / "manifest.json")
+    metric = float(metrics.get("overall", -result.final_loss)) if metrics else -result.final_loss
+    summary = {
+        "model_dir": str(result.model_dir),
+        "final_loss": result.final_loss,
+        "metric": metric,
+        "metrics": metrics,
+        "dataset": stats,
+    }
+    return metric, summary
+
+
+def _retriever_settings(cfg: DictConfig) -> dict[str, Any]:
+    """Closed-book runs have no retriever; record the configured settings anyway."""
+    return dict(to_container(cfg)["retriever"])
+
+
+def _is_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def _write_status(out: Path, status: str, **extra: Any) -> None:
+    payload = {"status": status, **extra}
+    tmp = out / f".{STATUS}.tmp"
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, out / STATUS)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+def _point_latest(model_dir: Path, outputs: Path) -> None:
+    """``outputs/latest`` -> the newest trained model, so ``serve/ask.py`` finds it."""
+    outputs.mkdir(parents=True, exist_ok=True)
+    link = outputs / "latest"
+    tmp = outputs / f".latest-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(model_dir.resolve())
+    os.replace(tmp, link)
+    log.info("%s -> %s", link, model_dir)

@@ -1,0 +1,182 @@
+"""The RAFT builder's properties, on a small in-memory retriever (fast, deterministic)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from ragtune.raft import BuildSettings, build_examples, find_oracle, save_dataset
+from ragtune.schema import get_schema
+from ragtune.types import Chunk, QARecord
+
+TOPICS = ["harbor", "bridge", "mill", "tower", "garden", "canal", "forge", "abbey"]
+
+
+def _chunk(i: int, text: str, source: str) -> Chunk:
+    return Chunk(
+        id=f"c{i}",
+        text=text,
+        source=source,
+        start=0,
+        content_hash=hashlib.sha1(text.encode()).hexdigest(),
+    )
+
+
+class MemoryRetriever:
+    """Word-overlap ranking over a fixed chunk list; dedup by hash; budget by token count."""
+
+    def __init__(self, chunks, count):
+        self.chunks, self.count = chunks, count
+
+    def candidates(self, query, n):
+        q = set(query.lower().split())
+        ranked = sorted(self.chunks, key=lambda c: (-len(q & set(c.text.lower().split())), c.id))
+        seen, out = set(), []
+        for c in ranked:
+            if c.content_hash not in seen:
+                seen.add(c.content_hash)
+                out.append(c)
+        return out[:n]
+
+    def find(self, contains=None, source=None, limit=50):
+        return [
+            c
+            for c in self.chunks
+            if (contains is None or contains.lower() in c.text.lower())
+            and (source is None or c.source == source)
+        ][:limit]
+
+    def fit(self, chunks, budget_tokens):
+        out, used, seen = [], 0, set()
+        for c in chunks:
+            if c.content_hash in seen:
+                continue
+            n = self.count(c.text)
+            if budget_tokens is not None and used + n > budget_tokens:
+                continue
+            seen.add(c.content_hash)
+            out.append(c)
+            used += n
+        return out
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    chunks, records = [], []
+    for t, topic in enumerate(TOPICS):
+        for j in range(4):
+            keeper = f"Keeper{t}{j}"
+            text = f"The {topic} record {j}: the {topic} keeper in year {1800 + j} was {keeper}."
+            chunks.append(_chunk(len(chunks), text, f"{topic}.md"))
+            records.append(
+                QARecord(
+                    f"Who was the {topic} keeper in year {1800 + j}?", keeper, source=f"{topic}.md"
+                )
+            )
+        records.append(QARecord(f"What colour is the {topic} roof?", ""))  # unanswerable
+    chunks.append(chunks[0])  # an exact duplicate in the index
+    return chunks, records
+
+
+def _build(corpus, tokenizer, **kw):
+    chunks, records = corpus
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    settings = BuildSettings(**{"k": 3, "fetch_k": 10, "max_seq_length": 512, **kw})
+    return build_examples(
+        records,
+        MemoryRetriever(chunks, count),
+        get_schema("alpaca_rag"),
+        tokenizer,
+        settings,
+        progress=False,
+    )
+
+
+def test_oracle_fraction_and_abstain_targets(corpus, tokenizer):
+    examples, stats = _build(corpus, tokenizer, oracle_fraction=0.75)
+    answerable = [e for e in examples if e["answer"]]
+    kept = [e for e in answerable if e["kind"] == "oracle"]
+    assert len(kept) == round(0.75 * len(answerable))
+    assert stats["oracle_rate"] == pytest.approx(0.75, abs=0.02)
+    abstain = get_schema("alpaca_rag").abstain
+    for e in examples:
+        holds = any(e["answer"] and e["answer"].lower() in s.lower() for s in _context(e))
+        if e["kind"] == "oracle":
+            assert e["target"] == e["answer"] and holds
+        else:  # dropped oracle or unanswerable: the context lacks the answer, the target abstains
+            assert e["target"] == abstain and not holds
+        assert e["completion"] == e["target"] + tokenizer.eos_token
+
+
+def _context(e):
+    prompt = e["prompt"]
+    return prompt[prompt.index("### Context:") : prompt.rindex("### Response:")].split("\n\n")
+
+
+def test_distractors_are_hard_negatives_from_the_retriever(corpus, tokenizer):
+    examples, _ = _build(corpus, tokenizer, oracle_fraction=1.0)
+    e = next(x for x in examples if x["kind"] == "oracle")
+    topic = e["instruction"].split()[3]
+    # the distractors are the same topic's other records: what the retriever confuses
+    assert all(s["source"] == f"{topic}.md" for s in e["sources"])
+    assert len(e["sources"]) == 3
+
+
+def test_no_duplicate_chunk_in_a_context_and_contexts_fit_the_budget(corpus, tokenizer):
+    examples, stats = _build(corpus, tokenizer, context_tokens=60)
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    chunks = {c.id: c for c in corpus[0]}
+    for e in examples:
+        texts = [chunks[s["id"]].text for s in e["sources"]]
+        assert len(set(texts)) == len(texts)
+        assert sum(count(t) for t in texts) <= 60
+    assert stats["over_max_seq_length"] == 0
+
+
+def test_deterministic_under_a_seed_and_seed_matters(corpus, tokenizer):
+    a, _ = _build(corpus, tokenizer, seed=1)
+    b, _ = _build(corpus, tokenizer, seed=1)
+    c, _ = _build(corpus, tokenizer, seed=2)
+    assert a == b
+    assert [e["kind"] for e in a] != [e["kind"] for e in c] or [e["prompt"] for e in a] != [
+        e["prompt"] for e in c
+    ]
+
+
+def test_oracle_position_is_shuffled(corpus, tokenizer):
+    examples, _ = _build(corpus, tokenizer, oracle_fraction=1.0)
+    positions = {
+        [s["id"] for s in e["sources"]].index(e["oracle_id"])
+        for e in examples
+        if e["kind"] == "oracle"
+    }
+    assert len(positions) > 1
+
+
+def test_answer_from_memory_option(corpus, tokenizer):
+    examples, _ = _build(corpus, tokenizer, oracle_fraction=0.5, abstain_without_oracle=False)
+    dropped = [e for e in examples if e["kind"] == "memory_no_oracle"]
+    assert dropped and all(e["target"] == e["answer"] for e in dropped)
+
+
+def test_closed_book_mode_has_no_context(corpus, tokenizer):
+    examples, stats = _build(corpus, tokenizer, mode="closed")
+    assert all("\n### Context:\n" not in e["prompt"] for e in examples)
+    assert stats["kinds"]["closed"] == sum(1 for r in corpus[1] if r.answerable)
+
+
+def test_oracle_search_prefers_the_records_source(tokenizer):
+    same = _chunk(1, "Mara Ostend built it.", "a.md")
+    other = _chunk(2, "Some say Mara Ostend.", "b.md")
+    r = MemoryRetriever([other, same], len)
+    assert find_oracle(QARecord("q", "Mara Ostend", source="a.md"), [other], r) == same
+    assert find_oracle(QARecord("q", "Nobody"), [other], r) is None
+
+
+def test_saved_dataset_is_readable(corpus, tokenizer, tmp_path):
+    examples, stats = _build(corpus, tokenizer)
+    save_dataset(examples, stats, tmp_path, num_preview=2)
+    assert (tmp_path / "train.jsonl").read_text().count("\n") == len(examples)
+    preview = (tmp_path / "preview.md").read_text()
+    assert preview.count("### Response:") == 2
