@@ -34,6 +34,8 @@ class QARecord:
 
     ``source`` optionally names the corpus document (relative path) holding the answer,
     which helps find the oracle chunk when the answer string is short or repeated.
+    ``answers`` holds every acceptable answer when there are several (SQuAD); evaluation
+    scores against the best of them (``ragtune.qa.gold_answers``).
     """
 
     instruction: str
@@ -41,6 +43,7 @@ class QARecord:
     input: str = ""
     source: str | None = None
     id: str | None = None
+    answers: tuple[str, ...] = ()
 
     @property
     def answerable(self) -> bool:
