@@ -58,6 +58,7 @@ class RetrieverConfig:
     k: int = 3
     fetch_k: int = 20
     dedup_cosine: float = 0.95
+    dedup_overlap: float = 0.5
     hybrid: bool = False
     mmr: bool = False
     mmr_lambda: float = 0.5
@@ -65,6 +66,7 @@ class RetrieverConfig:
     persist_dir: str = ""
     collection: str | None = None
     server: str | None = None
+    max_file_bytes: int = 50_000_000
 
 
 @dataclass
@@ -211,6 +213,16 @@ def _check_values(cfg: DictConfig) -> None:
             f"must be in [0, 1], got {r.mmr_lambda}",
         )
         need(r.batch_size > 0, "retriever.batch_size", f"must be > 0, got {r.batch_size}")
+        need(
+            0.0 < r.dedup_overlap <= 1.0,
+            "retriever.dedup_overlap",
+            f"must be in (0, 1], got {r.dedup_overlap}",
+        )
+        need(
+            r.max_file_bytes >= 0,
+            "retriever.max_file_bytes",
+            f"must be >= 0 (0 = no limit), got {r.max_file_bytes}",
+        )
         need(
             r.context_tokens >= 0,
             "retriever.context_tokens",
