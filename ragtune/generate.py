@@ -1,0 +1,478 @@
+"""Generation with the schema's stop strings: one answer, a token stream, or a batch.
+
+Every prompt is encoded with :meth:`PromptSchema.encode_prompt`, so the ids a model is asked
+with are the ids it was trained on (one BOS, no doubled special tokens). Generation ends at
+EOS or when the text produces a stop string (any section header of the schema: the answer is
+over when the model starts a new ``### Instruction:``); the stop string is trimmed, the prompt
+is never echoed, and text that might still turn into a stop string is held back while
+streaming, so what is streamed is exactly what :meth:`Generator.generate` returns.
+
+Decoding is Hugging Face ``generate`` (greedy when ``temperature == 0``). On CUDA a model
+loaded through Unsloth is switched to Unsloth's inference mode, and ``generate.fast`` hands
+batch-1 decoding to ``ragtune.fastdecode`` (the GPU fast path) when it is available.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from ragtune.config import GenerateConfig
+from ragtune.schema import PromptSchema
+
+log = logging.getLogger(__name__)
+
+# Special tokens that end a turn in common model families, stopped on when the vocabulary has
+# them (SmolLM2's EOS is <|im_end|>, but it may also emit <|endoftext|>).
+_END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|end_of_text|>")
+_END = object()
+
+
+@dataclass
+class GenerationResult:
+    """One generated answer.
+
+    ``text`` is the answer (stop string trimmed, surrounding whitespace stripped),
+    ``token_ids`` the generated ids before EOS, ``new_tokens`` every token generated (EOS
+    included), ``stop_reason`` one of ``eos``, ``stop_string``, ``length``, ``cancelled``.
+    """
+
+    text: str
+    token_ids: list[int]
+    stop_reason: str
+    new_tokens: int
+    seconds: float
+    prompt_tokens: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _settings(gcfg: Any) -> GenerateConfig:
+    """A GenerateConfig from a dataclass, a DictConfig/dict, or None (the defaults)."""
+    if gcfg is None:
+        return GenerateConfig()
+    if isinstance(gcfg, GenerateConfig):
+        return gcfg
+    get = gcfg.get if hasattr(gcfg, "get") else lambda k, d: getattr(gcfg, k, d)
+    defaults = GenerateConfig()
+    return GenerateConfig(
+        **{k: get(k, getattr(defaults, k)) for k in GenerateConfig.__dataclass_fields__}
+    )
+
+
+def cut_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Text before the first complete stop string, and whether one was found."""
+    first = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:first], True) if first >= 0 else (text, False)
+
+
+def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def finish_text(raw: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
+    """The visible answer of ``raw`` generated text, and whether a stop string ended it.
+
+    While generating (``final=False``), a tail that could still become a stop string, an
+    incomplete UTF-8 character and trailing whitespace are held back; at the end a dangling
+    prefix of a stop string (``\\n\\n###`` when the token limit struck) is dropped as well.
+    The result only grows as ``raw`` grows, which is what makes streaming exact.
+    """
+    text, hit = cut_stop(raw, stops)
+    if not hit and final:
+        # Headers start a line: only a dangling prefix on its own line is dropped ("C#" stays).
+        body = text.rstrip()
+        n = _partial_stop_len(body, stops)
+        if n and (n == len(body) or body[-n - 1] == "\n" or body[-n] == "\n"):
+            text = body[:-n]
+    elif not hit:
+        text = text.rstrip("\ufffd")
+        n = _partial_stop_len(text, stops)
+        if n:
+            text = text[:-n]
+    return text.strip(), hit
+
+
+class _StopOnText(StoppingCriteria):
+    """Per-row stop when a stop string appears in the generated text, or on cancellation."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        stops: Sequence[str],
+        prompt_len: int,
+        cancel: threading.Event | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.prompt_len = prompt_len
+        self.cancel = cancel
+        # Every token decodes to at least one character except partial UTF-8 bytes, so the
+        # last (longest stop + a few) tokens always hold a stop string that just completed.
+        self.window = max((len(s) for s in self.stops), default=0) + 4
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        batch = input_ids.shape[0]
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        done = [False] * batch
+        if self.stops:
+            for i in range(batch):
+                tail = input_ids[i, self.prompt_len :][-self.window :].tolist()
+                text = self.tokenizer.decode(tail, skip_special_tokens=True)
+                done[i] = any(s in text for s in self.stops)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _QueueStreamer(BaseStreamer):
+    """Hands generated token ids from the generation thread to the consumer."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt itself
+            self._prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(_END)
+
+
+class TextStream:
+    """Iterator over the text pieces of one streamed answer; ``.result`` once exhausted.
+
+    The pieces concatenate to exactly ``result.text``. Leaving the loop early (``close()``,
+    or the object being dropped) stops the generation at the next token.
+    """
+
+    def __init__(self, generator: Generator, prompt_text: str):
+        self._gen = generator
+        self._prompt = prompt_text
+        self._cancel = threading.Event()
+        self._streamer = _QueueStreamer()
+        self._error: BaseException | None = None
+        self._it = self._run()
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def close(self) -> None:
+        """Stop generating (the lock is released as soon as the current token is done)."""
+        self._cancel.set()
+        self._it.close()
+
+    def __del__(self) -> None:
+        self._cancel.set()
+
+    def _run(self) -> Iterator[str]:
+        gen = self._gen
+        ids = gen.encode(self._prompt)
+        t0 = time.perf_counter()
+        gen._lock.acquire()
+        thread = threading.Thread(target=self._work, args=(ids,), daemon=True)
+        try:
+            thread.start()
+            got: list[int] = []
+            emitted = ""
+            hit = eos = False
+            while True:
+                item = self._streamer.queue.get()
+                if item is _END:
+                    break
+                if eos or hit:
+                    continue  # drain until the generation thread ends
+                for tok in item:
+                    if tok in gen.eos_ids:
+                        eos = True
+                        break
+                    got.append(tok)
+                raw = gen.decode(got)
+                visible, hit = finish_text(raw, gen.stop_strings, final=False)
+                if visible.startswith(emitted) and len(visible) > len(emitted):
+                    yield visible[len(emitted) :]
+                    emitted = visible
+                if hit or eos:
+                    self._cancel.set()
+            thread.join()
+            if self._error is not None:
+                raise self._error
+            text, hit = finish_text(gen.decode(got), gen.stop_strings, final=True)
+            if text.startswith(emitted) and len(text) > len(emitted):
+                yield text[len(emitted) :]
+            reason = "eos" if eos else "stop_string" if hit else "length"
+            if not (eos or hit) and self._cancel.is_set():
+                reason = "cancelled"
+            new = len(got) + int(eos)
+            self.result = GenerationResult(
+                text, got, reason, new, time.perf_counter() - t0, len(ids)
+            )
+        finally:
+            self._cancel.set()
+            thread.join() if thread.is_alive() else None
+            gen._lock.release()
+
+    def _work(self, ids: list[int]) -> None:
+        try:
+            self._gen._generate_ids([ids], streamer=self._streamer, cancel=self._cancel)
+        except BaseException as e:  # re-raised in the consumer
+            self._error = e
+            self._streamer.end()
+
+
+@dataclass
+class Generator:
+    """Decodes answers for prompts rendered by the one schema.
+
+    ``stream`` and ``generate`` hold a lock for the whole generation, so one Generator can
+    be shared by threads (a server's workers): requests run one after another.
+    """
+
+    model: Any
+    tokenizer: Any
+    schema: PromptSchema
+    gcfg: Any = None
+    extra_stop_strings: Sequence[str] = ()
+    settings: GenerateConfig = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.settings = _settings(self.gcfg)
+        self._lock = threading.Lock()  # released by whichever thread ends a stream
+        stops = [*self.schema.stop_strings, *self.extra_stop_strings, *_header_stops(self.schema)]
+        self.stop_strings = list(dict.fromkeys(s for s in stops if s))
+        self.eos_ids = self._eos_ids()
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids)
+        self.device = _device_of(self.model)
+        self._prepare_model()
+
+    # ----------------------------------------------------------------- public API
+    def encode(self, prompt_text: str) -> list[int]:
+        """The prompt's ids, exactly as training encoded them."""
+        return self.schema.encode_prompt(self.tokenizer, prompt_text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate(self, prompt_text: str) -> GenerationResult:
+        """One answer for a rendered prompt."""
+        return self.generate_batch([prompt_text], batch_size=1)[0]
+
+    def stream(self, prompt_text: str) -> TextStream:
+        """The answer as it is generated: an iterator of text pieces (see :class:`TextStream`)."""
+        return TextStream(self, prompt_text)
+
+    def generate_batch(self, prompts: Sequence[str], batch_size: int = 8) -> list[GenerationResult]:
+        """Answers for many prompts: left-padded batched decoding, results in input order.
+
+        Prompts are sorted by length so that each batch pads little; with greedy decoding
+        each answer is the one :meth:`generate` gives for the prompt alone.
+        """
+        encoded = [self.encode(p) for p in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+        out: list[GenerationResult | None] = [None] * len(encoded)
+        for b in range(0, len(order), max(1, batch_size)):
+            idx = order[b : b + max(1, batch_size)]
+            t0 = time.perf_counter()
+            with self._lock:
+                rows = self._generate_ids([encoded[i] for i in idx])
+            seconds = time.perf_counter() - t0
+            for i, row in zip(idx, rows, strict=True):
+                out[i] = self._result(row, seconds, len(encoded[i]))
+        return [r for r in out if r is not None]
+
+    # ----------------------------------------------------------------- internals
+    def _result(self, row: list[int], seconds: float, prompt_tokens: int) -> GenerationResult:
+        got: list[int] = []
+        eos = False
+        for tok in row:
+            if tok in self.eos_ids:
+                eos = True
+                break
+            got.append(tok)
+        text, hit = finish_text(self.decode(got), self.stop_strings, final=True)
+        reason = "eos" if eos else "stop_string" if hit else "length"
+        return GenerationResult(text, got, reason, len(got) + int(eos), seconds, prompt_tokens)
+
+    def _generation_config(self) -> GenerationConfig:
+        s = self.settings
+        sample = s.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=s.max_new_tokens,
+            do_sample=sample,
+            temperature=s.temperature if sample else 1.0,
+            top_p=s.top_p if sample else 1.0,
+            top_k=0 if sample else None,
+            repetition_penalty=s.repetition_penalty,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+            num_beams=1,
+        )
+
+    @torch.inference_mode()
+    def _generate_ids(
+        self,
+        batch: Sequence[Sequence[int]],
+        streamer: BaseStreamer | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[list[int]]:
+        """Generated ids (prompt removed) for each left-padded row."""
+        width = max(len(r) for r in batch)
+        if width == 0:
+            raise ValueError("empty prompt: nothing to generate from")
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, row in enumerate(batch):
+            if row:
+                input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+                mask[i, width - len(row) :] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        if self._fast is not None and len(batch) == 1 and streamer is None:
+            out = self._fast_generate(input_ids)
+            if out is not None:
+                return [out]
+        stop = _StopOnText(self.tokenizer, self.stop_strings, width, cancel)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            generation_config=self._generation_config(),
+            stopping_criteria=StoppingCriteriaList([stop]),
+            streamer=streamer,
+        )
+        return [row[width:].tolist() for row in out]
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (
+            self.tokenizer.eos_token_id,
+            getattr(getattr(self.model, "generation_config", None), "eos_token_id", None),
+        ):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        specials = set(getattr(self.tokenizer, "all_special_tokens", []) or [])
+        for tok in _END_TOKENS:
+            if tok in specials:
+                tid = self.tokenizer.convert_tokens_to_ids(tok)
+                if isinstance(tid, int) and tid >= 0:
+                    ids.add(tid)
+        if not ids:
+            raise ValueError("the tokenizer has no EOS token: generation would never stop")
+        return ids
+
+    def _prepare_model(self) -> None:
+        """Inference mode; Unsloth's fast inference on CUDA; the fast decode path if asked."""
+        self._fast = None
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+        cuda = self.device.type == "cuda"
+        if cuda and _is_unsloth(self.model):
+            try:
+                from unsloth import FastLanguageModel
+
+                FastLanguageModel.for_inference(self.model)
+                log.info("Unsloth inference mode on")
+            except ImportError:
+                warnings.warn(
+                    "the model came from Unsloth but unsloth is not importable", stacklevel=2
+                )
+        if self.settings.fast:
+            if not cuda:
+                warnings.warn(
+                    "generate.fast needs a CUDA GPU; using the standard decoding path",
+                    stacklevel=3,
+                )
+                return
+            try:
+                from ragtune import fastdecode  # type: ignore[attr-defined]
+            except ImportError:
+                warnings.warn(
+                    "generate.fast: ragtune.fastdecode is not available; "
+                    "using the standard decoding path",
+                    stacklevel=3,
+                )
+                return
+            self._fast = fastdecode
+            log.info("fast decode path on (ragtune.fastdecode)")
+
+    def _fast_generate(self, input_ids: torch.Tensor) -> list[int] | None:
+        """Batch-1 greedy decoding through ``ragtune.fastdecode``; None falls back."""
+        if self.settings.temperature > 0 or self.settings.repetition_penalty != 1.0:
+            return None
+        fn = getattr(self._fast, "generate", None)
+        if fn is None:
+            return None
+        ids = fn(
+            self.model,
+            input_ids,
+            max_new_tokens=self.settings.max_new_tokens,
+            eos_token_ids=sorted(self.eos_ids),
+        )
+        ids = ids.reshape(-1).tolist() if hasattr(ids, "reshape") else list(ids)
+        return ids[input_ids.shape[1] :] if len(ids) > input_ids.shape[1] else ids
+
+
+def _header_stops(schema: PromptSchema) -> list[str]:
+    """A new line opening with the headers' common markup (``\n###``): any new section.
+
+    A base model asked for comparison often invents its own header (``### Output:``); the
+    schema's exact headers would not stop it, the markup does.
+    """
+    heads = list(schema.headers.values())
+    prefix = heads[0] if heads else ""
+    for h in heads[1:]:
+        while not h.startswith(prefix):
+            prefix = prefix[:-1]
+    prefix = prefix.strip()
+    return [f"\n{prefix}"] if len(prefix) >= 2 and not prefix.isalnum() else []
+
+
+def _device_of(model: Any) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _is_unsloth(model: Any) -> bool:
+    """Whether a model was loaded through Unsloth (its classes or config say so)."""
+    seen = model
+    for _ in range(4):
+        if seen is None:
+            break
+        if "unsloth" in type(seen).__module__.lower():
+            return True
+        cfg = getattr(seen, "config", None)
+        if cfg is not None and getattr(cfg, "unsloth_version", None):
+            return True
+        seen = getattr(seen, "base_model", None) or getattr(seen, "model", None)
+    return False
