@@ -1,0 +1,723 @@
+"""Training backends (hf, unsloth), checkpoints, resume and saving of the LoRA / merged model.
+
+One function, :func:`train`, runs the whole training half of the SFT stage:
+
+- the model is loaded offline (``ragtune.models.resolve_model``, ``use_safetensors=True``),
+  LoRA is applied, and TRL's ``SFTTrainer`` trains on pre-tokenized examples whose loss is on
+  the completion tokens only (``completion_mask`` -> ``labels``; see :func:`tokenize_examples`);
+- backend ``hf`` (transformers + PEFT + TRL, bitsandbytes 4-bit on CUDA) runs everywhere;
+  ``unsloth`` (``FastLanguageModel``) is the fast path on CUDA; ``auto`` picks;
+- checkpoints go to ``<output_dir>/checkpoints`` every ``train.save_steps``; each complete one
+  gets a marker written *after* the Trainer finished it, and ``train.resume=true`` continues
+  from the newest checkpoint that has the marker and whose files load, so a checkpoint cut off
+  by a crash is skipped in favour of the previous one (the Trainer's own saving is not atomic);
+- the model folder is written into a temporary folder and renamed into place, so a crashed
+  merge never leaves ``<output_dir>/model`` looking complete. The caller writes
+  ``manifest.json`` into it last.
+
+Under ``torchrun`` / ``accelerate launch`` the Trainer runs DDP (gloo on CPU, NCCL on CUDA);
+only rank 0 writes checkpoints and the model folder.
+
+Trust boundary: resuming reads the Trainer's own ``optimizer.pt`` / ``scheduler.pt`` /
+``rng_state.pth`` with ``torch.load(weights_only=True)``; only resume from checkpoint folders
+this run (or you) wrote. Weights are only ever read from safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragtune.errors import RagtuneError
+from ragtune.schema import PromptSchema
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+COMPLETE_MARKER = "ragtune-complete.json"
+TRAIN_INFO = "ragtune_train.json"  # backend, save method and base model, for load_model
+_CKPT_PREFIX = "checkpoint-"
+# Unsloth's kernels patch these names; "all-linear" is expanded to them for the unsloth backend.
+_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainError(RagtuneError):
+    """Training cannot run as configured (backend, save method, data); the message says why."""
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced, for the manifest and for people."""
+
+    model_dir: Path
+    final_loss: float | None
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    backend: str = "hf"
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    peak_memory_gb: float | None = None
+    resumed_from: str | None = None
+    dataset_stats: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- backend choice
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch is a hard dependency
+        return False
+
+
+def _unsloth_importable() -> bool:
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # unsloth raises NotImplementedError/ImportError without CUDA
+        log.debug("unsloth not usable: %s", e)
+        return False
+    return True
+
+
+def select_backend(requested: str) -> str:
+    """``auto`` -> ``unsloth`` when CUDA is present and Unsloth imports, else ``hf``."""
+    if requested == "hf":
+        return "hf"
+    if requested == "unsloth":
+        if not _cuda_available():
+            raise TrainError(
+                "train.backend=unsloth needs a CUDA GPU (Unsloth's kernels are CUDA-only) and "
+                "none is visible; use train.backend=hf (or auto) on this machine"
+            )
+        if not _unsloth_importable():
+            raise TrainError(
+                "train.backend=unsloth: the unsloth package does not import; install it with "
+                "`pip install -e .[gpu]` or use train.backend=hf"
+            )
+        return "unsloth"
+    if requested == "auto":
+        return "unsloth" if _cuda_available() and _unsloth_importable() else "hf"
+    raise TrainError(f"train.backend: must be auto, hf or unsloth, got {requested!r}")
+
+
+# --------------------------------------------------------------------------- data
+def tokenize_examples(
+    examples: list[dict], tokenizer: Any, schema: PromptSchema, max_seq_length: int
+) -> tuple[Any, dict[str, Any]]:
+    """Pre-tokenize prompt/completion examples for TRL's SFTTrainer; loss on completions only.
+
+    ids = ``schema.encode_prompt(prompt)`` + ``tokenizer(completion, add_special_tokens=False)``
+    with EOS as the last id. The ``completion_mask`` column is 1 on completion tokens; TRL
+    1.15 folds it into ``labels`` (-100 elsewhere) when ``completion_only_loss=True``, which
+    :func:`train` sets explicitly (TRL's auto-detection only looks for text columns).
+
+    Over-long examples (prompt + completion > ``max_seq_length``) are DROPPED and counted in
+    ``stats["truncated"]``, not cut: cutting the prompt would remove context the answer may
+    rest on and teach the model to answer from nothing, and cutting the completion would lose
+    the EOS. The RAFT builder budgets contexts so that this is rare.
+    """
+    from datasets import Dataset
+
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise TrainError("the tokenizer has no EOS token id; cannot end training sequences")
+    rows: dict[str, list] = {"input_ids": [], "completion_mask": []}
+    lengths: list[int] = []
+    completion_tokens = 0
+    dropped = 0
+    for i, ex in enumerate(examples):
+        if "prompt" not in ex or "completion" not in ex:
+            raise TrainError(
+                f"training example {i} lacks 'prompt' or 'completion' (keys: {sorted(ex)})"
+            )
+        p_ids = schema.encode_prompt(tokenizer, ex["prompt"])
+        c_ids = list(tokenizer(ex["completion"], add_special_tokens=False)["input_ids"])
+        if not c_ids or c_ids[-1] != eos_id:
+            c_ids.append(eos_id)
+        if len(p_ids) + len(c_ids) > max_seq_length:
+            dropped += 1
+            continue
+        rows["input_ids"].append(p_ids + c_ids)
+        rows["completion_mask"].append([0] * len(p_ids) + [1] * len(c_ids))
+        lengths.append(len(p_ids) + len(c_ids))
+        completion_tokens += len(c_ids)
+    if not lengths:
+        raise TrainError(
+            f"no training example fits model.max_seq_length={max_seq_length} "
+            f"({dropped} of {len(examples)} too long); raise it or lower retriever.context_tokens"
+        )
+    if dropped:
+        log.warning(
+            "dropped %d of %d examples longer than model.max_seq_length=%d",
+            dropped,
+            len(examples),
+            max_seq_length,
+        )
+    stats = {
+        "examples": len(lengths),
+        "truncated": dropped,
+        "tokens": int(sum(lengths)),
+        "completion_tokens": int(completion_tokens),
+        "max_tokens": int(max(lengths)),
+        "mean_tokens": float(sum(lengths) / len(lengths)),
+    }
+    return Dataset.from_dict(rows), stats
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name[len(_CKPT_PREFIX) :])
+    except ValueError:
+        return -1
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint folder is not complete and loadable, or None when it is.
+
+    Checks the completion marker (written after the Trainer finished the folder), that the
+    files it lists are there with the recorded sizes, that ``trainer_state.json`` parses, that
+    the adapter / model safetensors load, and that the Trainer's zip-format ``.pt`` files pass
+    their CRC check (without unpickling anything).
+    """
+    marker = path / COMPLETE_MARKER
+    if not marker.exists():
+        return "no completion marker (the save was cut off)"
+    try:
+        info = json.loads(marker.read_text())
+        for name, size in info["files"].items():
+            f = path / name
+            if not f.exists():
+                return f"{name} is missing"
+            if f.stat().st_size != size:
+                return f"{name} has {f.stat().st_size} bytes, expected {size}"
+        state = json.loads((path / "trainer_state.json").read_text())
+        if int(state["global_step"]) != _checkpoint_step(path):
+            return "trainer_state.json global_step does not match the folder name"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable state ({e})"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no safetensors weights"
+    from safetensors import safe_open
+
+    for w in weights:
+        try:
+            with safe_open(str(w), framework="pt") as sf:
+                for key in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    sf.get_tensor(key)
+        except Exception as e:
+            return f"{w.name} does not load ({e})"
+    for pt in [*path.glob("*.pt"), *path.glob("*.pth")]:
+        try:
+            with zipfile.ZipFile(pt) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f"{pt.name}: corrupt member {bad}"
+        except (zipfile.BadZipFile, OSError) as e:
+            return f"{pt.name} is corrupt ({e})"
+    return None
+
+
+def find_resume_checkpoint(checkpoints_dir: Path, remove_incomplete: bool = True) -> Path | None:
+    """The newest complete checkpoint; newer incomplete ones are logged and removed.
+
+    Removing them keeps the Trainer's rotation (which counts ``checkpoint-*`` folders) and
+    the next save of the same step from mixing with half-written files.
+    """
+    if not checkpoints_dir.is_dir():
+        return None
+    candidates = sorted(
+        (
+            p
+            for p in checkpoints_dir.glob(f"{_CKPT_PREFIX}*")
+            if p.is_dir() and _checkpoint_step(p) >= 0
+        ),
+        key=_checkpoint_step,
+        reverse=True,
+    )
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("skipping checkpoint %s: %s", ckpt, problem)
+        if remove_incomplete:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def _write_marker(ckpt: Path) -> None:
+    files = {
+        str(p.relative_to(ckpt)): p.stat().st_size
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and p.name != COMPLETE_MARKER
+    }
+    _atomic_write_text(ckpt / COMPLETE_MARKER, json.dumps({"files": files}, indent=1))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- model loading
+def _torch_dtype(name: str, cuda: bool) -> Any:
+    import torch
+
+    if name == "auto":
+        if cuda:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _lora_targets(target_modules: Any) -> Any:
+    if isinstance(target_modules, str):
+        return target_modules
+    return [str(t) for t in target_modules]
+
+
+def _load_hf(cfg: Any, model_path: str, cuda: bool) -> tuple[Any, Any, dict[str, Any]]:
+    """transformers + PEFT; bitsandbytes 4-bit on CUDA when model.load_in_4bit."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    m, t = cfg.model, cfg.train
+    trust = bool(m.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust)
+    compute = _torch_dtype(m.dtype, cuda)
+    precision = {"bf16": False, "fp16": False}
+    kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust}
+    quantized = False
+    if m.load_in_4bit and cuda:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+        quantized = True
+    elif m.load_in_4bit:
+        log.warning("model.load_in_4bit needs CUDA (bitsandbytes); loading unquantized on CPU")
+    if not quantized:
+        if compute == torch.float32:
+            kwargs["dtype"] = torch.float32
+        elif cuda:
+            kwargs["dtype"] = compute
+        else:
+            # CPU + bfloat16: fp32 master weights under bf16 autocast (mixed precision). Pure bf16
+            # weights would lose small updates; see docs/benchmarks.md for the measured speed.
+            kwargs["dtype"] = torch.float32
+    if cuda and compute != torch.float32:
+        precision["bf16" if compute == torch.bfloat16 else "fp16"] = True
+    elif not cuda and compute == torch.bfloat16:
+        precision["bf16"] = True
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=bool(t.gradient_checkpointing)
+        )
+    lora = LoraConfig(
+        r=int(t.lora.r),
+        lora_alpha=int(t.lora.alpha),
+        lora_dropout=float(t.lora.dropout),
+        target_modules=_lora_targets(t.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    return model, tokenizer, precision
+
+
+def _load_unsloth(cfg: Any, model_path: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Unsloth's FastLanguageModel: 4-bit base, fused LoRA, its offloaded checkpointing."""
+    import torch
+    import unsloth  # noqa: F401  (must patch transformers/trl before they are used)
+    from unsloth import FastLanguageModel
+
+    m, t = cfg.model, cfg.train
+    dtype = None if m.dtype == "auto" else _torch_dtype(m.dtype, True)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=model_path,
+        max_seq_length=int(m.max_seq_length),
+        dtype=dtype,
+        load_in_4bit=bool(m.load_in_4bit),
+        trust_remote_code=bool(m.trust_remote_code),
+        use_safetensors=True,
+    )
+    targets = _lora_targets(t.lora.target_modules)
+    if targets == "all-linear":
+        targets = list(_LLAMA_LINEAR)
+    gc = t.gradient_checkpointing
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=int(t.lora.r),
+        lora_alpha=int(t.lora.alpha),
+        lora_dropout=float(t.lora.dropout),
+        target_modules=targets,
+        bias="none",
+        use_gradient_checkpointing="unsloth" if gc in ("unsloth", True) else False,
+        random_state=int(cfg.seed),
+        max_seq_length=int(m.max_seq_length),
+    )
+    compute = model.get_input_embeddings().weight.dtype
+    bf16 = compute == torch.bfloat16 or (
+        compute == torch.float32 and dtype is None and torch.cuda.is_bf16_supported()
+    )
+    fp16 = not bf16 and compute == torch.float16
+    return model, tokenizer, {"bf16": bf16, "fp16": fp16}
+
+
+# --------------------------------------------------------------------------- callbacks
+def _callbacks(checkpoints: Path, tb_dir: Path, is_main: bool) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class _Checkpointed(TrainerCallback):
+        """Marks a checkpoint complete once the Trainer has finished writing it."""
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            if state.is_world_process_zero:
+                ckpt = checkpoints / f"{_CKPT_PREFIX}{state.global_step}"
+                if ckpt.is_dir():
+                    _write_marker(ckpt)
+            return control
+
+    class _LogLastStep(TrainerCallback):
+        """Log the final step too, so final_loss is the loss at the end of training."""
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+            return control
+
+    out: list[Any] = [_Checkpointed(), _LogLastStep()]
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        out.append(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir))))
+    return out
+
+
+# --------------------------------------------------------------------------- training
+def _sft_config(cfg: Any, checkpoints: Path, precision: dict[str, Any], cuda: bool) -> Any:
+    from trl import SFTConfig
+
+    t = cfg.train
+    gc = t.gradient_checkpointing
+    return SFTConfig(
+        output_dir=str(checkpoints),
+        seed=int(cfg.seed),
+        data_seed=int(cfg.seed),
+        learning_rate=float(t.learning_rate),
+        num_train_epochs=float(t.epochs) if t.epochs > 0 else 1.0,
+        max_steps=int(t.max_steps),
+        per_device_train_batch_size=int(t.batch_size),
+        gradient_accumulation_steps=int(t.grad_accum),
+        warmup_steps=float(t.warmup_ratio),  # < 1: a ratio of the total steps
+        lr_scheduler_type=str(t.lr_scheduler),
+        weight_decay=float(t.weight_decay),
+        logging_steps=int(t.logging_steps),
+        save_strategy="steps",
+        save_steps=int(t.save_steps),
+        save_total_limit=int(t.save_total_limit),
+        save_only_model=False,
+        report_to="none",  # TensorBoard is added as a callback writing into <run>/tensorboard
+        disable_tqdm=False,
+        gradient_checkpointing=bool(gc) and gc != "unsloth",
+        bf16=bool(precision["bf16"]),
+        fp16=bool(precision["fp16"]),
+        use_cpu=not cuda,
+        max_length=int(cfg.model.max_seq_length),
+        packing=bool(t.packing),
+        packing_strategy="bfd",
+        completion_only_loss=True,
+        dataset_num_proc=None,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def train(
+    cfg: Any,
+    examples: list[dict],
+    schema: PromptSchema,
+    output_dir: Path,
+    *,
+    eval_examples: list[dict] | None = None,
+) -> TrainResult:
+    """Train a LoRA on ``examples`` and save it into ``output_dir/model`` per train.save_method.
+
+    ``cfg`` is the composed, validated config (``cfg.model``, ``cfg.train``, ``cfg.seed``).
+    Does not write ``manifest.json``: the caller writes it last.
+    """
+    import torch
+
+    output_dir = Path(output_dir)
+    backend = select_backend(str(cfg.train.backend))
+    cuda = _cuda_available()
+    if cfg.train.save_method == "merged_4bit" and backend != "unsloth":
+        raise TrainError(
+            "train.save_method=merged_4bit needs the unsloth backend on a CUDA GPU; "
+            "use merged_16bit or lora here"
+        )
+    from ragtune.models import resolve_model
+
+    model_path = resolve_model(str(cfg.model.name_or_path))
+    log.info("training %s with the %s backend", model_path, backend)
+
+    from transformers import set_seed
+
+    set_seed(int(cfg.seed))
+    if backend == "unsloth":
+        model, tokenizer, precision = _load_unsloth(cfg, model_path)
+    else:
+        model, tokenizer, precision = _load_hf(cfg, model_path, cuda)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    max_len = int(cfg.model.max_seq_length)
+    dataset, stats = tokenize_examples(examples, tokenizer, schema, max_len)
+    eval_dataset = None
+    if eval_examples:
+        eval_dataset, _ = tokenize_examples(eval_examples, tokenizer, schema, max_len)
+    log.info(
+        "tokenized %d examples (%d dropped as too long), %d tokens, mean length %.0f",
+        stats["examples"],
+        stats["truncated"],
+        stats["tokens"],
+        stats["mean_tokens"],
+    )
+
+    checkpoints = output_dir / CHECKPOINTS_DIR
+    resume_from: Path | None = None
+    args = _sft_config(cfg, checkpoints, precision, cuda)
+    is_main = args.process_index == 0
+    if cfg.train.resume:
+        if is_main:
+            resume_from = find_resume_checkpoint(checkpoints)
+        resume_from = _broadcast_path(resume_from, args)
+        if resume_from is None:
+            log.info(
+                "train.resume=true but no complete checkpoint in %s: starting fresh", checkpoints
+            )
+        else:
+            log.info("resuming from %s", resume_from)
+    elif is_main and checkpoints.exists() and any(checkpoints.glob(f"{_CKPT_PREFIX}*")):
+        log.warning(
+            "%s holds checkpoints from an earlier run; starting fresh (train.resume=true continues)",
+            checkpoints,
+        )
+
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=_callbacks(checkpoints, output_dir / TENSORBOARD_DIR, is_main),
+    )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+    history = trainer.state.log_history
+    losses = [float(h["loss"]) for h in history if "loss" in h]
+    tokens = float(trainer.state.num_input_tokens_seen or 0)
+    if resume_from is not None:
+        tokens -= float(_tokens_seen_at(resume_from))
+    model_dir = output_dir / MODEL_DIR
+    if trainer.is_world_process_zero():
+        save_model(
+            trainer.model,
+            tokenizer,
+            schema,
+            model_dir,
+            save_method=str(cfg.train.save_method),
+            backend=backend,
+            base_model=str(cfg.model.name_or_path),
+            base_path=model_path,
+        )
+    _barrier(args)
+    result = TrainResult(
+        model_dir=model_dir,
+        final_loss=losses[-1] if losses else None,
+        losses=losses,
+        steps=int(trainer.state.global_step),
+        backend=backend,
+        seconds=seconds,
+        tokens_per_second=tokens / seconds if seconds > 0 else 0.0,
+        peak_memory_gb=peak,
+        resumed_from=str(resume_from) if resume_from else None,
+        dataset_stats=stats,
+    )
+    log.info(
+        "trained %d steps in %.1f s (%.0f tokens/s), final loss %s",
+        result.steps,
+        seconds,
+        result.tokens_per_second,
+        f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a",
+    )
+    return result
+
+
+def _trainer_class() -> type:
+    """TRL's SFTTrainer, with the model's own loss where TRL's fused LM head cannot run.
+
+    TRL 1.15 computes the SFT loss through a Triton kernel (``trl.kernels``) that needs a GPU;
+    on CPU (or without Triton) ``compute_loss`` would fail with ``'NoneType' object has no
+    attribute 'apply'``. There the plain ``transformers.Trainer.compute_loss`` is used: the same
+    token-level cross-entropy over the completion labels, normalised by the number of label
+    tokens in the accumulated batch.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+    from trl.trainer import utils as trl_utils
+
+    class RagtuneSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            device = inputs["input_ids"].device
+            if trl_utils._ChunkedLogProbFunction is not None and device.type in ("cuda", "xpu"):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return RagtuneSFTTrainer
+
+
+def _tokens_seen_at(ckpt: Path) -> int:
+    try:
+        return int(
+            json.loads((ckpt / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+        )
+    except (OSError, ValueError):
+        return 0
+
+
+def _broadcast_path(path: Path | None, args: Any) -> Path | None:
+    """Rank 0 decides which checkpoint to resume from; every rank uses the same one."""
+    if args.world_size <= 1:
+        return path
+    import torch.distributed as dist
+
+    box = [str(path) if path else None]
+    dist.broadcast_object_list(box, src=0)
+    return Path(box[0]) if box[0] else None
+
+
+def _barrier(args: Any) -> None:
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+
+
+# --------------------------------------------------------------------------- saving
+def save_model(
+    model: Any,
+    tokenizer: Any,
+    schema: PromptSchema,
+    model_dir: Path,
+    *,
+    save_method: str,
+    backend: str,
+    base_model: str,
+    base_path: str,
+) -> Path:
+    """Write the adapter or merged weights, tokenizer and schema; temp folder, then rename.
+
+    A crash at any point leaves either the previous ``model_dir`` untouched or a hidden
+    ``.tmp-model-*`` folder, never a ``model_dir`` that looks complete.
+    """
+    model_dir = Path(model_dir)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
+    try:
+        if backend == "unsloth":
+            _save_unsloth(model, tokenizer, tmp, save_method)
+        else:
+            _save_hf(model, tokenizer, tmp, save_method)
+        tokenizer.save_pretrained(tmp)
+        schema.save(tmp)
+        info = {
+            "base_model": base_model,
+            "base_path": base_path,
+            "backend": backend,
+            "save_method": save_method,
+        }
+        (tmp / TRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        _fsync_tree(tmp)
+        if model_dir.exists():
+            old = model_dir.with_name(f".old-{model_dir.name}-{os.getpid()}")
+            os.replace(model_dir, old)
+            os.replace(tmp, model_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, model_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("saved %s model to %s", save_method, model_dir)
+    return model_dir
+
+
+def _save_hf(model: Any, tokenizer: Any, out: Path, save_method: str) -> None:
+    if save_method == "lora":
+        model.save_pretrained(out, safe_serialization=True)
+        return
+    if save_method == "merged_4bit":
+        raise TrainError(
+            "train.save_method=merged_4bit needs the unsloth backend on a CUDA GPU; "
+            "use merged_16bit or lora"
+        )
+    base = model.get_base_model()
+    if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        raise TrainError(
+            "merging a LoRA into a bitsandbytes-quantized base with the hf backend loses precision; "
+            "use train.save_method=lora (then merge on a 16-bit base) or train.backend=unsloth"
+        )
+    # In place: training is over, and a copy would double memory on large models. On CPU the
+    # weights keep the dtype they trained in (float32 for the CPU default): lossless, and what
+    # CPU serving wants; "16bit" names the method (Unsloth's) rather than forcing a cast.
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+
+
+def _save_unsloth(model: Any, tokenizer: Any, out: Path, save_method: str) -> None:
+    if save_method == "lora":
+        model.save_pretrained(str(out), safe_serialization=True)
+        return
+    method = "merged_4bit_forced" if save_method == "merged_4bit" else "merged_16bit"
+    model.save_pretrained_merged(str(out), tokenizer, save_method=method, safe_serialization=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

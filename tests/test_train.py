@@ -1,0 +1,229 @@
+"""Training on the tiny model: LoRA changes only the adapter, loss falls, masks, saving, loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ragtune.config import compose, validate
+from ragtune.schema import PromptFields, get_schema
+
+SCHEMA = get_schema("alpaca_rag")
+TOP = {"seed": int, "output_dir": str}
+
+
+def make_examples(tokenizer, n: int = 8) -> list[dict]:
+    """Short RAG examples, rendered through the one schema (completion ends with EOS)."""
+    colours = ["blue", "green", "red", "amber"]
+    out = []
+    for i in range(n):
+        c = colours[i % len(colours)]
+        prompt, completion = SCHEMA.render_example(
+            PromptFields(f"What colour is the zorb {i}?", "", [f"The zorb {i} is {c}."]),
+            c.capitalize() + ".",
+            tokenizer,
+        )
+        out.append({"prompt": prompt, "completion": completion, "kind": "oracle"})
+    return out
+
+
+def make_cfg(out: Path, model: str, *extra: str):
+    cfg = compose(
+        "sft",
+        [
+            f"output_dir={out}",
+            f"model.name_or_path={model}",
+            "model.max_seq_length=256",
+            "train.max_steps=4",
+            "train.batch_size=2",
+            "train.logging_steps=1",
+            "train.save_steps=2",
+            "train.learning_rate=1e-2",
+            "train.warmup_ratio=0",
+            "train.lr_scheduler=constant",
+            *extra,
+        ],
+    )
+    return validate(cfg, top_level=TOP)
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_lm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_lm_path)
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_tok):
+    return make_examples(tiny_tok)
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_lm_path, examples):
+    from ragtune.train import train
+
+    out = tmp_path_factory.mktemp("lora-run")
+    cfg = make_cfg(out, tiny_lm_path, "train.save_method=lora")
+    return train(cfg, examples, SCHEMA, out)
+
+
+# --------------------------------------------------------------------------- backend
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+def test_backend_selection_on_cpu():
+    from ragtune.train import TrainError, select_backend
+
+    assert select_backend("auto") == "hf"
+    assert select_backend("hf") == "hf"
+    with pytest.raises(TrainError, match="CUDA"):
+        select_backend("unsloth")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+def test_merged_4bit_on_cpu_is_refused_before_loading(tmp_path, tiny_lm_path, examples):
+    from ragtune.train import TrainError, train
+
+    cfg = make_cfg(tmp_path, tiny_lm_path, "train.save_method=merged_4bit")
+    with pytest.raises(TrainError, match="merged_4bit"):
+        train(cfg, examples, SCHEMA, tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- tokenization
+def test_completion_mask_covers_exactly_the_completion(tiny_tok, examples):
+    from ragtune.train import tokenize_examples
+
+    ds, stats = tokenize_examples(examples, tiny_tok, SCHEMA, 256)
+    assert stats["examples"] == len(examples) and stats["truncated"] == 0
+    for ex, row in zip(examples, ds, strict=True):
+        p_ids = SCHEMA.encode_prompt(tiny_tok, ex["prompt"])
+        ids, mask = row["input_ids"], row["completion_mask"]
+        assert len(ids) == len(mask)
+        assert ids[: len(p_ids)] == p_ids
+        assert mask == [0] * len(p_ids) + [1] * (len(ids) - len(p_ids))
+        assert ids[-1] == tiny_tok.eos_token_id
+        assert ids.count(tiny_tok.eos_token_id) == 1  # EOS not doubled
+        assert tiny_tok.decode(ids[len(p_ids) :]) == ex["completion"]
+
+
+def test_completion_without_eos_text_gets_eos_and_long_examples_are_dropped(tiny_tok, examples):
+    from ragtune.train import TrainError, tokenize_examples
+
+    bare = [{"prompt": examples[0]["prompt"], "completion": "Blue."}]
+    ds, _ = tokenize_examples(bare, tiny_tok, SCHEMA, 256)
+    assert ds[0]["input_ids"][-1] == tiny_tok.eos_token_id
+    long = {"prompt": examples[0]["prompt"] * 5, "completion": examples[0]["completion"]}
+    ds, stats = tokenize_examples([long, *examples[:2]], tiny_tok, SCHEMA, 256)
+    assert stats["truncated"] == 1 and len(ds) == 2
+    with pytest.raises(TrainError, match="max_seq_length"):
+        tokenize_examples([long], tiny_tok, SCHEMA, 256)
+
+
+def test_labels_the_trainer_builds_mask_the_prompt(tiny_tok, examples, tmp_path, tiny_lm_path):
+    """What TRL actually trains on: labels are -100 on every prompt token."""
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.train import _sft_config, _trainer_class, tokenize_examples
+
+    cfg = make_cfg(tmp_path, tiny_lm_path)
+    ds, _ = tokenize_examples(examples[:2], tiny_tok, SCHEMA, 256)
+    args = _sft_config(cfg, tmp_path / "ck", {"bf16": False, "fp16": False}, False)
+    trainer = _trainer_class()(
+        model=AutoModelForCausalLM.from_pretrained(tiny_lm_path),
+        args=args,
+        train_dataset=ds,
+        processing_class=tiny_tok,
+    )
+    for ex, row in zip(examples[:2], trainer.train_dataset, strict=True):
+        n_prompt = len(SCHEMA.encode_prompt(tiny_tok, ex["prompt"]))
+        labels = row["labels"]
+        assert all(lbl == -100 for lbl in labels[:n_prompt])
+        assert labels[n_prompt:] == row["input_ids"][n_prompt:]
+
+
+# --------------------------------------------------------------------------- training
+def test_lora_trains_adapter_only_and_loss_decreases(lora_run, tiny_lm_path):
+    from safetensors.torch import load_file
+
+    r = lora_run
+    assert r.backend == "hf" and r.steps == 4 and len(r.losses) == 4
+    assert r.final_loss == r.losses[-1] < r.losses[0]
+    assert r.tokens_per_second > 0 and r.peak_memory_gb is None
+    adapter = load_file(r.model_dir / "adapter_model.safetensors")
+    assert adapter and all("lora_" in k for k in adapter)  # nothing but LoRA weights saved
+    # lora_B starts at zero: training moved it
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
+    assert (r.model_dir / "prompt_schema.json").exists()
+    assert (r.model_dir / "tokenizer.json").exists()
+    assert not (r.model_dir / "manifest.json").exists()  # the caller writes it last
+    assert list((r.model_dir.parent / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_lora_folder_reloads_and_generates(lora_run, tiny_lm_path):
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.loading import load_model
+
+    model, tok = load_model(str(lora_run.model_dir))
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    # the adapter was merged into its base on load: weights differ from the base's
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(model.state_dict()[name], base.state_dict()[name])
+    ids = tok("### Instruction:\nhi", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 3
+
+
+def test_merged_model_changes_only_lora_targets_and_reloads(tmp_path, tiny_lm_path, examples):
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.loading import load_model
+    from ragtune.train import train
+
+    r = train(
+        make_cfg(tmp_path, tiny_lm_path, "train.save_method=merged_16bit"),
+        examples,
+        SCHEMA,
+        tmp_path,
+    )
+    assert not (r.model_dir / "adapter_config.json").exists()
+    assert list(r.model_dir.glob("*.safetensors")) and not list(r.model_dir.glob("*.bin"))
+    merged, tok = load_model(str(r.model_dir))
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm_path).state_dict()
+    got = merged.state_dict()
+    assert set(got) == set(base)
+    for name, w in base.items():
+        if name.endswith("proj.weight"):  # all-linear LoRA targets: merged delta
+            assert not torch.equal(got[name], w), name
+        else:  # embeddings, norms: frozen
+            assert torch.equal(got[name], w), name
+    ids = tok("### Instruction:\nhi", return_tensors="pt").input_ids
+    assert merged.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
+
+
+def test_crashed_merge_leaves_no_complete_looking_folder(
+    tmp_path, tiny_lm_path, examples, monkeypatch
+):
+    import ragtune.train as rt
+
+    def crash(model, tokenizer, out, save_method):
+        (out / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("killed mid-merge")
+
+    monkeypatch.setattr(rt, "_save_hf", crash)
+    with pytest.raises(RuntimeError, match="mid-merge"):
+        rt.train(make_cfg(tmp_path, tiny_lm_path, "train.max_steps=1"), examples, SCHEMA, tmp_path)
+    assert not (tmp_path / "model").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_load_model_errors_name_the_folder(tmp_path):
+    from ragtune.loading import LoadError, load_model
+
+    with pytest.raises(LoadError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "/no/such/base"}')
+    with pytest.raises(LoadError, match="base model"):
+        load_model(str(tmp_path))
