@@ -9,7 +9,8 @@ streaming, so what is streamed is exactly what :meth:`Generator.generate` return
 
 Decoding is Hugging Face ``generate`` (greedy when ``temperature == 0``). On CUDA a model
 loaded through Unsloth is switched to Unsloth's inference mode, and ``generate.fast`` hands
-batch-1 decoding to ``ragtune.fastdecode`` (the GPU fast path) when it is available.
+greedy, non-streamed decoding to ``ragtune.fastdecode.FastDecoder`` (static KV cache and a
+compiled step: the same tokens, faster); without CUDA it warns and keeps the standard path.
 """
 
 from __future__ import annotations
@@ -258,6 +259,7 @@ class Generator:
     schema: PromptSchema
     gcfg: Any = None
     extra_stop_strings: Sequence[str] = ()
+    max_seq_length: int = 2048  # prompt + answer; sizes the fast path's static KV cache
     settings: GenerateConfig = field(init=False)
 
     def __post_init__(self) -> None:
@@ -351,11 +353,15 @@ class Generator:
             if row:
                 input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
                 mask[i, width - len(row) :] = 1
+        if self._fast is not None and streamer is None and self._greedy:
+            # GPU fast path: static KV cache + compiled step; the same greedy tokens.
+            return self._fast.generate_batch(
+                [list(r) for r in batch],
+                self.settings.max_new_tokens,
+                sorted(self.eos_ids),
+                self.stop_strings,
+            )
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        if self._fast is not None and len(batch) == 1 and streamer is None:
-            out = self._fast_generate(input_ids)
-            if out is not None:
-                return [out]
         stop = _StopOnText(self.tokenizer, self.stop_strings, width, cancel)
         out = self.model.generate(
             input_ids=input_ids,
@@ -410,7 +416,7 @@ class Generator:
                 )
                 return
             try:
-                from ragtune import fastdecode  # type: ignore[attr-defined]
+                from ragtune.fastdecode import FastDecoder
             except ImportError:
                 warnings.warn(
                     "generate.fast: ragtune.fastdecode is not available; "
@@ -418,24 +424,19 @@ class Generator:
                     stacklevel=3,
                 )
                 return
-            self._fast = fastdecode
-            log.info("fast decode path on (ragtune.fastdecode)")
+            if not self._greedy:
+                warnings.warn(
+                    "generate.fast decodes greedily only (temperature=0, repetition_penalty=1); "
+                    "using the standard decoding path",
+                    stacklevel=3,
+                )
+                return
+            self._fast = FastDecoder(self.model, self.tokenizer, max_seq_len=self.max_seq_length)
+            log.info("fast decode path on (ragtune.fastdecode, %d tokens)", self.max_seq_length)
 
-    def _fast_generate(self, input_ids: torch.Tensor) -> list[int] | None:
-        """Batch-1 greedy decoding through ``ragtune.fastdecode``; None falls back."""
-        if self.settings.temperature > 0 or self.settings.repetition_penalty != 1.0:
-            return None
-        fn = getattr(self._fast, "generate", None)
-        if fn is None:
-            return None
-        ids = fn(
-            self.model,
-            input_ids,
-            max_new_tokens=self.settings.max_new_tokens,
-            eos_token_ids=sorted(self.eos_ids),
-        )
-        ids = ids.reshape(-1).tolist() if hasattr(ids, "reshape") else list(ids)
-        return ids[input_ids.shape[1] :] if len(ids) > input_ids.shape[1] else ids
+    @property
+    def _greedy(self) -> bool:
+        return self.settings.temperature == 0 and self.settings.repetition_penalty == 1.0
 
 
 def _header_stops(schema: PromptSchema) -> list[str]:

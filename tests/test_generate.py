@@ -217,6 +217,20 @@ def test_fast_flag_falls_back_without_cuda(tiny, schema):
     assert gen.generate(_prompt(schema, tok)).new_tokens >= 1
 
 
+def test_fast_path_gives_the_same_answers(tiny, schema):
+    """The fast decoder, wired in as on GPU (here on CPU, uncompiled), changes no token."""
+    from ragtune.fastdecode import FastDecoder
+
+    model, tok = tiny
+    gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=10))
+    prompts = [_prompt(schema, tok, "Short?"), _prompt(schema, tok, "A longer question here?")]
+    slow = gen.generate_batch(prompts)
+    gen._fast = FastDecoder(model, tok, max_seq_len=512, compile=False)
+    fast = gen.generate_batch(prompts)
+    assert [f.token_ids for f in fast] == [s.token_ids for s in slow]
+    assert [f.stop_reason for f in fast] == [s.stop_reason for s in slow]
+
+
 def test_dict_config_is_accepted(tiny, schema):
     from omegaconf import OmegaConf
 
