@@ -132,6 +132,24 @@ class GenerateConfig:
     fast: bool = False
 
 
+@dataclass
+class EvalModelsConfig:
+    base: str | None = None  # base_rag's model; null = model.name_or_path
+    ft_closed: str | None = None  # closed-book fine-tune (ft_closed, ft_then_rag)
+    raft_rag: str | None = None  # ragtune's co-designed model (raft_rag)
+
+
+@dataclass
+class EvalConfig:
+    modes: list[str] | None = None  # null = base_rag + every mode whose model is given
+    models: EvalModelsConfig = field(default_factory=EvalModelsConfig)
+    batch_size: int = 8
+    max_questions: int = 0
+    ingest: bool = True
+    device: str = "auto"
+
+
+EVAL_MODES = ("base_rag", "ft_closed", "ft_then_rag", "raft_rag")
 BACKENDS = ("auto", "hf", "unsloth")
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -147,6 +165,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "raft": RaftConfig,
     "train": TrainConfig,
     "generate": GenerateConfig,
+    "eval": EvalConfig,
 }
 
 
@@ -280,6 +299,20 @@ def _check_values(cfg: DictConfig) -> None:
             "train.epochs or train.max_steps must be > 0",
         )
         need(t.save_steps > 0, "train.save_steps", f"must be > 0, got {t.save_steps}")
+    if "eval" in cfg:
+        e = cfg.eval
+        for mode in e.modes or []:
+            need(
+                mode in EVAL_MODES,
+                "eval.modes",
+                f"unknown mode {mode!r}; choose from {', '.join(EVAL_MODES)}",
+            )
+        need(e.batch_size > 0, "eval.batch_size", f"must be > 0, got {e.batch_size}")
+        need(
+            e.max_questions >= 0,
+            "eval.max_questions",
+            f"must be >= 0 (0 = all), got {e.max_questions}",
+        )
     if "generate" in cfg:
         g = cfg.generate
         need(

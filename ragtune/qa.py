@@ -159,8 +159,8 @@ def prepare_squad(
         r for a in articles if a.source not in test_sources for r in by_source.get(a.source, [])
     ]
     test = [r for a in articles if a.source in test_sources for r in by_source.get(a.source, [])]
-    train = _sample(train, max_train, seed)
-    test = _sample(test, max_test, seed + 1)
+    train = sample_records(train, max_train, seed)
+    test = sample_records(test, max_test, seed + 1)
 
     out = Path(out_dir)
     corpus, corpus_train = out / "corpus", out / "corpus_train"
@@ -466,8 +466,8 @@ def _dedup_ids(p: Path, records: list[QARecord], bad: _Problems) -> list[QARecor
     return out
 
 
-def _sample(records: list[QARecord], n: int, seed: int) -> list[QARecord]:
-    """``n`` records (0 = all) in file order, keeping the unanswerable share."""
+def sample_records(records: list[QARecord], n: int, seed: int) -> list[QARecord]:
+    """``n`` records (0 = all) in file order, keeping the unanswerable share; seeded."""
     if n <= 0 or n >= len(records):
         return records
     rng = random.Random(seed)

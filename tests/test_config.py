@@ -10,7 +10,12 @@ import pytest
 from ragtune.config import ConfigError, compose, validate
 from ragtune.paths import CONF_DIR, PROJECT_ROOT
 
-ENTRY_POINTS = {"sft": {"seed": int, "output_dir": str}, "index": {}, "ask": {}}
+ENTRY_POINTS = {
+    "sft": {"seed": int, "output_dir": str},
+    "index": {},
+    "ask": {},
+    "eval": {"seed": int, "output_dir": str},
+}
 PRESETS = sorted(p.stem for p in (CONF_DIR / "conf").glob("*.yaml"))
 GROUPS = {
     g.name: sorted(p.stem for p in g.glob("*.yaml"))
@@ -27,7 +32,7 @@ def _top_level(name):
 
 def _validate(name, overrides=()):
     return validate(
-        compose(name, [*overrides, *(["output_dir=/tmp/x"] if name == "sft" else [])]),
+        compose(name, [*overrides, *(["output_dir=/tmp/x"] if name in ("sft", "eval") else [])]),
         _top_level(name),
     )
 

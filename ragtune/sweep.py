@@ -1,0 +1,351 @@
+"""Sweep summary: a Hydra callback that collects every run of a multirun into one table + plot.
+
+``python train/sft.py -m retriever.chunk_size=500,1000,2000 prompt=alpaca_rag,alpaca_rag_short``
+runs each combination in its own folder (``<sweep dir>/<num>_<overrides>/``). Each run writes
+``status.json`` (``ok`` with its metric and evaluation metrics, or ``failed`` with the error;
+``running`` if it was killed). When the sweep ends, :class:`SweepSummary` reads every run
+folder's overrides (``.hydra/overrides.yaml``) and status, and writes into the sweep folder:
+
+- ``summary.csv`` and ``summary.md``: one row per run: status, swept settings, metrics;
+- ``summary.png``: each metric against the swept settings (one line per combination of the
+  other swept settings; failed runs left out of the plot, kept in the table).
+
+A failed run does not stop the others: the task function records the failure in
+``status.json`` and returns NaN (``ragtune.sft.run_sft``, ``ragtune.evaluate.run_eval``), and
+``on_job_end`` records any exception that still escaped a job.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+SUMMARY_CSV = "summary.csv"
+SUMMARY_MD = "summary.md"
+SUMMARY_PNG = "summary.png"
+# Metrics shown (in this order) when a run reports them; the first present is the headline.
+METRICS = (
+    "overall",
+    "f1",
+    "exact_match",
+    "false_abstention_rate",
+    "unanswerable_abstention_rate",
+    "recall_at_k",
+    "latency_s",
+)
+PLOT_METRICS = ("overall", "f1", "unanswerable_abstention_rate", "recall_at_k")
+
+
+# --------------------------------------------------------------------------- run status
+def write_status(out_dir: str | Path, status: str, **extra: Any) -> Path:
+    """Write ``status.json`` atomically (``running`` | ``ok`` | ``failed``, plus details)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{STATUS_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"status": status, **extra}, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, out / STATUS_FILE)
+    return out / STATUS_FILE
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_multirun() -> bool:
+    """Whether the current Hydra job is part of a multirun (``-m``)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        return False
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)
+
+
+# --------------------------------------------------------------------------- callback
+class SweepSummary(Callback):
+    """Hydra callback: ``summary.csv``, ``summary.md``, ``summary.png`` when a multirun ends."""
+
+    def __init__(self, metric: str = "overall") -> None:
+        self.metric = metric
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """A job whose exception escaped the task function is recorded as failed."""
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        try:
+            if config.hydra.mode != RunMode.MULTIRUN or job_return.status != JobStatus.FAILED:
+                return
+            out = Path(config.hydra.runtime.output_dir)
+        except Exception:  # a config without the hydra node: nothing to record
+            return
+        if read_status(out).get("status") != "failed":
+            err = job_return._return_value
+            write_status(out, "failed", error=f"{type(err).__name__}: {err}")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            result = summarize_sweep(sweep_dir, metric=self.metric)
+        except Exception as e:  # never hide the runs' own results behind a summary bug
+            log.error("sweep summary failed: %s: %s", type(e).__name__, e)
+            return
+        log.info(
+            "sweep summary: %d runs (%d ok, %d failed) -> %s, %s, %s",
+            len(result.rows),
+            sum(r["status"] == "ok" for r in result.rows),
+            sum(r["status"] != "ok" for r in result.rows),
+            result.csv,
+            result.markdown,
+            result.plot,
+        )
+        print(result.table)
+
+
+# --------------------------------------------------------------------------- summary
+@dataclass
+class SweepResult:
+    rows: list[dict[str, Any]]
+    swept: list[str]
+    csv: Path
+    markdown: Path
+    plot: Path | None
+    table: str
+
+
+def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """One dict per run folder (one with ``.hydra/``): run, num, status, settings, metrics."""
+    rows = []
+    for run in Path(sweep_dir).iterdir():
+        if not (run / ".hydra").is_dir():
+            continue
+        settings = _overrides(run)
+        st = read_status(run)
+        status = st.get("status") or _status_without_file(run)
+        if status == "running":
+            status = "failed"
+            st.setdefault("error", "no final status: the run was killed or is still running")
+        metrics = dict(st.get("metrics") or {})
+        if not metrics:
+            metrics = _eval_metrics(run)
+        row: dict[str, Any] = {"run": run.name, "num": _job_num(run), "status": status}
+        row["settings"] = settings
+        row["metric"] = _num(st.get("metric"))
+        for m in METRICS:
+            row[m] = _num(metrics.get(m))
+        row["final_loss"] = _num(st.get("final_loss"))
+        row["error"] = (st.get("error") or "").splitlines()[0][:300] if status != "ok" else ""
+        rows.append(row)
+    rows.sort(key=lambda r: (r["num"] if r["num"] is not None else 10**9, r["run"]))
+    return rows
+
+
+def summarize_sweep(sweep_dir: str | Path, metric: str = "overall") -> SweepResult:
+    """Write summary.csv, summary.md and summary.png into ``sweep_dir``; return them."""
+    sweep = Path(sweep_dir)
+    rows = collect_runs(sweep)
+    keys = list(dict.fromkeys(k for r in rows for k in r["settings"]))
+    swept = [k for k in keys if len({_cell(r["settings"].get(k)) for r in rows}) > 1]
+    metric_cols = [m for m in METRICS if any(r[m] is not None for r in rows)]
+    extra = [c for c in ("metric", "final_loss") if any(r[c] is not None for r in rows)]
+    columns = ["run", "status", *keys, *metric_cols, *extra, "error"]
+
+    flat = [
+        {
+            **{k: r["settings"].get(k, "") for k in keys},
+            **{c: r.get(c) for c in columns if c not in keys},
+        }
+        for r in rows
+    ]
+    csv_path = sweep / SUMMARY_CSV
+    with csv_path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        for r in flat:
+            w.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
+
+    table = _markdown(flat, [c for c in columns if c != "error"])
+    best = _best(rows, metric)
+    failed = [r for r in rows if r["status"] != "ok"]
+    lines = [f"# Sweep summary: {sweep.name}", "", f"{len(rows)} runs, {len(failed)} failed.", ""]
+    if best is not None:
+        lines += [f"Best {metric}: **{best[metric]:.2f}** in run `{best['run']}`.", ""]
+    lines += [table, ""]
+    if failed:
+        lines += (
+            ["## Failed runs", ""]
+            + [f"- `{r['run']}`: {r['error'] or r['status']}" for r in failed]
+            + [""]
+        )
+    md_path = sweep / SUMMARY_MD
+    md_path.write_text("\n".join(lines), encoding="utf-8")
+    plot = _plot(rows, swept, sweep / SUMMARY_PNG)
+    return SweepResult(rows, swept, csv_path, md_path, plot, table)
+
+
+def _overrides(run: Path) -> dict[str, str]:
+    path = run / ".hydra" / "overrides.yaml"
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return {}
+    out = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def _job_num(run: Path) -> int | None:
+    try:
+        cfg = yaml.safe_load((run / ".hydra" / "hydra.yaml").read_text())
+        return int(cfg["hydra"]["job"]["num"])
+    except Exception:
+        head = run.name.split("_", 1)[0]
+        return int(head) if head.isdigit() else None
+
+
+def _status_without_file(run: Path) -> str:
+    """Runs that wrote no status.json: an evaluation run with metrics is ok, else failed."""
+    return "ok" if (run / "metrics.json").exists() else "failed"
+
+
+def _eval_metrics(run: Path) -> dict[str, Any]:
+    """The headline mode's metrics of an evaluation run folder (``metrics.json``)."""
+    for path in (run / "metrics.json", run / "eval" / "metrics.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        modes = data.get("modes") or {}
+        if modes:
+            head = "raft_rag" if "raft_rag" in modes else next(iter(modes))
+            return modes[head]
+    return {}
+
+
+def _num(v: Any) -> float | None:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e-3 or abs(v) >= 1e5 else f"{v:.2f}".rstrip("0").rstrip(".")
+    return str(v).replace("|", "\\|")
+
+
+def _markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    out = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    out += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _best(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    ok = [r for r in rows if r["status"] == "ok" and r.get(metric) is not None]
+    return max(ok, key=lambda r: r[metric]) if ok else None
+
+
+def _as_number(v: str) -> float | None:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def _plot(rows: Sequence[dict[str, Any]], swept: Sequence[str], path: Path) -> Path | None:
+    """Each metric against the swept settings; failed runs are left out."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    metrics = [m for m in PLOT_METRICS if any(r[m] is not None for r in ok)]
+    if not metrics and any(r["metric"] is not None for r in ok):
+        metrics = ["metric"]
+    if not ok or not metrics:
+        log.warning("sweep summary: no finished run with metrics; no plot written")
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # x: the swept setting with the most numeric values (else the first swept, else the run)
+    def numeric(k: str) -> int:
+        return sum(_as_number(r["settings"].get(k, "")) is not None for r in ok)
+
+    xkey = (
+        max(swept, key=lambda k: (numeric(k) == len(ok), len({r["settings"].get(k) for r in ok})))
+        if swept
+        else None
+    )
+    others = [k for k in swept if k != xkey]
+
+    def xval(r: dict[str, Any]) -> Any:
+        return r["run"] if xkey is None else r["settings"].get(xkey, "")
+
+    xs = list(dict.fromkeys(xval(r) for r in ok))
+    is_num = xkey is not None and all(_as_number(x) is not None for x in xs)
+    xs = sorted(xs, key=lambda x: _as_number(x) if is_num else xs.index(x))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in ok:
+        label = (
+            ", ".join(f"{k.split('.')[-1]}={r['settings'].get(k, '')}" for k in others) or "runs"
+        )
+        series.setdefault(label, []).append(r)
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for label, rs in series.items():
+            pts = sorted(
+                ((xval(r), r[m]) for r in rs if r[m] is not None),
+                key=lambda p: _as_number(p[0]) if is_num else xs.index(p[0]),
+            )
+            if not pts:
+                continue
+            px = [_as_number(p[0]) if is_num else xs.index(p[0]) for p in pts]
+            ax.plot(px, [p[1] for p in pts], marker="o", label=label)
+        ax.set_title(m)
+        ax.set_xlabel(xkey or "run")
+        if not is_num:
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=30, ha="right", fontsize=7)
+        elif len(xs) <= 8:
+            ax.set_xticks([_as_number(x) for x in xs])
+        ax.grid(alpha=0.3)
+    if len(series) > 1 or others:
+        axes[0][0].legend(fontsize=7)
+    n_failed = len(rows) - len(ok)
+    fig.suptitle(
+        f"sweep: {len(ok)} runs" + (f" ({n_failed} failed, not shown)" if n_failed else "")
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
