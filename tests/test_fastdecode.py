@@ -1,0 +1,126 @@
+"""The fast decode path returns exactly the slow path's greedy tokens (CPU, tiny model).
+
+The compiled (CUDA graph) variant is checked against the same slow path in tests/test_gpu.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragtune.fastdecode import FastDecodeError, FastDecoder
+
+PROMPTS = [
+    "### Instruction:\nWho built the lighthouse?\n\n### Context:\nThe harbour of Kessa",
+    "Hello",
+    "The quick brown fox jumps over the lazy dog. " * 6,
+]
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_lm_path):
+    """The tiny Llama's shape with untied, larger random weights.
+
+    With tied embeddings the tiny model just repeats its last input token, which a broken
+    cache or wrong positions would reproduce too; this one writes varied tokens that depend
+    on the whole context.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    config = AutoConfig.from_pretrained(tiny_lm_path)
+    config.update({"tie_word_embeddings": False, "initializer_range": 0.2})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return model, tok
+
+
+def slow(model, ids: list[int], n: int, eos, **kw) -> list[int]:
+    """HF generate, greedy: the reference."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+            **kw,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def test_batch1_equals_hf_generate(lm):
+    model, tok = lm
+    fd = FastDecoder(model, tok, max_seq_len=128, compile=False)
+    eos = tok.eos_token_id
+    wants = []
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        wants.append(slow(model, ids, 24, eos))
+        got = fd.generate(ids, max_new_tokens=24, eos_ids=[eos])
+        assert got == wants[-1], text
+    # the cache is reset between requests: the first prompt again gives the same tokens
+    assert fd.generate(tok(PROMPTS[0])["input_ids"], 24, [eos]) == wants[0]
+    assert fd.last_stats["new_tokens"] >= 1 and fd.last_stats["ttft_s"] > 0
+
+
+def test_stops_at_eos_and_keeps_it(lm):
+    model, tok = lm
+    fd = FastDecoder(model, tok, max_seq_len=128, compile=False)
+    ids = tok(PROMPTS[0])["input_ids"]
+    free = fd.generate(ids, 30, eos_ids=[])
+    assert len(free) == 30
+    # pretend the 6th generated token is EOS: both paths stop there, keeping it
+    stop_id = free[5]
+    first = free.index(stop_id)
+    got = fd.generate(ids, 30, eos_ids=stop_id)
+    assert got == free[: first + 1]
+    assert got == slow(model, ids, 30, stop_id)
+
+
+def test_stop_strings_match_hf(lm):
+    model, tok = lm
+    fd = FastDecoder(model, tok, max_seq_len=128, compile=False)
+    ids = tok(PROMPTS[2])["input_ids"]
+    free = fd.generate(ids, 30, eos_ids=[])
+    text = tok.decode(free[8:12])
+    stop = text.strip()[:3] or text
+    got = fd.generate(ids, 30, eos_ids=[], stop_strings=[stop])
+    assert stop in tok.decode(got)
+    assert stop not in tok.decode(got[:-1])
+    assert got == free[: len(got)]
+    want = slow(model, ids, 30, None, stop_strings=[stop], tokenizer=tok)
+    assert got == want
+
+
+def test_batched_equals_hf_left_padded(lm):
+    model, tok = lm
+    fd = FastDecoder(model, tok, max_seq_len=128, compile=False)
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    eos = tok.eos_token_id
+    got = fd.generate_batch(prompts, 16, eos_ids=[eos])
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = model.generate(
+            **enc, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=-100
+        )
+    for row, g in zip(out[:, enc["input_ids"].shape[1] :].tolist(), got, strict=True):
+        want = [t for t in row if t != -100]
+        assert g == want
+    # and a padded row equals its own batch-1 decode in float32
+    assert fd.generate(prompts[1], 16, [eos]) == got[1]
+
+
+def test_limits(lm):
+    model, tok = lm
+    fd = FastDecoder(model, tok, max_seq_len=32, compile=False)
+    with pytest.raises(FastDecodeError, match="max_seq_len=32"):
+        fd.generate(list(range(5, 45)), 4, [])
+    # new tokens are cut to what the static cache holds
+    assert len(fd.generate(list(range(5, 25)), 50, [])) == 12
+    with pytest.raises(FastDecodeError, match="quantize"):
+        FastDecoder(model, tok, quantize="int3")
+    with pytest.raises(FastDecodeError, match="CUDA"):
+        FastDecoder(model, tok, quantize="int4")
