@@ -1,0 +1,180 @@
+"""Checkpoints and resume (issue 8.2): an interrupted run resumed ends where an uninterrupted
+one does; a checkpoint cut off mid-save is skipped; a SIGKILLed process resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import make_cfg, make_examples  # tests/ is on sys.path (no __init__.py)
+
+from ragtune.schema import get_schema
+
+SCHEMA = get_schema("alpaca_rag")
+STEPS = 6
+EXTRA = (f"train.max_steps={STEPS}", "train.save_steps=2", "train.save_method=lora")
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_lm_path):
+    from transformers import AutoTokenizer
+
+    return make_examples(AutoTokenizer.from_pretrained(tiny_lm_path), n=8)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_lm_path, examples):
+    """The uninterrupted run every resumed run must match."""
+    from ragtune.train import train
+
+    out = tmp_path_factory.mktemp("reference")
+    return train(make_cfg(out, tiny_lm_path, *EXTRA), examples, SCHEMA, out)
+
+
+def _interrupted_run(out: Path, model: str, examples, stop_at: int, monkeypatch) -> None:
+    """Train with the full schedule but stop right after the checkpoint at ``stop_at``."""
+    from transformers import TrainerCallback
+
+    import ragtune.train as rt
+
+    class Stop(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= stop_at:
+                control.should_training_stop = True
+            return control
+
+    real = rt._callbacks
+    with monkeypatch.context() as m:
+        m.setattr(rt, "_callbacks", lambda *a: [*real(*a), Stop()])
+        r = rt.train(make_cfg(out, model, *EXTRA), examples, SCHEMA, out)
+    assert r.steps == stop_at
+
+
+def test_resume_continues_from_the_checkpoint_and_matches(
+    tmp_path, tiny_lm_path, examples, reference, monkeypatch
+):
+    from ragtune.train import train
+
+    _interrupted_run(tmp_path, tiny_lm_path, examples, 4, monkeypatch)
+    r = train(
+        make_cfg(tmp_path, tiny_lm_path, *EXTRA, "train.resume=true"), examples, SCHEMA, tmp_path
+    )
+    assert r.resumed_from and r.resumed_from.endswith("checkpoint-4")
+    assert r.steps == STEPS
+    assert r.losses[:4] == pytest.approx(reference.losses[:4], abs=1e-6)  # history kept
+    assert r.final_loss == pytest.approx(reference.final_loss, abs=1e-4)
+
+
+def test_truncated_newest_checkpoint_is_skipped(
+    tmp_path, tiny_lm_path, examples, reference, monkeypatch
+):
+    from ragtune.train import checkpoint_problem, find_resume_checkpoint, train
+
+    _interrupted_run(tmp_path, tiny_lm_path, examples, 4, monkeypatch)
+    ck = tmp_path / "checkpoints"
+    newest = ck / "checkpoint-4"
+    w = newest / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])  # cut off mid-write
+    assert "adapter_model.safetensors" in checkpoint_problem(newest)
+    assert checkpoint_problem(ck / "checkpoint-2") is None
+    r = train(
+        make_cfg(tmp_path, tiny_lm_path, *EXTRA, "train.resume=true"), examples, SCHEMA, tmp_path
+    )
+    assert r.resumed_from and r.resumed_from.endswith("checkpoint-2")
+    assert r.final_loss == pytest.approx(reference.final_loss, abs=1e-4)
+    assert find_resume_checkpoint(ck) == ck / f"checkpoint-{STEPS}"
+
+
+def test_checkpoint_validation_catches_each_kind_of_damage(reference):
+    import shutil
+
+    from ragtune.train import COMPLETE_MARKER, checkpoint_problem
+
+    src = reference.model_dir.parent / "checkpoints" / f"checkpoint-{STEPS}"
+    assert checkpoint_problem(src) is None
+    cases = {
+        "no marker": lambda d: (d / COMPLETE_MARKER).unlink(),
+        "optimizer": lambda d: (d / "optimizer.pt").write_bytes(
+            (d / "optimizer.pt").read_bytes()[:-100]
+        ),
+        "trainer_state": lambda d: (d / "trainer_state.json").write_text("{"),
+        "missing": lambda d: (d / "scheduler.pt").unlink(),
+    }
+    for what, damage in cases.items():
+        d = src.parent.parent / f"damaged-{what.replace(' ', '_')}" / src.name
+        shutil.copytree(src, d)
+        damage(d)
+        assert checkpoint_problem(d) is not None, what
+
+
+def test_resume_without_checkpoints_starts_fresh(tmp_path, tiny_lm_path, examples, reference):
+    from ragtune.train import train
+
+    r = train(
+        make_cfg(tmp_path, tiny_lm_path, *EXTRA, "train.resume=true"), examples, SCHEMA, tmp_path
+    )
+    assert r.resumed_from is None
+    assert r.final_loss == pytest.approx(reference.final_loss, abs=1e-4)
+
+
+# --------------------------------------------------------------------------- real processes
+_WORKER = """
+import json, sys
+from pathlib import Path
+from transformers import AutoTokenizer
+from ragtune.schema import get_schema
+from ragtune.train import train
+from test_train import make_cfg, make_examples
+out, model, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+ex = make_examples(AutoTokenizer.from_pretrained(model), n=8)
+r = train(make_cfg(out, model, *extra), ex, get_schema("alpaca_rag"), out)
+(out / "result.json").write_text(json.dumps({"final_loss": r.final_loss,
+    "resumed_from": r.resumed_from, "steps": r.steps, "losses": r.losses}))
+"""
+
+
+def _worker(out: Path, model: str, *extra: str) -> subprocess.Popen:
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)])}
+    return subprocess.Popen(
+        [sys.executable, "-c", _WORKER, str(out), model, *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_sigkilled_training_resumes_to_the_same_final_loss(tmp_path, tiny_lm_path):
+    """SIGKILL at random moments after the first checkpoint (often mid-save); resume matches."""
+    steps = 10
+    extra = (f"train.max_steps={steps}", "train.save_steps=2", "train.save_method=lora")
+    ref_dir = tmp_path / "ref"
+    p = _worker(ref_dir, tiny_lm_path, *extra)
+    assert p.wait(timeout=600) == 0, p.stderr.read()
+    ref = json.loads((ref_dir / "result.json").read_text())
+    rng = random.Random(0)
+    for trial in range(3):
+        out = tmp_path / f"trial{trial}"
+        p = _worker(out, tiny_lm_path, *extra)
+        ck = out / "checkpoints"
+        deadline = time.time() + 300
+        while not list(ck.glob("checkpoint-*")) and p.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 3.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert not (out / "model").exists() or p.returncode == 0
+        r = _worker(out, tiny_lm_path, *extra, "train.resume=true")
+        assert r.wait(timeout=600) == 0, r.stderr.read()
+        got = json.loads((out / "result.json").read_text())
+        assert got["steps"] == steps
+        assert got["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-4), (trial, got)
