@@ -1,0 +1,102 @@
+"""The SFT stage end to end on the tiny model: index, build, train, save, manifest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ragtune.config import compose
+from ragtune.manifest import read_manifest
+from ragtune.paths import PROJECT_ROOT
+from ragtune.schema import PromptSchema, get_schema
+
+
+def _cfg(outputs: Path, tiny_lm_path: str, *extra: str):
+    return compose(
+        "sft",
+        [
+            f"output_dir={outputs / 'run'}",
+            f"model.name_or_path={tiny_lm_path}",
+            "model.max_seq_length=384",
+            "retriever.chunk_size=400",
+            "retriever.chunk_overlap=40",
+            "data.max_records=12",
+            "train.max_steps=3",
+            "train.batch_size=4",
+            "train.save_steps=100",
+            *extra,
+        ],
+    )
+
+
+def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path):
+    from ragtune.sft import run_sft
+
+    cfg = _cfg(outputs, tiny_lm_path)
+    metric = run_sft(cfg)
+    run = outputs / "run"
+    model_dir = run / "model"
+    manifest = read_manifest(model_dir)
+    schema = get_schema("alpaca_rag")
+    assert manifest["prompt"] == {
+        "name": "alpaca_rag",
+        "fingerprint": schema.fingerprint,
+        "skeleton": schema.skeleton(),
+    }
+    assert PromptSchema.load(model_dir).fingerprint == schema.fingerprint
+    r = manifest["retriever"]
+    assert (r["embedding_model"], r["chunk_size"], r["chunk_overlap"], r["k"]) == (
+        "minilm-l6",
+        400,
+        40,
+        3,
+    )
+    for key in (
+        "base_model",
+        "backend",
+        "train",
+        "dataset_stats",
+        "final_loss",
+        "git_commit",
+        "versions",
+    ):
+        assert key in manifest, key
+    assert manifest["backend"] == "hf" and manifest["versions"]["transformers"] == "5.17.0"
+    assert metric == pytest.approx(-manifest["final_loss"])
+    stats = json.loads((run / "dataset" / "stats.json").read_text())
+    assert stats["examples"] == 12 and stats["kinds"]
+    assert (run / "dataset" / "preview.md").read_text().count("### Response:") >= 1
+    assert json.loads((run / "status.json").read_text())["status"] == "ok"
+    assert (outputs / "latest").resolve() == model_dir.resolve()
+    assert list(model_dir.glob("*.safetensors")) and not list(model_dir.glob("*.bin"))
+
+
+def test_closed_book_run_records_no_context(outputs, tiny_lm_path):
+    from ragtune.sft import run_sft
+
+    run_sft(_cfg(outputs, tiny_lm_path, "raft.mode=closed", "train.save_method=lora"))
+    first = json.loads((outputs / "run" / "dataset" / "train.jsonl").read_text().splitlines()[0])
+    assert "\n### Context:\n" not in first["prompt"] and first["sources"] == []
+
+
+def test_bad_config_stops_before_any_model_loads(outputs):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train/sft.py",
+            "retriever.chunk_overlap=5000",
+            f"paths.outputs={outputs}",
+        ],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: retriever.chunk_overlap")
+    assert "Traceback" not in out.stderr
