@@ -425,6 +425,7 @@ class _Work:
     chunks: list[ChunkRecord]
     old_ids: set[str]
     kind: str  # new | changed
+    warnings: list[str] = field(default_factory=list)
 
 
 def ingest(
@@ -521,7 +522,9 @@ def _ingest_locked(
             for i in range(0, len(stale), max_batch):
                 coll.delete(ids=stale[i : i + max_batch])
             report.removed_chunks += len(stale)
-            rec = {"source": w.rel, "sha256": w.sha, "n": len(w.chunks)}
+            rec: dict[str, Any] = {"source": w.rel, "sha256": w.sha, "n": len(w.chunks)}
+            if w.warnings:
+                rec["warnings"] = w.warnings
             recs.append(rec)
             state[w.rel] = rec
             if w.kind == "new":
@@ -542,6 +545,9 @@ def _ingest_locked(
             if entry and entry.get("sha256") == sha and entry.get("n") == len(old_ids):
                 report.unchanged_files += 1
                 live.add(rel)
+                for w in entry.get("warnings", []):  # still true of the unchanged file
+                    report.skipped.append((rel, w))
+                    log.warning("%s: %s", rel, w)
                 continue
             loaded = load_file(path, rel, data, jsonl_text_field=jsonl_text_field)
         except SkipFile as e:
@@ -550,7 +556,7 @@ def _ingest_locked(
             continue
         for w in loaded.warnings:
             report.skipped.append((rel, w))
-            log.warning("%s: %s (record skipped)", rel, w)
+            log.warning("%s: %s", rel, w)
         if splitter is None:
             tok = None
             if rcfg.chunk_unit == "tokens":
@@ -560,7 +566,7 @@ def _ingest_locked(
         chunks = chunk_docs(loaded.docs, splitter)
         live.add(rel)
         kind = "changed" if (entry or old_ids) else "new"
-        pending.append(_Work(rel, sha, chunks, old_ids, kind))
+        pending.append(_Work(rel, sha, chunks, old_ids, kind, loaded.warnings))
         pending_new += sum(1 for c in chunks if c.id not in old_ids)
         if pending_new >= flush_at or len(pending) >= 256:
             flush()

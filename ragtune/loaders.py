@@ -19,7 +19,7 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,8 @@ def safe_relpath(rel: str) -> str:
     """
     if not rel:
         raise SkipFile("empty path")
-    parts = PurePosixPath(rel).parts
-    if any(p in ("..", ".", "") for p in parts) or rel.startswith("/"):
+    parts = rel.split("/")
+    if any(p in ("..", ".", "") for p in parts):
         raise SkipFile("path contains '..' or is not relative to the corpus root")
     try:
         rel.encode("utf-8")
@@ -116,12 +116,17 @@ def discover(root: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]
                 is_link = entry.is_symlink()
                 if is_link:
                     try:
-                        real = path.resolve(strict=True)
+                        real = path.resolve(strict=False)
                     except (OSError, RuntimeError):
-                        skipped.append((rel, "broken symlink or symlink loop"))
+                        skipped.append((rel, "symlink loop"))
                         continue
                     if not inside(real):
                         skipped.append((rel, f"symlink leaves the corpus root (-> {real})"))
+                        continue
+                    try:
+                        path.resolve(strict=True)
+                    except (OSError, RuntimeError):
+                        skipped.append((rel, "broken symlink or symlink loop"))
                         continue
                 else:
                     real = path
@@ -148,7 +153,9 @@ def discover(root: Path) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]
 
 
 def _printable(s: str) -> str:
-    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    """A path safe to print: undecodable bytes and control characters escaped."""
+    s = os.fsencode(s).decode("utf-8", "backslashreplace")
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) == "Cc" else ch for ch in s)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -159,6 +166,7 @@ _BOMS = [
     (b"\xff\xfe", "utf-16-le"),
     (b"\xfe\xff", "utf-16-be"),
 ]
+TRUNCATED_UTF8 = "utf-8 (truncated)"
 _KANA = re.compile(r"[\u3040-\u30ff]")
 _HALFWIDTH_KANA = re.compile(r"[\uff61-\uff9f]")
 _CJK = re.compile(r"[\u3000-\u30ff\u3400-\u9fff\uff00-\uffef]")
@@ -231,6 +239,11 @@ def decode_bytes(data: bytes) -> tuple[str, str]:
         return _finish(data.decode("utf-8"), "utf-8")
     except UnicodeDecodeError as e:
         utf8_error = e
+    if utf8_error.end == len(data) and utf8_error.start >= len(data) - 3:
+        try:  # a UTF-8 file cut off inside its last character (a truncated download)
+            return _finish(data[: utf8_error.start].decode("utf-8"), TRUNCATED_UTF8)
+        except UnicodeDecodeError:
+            pass
     for enc in ("cp932", "euc_jp"):
         try:
             text = data.decode(enc)
@@ -301,6 +314,9 @@ def load_file(path: Path, rel: str, data: bytes, *, jsonl_text_field: str = "tex
     if suffix == ".pdf":
         return _load_pdf(data, rel)
     text, enc = decode_bytes(data)
+    notes = []
+    if enc == TRUNCATED_UTF8:
+        notes.append("ends inside a UTF-8 character (truncated file?); ingested the rest")
     if suffix in HTML_SUFFIXES:
         docs = [LoadedDoc(html_text(text), rel, {"encoding": enc})]
         res = LoadResult(docs, encoding=enc)
@@ -309,6 +325,7 @@ def load_file(path: Path, rel: str, data: bytes, *, jsonl_text_field: str = "tex
         res.encoding = enc
     else:
         res = LoadResult([LoadedDoc(text, rel, {"encoding": enc})], encoding=enc)
+    res.warnings = notes + res.warnings
     res.docs = [d for d in res.docs if d.text.strip()]
     if not res.docs:
         if res.warnings:
@@ -376,9 +393,11 @@ def _load_pdf(data: bytes, rel: str) -> LoadResult:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
             try:
-                reader.decrypt("")
+                opened = reader.decrypt("")
             except Exception:
-                raise SkipFile("encrypted PDF") from None
+                opened = False
+            if not opened:
+                raise SkipFile("encrypted PDF (needs a password); decrypt it first")
         pages = [p.extract_text() or "" for p in reader.pages]
     except SkipFile:
         raise
