@@ -1,36 +1,49 @@
 """Fast greedy decoding for a merged model on GPU: static KV cache + compiled decode step.
 
 Why: HF ``generate`` spends most of a batch-1 decode step in Python (logits processors,
-stopping criteria, a growing DynamicCache, ~40 layers of small kernel launches), so a 12B
-model decodes at 8-20 tok/s on an H100 whose memory bandwidth allows ~130 tok/s in bf16 and
-~450 tok/s in int4. This module keeps the model's own ``forward`` (so outputs are the slow
-path's greedy tokens on the same weights) but
+stopping criteria, a growing DynamicCache, hundreds of small kernel launches), so a 12B model
+decodes at 8-20 tok/s on an H100 whose memory bandwidth allows ~130 tok/s in bf16 and ~450
+tok/s in int4. This module
 
-- preallocates a :class:`transformers.StaticCache` (fixed shapes, fixed addresses),
-- compiles one decode step (forward + argmax) with ``torch.compile(mode="reduce-overhead")``,
-  i.e. Inductor kernels replayed as a CUDA graph: one launch per token,
+- preallocates the KV cache (fixed shapes, fixed addresses),
+- compiles one decode step (all layers + argmax) with ``torch.compile(mode="reduce-overhead")``:
+  Inductor kernels replayed as one CUDA graph per token,
 - runs the prompt (prefill) eagerly, since its length varies,
-- and optionally quantizes a 16-bit model to int4 weight-only with torchao (``quantize="int4"``):
-  ~4x fewer bytes per token; the tokens then are the int4 model's, not the 16-bit model's.
+- optionally quantizes a 16-bit model to int4 weight-only with torchao (``quantize="int4"``):
+  ~4x fewer bytes per token; the tokens are then the int4 model's, not the 16-bit model's.
 
-On CPU compile is off by default (it is slow to build and gains little); the static-cache loop
-still runs, which is what the CPU equality test checks against HF ``generate``.
+Two ways to run the layers (``FastDecoder.mode``):
+
+``direct`` (Llama / Mistral / Qwen2 shapes, e.g. SmolLM2 and Mistral-Nemo): the decoder is
+  computed here from the model's own modules and weights (embedding, norms' weights, the
+  q/k/v/o and MLP Linear modules, which may be bitsandbytes 4-bit or torchao int4), with the
+  same arithmetic as transformers' modeling code. It does not call the model's ``forward``, so
+  it also works on a model Unsloth loaded (Unsloth replaces those forwards, globally, with its
+  own inference code that has no static cache).
+``hf`` (any other architecture): the model's ``forward`` with a ``transformers.StaticCache``.
+
+On CPU compile is off by default (slow to build, little gain); the static-cache loop still
+runs, which is what the CPU equality tests check against HF ``generate``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ragtune.errors import RagtuneError
 
 log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = (None, "int4")
+MODES = ("auto", "direct", "hf")
+_DIRECT_TYPES = ("llama", "mistral", "qwen2")
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 class FastDecodeError(RagtuneError):
@@ -63,11 +76,181 @@ def quantize_int4(model: torch.nn.Module, group_size: int = 128) -> torch.nn.Mod
     return model
 
 
+# --------------------------------------------------------------------------- direct decoder
+def _unwrap(model: Any) -> Any:
+    """The *ForCausalLM under a PEFT wrapper, if any."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def direct_supported(model: Any) -> str | None:
+    """Why the direct path cannot run this model, or None when it can."""
+    m = _unwrap(model)
+    cfg = getattr(m, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in _DIRECT_TYPES:
+        return f"model_type {mtype!r} is not one of {_DIRECT_TYPES}"
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") not in _STATIC_ROPE:
+        return f"rope_type {rope.get('rope_type')!r} changes with length"
+    if getattr(cfg, "sliding_window", None) and (
+        mtype == "mistral" or getattr(cfg, "use_sliding_window", False)
+    ):
+        return "sliding-window attention"
+    try:
+        dec = m.get_decoder()
+        layer = dec.layers[0]
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(layer.self_attn, name)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(layer.mlp, name)
+        layer.input_layernorm.weight  # noqa: B018
+        layer.post_attention_layernorm.weight  # noqa: B018
+        dec.norm.weight  # noqa: B018
+        m.get_output_embeddings()
+    except (AttributeError, IndexError, TypeError) as e:
+        return f"unexpected module layout ({e})"
+    return None
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama/Mistral RMSNorm, operation for operation."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Direct:
+    """The decoder stack computed from the model's modules, over our own KV tensors."""
+
+    def __init__(self, model: Any, max_seq_len: int) -> None:
+        from transformers.activations import ACT2FN
+
+        m = _unwrap(model)
+        cfg = m.config
+        self.embed = m.get_input_embeddings()
+        self.lm_head = m.get_output_embeddings()
+        dec = m.get_decoder()
+        self.layers = list(dec.layers[: cfg.num_hidden_layers])
+        self.final_norm = dec.norm
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.act = ACT2FN[cfg.hidden_act]
+        self.max_seq_len = max_seq_len
+        self.eps = [
+            (self._eps(L.input_layernorm, cfg), self._eps(L.post_attention_layernorm, cfg))
+            for L in self.layers
+        ]
+        self.final_eps = self._eps(dec.norm, cfg)
+        self.scaling = [
+            float(getattr(L.self_attn, "scaling", self.head_dim**-0.5)) for L in self.layers
+        ]
+        self.dtype = self.embed.weight.dtype
+        self.device = self.embed.weight.device
+        self.cos, self.sin = self._rope_table(m, dec, cfg)
+        self.caches: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    @staticmethod
+    def _eps(norm: Any, cfg: Any) -> float:
+        for attr in ("variance_epsilon", "eps"):
+            if hasattr(norm, attr):
+                return float(getattr(norm, attr))
+        return float(cfg.rms_norm_eps)
+
+    def _rope_table(self, m: Any, dec: Any, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for every position, computed as transformers' rotary embedding does."""
+        rot = getattr(dec, "rotary_emb", None)
+        if rot is not None and hasattr(rot, "inv_freq") and hasattr(rot, "attention_scaling"):
+            inv_freq, scale = rot.inv_freq.to(self.device), float(rot.attention_scaling)
+        else:  # e.g. Unsloth replaced the rotary class: recompute from the config
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            rope = getattr(cfg, "rope_parameters", None) or {}
+            rtype = rope.get("rope_type", "default")
+            if rtype == "default":
+                base = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+                dim = int(self.head_dim * float(getattr(cfg, "partial_rotary_factor", 1.0)))
+                inv_freq = 1.0 / (
+                    base
+                    ** (
+                        torch.arange(0, dim, 2, dtype=torch.int64).to(
+                            device=self.device, dtype=torch.float
+                        )
+                        / dim
+                    )
+                )
+                scale = 1.0
+            else:
+                inv_freq, scale = ROPE_INIT_FUNCTIONS[rtype](cfg, self.device)
+        pos = torch.arange(self.max_seq_len, device=self.device, dtype=torch.float32)
+        freqs = (inv_freq.float()[:, None] @ pos[None, :]).T  # as HF: a K=1 matmul, exact
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
+
+    def cache(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        kv = self.caches.get(batch_size)
+        if kv is None:
+            shape = (batch_size, self.n_kv, self.max_seq_len, self.head_dim)
+            ks = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            vs = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            for t in (*ks, *vs):
+                torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs can replay
+            kv = (ks, vs)
+            self.caches[batch_size] = kv
+        return kv
+
+    def forward(
+        self,
+        ids: torch.Tensor,  # [B, T]
+        pos: torch.Tensor,  # [B, T] rope positions
+        slots: torch.Tensor,  # [T] cache slots written by these tokens
+        mask: torch.Tensor,  # [B, 1, T, S] bool: which cache slots each query sees
+        kv: tuple[list[torch.Tensor], list[torch.Tensor]],
+    ) -> torch.Tensor:
+        """Logits of the last position, float32 [B, V]; writes K/V of ``slots``."""
+        bsz, t = ids.shape
+        h = self.embed(ids)
+        cos = self.cos[pos].unsqueeze(1)  # [B, 1, T, D]
+        sin = self.sin[pos].unsqueeze(1)
+        ks, vs = kv
+        for i, layer in enumerate(self.layers):
+            att = layer.self_attn
+            eps_in, eps_post = self.eps[i]
+            x = _rms(h, layer.input_layernorm.weight, eps_in)
+            q = att.q_proj(x).view(bsz, t, -1, self.head_dim).transpose(1, 2)
+            k = att.k_proj(x).view(bsz, t, -1, self.head_dim).transpose(1, 2)
+            v = att.v_proj(x).view(bsz, t, -1, self.head_dim).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            ks[i].index_copy_(2, slots, k)
+            vs[i].index_copy_(2, slots, v)
+            o = F.scaled_dot_product_attention(
+                q, ks[i], vs[i], attn_mask=mask, scale=self.scaling[i], enable_gqa=True
+            )
+            o = o.transpose(1, 2).reshape(bsz, t, -1)
+            h = h + att.o_proj(o)
+            x = _rms(h, layer.post_attention_layernorm.weight, eps_post)
+            mlp = layer.mlp
+            h = h + mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+        h = _rms(h[:, -1:, :], self.final_norm.weight, self.final_eps)
+        return self.lm_head(h)[:, -1, :].float()
+
+
+# --------------------------------------------------------------------------- the decoder
 class FastDecoder:
     """Greedy decoding with a static KV cache and a compiled, CUDA-graphed decode step.
 
-    ``generate`` returns exactly what ``model.generate(do_sample=False)`` returns after the
-    prompt (including the EOS or the token that completes a stop string) on the same model.
+    ``generate`` returns what ``model.generate(do_sample=False)`` returns after the prompt
+    (including the EOS or the token that completes a stop string) on the same model; on CPU in
+    float32 that is exact (tests/test_fastdecode.py), on GPU the compiled kernels round
+    differently, so a near-tie can resolve the other way (docs/benchmarks.md).
     """
 
     def __init__(
@@ -77,9 +260,12 @@ class FastDecoder:
         max_seq_len: int = 2048,
         compile: bool | None = None,
         quantize: str | None = None,
+        mode: str = "auto",
     ) -> None:
         if quantize not in QUANTIZE_CHOICES:
             raise FastDecodeError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+        if mode not in MODES:
+            raise FastDecodeError(f"mode must be one of {MODES}, got {mode!r}")
         if max_seq_len < 2:
             raise FastDecodeError(f"max_seq_len must be >= 2, got {max_seq_len}")
         self.model = model.eval()
@@ -89,14 +275,21 @@ class FastDecoder:
         if quantize == "int4":
             quantize_int4(self.model)
         self.quantize = quantize
+        why_not = direct_supported(model)
+        if mode == "direct" and why_not:
+            raise FastDecodeError(f"mode=direct: {why_not}")
+        self.mode = "hf" if mode == "hf" or why_not else "direct"
+        self._direct = _Direct(model, self.max_seq_len) if self.mode == "direct" else None
+        self._hf_caches: dict[int, Any] = {}
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
-        self._caches: dict[int, Any] = {}
-        self._step_fn = self._step
+        self._step_fn: Callable[..., torch.Tensor] = self._step
         if self.compiled:
             self._step_fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
         self.last_stats: dict[str, float] = {}
         log.info(
-            "fastdecode: static cache of %d tokens, compile=%s, quantize=%s, device=%s",
+            "fastdecode: %s mode%s, static cache of %d tokens, compile=%s, quantize=%s, %s",
+            self.mode,
+            f" ({why_not})" if why_not and self.mode == "hf" else "",
             self.max_seq_len,
             self.compiled,
             quantize,
@@ -104,59 +297,76 @@ class FastDecoder:
         )
 
     # ------------------------------------------------------------------ internals
-    def _cache(self, batch_size: int) -> Any:
-        """One preallocated StaticCache per batch size (allocated on first use, then reset)."""
+    def _hf_cache(self, batch_size: int) -> Any:
         from transformers import StaticCache
 
-        cache = self._caches.get(batch_size)
+        cache = self._hf_caches.get(batch_size)
         if cache is None:
             cache = StaticCache(config=self.model.config, max_cache_len=self.max_seq_len)
-            self._caches[batch_size] = cache
+            self._hf_caches[batch_size] = cache
         else:
             cache.reset()
         return cache
 
-    def _forward_argmax(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any,
+    def _hf_logits(
+        self, ids: torch.Tensor, pos: torch.Tensor, attn: torch.Tensor | None, cache: Any
     ) -> torch.Tensor:
         out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=attn,
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        # float32 before argmax, as HF's greedy search does (exact for bf16/fp16 logits)
-        return out.logits[:, -1, :].float().argmax(dim=-1)
+        return out.logits[:, -1, :].float()
 
     def _step(
         self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        cache: Any,
+        ids: torch.Tensor,  # [B, 1]
+        pos: torch.Tensor,  # [B, 1]
+        slot: torch.Tensor,  # [1]
+        keep: torch.Tensor,  # [B, S] bool: not padding
+        state: Any,
     ) -> torch.Tensor:
-        """One decode step for the whole batch: [B, 1] ids in, [B] next ids out."""
-        return self._forward_argmax(input_ids, position_ids, attention_mask, cache)
+        """One decode step for the whole batch: next greedy ids [B]."""
+        if self._direct is not None:
+            seen = torch.arange(self.max_seq_len, device=ids.device) <= slot
+            mask = (keep & seen)[:, None, None, :]
+            logits = self._direct.forward(ids, pos, slot, mask, state)
+        else:
+            logits = self._hf_logits(ids, pos, keep.long() if state[1] else None, state[0])
+        # float32 before argmax, as HF's greedy search does (exact for bf16/fp16 logits)
+        return logits.argmax(dim=-1)
 
-    def _stop_checker(self, prompt: Sequence[int], stop_strings: Sequence[str] | None):
+    def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, padded: bool):
+        """Run the prompt; return (first greedy ids [B], state for the decode steps)."""
+        bsz, t = ids.shape
+        if self._direct is not None:
+            kv = self._direct.cache(bsz)
+            slots = torch.arange(t, device=ids.device)
+            causal = torch.arange(self.max_seq_len, device=ids.device)[None, :] <= slots[:, None]
+            mask = causal[None, :, :] & keep[:, None, :]
+            # padding queries see only themselves: finite values, never read by real tokens
+            mask[:, slots, slots] = True
+            logits = self._direct.forward(ids, pos, slots, mask[:, None], kv)
+            return logits.argmax(dim=-1), kv
+        cache = self._hf_cache(bsz)
+        attn = keep[:, :t].long() if padded else None
+        return self._hf_logits(ids, pos, attn, cache).argmax(dim=-1), (cache, padded)
+
+    def _stop_checker(self, stop_strings: Sequence[str] | None):
         """A function(tokens) -> bool: did the last token complete a new stop string?"""
         stops = [s for s in (stop_strings or []) if s]
         if not stops:
             return None
-        # a token decodes to >= 1 character in practice; keep a margin for merged bytes
-        window = max(len(s) for s in stops) + 4
+        window = max(len(s) for s in stops) + 4  # a token is >= 1 character; margin for bytes
 
         def hit(tokens: list[int]) -> bool:
             tail = tokens[-window:]
             now = self.tokenizer.decode(tail, skip_special_tokens=False)
             before = self.tokenizer.decode(tail[:-1], skip_special_tokens=False)
-            return any(s in now and now.count(s) > before.count(s) for s in stops)
+            return any(now.count(s) > before.count(s) for s in stops)
 
         return hit
 
@@ -208,7 +418,7 @@ class FastDecoder:
         """
         if max_new_tokens < 1 or not prompts:
             return [[] for _ in prompts]
-        eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids or [])
+        eos = {eos_ids} if isinstance(eos_ids, int) else {int(e) for e in (eos_ids or [])}
         bsz = len(prompts)
         lens = [len(p) for p in prompts]
         longest = max(lens)
@@ -216,29 +426,25 @@ class FastDecoder:
         dev = self.device
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None:
-            pad_id = next(iter(eos), 0)
+            pad_id = min(eos) if eos else 0
 
         ids = torch.full((bsz, longest), pad_id, dtype=torch.long)
-        mask = torch.ones((bsz, self.max_seq_len), dtype=torch.long)
+        keep = torch.ones((bsz, self.max_seq_len), dtype=torch.bool)
         for i, p in enumerate(prompts):
             ids[i, longest - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, : longest - len(p)] = 0
-        ids, mask = ids.to(dev), mask.to(dev)
+            keep[i, : longest - len(p)] = False
+        ids, keep = ids.to(dev), keep.to(dev)
         padded = any(n != longest for n in lens)
-        # batch 1 without padding needs no 2D mask (the causal mask alone), like HF
-        attn = mask if padded else None
-        pos = (mask[:, :longest].cumsum(-1) - 1).clamp(min=0)
-        cache = self._cache(bsz)
+        pos = (keep[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
 
         t0 = time.perf_counter()
-        nxt = self._forward_argmax(ids, pos, attn[:, :longest] if padded else None, cache)
-        # the 2D mask must cover the whole static cache from here on (HF pads it the same way)
+        nxt, state = self._prefill(ids, pos, keep, padded)
         tokens: list[list[int]] = [[] for _ in range(bsz)]
         done = [False] * bsz
-        checks = [self._stop_checker(p, stop_strings) for p in prompts]
-        full = [list(p) for p in prompts] if stop_strings else None
+        check = self._stop_checker(stop_strings)
+        full = [list(p) for p in prompts] if check is not None else None
         next_pos = torch.tensor(lens, dtype=torch.long, device=dev).unsqueeze(1)
-        first_token_s = None
+        first_token_s: float | None = None
         steps = 0
         while True:
             host = nxt.tolist()  # one sync per step: needed to stop at EOS
@@ -250,20 +456,26 @@ class FastDecoder:
                 tokens[i].append(t)
                 if full is not None:
                     full[i].append(t)
-                if t in eos or (checks[i] is not None and checks[i](full[i])) or len(tokens[i]) >= max_new_tokens:
+                if (
+                    t in eos
+                    or (check is not None and check(full[i]))
+                    or len(tokens[i]) >= max_new_tokens
+                ):
                     done[i] = True
             if all(done):
                 break
-            step_ids = nxt.view(bsz, 1).clone()
-            nxt = self._step_fn(step_ids, next_pos + steps, attn, cache).clone()
+            slot = torch.tensor([longest + steps], dtype=torch.long, device=dev)
+            nxt = self._step_fn(nxt.view(bsz, 1), next_pos + steps, slot, keep, state).clone()
             steps += 1
         total = time.perf_counter() - t0
-        n_new = sum(len(t) for t in tokens)
+        ttft = first_token_s or 0.0
         self.last_stats = {
+            "batch": float(bsz),
             "prompt_tokens": float(sum(lens)),
-            "new_tokens": float(n_new),
-            "ttft_s": float(first_token_s or 0.0),
+            "new_tokens": float(sum(len(t) for t in tokens)),
+            "steps": float(steps),
+            "ttft_s": ttft,
             "total_s": total,
-            "decode_tok_s": (steps * bsz) / max(total - (first_token_s or 0.0), 1e-9),
+            "decode_tok_s": (steps * bsz) / max(total - ttft, 1e-9),
         }
         return tokens

@@ -50,9 +50,11 @@ def slow(model, ids: list[int], n: int, eos, **kw) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-def test_batch1_equals_hf_generate(lm):
+@pytest.mark.parametrize("mode", ["direct", "hf"])
+def test_batch1_equals_hf_generate(lm, mode):
     model, tok = lm
-    fd = FastDecoder(model, tok, max_seq_len=128, compile=False)
+    fd = FastDecoder(model, tok, max_seq_len=128, compile=False, mode=mode)
+    assert fd.mode == mode
     eos = tok.eos_token_id
     wants = []
     for text in PROMPTS:
@@ -94,9 +96,10 @@ def test_stop_strings_match_hf(lm):
     assert got == want
 
 
-def test_batched_equals_hf_left_padded(lm):
+@pytest.mark.parametrize("mode", ["direct", "hf"])
+def test_batched_equals_hf_left_padded(lm, mode):
     model, tok = lm
-    fd = FastDecoder(model, tok, max_seq_len=128, compile=False)
+    fd = FastDecoder(model, tok, max_seq_len=128, compile=False, mode=mode)
     prompts = [tok(t)["input_ids"] for t in PROMPTS]
     eos = tok.eos_token_id
     got = fd.generate_batch(prompts, 16, eos_ids=[eos])
@@ -124,3 +127,41 @@ def test_limits(lm):
         FastDecoder(model, tok, quantize="int3")
     with pytest.raises(FastDecodeError, match="CUDA"):
         FastDecoder(model, tok, quantize="int4")
+
+
+def test_mistral_nemo_like_head_dim_and_recomputed_rope(tiny_lm_path):
+    """Mistral with head_dim != hidden/heads (as Mistral-Nemo), rope recomputed from config.
+
+    Unsloth replaces the rotary embedding class; the direct path then rebuilds the cos/sin
+    table from the config, which must give the same tokens.
+    """
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    cfg = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(1)
+    model = MistralForCausalLM(cfg).eval()
+    ids = tok(PROMPTS[0])["input_ids"]
+    want = slow(model, ids, 16, tok.eos_token_id)
+    fd = FastDecoder(model, tok, max_seq_len=96, compile=False)
+    assert fd.mode == "direct"
+    assert fd.generate(ids, 16, [tok.eos_token_id]) == want
+    model.model.rotary_emb = torch.nn.Identity()  # what a replaced rotary class looks like
+    fd = FastDecoder(model, tok, max_seq_len=96, compile=False)
+    assert fd.generate(ids, 16, [tok.eos_token_id]) == want
+    with pytest.raises(FastDecodeError, match="mode=direct"):
+        model.config.sliding_window = 4096
+        FastDecoder(model, tok, max_seq_len=96, compile=False, mode="direct")
