@@ -133,6 +133,17 @@ class GenerateConfig:
 
 
 @dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback only unless told otherwise
+    port: int = 8000
+    api_key: str | None = None  # Bearer key; null = none (env RAGTUNE_API_KEY in server.yaml)
+    max_body_bytes: int = 65536  # larger request bodies get 413
+    max_queue: int = 256  # requests waiting for the model beyond this get 429
+    model_id: str | None = None  # the name in /v1/models; null = the model's run folder name
+    log_level: str = "warning"
+
+
+@dataclass
 class EvalModelsConfig:
     base: str | None = None  # base_rag's model; null = model.name_or_path
     ft_closed: str | None = None  # closed-book fine-tune (ft_closed, ft_then_rag)
@@ -166,6 +177,7 @@ GROUP_SCHEMAS: dict[str, type] = {
     "train": TrainConfig,
     "generate": GenerateConfig,
     "eval": EvalConfig,
+    "server": ServerConfig,
 }
 
 
@@ -320,6 +332,12 @@ def _check_values(cfg: DictConfig) -> None:
         )
         need(g.temperature >= 0, "generate.temperature", f"must be >= 0, got {g.temperature}")
         need(0 < g.top_p <= 1, "generate.top_p", f"must be in (0, 1], got {g.top_p}")
+    if "server" in cfg:
+        v = cfg.server
+        need(0 <= v.port <= 65535, "server.port", f"must be in [0, 65535], got {v.port}")
+        need(v.max_body_bytes > 0, "server.max_body_bytes", f"must be > 0, got {v.max_body_bytes}")
+        need(v.max_queue > 0, "server.max_queue", f"must be > 0, got {v.max_queue}")
+        need(bool(v.host), "server.host", "must name an address, e.g. 127.0.0.1")
 
 
 def _check_model_name(name: str) -> None:

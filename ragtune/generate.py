@@ -15,6 +15,7 @@ compiled step: the same tokens, faster); without CUDA it warns and keeps the sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -45,7 +46,7 @@ class GenerationResult:
 
     ``text`` is the answer (stop string trimmed, surrounding whitespace stripped),
     ``token_ids`` the generated ids before EOS, ``new_tokens`` every token generated (EOS
-    included), ``stop_reason`` one of ``eos``, ``stop_string``, ``length``, ``cancelled``.
+    included), ``stop_reason`` one of ``eos``, ``stop_string``, ``length``.
     """
 
     text: str
@@ -164,16 +165,20 @@ class _QueueStreamer(BaseStreamer):
 class TextStream:
     """Iterator over the text pieces of one streamed answer; ``.result`` once exhausted.
 
-    The pieces concatenate to exactly ``result.text``. Leaving the loop early (``close()``,
-    or the object being dropped) stops the generation at the next token.
+    The pieces concatenate to exactly ``result.text``. The model runs in a worker thread
+    that holds the generator's lock only while it generates; ``close()`` (or leaving the
+    loop and dropping the stream) stops it at the next token, so an abandoned stream never
+    keeps the model busy.
     """
 
-    def __init__(self, generator: Generator, prompt_text: str):
+    def __init__(self, generator: Generator, prompt_text: str, max_new_tokens: int | None = None):
         self._gen = generator
         self._prompt = prompt_text
+        self._max_new = max_new_tokens
         self._cancel = threading.Event()
         self._streamer = _QueueStreamer()
         self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
         self._it = self._run()
         self.result: GenerationResult | None = None
 
@@ -184,9 +189,10 @@ class TextStream:
         return next(self._it)
 
     def close(self) -> None:
-        """Stop generating (the lock is released as soon as the current token is done)."""
+        """Stop generating; safe from any thread, also while another thread is iterating."""
         self._cancel.set()
-        self._it.close()
+        with contextlib.suppress(ValueError):  # iterated in another thread now: it sees cancel
+            self._it.close()
 
     def __del__(self) -> None:
         self._cancel.set()
@@ -195,13 +201,12 @@ class TextStream:
         gen = self._gen
         ids = gen.encode(self._prompt)
         t0 = time.perf_counter()
-        gen._lock.acquire()
-        thread = threading.Thread(target=self._work, args=(ids,), daemon=True)
+        self._thread = threading.Thread(target=self._work, args=(ids,), daemon=True)
+        self._thread.start()
+        got: list[int] = []
+        emitted = ""
+        hit = eos = False
         try:
-            thread.start()
-            got: list[int] = []
-            emitted = ""
-            hit = eos = False
             while True:
                 item = self._streamer.queue.get()
                 if item is _END:
@@ -213,36 +218,35 @@ class TextStream:
                         eos = True
                         break
                     got.append(tok)
-                raw = gen.decode(got)
-                visible, hit = finish_text(raw, gen.stop_strings, final=False)
+                visible, hit = finish_text(gen.decode(got), gen.stop_strings, final=False)
                 if visible.startswith(emitted) and len(visible) > len(emitted):
                     yield visible[len(emitted) :]
                     emitted = visible
                 if hit or eos:
                     self._cancel.set()
-            thread.join()
-            if self._error is not None:
-                raise self._error
-            text, hit = finish_text(gen.decode(got), gen.stop_strings, final=True)
-            if text.startswith(emitted) and len(text) > len(emitted):
-                yield text[len(emitted) :]
-            reason = "eos" if eos else "stop_string" if hit else "length"
-            if not (eos or hit) and self._cancel.is_set():
-                reason = "cancelled"
-            new = len(got) + int(eos)
-            self.result = GenerationResult(
-                text, got, reason, new, time.perf_counter() - t0, len(ids)
-            )
         finally:
-            self._cancel.set()
-            thread.join() if thread.is_alive() else None
-            gen._lock.release()
+            self._cancel.set()  # no-op when generation already ended
+        if self._error is not None:
+            raise self._error
+        text, hit = finish_text(gen.decode(got), gen.stop_strings, final=True)
+        if text.startswith(emitted) and len(text) > len(emitted):
+            yield text[len(emitted) :]
+        reason = "eos" if eos else "stop_string" if hit else "length"
+        new = len(got) + int(eos)
+        self.result = GenerationResult(text, got, reason, new, time.perf_counter() - t0, len(ids))
 
     def _work(self, ids: list[int]) -> None:
+        gen = self._gen
         try:
-            self._gen._generate_ids([ids], streamer=self._streamer, cancel=self._cancel)
+            with gen._lock:
+                if self._cancel.is_set():
+                    return
+                gen._generate_ids(
+                    [ids], streamer=self._streamer, cancel=self._cancel, max_new=self._max_new
+                )
         except BaseException as e:  # re-raised in the consumer
             self._error = e
+        finally:
             self._streamer.end()
 
 
@@ -264,7 +268,7 @@ class Generator:
 
     def __post_init__(self) -> None:
         self.settings = _settings(self.gcfg)
-        self._lock = threading.Lock()  # released by whichever thread ends a stream
+        self._lock = threading.Lock()  # one generation at a time
         stops = [*self.schema.stop_strings, *self.extra_stop_strings, *_header_stops(self.schema)]
         self.stop_strings = list(dict.fromkeys(s for s in stops if s))
         self.eos_ids = self._eos_ids()
@@ -281,15 +285,17 @@ class Generator:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def generate(self, prompt_text: str) -> GenerationResult:
-        """One answer for a rendered prompt."""
-        return self.generate_batch([prompt_text], batch_size=1)[0]
+    def generate(self, prompt_text: str, max_new_tokens: int | None = None) -> GenerationResult:
+        """One answer for a rendered prompt (``max_new_tokens`` may only lower the config's)."""
+        return self.generate_batch([prompt_text], batch_size=1, max_new_tokens=max_new_tokens)[0]
 
-    def stream(self, prompt_text: str) -> TextStream:
+    def stream(self, prompt_text: str, max_new_tokens: int | None = None) -> TextStream:
         """The answer as it is generated: an iterator of text pieces (see :class:`TextStream`)."""
-        return TextStream(self, prompt_text)
+        return TextStream(self, prompt_text, max_new_tokens)
 
-    def generate_batch(self, prompts: Sequence[str], batch_size: int = 8) -> list[GenerationResult]:
+    def generate_batch(
+        self, prompts: Sequence[str], batch_size: int = 8, max_new_tokens: int | None = None
+    ) -> list[GenerationResult]:
         """Answers for many prompts: left-padded batched decoding, results in input order.
 
         Prompts are sorted by length so that each batch pads little; with greedy decoding
@@ -302,7 +308,7 @@ class Generator:
             idx = order[b : b + max(1, batch_size)]
             t0 = time.perf_counter()
             with self._lock:
-                rows = self._generate_ids([encoded[i] for i in idx])
+                rows = self._generate_ids([encoded[i] for i in idx], max_new=max_new_tokens)
             seconds = time.perf_counter() - t0
             for i, row in zip(idx, rows, strict=True):
                 out[i] = self._result(row, seconds, len(encoded[i]))
@@ -321,11 +327,15 @@ class Generator:
         reason = "eos" if eos else "stop_string" if hit else "length"
         return GenerationResult(text, got, reason, len(got) + int(eos), seconds, prompt_tokens)
 
-    def _generation_config(self) -> GenerationConfig:
+    def _max_new(self, requested: int | None) -> int:
+        cap = self.settings.max_new_tokens
+        return cap if requested is None else max(1, min(int(requested), cap))
+
+    def _generation_config(self, max_new: int | None = None) -> GenerationConfig:
         s = self.settings
         sample = s.temperature > 0
         return GenerationConfig(
-            max_new_tokens=s.max_new_tokens,
+            max_new_tokens=self._max_new(max_new),
             do_sample=sample,
             temperature=s.temperature if sample else 1.0,
             top_p=s.top_p if sample else 1.0,
@@ -342,6 +352,7 @@ class Generator:
         batch: Sequence[Sequence[int]],
         streamer: BaseStreamer | None = None,
         cancel: threading.Event | None = None,
+        max_new: int | None = None,
     ) -> list[list[int]]:
         """Generated ids (prompt removed) for each left-padded row."""
         width = max(len(r) for r in batch)
@@ -357,7 +368,7 @@ class Generator:
             # GPU fast path: static KV cache + compiled step; the same greedy tokens.
             return self._fast.generate_batch(
                 [list(r) for r in batch],
-                self.settings.max_new_tokens,
+                self._max_new(max_new),
                 sorted(self.eos_ids),
                 self.stop_strings,
             )
@@ -366,7 +377,7 @@ class Generator:
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
-            generation_config=self._generation_config(),
+            generation_config=self._generation_config(max_new),
             stopping_criteria=StoppingCriteriaList([stop]),
             streamer=streamer,
         )

@@ -88,13 +88,19 @@ class AnswerStream:
     the generation early.
     """
 
-    def __init__(self, pipeline: RagPipeline, prepared: _Prepared, t0: float):
+    def __init__(
+        self,
+        pipeline: RagPipeline,
+        prepared: _Prepared,
+        t0: float,
+        max_new_tokens: int | None = None,
+    ):
         self.chunks = prepared.chunks
         self.prompt = prepared.prompt
         self._pipeline = pipeline
         self._prepared = prepared
         self._t0 = t0
-        self._stream: TextStream = pipeline.generator.stream(prepared.prompt)
+        self._stream: TextStream = pipeline.generator.stream(prepared.prompt, max_new_tokens)
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -298,16 +304,22 @@ class RagPipeline:
             )
         return _Prepared(question, input, chunks, prompt, retrieval_s)
 
-    def answer(self, question: str, input: str = "") -> Answer:
-        """Retrieve, render, generate: one grounded answer with its sources."""
+    def answer(self, question: str, input: str = "", max_new_tokens: int | None = None) -> Answer:
+        """Retrieve, render, generate: one grounded answer with its sources.
+
+        ``max_new_tokens`` may lower ``generate.max_new_tokens`` for this answer.
+        """
         t0 = time.perf_counter()
         prepared = self.prepare(question, input)
-        return self._answer(prepared, self.generator.generate(prepared.prompt), t0)
+        result = self.generator.generate(prepared.prompt, max_new_tokens)
+        return self._answer(prepared, result, t0)
 
-    def stream(self, question: str, input: str = "") -> AnswerStream:
+    def stream(
+        self, question: str, input: str = "", max_new_tokens: int | None = None
+    ) -> AnswerStream:
         """Like :meth:`answer`, streamed: iterate for text pieces, then read ``.answer``."""
         t0 = time.perf_counter()
-        return AnswerStream(self, self.prepare(question, input), t0)
+        return AnswerStream(self, self.prepare(question, input), t0, max_new_tokens)
 
     def answer_batch(
         self, questions: Sequence[str], inputs: Sequence[str] | None = None, batch_size: int = 8
@@ -482,3 +494,144 @@ def _index_settings(rcfg: Any) -> dict[str, Any]:
 
 
 __all__ = ["Answer", "AnswerStream", "MismatchError", "PipelineError", "RagPipeline"]
+
+
+# --------------------------------------------------------------------------- entry points
+ASK_TOP_LEVEL = {"model_dir": str, "question": str, "json": bool, "allow_mismatch": bool}
+
+
+def command_line_keys() -> list[str]:
+    """Dotted keys the user set on the command line (Hydra's task overrides), if any.
+
+    Those win over a model's manifest; ``conf=`` presets do not count (the manifest wins).
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return []
+        task = HydraConfig.get().overrides.task
+    except Exception:
+        return []
+    keys = []
+    for item in task:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key != "conf":
+            keys.append(key)
+    return keys
+
+
+def open_pipeline(
+    cfg: Any, explicit: Iterable[str] | None = None, *, device: str = "auto"
+) -> RagPipeline:
+    """The pipeline an entry point serves: ``model_dir`` (a trained folder) or, when it is
+    null or a plain model folder without ragtune files, the base model of the config."""
+    explicit = command_line_keys() if explicit is None else list(explicit)
+    allow = bool(_get(cfg, "allow_mismatch"))
+    model_dir = _get(cfg, "model_dir")
+    if model_dir in (None, "", "null"):
+        log.info("no model_dir: asking the base model %s", cfg.model.name_or_path)
+        return RagPipeline.from_base(cfg, device=device)
+    folder = resolve_path(str(model_dir))
+    plain = (
+        folder.is_dir()
+        and (folder / "config.json").exists()
+        and not (folder / "manifest.json").exists()
+        and not (folder / "prompt_schema.json").exists()
+    )
+    if plain:
+        from omegaconf import OmegaConf
+
+        log.warning("%s has no ragtune manifest: serving it as a plain base model", folder)
+        cfg = OmegaConf.merge(cfg, {"model": {"name_or_path": str(folder)}})
+        return RagPipeline.from_base(cfg, device=device)
+    return RagPipeline.from_model_dir(folder, cfg, allow, explicit=explicit, device=device)
+
+
+def _logs_to_stderr() -> None:
+    """Logs go to stderr so stdout holds only answers (and one JSON object each with json)."""
+    import sys
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+            handler.setStream(sys.stderr)
+
+
+def run_ask(cfg: Any, questions: Iterable[str] | None = None) -> list[Answer]:
+    """``python serve/ask.py``: answer ``question`` once, or each line typed interactively."""
+    import json
+    import sys
+
+    from ragtune.config import ConfigError, validate
+
+    validate(cfg, ASK_TOP_LEVEL)
+    for key in ("json", "allow_mismatch"):
+        if not isinstance(cfg[key], bool):
+            raise ConfigError(f"{key}: must be true or false, got {cfg[key]!r}")
+    if cfg.question is not None and not isinstance(cfg.question, str):
+        cfg.question = str(cfg.question)
+    _logs_to_stderr()
+    as_json = cfg.json
+    pipeline = open_pipeline(cfg)
+    stream = bool(pipeline.generator.settings.stream) and not as_json
+    if questions is None:
+        questions = [cfg.question] if cfg.question else _typed_questions(pipeline)
+    answers = []
+    for q in questions:
+        try:
+            if stream:
+                print(f"Q: {q}\nA: ", end="", flush=True)
+                s = pipeline.stream(q)
+                for piece in s:
+                    print(piece, end="", flush=True)
+                print()
+                assert s.answer is not None
+                ans = s.answer
+            else:
+                ans = pipeline.answer(q)
+        except PipelineError as e:
+            if cfg.question:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        answers.append(ans)
+        if as_json:
+            print(json.dumps({"question": q, **ans.to_dict()}, ensure_ascii=False), flush=True)
+        else:
+            if not stream:
+                print(f"Q: {q}\nA: {ans.text}")
+            print(_describe(ans), flush=True)
+    return answers
+
+
+def _describe(ans: Answer) -> str:
+    lines = [f"abstained: {'yes' if ans.abstained else 'no'}", "sources:"]
+    if not ans.sources:
+        lines.append("  (none: closed book)")
+    for i, (src, start, score) in enumerate(ans.sources, 1):
+        sc = "" if score is None else f"  score {score:.3f}"
+        lines.append(f"  {i}. {src} @ {start}{sc}")
+    lines.append(
+        f"({ans.latency_s:.2f}s: retrieval {ans.retrieval_s:.2f}s, "
+        f"{ans.new_tokens} new tokens, stop: {ans.stop_reason})"
+    )
+    return "\n".join(lines)
+
+
+def _typed_questions(pipeline: RagPipeline) -> Iterator[str]:
+    import sys
+
+    info = pipeline.describe()
+    print(
+        f"ragtune: {info['name']} | prompt {info['prompt']['name']} | empty line or Ctrl-D quits",
+        file=sys.stderr,
+    )
+    while True:
+        try:
+            q = input("question> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not q or q in ("exit", "quit"):
+            return
+        yield q

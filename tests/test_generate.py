@@ -206,6 +206,17 @@ def test_closing_a_stream_frees_the_generator(tiny, schema):
     assert done.wait(60), "generate() blocked: the closed stream kept the lock"
 
 
+def test_request_may_only_lower_max_new_tokens(tiny, schema):
+    model, tok = tiny
+    gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=6))
+    prompt = _prompt(schema, tok)
+    assert gen.generate(prompt, max_new_tokens=2).new_tokens <= 2
+    assert gen.generate(prompt, max_new_tokens=500).new_tokens <= 6
+    stream = gen.stream(prompt, max_new_tokens=1)
+    list(stream)
+    assert stream.result.new_tokens == 1
+
+
 def test_fast_flag_falls_back_without_cuda(tiny, schema):
     model, tok = tiny
     if torch.cuda.is_available():
