@@ -457,6 +457,7 @@ def _sft_config(cfg: Any, checkpoints: Path, precision: dict[str, Any], cuda: bo
         dataloader_num_workers=0,
         remove_unused_columns=True,
         ddp_find_unused_parameters=False,
+        ddp_backend=None if cuda else "gloo",
     )
 
 

@@ -172,7 +172,8 @@ def test_sigkilled_training_resumes_to_the_same_final_loss(tmp_path, tiny_lm_pat
         time.sleep(rng.uniform(0.0, 3.0))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        assert not (out / "model").exists() or p.returncode == 0
+        assert p.returncode == -signal.SIGKILL, "the run ended before it was killed"
+        assert not (out / "model").exists()
         r = _worker(out, tiny_lm_path, *extra, "train.resume=true")
         assert r.wait(timeout=600) == 0, r.stderr.read()
         got = json.loads((out / "result.json").read_text())
