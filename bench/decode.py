@@ -1,0 +1,351 @@
+"""Batch-1 and batched greedy decode speed: HF ``generate`` (slow path) vs ragtune.fastdecode.
+
+    python bench/decode.py --model /tmp/nemo12b --json $OUT/decode.json
+
+Variants (``--variants``, run in this order, results appended as they finish):
+
+- ``slow_bf16``   HF generate on the merged 16-bit model
+- ``fast_bf16``   FastDecoder (static cache, compiled CUDA-graph step) on the same model
+- ``fast_int4``   the same model quantized in place to int4 weight-only (torchao), then
+                  FastDecoder; also batched at ``--batches`` concurrent requests
+- ``slow_bnb4``   HF generate on the model loaded in bitsandbytes 4-bit (what a
+                  merged_4bit folder serves with), and ``fast_bnb4``: FastDecoder on it
+
+For each: time to first token of a ``--prompt``-token RAG-like prompt (prefill + first token),
+decode tokens/s over ``--new`` tokens (median of ``--repeats`` runs, after a warm-up run that
+includes compilation), peak GPU memory, and for fast variants how many leading tokens agree
+with the slow path of the same weights. Without CUDA it runs a tiny model on CPU (a smoke
+test of this script, not a benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ragtune.fastdecode import FastDecoder  # noqa: E402
+
+log = logging.getLogger("bench.decode")
+
+RAG_TEXT = (
+    "### Instruction:\nAnswer the question using only the context. If the context does not "
+    "contain the answer, say that you do not know.\n\n### Context:\n"
+    "[1] The Kessa lighthouse was built in 1871 by the harbour board after two winters of "
+    "wrecks on the northern shoals. Its lamp burned colza oil until 1903, when a paraffin "
+    "vapour burner was fitted, and the keepers' log records every change of the light. "
+    "[2] The harbour board's minutes name the engineer, Ida Varnholm, who also designed the "
+    "breakwater and the tide gauge that still stands at the end of the east pier. "
+    "[3] In 1958 the light was automated and the keepers left; the cottages became a museum. "
+)
+
+
+def gpu_mem() -> dict[str, float]:
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "now_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+    }
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_prompt(tok: Any, n: int, salt: int = 0) -> list[int]:
+    """Exactly ``n`` token ids of RAG-like text (question last)."""
+    ids: list[int] = []
+    text = RAG_TEXT
+    while len(ids) < n:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        text += RAG_TEXT.replace("Kessa", f"Kessa-{salt}")
+    q = tok(
+        f"\n\n### Input:\nWho designed the breakwater? ({salt})\n\n### Response:\n",
+        add_special_tokens=False,
+    )["input_ids"]
+    return ids[: n - len(q)] + q
+
+
+def slow_generate(model: Any, ids: list[int], n: int, pad_id: int) -> tuple[list[int], float]:
+    """HF generate, greedy, exactly ``n`` new tokens (no EOS stop); (tokens, seconds)."""
+    x = torch.tensor([ids], device=model.device)
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+    sync()
+    return out[0, len(ids) :].tolist(), time.perf_counter() - t0
+
+
+def bench_slow(name: str, model: Any, tok: Any, prompt: list[int], args: Any) -> dict:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    slow_generate(model, prompt[:32], 4, pad)  # warm-up (cuBLAS handles, allocator)
+    ttfts = [slow_generate(model, prompt, 1, pad)[1] for _ in range(args.repeats)]
+    runs = [slow_generate(model, prompt, args.slow_new, pad) for _ in range(args.repeats)]
+    total = statistics.median(r[1] for r in runs)
+    ttft = statistics.median(ttfts)
+    res = {
+        "variant": name,
+        "batch": 1,
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.slow_new,
+        "ttft_s": round(ttft, 4),
+        "total_s": round(total, 3),
+        "decode_tok_s": round((args.slow_new - 1) / max(total - ttft, 1e-9), 2),
+        "end_to_end_tok_s": round(args.slow_new / total, 2),
+        **gpu_mem(),
+    }
+    res["_tokens"] = runs[0][0]
+    return res
+
+
+def bench_fast(
+    name: str, fd: FastDecoder, prompt: list[int], args: Any, ref: list[int] | None
+) -> dict:
+    t0 = time.perf_counter()
+    fd.generate(prompt, args.new, eos_ids=[])  # warm-up: compiles and captures the graph
+    warm = time.perf_counter() - t0
+    stats, toks = [], []
+    for _ in range(args.repeats):
+        toks = fd.generate(prompt, args.new, eos_ids=[])
+        stats.append(dict(fd.last_stats))
+    med = sorted(stats, key=lambda s: s["decode_tok_s"])[len(stats) // 2]
+    agree = None
+    if ref is not None:
+        agree = next(
+            (i for i, (a, b) in enumerate(zip(toks, ref, strict=False)) if a != b),
+            min(len(toks), len(ref)),
+        )
+    return {
+        "variant": name,
+        "mode": fd.mode,
+        "compiled": fd.compiled,
+        "batch": 1,
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.new,
+        "warmup_s": round(warm, 1),
+        "ttft_s": round(statistics.median(s["ttft_s"] for s in stats), 4),
+        "total_s": round(med["total_s"], 3),
+        "decode_tok_s": round(med["decode_tok_s"], 1),
+        "decode_tok_s_runs": [round(s["decode_tok_s"], 1) for s in stats],
+        "agree_with_slow_first_n": agree,
+        "compared_tokens": len(ref) if ref is not None else None,
+        **gpu_mem(),
+    }
+
+
+def bench_batched(name: str, fd: FastDecoder, tok: Any, args: Any, bsz: int) -> dict:
+    # concurrent RAG requests of 75-100% of --prompt tokens (left-padded into one batch)
+    prompts = [
+        make_prompt(tok, int(args.prompt * (0.75 + 0.25 * ((i * 7) % bsz) / max(bsz - 1, 1))), i)
+        for i in range(bsz)
+    ]
+    t0 = time.perf_counter()
+    fd.generate_batch(prompts, args.batch_new, eos_ids=[])
+    warm = time.perf_counter() - t0
+    runs = []
+    for _ in range(max(1, args.repeats - 1)):
+        fd.generate_batch(prompts, args.batch_new, eos_ids=[])
+        runs.append(dict(fd.last_stats))
+    med = sorted(runs, key=lambda s: s["total_s"])[len(runs) // 2]
+    return {
+        "variant": name,
+        "batch": bsz,
+        "prompt_tokens_mean": round(sum(map(len, prompts)) / bsz),
+        "new_tokens_each": args.batch_new,
+        "warmup_s": round(warm, 1),
+        "ttft_s": round(med["ttft_s"], 4),
+        "total_s": round(med["total_s"], 3),
+        "throughput_tok_s": round(bsz * args.batch_new / med["total_s"], 1),
+        "decode_tok_s": round(med["decode_tok_s"], 1),
+        "per_request_tok_s": round(med["decode_tok_s"] / bsz, 1),
+        **gpu_mem(),
+    }
+
+
+def free(*objs: Any) -> None:
+    del objs
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def load(path: str, bnb4: bool = False) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    kw: dict[str, Any] = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
+    if torch.cuda.is_available():
+        kw["device_map"] = {"": 0}
+    if bnb4:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kw).eval()
+    log.info("loaded %s%s in %.1fs", path, " (bnb 4-bit)" if bnb4 else "", time.perf_counter() - t0)
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="model folder (e.g. make_nemo_shape output)")
+    ap.add_argument("--variants", default="slow_bf16,fast_bf16,fast_int4,slow_bnb4,fast_bnb4")
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    ap.add_argument("--new", type=int, default=128, help="new tokens, fast paths")
+    ap.add_argument("--slow-new", type=int, default=48, help="new tokens, slow paths")
+    ap.add_argument("--batch-new", type=int, default=64, help="new tokens per batched request")
+    ap.add_argument("--batches", default="8,32", help="concurrent requests (fast_int4)")
+    ap.add_argument("--batch-variant", default="fast_int4", help="which fast variant to batch")
+    ap.add_argument("--max-seq-len", type=int, default=2048, help="static cache, batch 1")
+    ap.add_argument("--batch-max-seq-len", type=int, default=1024, help="static cache, batched")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None, help="append results (JSON lines)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from transformers import AutoTokenizer
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    cuda = torch.cuda.is_available()
+    env = {
+        "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "model": args.model,
+    }
+    tok = AutoTokenizer.from_pretrained(args.model)
+    prompt = make_prompt(tok, args.prompt)
+    results: list[dict] = []
+
+    def emit(r: dict) -> None:
+        r = {**env, **r}
+        results.append(r)
+        line = {k: v for k, v in r.items() if not k.startswith("_")}
+        print("RESULT " + json.dumps(line), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def attempt(name: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as e:  # one failing variant must not lose the others
+            log.exception("%s failed", name)
+            emit({"variant": name, "error": f"{type(e).__name__}: {e}"[:500]})
+            return None
+
+    ref_bf16: list[int] | None = None
+    if any(v.endswith("bf16") or v == "fast_int4" for v in variants):
+        model = load(args.model)
+        model.generation_config.eos_token_id = None  # time exactly N tokens
+        if "slow_bf16" in variants:
+            r = attempt("slow_bf16", lambda: bench_slow("slow_bf16", model, tok, prompt, args))
+            if r:
+                ref_bf16 = r.pop("_tokens")
+                emit(r)
+        if "fast_bf16" in variants:
+            fd = FastDecoder(model, tok, max_seq_len=args.max_seq_len)
+            r = attempt("fast_bf16", lambda: bench_fast("fast_bf16", fd, prompt, args, ref_bf16))
+            if r:
+                emit(r)
+            if args.batch_variant == "fast_bf16":
+                for b in batches:
+                    fdb = FastDecoder(model, tok, max_seq_len=args.batch_max_seq_len)
+                    r = attempt(
+                        f"fast_bf16_b{b}",
+                        lambda b=b, f=fdb: bench_batched("fast_bf16", f, tok, args, b),
+                    )
+                    if r:
+                        emit(r)
+                    free(fdb)
+            free(fd)
+        if "fast_int4" in variants and cuda:
+            t0 = time.perf_counter()
+            fd = attempt(
+                "fast_int4",
+                lambda: FastDecoder(model, tok, max_seq_len=args.max_seq_len, quantize="int4"),
+            )
+            if fd is not None:
+                log.info("int4 quantization took %.1fs", time.perf_counter() - t0)
+                free()
+                r = attempt("fast_int4", lambda: bench_fast("fast_int4", fd, prompt, args, None))
+                if r:
+                    r["quantize_s"] = round(time.perf_counter() - t0, 1)
+                    emit(r)
+                if args.batch_variant == "fast_int4":
+                    for b in batches:
+                        fdb = FastDecoder(model, tok, max_seq_len=args.batch_max_seq_len)
+                        r = attempt(
+                            f"fast_int4_b{b}",
+                            lambda b=b, f=fdb: bench_batched("fast_int4", f, tok, args, b),
+                        )
+                        if r:
+                            emit(r)
+                        free(fdb)
+                free(fd)
+        del model
+        free()
+    if cuda and any(v.endswith("bnb4") for v in variants):
+        model = attempt("load_bnb4", lambda: load(args.model, bnb4=True))
+        if model is not None:
+            model.generation_config.eos_token_id = None
+            ref = None
+            if "slow_bnb4" in variants:
+                r = attempt("slow_bnb4", lambda: bench_slow("slow_bnb4", model, tok, prompt, args))
+                if r:
+                    ref = r.pop("_tokens")
+                    emit(r)
+            if "fast_bnb4" in variants:
+                fd = FastDecoder(model, tok, max_seq_len=args.max_seq_len)
+                r = attempt("fast_bnb4", lambda: bench_fast("fast_bnb4", fd, prompt, args, ref))
+                if r:
+                    emit(r)
+            del model
+            free()
+    print("\nvariant            batch  ttft_s  decode_tok/s  total_s  peak_GiB  note")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<18} error: {r['error'][:90]}")
+            continue
+        tput = r.get("throughput_tok_s")
+        note = (
+            f"throughput {tput} tok/s"
+            if tput
+            else (
+                f"agrees {r['agree_with_slow_first_n']}/{r['compared_tokens']}"
+                if r.get("compared_tokens")
+                else ""
+            )
+        )
+        print(
+            f"{r['variant']:<18} {r['batch']:>5}  {r['ttft_s']:>6}  {r['decode_tok_s']:>12}  "
+            f"{r['total_s']:>7}  {r.get('peak_gib', '-'):>8}  {note}"
+        )
+
+
+if __name__ == "__main__":
+    main()
