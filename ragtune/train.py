@@ -457,7 +457,8 @@ def _sft_config(cfg: Any, checkpoints: Path, precision: dict[str, Any], cuda: bo
         dataloader_num_workers=0,
         remove_unused_columns=True,
         ddp_find_unused_parameters=False,
-        ddp_backend=None if cuda else "gloo",
+        # torchrun on CPU: gloo. Only when launched: a backend makes accelerate start a process group
+        ddp_backend="gloo" if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
 
 
