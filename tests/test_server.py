@@ -1,0 +1,280 @@
+"""The server as a real process on loopback, spoken to with the official ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ragtune.paths import PROJECT_ROOT
+
+KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    model_dir: Path, outputs: Path, *overrides: str, api_key: str | None = KEY
+) -> tuple[subprocess.Popen, str, Path]:
+    """Start ``python serve/server.py`` on a free loopback port; wait until /healthz answers."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAGTUNE_API_KEY", None)
+    if api_key:
+        env["RAGTUNE_API_KEY"] = api_key
+    log = outputs / f"server-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        str(PROJECT_ROOT / "serve" / "server.py"),
+        f"model_dir={model_dir}",
+        f"paths.outputs={outputs}",
+        f"server.port={port}",
+        *overrides,
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return proc, base, log
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"server did not come up:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_lm_path) -> Iterator[tuple[str, Path]]:
+    from test_rag import build_model_dir
+
+    root = tmp_path_factory.mktemp("server")
+    model_dir, _ = build_model_dir(root, tiny_lm_path)
+    proc, base, log = start_server(
+        model_dir, root / "outputs", "generate.max_new_tokens=8", "server.max_body_bytes=4096"
+    )
+    yield base, log
+    stop_server(proc)
+
+
+@pytest.fixture()
+def client(server):
+    from openai import OpenAI
+
+    base, _ = server
+    return OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_binds_loopback_only(server):
+    base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip("ss not available")
+    mine = [line for line in out.stdout.splitlines() if f":{port} " in line]
+    assert mine and all("127.0.0.1:" in line for line in mine), mine
+
+
+def test_chat_completion_plain(client):
+    q = "On which day is the Lantern Tide festival held in Velmora?"
+    res = client.chat.completions.create(
+        model="anything",
+        messages=[
+            {"role": "system", "content": "ignored: the template is the server's"},
+            {"role": "user", "content": q},
+        ],
+    )
+    choice = res.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= res.usage.completion_tokens <= 8
+    extra = res.model_extra["ragtune"]
+    assert extra["sources"][0]["source"] == "towns/velmora.md"
+    assert isinstance(extra["abstained"], bool)
+
+
+def test_chat_completion_streaming_matches_plain(client):
+    q = "Who developed Corvanite?"
+    msgs = [{"role": "user", "content": q}]
+    plain = client.chat.completions.create(model="m", messages=msgs).choices[0].message.content
+    pieces, finish, extra = [], None, None
+    for chunk in client.chat.completions.create(model="m", messages=msgs, stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+            extra = chunk.model_extra.get("ragtune")
+    assert "".join(pieces) == plain
+    assert finish in ("stop", "length")
+    assert extra and extra["sources"][0]["source"] == "materials/corvanite.md"
+
+
+def test_max_tokens_caps_the_answer(client):
+    res = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Who developed Corvanite?"}], max_tokens=1
+    )
+    assert res.usage.completion_tokens == 1
+
+
+def test_models_ask_and_health(server):
+    base, _ = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    models = httpx.get(f"{base}/v1/models", headers=auth).json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "run"
+    assert models["data"][0]["ragtune"]["prompt"]["name"] == "alpaca_rag"
+    r = httpx.post(f"{base}/ask", json={"question": "Who developed Corvanite?"}, headers=auth)
+    assert r.status_code == 200
+    body = r.json()
+    assert set(body) >= {"answer", "abstained", "sources", "latency_s"}
+    assert body["sources"][0]["source"] == "materials/corvanite.md"
+    assert isinstance(body["sources"][0]["start"], int)
+    health = httpx.get(f"{base}/healthz").json()  # no key needed for health checks
+    assert health["status"] == "ok" and health["served"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, "malformed"),
+        ("/v1/chat/completions", b'{"model": "m"}', 400, "messages"),
+        ("/v1/chat/completions", b'{"model": "m", "messages": []}', 400, "messages"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', 400, "content"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "system", "content": "x"}]}',
+            400,
+            "user",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "  "}]}',
+            400,
+            "empty",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "wizard", "content": "x"}]}',
+            400,
+            "role",
+        ),
+        ("/v1/chat/completions", b"[1, 2]", 400, "malformed"),
+        ("/ask", b'{"question": ""}', 400, "question"),
+        ("/ask", b'{"question": "x", "surprise": 1}', 400, "surprise"),
+        ("/ask", json.dumps({"question": "why " * 1000}).encode(), 400, "too long"),
+        ("/ask", b"\xff\xfe\x00garbage", 400, "malformed"),
+    ],
+)
+def test_malformed_requests_get_4xx_with_a_message(server, path, body, status, needle):
+    base, _ = server
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{base}{path}", content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_oversized_body_gets_413(server):
+    base, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    big = {"messages": [{"role": "user", "content": "x" * 10_000}]}
+    r = httpx.post(f"{base}/v1/chat/completions", json=big, headers=headers)
+    assert r.status_code == 413
+
+
+def test_wrong_or_missing_key_gets_401(server):
+    from openai import AuthenticationError, OpenAI
+
+    base, _ = server
+    bad = OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(AuthenticationError):
+        bad.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert httpx.get(f"{base}/v1/models").status_code == 401
+    assert httpx.post(f"{base}/ask", json={"question": "x"}).status_code == 401
+    r = httpx.post(f"{base}/ask", content=b"{bad", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401  # auth first: the body is not even read
+
+
+def test_concurrent_requests_are_queued_safely(client):
+    msgs = [{"role": "user", "content": "Who developed Corvanite?"}]
+
+    def one(i: int) -> str:
+        if i % 2:
+            return "".join(
+                c.choices[0].delta.content or ""
+                for c in client.chat.completions.create(model="m", messages=msgs, stream=True)
+                if c.choices
+            )
+        return client.chat.completions.create(model="m", messages=msgs).choices[0].message.content
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    assert len(set(answers)) == 1  # greedy and serialized: every client gets the same answer
+
+
+def test_abandoned_stream_frees_the_model(server, client):
+    """A client that drops a stream mid-way does not block the next request."""
+    base, _ = server
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"messages": [{"role": "user", "content": "Who developed Corvanite?"}], "stream": True}
+    with httpx.stream(
+        "POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # read the first event, then hang up
+    res = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Who developed Corvanite?"}]
+    )
+    assert res.choices[0].message.content is not None
+
+
+@pytest.mark.slow
+def test_server_refuses_a_mismatching_model_at_start(tmp_path, tiny_lm_path):
+    from test_rag import build_model_dir
+
+    model_dir, _ = build_model_dir(tmp_path, tiny_lm_path)
+    port = free_port()
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "serve" / "server.py"),
+            f"model_dir={model_dir}",
+            f"paths.outputs={tmp_path / 'outputs'}",
+            f"server.port={port}",
+            "prompt=chat_rag",
+        ],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2
+    assert "prompt fingerprint" in out.stderr and "allow_mismatch" in out.stderr
