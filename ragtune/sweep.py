@@ -47,6 +47,7 @@ METRICS = (
     "recall_at_k",
     "latency_s",
 )
+PERCENT_METRICS = set(METRICS) - {"latency_s"}
 PLOT_METRICS = ("overall", "f1", "unanswerable_abstention_rate", "recall_at_k")
 
 
@@ -141,9 +142,8 @@ class SweepResult:
 def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One dict per run folder (one with ``.hydra/``): run, num, status, settings, metrics."""
     rows = []
-    for run in Path(sweep_dir).iterdir():
-        if not (run / ".hydra").is_dir():
-            continue
+    sweep = Path(sweep_dir)
+    for run in _run_dirs(sweep):
         settings = _overrides(run)
         st = read_status(run)
         status = st.get("status") or _status_without_file(run)
@@ -153,13 +153,15 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         metrics = dict(st.get("metrics") or {})
         if not metrics:
             metrics = _eval_metrics(run)
-        row: dict[str, Any] = {"run": run.name, "num": _job_num(run), "status": status}
+        name = run.relative_to(sweep).as_posix()
+        row: dict[str, Any] = {"run": name, "num": _job_num(run, name), "status": status}
         row["settings"] = settings
         row["metric"] = _num(st.get("metric"))
         for m in METRICS:
             row[m] = _num(metrics.get(m))
         row["final_loss"] = _num(st.get("final_loss"))
-        row["error"] = (st.get("error") or "").splitlines()[0][:300] if status != "ok" else ""
+        err = str(st.get("error") or "") or ("" if st else "no status.json: the run never started")
+        row["error"] = (err.splitlines() or [""])[0][:300] if status != "ok" else ""
         rows.append(row)
     rows.sort(key=lambda r: (r["num"] if r["num"] is not None else 10**9, r["run"]))
     return rows
@@ -189,23 +191,43 @@ def summarize_sweep(sweep_dir: str | Path, metric: str = "overall") -> SweepResu
         for r in flat:
             w.writerow({c: "" if r.get(c) is None else r.get(c) for c in columns})
 
-    table = _markdown(flat, [c for c in columns if c != "error"])
+    # The markdown shows what varies; settings shared by every run are listed once.
+    fixed = {k: rows[0]["settings"].get(k) for k in keys if k not in swept} if rows else {}
+    md_rows = [{**f, "run": r["num"]} for f, r in zip(flat, rows, strict=True)]
+    table = _markdown(md_rows, ["run", "status", *swept, *metric_cols, *extra])
     best = _best(rows, metric)
     failed = [r for r in rows if r["status"] != "ok"]
     lines = [f"# Sweep summary: {sweep.name}", "", f"{len(rows)} runs, {len(failed)} failed.", ""]
+    if fixed:
+        lines += ["Same in every run: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()), ""]
     if best is not None:
-        lines += [f"Best {metric}: **{best[metric]:.2f}** in run `{best['run']}`.", ""]
+        lines += [f"Best {metric}: **{best[metric]:.2f}** in run {best['num']}.", ""]
     lines += [table, ""]
     if failed:
-        lines += (
-            ["## Failed runs", ""]
-            + [f"- `{r['run']}`: {r['error'] or r['status']}" for r in failed]
-            + [""]
-        )
+        lines += ["## Failed runs", ""]
+        lines += [f"- run {r['num']}: {r['error'] or r['status']}" for r in failed] + [""]
+    lines += ["Run folders, every setting and full errors: summary.csv. Plot: summary.png.", ""]
     md_path = sweep / SUMMARY_MD
     md_path.write_text("\n".join(lines), encoding="utf-8")
     plot = _plot(rows, swept, sweep / SUMMARY_PNG)
     return SweepResult(rows, swept, csv_path, md_path, plot, table)
+
+
+def _run_dirs(sweep: Path) -> list[Path]:
+    """Folders holding a ``.hydra/`` node. Searched below the top level too: an override
+    value with a slash (a path) puts ``/`` into Hydra's ``override_dirname`` subfolder."""
+    found = []
+    stack = [sweep]
+    while stack:
+        d = stack.pop()
+        for child in d.iterdir():
+            if not child.is_dir() or child.name.startswith("."):
+                continue
+            if (child / ".hydra").is_dir():
+                found.append(child)
+            elif len(child.relative_to(sweep).parts) < 64:
+                stack.append(child)
+    return found
 
 
 def _overrides(run: Path) -> dict[str, str]:
@@ -221,12 +243,12 @@ def _overrides(run: Path) -> dict[str, str]:
     return out
 
 
-def _job_num(run: Path) -> int | None:
+def _job_num(run: Path, name: str) -> int | None:
     try:
         cfg = yaml.safe_load((run / ".hydra" / "hydra.yaml").read_text())
         return int(cfg["hydra"]["job"]["num"])
     except Exception:
-        head = run.name.split("_", 1)[0]
+        head = name.split("_", 1)[0]
         return int(head) if head.isdigit() else None
 
 
@@ -333,6 +355,8 @@ def _plot(rows: Sequence[dict[str, Any]], swept: Sequence[str], path: Path) -> P
             px = [_as_number(p[0]) if is_num else xs.index(p[0]) for p in pts]
             ax.plot(px, [p[1] for p in pts], marker="o", label=label)
         ax.set_title(m)
+        if m in PERCENT_METRICS:
+            ax.set_ylim(-3, 103)
         ax.set_xlabel(xkey or "run")
         if not is_num:
             ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=30, ha="right", fontsize=7)
