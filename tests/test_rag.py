@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,7 +58,9 @@ def build_model_dir(
     )
     ingest(docs, rcfg, show_progress=False)
     model = root / "run" / "model"
-    shutil.copytree(lm_path, model)
+    model.mkdir(parents=True)
+    for f in Path(lm_path).iterdir():  # linked, not copied: the real LM is 540 MB
+        (model / f.name).symlink_to(f.resolve())
     schema = get_schema(prompt)
     schema.save(model)
     settings = Retriever(rcfg, None, None).settings()
@@ -313,7 +314,7 @@ def test_pickle_weights_are_refused(tmp_path, tiny_lm_path):
     from ragtune.rag import RagPipeline
 
     model, _ = build_model_dir(tmp_path, tiny_lm_path)
-    state = {k: v for k, v in _load_state(model).items()}
+    state = dict(_load_state(model))
     (model / "model.safetensors").unlink()
     torch.save(state, model / "pytorch_model.bin")
     cfg = ask_cfg(tmp_path, "generate.max_new_tokens=2")
