@@ -332,3 +332,48 @@ def test_generate_config_mirrors_yaml():
     """conf/generate/default.yaml and GenerateConfig agree (the defaults serving uses)."""
     cfg = compose("ask", ["paths.outputs=/tmp/unused"])
     assert set(cfg.generate) == set(GenerateConfig.__dataclass_fields__)
+
+
+# --------------------------------------------------------------------------- ask.py
+def test_run_ask_json_prints_one_object(model_dir, tmp_path, capsys):
+    from ragtune.rag import run_ask
+
+    cfg = ask_cfg(
+        tmp_path,
+        f"model_dir={model_dir}",
+        "question=Who developed Corvanite?",
+        "json=true",
+        "generate.max_new_tokens=4",
+    )
+    answers = run_ask(cfg)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and len(answers) == 1
+    obj = json.loads(out[0])
+    assert obj["question"] == "Who developed Corvanite?"
+    assert obj["answer"] == answers[0].text
+    assert obj["sources"][0] == {
+        "source": "materials/corvanite.md",
+        "start": answers[0].sources[0][1],
+        "score": answers[0].sources[0][2],
+    }
+    assert isinstance(obj["abstained"], bool)
+
+
+def test_run_ask_streams_and_lists_sources(model_dir, tmp_path, capsys):
+    from ragtune.rag import run_ask
+
+    cfg = ask_cfg(tmp_path, f"model_dir={model_dir}", "generate.max_new_tokens=4")
+    answers = run_ask(cfg, questions=["Who developed Corvanite?", "When is Ember Tide?"])
+    out = capsys.readouterr().out
+    assert out.count("Q: ") == 2 and out.count("abstained: ") == 2
+    assert "1. materials/corvanite.md @ 0  score " in out
+    assert f"A: {answers[0].text}\n" in out
+
+
+def test_ask_with_a_missing_latest_says_what_to_do(tmp_path):
+    from ragtune.errors import RagtuneError
+    from ragtune.rag import run_ask
+
+    cfg = ask_cfg(tmp_path, "question=x")  # model_dir defaults to <outputs>/latest
+    with pytest.raises(RagtuneError, match="train a model first"):
+        run_ask(cfg)
