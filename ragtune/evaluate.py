@@ -99,19 +99,33 @@ class ModeSpec:
 def run_eval(cfg: DictConfig) -> float:
     """``python train/eval.py``: evaluate every configured mode; returns the headline overall.
 
-    The headline is ``raft_rag``'s overall score when it ran, else the first mode's.
+    The headline is ``raft_rag``'s overall score when it ran, else the first mode's. The run
+    folder gets ``status.json``; in a multirun a failure is recorded there and the sweep goes
+    on (NaN is returned).
     """
-    validate(cfg, EVAL_TOP_LEVEL)
-    qa_path = cfg.data.qa_eval or cfg.data.qa_train
-    if not qa_path:
-        raise ConfigError("data.qa_eval: name the QA file to evaluate on (JSONL or SQuAD JSON)")
-    specs = resolve_modes(cfg)
-    records = _records(cfg, qa_path)
-    results = evaluate_modes(cfg, specs, records, Path(cfg.output_dir), qa_path=str(qa_path))
-    table = results["table"]
-    print(table)
+    from ragtune.sweep import is_multirun, write_status
+
+    out = Path(cfg.output_dir)
+    try:
+        validate(cfg, EVAL_TOP_LEVEL)
+        write_status(out, "running")
+        qa_path = cfg.data.qa_eval or cfg.data.qa_train
+        if not qa_path:
+            raise ConfigError("data.qa_eval: name the QA file to evaluate on (JSONL or SQuAD JSON)")
+        specs = resolve_modes(cfg)
+        records = _records(cfg, qa_path)
+        results = evaluate_modes(cfg, specs, records, out, qa_path=str(qa_path))
+    except Exception as e:
+        write_status(out, "failed", error=f"{type(e).__name__}: {e}")
+        if is_multirun():
+            log.error("run failed: %s: %s", type(e).__name__, e)
+            return float("nan")
+        raise
+    print(results["table"])
     head = "raft_rag" if "raft_rag" in results["modes"] else specs[0].name
-    return float(results["modes"][head]["overall"])
+    metrics = results["modes"][head]
+    write_status(out, "ok", metric=metrics["overall"], mode=head, metrics=metrics)
+    return float(metrics["overall"])
 
 
 def evaluate_model(
@@ -278,6 +292,8 @@ def evaluate_modes(
         out_dir,
     )
     retrievers: dict[str, Any] = {}
+    # Modes with the same retriever settings and budget get the same contexts: retrieve once.
+    contexts_cache: dict[tuple, tuple[list[Any], float]] = {}
     all_rows: list[dict[str, Any]] = []
     modes: dict[str, dict[str, Any]] = {}
     # Modes sharing a model run back to back, so each model is loaded once.
@@ -293,8 +309,9 @@ def evaluate_modes(
         retriever = None
         if spec.rcfg is not None:
             retriever = _retriever(cfg, ecfg, spec.rcfg, tokenizer, retrievers)
+            retriever.token_counter = _token_counter(tokenizer)  # budgets in this model's tokens
         t0 = time.perf_counter()
-        rows = _answer(cfg, ecfg, spec, model, tokenizer, retriever, records)
+        rows = _answer(cfg, ecfg, spec, model, tokenizer, retriever, records, contexts_cache)
         agg = aggregate([r.pop("_score") for r in rows])
         modes[spec.name] = {
             **agg.to_dict(),
@@ -368,6 +385,12 @@ def _retriever(
     return retriever
 
 
+def _tokenizer_key(tokenizer: Any) -> tuple:
+    """Tells tokenizers apart that would count a context's tokens differently."""
+    probe = tokenizer("ragtune probe: Tokyo 東京 1,234 naïve", add_special_tokens=False)
+    return (type(tokenizer).__name__, len(tokenizer), tuple(probe["input_ids"]))
+
+
 def _token_counter(tokenizer: Any):
     return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -380,6 +403,7 @@ def _answer(
     tokenizer: Any,
     retriever: Any,
     records: list[QARecord],
+    cache: dict[tuple, tuple[list[Any], float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Retrieve, render, generate and score every record under one mode."""
     from ragtune.generate import Generator
@@ -390,6 +414,7 @@ def _answer(
     prompts: list[str] = []
     contexts: list[list[Any] | None] = []
     retrieval_s: list[float] = []
+    tok_key = _tokenizer_key(tokenizer)
     for rec in tqdm(records, desc=f"{spec.name}: retrieving", disable=retriever is None):
         t0 = time.perf_counter()
         chunks = None
@@ -401,7 +426,14 @@ def _answer(
                 spec.max_seq_length,
                 ANSWER_RESERVE,
             )
-            chunks = retriever.retrieve(rec.instruction, k=spec.rcfg.k, budget_tokens=budget)
+            key = (id(retriever), tok_key, rec.instruction, spec.rcfg.k, budget)
+            if cache is not None and key in cache:
+                chunks, seconds = cache[key]
+                t0 -= seconds  # report the time the retrieval took when it ran
+            else:
+                chunks = retriever.retrieve(rec.instruction, k=spec.rcfg.k, budget_tokens=budget)
+                if cache is not None:
+                    cache[key] = (chunks, time.perf_counter() - t0)
         fields = PromptFields(
             rec.instruction, rec.input, None if chunks is None else [c.text for c in chunks]
         )

@@ -1,0 +1,293 @@
+"""Evaluation modes on one index and one QA set: resolution, outputs, scoring plumbing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ragtune.config import ConfigError, compose, validate
+from ragtune.evaluate import (
+    EVAL_TOP_LEVEL,
+    evaluate_model,
+    markdown_table,
+    resolve_modes,
+    run_eval,
+)
+from ragtune.manifest import ManifestError, write_manifest
+from ragtune.paths import PROJECT_ROOT
+from ragtune.schema import get_schema
+
+QA = [
+    {
+        "instruction": "When is the Lantern Tide held in Velmora?",
+        "output": "second Saturday of October",
+        "source": "velmora.md",
+        "id": "q1",
+    },
+    {
+        "instruction": "Who developed the alloy Corvanite?",
+        "output": "Ismay Trelawn",
+        "answers": ["Ismay Trelawn", "Trelawn"],
+        "source": "corvanite.md",
+        "id": "q2",
+    },
+    {
+        "instruction": "Who is the mayor of Velmora?",
+        "output": "",
+        "source": "velmora.md",
+        "id": "q3",
+    },
+    {
+        "instruction": "What are Corvanite ship parts?",
+        "output": "propellers",
+        "source": "corvanite.md",
+        "id": "q4",
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evaldata")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    (corpus / "velmora.md").write_text(
+        "# Velmora\n\nVelmora is a lake town in the north. Its Lantern Tide festival is held on "
+        "the second Saturday of October, when the Keeper of the Wick lights the first lantern.\n"
+    )
+    (corpus / "corvanite.md").write_text(
+        "# Corvanite\n\nCorvanite is a heavy copper-nickel alloy developed by Ismay Trelawn at "
+        "the Brindlecombe Metallurgical Works. Shipyards cast propellers from it.\n"
+    )
+    qa = root / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    return {"root": root, "corpus": corpus, "qa": qa, "index": root / "index"}
+
+
+def _fake_trained(dst: Path, tiny_lm_path: str, mode: str, chunk_size: int) -> Path:
+    """A model folder as train/sft.py leaves it: weights, schema, manifest (written last)."""
+    shutil.copytree(tiny_lm_path, dst)
+    get_schema("alpaca_rag").save(dst)
+    write_manifest(
+        dst,
+        {
+            "base_model": tiny_lm_path,
+            "prompt": {"name": "alpaca_rag"},
+            "retriever": {
+                "embedding_model": "minilm-l6",
+                "chunk_size": chunk_size,
+                "chunk_overlap": 20,
+                "k": 2,
+                "persist_dir": "/somewhere/else/not/used",
+            },
+            "model": {"max_seq_length": 320, "dtype": "float32"},
+            "raft": {"mode": mode},
+        },
+    )
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, tiny_lm_path: str) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("evalmodels")
+    return {
+        "ft_closed": _fake_trained(root / "closed", tiny_lm_path, "closed", 400),
+        "raft_rag": _fake_trained(root / "raft", tiny_lm_path, "rag", 150),
+    }
+
+
+def _cfg(tmp_path: Path, data: dict[str, Path], tiny_lm_path: str, *extra: str):
+    cfg = compose(
+        "eval",
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"model.name_or_path={tiny_lm_path}",
+            "model.max_seq_length=320",
+            "retriever.chunk_size=400",
+            "retriever.chunk_overlap=20",
+            f"retriever.persist_dir={data['index']}",
+            f"data.corpus={data['corpus']}",
+            f"data.qa_eval={data['qa']}",
+            "generate.max_new_tokens=6",
+            "eval.batch_size=3",
+            *extra,
+        ],
+    )
+    return cfg
+
+
+# --------------------------------------------------------------------------- resolution
+def test_modes_default_to_base_rag_plus_given_models(tmp_path, data, tiny_lm_path, models):
+    cfg = validate(_cfg(tmp_path, data, tiny_lm_path), EVAL_TOP_LEVEL)
+    specs = resolve_modes(cfg)
+    assert [s.name for s in specs] == ["base_rag"]
+    assert specs[0].model == tiny_lm_path and specs[0].rcfg.chunk_size == 400
+
+    cfg = _cfg(
+        tmp_path,
+        data,
+        tiny_lm_path,
+        f"eval.models.ft_closed={models['ft_closed']}",
+        f"eval.models.raft_rag={models['raft_rag']}",
+    )
+    specs = {s.name: s for s in resolve_modes(validate(cfg, EVAL_TOP_LEVEL))}
+    assert list(specs) == ["base_rag", "ft_closed", "ft_then_rag", "raft_rag"]
+    assert specs["ft_closed"].rcfg is None  # closed book
+    assert specs["ft_then_rag"].rcfg.chunk_size == 400  # the evaluation's retriever
+    raft = specs["raft_rag"].rcfg
+    # raft_rag: the model's own retriever settings, on the evaluation's index location
+    assert (raft.chunk_size, raft.k) == (150, 2)
+    assert raft.persist_dir == str(data["index"])
+    assert specs["raft_rag"].max_seq_length == 320 and not specs["raft_rag"].notes
+
+
+def test_mode_errors_name_the_key(tmp_path, data, tiny_lm_path, models):
+    cfg = _cfg(tmp_path, data, tiny_lm_path, "eval.modes=[raft_rag]")
+    with pytest.raises(ConfigError, match="eval.models.raft_rag: mode 'raft_rag' needs"):
+        resolve_modes(validate(cfg, EVAL_TOP_LEVEL))
+    with pytest.raises(ConfigError, match="eval.modes: unknown mode 'rag'"):
+        validate(_cfg(tmp_path, data, tiny_lm_path, "eval.modes=[rag]"), EVAL_TOP_LEVEL)
+    with pytest.raises(ConfigError, match="eval.batch_size: must be > 0"):
+        validate(_cfg(tmp_path, data, tiny_lm_path, "eval.batch_size=0"), EVAL_TOP_LEVEL)
+    cfg = _cfg(tmp_path, data, tiny_lm_path, f"eval.models.ft_closed={tmp_path}")
+    with pytest.raises(ManifestError, match="manifest.json not found"):
+        resolve_modes(validate(cfg, EVAL_TOP_LEVEL))
+    # a folder trained the other way round is used, with a note
+    cfg = _cfg(tmp_path, data, tiny_lm_path, f"eval.models.raft_rag={models['ft_closed']}")
+    raft = resolve_modes(validate(cfg, EVAL_TOP_LEVEL))[-1]
+    assert raft.notes == ["eval.models.raft_rag was trained with raft.mode=closed"]
+
+
+def test_run_eval_failure_is_recorded(tmp_path, data, tiny_lm_path, outputs):
+    cfg = _cfg(tmp_path, data, tiny_lm_path, f"data.qa_eval={tmp_path / 'missing.jsonl'}")
+    with pytest.raises(Exception, match="QA file not found"):
+        run_eval(cfg)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "missing.jsonl" in status["error"]
+
+
+# --------------------------------------------------------------------------- running
+def test_all_four_modes_answer_the_same_questions(tmp_path, data, tiny_lm_path, models, outputs):
+    cfg = _cfg(
+        tmp_path,
+        data,
+        tiny_lm_path,
+        f"eval.models.ft_closed={models['ft_closed']}",
+        f"eval.models.raft_rag={models['raft_rag']}",
+    )
+    headline = run_eval(cfg)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    modes = metrics["modes"]
+    assert list(modes) == ["base_rag", "ft_closed", "ft_then_rag", "raft_rag"]
+    assert metrics["n_questions"] == 4 and metrics["n_unanswerable"] == 1
+    assert headline == modes["raft_rag"]["overall"]
+    for name, m in modes.items():
+        assert (m["n"], m["n_answerable"], m["n_unanswerable"]) == (4, 3, 1)
+        for key in ("overall", "f1", "exact_match", "false_abstention_rate"):
+            assert 0.0 <= m[key] <= 100.0, (name, key)
+        assert m["latency_s"] > 0
+        assert (m["recall_at_k"] is None) == (name == "ft_closed")
+    assert modes["raft_rag"]["retriever"]["chunk_size"] == 150
+
+    rows = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 16
+    by_mode: dict[str, list[dict]] = {}
+    for r in rows:
+        by_mode.setdefault(r["mode"], []).append(r)
+    assert all([r["id"] for r in rs] == ["q1", "q2", "q3", "q4"] for rs in by_mode.values())
+    for r in by_mode["ft_closed"]:
+        assert r["retrieved"] is None and r["retrieval_hit"] is None
+    for r in by_mode["raft_rag"]:
+        assert 1 <= len(r["retrieved"]) <= 2  # the model's own k=2
+        assert {"question", "answer", "score", "gold", "abstained"} <= set(r)
+    assert by_mode["base_rag"][1]["gold"] == ["Ismay Trelawn", "Trelawn"]
+    assert by_mode["base_rag"][2]["retrieval_hit"] is None  # unanswerable: no oracle
+    table = (run / "results.md").read_text()
+    assert table.count("\n| ") == 6 and "| raft_rag |" in table and "overall" in table
+    assert json.loads((run / "status.json").read_text())["status"] == "ok"
+
+
+def test_scores_flow_from_answers_to_metrics(tmp_path, data, tiny_lm_path, outputs, monkeypatch):
+    """With answers fixed by hand, every metric is known in advance."""
+    from ragtune.generate import GenerationResult, Generator
+
+    abstain = get_schema("alpaca_rag").abstain
+    answers = {
+        "When is the Lantern Tide held in Velmora?": "The second Saturday of October.",
+        "Who developed the alloy Corvanite?": "Trelawn",  # EM via the second gold answer
+        "Who is the mayor of Velmora?": abstain,
+        "What are Corvanite ship parts?": abstain,  # a false abstention
+    }
+
+    def fake_batch(self, prompts, batch_size=8):
+        out = []
+        for p in prompts:
+            q = next(q for q in answers if q in p)
+            out.append(GenerationResult(answers[q], [1], "eos", 2, 0.01, 10))
+        return out
+
+    monkeypatch.setattr(Generator, "generate_batch", fake_batch)
+    run_eval(_cfg(tmp_path, data, tiny_lm_path))
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())["modes"]["base_rag"]
+    assert m["exact_match"] == pytest.approx(200 / 3, abs=0.01)
+    assert m["f1"] == pytest.approx(200 / 3, abs=0.01)
+    assert m["false_abstention_rate"] == pytest.approx(100 / 3, abs=0.01)
+    assert m["unanswerable_abstention_rate"] == 100.0
+    assert m["overall"] == 75.0  # (1 + 1 + 1 + 0) / 4
+    assert m["recall_at_k"] == 100.0  # each answer sits in the one chunk of its document
+
+
+def test_evaluate_model_for_sweeps(tmp_path, data, tiny_lm_path, models, outputs):
+    """What run_sft calls with train.eval_after=true: the run's own settings, eval/ folder."""
+    base = [
+        f"output_dir={tmp_path / 'sft'}",
+        f"model.name_or_path={tiny_lm_path}",
+        "model.max_seq_length=320",
+        "retriever.chunk_size=400",
+        "retriever.chunk_overlap=20",
+        f"retriever.persist_dir={data['index']}",
+        f"data.corpus={data['corpus']}",
+        f"data.qa_eval={data['qa']}",
+        "eval.batch_size=4",
+    ]
+    cfg = validate(compose("sft", base), {"seed": int, "output_dir": str})
+    got = evaluate_model(cfg, models["raft_rag"])
+    assert got["mode"] == "raft_rag" and got["n"] == 4 and 0 <= got["overall"] <= 100
+    assert got["retriever"]["chunk_size"] == 400  # the run's settings, not a manifest's
+    assert (tmp_path / "sft" / "eval" / "answers.jsonl").exists()
+    cfg = validate(compose("sft", [*base, "raft.mode=closed"]), {"seed": int, "output_dir": str})
+    got = evaluate_model(cfg, models["ft_closed"], out_dir=tmp_path / "closed_eval")
+    assert got["mode"] == "ft_closed" and got["recall_at_k"] is None
+
+
+def test_markdown_table() -> None:
+    row = {
+        "overall": 61.111,
+        "f1": 40.0,
+        "exact_match": 30.0,
+        "false_abstention_rate": 5.0,
+        "unanswerable_abstention_rate": 80.0,
+        "recall_at_k": None,
+        "latency_s": 0.12345,
+    }
+    table = markdown_table({"ft_closed": row})
+    assert table.splitlines()[2] == "| ft_closed | 61.1 | 40.0 | 30.0 | 5.0 | 80.0 | n/a | 0.123 |"
+
+
+@pytest.mark.slow
+def test_cli_reports_config_errors_in_one_line() -> None:
+    res = subprocess.run(
+        [sys.executable, "train/eval.py", "eval.modes=[raft_rag]"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: eval.models.raft_rag:")
