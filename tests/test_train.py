@@ -227,3 +227,31 @@ def test_load_model_errors_name_the_folder(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "/no/such/base"}')
     with pytest.raises(LoadError, match="base model"):
         load_model(str(tmp_path))
+
+
+def test_completion_only_head_gives_the_full_models_loss(tiny_lm_path):
+    """The CPU loss path scores only completion positions, yet equals the model's own loss."""
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.train import completion_only_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 40))
+    labels = torch.full_like(ids, -100)
+    labels[0, 30:38], labels[1, 20:25], labels[2, 35:] = ids[0, 30:38], ids[1, 20:25], ids[2, 35:]
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    n = (labels != -100).sum()
+    full = model(**inputs, num_items_in_batch=n)
+    head = completion_only_head(inputs)
+    part = model(**head, num_items_in_batch=n)
+    assert part.logits.shape[1] == len(head["logits_to_keep"]) < ids.shape[1] // 2
+    assert part.loss.item() == pytest.approx(full.loss.item(), abs=1e-5)
+    grads = []
+    for out in (full, part):
+        model.zero_grad()
+        out.loss.backward()
+        grads.append(model.model.layers[0].mlp.down_proj.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
