@@ -141,6 +141,7 @@ class ServerConfig:
     max_queue: int = 256  # requests waiting for the model beyond this get 429
     model_id: str | None = None  # the name in /v1/models; null = the model's run folder name
     log_level: str = "warning"
+    keep_alive_s: int = 75  # idle keep-alive; longer than clients' (httpx: 5 s) avoids reset races
 
 
 @dataclass

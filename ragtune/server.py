@@ -353,4 +353,11 @@ def run_server(cfg: Any) -> None:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, host=s.host, port=port, log_level=s.log_level, access_log=False)
+    uvicorn.run(
+        app,
+        host=s.host,
+        port=port,
+        log_level=s.log_level,
+        access_log=False,
+        timeout_keep_alive=s.keep_alive_s,
+    )
