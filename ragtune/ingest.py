@@ -486,7 +486,7 @@ def _ingest_locked(
         max_batch = int(client.get_max_batch_size())
     except Exception:
         max_batch = 5000
-    flush_at = max(rcfg.batch_size * 8, 256)
+    flush_at = rcfg.batch_size * 8  # new chunks per commit group (embedding batches * 8)
     embed_bar = tqdm(
         desc="embedding", unit="chunk", disable=not show_progress, position=1, leave=False
     )

@@ -353,7 +353,9 @@ def html_text(html: str) -> str:
 def _load_jsonl(text: str, rel: str, text_field: str) -> LoadResult:
     docs: list[LoadedDoc] = []
     warnings: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # JSON Lines are separated by "\n" only: str.splitlines() would also split at U+2028,
+    # U+0085 and friends, which JSON strings may contain raw.
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:

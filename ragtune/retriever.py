@@ -224,16 +224,19 @@ class Retriever:
     def _dedup(self, cands: list[_Cand]) -> list[_Cand]:
         kept: list[_Cand] = []
         hashes: set[str] = set()
-        spans: dict[str, list[tuple[int, int]]] = {}
+        # offsets count within one document: a file, or one record of a JSONL file
+        spans: dict[tuple[str, Any], list[tuple[int, int]]] = {}
         cos_limit = self.rcfg.dedup_cosine
         for c in cands:
             h = c.meta.get("content_hash") or content_hash(c.text)
             if h in hashes:
                 continue
-            src, start = c.meta.get("source"), int(c.meta.get("start", 0))
+            src = c.meta.get("source")
+            doc = (src, c.meta.get("line"))
+            start = int(c.meta.get("start", 0))
             end = start + len(c.text)
             if src is not None and any(
-                _overlap(start, end, a, b) >= self.rcfg.dedup_overlap for a, b in spans.get(src, [])
+                _overlap(start, end, a, b) >= self.rcfg.dedup_overlap for a, b in spans.get(doc, [])
             ):
                 continue
             if (
@@ -245,7 +248,7 @@ class Retriever:
             kept.append(c)
             hashes.add(h)
             if src is not None:
-                spans.setdefault(src, []).append((start, end))
+                spans.setdefault(doc, []).append((start, end))
         return kept
 
     def _mmr(self, cands: list[_Cand], k: int) -> list[_Cand]:
@@ -337,7 +340,7 @@ class Retriever:
             if needle is not None and needle not in text.casefold():
                 continue
             out.append(_to_chunk(_Cand(cid, text, meta, 0.0), score=None))
-        out.sort(key=lambda c: (c.source, c.start, c.id))
+        out.sort(key=lambda c: (c.source, c.metadata.get("line", 0), c.start, c.id))
         return out[:limit] if limit else out
 
     # ------------------------------------------------------------------ token budget

@@ -82,6 +82,11 @@ def test_overlapping_spans_of_one_source_are_near_duplicates(index):
     far = Chunk("far", "unrelated words here", base.source, base.start + 5000, "h3")
     out = make(index, dedup_cosine=1.0).fit([base, shifted, elsewhere, far], None)
     assert [c.id for c in out] == [base.id, "far"]
+    # offsets of JSONL records count within their record: start 0 twice is no overlap
+    r1 = Chunk("r1", "first record", "n.jsonl", 0, "h4", metadata={"line": 1})
+    r2 = Chunk("r2", "second record", "n.jsonl", 0, "h5", metadata={"line": 2})
+    r2b = Chunk("r2b", "second record!", "n.jsonl", 0, "h6", metadata={"line": 2})
+    assert [c.id for c in make(index, dedup_cosine=1.0).fit([r1, r2, r2b], None)] == ["r1", "r2"]
 
 
 def test_budget_drops_what_does_not_fit_and_truncates_a_lone_first_chunk():
