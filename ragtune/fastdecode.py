@@ -206,6 +206,25 @@ class _Direct:
             self.caches[batch_size] = kv
         return kv
 
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Grouped-query attention without copying K/V per query head.
+
+        The G query heads that share a KV head are folded into the query length
+        ([B, Hkv, G*T, D] against [B, Hkv, S, D]), so the cache is read once per KV head;
+        ``enable_gqa``/``repeat_kv`` would materialise G copies of the whole cache every step.
+        Head h uses KV head h // G, as transformers' ``repeat_kv`` does.
+        """
+        bsz, n_heads, t, d = q.shape
+        g = n_heads // self.n_kv
+        if g == 1:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        qg = q.reshape(bsz, self.n_kv, g * t, d)
+        mg = mask.unsqueeze(2).expand(bsz, 1, g, t, mask.shape[-1]).reshape(bsz, 1, g * t, -1)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, scale=scale)
+        return o.reshape(bsz, n_heads, t, d)
+
     def forward(
         self,
         ids: torch.Tensor,  # [B, T]
@@ -231,9 +250,7 @@ class _Direct:
             k = (k * cos) + (_rotate_half(k) * sin)
             ks[i].index_copy_(2, slots, k)
             vs[i].index_copy_(2, slots, v)
-            o = F.scaled_dot_product_attention(
-                q, ks[i], vs[i], attn_mask=mask, scale=self.scaling[i], enable_gqa=True
-            )
+            o = self._attend(q, ks[i], vs[i], mask, self.scaling[i])
             o = o.transpose(1, 2).reshape(bsz, t, -1)
             h = h + att.o_proj(o)
             x = _rms(h, layer.post_attention_layernorm.weight, eps_post)
