@@ -220,7 +220,7 @@ def test_tiny_multirun_trains_evaluates_and_summarises(tmp_path: Path, tiny_lm_p
         cmd, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    runs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    runs = [sweep / r["run"] for r in collect_runs(sweep)]  # path overrides nest the folders
     assert len(runs) == 2
     for run in runs:
         st = read_status(run)
