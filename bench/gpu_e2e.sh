@@ -80,7 +80,7 @@ print(\"ragtune imports ok\")"' ;;
           "hydra.run.dir=$R/runs/m4" && \
         stage ask_4bit python3 serve/ask.py "model_dir=$R/runs/m4/model" "question=$Q" json=true
         stage ask_4bit_fast python3 serve/ask.py "model_dir=$R/runs/m4/model" "question=$Q" \
-          json=true generate.fast=true
+          json=true generate.fast=true generate.stream=false
         # keep the disk under its 64 GB: the 4-bit merge goes before the 16-bit one lands
         [ -d "$R/runs/m4/model" ] && du -sh "$R/runs/m4/model" >> "$R/summary.txt" && \
           cp "$R/runs/m4/model/manifest.json" "$R/logs/manifest_4bit.json" 2>/dev/null
@@ -89,7 +89,7 @@ print(\"ragtune imports ok\")"' ;;
           "hydra.run.dir=$R/runs/m16" && \
         stage ask_16bit python3 serve/ask.py "model_dir=$R/runs/m16/model" "question=$Q" json=true
         stage ask_16bit_fast python3 serve/ask.py "model_dir=$R/runs/m16/model" "question=$Q" \
-          json=true generate.fast=true
+          json=true generate.fast=true generate.stream=false
         [ -d "$R/runs/m16/model" ] && du -sh "$R/runs/m16/model" >> "$R/summary.txt" && \
           cp "$R/runs/m16/model/manifest.json" "$R/logs/manifest_16bit.json" 2>/dev/null
         ;;
@@ -134,6 +134,9 @@ case ${1:-} in
     collect
     echo "--- summary"; cat "$R/summary.txt" 2>/dev/null
     [ -e "$R/finished" ] && echo "--- FINISHED" || echo "--- still running"
+    for f in decode train; do
+      [ -e "$R/logs/$f.log" ] && { echo "--- $f table"; grep -A 30 "^variant \|^backend " "$R/logs/$f.log" | cut -c 1-160; }
+    done
     last=$(ls -t "$R"/logs/*.log 2>/dev/null | head -1)
     [ -n "$last" ] && { echo "--- tail of $last"; tail -c 4000 "$last"; }
     ;;

@@ -192,7 +192,10 @@ class _Direct:
         pos = torch.arange(self.max_seq_len, device=self.device, dtype=torch.float32)
         freqs = (inv_freq.float()[:, None] @ pos[None, :]).T  # as HF: a K=1 matmul, exact
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
+        cos, sin = (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
+        torch._dynamo.mark_static_address(cos)
+        torch._dynamo.mark_static_address(sin)
+        return cos, sin
 
     def cache(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         kv = self.caches.get(batch_size)
@@ -301,6 +304,9 @@ class FastDecoder:
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
         self._step_fn: Callable[..., torch.Tensor] = self._step
         if self.compiled:
+            # one graph per (decoder, batch size): allow more than dynamo's default of 8
+            dyn = torch._dynamo.config
+            dyn.recompile_limit = max(getattr(dyn, "recompile_limit", 8), 64)
             self._step_fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
         self.last_stats: dict[str, float] = {}
         log.info(
