@@ -488,6 +488,12 @@ def train(
     from ragtune.models import resolve_model
 
     model_path = resolve_model(str(cfg.model.name_or_path))
+    if backend == "hf" and cfg.train.save_method == "merged_16bit" and _prequantized(model_path):
+        raise TrainError(
+            f"model.name_or_path={cfg.model.name_or_path} is a pre-quantized (4-bit) checkpoint: "
+            "the hf backend has no 16-bit weights to merge the LoRA into. Use "
+            "train.backend=unsloth, train.save_method=lora, or the 16-bit base model"
+        )
     log.info("training %s with the %s backend", model_path, backend)
 
     from transformers import set_seed
@@ -588,6 +594,16 @@ def train(
     return result
 
 
+def _prequantized(model_path: str) -> bool:
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return False  # the model load itself will report it
+    return bool(getattr(config, "quantization_config", None))
+
+
 def _trainer_class() -> type:
     """TRL's SFTTrainer, with a completion-only LM head where TRL's fused one cannot run.
 
@@ -686,7 +702,7 @@ def save_model(
         if backend == "unsloth":
             _save_unsloth(model, tokenizer, tmp, save_method)
         else:
-            _save_hf(model, tokenizer, tmp, save_method)
+            _save_hf(model, tokenizer, tmp, save_method, base_path=base_path)
         tokenizer.save_pretrained(tmp)
         schema.save(tmp)
         info = {
@@ -711,7 +727,7 @@ def save_model(
     return model_dir
 
 
-def _save_hf(model: Any, tokenizer: Any, out: Path, save_method: str) -> None:
+def _save_hf(model: Any, tokenizer: Any, out: Path, save_method: str, *, base_path: str) -> None:
     if save_method == "lora":
         model.save_pretrained(out, safe_serialization=True)
         return
@@ -722,15 +738,38 @@ def _save_hf(model: Any, tokenizer: Any, out: Path, save_method: str) -> None:
         )
     base = model.get_base_model()
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        raise TrainError(
-            "merging a LoRA into a bitsandbytes-quantized base with the hf backend loses precision; "
-            "use train.save_method=lora (then merge on a 16-bit base) or train.backend=unsloth"
-        )
-    # In place: training is over, and a copy would double memory on large models. On CPU the
-    # weights keep the dtype they trained in (float32 for the CPU default): lossless, and what
-    # CPU serving wants; "16bit" names the method (Unsloth's) rather than forcing a cast.
-    merged = model.merge_and_unload()
+        merged = _merge_onto_16bit_base(model, base_path, out)
+    else:
+        # In place: training is over, and a copy would double memory on large models. On CPU
+        # the weights keep the dtype they trained in (float32 for the CPU default): lossless,
+        # and what CPU serving wants; "16bit" names the method (Unsloth's) and is what a GPU
+        # run (bf16/fp16 base) writes.
+        merged = model.merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
+
+
+def _merge_onto_16bit_base(model: Any, base_path: str, out: Path) -> Any:
+    """QLoRA: merge the adapter into the base reloaded in 16 bits (on CPU), not the 4-bit one.
+
+    Merging into bitsandbytes weights would round the result back to 4 bits.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = out.parent / f".adapter-{out.name}"
+    model.save_pretrained(adapter, safe_serialization=True)
+    try:
+        dtype = getattr(model.get_base_model().config, "dtype", None) or torch.bfloat16
+        if dtype == torch.float32:
+            dtype = torch.bfloat16
+        log.info("merging the QLoRA adapter into a %s copy of %s on CPU", dtype, base_path)
+        base16 = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=dtype, use_safetensors=True, device_map={"": "cpu"}
+        )
+        return PeftModel.from_pretrained(base16, str(adapter)).merge_and_unload()
+    finally:
+        shutil.rmtree(adapter, ignore_errors=True)
 
 
 def _save_unsloth(model: Any, tokenizer: Any, out: Path, save_method: str) -> None:

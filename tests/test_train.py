@@ -208,7 +208,7 @@ def test_crashed_merge_leaves_no_complete_looking_folder(
 ):
     import ragtune.train as rt
 
-    def crash(model, tokenizer, out, save_method):
+    def crash(model, tokenizer, out, save_method, **kw):
         (out / "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("killed mid-merge")
 
