@@ -158,6 +158,8 @@ class EvalConfig:
     batch_size: int = 8
     max_questions: int = 0
     ingest: bool = True
+    corpus: str = ""  # corpus indexed for evaluation; empty = data.corpus
+    persist_dir: str = ""  # index folder for evaluation; empty = retriever.persist_dir
     device: str = "auto"
 
 

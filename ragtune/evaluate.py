@@ -12,7 +12,7 @@ Modes (issue 6):
 
 Everything is shared with training and serving, nothing re-implemented: prompts come from
 :class:`ragtune.schema.PromptSchema`, contexts from :class:`ragtune.retriever.Retriever` with
-the token budget of :meth:`PromptSchema.context_budget` (the same answer reserve RAFT uses),
+the token budget of :meth:`PromptSchema.context_budget` (serving's answer reserve),
 models from :func:`ragtune.loading.load_model`, answers from
 :meth:`ragtune.generate.Generator.generate_batch` (greedy), scores from :mod:`ragtune.metrics`.
 
@@ -143,12 +143,13 @@ def evaluate_model(
     if not qa_path:
         raise ConfigError("data.qa_eval: train.eval_after=true needs an evaluation QA file")
     closed = "raft" in cfg and cfg.raft.mode == "closed"
+    ecfg = _ecfg(cfg)
     schema = _model_schema(Path(model_dir), cfg.prompt.name)
     spec = ModeSpec(
         name="ft_closed" if closed else "raft_rag",
         model=str(model_dir),
         schema=schema,
-        rcfg=None if closed else _rcfg(cfg.retriever),
+        rcfg=None if closed else _rcfg(cfg.retriever, ecfg=ecfg),
         max_seq_length=cfg.model.max_seq_length,
         dtype=cfg.model.dtype,
     )
@@ -181,7 +182,7 @@ def resolve_modes(cfg: DictConfig) -> list[ModeSpec]:
                     mode,
                     base,
                     get_schema(cfg.prompt.name),
-                    _rcfg(cfg.retriever),
+                    _rcfg(cfg.retriever, ecfg=ecfg),
                     cfg.model.max_seq_length,
                     cfg.model.dtype,
                 )
@@ -207,9 +208,9 @@ def resolve_modes(cfg: DictConfig) -> list[ModeSpec]:
         if mode == "ft_closed":
             rcfg = None
         elif mode == "ft_then_rag":
-            rcfg = _rcfg(cfg.retriever)
+            rcfg = _rcfg(cfg.retriever, ecfg=ecfg)
         else:
-            rcfg = _rcfg(cfg.retriever, manifest.get("retriever") or {})
+            rcfg = _rcfg(cfg.retriever, manifest.get("retriever") or {}, ecfg=ecfg)
         specs.append(ModeSpec(mode, str(path), schema, rcfg, msl, dtype, notes))
     return specs
 
@@ -231,9 +232,12 @@ def _ecfg(cfg: DictConfig) -> EvalConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def _rcfg(node: Any, trained: dict[str, Any] | None = None) -> RetrieverConfig:
+def _rcfg(
+    node: Any, trained: dict[str, Any] | None = None, ecfg: EvalConfig | None = None
+) -> RetrieverConfig:
     """The retriever settings: the config's, with a trained model's settings over them
-    (except the index location, which is always the evaluation's own)."""
+    (except the index location, which is always the evaluation's own: ``eval.persist_dir``
+    when set, else ``retriever.persist_dir``)."""
     from ragtune.ingest import as_rcfg
 
     base = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
@@ -242,6 +246,8 @@ def _rcfg(node: Any, trained: dict[str, Any] | None = None) -> RetrieverConfig:
     for k, v in (trained or {}).items():
         if k in fields and k not in _LOCATION_KEYS:
             data[k] = v
+    if ecfg is not None and ecfg.persist_dir:
+        data["persist_dir"] = ecfg.persist_dir
     return as_rcfg(data)
 
 
@@ -372,7 +378,7 @@ def _retriever(
     if ecfg.ingest:
         from ragtune.ingest import ingest
 
-        corpus = cfg.data.corpus
+        corpus = ecfg.corpus or cfg.data.corpus
         if not corpus:
             raise ConfigError("data.corpus: name the corpus folder to index (or eval.ingest=false)")
         report = ingest(
@@ -415,6 +421,8 @@ def _answer(
     contexts: list[list[Any] | None] = []
     retrieval_s: list[float] = []
     tok_key = _tokenizer_key(tokenizer)
+    # Serving's answer reserve (RagPipeline.context_budget): training's, or the answer length.
+    reserve = max(ANSWER_RESERVE, gen.settings.max_new_tokens)
     for rec in tqdm(records, desc=f"{spec.name}: retrieving", disable=retriever is None):
         t0 = time.perf_counter()
         chunks = None
@@ -424,7 +432,7 @@ def _answer(
                 tokenizer,
                 PromptFields(rec.instruction, rec.input, []),
                 spec.max_seq_length,
-                ANSWER_RESERVE,
+                reserve,
             )
             key = (id(retriever), tok_key, rec.instruction, spec.rcfg.k, budget)
             if cache is not None and key in cache:

@@ -144,6 +144,16 @@ def test_modes_default_to_base_rag_plus_given_models(tmp_path, data, tiny_lm_pat
     assert (raft.chunk_size, raft.k) == (150, 2)
     assert raft.persist_dir == str(data["index"])
     assert specs["raft_rag"].max_seq_length == 320 and not specs["raft_rag"].notes
+    # eval.persist_dir: every RAG mode answers from the evaluation's own index
+    cfg = _cfg(
+        tmp_path,
+        data,
+        tiny_lm_path,
+        f"eval.models.raft_rag={models['raft_rag']}",
+        f"eval.persist_dir={tmp_path / 'eval_index'}",
+    )
+    specs = resolve_modes(validate(cfg, EVAL_TOP_LEVEL))
+    assert {s.rcfg.persist_dir for s in specs} == {str(tmp_path / "eval_index")}
 
 
 def test_mode_errors_name_the_key(tmp_path, data, tiny_lm_path, models):
