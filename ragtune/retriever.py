@@ -190,14 +190,13 @@ class Retriever:
         idx = np.argsort(-scores, kind="stable")[:n]
         return [(rows[i][0], float(scores[i])) for i in idx if scores[i] > 0]
 
-    def _ranked(self, query: str, n: int) -> list[_Cand]:
+    def _ranked(self, query: str, n: int) -> tuple[np.ndarray, list[_Cand]]:
         """Candidates best first: dense, or dense + BM25 fused by reciprocal rank."""
         qvec = self.embed([query])[0]
-        self._qvec = qvec
         dense = self._dense(qvec, n)
         dense.sort(key=lambda c: (-round(c.score, 6), c.id))
         if not self.rcfg.hybrid:
-            return dense
+            return qvec, dense
         lexical = self._bm25_top(query, n)
         fused: dict[str, float] = {}
         for rank, c in enumerate(dense):
@@ -215,11 +214,13 @@ class Retriever:
                 by_id[cid] = _Cand(cid, text, dict(meta or {}), _cos(qvec, e), e)
         out = []
         for cid, s in fused.items():
-            c = by_id[cid]
+            c = by_id.get(cid)
+            if c is None:  # gone from the index since the BM25 statistics were built
+                continue
             c.meta["dense_score"] = c.score
             out.append(dataclasses.replace(c, score=s))
         out.sort(key=lambda c: (-round(c.score, 9), c.id))
-        return out
+        return qvec, out
 
     def _dedup(self, cands: list[_Cand]) -> list[_Cand]:
         kept: list[_Cand] = []
@@ -251,11 +252,11 @@ class Retriever:
                 spans.setdefault(doc, []).append((start, end))
         return kept
 
-    def _mmr(self, cands: list[_Cand], k: int) -> list[_Cand]:
+    def _mmr(self, qvec: np.ndarray, cands: list[_Cand], k: int) -> list[_Cand]:
         if not cands or any(c.emb is None for c in cands):
             return cands[:k]
         lam = self.rcfg.mmr_lambda
-        rel = {c.id: _cos(self._qvec, c.emb) for c in cands}  # type: ignore[arg-type]
+        rel = {c.id: _cos(qvec, c.emb) for c in cands}  # type: ignore[arg-type]
         chosen: list[_Cand] = []
         rest = list(cands)
         while rest and len(chosen) < k:
@@ -273,7 +274,8 @@ class Retriever:
     def candidates(self, query: str, n: int) -> list[Chunk]:
         """The top-``n`` de-duplicated ranked candidates (no MMR, no budget)."""
         fetch = max(self.rcfg.fetch_k, 2 * n)
-        return [_to_chunk(c) for c in self._dedup(self._ranked(query, fetch))[:n]]
+        _, ranked = self._ranked(query, fetch)
+        return [_to_chunk(c) for c in self._dedup(ranked)[:n]]
 
     def retrieve(
         self, query: str, k: int | None = None, budget_tokens: int | None = None
@@ -282,8 +284,9 @@ class Retriever:
         k = k or self.rcfg.k
         if k <= 0:
             return []
-        cands = self._dedup(self._ranked(query, max(self.rcfg.fetch_k, k)))
-        chosen = self._mmr(cands, k) if self.rcfg.mmr else cands[:k]
+        qvec, ranked = self._ranked(query, max(self.rcfg.fetch_k, k))
+        cands = self._dedup(ranked)
+        chosen = self._mmr(qvec, cands, k) if self.rcfg.mmr else cands[:k]
         return self._budget([_to_chunk(c) for c in chosen], budget_tokens)
 
     def fit(self, chunks: list[Chunk], budget_tokens: int | None) -> list[Chunk]:
