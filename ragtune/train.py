@@ -69,6 +69,15 @@ class TrainResult:
     peak_memory_gb: float | None = None
     resumed_from: str | None = None
     dataset_stats: dict[str, Any] = field(default_factory=dict)
+    eval_loss: float | None = None
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a torchrun / accelerate launch (and in a plain run).
+
+    The SFT stage uses it to build the dataset and write the manifest once.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -554,6 +563,10 @@ def train(
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
+    eval_loss = None
+    if eval_dataset is not None:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+        log.info("eval loss %.4f on %d held-out examples", eval_loss, len(eval_dataset))
     history = trainer.state.log_history
     losses = [float(h["loss"]) for h in history if "loss" in h]
     tokens = float(trainer.state.num_input_tokens_seen or 0)
@@ -583,6 +596,7 @@ def train(
         peak_memory_gb=peak,
         resumed_from=str(resume_from) if resume_from else None,
         dataset_stats=stats,
+        eval_loss=eval_loss,
     )
     log.info(
         "trained %d steps in %.1f s (%.0f tokens/s), final loss %s",

@@ -67,7 +67,7 @@ def lora_run(tmp_path_factory, tiny_lm_path, examples):
 
     out = tmp_path_factory.mktemp("lora-run")
     cfg = make_cfg(out, tiny_lm_path, "train.save_method=lora")
-    return train(cfg, examples, SCHEMA, out)
+    return train(cfg, examples, SCHEMA, out, eval_examples=examples[:2])
 
 
 # --------------------------------------------------------------------------- backend
@@ -151,6 +151,7 @@ def test_lora_trains_adapter_only_and_loss_decreases(lora_run, tiny_lm_path):
     assert r.backend == "hf" and r.steps == 4 and len(r.losses) == 4
     assert r.final_loss == r.losses[-1] < r.losses[0]
     assert r.tokens_per_second > 0 and r.peak_memory_gb is None
+    assert r.eval_loss is not None and 0 < r.eval_loss < r.losses[0]  # held-out loss after training
     adapter = load_file(r.model_dir / "adapter_model.safetensors")
     assert adapter and all("lora_" in k for k in adapter)  # nothing but LoRA weights saved
     # lora_B starts at zero: training moved it
