@@ -117,7 +117,7 @@ def test_answer_carries_sources_and_the_exact_prompt(pipeline):
     q = "On which day is the Lantern Tide festival held in Velmora?"
     sent: list[str] = []
     real = pipeline.generator.generate
-    pipeline.generator.generate = lambda p: (sent.append(p), real(p))[1]
+    pipeline.generator.generate = lambda p, *a, **kw: (sent.append(p), real(p, *a, **kw))[1]
     try:
         ans = pipeline.answer(q)
     finally:
@@ -255,9 +255,9 @@ def test_hostile_document_stays_inside_the_context_block(pipeline):
     sent: list[list[int]] = []
     real = pipeline.generator.generate_batch
 
-    def spy(prompts, batch_size=8):
+    def spy(prompts, *args, **kwargs):
         sent.extend(pipeline.generator.encode(p) for p in prompts)
-        return real(prompts, batch_size)
+        return real(prompts, *args, **kwargs)
 
     pipeline.generator.generate_batch = spy
     try:
