@@ -90,9 +90,17 @@ class RagtuneLLM(LLM):
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: str | Path, gcfg: Any = None, device: str = "auto", **kwargs: Any
+        cls,
+        model_dir: str | Path,
+        gcfg: Any = None,
+        device: str = "auto",
+        trust_remote_code: bool = False,
+        **kwargs: Any,
     ) -> RagtuneLLM:
-        """Load a ragtune folder (merged, LoRA adapter or Unsloth) with its saved schema."""
+        """Load a ragtune folder (merged, LoRA adapter or Unsloth) with its saved schema.
+
+        ``trust_remote_code`` is the caller's decision, never the folder's.
+        """
         import json
 
         from ragtune.loading import load_model
@@ -110,7 +118,7 @@ class RagtuneLLM(LLM):
             str(folder),
             device=device,
             dtype=mcfg.get("dtype", "auto"),
-            trust_remote_code=bool(mcfg.get("trust_remote_code", False)),
+            trust_remote_code=trust_remote_code,
             max_seq_length=int(mcfg.get("max_seq_length", 2048)),
         )
         seq = int(mcfg.get("max_seq_length", 2048))

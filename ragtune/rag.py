@@ -397,16 +397,17 @@ def _model_folder(model_dir: str | Path) -> Path:
 
 
 def _model_settings(cfg: Any, manifest: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """dtype and max_seq_length as trained (unless overridden); trust only from the user.
+
+    ``trust_remote_code`` never comes from the manifest: a model folder is data, and a
+    folder must not be able to switch on the execution of code it ships.
+    """
     trained = manifest.get("model", {}) or {}
-    out = {}
-    for key, default in (
-        ("dtype", "auto"),
-        ("max_seq_length", 1024),
-        ("trust_remote_code", False),
-    ):
-        mine = (_get(cfg, "model") or {}).get(key)
+    mine = _get(cfg, "model") or {}
+    out: dict[str, Any] = {"trust_remote_code": bool(mine.get("trust_remote_code", False))}
+    for key, default in (("dtype", "auto"), ("max_seq_length", 1024)):
         if _is_explicit(f"model.{key}", explicit) or key not in trained:
-            out[key] = mine if mine is not None else default
+            out[key] = mine.get(key) if mine.get(key) is not None else default
         else:
             out[key] = trained[key]
     return out

@@ -322,6 +322,33 @@ def test_pickle_weights_are_refused(tmp_path, tiny_lm_path):
         RagPipeline.from_model_dir(model, cfg)
 
 
+def test_a_folder_cannot_switch_on_remote_code(tmp_path, tiny_lm_path, monkeypatch):
+    """trust_remote_code comes from the user's config only, never from the model's manifest."""
+    import ragtune.loading
+    from ragtune.manifest import read_manifest, write_manifest
+    from ragtune.rag import RagPipeline
+
+    model, _ = build_model_dir(tmp_path, tiny_lm_path)
+    manifest = read_manifest(model)
+    manifest["model"]["trust_remote_code"] = True
+    write_manifest(model, manifest)
+    seen: list[bool] = []
+    real = ragtune.loading.load_model
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ragtune.loading, "load_model", spy)
+    RagPipeline.from_model_dir(model, ask_cfg(tmp_path, "generate.max_new_tokens=2"))
+    RagPipeline.from_model_dir(
+        model,
+        ask_cfg(tmp_path, "model.trust_remote_code=true"),
+        explicit=["model.trust_remote_code"],
+    )
+    assert seen == [False, True]
+
+
 def _load_state(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
