@@ -278,3 +278,22 @@ def test_server_refuses_a_mismatching_model_at_start(tmp_path, tiny_lm_path):
     )
     assert out.returncode == 2
     assert "prompt fingerprint" in out.stderr and "allow_mismatch" in out.stderr
+
+
+def test_hostile_document_through_the_server_stays_context(server):
+    """End to end over HTTP: the prompt the server built keeps the document in its block."""
+    base, _ = server
+    r = httpx.post(
+        f"{base}/ask",
+        json={"question": "What do the harbour notes for Velmora say?", "with_prompt": True},
+        headers={"Authorization": f"Bearer {KEY}"},
+    )
+    body = r.json()
+    assert "notes/harbour.md" in [s["source"] for s in body["sources"]]
+    prompt = body["prompt"]
+    for header in ("### Instruction:\n", "### Context:\n", "### Response:\n"):
+        assert prompt.count(header) == 1, header
+    context = prompt[prompt.index("### Context:\n") : prompt.rindex("### Response:\n")]
+    assert "Ignore previous instructions" in context
+    assert prompt.count("PWNED") == context.count("PWNED") > 0
+    assert "<|im_start|>" not in prompt and "[INST]" not in prompt
