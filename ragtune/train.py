@@ -295,6 +295,15 @@ def _torch_dtype(name: str, cuda: bool) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _cpu_has_bf16() -> bool:
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _lora_targets(target_modules: Any) -> Any:
     if isinstance(target_modules, str):
         return target_modules
@@ -341,6 +350,12 @@ def _load_hf(cfg: Any, model_path: str, cuda: bool) -> tuple[Any, Any, dict[str,
         precision["bf16" if compute == torch.bfloat16 else "fp16"] = True
     elif not cuda and compute == torch.bfloat16:
         precision["bf16"] = True
+        if not _cpu_has_bf16():
+            log.warning(
+                "model.dtype=bfloat16 on a CPU without native bf16 (AVX-512 BF16 / AMX): bf16 "
+                "matmuls are emulated and measured ~8x slower than float32 here; "
+                "use model.dtype=float32"
+            )
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     if quantized:
         model = prepare_model_for_kbit_training(
@@ -372,12 +387,13 @@ def _load_unsloth(cfg: Any, model_path: str) -> tuple[Any, Any, dict[str, Any]]:
         dtype=dtype,
         load_in_4bit=bool(m.load_in_4bit),
         trust_remote_code=bool(m.trust_remote_code),
+        use_gradient_checkpointing=_unsloth_gc(t.gradient_checkpointing),
+        random_state=int(cfg.seed),
         use_safetensors=True,
     )
     targets = _lora_targets(t.lora.target_modules)
     if targets == "all-linear":
         targets = list(_LLAMA_LINEAR)
-    gc = t.gradient_checkpointing
     model = FastLanguageModel.get_peft_model(
         model,
         r=int(t.lora.r),
@@ -385,7 +401,7 @@ def _load_unsloth(cfg: Any, model_path: str) -> tuple[Any, Any, dict[str, Any]]:
         lora_dropout=float(t.lora.dropout),
         target_modules=targets,
         bias="none",
-        use_gradient_checkpointing="unsloth" if gc in ("unsloth", True) else False,
+        use_gradient_checkpointing=_unsloth_gc(t.gradient_checkpointing),
         random_state=int(cfg.seed),
         max_seq_length=int(m.max_seq_length),
     )
@@ -395,6 +411,13 @@ def _load_unsloth(cfg: Any, model_path: str) -> tuple[Any, Any, dict[str, Any]]:
     )
     fp16 = not bf16 and compute == torch.float16
     return model, tokenizer, {"bf16": bf16, "fp16": fp16}
+
+
+def _unsloth_gc(value: Any) -> Any:
+    """train.gradient_checkpointing -> Unsloth's flag: "unsloth" (offloaded), True or False."""
+    if value == "unsloth":
+        return "unsloth"
+    return bool(value) and str(value).lower() not in ("false", "0")
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -429,11 +452,14 @@ def _callbacks(checkpoints: Path, tb_dir: Path, is_main: bool) -> list[Any]:
 
 
 # --------------------------------------------------------------------------- training
-def _sft_config(cfg: Any, checkpoints: Path, precision: dict[str, Any], cuda: bool) -> Any:
+def _sft_config(
+    cfg: Any, checkpoints: Path, precision: dict[str, Any], cuda: bool, backend: str = "hf"
+) -> Any:
     from trl import SFTConfig
 
     t = cfg.train
-    gc = t.gradient_checkpointing
+    # Unsloth applied its own checkpointing in get_peft_model; for hf, "unsloth" means "on".
+    gc = False if backend == "unsloth" else _unsloth_gc(t.gradient_checkpointing) is not False
     return SFTConfig(
         output_dir=str(checkpoints),
         seed=int(cfg.seed),
@@ -453,7 +479,7 @@ def _sft_config(cfg: Any, checkpoints: Path, precision: dict[str, Any], cuda: bo
         save_only_model=False,
         report_to="none",  # TensorBoard is added as a callback writing into <run>/tensorboard
         disable_tqdm=False,
-        gradient_checkpointing=bool(gc) and gc != "unsloth",
+        gradient_checkpointing=gc,
         bf16=bool(precision["bf16"]),
         fp16=bool(precision["fp16"]),
         use_cpu=not cuda,
@@ -530,7 +556,7 @@ def train(
 
     checkpoints = output_dir / CHECKPOINTS_DIR
     resume_from: Path | None = None
-    args = _sft_config(cfg, checkpoints, precision, cuda)
+    args = _sft_config(cfg, checkpoints, precision, cuda, backend)
     is_main = args.process_index == 0
     if cfg.train.resume:
         if is_main:
