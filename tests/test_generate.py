@@ -250,3 +250,20 @@ def test_dict_config_is_accepted(tiny, schema):
     gen = Generator(model, tok, schema, gcfg)
     assert gen.settings.max_new_tokens == 3
     assert gen.generate(_prompt(schema, tok)).new_tokens <= 3
+
+
+@pytest.mark.gpu
+def test_fast_flag_on_cuda_matches_the_standard_path(tiny_lm_path, schema):
+    """On a GPU, generate.fast=true wires in the compiled fast decoder: the same tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path, use_safetensors=True).cuda()
+    prompts = [_prompt(schema, tok, "Short?"), _prompt(schema, tok, "A longer question here?")]
+    slow = Generator(model, tok, schema, GenerateConfig(max_new_tokens=12), max_seq_length=512)
+    fast = Generator(
+        model, tok, schema, GenerateConfig(max_new_tokens=12, fast=True), max_seq_length=512
+    )
+    assert fast._fast is not None
+    want = [r.token_ids for r in slow.generate_batch(prompts)]
+    assert [fast.generate(p).token_ids for p in prompts] == want
