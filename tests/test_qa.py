@@ -335,3 +335,24 @@ def test_prepare_squad_rejects_bad_arguments(tmp_path: Path) -> None:
     one = write_json(tmp_path / "one.json", tiny_squad(1))
     with pytest.raises(QAFormatError, match="at least 2 articles"):
         prepare_squad(one, tmp_path / "o")
+
+
+def test_prepare_squad_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    from ragtune.paths import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "prepare_squad_cli", PROJECT_ROOT / "train" / "prepare_squad.py"
+    )
+    assert spec and spec.loader
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    src = write_json(tmp_path / "squad.json", tiny_squad(3))
+    out = tmp_path / "out"
+    assert cli.main([str(src), str(out), "--test-fraction", "0.34", "--max-test", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n_test"] == 2 and len(printed["test_articles"]) == 1
+    assert (out / "train.jsonl").exists() and (out / "corpus" / "squad").is_dir()
+    assert cli.main([str(tmp_path / "missing.json"), str(out)]) == 2
+    assert "QA file not found" in capsys.readouterr().err
