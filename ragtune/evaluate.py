@@ -308,8 +308,8 @@ def evaluate_modes(
     for i in order:
         spec = specs[i]
         if loaded is None or loaded[0] != spec.model:
-            loaded = None
-            gc.collect()
+            loaded = model = tokenizer = None  # free the previous model before loading
+            _free_memory()
             loaded = (spec.model, *_load(spec, ecfg))
         _, model, tokenizer = loaded
         retriever = None
@@ -326,8 +326,8 @@ def evaluate_modes(
         }
         all_rows.extend(rows)
         log.info("%s: %s", spec.name, _one_line(modes[spec.name]))
-    loaded = None
-    gc.collect()
+    loaded = model = tokenizer = None
+    _free_memory()
 
     modes = {s.name: modes[s.name] for s in specs}  # in the order asked
     table = markdown_table(modes)
@@ -350,6 +350,17 @@ def evaluate_modes(
     )
     log.info("wrote %s, %s, %s in %s", METRICS_FILE, ANSWERS_FILE, TABLE_FILE, out_dir)
     return {"modes": modes, "table": table, "out_dir": str(out_dir)}
+
+
+def _free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def _load(spec: ModeSpec, ecfg: EvalConfig) -> tuple[Any, Any]:
