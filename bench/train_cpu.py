@@ -31,7 +31,7 @@ VARIANTS = {
 }
 
 
-def rag_examples(tokenizer, n: int, seed: int = 0) -> list[dict]:
+def rag_examples(tokenizer, n: int, seed: int = 0, chunk: int = 700) -> list[dict]:
     from ragtune.schema import PromptFields, get_schema
 
     schema = get_schema("alpaca_rag")
@@ -45,8 +45,8 @@ def rag_examples(tokenizer, n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for rec in records[:n]:
-        oracle = docs.get(rec.get("source", ""), docs[names[0]])[:1000]
-        ctx = [oracle] + [docs[d][:1000] for d in rng.sample(names, 2)]
+        oracle = docs.get(rec.get("source", ""), docs[names[0]])[:chunk]
+        ctx = [oracle] + [docs[d][:chunk] for d in rng.sample(names, 2)]
         rng.shuffle(ctx)
         answer = rec["output"] or schema.abstain
         p, c = schema.render_example(PromptFields(rec["instruction"], "", ctx), answer, tokenizer)
@@ -67,10 +67,12 @@ def run(variant: str, steps: int, examples: list[dict], batch: int) -> dict:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
+            self.t, self.c = time.perf_counter(), time.process_time()
+            self.n = state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
+            n = state.num_input_tokens_seen - self.n
+            times.append((time.perf_counter() - self.t, time.process_time() - self.c, n))
 
     real_cb, real_load = rt._callbacks, rt._load_hf
 
@@ -103,11 +105,17 @@ def run(variant: str, steps: int, examples: list[dict], batch: int) -> dict:
             r = rt.train(cfg, examples, get_schema("alpaca_rag"), Path(tmp))
     finally:
         rt._callbacks, rt._load_hf = real_cb, real_load
-    per_step = sum(times[1:]) / max(1, len(times) - 1)
+    timed = times[1:] or times
+    wall = sum(t for t, _, _ in timed) / len(timed)
+    cpu = sum(c for _, c, _ in timed) / len(timed)
+    tokens = sum(n for _, _, n in timed) / len(timed)
     return {
         "variant": variant,
-        "s_per_step": round(per_step, 2),
-        "tokens_per_s": round(r.tokens_per_second, 1),
+        "wall_s_per_step": round(wall, 2),
+        "cpu_s_per_step": round(cpu, 2),  # process CPU time (all threads): robust to a busy box
+        "tokens_per_step": round(tokens),  # non-padding tokens
+        "tokens_per_wall_s": round(tokens / wall, 1),
+        "tokens_per_cpu_s": round(tokens / cpu, 1),
         "losses": [round(x, 4) for x in r.losses],
         "tokens": r.dataset_stats["tokens"],
         "mean_tokens": round(r.dataset_stats["mean_tokens"]),
@@ -125,8 +133,16 @@ def main() -> None:
 
     from ragtune.models import resolve_model
 
+    from ragtune.schema import get_schema
+
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
-    ex = rag_examples(tok, args.examples)
+    schema = get_schema("alpaca_rag")
+
+    def fits(e: dict) -> bool:  # keep the steps full: drop what tokenize_examples would drop
+        n = len(schema.encode_prompt(tok, e["prompt"]))
+        return n + len(tok(e["completion"], add_special_tokens=False).input_ids) + 1 <= 1024
+
+    ex = [e for e in rag_examples(tok, 164) if fits(e)][: args.examples]
     for v in args.variants.split(","):
         print(json.dumps(run(v, args.steps, ex, args.batch)), flush=True)
 
