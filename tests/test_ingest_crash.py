@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -159,10 +160,11 @@ def _mutate(corpus: Path, rng: random.Random, step: int) -> None:
 
 
 class _Watch:
-    """Read a child's merged output in a thread; note when the file loop has started."""
+    """Read a child's merged output in a thread: when the file loop started, and how many
+    chunks its embedding progress bar has reported (each report follows a commit group)."""
 
     def __init__(self, proc: subprocess.Popen):
-        self.proc, self.buf, self.started = proc, b"", None
+        self.proc, self.buf, self.started, self.embedded = proc, b"", None, 0
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -174,6 +176,9 @@ class _Watch:
             self.buf += data
             if self.started is None and b"files:" in self.buf:
                 self.started = time.monotonic()
+            counts = re.findall(rb"embedding: (\d+)chunk", self.buf[-4096:])
+            if counts:
+                self.embedded = int(counts[-1])
 
 
 def _index_cmd(corpus: Path, rcfg: dict, run_dir: Path) -> list[str]:
@@ -187,6 +192,8 @@ def _index_cmd(corpus: Path, rcfg: dict, run_dir: Path) -> list[str]:
 
 
 def test_sigkill_at_random_points_never_corrupts_or_loses(tmp_path):
+    from ragtune.config import RetrieverConfig
+
     rng = random.Random(1234)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -213,16 +220,16 @@ def test_sigkill_at_random_points_never_corrupts_or_loses(tmp_path):
     w = _Watch(p)
     assert p.wait(timeout=600) == 0, w.buf[-3000:]
     total = time.monotonic() - t0
-    loop = time.monotonic() - (w.started or t0)
     previous = set(_check(corpus, rcfg, False)["after_kill"]["ids"])
 
-    kinds = {"in-loop": 0, "anywhere": 0, "finished": 0}
+    kinds = {"in-loop": 0, "startup": 0, "finished": 0}
     for trial in range(TRIALS):
         _mutate(corpus, rng, trial)
         fresh = trial % 3 == 2  # every 3rd trial: a fresh index, so the kill hits a big first run
         if fresh:
             rcfg["persist_dir"] = str(tmp_path / f"index{trial}")
             previous = set()
+        todo = len(_expected(corpus, RetrieverConfig(**rcfg))[0] - previous)  # to embed
         proc = subprocess.Popen(
             _index_cmd(corpus, rcfg, tmp_path / f"run{trial + 1}"),
             stdout=subprocess.PIPE,
@@ -231,18 +238,20 @@ def test_sigkill_at_random_points_never_corrupts_or_loses(tmp_path):
             start_new_session=True,
         )
         watch = _Watch(proc)
-        in_loop = rng.random() < 0.75
-        deadline = time.monotonic() + (600 if in_loop else rng.uniform(0.5, total))
-        while time.monotonic() < deadline and proc.poll() is None:
-            if in_loop and watch.started is not None:
-                # an incremental run has less to do than the baseline's full first run
-                span = max(loop if fresh else loop / 3, 1.0)
-                deadline = min(deadline, watch.started + rng.uniform(0.0, span))
-                in_loop = False
-            time.sleep(0.01)
+        if todo and rng.random() < 0.8:
+            # kill after a random number of embedded chunks (between commit groups or
+            # inside one), plus a random delay, so kills land all over the write phase
+            target, delay = rng.randint(0, todo), rng.uniform(0.0, 0.4)
+            while proc.poll() is None and (watch.started is None or watch.embedded < target):
+                time.sleep(0.005)
+            time.sleep(delay)
+        else:
+            deadline = time.monotonic() + rng.uniform(0.2, total)  # anywhere, startup included
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.01)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            kinds["in-loop" if watch.started else "anywhere"] += 1
+            kinds["in-loop" if watch.started else "startup"] += 1
         else:
             kinds["finished"] += 1
         proc.wait()
@@ -261,7 +270,8 @@ def test_sigkill_at_random_points_never_corrupts_or_loses(tmp_path):
         assert set(final["ids"]) == expected, f"missing/stale after trial {trial}"
         print(
             f"trial {trial}: killed={proc.returncode == -9} in_loop={watch.started is not None} "
-            f"chunks after kill={len(after['ids']) if after else None} final={len(expected)}",
+            f"to embed={todo} chunks after kill={len(after['ids']) if after else None} "
+            f"final={len(expected)}",
             flush=True,
         )
         previous = expected
