@@ -4,12 +4,14 @@
 
 Variants (``--variants``, run in this order, results appended as they finish):
 
-- ``slow_bf16``   HF generate on the merged 16-bit model
-- ``fast_bf16``   FastDecoder (static cache, compiled CUDA-graph step) on the same model
-- ``fast_int4``   the same model quantized in place to int4 weight-only (torchao), then
-                  FastDecoder; also batched at ``--batches`` concurrent requests
-- ``slow_bnb4``   HF generate on the model loaded in bitsandbytes 4-bit (what a
-                  merged_4bit folder serves with), and ``fast_bnb4``: FastDecoder on it
+- ``slow_bf16``        HF generate on the merged 16-bit model
+- ``floor_bf16``       every Linear at M=1 in one CUDA graph: the weight-streaming floor
+- ``fast_bf16``        FastDecoder (static cache, compiled step captured as one CUDA graph)
+- ``fast_bf16_trees``  the same with torch.compile's own CUDA graphs (reduce-overhead)
+- ``fast_int8`` / ``fast_int4``  a second copy quantized weight-only with torchao
+- ``slow_bnb4`` / ``fast_bnb4``  the model loaded in bitsandbytes 4-bit (what a merged_4bit
+                       folder serves with): HF generate, and FastDecoder on it
+The fastest batch-1 fast variant is then run batched at ``--batches`` concurrent requests.
 
 For each: time to first token of a ``--prompt``-token RAG-like prompt (prefill + first token),
 decode tokens/s over ``--new`` tokens (median of ``--repeats`` runs, after a warm-up run that
@@ -207,23 +209,91 @@ def load(path: str, bnb4: bool = False) -> Any:
         )
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kw).eval()
+    model.generation_config.eos_token_id = None  # time exactly N tokens
     log.info("loaded %s%s in %.1fs", path, " (bnb 4-bit)" if bnb4 else "", time.perf_counter() - t0)
     return model
+
+
+def gemv_floor(model: Any, reps: int = 20) -> dict:
+    """Time of every Linear of the model at batch 1 (M=1), replayed as one CUDA graph.
+
+    The weight-streaming floor of a decode step with these kernels (cuBLAS for bf16): what
+    the rest of the step (attention, norms, rope, sampling, launches) adds comes on top.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {
+        m.in_features: torch.randn(1, m.in_features, device="cuda", dtype=torch.bfloat16)
+        for m in linears
+    }
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    with torch.inference_mode():
+        for m in linears:
+            m(xs[m.in_features])
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for m in linears:
+                m(xs[m.in_features])
+        g.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            g.replay()
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / reps
+    return {
+        "variant": "floor_bf16_linears",
+        "batch": 1,
+        "linears": len(linears),
+        "weight_gb": round(nbytes / 1e9, 2),
+        "ms_per_token": round(dt * 1e3, 3),
+        "decode_tok_s": round(1 / dt, 1),
+        "gb_per_s": round(nbytes / dt / 1e9, 1),
+        "ttft_s": None,
+        "total_s": None,
+    }
+
+
+def kernel_time(fd: FastDecoder, prompt: list[int], n: int = 24) -> dict:
+    """CUDA kernel time per decode step (profiler) against the wall time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fd.generate(prompt, n, eos_ids=[])
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fd.generate(prompt, n, eos_ids=[])
+    steps = fd.last_stats["steps"] or 1
+    wall = (fd.last_stats["total_s"] - fd.last_stats["ttft_s"]) / steps
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.self_device_time_total for e in events)
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
+    # prefill kernels are in the total too: subtract them by proportion of tokens processed
+    return {
+        "wall_ms_per_step": round(wall * 1e3, 3),
+        "kernel_ms_per_call_all": round(total_us / 1e3 / (steps + 1), 3),
+        "top_kernels": [
+            (e.key[:60], round(e.self_device_time_total / 1e3 / (steps + 1), 3)) for e in top
+        ],
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model folder (e.g. make_nemo_shape output)")
-    ap.add_argument("--variants", default="slow_bf16,fast_bf16,fast_int4,slow_bnb4,fast_bnb4")
+    ap.add_argument(
+        "--variants",
+        default="slow_bf16,floor_bf16,fast_bf16_trees,fast_bf16,fast_int8,slow_bnb4,fast_bnb4",
+        help="slow_X | fast_X | fast_X_trees | floor_bf16, X in bf16 int8 int4 bnb4",
+    )
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     ap.add_argument("--new", type=int, default=128, help="new tokens, fast paths")
-    ap.add_argument("--slow-new", type=int, default=48, help="new tokens, slow paths")
+    ap.add_argument("--slow-new", type=int, default=32, help="new tokens, slow paths")
     ap.add_argument("--batch-new", type=int, default=64, help="new tokens per batched request")
-    ap.add_argument("--batches", default="8,32", help="concurrent requests (fast_int4)")
-    ap.add_argument("--batch-variant", default="fast_int4", help="which fast variant to batch")
+    ap.add_argument("--batches", default="8,32", help="concurrent requests")
+    ap.add_argument("--batch-variant", default="auto", help="auto = fastest batch-1 fast variant")
     ap.add_argument("--max-seq-len", type=int, default=2048, help="static cache, batch 1")
     ap.add_argument("--batch-max-seq-len", type=int, default=1024, help="static cache, batched")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="kernel time per step (fast variants)")
     ap.add_argument("--json", type=Path, default=None, help="append results (JSON lines)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -240,6 +310,9 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     prompt = make_prompt(tok, args.prompt)
     results: list[dict] = []
+    models: dict[str, Any] = {}
+    decoders: dict[str, FastDecoder] = {}
+    refs: dict[str, list[int]] = {}
 
     def emit(r: dict) -> None:
         r = {**env, **r}
@@ -258,74 +331,82 @@ def main() -> None:
             emit({"variant": name, "error": f"{type(e).__name__}: {e}"[:500]})
             return None
 
-    ref_bf16: list[int] | None = None
-    if any(v.endswith("bf16") or v == "fast_int4" for v in variants):
-        model = load(args.model)
-        model.generation_config.eos_token_id = None  # time exactly N tokens
-        if "slow_bf16" in variants:
-            r = attempt("slow_bf16", lambda: bench_slow("slow_bf16", model, tok, prompt, args))
-            if r:
-                ref_bf16 = r.pop("_tokens")
-                emit(r)
-        if "fast_bf16" in variants:
-            fd = FastDecoder(model, tok, max_seq_len=args.max_seq_len)
-            r = attempt("fast_bf16", lambda: bench_fast("fast_bf16", fd, prompt, args, ref_bf16))
-            if r:
-                emit(r)
-            if args.batch_variant == "fast_bf16":
-                for b in batches:
-                    fdb = FastDecoder(model, tok, max_seq_len=args.batch_max_seq_len)
-                    r = attempt(
-                        f"fast_bf16_b{b}",
-                        lambda b=b, f=fdb: bench_batched("fast_bf16", f, tok, args, b),
-                    )
-                    if r:
-                        emit(r)
-                    free(fdb)
-            free(fd)
-        if "fast_int4" in variants and cuda:
-            t0 = time.perf_counter()
-            fd = attempt(
-                "fast_int4",
-                lambda: FastDecoder(model, tok, max_seq_len=args.max_seq_len, quantize="int4"),
-            )
-            if fd is not None:
-                log.info("int4 quantization took %.1fs", time.perf_counter() - t0)
+    def get_model(kind: str) -> Any:
+        if kind not in models:
+            if kind == "bnb4":  # the last ones: make room
+                for k in list(models):
+                    del models[k]
+                decoders.clear()
                 free()
-                r = attempt("fast_int4", lambda: bench_fast("fast_int4", fd, prompt, args, None))
-                if r:
-                    r["quantize_s"] = round(time.perf_counter() - t0, 1)
-                    emit(r)
-                if args.batch_variant == "fast_int4":
-                    for b in batches:
-                        fdb = FastDecoder(model, tok, max_seq_len=args.batch_max_seq_len)
-                        r = attempt(
-                            f"fast_int4_b{b}",
-                            lambda b=b, f=fdb: bench_batched("fast_int4", f, tok, args, b),
-                        )
-                        if r:
-                            emit(r)
-                        free(fdb)
-                free(fd)
-        del model
-        free()
-    if cuda and any(v.endswith("bnb4") for v in variants):
-        model = attempt("load_bnb4", lambda: load(args.model, bnb4=True))
-        if model is not None:
-            model.generation_config.eos_token_id = None
-            ref = None
-            if "slow_bnb4" in variants:
-                r = attempt("slow_bnb4", lambda: bench_slow("slow_bnb4", model, tok, prompt, args))
-                if r:
-                    ref = r.pop("_tokens")
-                    emit(r)
-            if "fast_bnb4" in variants:
-                fd = FastDecoder(model, tok, max_seq_len=args.max_seq_len)
-                r = attempt("fast_bnb4", lambda: bench_fast("fast_bnb4", fd, prompt, args, ref))
-                if r:
-                    emit(r)
-            del model
+                models[kind] = load(args.model, bnb4=True)
+            else:
+                m = load(args.model)
+                if kind in ("int8", "int4"):
+                    from ragtune.fastdecode import quantize_weights
+
+                    t0 = time.perf_counter()
+                    quantize_weights(m, kind)
+                    log.info("%s quantization took %.1fs", kind, time.perf_counter() - t0)
+                models[kind] = m
+        return models[kind]
+
+    def run_variant(v: str) -> None:
+        parts = v.split("_")
+        what, kind = parts[0], parts[1]
+        if not cuda and kind in ("int8", "int4", "bnb4"):
+            return
+        model = attempt(f"load_{kind}", lambda k=kind: get_model(k))
+        if model is None:
+            return
+        if what == "slow":
+            r = attempt(v, lambda m=model, v=v: bench_slow(v, m, tok, prompt, args))
+            if r:
+                refs[kind] = r.pop("_tokens")
+                emit(r)
+        elif what == "floor" and cuda:
+            r = attempt(v, lambda m=model: gemv_floor(m))
+            if r:
+                emit(r)
+        elif what == "fast":
+            graph = "trees" if v.endswith("_trees") else "manual"
+            fd = attempt(
+                v,
+                lambda m=model, g=graph: FastDecoder(m, tok, max_seq_len=args.max_seq_len, graph=g),
+            )
+            if fd is None:
+                return
+            r = attempt(v, lambda f=fd, v=v, k=kind: bench_fast(v, f, prompt, args, refs.get(k)))
+            if r:
+                r["graph"] = fd.graph
+                if args.profile and cuda:
+                    r["profile"] = attempt(f"{v}_profile", lambda f=fd: kernel_time(f, prompt))
+                emit(r)
+                decoders[v] = fd
+
+    # bnb4 last: loading it frees the 16-bit models
+    for v in [v for v in variants if not v.endswith("bnb4")]:
+        run_variant(v)
+    best = args.batch_variant
+    if best == "auto":
+        fast = [r for r in results if r["variant"] in decoders and r.get("batch") == 1]
+        best = max(fast, key=lambda r: r["decode_tok_s"])["variant"] if fast else ""
+    if best and batches:
+        kind = best.split("_")[1]
+        model = attempt(f"load_{kind}", lambda: get_model(kind))
+        for b in batches if model is not None else []:
+            fdb = FastDecoder(
+                model,
+                tok,
+                max_seq_len=args.batch_max_seq_len,
+                graph="trees" if best.endswith("_trees") else "manual",
+            )
+            r = attempt(f"{best}_b{b}", lambda b=b, f=fdb: bench_batched(best, f, tok, args, b))
+            if r:
+                emit(r)
+            del fdb
             free()
+    for v in [v for v in variants if v.endswith("bnb4")]:
+        run_variant(v)
     print("\nvariant            batch  ttft_s  decode_tok/s  total_s  peak_GiB  note")
     for r in results:
         if "error" in r:
@@ -341,9 +422,15 @@ def main() -> None:
                 else ""
             )
         )
+        if r.get("profile"):
+            p = r["profile"]
+            note += f" wall {p['wall_ms_per_step']} ms/step, kernels {p['kernel_ms_per_call_all']}"
+        if r.get("gb_per_s"):
+            note = f"{r['ms_per_token']} ms, {r['gb_per_s']} GB/s over {r['weight_gb']} GB"
         print(
-            f"{r['variant']:<18} {r['batch']:>5}  {r['ttft_s']:>6}  {r['decode_tok_s']:>12}  "
-            f"{r['total_s']:>7}  {r.get('peak_gib', '-'):>8}  {note}"
+            f"{r['variant']:<18} {r['batch']:>5}  {r.get('ttft_s')!s:>6}  "
+            f"{r['decode_tok_s']:>12}  {r.get('total_s')!s:>7}  {r.get('peak_gib', '-')!s:>8}  "
+            f"{note}"
         )
 
 

@@ -68,9 +68,9 @@ print(\"ragtune imports ok\")"' ;;
       decode)
         stage decode python3 bench/decode.py --model "$M" --json "$R/decode.jsonl" ${DECODE_ARGS:-} ;;
       train)
-        stage train python3 bench/train_throughput.py --model "$M" --json "$R/train.jsonl" ;;
+        stage train python3 bench/train_throughput.py --model "$M" --json "$R/train.jsonl" ${TRAIN_ARGS:-} ;;
       tests)
-        stage tests python3 -m pytest -m gpu tests/test_gpu.py -q -x -p no:cacheprovider ;;
+        stage tests python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider ${TEST_ARGS:-} ;;
       othertests)
         stage othertests python3 -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_gpu.py ;;
       e2e)

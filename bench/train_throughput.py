@@ -99,6 +99,8 @@ def padded_waste(lengths: list[int], batch: int, seed: int = 0) -> float:
 
 # --------------------------------------------------------------------------- one run (worker)
 def worker(args: argparse.Namespace) -> dict:
+    if args.backend == "unsloth" and args.unsloth_first:
+        import unsloth  # noqa: F401  (patches transformers/TRL before anything imports them)
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
@@ -120,7 +122,7 @@ def worker(args: argparse.Namespace) -> dict:
         f"train.max_steps={steps}",
         f"train.packing={str(packing).lower()}",
         "train.save_method=lora",
-        "train.logging_steps=1",
+        f"train.logging_steps={args.logging_steps}",
         "train.save_steps=100000",
         f"output_dir={out}",
         *args.override,
@@ -180,6 +182,8 @@ def worker(args: argparse.Namespace) -> dict:
         "packing": packing,
         "lora_r": int(cfg.train.lora.r),
         "gradient_checkpointing": str(cfg.train.gradient_checkpointing),
+        "unsloth_imported_first": bool(args.unsloth_first),
+        "logging_steps": args.logging_steps,
         "steps_measured": len(m_times),
         "s_per_step": round(statistics.median(m_times), 3) if m_times else None,
         "tokens_per_s": round(tok_s, 1),  # non-pad tokens (num_input_tokens_seen)
@@ -218,6 +222,8 @@ def run_one(args: argparse.Namespace, backend: str, scenario: str) -> dict:
         f"--warmup={args.warmup}",
         f"--min-len={args.min_len}",
         f"--max-len={args.max_len}",
+        f"--logging-steps={args.logging_steps}",
+        *(["--unsloth-first"] if args.unsloth_first else []),
         *[f"--override={o}" for o in args.override],
     ]
     log.info("running %s", " ".join(cmd[1:]))
@@ -253,6 +259,12 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1500)
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--override", action="append", default=[], help="extra config override")
+    ap.add_argument("--logging-steps", type=int, default=5, help="train.logging_steps (preset: 5)")
+    ap.add_argument(
+        "--unsloth-first",
+        action="store_true",
+        help="import unsloth before transformers (Unsloth warns that it is slower otherwise)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="append results (JSON lines)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="unsloth", help=argparse.SUPPRESS)

@@ -40,7 +40,8 @@ from ragtune.errors import RagtuneError
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_CHOICES = (None, "int4")
+QUANTIZE_CHOICES = (None, "int4", "int8")
+GRAPH_CHOICES = ("manual", "trees", "none")
 MODES = ("auto", "direct", "hf")
 _DIRECT_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
@@ -54,26 +55,69 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def quantize_int4(model: torch.nn.Module, group_size: int = 128) -> torch.nn.Module:
-    """Quantize every Linear of a 16-bit CUDA model to int4 weight-only (torchao, tinygemm).
+def quantize_weights(model: torch.nn.Module, kind: str, group_size: int = 128) -> torch.nn.Module:
+    """Quantize every Linear of a 16-bit CUDA model, weight-only, with torchao (in place).
 
-    Uses the tile-packed layout whose matmul is ``aten._weight_int4pack_mm`` (no extra
-    kernels to install). Returns the same model, changed in place.
+    ``int4``: group-wise int4 in the tile-packed layout (``aten._weight_int4pack_mm``,
+    tinygemm). ``int8``: per-row int8; under torch.compile the int8->bf16 conversion fuses
+    into the matmul for small batches (gpt-fast's recipe).
     """
     if _model_device(model).type != "cuda":
-        raise FastDecodeError("quantize='int4' needs the model on a CUDA GPU")
+        raise FastDecodeError(f"quantize={kind!r} needs the model on a CUDA GPU")
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except ImportError as e:
         raise FastDecodeError(
-            "quantize='int4' needs torchao (pip install torchao; it comes with unsloth)"
+            f"quantize={kind!r} needs torchao (pip install torchao; it comes with unsloth)"
         ) from e
     if next(model.parameters()).dtype != torch.bfloat16:
         model.to(torch.bfloat16)
-    cfg = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    if kind == "int4":
+        cfg = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
+    else:
+        cfg = Int8WeightOnlyConfig(version=2)
     quantize_(model, cfg)
-    log.info("fastdecode: quantized Linear layers to int4 weight-only (group %d)", group_size)
+    log.info("fastdecode: quantized Linear layers to %s weight-only", kind)
     return model
+
+
+def quantize_int4(model: torch.nn.Module, group_size: int = 128) -> torch.nn.Module:
+    """Int4 weight-only (see :func:`quantize_weights`)."""
+    return quantize_weights(model, "int4", group_size)
+
+
+class _GraphedStep:
+    """A decode step captured once into a CUDA graph, replayed with new inputs.
+
+    Unlike ``torch.compile(mode="reduce-overhead")`` (CUDA graph trees), a replay runs no
+    Python guards and no per-call checks of the ~450 static inputs (weights, KV tensors):
+    just four small input copies and one graph launch per token.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], bsz: int, seq: int, state: Any, dev):
+        self.ids = torch.zeros((bsz, 1), dtype=torch.long, device=dev)
+        self.pos = torch.zeros((bsz, 1), dtype=torch.long, device=dev)
+        self.slot = torch.full((1,), seq - 1, dtype=torch.long, device=dev)
+        self.keep = torch.ones((bsz, seq), dtype=torch.bool, device=dev)
+        # warm-up (compilation, autotuning, cuBLAS handles) off the main stream; it writes
+        # K/V only at the last slot, which any request rewrites before it can read it
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn(self.ids, self.pos, self.slot, self.keep, state)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = fn(self.ids, self.pos, self.slot, self.keep, state)
+
+    def __call__(self, ids, pos, slot, keep, state) -> torch.Tensor:  # noqa: ANN001
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        self.slot.copy_(slot)
+        self.keep.copy_(keep)
+        self.graph.replay()
+        return self.out
 
 
 # --------------------------------------------------------------------------- direct decoder
@@ -281,9 +325,12 @@ class FastDecoder:
         compile: bool | None = None,
         quantize: str | None = None,
         mode: str = "auto",
+        graph: str = "manual",
     ) -> None:
         if quantize not in QUANTIZE_CHOICES:
             raise FastDecodeError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+        if graph not in GRAPH_CHOICES:
+            raise FastDecodeError(f"graph must be one of {GRAPH_CHOICES}, got {graph!r}")
         if mode not in MODES:
             raise FastDecodeError(f"mode must be one of {MODES}, got {mode!r}")
         if max_seq_len < 2:
@@ -292,8 +339,8 @@ class FastDecoder:
         self.tokenizer = tokenizer
         self.max_seq_len = int(max_seq_len)
         self.device = _model_device(model)
-        if quantize == "int4":
-            quantize_int4(self.model)
+        if quantize is not None:
+            quantize_weights(self.model, quantize)
         self.quantize = quantize
         why_not = direct_supported(model)
         if mode == "direct" and why_not:
@@ -302,19 +349,26 @@ class FastDecoder:
         self._direct = _Direct(model, self.max_seq_len) if self.mode == "direct" else None
         self._hf_caches: dict[int, Any] = {}
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
+        # CUDA graphs: "manual" captures the (compiled) step once per batch size; "trees" is
+        # torch.compile's reduce-overhead mode; off on CPU
+        self.graph = graph if self.device.type == "cuda" else "none"
         self._step_fn: Callable[..., torch.Tensor] = self._step
+        self._graphs: dict[int, _GraphedStep] = {}
         if self.compiled:
             # one graph per (decoder, batch size): allow more than dynamo's default of 8
             dyn = torch._dynamo.config
             dyn.recompile_limit = max(getattr(dyn, "recompile_limit", 8), 64)
-            self._step_fn = torch.compile(self._step, mode="reduce-overhead", dynamic=False)
+            cmode = "reduce-overhead" if self.graph == "trees" else "default"
+            self._step_fn = torch.compile(self._step, mode=cmode, dynamic=False)
         self.last_stats: dict[str, float] = {}
         log.info(
-            "fastdecode: %s mode%s, static cache of %d tokens, compile=%s, quantize=%s, %s",
+            "fastdecode: %s mode%s, static cache of %d tokens, compile=%s, graph=%s, "
+            "quantize=%s, %s",
             self.mode,
             f" ({why_not})" if why_not and self.mode == "hf" else "",
             self.max_seq_len,
             self.compiled,
+            self.graph,
             quantize,
             self.device,
         )
@@ -361,6 +415,21 @@ class FastDecoder:
             logits = self._hf_logits(ids, pos, keep.long() if state[1] else None, state[0])
         # float32 before argmax, as HF's greedy search does (exact for bf16/fp16 logits)
         return logits.argmax(dim=-1)
+
+    def _decode_fn(self, bsz: int, state: Any) -> Callable[..., torch.Tensor]:
+        """The step to call for this batch size: a captured CUDA graph where possible."""
+        if self.graph != "manual" or self._direct is None:
+            return self._step_fn
+        g = self._graphs.get(bsz)
+        if g is None:
+            try:
+                g = _GraphedStep(self._step_fn, bsz, self.max_seq_len, state, self.device)
+            except Exception as e:  # capture is best effort: the compiled step still works
+                log.warning("fastdecode: CUDA graph capture failed (%s); running uncaptured", e)
+                self.graph = "none"
+                return self._step_fn
+            self._graphs[bsz] = g
+        return g
 
     def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, padded: bool):
         """Run the prompt; return (first greedy ids [B], state for the decode steps)."""
@@ -488,7 +557,9 @@ class FastDecoder:
             if all(done):
                 break
             slot = torch.tensor([longest + steps], dtype=torch.long, device=dev)
-            nxt = self._step_fn(nxt.view(bsz, 1), next_pos + steps, slot, keep, state).clone()
+            nxt = self._decode_fn(bsz, state)(
+                nxt.view(bsz, 1), next_pos + steps, slot, keep, state
+            ).clone()
             steps += 1
         total = time.perf_counter() - t0
         ttft = first_token_s or 0.0

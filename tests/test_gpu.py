@@ -224,14 +224,16 @@ def _fp32_lm(tokenizer_dir: str):
     return model, tok
 
 
-def test_fastdecode_compiled_equals_slow_path(tokenizer_dir):
+@pytest.mark.parametrize("graph", ["manual", "trees"])
+def test_fastdecode_compiled_equals_slow_path(tokenizer_dir, graph):
     from ragtune.fastdecode import FastDecoder
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")  # torchao's inductor settings raise it
     model, tok = _fp32_lm(tokenizer_dir)
     texts = ["### Context:\nThe harbour of Kessa has a lighthouse.", "Hello", "A " * 40]
-    fd = FastDecoder(model, tok, max_seq_len=256)  # compile on by default on CUDA
+    fd = FastDecoder(model, tok, max_seq_len=256, graph=graph)  # compiled by default on CUDA
     assert fd.compiled and fd.mode == "direct"
     eos = tok.eos_token_id
     for text in texts:
@@ -252,14 +254,16 @@ def test_fastdecode_compiled_equals_slow_path(tokenizer_dir):
     got = fd.generate_batch(prompts, 16, [eos])
     for p, g in zip(prompts, got, strict=True):
         assert fd.generate(p, 16, [eos]) == g
+    assert fd.graph == graph  # the capture did not fall back
 
 
-def test_fastdecode_int4_runs_and_is_fast_enough_to_matter(tokenizer_dir):
-    """int4 weight-only (torchao) changes the weights: it must run and give tokens."""
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_fastdecode_quantized_runs(tokenizer_dir, kind):
+    """Weight-only quantization (torchao) changes the weights: it must run and give tokens."""
     from ragtune.fastdecode import FastDecoder
 
     model, tok = _fp32_lm(tokenizer_dir)
-    fd = FastDecoder(model.to(torch.bfloat16), tok, max_seq_len=256, quantize="int4")
+    fd = FastDecoder(model.to(torch.bfloat16), tok, max_seq_len=256, quantize=kind)
     out = fd.generate(tok("The lamp")["input_ids"], 16, [])
     assert len(out) == 16 and all(0 <= t < len(tok) + 1000 for t in out)
     assert fd.last_stats["decode_tok_s"] > 0
