@@ -5,10 +5,16 @@ answers (streamed) and prints whether it abstained and the sources (file, offset
 With no question it opens an interactive prompt; model_dir=null asks the base model.
 """
 
-import hydra
-from omegaconf import DictConfig
+import os
 
-import ragtune.config  # noqa: F401  (registers the ${ragtune_root:} resolver)
+# OpenMP threads that sleep instead of spinning while they wait: on a CPU shared with other
+# work, spinning made decoding ~10x slower (docs/benchmarks.md). Set it to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import ragtune.config  # noqa: F401, E402  (registers the ${ragtune_root:} resolver)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="ask")

@@ -21,6 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# OpenMP threads sleep instead of spinning while they wait (also for train/sft.py below): on
+# a CPU shared with other work, spinning made each step several times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The demo's training settings (on top of conf/sft.yaml's CPU defaults), chosen to finish
 # well inside 20 minutes on 2 CPU cores; docs/benchmarks.md has the measured time.
