@@ -7,9 +7,7 @@ the manifest last. Returns the metric a sweep optimises.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 import traceback
@@ -21,11 +19,11 @@ from omegaconf import DictConfig
 from ragtune.config import to_container, validate
 from ragtune.errors import RagtuneError
 from ragtune.paths import resolve_path
+from ragtune.sweep import is_multirun, write_status
 
 log = logging.getLogger(__name__)
 
 SFT_TOP_LEVEL = {"seed": int, "output_dir": str}
-STATUS = "status.json"
 
 
 def load_tokenizer(cfg: DictConfig) -> Any:
@@ -85,20 +83,20 @@ def build_dataset(
 
 def run_sft(cfg: DictConfig) -> float:
     """Index, build, train, save, stamp. Returns the sweep metric (eval score or -loss)."""
-    validate(cfg, SFT_TOP_LEVEL)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    multirun = _is_multirun()
-    _write_status(out, "running")
+    multirun = is_multirun()
+    write_status(out, "running")
     try:
+        validate(cfg, SFT_TOP_LEVEL)  # inside the try: a bad combination fails alone in a sweep
         metric, summary = _run(cfg, out)
     except Exception as e:
-        _write_status(out, "failed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        write_status(out, "failed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
         if multirun:  # a failed run is recorded and the sweep goes on
             log.error("run failed: %s: %s", type(e).__name__, e)
             return float("nan")
         raise
-    _write_status(out, "ok", **summary)
+    write_status(out, "ok", **summary)
     if not multirun:
         _point_latest(Path(summary["model_dir"]), Path(cfg.paths.outputs))
     return metric
@@ -178,29 +176,6 @@ def _run(cfg: DictConfig, out: Path) -> tuple[float, dict[str, Any]]:
 def _retriever_settings(cfg: DictConfig) -> dict[str, Any]:
     """Closed-book runs have no retriever; record the configured settings anyway."""
     return dict(to_container(cfg)["retriever"])
-
-
-def _is_multirun() -> bool:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:
-        return False
-
-
-def _write_status(out: Path, status: str, **extra: Any) -> None:
-    payload = {"status": status, **extra}
-    tmp = out / f".{STATUS}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, out / STATUS)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and math.isnan(o):
-        return None
-    return str(o)
 
 
 def _point_latest(model_dir: Path, outputs: Path) -> None:
