@@ -154,8 +154,8 @@ def _worker(out: Path, model: str, *extra: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_sigkilled_training_resumes_to_the_same_final_loss(tmp_path, tiny_lm_path):
-    """SIGKILL at random moments after the first checkpoint (often mid-save); resume matches."""
-    steps = 10
+    """SIGKILL at random moments mid-run (often mid-save); the resumed run matches."""
+    steps = 16
     extra = (f"train.max_steps={steps}", "train.save_steps=2", "train.save_method=lora")
     ref_dir = tmp_path / "ref"
     p = _worker(ref_dir, tiny_lm_path, *extra)
@@ -165,17 +165,20 @@ def test_sigkilled_training_resumes_to_the_same_final_loss(tmp_path, tiny_lm_pat
     for trial in range(3):
         out = tmp_path / f"trial{trial}"
         p = _worker(out, tiny_lm_path, *extra)
-        ck = out / "checkpoints"
+        target = out / "checkpoints" / f"checkpoint-{2 * rng.randint(1, 6)}"
         deadline = time.time() + 300
-        while not list(ck.glob("checkpoint-*")) and p.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 3.0))
+        while not target.exists() and p.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        # trial 0 kills as the checkpoint folder appears (mid-save: 3 of 8 such kills left one
+        # without its completion marker when measured); the others land in later steps
+        time.sleep(0.0 if trial == 0 else rng.uniform(0.0, 0.3))
         p.send_signal(signal.SIGKILL)
         p.wait()
         assert p.returncode == -signal.SIGKILL, "the run ended before it was killed"
-        assert not (out / "model").exists()
+        model = out / "model"
+        assert not model.exists() or (model / "ragtune_train.json").exists()  # never half a model
         r = _worker(out, tiny_lm_path, *extra, "train.resume=true")
         assert r.wait(timeout=600) == 0, r.stderr.read()
         got = json.loads((out / "result.json").read_text())
-        assert got["steps"] == steps
+        assert got["steps"] == steps and got["resumed_from"], got
         assert got["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-4), (trial, got)
