@@ -6,11 +6,16 @@ decodes at 8-20 tok/s on an H100 whose memory bandwidth allows ~130 tok/s in bf1
 tok/s in int4. This module
 
 - preallocates the KV cache (fixed shapes, fixed addresses),
-- compiles one decode step (all layers + argmax) with ``torch.compile(mode="reduce-overhead")``:
-  Inductor kernels replayed as one CUDA graph per token,
+- compiles one decode step (all layers + argmax) with ``torch.compile`` and captures it once as
+  a CUDA graph (``graph="manual"``, the default; ``"trees"`` = torch.compile's reduce-overhead
+  CUDA graphs, ~8% slower at 12B), so a token is one graph launch,
 - runs the prompt (prefill) eagerly, since its length varies,
-- optionally quantizes a 16-bit model to int4 weight-only with torchao (``quantize="int4"``):
-  ~4x fewer bytes per token; the tokens are then the int4 model's, not the 16-bit model's.
+- optionally quantizes a 16-bit model weight-only with torchao (``quantize="int8"`` or
+  ``"int4"``): fewer bytes per token; the tokens are then the quantized model's.
+
+Measured on an H100 at the Mistral-Nemo-12B shape (docs/benchmarks.md, issue 7): HF generate
+13 tok/s, this path 84 tok/s in bf16 and 93 tok/s with int8 at batch 1; int4 (tinygemm) is
+slower than bf16 there at batch 1 but fastest batched.
 
 Two ways to run the layers (``FastDecoder.mode``):
 
