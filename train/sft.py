@@ -4,10 +4,16 @@ Index the corpus, build RAFT-style examples with the shared retriever and prompt
 train the LoRA, merge, write the manifest. Returns the headline metric for sweepers.
 """
 
-import hydra
-from omegaconf import DictConfig
+import os
 
-import ragtune.config  # noqa: F401  (registers the ${ragtune_root:} resolver)
+# OpenMP threads sleep instead of spinning while they wait: spinning made CPU training steps
+# several times slower whenever anything else ran on the machine (docs/benchmarks.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import ragtune.config  # noqa: F401, E402  (registers the ${ragtune_root:} resolver)
 
 
 def _import_unsloth_first() -> None:
