@@ -132,7 +132,6 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from ragtune.models import resolve_model
-
     from ragtune.schema import get_schema
 
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
