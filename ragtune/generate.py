@@ -226,6 +226,9 @@ class TextStream:
                     self._cancel.set()
         finally:
             self._cancel.set()  # no-op when generation already ended
+        # The worker ends right after END; joining it means no thread is left inside torch
+        # when the caller moves on (or the interpreter exits).
+        self._thread.join(timeout=60)
         if self._error is not None:
             raise self._error
         text, hit = finish_text(gen.decode(got), gen.stop_strings, final=True)
@@ -283,7 +286,13 @@ class Generator:
         return self.schema.encode_prompt(self.tokenizer, prompt_text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        # clean_up_tokenization_spaces only ever applied to WordPiece vocabularies; asking for
+        # it explicitly keeps BPE tokenizers from warning on every call.
+        return self.tokenizer.decode(
+            list(ids),
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=_cleans_up(self.tokenizer),
+        )
 
     def generate(self, prompt_text: str, max_new_tokens: int | None = None) -> GenerationResult:
         """One answer for a rendered prompt (``max_new_tokens`` may only lower the config's)."""
@@ -448,6 +457,15 @@ class Generator:
     @property
     def _greedy(self) -> bool:
         return self.settings.temperature == 0 and self.settings.repetition_penalty == 1.0
+
+
+def _cleans_up(tokenizer: Any) -> bool:
+    """Whether decoding cleans up spaces: WordPiece vocabularies only (what HF applies)."""
+    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return False
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    return type(model).__name__ == "WordPiece"
 
 
 def _header_stops(schema: PromptSchema) -> list[str]:
