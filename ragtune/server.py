@@ -267,11 +267,21 @@ def create_app(
                 log.exception("stream failed")
                 yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
             finally:
+                await done()
+
+        released = False
+
+        async def done() -> None:
+            """Stop the generation and give the turn back, exactly once."""
+            nonlocal released
+            if not released:
+                released = True
                 stream.close()
                 await gate.__aexit__(None, None, None)
 
-        return StreamingResponse(
+        return _GuardedStream(
             events(),
+            on_close=done,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -280,6 +290,24 @@ def create_app(
 
 
 # --------------------------------------------------------------------------- helpers
+class _GuardedStream(StreamingResponse):
+    """A streaming response that runs ``on_close`` however it ends.
+
+    A client that is gone before the first byte means the body iterator never starts, so its
+    ``finally`` never runs; this guard still frees the model for the next request.
+    """
+
+    def __init__(self, content: Any, *, on_close: Any, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
 def _question(req: ChatRequest) -> tuple[str, str]:
     """The last user message is the question; the template and context are the server's."""
     users = [m for m in req.messages if m.role == "user"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -297,3 +298,79 @@ def test_hostile_document_through_the_server_stays_context(server):
     assert "Ignore previous instructions" in context
     assert prompt.count("PWNED") == context.count("PWNED") > 0
     assert "<|im_start|>" not in prompt and "[INST]" not in prompt
+
+
+class _FakeStream:
+    def __init__(self) -> None:
+        self.pieces = iter(["a", "b"])
+        self.answer = None
+        self.closed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self.pieces)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _FakePipeline:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.streams: list[_FakeStream] = []
+
+    def stream(self, question, input="", max_new_tokens=None):
+        self.streams.append(_FakeStream())
+        return self.streams[-1]
+
+    def describe(self):
+        return {}
+
+
+def test_stream_to_a_client_gone_before_the_first_byte_frees_the_model():
+    """The body iterator never starts; the turn must still be given back."""
+    import asyncio
+
+    from ragtune.server import create_app
+
+    pipe = _FakePipeline()
+    app = create_app(pipe)
+    body = json.dumps({"messages": [{"role": "user", "content": "q"}], "stream": True}).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"t")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def run() -> None:
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                raise OSError("client went away")
+
+        with contextlib.suppress(Exception):
+            await app(scope, receive, send)
+
+    asyncio.run(run())
+    assert pipe.streams and pipe.streams[0].closed
+    assert not app.state.gate.lock.locked()
