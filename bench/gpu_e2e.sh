@@ -20,7 +20,7 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$R/logs"
 
 env_setup() {
-  export PYTHONPATH="$REPO:/tmp/s/site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$REPO:/tmp/pk:/tmp/s/site${PYTHONPATH:+:$PYTHONPATH}"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
   export UNSLOTH_DISABLE_STATISTICS=1 ANONYMIZED_TELEMETRY=False TOKENIZERS_PARALLELISM=false
   export PYTHONUNBUFFERED=1 RAGTUNE_OUTPUTS="$R/outputs"
@@ -65,6 +65,14 @@ print(\"ragtune imports ok\")"' ;;
       build)
         stage build python3 bench/make_nemo_shape.py --out "$M" --tokenizer .gpu/smol_tok \
           --embedder-out "$E" --embedder-tokenizer .gpu/bert_tok ${BUILD_ARGS:-} ;;
+      smol)  # the embedded CPU models, carried in pieces: cat /tmp/gx/p* is a tar of pk/
+        stage smol bash -c 'cat /tmp/gx/p* | tar xzf - -C /tmp && ls -la /tmp/pk/* &&
+          python3 -c "from ragtune.models import prepare_smollm2 as p; print(p())"' ;;
+      squad)  # issue 6 tuning sweeps with SmolLM2-135M (bench/squad_sweep.sh)
+        stage squad env SQ="$REPO/.gx/sq" bash bench/squad_sweep.sh "$R/sq" ;;
+      embed)  # issue 3's GPU figure: the BGE-base-shaped embedder, fp16, batch 256
+        stage embed python3 bench/retrieval.py .gx/squad2-public.json --embedding-model "$E" --device cuda --batch-size 256 \
+          --chunk-sizes 1000 --layouts article --modes dense --max-questions 200 --workdir "$R/embed" ${EMBED_ARGS:-} ;;
       decode)
         stage decode python3 bench/decode.py --model "$M" --json "$R/decode.jsonl" ${DECODE_ARGS:-} ;;
       train)
@@ -103,6 +111,11 @@ collect() {
   cp "$R/summary.txt" "$OUT/" 2>/dev/null
   cp "$R/decode.jsonl" "$R/train.jsonl" "$OUT/" 2>/dev/null
   tar czf "$OUT/logs.tgz" -C "$R" logs master.log 2>/dev/null
+  if [ -d "$R/sq" ]; then  # squad sweeps: summaries, logs, per-run metrics (no models)
+    (cd "$R/sq" && find . \( -name 'summary.*' -o -name '*.log' -o -name metrics.json \
+      -o -name results.md -o -name 'overrides.yaml' -o -name stats.json -o -name summary.txt \
+      -o -name answers.jsonl \) -print0 | tar czf "$OUT/squad.tgz" --null -T - 2>/dev/null)
+  fi
 }
 
 case ${1:-} in

@@ -16,11 +16,14 @@ from omegaconf import DictConfig  # noqa: E402
 import ragtune.config  # noqa: F401, E402  (registers the ${ragtune_root:} resolver)
 
 
-def _import_unsloth_first() -> None:
-    """Unsloth patches transformers when imported; importing it first halves 12B load time."""
+def _import_unsloth_first(backend: str) -> None:
+    """Unsloth patches transformers when imported; importing it first halves 12B load time.
+
+    Not with ``train.backend=hf``: that run must be plain transformers + PEFT + TRL, as on CPU.
+    """
     import importlib.util
 
-    if importlib.util.find_spec("unsloth") is None:
+    if backend == "hf" or importlib.util.find_spec("unsloth") is None:
         return
     import torch
 
@@ -30,7 +33,7 @@ def _import_unsloth_first() -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
 def main(cfg: DictConfig) -> float | None:
-    _import_unsloth_first()
+    _import_unsloth_first(str(cfg.train.get("backend", "auto")))
     from ragtune.config import user_errors
     from ragtune.sft import run_sft
 
