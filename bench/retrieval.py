@@ -38,7 +38,7 @@ os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ragtune.config import RetrieverConfig  # noqa: E402
-from ragtune.ingest import ingest, load_embedder  # noqa: E402
+from ragtune.ingest import embed_texts, ingest, load_embedder  # noqa: E402
 from ragtune.paths import PROJECT_ROOT  # noqa: E402
 from ragtune.retriever import Retriever  # noqa: E402
 
@@ -125,14 +125,18 @@ def embed_throughput(rcfg: RetrieverConfig, texts: list[str], n: int) -> dict:
     ids = tok(" ".join(texts), add_special_tokens=False)["input_ids"]
     pieces = [tok.decode(ids[i : i + 250]) for i in range(0, len(ids) - 250, 250)]
     pieces = (pieces * (n // max(1, len(pieces)) + 1))[:n]
-    model.encode(pieces[: rcfg.batch_size], batch_size=rcfg.batch_size)
+    embed_texts(
+        model, pieces[: rcfg.batch_size], normalize=rcfg.normalize, batch_size=rcfg.batch_size
+    )
     dev = str(model.device)
     if dev.startswith("cuda"):
         import torch
 
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    model.encode(pieces, batch_size=rcfg.batch_size, normalize_embeddings=rcfg.normalize)
+    embed_texts(
+        model, pieces, normalize=rcfg.normalize, batch_size=rcfg.batch_size
+    )  # ingest's path
     if dev.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0

@@ -88,6 +88,7 @@ class RaftConfig:
     mode: str = "rag"  # rag: retrieved contexts; closed: no context (the closed-book baseline)
     oracle_fraction: float = 0.8
     abstain_without_oracle: bool = True
+    unanswerable_fraction: float | None = None
     shuffle_oracle: bool = True
     num_preview: int = 3
 
@@ -282,6 +283,12 @@ def _check_values(cfg: DictConfig) -> None:
     if "raft" in cfg:
         p = cfg.raft.oracle_fraction
         need(0.0 <= p <= 1.0, "raft.oracle_fraction", f"must be in [0, 1], got {p}")
+        u = cfg.raft.get("unanswerable_fraction")
+        need(
+            u is None or 0.0 <= u <= 1.0,
+            "raft.unanswerable_fraction",
+            f"must be null or in [0, 1], got {u}",
+        )
         need(
             cfg.raft.mode in ("rag", "closed"),
             "raft.mode",

@@ -228,14 +228,22 @@ def load_embedder(name: str, device: str = "auto") -> Any:
 
         path = resolve_embedder(name)
         log.info("loading embedding model %s on %s", path, dev)
+        cuda = dev.startswith("cuda")
         try:
+            model = SentenceTransformer(
+                path,
+                device=dev,
+                # sdpa: 1.7x the eager attention's throughput for BGE-base on an H100
+                model_kwargs={"attn_implementation": "sdpa"} if cuda else None,
+            )
+        except ValueError:  # an architecture without sdpa support: its default attention
             model = SentenceTransformer(path, device=dev)
         except OSError as e:
             raise RagtuneError(
                 f"cannot load retriever.embedding_model={name!r} ({e}); "
                 "use a local folder or a model in the Hugging Face cache"
             ) from None
-        if dev.startswith("cuda"):
+        if cuda:
             model.half()
         _EMBEDDERS[key] = model
     return _EMBEDDERS[key]
@@ -248,6 +256,8 @@ def embed_texts(
     if not texts:
         dim = model.get_sentence_embedding_dimension() or 0
         return np.zeros((0, dim), dtype=np.float32)
+    if str(model.device).startswith("cuda"):
+        return _embed_pipelined(model, texts, normalize, batch_size, progress)
     vecs = model.encode(
         texts,
         batch_size=batch_size,
@@ -256,6 +266,58 @@ def embed_texts(
         show_progress_bar=progress,
     )
     return np.asarray(vecs, dtype=np.float32)
+
+
+TOKENIZE_WORKERS = 4  # threads tokenizing ahead of the GPU (the Rust tokenizer drops the GIL)
+
+
+def _embed_pipelined(
+    model: Any, texts: list[str], normalize: bool, batch_size: int, progress: bool
+) -> np.ndarray:
+    """``SentenceTransformer.encode`` with tokenization on worker threads, ahead of the GPU.
+
+    ``encode`` tokenizes each batch on the calling thread, then runs the model: on an H100 the
+    tokenizer (~3,100 BGE-base chunks/s on one core) is the bottleneck, not the model (~8,800/s
+    with sdpa). Here up to ``TOKENIZE_WORKERS`` batches are tokenized while the GPU embeds, and
+    the results stay on the GPU until the end (one synchronisation). Longest texts first, as
+    ``encode`` does, so a batch pads little; rows come back in input order.
+    """
+    import itertools
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    batches = (
+        [texts[i] for i in order[s : s + batch_size]] for s in range(0, len(texts), batch_size)
+    )
+    out: list[Any] = []
+    with (
+        ThreadPoolExecutor(TOKENIZE_WORKERS) as pool,
+        torch.inference_mode(),
+        tqdm(total=len(texts), desc="embedding", unit="chunk", disable=not progress) as bar,
+    ):
+        pending = deque(pool.submit(model.tokenize, b) for b in itertools.islice(batches, 8))
+        while pending:
+            features = pending.popleft().result()
+            nxt = next(batches, None)
+            if nxt is not None:
+                pending.append(pool.submit(model.tokenize, nxt))
+            features = {
+                k: v.to(model.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in features.items()
+            }
+            emb = model(features)["sentence_embedding"].float()
+            if normalize:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            out.append(emb)
+            bar.update(emb.shape[0])
+    vecs = torch.cat(out).cpu().numpy()
+    result = np.empty_like(vecs)
+    result[order] = vecs
+    return result
 
 
 # --------------------------------------------------------------------------- chunking

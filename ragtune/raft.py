@@ -61,6 +61,7 @@ class BuildSettings:
     oracle_fraction: float = 0.8
     abstain_without_oracle: bool = True
     shuffle_oracle: bool = True
+    unanswerable_fraction: float | None = None  # cap on the share of unanswerable records
     mode: str = "rag"
     max_seq_length: int = 1024
     context_tokens: int = 0  # 0 = derive from max_seq_length (schema.context_budget)
@@ -74,6 +75,7 @@ class BuildSettings:
             oracle_fraction=cfg.raft.oracle_fraction,
             abstain_without_oracle=cfg.raft.abstain_without_oracle,
             shuffle_oracle=cfg.raft.shuffle_oracle,
+            unanswerable_fraction=cfg.raft.get("unanswerable_fraction"),
             mode=cfg.raft.mode,
             max_seq_length=cfg.model.max_seq_length,
             context_tokens=cfg.retriever.context_tokens,
@@ -83,6 +85,28 @@ class BuildSettings:
 
 def _contains(text: str, answer: str) -> bool:
     return answer.casefold() in text.casefold()
+
+
+def cap_unanswerable(
+    records: Sequence[QARecord], fraction: float | None, seed: int
+) -> list[QARecord]:
+    """At most ``fraction`` of the records unanswerable: a seeded sample of the rest is dropped.
+
+    The abstention balance is a training lever: SQuAD v2 is about half unanswerable, and with
+    the oracle-dropped answerable records the abstain answer becomes the majority target, which
+    a small model learns as "always abstain". ``None`` keeps every record; order is kept.
+    """
+    if fraction is None:
+        return list(records)
+    unans = [i for i, r in enumerate(records) if not r.answerable]
+    n_ans = len(records) - len(unans)
+    # u / (n_ans + u) <= fraction  <=>  u <= fraction * n_ans / (1 - fraction)
+    limit = len(unans) if fraction >= 1 else int(fraction * n_ans / (1 - fraction))
+    if len(unans) <= limit:
+        return list(records)
+    rng = random.Random(f"{seed}:unanswerable")
+    drop = set(rng.sample(unans, len(unans) - limit))
+    return [r for i, r in enumerate(records) if i not in drop]
 
 
 def _keep_oracle(records: Sequence[QARecord], fraction: float, seed: int) -> set[int]:
@@ -126,6 +150,8 @@ def build_examples(
     """
     if settings.mode == "rag" and retriever is None:
         raise ValueError("mode 'rag' needs a retriever")
+    n_given = len(records)
+    records = cap_unanswerable(records, settings.unanswerable_fraction, settings.seed)
     keep = _keep_oracle(records, settings.oracle_fraction, settings.seed)
     kinds: Counter[str] = Counter()
     examples: list[dict[str, Any]] = []
@@ -193,6 +219,7 @@ def build_examples(
             }
         )
     stats = _stats(examples, kinds, tokenizer, schema, settings, n_truncated, n_ctx)
+    stats["unanswerable_dropped"] = n_given - len(records)
     return examples, stats
 
 

@@ -100,6 +100,7 @@ def test_outputs_root_is_configurable(monkeypatch, tmp_path):
         ("train.backend=tpu", "train.backend"),
         ("train.save_method=gguf", "train.save_method"),
         ("raft.oracle_fraction=1.5", "raft.oracle_fraction"),
+        ("raft.unanswerable_fraction=1.2", "raft.unanswerable_fraction"),
         ("train.lora.r=0", "train.lora.r"),
         ("model.dtype=int3", "model.dtype"),
     ],

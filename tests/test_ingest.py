@@ -228,3 +228,19 @@ def test_chroma_server_on_loopback(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_pipelined_embedding_equals_sentence_transformers_encode():
+    """The GPU path (tokenizer threads ahead of the model) gives encode's vectors, in order."""
+    import numpy as np
+
+    from ragtune.ingest import _embed_pipelined, load_embedder
+
+    model = load_embedder("minilm-l6", "cpu")
+    texts = [f"Chunk {i}: " + "the harbour keeper logs the tide " * (1 + i % 7) for i in range(37)]
+    want = model.encode(texts, batch_size=8, normalize_embeddings=True, convert_to_numpy=True)
+    got = _embed_pipelined(model, texts, normalize=True, batch_size=8, progress=False)
+    assert got.shape == want.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    raw = _embed_pipelined(model, texts[:5], normalize=False, batch_size=2, progress=False)
+    np.testing.assert_allclose(raw, model.encode(texts[:5], batch_size=2), atol=1e-5)

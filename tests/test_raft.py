@@ -180,3 +180,30 @@ def test_saved_dataset_is_readable(corpus, tokenizer, tmp_path):
     assert (tmp_path / "train.jsonl").read_text().count("\n") == len(examples)
     preview = (tmp_path / "preview.md").read_text()
     assert preview.count("### Response:") == 2
+
+
+def test_unanswerable_cap_sets_the_abstention_balance(corpus, tokenizer):
+    _, records = corpus
+    many = records + [QARecord(f"What colour is door {i}?", "") for i in range(40)]
+    chunks = corpus[0]
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    for cap in (0.25, 0.5):
+        settings = BuildSettings(k=3, fetch_k=10, max_seq_length=512, unanswerable_fraction=cap)
+        examples, stats = build_examples(
+            many,
+            MemoryRetriever(chunks, count),
+            get_schema("alpaca_rag"),
+            tokenizer,
+            settings,
+            progress=False,
+        )
+        n_un = sum(e["kind"] == "unanswerable" for e in examples)
+        n_ans = sum(bool(e["answer"]) for e in examples)
+        assert n_ans == 32  # answerable records are never dropped
+        assert n_un == int(cap * n_ans / (1 - cap))  # as many unanswerable as the cap allows
+        assert stats["unanswerable_dropped"] == 48 - n_un
+    # no cap, or a cap above the actual share: every record stays
+    _, stats = _build(corpus, tokenizer, unanswerable_fraction=None)
+    assert stats["unanswerable_dropped"] == 0 and stats["examples"] == len(records)
+    _, stats = _build(corpus, tokenizer, unanswerable_fraction=0.9)
+    assert stats["unanswerable_dropped"] == 0
