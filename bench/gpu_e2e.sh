@@ -69,7 +69,7 @@ print(\"ragtune imports ok\")"' ;;
         stage smol bash -c 'cat /tmp/gx/p* | tar xzf - -C /tmp && ls -la /tmp/pk/* &&
           python3 -c "from ragtune.models import prepare_smollm2 as p; print(p())"' ;;
       squad)  # issue 6 tuning sweeps with SmolLM2-135M (bench/squad_sweep.sh)
-        stage squad env SQ="$REPO/.gx/sq" bash bench/squad_sweep.sh "$R/sq" ;;
+        stage squad env SQ="$REPO/.gx/sq" PLAN="${PLAN:-round1}" bash bench/squad_sweep.sh "$R/sq" ;;
       embed)  # issue 3's GPU figure: the BGE-base-shaped embedder, fp16, batch 256
         stage embed python3 bench/retrieval.py .gx/squad2-public.json --embedding-model "$E" --device cuda --batch-size 256 \
           --chunk-sizes 1000 --layouts article --modes dense --max-questions 200 --workdir "$R/embed" ${EMBED_ARGS:-} ;;

@@ -4,7 +4,7 @@
 # before the one-hour CPU run. Same model (SmolLM2-135M, dequantized from the embedded GGUF),
 # same dtype (float32), same backend (hf) and the same code as on CPU: only the device differs.
 #
-#   SQ=.gx/sq bash bench/squad_sweep.sh [OUTROOT]
+#   SQ=.gx/sq PLAN=round1|round2 bash bench/squad_sweep.sh [OUTROOT]
 #
 # SQ holds train/prepare_squad.py splits of ../shared/data/squad2-public/squad2-public.json,
 # made with --test-fraction 0.25 --seed 0 --max-test 0 and --max-train 150|300|600|1200 into
@@ -71,23 +71,48 @@ single() {
 }
 
 t0=$SECONDS
-sweep chunk retriever.chunk_size=200,300,400 raft.oracle_fraction=0.8,1.0 &
-sweep lr train.learning_rate=2e-4,1e-3 train.epochs=2,3 &
-sweep size "data.qa_train=$SQ/s150/train.jsonl,$SQ/s600/train.jsonl,$SQ/s1200/train.jsonl" &
-sweep prompt prompt=alpaca_rag,chat_rag &
-(single raft && single closed raft.mode=closed) &
-wait
-echo "group 1 done at $((SECONDS - t0)) s" >> "$R/summary.txt"
+round1() {  # the demo recipe around its settings (P, chunk, lr/epochs, size, prompt, rank, retrieval)
+  sweep chunk retriever.chunk_size=200,300,400 raft.oracle_fraction=0.8,1.0 &
+  sweep lr train.learning_rate=2e-4,1e-3 train.epochs=2,3 &
+  sweep size "data.qa_train=$SQ/s150/train.jsonl,$SQ/s600/train.jsonl,$SQ/s1200/train.jsonl" &
+  sweep prompt prompt=alpaca_rag,chat_rag &
+  (single raft && single closed raft.mode=closed) &
+  wait
+  echo "group 1 done at $((SECONDS - t0)) s" >> "$R/summary.txt"
+  sweep rank train.lora.r=8,64 &
+  sweep retrieval retriever.hybrid=true,false retriever.k=3,4 &
+  sweep abstain raft.abstain_without_oracle=false,true raft.oracle_fraction=0.6 &
+  eval4 eval4 raft closed &
+  wait
+}
 
-sweep rank train.lora.r=8,64 &
-sweep retrieval retriever.hybrid=true,false retriever.k=3,4 &
-sweep abstain raft.abstain_without_oracle=false,true raft.oracle_fraction=0.6 &
-(
-  mapfile -t args < <(overrides eval4 | grep -v -E '^(train|raft)\.')  # not eval.py's keys
-  python3 train/eval.py "${args[@]}" "eval.models.raft_rag=$R/runs/raft/model" \
-    "eval.models.ft_closed=$R/runs/closed/model" "hydra.run.dir=$R/runs/eval4" \
-    > "$R/logs/eval4.log" 2>&1
-  echo "eval4 rc=$?" >> "$R/summary.txt"
-) &
-wait
-echo "group 2 done at $((SECONDS - t0)) s" >> "$R/summary.txt"
+round2() {  # round 1 found "always abstain": the abstention balance, data size and epochs
+  local cap=(raft.oracle_fraction=1.0)
+  sweep cap "${cap[@]}" raft.unanswerable_fraction=0.2,0.33,0.45 &
+  sweep cap600 "${cap[@]}" "data.qa_train=$SQ/s600/train.jsonl" raft.unanswerable_fraction=0.2,0.33 &
+  sweep full "data.qa_train=$SQ/s0/train.jsonl" raft.unanswerable_fraction=0.33 \
+    raft.oracle_fraction=0.8,1.0 &
+  sweep epochs "${cap[@]}" raft.unanswerable_fraction=0.33 train.epochs=3,4 &
+  (single raft2 "${cap[@]}" raft.unanswerable_fraction=0.33 "data.qa_train=$SQ/s600/train.jsonl" &&
+    single closed2 raft.mode=closed raft.unanswerable_fraction=0.33 \
+      "data.qa_train=$SQ/s600/train.jsonl") &
+  wait
+  echo "group 1 done at $((SECONDS - t0)) s" >> "$R/summary.txt"
+  eval4 eval4b raft2 closed2 &
+  sweep lr2 "${cap[@]}" raft.unanswerable_fraction=0.33 "data.qa_train=$SQ/s600/train.jsonl" \
+    train.learning_rate=2e-4,1e-3 &
+  sweep prompt2 "${cap[@]}" raft.unanswerable_fraction=0.33 "data.qa_train=$SQ/s600/train.jsonl" \
+    prompt=chat_rag,alpaca_rag &
+  wait
+}
+
+# eval4 NAME RAFT_RUN CLOSED_RUN: all four modes (train/eval.py) with those runs' models
+eval4() {
+  mapfile -t args < <(overrides "$1" | grep -v -E '^(train|raft)\.')  # not eval.py's keys
+  python3 train/eval.py "${args[@]}" "eval.models.raft_rag=$R/runs/$2/model" \
+    "eval.models.ft_closed=$R/runs/$3/model" "hydra.run.dir=$R/runs/$1" > "$R/logs/$1.log" 2>&1
+  echo "$1 rc=$?" >> "$R/summary.txt"
+}
+
+"${PLAN:-round1}"
+echo "${PLAN:-round1} done at $((SECONDS - t0)) s" >> "$R/summary.txt"
