@@ -121,6 +121,7 @@ class TrainConfig:
     resume: bool = False
     save_method: str = "merged_16bit"
     eval_after: bool = False
+    fsdp: str = ""  # "" = DDP; else FSDP options, e.g. "full_shard auto_wrap" (FSDP_OPTIONS)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class EvalConfig:
 EVAL_MODES = ("base_rag", "ft_closed", "ft_then_rag", "raft_rag")
 BACKENDS = ("auto", "hf", "unsloth")
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
+FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Which groups each top-level config may hold, and their schema. Keys not listed here are
@@ -321,6 +323,23 @@ def _check_values(cfg: DictConfig) -> None:
             "train.epochs or train.max_steps must be > 0",
         )
         need(t.save_steps > 0, "train.save_steps", f"must be > 0, got {t.save_steps}")
+        fsdp = str(t.get("fsdp") or "").split()
+        bad = [o for o in fsdp if o not in FSDP_OPTIONS]
+        need(
+            not bad,
+            "train.fsdp",
+            f"unknown option(s) {bad}; use '' (DDP) or some of {', '.join(FSDP_OPTIONS)}",
+        )
+        need(
+            not ("full_shard" in fsdp and "shard_grad_op" in fsdp),
+            "train.fsdp",
+            "full_shard and shard_grad_op are alternatives; choose one",
+        )
+        need(
+            not fsdp or t.backend != "unsloth",
+            "train.fsdp",
+            "FSDP needs train.backend=hf (Unsloth trains on one GPU); set train.backend=hf",
+        )
     if "eval" in cfg:
         e = cfg.eval
         for mode in e.modes or []:

@@ -289,6 +289,21 @@ def save_dataset(
     return out_dir
 
 
+def load_saved_dataset(out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Read back what :func:`save_dataset` wrote: ``(examples, stats)``.
+
+    Under torchrun the other ranks train on rank 0's examples through this instead of
+    retrieving themselves, so every rank holds the same data built once.
+    """
+    out_dir = Path(out_dir)
+    train, stats_file = out_dir / "train.jsonl", out_dir / "stats.json"
+    if not train.is_file() or not stats_file.is_file():
+        raise FileNotFoundError(f"{out_dir}: no saved dataset (train.jsonl + stats.json)")
+    with train.open() as f:
+        examples = [json.loads(line) for line in f if line.strip()]
+    return examples, json.loads(stats_file.read_text())
+
+
 def describe(stats: dict[str, Any]) -> str:
     """One line for the log."""
     t = stats["tokens"]

@@ -24,6 +24,7 @@ from ragtune.sweep import is_multirun, write_status
 log = logging.getLogger(__name__)
 
 SFT_TOP_LEVEL = {"seed": int, "output_dir": str}
+DATASET_WAIT_S = 24 * 3600  # torchrun: how long other ranks wait for rank 0 to ingest and build
 
 
 def load_tokenizer(cfg: DictConfig) -> Any:
@@ -81,31 +82,114 @@ def build_dataset(
     return examples, stats, tokenizer, retriever
 
 
+def shared_dataset(
+    cfg: DictConfig, out: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any], Any, Path]:
+    """:func:`build_dataset` once per launch: on rank 0, shared with the other ranks.
+
+    In a plain run this is ``build_dataset``. Under torchrun / accelerate (``WORLD_SIZE > 1``)
+    rank 0 alone ingests the corpus and builds + saves the examples (no concurrent writes to
+    the index, one set of retrieval results), then broadcasts the run folder and a checksum of
+    ``dataset/train.jsonl``; the other ranks wait for it and read rank 0's saved examples.
+    The wait has its own gloo group with a long timeout, since ingesting a large corpus can
+    outlast the training collectives' timeout. The folder must be on a file system all ranks
+    see (on several nodes: a shared one). Returns (examples, stats, retriever-or-None, the
+    run folder rank 0 uses, which every rank then uses).
+    """
+    from ragtune.raft import load_saved_dataset
+    from ragtune.train import init_distributed, is_main_process
+
+    if not init_distributed():
+        examples, stats, _tok, retriever = build_dataset(cfg, out)
+        return examples, stats, retriever, out
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    wait = dist.new_group(backend="gloo", timeout=timedelta(seconds=DATASET_WAIT_S))
+    retriever = None
+    box: list[Any] = [None]
+    if is_main_process():
+        try:
+            examples, stats, _tok, retriever = build_dataset(cfg, out)
+            box[0] = {"out": str(out.resolve()), "sha256": _sha256(out / "dataset/train.jsonl")}
+        except Exception as e:
+            box[0] = {"error": f"{type(e).__name__}: {e}"}
+            dist.broadcast_object_list(box, src=0, group=wait)
+            raise
+    dist.broadcast_object_list(box, src=0, group=wait)
+    info = box[0]
+    if "error" in info:
+        raise RagtuneError(f"rank 0 could not build the dataset: {info['error']}")
+    out = Path(info["out"])
+    if not is_main_process():
+        data = out / "dataset"
+        try:
+            examples, stats = load_saved_dataset(data)
+            same = _sha256(data / "train.jsonl") == info["sha256"]
+        except (OSError, ValueError) as e:
+            raise RagtuneError(f"{data}: cannot read rank 0's dataset ({e})") from e
+        if not same:
+            raise RagtuneError(
+                f"{data}/train.jsonl differs from what rank 0 wrote: output_dir must be on a "
+                "file system every rank sees (shared between nodes)"
+            )
+        log.info(
+            "rank %d: loaded rank 0's %d examples from %s", dist.get_rank(), len(examples), data
+        )
+    return examples, stats, retriever, out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def run_sft(cfg: DictConfig) -> float:
-    """Index, build, train, save, stamp. Returns the sweep metric (eval score or -loss)."""
+    """Index, build, train, save, stamp. Returns the sweep metric (eval score or -loss).
+
+    Under torchrun / accelerate every rank runs this; rank 0 alone builds the dataset and
+    writes status.json, the manifest and ``outputs/latest``, and the other ranks log warnings
+    only.
+    """
+    from ragtune.train import is_main_process
+
+    main = is_main_process()
+    if not main:
+        logging.getLogger("ragtune").setLevel(logging.WARNING)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     multirun = is_multirun()
-    write_status(out, "running")
+    if main:
+        write_status(out, "running")
     try:
         validate(cfg, SFT_TOP_LEVEL)  # inside the try: a bad combination fails alone in a sweep
         metric, summary = _run(cfg, out)
     except Exception as e:
-        write_status(out, "failed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc())
+        if main:
+            write_status(
+                out, "failed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()
+            )
         if multirun:  # a failed run is recorded and the sweep goes on
             log.error("run failed: %s: %s", type(e).__name__, e)
             return float("nan")
         raise
-    write_status(out, "ok", **summary)
-    if not multirun:
-        _point_latest(Path(summary["model_dir"]), Path(cfg.paths.outputs))
+    if main:
+        write_status(out, "ok", **summary)
+        if not multirun:
+            _point_latest(Path(summary["model_dir"]), Path(cfg.paths.outputs))
     return metric
 
 
 def _run(cfg: DictConfig, out: Path) -> tuple[float, dict[str, Any]]:
     from ragtune.manifest import write_manifest
     from ragtune.schema import get_schema
-    from ragtune.train import train
+    from ragtune.train import is_main_process, train
 
     t0 = time.perf_counter()
     schema = get_schema(cfg.prompt.name)
@@ -119,7 +203,7 @@ def _run(cfg: DictConfig, out: Path) -> tuple[float, dict[str, Any]]:
         cfg.retriever.chunk_size,
         cfg.retriever.chunk_overlap,
     )
-    examples, stats, _tok, retriever = build_dataset(cfg, out)
+    examples, stats, retriever, out = shared_dataset(cfg, out)
     t_data = time.perf_counter() - t0
 
     result = train(cfg, examples, schema, out)
@@ -130,6 +214,9 @@ def _run(cfg: DictConfig, out: Path) -> tuple[float, dict[str, Any]]:
         result.backend,
         result.model_dir,
     )
+    if not is_main_process():  # rank 0 evaluates and writes the manifest
+        metric = -result.final_loss if result.final_loss is not None else float("nan")
+        return metric, {"model_dir": str(result.model_dir), "final_loss": result.final_loss}
 
     settings = retriever.settings() if retriever is not None else _retriever_settings(cfg)
     config = to_container(cfg)

@@ -15,7 +15,8 @@ One function, :func:`train`, runs the whole training half of the SFT stage:
   merge never leaves ``<output_dir>/model`` looking complete. The caller writes
   ``manifest.json`` into it last.
 
-Under ``torchrun`` / ``accelerate launch`` the Trainer runs DDP (gloo on CPU, NCCL on CUDA);
+Under ``torchrun`` / ``accelerate launch`` the Trainer runs DDP (gloo on CPU, NCCL on CUDA),
+or FSDP2 with ``train.fsdp`` (:func:`fsdp_args`; the sharded weights are gathered for saving);
 only rank 0 writes checkpoints and the model folder.
 
 Trust boundary: resuming reads the Trainer's own ``optimizer.pt`` / ``scheduler.pt`` /
@@ -78,6 +79,43 @@ def is_main_process() -> bool:
     The SFT stage uses it to build the dataset and write the manifest once.
     """
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    """Processes in this torchrun / accelerate launch (1 in a plain run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+DDP_TIMEOUT_S = 1800  # transformers' TrainingArguments.ddp_timeout default
+
+
+def init_distributed() -> bool:
+    """Start the torch.distributed process group now if launched with WORLD_SIZE > 1.
+
+    The SFT stage needs it before training (rank 0 builds the dataset, the others wait), so it
+    is started here the way accelerate's ``PartialState`` (which the Trainer uses) would:
+    gloo on CPU, NCCL on CUDA with gloo beside it for CPU tensors (FSDP's full state dict,
+    CPU offload). The Trainer then finds the group initialised and uses it as is. Returns
+    whether a group is running; an already initialised one is kept.
+    """
+    if world_size() <= 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return True
+    from datetime import timedelta
+
+    if _cuda_available():
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cuda:nccl,cpu:gloo"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    log.debug("process group %s: rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+    return True
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -313,7 +351,7 @@ def _lora_targets(target_modules: Any) -> Any:
 def _load_hf(cfg: Any, model_path: str, cuda: bool) -> tuple[Any, Any, dict[str, Any]]:
     """transformers + PEFT; bitsandbytes 4-bit on CUDA when model.load_in_4bit."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     m, t = cfg.model, cfg.train
@@ -361,7 +399,14 @@ def _load_hf(cfg: Any, model_path: str, cuda: bool) -> tuple[Any, Any, dict[str,
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=bool(t.gradient_checkpointing)
         )
-    lora = LoraConfig(
+    model = get_peft_model(model, _lora_config(t))
+    return model, tokenizer, precision
+
+
+def _lora_config(t: Any) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
         r=int(t.lora.r),
         lora_alpha=int(t.lora.alpha),
         lora_dropout=float(t.lora.dropout),
@@ -369,8 +414,6 @@ def _load_hf(cfg: Any, model_path: str, cuda: bool) -> tuple[Any, Any, dict[str,
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    return model, tokenizer, precision
 
 
 def _load_unsloth(cfg: Any, model_path: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -451,6 +494,57 @@ def _callbacks(checkpoints: Path, tb_dir: Path, is_main: bool) -> list[Any]:
     return out
 
 
+# --------------------------------------------------------------------------- FSDP
+def fsdp_options(cfg: Any) -> list[str]:
+    """``train.fsdp`` as a list of options; empty means DDP (the default)."""
+    return str(cfg.train.get("fsdp") or "").split()
+
+
+def fsdp_args(cfg: Any) -> dict[str, Any]:
+    """``train.fsdp`` -> ``fsdp`` / ``fsdp_config`` for TrainingArguments (``{}`` for DDP).
+
+    transformers 5.17 deprecates the option string (``fsdp="full_shard auto_wrap"``) in favour
+    of ``fsdp=True`` plus ``fsdp_config``, so the options are translated here to FSDP2 settings
+    (per-parameter sharding, which mixes frozen base weights and trainable LoRA weights in one
+    module without FSDP1's ``use_orig_params``): full_shard -> reshard_after_forward,
+    shard_grad_op -> keep weights gathered until backward, offload -> cpu_offload, auto_wrap ->
+    one unit per decoder layer (the model's ``_no_split_modules``, TRANSFORMER_BASED_WRAP).
+    Gradient checkpointing becomes FSDP's activation checkpointing (transformers' own
+    would all-gather the weights a second time in backward). Full state dicts are gathered for
+    saving, so the saved model loads without torch.distributed.
+    """
+    opts = fsdp_options(cfg)
+    if not opts:
+        return {}
+    config: dict[str, Any] = {
+        "version": 2,
+        "reshard_after_forward": "shard_grad_op" not in opts,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP" if "auto_wrap" in opts else "NO_WRAP",
+        "cpu_offload": "offload" in opts,
+        "state_dict_type": "FULL_STATE_DICT",
+        "activation_checkpointing": _unsloth_gc(cfg.train.gradient_checkpointing) is not False,
+    }
+    return {"fsdp": True, "fsdp_config": config}
+
+
+def _check_fsdp(cfg: Any, backend: str, cuda: bool) -> None:
+    """Refuse FSDP combinations that cannot work, before any model loads."""
+    if not fsdp_options(cfg):
+        return
+    if backend != "hf":
+        raise TrainError(
+            f"train.fsdp={cfg.train.fsdp!r} needs train.backend=hf (Unsloth trains on one GPU)"
+        )
+    if cuda and cfg.model.load_in_4bit:
+        raise TrainError(
+            f"train.fsdp={cfg.train.fsdp!r} with model.load_in_4bit=true: FSDP shards the 16-bit "
+            "weights, and 4-bit (QLoRA) loading places the whole model on each GPU; set "
+            "model.load_in_4bit=false (or train.fsdp='' for DDP with QLoRA)"
+        )
+    if cfg.train.save_method == "merged_4bit":
+        raise TrainError("train.fsdp: save_method=merged_4bit needs unsloth; use merged_16bit")
+
+
 # --------------------------------------------------------------------------- training
 def _sft_config(
     cfg: Any, checkpoints: Path, precision: dict[str, Any], cuda: bool, backend: str = "hf"
@@ -458,8 +552,14 @@ def _sft_config(
     from trl import SFTConfig
 
     t = cfg.train
-    # Unsloth applied its own checkpointing in get_peft_model; for hf, "unsloth" means "on".
-    gc = False if backend == "unsloth" else _unsloth_gc(t.gradient_checkpointing) is not False
+    fsdp = fsdp_args(cfg)
+    # Unsloth applied its own checkpointing in get_peft_model; for hf, "unsloth" means "on";
+    # under FSDP it is FSDP's activation checkpointing (in fsdp_config) instead.
+    gc = (
+        False
+        if backend == "unsloth" or fsdp
+        else _unsloth_gc(t.gradient_checkpointing) is not False
+    )
     return SFTConfig(
         output_dir=str(checkpoints),
         seed=int(cfg.seed),
@@ -494,6 +594,7 @@ def _sft_config(
         ddp_find_unused_parameters=False,
         # torchrun on CPU: gloo. Only when launched: a backend makes accelerate start a process group
         ddp_backend="gloo" if not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        **fsdp,
     )
 
 
@@ -513,8 +614,11 @@ def train(
     import torch
 
     output_dir = Path(output_dir)
-    backend = select_backend(str(cfg.train.backend))
+    requested = str(cfg.train.backend)
+    # FSDP is an hf-backend feature: auto picks hf then instead of single-GPU Unsloth
+    backend = "hf" if fsdp_options(cfg) and requested == "auto" else select_backend(requested)
     cuda = _cuda_available()
+    _check_fsdp(cfg, backend, cuda)
     if cfg.train.save_method == "merged_4bit" and backend != "unsloth":
         raise TrainError(
             "train.save_method=merged_4bit needs the unsloth backend on a CUDA GPU; "
@@ -599,9 +703,12 @@ def train(
     if resume_from is not None:
         tokens -= float(_tokens_seen_at(resume_from))
     model_dir = output_dir / MODEL_DIR
+    trained = trainer.model
+    if getattr(trainer, "is_fsdp_enabled", False):
+        trained = _gather_fsdp_model(trainer, cfg, model_path)  # every rank takes part
     if trainer.is_world_process_zero():
         save_model(
-            trainer.model,
+            trained,
             tokenizer,
             schema,
             model_dir,
@@ -632,6 +739,40 @@ def train(
         f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a",
     )
     return result
+
+
+def _gather_fsdp_model(trainer: Any, cfg: Any, model_path: str) -> Any:
+    """FSDP: gather the sharded weights into a plain CPU PEFT model on rank 0 (None elsewhere).
+
+    Every rank must call this (the gather is a collective). Rank 0 rebuilds the base model
+    with the same LoRA on CPU and loads the full state dict into it, so saving and merging
+    then run exactly as without FSDP; rank 0 needs host memory for about two model copies.
+    """
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return None
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=bool(cfg.model.trust_remote_code),
+        device_map={"": "cpu"},
+    )
+    model = get_peft_model(base, _lora_config(cfg.train))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    lost = [k for k in missing if "lora_" in k]
+    if lost or unexpected:
+        raise TrainError(
+            f"FSDP gather did not match the LoRA model: {len(lost)} LoRA weights missing "
+            f"(e.g. {lost[:2]}), {len(unexpected)} unexpected (e.g. {list(unexpected)[:2]})"
+        )
+    log.info("gathered the FSDP-sharded weights (%d tensors) on rank 0", len(state))
+    return model
 
 
 def _prequantized(model_path: str) -> bool:
