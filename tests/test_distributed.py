@@ -1,19 +1,24 @@
 """DDP through torchrun (issue 9.2): 2 CPU processes with gloo train the tiny model together.
 
-Checks that training completes, the two ranks saw different examples, every rank ends with the
-same LoRA weights, the saved adapter equals them, and only rank 0 writes the model folder and
-the TensorBoard log.
+Checks that the SFT dataset is built once (rank 0 ingests and builds, rank 1 loads rank 0's
+saved examples from rank 0's run folder), training completes, the two ranks saw different
+examples, every rank ends with the same LoRA weights, the saved adapter equals them, and only
+rank 0 writes the model folder and the TensorBoard log. Fast tests: the saved-dataset
+round trip, rank-0-only status files, and the FSDP settings.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ragtune.sft import SFT_TOP_LEVEL
 
 _WORKER = r"""
 import json, os, sys
@@ -25,9 +30,26 @@ from trl.trainer import sft_trainer
 import ragtune.train as rt
 from ragtune.schema import get_schema
 from test_train import make_cfg, make_examples
+import ragtune.sft as sft
+from ragtune.config import compose, validate
 
 out, model = Path(sys.argv[1]), sys.argv[2]
 rank = int(os.environ["RANK"])
+
+# the SFT stage's dataset, with a run folder per rank (Hydra names them by the second)
+builds = []
+real_build = sft.build_dataset
+def counting_build(cfg, run):
+    builds.append(str(run))
+    return real_build(cfg, run)
+sft.build_dataset = counting_build
+data_cfg = compose("sft", [f"output_dir={out / f'sft{rank}'}", f"model.name_or_path={model}",
+                           "model.max_seq_length=384", "retriever.chunk_size=400",
+                           "retriever.chunk_overlap=40", "data.max_records=6"])
+data_cfg = validate(data_cfg, top_level=sft.SFT_TOP_LEVEL)
+examples, stats, retriever, run = sft.shared_dataset(data_cfg, Path(data_cfg.output_dir))
+dataset = {"builds": builds, "run": str(run), "n": len(examples), "stats": stats,
+           "examples": examples, "has_retriever": retriever is not None}
 seen = []
 real_call = sft_trainer.DataCollatorForLanguageModeling.torch_call
 
@@ -54,7 +76,7 @@ import torch.distributed as dist
 (out / f"rank{rank}.json").write_text(json.dumps({
     "seen": seen, "steps": r.steps, "final_loss": r.final_loss,
     "world": dist.get_world_size() if dist.is_initialized() else 1,
-    "backend": dist.get_backend() if dist.is_initialized() else None}))
+    "backend": dist.get_backend() if dist.is_initialized() else None, "dataset": dataset}))
 """
 
 
@@ -71,6 +93,7 @@ def test_torchrun_two_cpu_processes_gloo(tmp_path, tiny_lm_path):
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]),
         "OMP_NUM_THREADS": "1",
+        "RAGTUNE_OUTPUTS": str(tmp_path / "outputs"),  # the index goes there, not the repo
     }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     res = subprocess.run(
@@ -84,6 +107,15 @@ def test_torchrun_two_cpu_processes_gloo(tmp_path, tiny_lm_path):
 
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 and r["backend"] == "gloo" and r["steps"] == 3 for r in ranks)
+    # the dataset was built once, by rank 0, and rank 1 trained on rank 0's saved examples
+    d0, d1 = ranks[0]["dataset"], ranks[1]["dataset"]
+    assert d0["builds"] == [str(out / "sft0")] and d1["builds"] == []
+    assert d0["run"] == d1["run"] == str((out / "sft0").resolve())
+    assert d0["has_retriever"] and not d1["has_retriever"]
+    assert d0["n"] == d1["n"] == 6 and d0["examples"] == d1["examples"]
+    assert d0["stats"] == d1["stats"]
+    assert (out / "sft0" / "dataset" / "train.jsonl").exists()
+    assert not (out / "sft1" / "dataset").exists()  # rank 1 neither built nor wrote one
     # epoch 1 = 2 steps x batch 2 x 2 ranks = all 8 examples: each rank got its own half
     # (the dataloader prefetches a batch ahead, so later entries belong to epoch 2)
     first0 = {tuple(s) for s in ranks[0]["seen"][:4]}
@@ -108,3 +140,117 @@ def test_torchrun_two_cpu_processes_gloo(tmp_path, tiny_lm_path):
         "rng_state_0.pth",
         "rng_state_1.pth",
     }
+
+
+# --------------------------------------------------------------------------- fast tests
+def test_saved_dataset_round_trips(tmp_path):
+    from ragtune.raft import load_saved_dataset, save_dataset
+
+    examples = [
+        {
+            "kind": "oracle",
+            "instruction": "Wer?",
+            "prompt": "P 日本\n",
+            "completion": "A",
+            "x": [1],
+        },
+        {"kind": "abstain", "instruction": "Q2", "prompt": "P2", "completion": "B", "x": None},
+    ]
+    stats = {"examples": 2, "kinds": {"oracle": 1, "abstain": 1}, "tokens": {"mean": 3.5}}
+    folder = save_dataset(examples, stats, tmp_path / "dataset", num_preview=1)
+    assert load_saved_dataset(folder) == (examples, stats)
+    with pytest.raises(FileNotFoundError, match="no saved dataset"):
+        load_saved_dataset(tmp_path / "missing")
+
+
+def test_other_ranks_write_no_status_manifest_or_latest(outputs, monkeypatch, tmp_path):
+    import ragtune.sft as sft
+    from ragtune.config import compose
+
+    cfg = compose("sft", [f"output_dir={tmp_path / 'run'}"])
+    model_dir = tmp_path / "run" / "model"
+    monkeypatch.setattr(sft, "_run", lambda c, o: (-1.5, {"model_dir": str(model_dir)}))
+    monkeypatch.setenv("RANK", "1")
+    level = logging.getLogger("ragtune").level
+    try:
+        assert sft.run_sft(cfg) == -1.5
+        assert logging.getLogger("ragtune").level == logging.WARNING  # other ranks log less
+    finally:
+        logging.getLogger("ragtune").setLevel(level)
+    assert not (tmp_path / "run" / "status.json").exists() and not (outputs / "latest").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert sft.run_sft(cfg) == -1.5
+    assert (tmp_path / "run" / "status.json").exists() and (outputs / "latest").is_symlink()
+
+
+def test_fsdp_is_off_by_default_and_translates_to_fsdp2(tmp_path):
+    from ragtune.config import compose, validate
+    from ragtune.train import _sft_config, fsdp_args
+
+    precision = {"bf16": False, "fp16": False}
+    cfg = validate(compose("sft", [f"output_dir={tmp_path}"]), top_level=SFT_TOP_LEVEL)
+    assert cfg.train.fsdp == "" and fsdp_args(cfg) == {}
+    assert not _sft_config(cfg, tmp_path, precision, cuda=False).fsdp
+
+    cfg = validate(
+        compose(
+            "sft",
+            [
+                f"output_dir={tmp_path}",
+                "train.fsdp='full_shard auto_wrap offload'",
+                "train.gradient_checkpointing=true",
+            ],
+        ),
+        top_level=SFT_TOP_LEVEL,
+    )
+    args = fsdp_args(cfg)
+    assert args["fsdp"] is True
+    assert args["fsdp_config"] == {
+        "version": 2,
+        "reshard_after_forward": True,
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "cpu_offload": True,
+        "state_dict_type": "FULL_STATE_DICT",
+        "activation_checkpointing": True,
+    }
+    sft_args = _sft_config(cfg, tmp_path, precision, cuda=False)
+    assert sft_args.fsdp is True and not sft_args.gradient_checkpointing
+    plugin = sft_args.fsdp_plugin_args
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
+    assert plugin["cpu_offload"] is True and plugin["activation_checkpointing"] is True
+    assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    cfg = compose("sft", [f"output_dir={tmp_path}", "train.fsdp=shard_grad_op"])
+    cfg = validate(cfg, top_level=SFT_TOP_LEVEL)
+    assert fsdp_args(cfg)["fsdp_config"]["reshard_after_forward"] is False
+    assert fsdp_args(cfg)["fsdp_config"]["auto_wrap_policy"] == "NO_WRAP"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.fsdp=full_sharding"], "unknown option"),
+        (["train.fsdp='full_shard shard_grad_op'"], "choose one"),
+        (["train.fsdp=full_shard", "train.backend=unsloth"], "train.backend=hf"),
+    ],
+)
+def test_bad_fsdp_settings_are_refused_naming_the_key(tmp_path, overrides, message):
+    from ragtune.config import ConfigError, compose, validate
+
+    with pytest.raises(ConfigError, match="train.fsdp") as e:
+        validate(compose("sft", [f"output_dir={tmp_path}", *overrides]), top_level=SFT_TOP_LEVEL)
+    assert message in str(e.value)
+
+
+def test_fsdp_with_merged_4bit_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    import ragtune.models
+    from ragtune.config import compose
+    from ragtune.train import TrainError, train
+
+    def no_load(*a, **kw):
+        raise AssertionError("a model was resolved")
+
+    monkeypatch.setattr(ragtune.models, "resolve_model", no_load)
+    cfg = compose("sft", [f"output_dir={tmp_path}", "train.fsdp=full_shard", "train.backend=hf"])
+    cfg.train.save_method = "merged_4bit"
+    with pytest.raises(TrainError, match="train.fsdp"):
+        train(cfg, [], None, tmp_path)
