@@ -268,6 +268,50 @@ def embed_texts(
     return np.asarray(vecs, dtype=np.float32)
 
 
+def _fast_tokenizer(model: Any) -> Callable[[list[str]], dict[str, Any]] | None:
+    """Tokenize like ``model.tokenize`` through the Rust tokenizer alone, or None if unsure.
+
+    ``SentenceTransformer.tokenize`` spends most of its time in Python (holding the GIL), so
+    threads barely overlap; ``tokenizers.Tokenizer.encode_batch`` releases the GIL. Used only
+    when the features are exactly ids / masks / type ids plus constants (BERT-like models such
+    as MiniLM and BGE), checked against ``model.tokenize`` on a probe batch.
+    """
+    import torch
+
+    try:
+        from tokenizers import Tokenizer
+
+        first = model[0]
+        tok = first.tokenizer
+        raw = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # a private copy to configure
+        raw.enable_truncation(int(first.max_seq_length))
+        raw.enable_padding(pad_id=tok.pad_token_id, pad_token=tok.pad_token)
+    except Exception:  # noqa: BLE001  (any other module layout: the library's own path)
+        return None
+    names = [
+        n for n in ("input_ids", "token_type_ids", "attention_mask") if n in tok.model_input_names
+    ]
+
+    def tokenize(texts: list[str]) -> dict[str, Any]:
+        encs = raw.encode_batch([t.strip() for t in texts])
+        cols = {
+            "input_ids": [e.ids for e in encs],
+            "token_type_ids": [e.type_ids for e in encs],
+            "attention_mask": [e.attention_mask for e in encs],
+        }
+        return {**constants, **{n: torch.tensor(cols[n]) for n in names}}
+
+    probe = ["  Probe text, with  spaces. ", "a second, longer probe text " * 80]  # truncated
+    want = model.tokenize(probe)
+    constants = {k: v for k, v in want.items() if not torch.is_tensor(v)}
+    got = tokenize(probe)
+    same = set(got) == set(want) and all(
+        torch.equal(got[k], want[k]) if torch.is_tensor(want[k]) else got[k] == want[k]
+        for k in want
+    )
+    return tokenize if same else None
+
+
 TOKENIZE_WORKERS = 4  # threads tokenizing ahead of the GPU (the Rust tokenizer drops the GIL)
 
 
@@ -289,6 +333,7 @@ def _embed_pipelined(
     import torch
     from tqdm.auto import tqdm
 
+    tokenize = _fast_tokenizer(model) or model.tokenize
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     batches = (
         [texts[i] for i in order[s : s + batch_size]] for s in range(0, len(texts), batch_size)
@@ -299,12 +344,12 @@ def _embed_pipelined(
         torch.inference_mode(),
         tqdm(total=len(texts), desc="embedding", unit="chunk", disable=not progress) as bar,
     ):
-        pending = deque(pool.submit(model.tokenize, b) for b in itertools.islice(batches, 8))
+        pending = deque(pool.submit(tokenize, b) for b in itertools.islice(batches, 8))
         while pending:
             features = pending.popleft().result()
             nxt = next(batches, None)
             if nxt is not None:
-                pending.append(pool.submit(model.tokenize, nxt))
+                pending.append(pool.submit(tokenize, nxt))
             features = {
                 k: v.to(model.device, non_blocking=True) if torch.is_tensor(v) else v
                 for k, v in features.items()
@@ -315,7 +360,7 @@ def _embed_pipelined(
             out.append(emb)
             bar.update(emb.shape[0])
     vecs = torch.cat(out).cpu().numpy()
-    result = np.empty_like(vecs)
+    result = np.empty_like(vecs)  # back to input order
     result[order] = vecs
     return result
 

@@ -234,9 +234,10 @@ def test_pipelined_embedding_equals_sentence_transformers_encode():
     """The GPU path (tokenizer threads ahead of the model) gives encode's vectors, in order."""
     import numpy as np
 
-    from ragtune.ingest import _embed_pipelined, load_embedder
+    from ragtune.ingest import _embed_pipelined, _fast_tokenizer, load_embedder
 
     model = load_embedder("minilm-l6", "cpu")
+    assert _fast_tokenizer(model) is not None  # BERT-like: the GIL-free tokenizer path is taken
     texts = [f"Chunk {i}: " + "the harbour keeper logs the tide " * (1 + i % 7) for i in range(37)]
     want = model.encode(texts, batch_size=8, normalize_embeddings=True, convert_to_numpy=True)
     got = _embed_pipelined(model, texts, normalize=True, batch_size=8, progress=False)
