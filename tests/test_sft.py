@@ -41,9 +41,9 @@ def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path):
     run = outputs / "run"
     model_dir = run / "model"
     manifest = read_manifest(model_dir)
-    schema = get_schema("alpaca_rag")
+    schema = get_schema("alpaca_rag_short")  # the default variant
     assert manifest["prompt"] == {
-        "name": "alpaca_rag",
+        "name": "alpaca_rag_short",
         "fingerprint": schema.fingerprint,
         "skeleton": schema.skeleton(),
     }
