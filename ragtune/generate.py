@@ -140,7 +140,11 @@ class _StopOnText(StoppingCriteria):
         if self.stops:
             for i in range(batch):
                 tail = input_ids[i, self.prompt_len :][-self.window :].tolist()
-                text = self.tokenizer.decode(tail, skip_special_tokens=True)
+                text = self.tokenizer.decode(
+                    tail,
+                    skip_special_tokens=True,
+                    clean_up_tokenization_spaces=_cleans_up(self.tokenizer),  # no BPE warning
+                )
                 done[i] = any(s in text for s in self.stops)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
