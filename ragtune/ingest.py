@@ -257,7 +257,7 @@ def embed_texts(
     if not texts:
         dim = model.get_sentence_embedding_dimension() or 0
         return np.zeros((0, dim), dtype=np.float32)
-    if str(model.device).startswith("cuda"):
+    if str(model.device).startswith("cuda") and len(texts) > batch_size:  # ingest, not a query
         return _embed_pipelined(model, texts, normalize, batch_size, progress)
     vecs = model.encode(
         texts,
@@ -345,10 +345,11 @@ def _embed_pipelined(
     """``SentenceTransformer.encode`` with tokenization on worker threads, ahead of the GPU.
 
     ``encode`` tokenizes each batch on the calling thread, then runs the model: on an H100 the
-    tokenizer (~3,100 BGE-base chunks/s on one core) is the bottleneck, not the model (~8,800/s
-    with sdpa). Here up to ``TOKENIZE_WORKERS`` batches are tokenized while the GPU embeds, and
-    the results stay on the GPU until the end (one synchronisation). Longest texts first, as
-    ``encode`` does, so a batch pads little; rows come back in input order.
+    tokenizer (~3,100 BGE-base chunks/s on one core) is the bottleneck, not the model
+    (~7,000-8,800/s with sdpa). Here ``TOKENIZE_WORKERS`` threads tokenize the next batches
+    (the Rust tokenizer on all cores) while the GPU embeds, and the results stay on the GPU
+    until the end (one synchronisation). Longest texts first, as ``encode`` does, so a batch
+    pads little; rows come back in input order.
     """
     import itertools
     from collections import deque
@@ -357,7 +358,10 @@ def _embed_pipelined(
     import torch
     from tqdm.auto import tqdm
 
-    tokenize = _fast_tokenizer(model) or model.tokenize
+    # checked once per model (a probe batch through both tokenizers), not on every call
+    if not hasattr(model, "_ragtune_tokenize"):
+        model._ragtune_tokenize = _fast_tokenizer(model) or model.tokenize
+    tokenize = model._ragtune_tokenize
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     batches = (
         [texts[i] for i in order[s : s + batch_size]] for s in range(0, len(texts), batch_size)
