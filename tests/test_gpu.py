@@ -267,3 +267,10 @@ def test_fastdecode_quantized_runs(tokenizer_dir, kind):
     out = fd.generate(tok("The lamp")["input_ids"], 16, [])
     assert len(out) == 16 and all(0 <= t < len(tok) + 1000 for t in out)
     assert fd.last_stats["decode_tok_s"] > 0
+
+    # the decoder layers are quantized; with int8 the LM head stays bf16 (unfused otherwise)
+    def quantized(w: torch.Tensor) -> bool:  # torchao weights are tensor subclasses
+        return type(w) not in (torch.Tensor, torch.nn.Parameter)
+
+    assert quantized(model.model.layers[0].mlp.down_proj.weight)
+    assert quantized(model.get_output_embeddings().weight) == (kind == "int4")
