@@ -11,7 +11,8 @@ Variants (``--variants``, run in this order, results appended as they finish):
 - ``fast_int8`` / ``fast_int4``  a second copy quantized weight-only with torchao
 - ``slow_bnb4`` / ``fast_bnb4``  the model loaded in bitsandbytes 4-bit (what a merged_4bit
                        folder serves with): HF generate, and FastDecoder on it
-The fastest batch-1 fast variant is then run batched at ``--batches`` concurrent requests.
+The fastest batch-1 fast variant (or each of ``--batch-variant``) is then run batched at
+``--batches`` concurrent requests.
 
 For each: time to first token of a ``--prompt``-token RAG-like prompt (prefill + first token),
 decode tokens/s over ``--new`` tokens (median of ``--repeats`` runs, after a warm-up run that
@@ -289,7 +290,11 @@ def main() -> None:
     ap.add_argument("--slow-new", type=int, default=32, help="new tokens, slow paths")
     ap.add_argument("--batch-new", type=int, default=64, help="new tokens per batched request")
     ap.add_argument("--batches", default="8,32", help="concurrent requests")
-    ap.add_argument("--batch-variant", default="auto", help="auto = fastest batch-1 fast variant")
+    ap.add_argument(
+        "--batch-variant",
+        default="auto",
+        help="fast variant(s) run batched, comma-separated; auto = fastest batch-1 fast variant",
+    )
     ap.add_argument("--max-seq-len", type=int, default=2048, help="static cache, batch 1")
     ap.add_argument("--batch-max-seq-len", type=int, default=1024, help="static cache, batched")
     ap.add_argument("--repeats", type=int, default=2)
@@ -386,21 +391,27 @@ def main() -> None:
     # bnb4 last: loading it frees the 16-bit models
     for v in [v for v in variants if not v.endswith("bnb4")]:
         run_variant(v)
-    best = args.batch_variant
-    if best == "auto":
-        fast = [r for r in results if r["variant"] in decoders and r.get("batch") == 1]
-        best = max(fast, key=lambda r: r["decode_tok_s"])["variant"] if fast else ""
-    if best and batches:
+    batch_variants = []
+    for bv in [v.strip() for v in args.batch_variant.split(",") if v.strip()]:
+        if bv == "auto":
+            fast = [r for r in results if r["variant"] in decoders and r.get("batch") == 1]
+            bv = max(fast, key=lambda r: r["decode_tok_s"])["variant"] if fast else ""
+        if bv and bv not in batch_variants:
+            batch_variants.append(bv)
+    for best in batch_variants if batches else []:
         kind = best.split("_")[1]
-        model = attempt(f"load_{kind}", lambda: get_model(kind))
+        model = attempt(f"load_{kind}", lambda k=kind: get_model(k))
+        graph = "trees" if best.endswith("_trees") else "manual"
         for b in batches if model is not None else []:
-            fdb = FastDecoder(
-                model,
-                tok,
-                max_seq_len=args.batch_max_seq_len,
-                graph="trees" if best.endswith("_trees") else "manual",
+            fdb = attempt(
+                f"{best}_b{b}",
+                lambda m=model, g=graph: FastDecoder(
+                    m, tok, max_seq_len=args.batch_max_seq_len, graph=g
+                ),
             )
-            r = attempt(f"{best}_b{b}", lambda b=b, f=fdb: bench_batched(best, f, tok, args, b))
+            r = fdb and attempt(
+                f"{best}_b{b}", lambda b=b, f=fdb, v=best: bench_batched(v, f, tok, args, b)
+            )
             if r:
                 emit(r)
             del fdb
