@@ -114,6 +114,8 @@ class TrainConfig:
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
     packing: bool = False
+    padding_free: Any = "auto"  # "auto", true or false (unpacked batches; see ragtune.train)
+    sampling: str = "random"  # random | group_by_length
     gradient_checkpointing: Any = False  # bool or "unsloth"
     logging_steps: int = 5
     save_steps: int = 50
@@ -168,6 +170,7 @@ class EvalConfig:
 EVAL_MODES = ("base_rag", "ft_closed", "ft_then_rag", "raft_rag")
 BACKENDS = ("auto", "hf", "unsloth")
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
+SAMPLINGS = ("random", "group_by_length")
 FSDP_OPTIONS = ("full_shard", "shard_grad_op", "offload", "auto_wrap")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -323,6 +326,22 @@ def _check_values(cfg: DictConfig) -> None:
             "train.epochs or train.max_steps must be > 0",
         )
         need(t.save_steps > 0, "train.save_steps", f"must be > 0, got {t.save_steps}")
+        need(
+            t.padding_free in ("auto", True, False),
+            "train.padding_free",
+            f"must be auto, true or false, got {t.padding_free!r}",
+        )
+        need(
+            not (t.packing and t.padding_free is False),
+            "train.padding_free",
+            "packed rows are always padding-free (TRL's best-fit packing); set "
+            "train.packing=false to train on padded batches",
+        )
+        need(
+            t.sampling in SAMPLINGS,
+            "train.sampling",
+            f"must be one of {', '.join(SAMPLINGS)}, got {t.sampling!r}",
+        )
         fsdp = str(t.get("fsdp") or "").split()
         bad = [o for o in fsdp if o not in FSDP_OPTIONS]
         need(

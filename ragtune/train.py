@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -545,9 +547,90 @@ def _check_fsdp(cfg: Any, backend: str, cuda: bool) -> None:
         raise TrainError("train.fsdp: save_method=merged_4bit needs unsloth; use merged_16bit")
 
 
+# --------------------------------------------------------------------------- padding
+# Unsloth compiles each decoder block as one torch.compile region for padded batches only; its
+# padding-free (varlen) batches run the blocks eagerly, launching every kernel from Python.
+# Measured at the Mistral-Nemo-12B shape on an H100 (docs/benchmarks.md, issue 7): 2 x 2048
+# padded steps 0.59 s, padding-free 0.66 s, for a compile of ~35 s in the first step. Unsloth's
+# own choice keeps padding-free on GPUs it has not measured (the H100 among them).
+PADDED_MAX_WASTE = 0.10  # pad tokens cost GPU time 1:1; the compiled blocks save ~10% a step
+BLOCK_COMPILE_S = 35.0  # the one-off compile the padded path pays
+SAVED_S_PER_MICRO_BATCH = 0.065  # host time the compiled blocks save per micro-batch
+
+
+def padding_waste(
+    lengths: list[int], batch_size: int, sampling: str = "random", group: int = 0, seed: int = 0
+) -> float:
+    """Expected share of pad tokens when ``lengths`` are batched ``batch_size`` at a time and
+    each batch is padded to its longest row.
+
+    ``random`` shuffles (the Trainer's RandomSampler); ``group_by_length`` sorts each
+    mega-batch of ``50 * group`` examples by length first, as transformers'
+    ``LengthGroupedSampler`` does (``group`` = batch x gradient accumulation).
+    """
+    order = list(lengths)
+    random.Random(seed).shuffle(order)
+    if sampling == "group_by_length":
+        mega = 50 * max(group, batch_size)
+        order = [
+            n for i in range(0, len(order), mega) for n in sorted(order[i : i + mega], reverse=True)
+        ]
+    real = padded = 0
+    for i in range(0, len(order), batch_size):
+        chunk = order[i : i + batch_size]
+        real += sum(chunk)
+        padded += max(chunk) * len(chunk)
+    return 1 - real / padded if padded else 0.0
+
+
+def micro_batches(t: Any, n_examples: int) -> int:
+    """Micro-batches (forward/backward passes) one process runs for ``train`` config ``t``."""
+    if t.max_steps > 0:
+        return int(t.max_steps) * int(t.grad_accum)
+    per_epoch = math.ceil(n_examples / (int(t.batch_size) * world_size()))
+    return math.ceil(per_epoch * float(t.epochs))
+
+
+def choose_padding_free(t: Any, backend: str, lengths: list[int]) -> tuple[bool, str]:
+    """``train.padding_free`` resolved for this run: (padding_free, why).
+
+    Packed rows are padding-free by construction (TRL's best-fit packing). The hf backend pads
+    unless told otherwise (transformers' SDPA then masks the flattened examples apart from
+    their position ids: correct, but a dense mask over the whole row, no varlen kernel). For
+    Unsloth, ``auto`` trades the pad tokens of padded batches against the compiled decoder
+    blocks they get: padded when they would pad under ``PADDED_MAX_WASTE`` and the run has
+    enough micro-batches to repay the block compile.
+    """
+    if t.packing:
+        return False, "packed rows (padding-free by packing)"
+    if t.padding_free is not True and t.padding_free is not False and backend == "unsloth":
+        waste = padding_waste(lengths, int(t.batch_size), str(t.sampling), int(t.grad_accum))
+        n = micro_batches(t, len(lengths))
+        needed = math.ceil(BLOCK_COMPILE_S / SAVED_S_PER_MICRO_BATCH)
+        if waste >= PADDED_MAX_WASTE:
+            return True, (
+                f"padding-free: padded batches would be {waste:.0%} padding "
+                f"(train.sampling=group_by_length pads less)"
+            )
+        if n < needed:
+            return True, (
+                f"padding-free: {n} micro-batches are too few to repay the ~{BLOCK_COMPILE_S:.0f} s "
+                f"block compile of padded batches (needs >= {needed})"
+            )
+        return False, f"padded ({waste:.1%} padding): Unsloth compiles each decoder block"
+    if t.padding_free is True:
+        return True, "padding-free (train.padding_free=true)"
+    return False, "padded"
+
+
 # --------------------------------------------------------------------------- training
 def _sft_config(
-    cfg: Any, checkpoints: Path, precision: dict[str, Any], cuda: bool, backend: str = "hf"
+    cfg: Any,
+    checkpoints: Path,
+    precision: dict[str, Any],
+    cuda: bool,
+    backend: str = "hf",
+    padding_free: bool = False,
 ) -> Any:
     from trl import SFTConfig
 
@@ -583,9 +666,12 @@ def _sft_config(
         bf16=bool(precision["bf16"]),
         fp16=bool(precision["fp16"]),
         use_cpu=not cuda,
-        max_length=int(cfg.model.max_seq_length),
+        # padding-free rows are not cut by TRL; tokenize_examples already dropped longer ones
+        max_length=None if padding_free and not t.packing else int(cfg.model.max_seq_length),
         packing=bool(t.packing),
         packing_strategy="bfd",
+        padding_free=padding_free,  # explicit: Unsloth's auto-choice applies only when unset
+        train_sampling_strategy=str(t.sampling),
         completion_only_loss=True,
         dataset_num_proc=None,
         include_num_input_tokens_seen="non_padding",
@@ -658,9 +744,13 @@ def train(
         stats["mean_tokens"],
     )
 
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    padding_free, why = choose_padding_free(cfg.train, backend, lengths)
+    log.info("batches: %s; sampling: %s", why, cfg.train.sampling)
+
     checkpoints = output_dir / CHECKPOINTS_DIR
     resume_from: Path | None = None
-    args = _sft_config(cfg, checkpoints, precision, cuda, backend)
+    args = _sft_config(cfg, checkpoints, precision, cuda, backend, padding_free)
     is_main = args.process_index == 0
     if cfg.train.resume:
         if is_main:

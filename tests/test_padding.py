@@ -1,0 +1,170 @@
+"""Padded or padding-free batches: the estimate, the choice per backend, the config checks, and
+that padding-free training computes the same loss as padded batches (no attention across the
+flattened examples)."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from ragtune.config import ConfigError, compose, validate
+from ragtune.schema import PromptFields, get_schema
+from ragtune.train import (
+    BLOCK_COMPILE_S,
+    PADDED_MAX_WASTE,
+    SAVED_S_PER_MICRO_BATCH,
+    choose_padding_free,
+    micro_batches,
+    padding_waste,
+)
+
+SCHEMA = get_schema("alpaca_rag")
+TOP = {"seed": int, "output_dir": str}
+
+
+def tcfg(**kw):
+    base = {
+        "packing": False,
+        "padding_free": "auto",
+        "sampling": "random",
+        "batch_size": 2,
+        "grad_accum": 1,
+        "max_steps": 10_000,
+        "epochs": 1.0,
+    }
+    return OmegaConf.create({**base, **kw})
+
+
+# --------------------------------------------------------------------------- the estimate
+def test_padding_waste_counts_pad_tokens():
+    assert padding_waste([512] * 10, 2) == 0.0
+    assert padding_waste([100, 300], 2) == pytest.approx(1 - 400 / 600)
+    assert padding_waste([100, 300, 50], 1) == 0.0  # batch 1 never pads
+
+
+def test_grouping_by_length_pads_far_less_than_random_batches():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(300, 1500) for _ in range(2000)]  # RAG examples (issue 7)
+    rand = padding_waste(lengths, 2)
+    grouped = padding_waste(lengths, 2, "group_by_length", group=8)
+    assert 0.15 < rand < 0.25  # each pair padded to its longer row
+    assert grouped < 0.02 and grouped < rand / 10
+
+
+def test_micro_batches_from_steps_or_epochs():
+    assert micro_batches(tcfg(max_steps=5, grad_accum=4), 100) == 20
+    assert micro_batches(tcfg(max_steps=-1, batch_size=4, epochs=2.0), 10) == 6  # ceil(10/4)*2
+
+
+# --------------------------------------------------------------------------- the choice
+def test_packing_is_padding_free_by_construction():
+    free, why = choose_padding_free(tcfg(packing=True), "unsloth", [100, 900])
+    assert free is False and "packed" in why  # TRL packs padding-free itself; not asked again
+
+
+def test_hf_pads_unless_told():
+    assert choose_padding_free(tcfg(), "hf", [100, 900])[0] is False
+    assert choose_padding_free(tcfg(padding_free=True), "hf", [100, 900])[0] is True
+
+
+def test_unsloth_auto_pads_full_rows_on_long_runs():
+    free, why = choose_padding_free(tcfg(), "unsloth", [2048] * 100)
+    assert free is False and "compiles" in why
+
+
+def test_unsloth_auto_stays_padding_free_when_padding_would_cost_more():
+    lengths = [300, 1500] * 50  # every random pair pads a lot
+    free, why = choose_padding_free(tcfg(), "unsloth", lengths)
+    assert free is True and "padding" in why and "group_by_length" in why
+    assert padding_waste(lengths, 2) >= PADDED_MAX_WASTE
+
+
+def test_unsloth_auto_stays_padding_free_on_runs_too_short_to_repay_the_compile():
+    needed = -(-BLOCK_COMPILE_S // SAVED_S_PER_MICRO_BATCH)
+    free, why = choose_padding_free(tcfg(max_steps=int(needed) - 1), "unsloth", [2048] * 8)
+    assert free is True and "too few" in why
+    assert choose_padding_free(tcfg(max_steps=int(needed)), "unsloth", [2048] * 8)[0] is False
+
+
+def test_explicit_choices_win():
+    assert (
+        choose_padding_free(tcfg(padding_free=False, max_steps=2), "unsloth", [9, 900])[0] is False
+    )
+    assert choose_padding_free(tcfg(padding_free=True), "unsloth", [2048] * 8)[0] is True
+
+
+# --------------------------------------------------------------------------- the config
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.packing=true", "train.padding_free=false"], "train.padding_free: packed rows"),
+        (["train.padding_free=sometimes"], "train.padding_free: must be auto, true or false"),
+        (["train.sampling=by_size"], "train.sampling: must be one of random, group_by_length"),
+    ],
+)
+def test_bad_padding_settings_are_named(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose("sft", [f"output_dir={tmp_path}", *overrides]), top_level=TOP)
+
+
+def test_the_trainer_gets_the_choice_and_the_sampler(tmp_path, tiny_lm_path):
+    from ragtune.train import _sft_config
+
+    cfg = make_cfg(tmp_path, tiny_lm_path, "train.sampling=group_by_length")
+    precision = {"bf16": False, "fp16": False}
+    args = _sft_config(cfg, tmp_path, precision, False, "hf", padding_free=True)
+    assert args.padding_free is True and args.train_sampling_strategy == "group_by_length"
+    assert args.max_length is None  # TRL cannot cut flattened rows; too-long ones are dropped
+    padded = _sft_config(cfg, tmp_path, precision, False)
+    assert padded.padding_free is False and padded.max_length == 256
+
+
+# --------------------------------------------------------------------------- training
+def make_cfg(out, model: str, *extra: str):
+    overrides = [f"output_dir={out}", f"model.name_or_path={model}", "model.max_seq_length=256"]
+    overrides += ["train.batch_size=2", "train.logging_steps=1", "train.learning_rate=1e-2"]
+    return validate(compose("sft", [*overrides, *extra]), top_level=TOP)
+
+
+@pytest.fixture(scope="module")
+def varied_examples(tiny_lm_path):
+    """RAG examples of different lengths, so a padded batch of two has pad tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    out = []
+    for i, colour in enumerate(["blue", "green", "red", "amber"]):
+        context = "Note. " * (6 * i) + f"The zorb {i} is {colour}."
+        fields = PromptFields(f"What colour is the zorb {i}?", "", [context])
+        prompt, completion = SCHEMA.render_example(fields, colour.capitalize() + ".", tok)
+        out.append({"prompt": prompt, "completion": completion, "kind": "oracle"})
+    return out
+
+
+def test_padding_free_training_matches_padded_losses(tmp_path, tiny_lm_path, varied_examples):
+    """Same seed, same batches: flattening the examples into one row must not let them attend
+    to each other (transformers' SDPA separates them by their position ids)."""
+    from transformers import AutoTokenizer
+
+    from ragtune.train import tokenize_examples, train
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    _, stats = tokenize_examples(varied_examples, tok, SCHEMA, 256)
+    assert stats["max_tokens"] - stats["mean_tokens"] > 10  # padded batches do pad
+
+    losses = {}
+    for free in ("false", "true"):
+        out = tmp_path / free
+        cfg = make_cfg(
+            out,
+            tiny_lm_path,
+            "train.max_steps=2",
+            "train.save_method=lora",
+            f"train.padding_free={free}",
+        )
+        losses[free] = train(cfg, varied_examples, SCHEMA, out).losses
+    assert len(losses["true"]) == 2
+    # equal to ~1e-7 here; attention across the flattened examples moved the first by 2e-4
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
