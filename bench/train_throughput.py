@@ -19,6 +19,9 @@ Scenarios:
 ``packed``  realistic RAG examples of 300-1,500 tokens with ``train.packing=true`` (TRL's
             best-fit-decreasing packing, padding-free batches): non-pad tokens/s and how full
             the batch x seq capacity is (padding waste = 1 - fill).
+``rag``     the same examples unpacked, ``train.packing=false``: padded or padding-free per
+            ``train.padding_free`` / ``train.sampling`` (set them with the run's overrides);
+            padding waste is measured on the batches the Trainer actually ran.
 
 Steps: the first ``--warmup`` steps (kernel compilation, autotuning) are excluded.
 """
@@ -85,19 +88,6 @@ def make_examples(
         examples.append({"prompt": prompt, "completion": completion, "kind": "oracle"})
         got.append(n)
     return examples, got
-
-
-def padded_waste(lengths: list[int], batch: int, seed: int = 0) -> float:
-    """Padding share if the same examples were batched unpacked (pad to the batch's longest)."""
-    rng = random.Random(seed)
-    order = lengths[:]
-    rng.shuffle(order)
-    real = padded = 0
-    for i in range(0, len(order) - batch + 1, batch):
-        chunk = order[i : i + batch]
-        real += sum(chunk)
-        padded += max(chunk) * len(chunk)
-    return 1 - real / padded if padded else 0.0
 
 
 # --------------------------------------------------------------------------- profiling
@@ -186,6 +176,7 @@ def worker(args: argparse.Namespace) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"bench-train-{args.backend}-{args.scenario}-"))
     steps = args.warmup + args.steps + args.profile_steps
     packing = args.scenario == "packed"
+    rag_lengths = args.scenario in ("packed", "rag")
     overrides = [
         "conf=nemo_rag",
         f"model.name_or_path={args.model}",
@@ -205,7 +196,7 @@ def worker(args: argparse.Namespace) -> dict:
     schema = get_schema(cfg.prompt.name)
     tok = AutoTokenizer.from_pretrained(args.model)
     rng = random.Random(0)
-    if packing:
+    if rag_lengths:
         n = max(64, steps * args.batch * 2 * args.seq // 900 + 32)
         targets = [rng.randint(args.min_len, args.max_len) for _ in range(n)]
     else:
@@ -256,6 +247,26 @@ def worker(args: argparse.Namespace) -> dict:
 
     orig = rt._callbacks
     rt._callbacks = lambda *a, **k: [*orig(*a, **k), StepTimer()]
+    # the tokens each micro-batch carries, pads included (padding-free rows: none)
+    batch_tokens: list[int] = []
+    ran_padding_free: list[bool] = []
+    trainer_class = rt._trainer_class
+
+    def counting_trainer() -> type:
+        class Counting(trainer_class()):
+            def training_step(self, model, inputs, *a, **k):  # noqa: ANN001
+                batch_tokens.append(int(inputs["input_ids"].numel()))
+                if args.drop_attention_mask:  # experiment: the bare loop passes no mask
+                    inputs.pop("attention_mask", None)
+                if not ran_padding_free:
+                    ran_padding_free.append(
+                        bool(getattr(self, "padding_free", self.args.padding_free))
+                    )
+                return super().training_step(model, inputs, *a, **k)
+
+        return Counting
+
+    rt._trainer_class = counting_trainer
     if args.sft_arg:  # experiments on the Trainer's own settings (e.g. its per-step syncs)
         import yaml
 
@@ -284,6 +295,8 @@ def worker(args: argparse.Namespace) -> dict:
     capacity = args.batch * args.seq
     tok_s = sum(m_tokens) / sum(m_times) if m_times else 0.0
     fill = statistics.mean(m_tokens) / capacity if m_tokens else 0.0
+    if args.scenario == "rag" and batch_tokens[window]:  # unpacked: fill of the padded batches
+        fill = sum(m_tokens) / sum(batch_tokens[window])
     res = {
         "backend": result.backend,
         "scenario": args.scenario,
@@ -301,6 +314,8 @@ def worker(args: argparse.Namespace) -> dict:
         "tokens_per_step": round(statistics.mean(m_tokens), 1) if m_tokens else None,
         "batch_fill": round(fill, 4),
         "padding_waste": round(1 - fill, 4),
+        "padding_free": ran_padding_free[0] if ran_padding_free else None,
+        "sampling": str(cfg.train.sampling),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "train_peak_gib": round(result.peak_memory_gb or 0.0, 2),
@@ -323,9 +338,13 @@ def worker(args: argparse.Namespace) -> dict:
         "example_tokens_mean": round(statistics.mean(lengths), 1),
         "dataset_stats": result.dataset_stats,
     }
-    if packing:
-        res["unpacked_padding_waste_computed"] = round(padded_waste(lengths, args.batch), 4)
+    if rag_lengths:  # what the same examples would pad unpacked (ragtune's estimate)
+        for sampling in ("random", "group_by_length"):
+            waste = rt.padding_waste(lengths, args.batch, sampling, args.batch)
+            res[f"unpacked_padding_waste_{sampling}"] = round(waste, 4)
     return res
+
+    return None
 
 
 def bare_loop(args: argparse.Namespace, cfg: Any, schema: Any, examples: list[dict]) -> dict:
@@ -419,7 +438,8 @@ def run_one(
         f"--logging-steps={args.logging_steps}",
         *(["--unsloth-first"] if args.unsloth_first else []),
         *[f"--override={o}" for o in args.override],
-        *[f"--override={o}" for o in (extra or []) if not o.startswith("sft:")],
+        *[o for o in (extra or []) if o.startswith("--")],  # worker flags
+        *[f"--override={o}" for o in (extra or []) if not o.startswith(("sft:", "--"))],
         *[f"--sft-arg={o[4:]}" for o in (extra or []) if o.startswith("sft:")],
         *[f"--sft-arg={o}" for o in args.sft_arg],
     ]
@@ -446,7 +466,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model folder (bench/make_nemo_shape.py)")
     ap.add_argument("--backends", default="unsloth,hf")
-    ap.add_argument("--scenarios", default="full,packed", help="full and/or packed")
+    ap.add_argument("--scenarios", default="full,packed", help="full, packed, rag, bare")
     ap.add_argument("--packed-backends", default="unsloth", help="backends that run 'packed'")
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=2)
@@ -476,8 +496,13 @@ def main() -> None:
         action="append",
         default=[],
         help="LABEL=BACKEND/SCENARIO[:OVERRIDE;...], repeatable; replaces --backends x "
-        "--scenarios; an override 'sft:KEY=VALUE' is an --sft-arg, "
+        "--scenarios; an override 'sft:KEY=VALUE' is an --sft-arg, '--flag' a worker flag, "
         "e.g. 'ckpt=unsloth/full:train.gradient_checkpointing=true'",
+    )
+    ap.add_argument(
+        "--drop-attention-mask",
+        action="store_true",
+        help="experiment: drop the collator's attention_mask before each step (as the bare loop)",
     )
     ap.add_argument("--json", type=Path, default=None, help="append results (JSON lines)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -534,8 +559,9 @@ def main() -> None:
         gc2 = r.get("gc_in_measured_steps", {}).get("2")
         if gc2:
             note += f", gen-2 GC x{gc2[0]} {gc2[1]} s"
-        if r["scenario"] == "packed":
-            note += f", unpacked waste would be {r.get('unpacked_padding_waste_computed')}"
+        if r["scenario"] in ("packed", "rag"):
+            note += f", padding_free={r.get('padding_free')} sampling={r.get('sampling')}"
+            note += f", unpacked waste would be {r.get('unpacked_padding_waste_random')}"
         print(
             f"{head}  {r['s_per_step']:>6}  {r['tokens_per_s']:>8}"
             f"  {r['batch_fill']:.3f}  {r['peak_gib']!s:>8}  {r['load_and_setup_s']:>6}  {note}"
