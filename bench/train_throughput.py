@@ -256,8 +256,6 @@ def worker(args: argparse.Namespace) -> dict:
         class Counting(trainer_class()):
             def training_step(self, model, inputs, *a, **k):  # noqa: ANN001
                 batch_tokens.append(int(inputs["input_ids"].numel()))
-                if args.drop_attention_mask:  # experiment: the bare loop passes no mask
-                    inputs.pop("attention_mask", None)
                 if not ran_padding_free:
                     ran_padding_free.append(
                         bool(getattr(self, "padding_free", self.args.padding_free))
@@ -438,8 +436,7 @@ def run_one(
         f"--logging-steps={args.logging_steps}",
         *(["--unsloth-first"] if args.unsloth_first else []),
         *[f"--override={o}" for o in args.override],
-        *[o for o in (extra or []) if o.startswith("--")],  # worker flags
-        *[f"--override={o}" for o in (extra or []) if not o.startswith(("sft:", "--"))],
+        *[f"--override={o}" for o in (extra or []) if not o.startswith("sft:")],
         *[f"--sft-arg={o[4:]}" for o in (extra or []) if o.startswith("sft:")],
         *[f"--sft-arg={o}" for o in args.sft_arg],
     ]
@@ -496,13 +493,8 @@ def main() -> None:
         action="append",
         default=[],
         help="LABEL=BACKEND/SCENARIO[:OVERRIDE;...], repeatable; replaces --backends x "
-        "--scenarios; an override 'sft:KEY=VALUE' is an --sft-arg, '--flag' a worker flag, "
+        "--scenarios; an override 'sft:KEY=VALUE' is an --sft-arg, "
         "e.g. 'ckpt=unsloth/full:train.gradient_checkpointing=true'",
-    )
-    ap.add_argument(
-        "--drop-attention-mask",
-        action="store_true",
-        help="experiment: drop the collator's attention_mask before each step (as the bare loop)",
     )
     ap.add_argument("--json", type=Path, default=None, help="append results (JSON lines)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -891,6 +891,9 @@ def _trainer_class() -> type:
     from trl.trainer import utils as trl_utils
 
     class RagtuneSFTTrainer(SFTTrainer):
+        def training_step(self, model, inputs, *args, **kwargs):  # noqa: ANN001
+            return super().training_step(model, drop_redundant_mask(inputs), *args, **kwargs)
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
             device = inputs["input_ids"].device
             if trl_utils._ChunkedLogProbFunction is not None and device.type in ("cuda", "xpu"):
@@ -900,6 +903,23 @@ def _trainer_class() -> type:
             )
 
     return RagtuneSFTTrainer
+
+
+def drop_redundant_mask(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch without its attention mask when the mask only marks right padding.
+
+    In a causal model a real token never attends to the pads after it, and pads carry no
+    label, so the loss is the same without the mask; without one, attention runs its plain
+    causal kernel. Measured at 12B on an H100 (Unsloth, padded 2 x 2048 rows, all ones): 6,048
+    -> 6,667 tokens/s. Masks with left padding or holes are kept.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2 or "position_ids" in inputs:
+        return inputs
+    right_padded = bool((mask[:, 0] == 1).all() and (mask[:, 1:] <= mask[:, :-1]).all())
+    if not right_padded:
+        return inputs
+    return {k: v for k, v in inputs.items() if k != "attention_mask"}
 
 
 def completion_only_head(inputs: dict[str, Any]) -> dict[str, Any]:

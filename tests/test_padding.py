@@ -168,3 +168,42 @@ def test_padding_free_training_matches_padded_losses(tmp_path, tiny_lm_path, var
     assert len(losses["true"]) == 2
     # equal to ~1e-7 here; attention across the flattened examples moved the first by 2e-4
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the mask
+def test_only_a_right_padding_mask_is_dropped():
+    import torch
+
+    from ragtune.train import drop_redundant_mask
+
+    ids = torch.ones(2, 4, dtype=torch.long)
+    right = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    assert "attention_mask" not in drop_redundant_mask(right)
+    assert "input_ids" in drop_redundant_mask(right) and "attention_mask" in right  # a copy
+    for mask in ([[1, 1, 1, 1], [0, 0, 1, 1]], [[1, 0, 1, 1], [1, 1, 1, 1]]):  # left pad, hole
+        kept = {"input_ids": ids, "attention_mask": torch.tensor(mask)}
+        assert drop_redundant_mask(kept) is kept
+    packed = {**right, "position_ids": torch.tensor([[0, 1, 0, 1], [0, 1, 2, 3]])}
+    assert drop_redundant_mask(packed) is packed
+    assert drop_redundant_mask({"input_ids": ids}) == {"input_ids": ids}
+
+
+def test_the_loss_of_a_right_padded_batch_needs_no_mask(tiny_lm_path):
+    """Why the mask can go: real tokens never attend to the pads after them, pads have no label."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.train import drop_redundant_mask
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path).eval()
+    ids = torch.randint(5, 100, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    ids[1, 7:] = 0  # pad id
+    labels = ids.masked_fill(mask == 0, -100)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    with torch.no_grad():
+        masked = model(**batch, use_cache=False).loss
+        unmasked = model(**drop_redundant_mask(batch), use_cache=False).loss
+    assert "attention_mask" not in drop_redundant_mask(batch)
+    assert unmasked == pytest.approx(float(masked), rel=1e-5)
