@@ -207,3 +207,28 @@ def test_the_loss_of_a_right_padded_batch_needs_no_mask(tiny_lm_path):
         unmasked = model(**drop_redundant_mask(batch), use_cache=False).loss
     assert "attention_mask" not in drop_redundant_mask(batch)
     assert unmasked == pytest.approx(float(masked), rel=1e-5)
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_the_trainer_drops_the_mask_only_when_told(tmp_path, tiny_lm_path, varied_examples, drop):
+    """train() tells it for Unsloth only: TRL's fused GPU loss (hf backend) reads the mask."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.train import _sft_config, _trainer_class, tokenize_examples
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    ds, _ = tokenize_examples(varied_examples, tok, SCHEMA, 256)
+    cfg = make_cfg(tmp_path, tiny_lm_path, "train.max_steps=1")
+    seen: list[set] = []
+
+    class Recording(_trainer_class()):
+        def compute_loss(self, model, inputs, *a, **k):  # noqa: ANN001
+            seen.append(set(inputs))
+            return super().compute_loss(model, inputs, *a, **k)
+
+    args = _sft_config(cfg, tmp_path / "ck", {"bf16": False, "fp16": False}, False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    trainer = Recording(model=model, args=args, train_dataset=ds, processing_class=tok)
+    trainer.drop_padding_mask = drop
+    trainer.train()
+    assert seen and all(("attention_mask" in keys) is not drop for keys in seen)
