@@ -14,8 +14,9 @@ tok/s in int4. This module
   ``"int4"``): fewer bytes per token; the tokens are then the quantized model's.
 
 Measured on an H100 at the Mistral-Nemo-12B shape (docs/benchmarks.md, issue 7): HF generate
-13 tok/s, this path 84 tok/s in bf16 and 93 tok/s with int8 at batch 1; int4 (tinygemm) is
-slower than bf16 there at batch 1 but fastest batched.
+13 tok/s, this path 96 tok/s in bf16 and 114 tok/s with int8 (LM head kept bf16) at batch 1;
+int4 (tinygemm) is slower than bf16 there at batch 1. The one-token decode step attends with
+two plain matmuls (SDPA's flash kernel took 1.8 ms of the ~10 ms token).
 
 Two ways to run the layers (``FastDecoder.mode``):
 
