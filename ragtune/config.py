@@ -113,6 +113,7 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     lr_scheduler: str = "cosine"
     weight_decay: float = 0.0
+    optim: str = "adamw_torch_fused"  # a transformers OptimizerNames value
     packing: bool = False
     padding_free: Any = "auto"  # "auto", true or false (unpacked batches; see ragtune.train)
     sampling: str = "random"  # random | group_by_length

@@ -547,6 +547,22 @@ def _check_fsdp(cfg: Any, backend: str, cuda: bool) -> None:
         raise TrainError("train.fsdp: save_method=merged_4bit needs unsloth; use merged_16bit")
 
 
+def _check_optim(optim: str, cuda: bool) -> None:
+    """train.optim is handed to the Trainer; say what is wrong before the model loads."""
+    from transformers.training_args import OptimizerNames
+
+    if optim not in {o.value for o in OptimizerNames}:
+        raise TrainError(
+            f"train.optim={optim!r} is not an optimizer transformers knows (its OptimizerNames: "
+            "adamw_torch_fused, adamw_torch, adamw_8bit, paged_adamw_8bit, adafactor, ...)"
+        )
+    if not cuda and ("bnb" in optim or "8bit" in optim or optim.startswith("paged_")):
+        raise TrainError(
+            f"train.optim={optim} keeps 8-bit / paged state (bitsandbytes or torchao) and needs "
+            "a CUDA GPU; use adamw_torch_fused here"
+        )
+
+
 # --------------------------------------------------------------------------- padding
 # Unsloth compiles each decoder block as one torch.compile region for padded batches only; its
 # padding-free (varlen) batches run the blocks eagerly, launching every kernel from Python.
@@ -655,6 +671,7 @@ def _sft_config(
         warmup_steps=float(t.warmup_ratio),  # < 1: a ratio of the total steps
         lr_scheduler_type=str(t.lr_scheduler),
         weight_decay=float(t.weight_decay),
+        optim=str(t.optim),  # explicit: Unsloth's SFTConfig would default to adamw_8bit
         logging_steps=int(t.logging_steps),
         save_strategy="steps",
         save_steps=int(t.save_steps),
@@ -705,6 +722,7 @@ def train(
     backend = "hf" if fsdp_options(cfg) and requested == "auto" else select_backend(requested)
     cuda = _cuda_available()
     _check_fsdp(cfg, backend, cuda)
+    _check_optim(str(cfg.train.optim), cuda)
     if cfg.train.save_method == "merged_4bit" and backend != "unsloth":
         raise TrainError(
             "train.save_method=merged_4bit needs the unsloth backend on a CUDA GPU; "

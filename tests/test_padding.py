@@ -232,3 +232,33 @@ def test_the_trainer_drops_the_mask_only_when_told(tmp_path, tiny_lm_path, varie
     trainer.drop_padding_mask = drop
     trainer.train()
     assert seen and all(("attention_mask" in keys) is not drop for keys in seen)
+
+
+# --------------------------------------------------------------------------- the optimizer
+def test_the_optimizer_is_explicit(tmp_path, tiny_lm_path):
+    """Unsloth's SFTConfig defaults to adamw_8bit; ragtune always says which one it wants."""
+    from ragtune.train import _sft_config
+
+    precision = {"bf16": False, "fp16": False}
+    cfg = make_cfg(tmp_path, tiny_lm_path)
+    assert _sft_config(cfg, tmp_path, precision, False).optim == "adamw_torch_fused"
+    cfg = make_cfg(tmp_path, tiny_lm_path, "train.optim=adamw_torch")
+    assert _sft_config(cfg, tmp_path, precision, False).optim == "adamw_torch"
+
+
+@pytest.mark.parametrize(
+    ("optim", "message"),
+    [("adamw_fast", "not an optimizer transformers knows"), ("adamw_8bit", "needs a CUDA GPU")],
+)
+def test_a_bad_optimizer_is_named_before_the_model_loads(tmp_path, tiny_lm_path, optim, message):
+    import torch
+
+    from ragtune.train import TrainError, train
+
+    if optim == "adamw_8bit" and torch.cuda.is_available():
+        pytest.skip("checks the CPU behaviour")
+    cfg = make_cfg(tmp_path, tiny_lm_path, f"train.optim={optim}")
+    with pytest.raises(TrainError, match=f"train.optim={optim!r}|train.optim={optim}") as e:
+        train(cfg, [{"prompt": "p", "completion": "c"}], SCHEMA, tmp_path)
+    assert message in str(e.value)
+    assert not (tmp_path / "checkpoints").exists()
