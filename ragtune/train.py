@@ -620,7 +620,8 @@ def choose_padding_free(t: Any, backend: str, lengths: list[int]) -> tuple[bool,
     if t.packing:
         return False, "packed rows (padding-free by packing)"
     if t.padding_free is not True and t.padding_free is not False and backend == "unsloth":
-        waste = padding_waste(lengths, int(t.batch_size), str(t.sampling), int(t.grad_accum))
+        group = int(t.batch_size) * int(t.grad_accum)  # what LengthGroupedSampler sorts by
+        waste = padding_waste(lengths, int(t.batch_size), str(t.sampling), group)
         n = micro_batches(t, len(lengths))
         needed = math.ceil(BLOCK_COMPILE_S / SAVED_S_PER_MICRO_BATCH)
         if waste >= PADDED_MAX_WASTE:

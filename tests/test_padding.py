@@ -81,6 +81,17 @@ def test_unsloth_auto_stays_padding_free_when_padding_would_cost_more():
     assert padding_waste(lengths, 2) >= PADDED_MAX_WASTE
 
 
+def test_grouping_by_length_lets_unsloth_pad_rag_examples():
+    import random
+
+    rng = random.Random(1)
+    lengths = [rng.randint(300, 1500) for _ in range(4000)]
+    assert choose_padding_free(tcfg(), "unsloth", lengths)[0] is True  # ~19% padding
+    grouped = tcfg(sampling="group_by_length", grad_accum=4)
+    free, why = choose_padding_free(grouped, "unsloth", lengths)
+    assert free is False and "padded" in why
+
+
 def test_unsloth_auto_stays_padding_free_on_runs_too_short_to_repay_the_compile():
     needed = -(-BLOCK_COMPILE_S // SAVED_S_PER_MICRO_BATCH)
     free, why = choose_padding_free(tcfg(max_steps=int(needed) - 1), "unsloth", [2048] * 8)
