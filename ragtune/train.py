@@ -566,8 +566,9 @@ def _check_optim(optim: str, cuda: bool) -> None:
 # --------------------------------------------------------------------------- padding
 # Unsloth compiles each decoder block as one torch.compile region for padded batches only; its
 # padding-free (varlen) batches run the blocks eagerly, launching every kernel from Python.
-# Measured at the Mistral-Nemo-12B shape on an H100 (docs/benchmarks.md, issue 7): 2 x 2048
-# padded steps 0.59 s, padding-free 0.66 s, for a compile of ~35 s in the first step. Unsloth's
+# Measured at the Mistral-Nemo-12B shape on an H100 (docs/benchmarks.md, issue 7, pass B): 2 x
+# 2048 padded steps 0.648 s, padding-free 0.744 s, for a compile of ~35 s in the first step
+# (39-50 s with a cold cache; the first padding-free step takes 4-9 s). Unsloth's
 # own choice keeps padding-free on GPUs it has not measured (the H100 among them).
 PADDED_MAX_WASTE = 0.10  # pad tokens cost GPU time 1:1; the compiled blocks save ~10% a step
 BLOCK_COMPILE_S = 35.0  # the one-off compile the padded path pays
