@@ -38,6 +38,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ragtune.budget import ANSWER_RESERVE, token_counter
 from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig, validate
 from ragtune.errors import RagtuneError
 from ragtune.metrics import QuestionScore, aggregate, retrieval_hit, score_answer
@@ -315,7 +316,7 @@ def evaluate_modes(
         retriever = None
         if spec.rcfg is not None:
             retriever = _retriever(cfg, ecfg, spec.rcfg, tokenizer, retrievers)
-            retriever.token_counter = _token_counter(tokenizer)  # budgets in this model's tokens
+            retriever.token_counter = token_counter(tokenizer)  # budgets in this model's tokens
         t0 = time.perf_counter()
         rows = _answer(cfg, ecfg, spec, model, tokenizer, retriever, records, contexts_cache)
         agg = aggregate([r.pop("_score") for r in rows])
@@ -397,7 +398,7 @@ def _retriever(
         )
         log.info("index: %s", report.summary() if hasattr(report, "summary") else report)
     log.info("retriever: %s in %s", collection_name(rcfg), persist_path(rcfg))
-    retriever = Retriever.from_config(rcfg, token_counter=_token_counter(tokenizer))
+    retriever = Retriever.from_config(rcfg, token_counter=token_counter(tokenizer))
     cache[key] = retriever
     return retriever
 
@@ -406,10 +407,6 @@ def _tokenizer_key(tokenizer: Any) -> tuple:
     """Tells tokenizers apart that would count a context's tokens differently."""
     probe = tokenizer("ragtune probe: Tokyo 東京 1,234 naïve", add_special_tokens=False)
     return (type(tokenizer).__name__, len(tokenizer), tuple(probe["input_ids"]))
-
-
-def _token_counter(tokenizer: Any):
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _answer(
@@ -424,7 +421,6 @@ def _answer(
 ) -> list[dict[str, Any]]:
     """Retrieve, render, generate and score every record under one mode."""
     from ragtune.generate import Generator
-    from ragtune.raft import ANSWER_RESERVE
 
     gcfg = cfg.get("generate") if hasattr(cfg, "get") else None
     gen = Generator(model, tokenizer, spec.schema, gcfg)

@@ -32,12 +32,11 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from ragtune.budget import ANSWER_RESERVE
 from ragtune.schema import PromptFields, PromptSchema
 from ragtune.types import Chunk, QARecord
 
 log = logging.getLogger(__name__)
-
-ANSWER_RESERVE = 64  # tokens kept free for the answer when budgeting a context (serving's default)
 
 
 class RetrieverLike(Protocol):

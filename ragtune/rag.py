@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ragtune.budget import ANSWER_RESERVE, token_counter
 from ragtune.errors import RagtuneError
 from ragtune.generate import GenerationResult, Generator, TextStream
 from ragtune.manifest import RETRIEVER_KEYS, ManifestError, mismatches, read_manifest
@@ -247,7 +248,7 @@ class RagPipeline:
         if not closed_book:
             from ragtune.retriever import Retriever
 
-            retriever = Retriever.from_config(rcfg, token_counter=_token_counter(tokenizer))
+            retriever = Retriever.from_config(rcfg, token_counter=token_counter(tokenizer))
         return cls(
             model,
             tokenizer,
@@ -267,7 +268,6 @@ class RagPipeline:
         prompt and the answer fit; the answer reserve is training's (64 tokens) or
         ``generate.max_new_tokens`` when that is larger, so prompt + answer always fit.
         """
-        from ragtune.raft import ANSWER_RESERVE
 
         if self.context_tokens:
             return self.context_tokens
@@ -370,13 +370,6 @@ def _get(cfg: Any, key: str) -> Any:
     return node
 
 
-def _token_counter(tokenizer: Any) -> Any:
-    """Tokens of text as it is encoded inside a prompt (the training stage's counter)."""
-    from ragtune.sft import token_counter
-
-    return token_counter(tokenizer)
-
-
 def _is_explicit(key: str, explicit: set[str]) -> bool:
     """Whether ``key`` (``prompt``, ``retriever.k``) or its whole group was set by the user."""
     group = key.split(".", 1)[0]
@@ -473,7 +466,7 @@ def _open_retriever(
     from ragtune.ingest import IndexMismatchError
     from ragtune.retriever import Retriever
 
-    counter = _token_counter(tokenizer)
+    counter = token_counter(tokenizer)
     trained_fp = manifest.get("prompt", {}).get("fingerprint", "")  # the prompt is settled
     try:
         retriever = Retriever.from_config(rcfg, token_counter=counter)

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ragtune.budget import token_counter
 from ragtune.config import to_container, validate
 from ragtune.errors import RagtuneError
 from ragtune.paths import resolve_path
@@ -36,11 +37,6 @@ def load_tokenizer(cfg: DictConfig) -> Any:
     return AutoTokenizer.from_pretrained(
         resolve_model(cfg.model.name_or_path), trust_remote_code=cfg.model.trust_remote_code
     )
-
-
-def token_counter(tokenizer: Any):
-    """Count tokens of text the way it will be encoded inside a prompt."""
-    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def open_retriever(cfg: DictConfig, tokenizer: Any, ingest_corpus: bool = True) -> Any:

@@ -137,7 +137,7 @@ def test_answer_carries_sources_and_the_exact_prompt(pipeline):
 
 def test_budget_is_trainings(pipeline):
     """Same function and reserve as the RAFT builder: max_seq_length - prompt - 64."""
-    from ragtune.raft import ANSWER_RESERVE
+    from ragtune.budget import ANSWER_RESERVE
 
     q = "Who developed Corvanite?"
     want = pipeline.schema.context_budget(

@@ -1,0 +1,1 @@
+"""The training stage: the SFT recipe and the modules it is built from."""
