@@ -22,7 +22,7 @@ from ragtune.paths import PROJECT_ROOT
 from ragtune.stage import StageResult, run_stage
 from ragtune.sweep import collect_runs, read_status
 
-ENTRY = '''
+ENTRY = """
 import logging
 import time
 
@@ -50,7 +50,7 @@ def main(cfg):
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
 
 def _entry(tmp_path: Path) -> Path:
