@@ -325,13 +325,14 @@ def run_command(name: str, args: Sequence[str] | None = None) -> Any:
 
     import ragtune.config  # noqa: F401  (registers the ${ragtune_root:} resolver)
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=cmd.config)
-    def app(cfg: DictConfig) -> float | None:
+    def task(cfg: DictConfig) -> float | None:
         return run_stage(body, cfg)
 
-    # The job name first, so that a user's own hydra.job.name=... still wins.
-    argv = [sys.argv[0], f"hydra.job.name={cmd.job}", *args]
-    saved, sys.argv = sys.argv, argv
+    # Hydra names the job (hydra.job.name: runs/<job>/...) after the last part of the task
+    # function's module, so every way in keeps the script's name (runs/sft/, runs/ask/).
+    task.__module__ = f"{__name__}.{cmd.job}"
+    app = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=cmd.config)(task)
+    saved, sys.argv = sys.argv, [sys.argv[0], *args]
     try:
         return app()
     except KeyboardInterrupt:  # before or after the stage (Hydra's start-up, imports)
