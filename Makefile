@@ -1,11 +1,11 @@
-# ragtune: make install | make demo | make test | make bench | make lint
+# ragtune: make install | make demo | make test | make bench | make lint | make wheel
 # Every target sets itself up: a fresh clone needs nothing but python3 and pip's registry.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ragtune-installed
 
-.PHONY: install demo test test-slow bench lint format clean
+.PHONY: install demo test test-slow bench lint format wheel clean
 
 install: $(STAMP)
 
@@ -44,5 +44,9 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# A wheel (prompts/ and conf/ inside) for `pip install dist/ragtune-*.whl`: the `ragtune` command.
+wheel: install
+	$(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf outputs .pytest_cache .ruff_cache
+	rm -rf outputs build dist .pytest_cache .ruff_cache

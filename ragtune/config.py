@@ -18,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ragtune.errors import RagtuneError
-from ragtune.paths import CONF_DIR, PROJECT_ROOT
+from ragtune.paths import CONF_DIR, PROJECT_ROOT, current_project
 
 log = logging.getLogger(__name__)
 
 if not OmegaConf.has_resolver("ragtune_root"):
-    OmegaConf.register_new_resolver("ragtune_root", lambda: str(PROJECT_ROOT))
+    OmegaConf.register_new_resolver("ragtune_root", lambda: str(current_project()))
 
 
 class ConfigError(RagtuneError, ValueError):

@@ -97,36 +97,21 @@ class ModeSpec:
 
 
 # --------------------------------------------------------------------------- entry points
-def run_eval(cfg: DictConfig) -> float:
-    """``python train/eval.py``: evaluate every configured mode; returns the headline overall.
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    """``python train/eval.py``: evaluate every configured mode into ``cfg.output_dir``.
 
-    The headline is ``raft_rag``'s overall score when it ran, else the first mode's. The run
-    folder gets ``status.json``; in a multirun a failure is recorded there and the sweep goes
-    on (NaN is returned).
+    Returns the results (``modes``, ``table``, ``out_dir``) and ``headline``: the mode whose
+    overall score a sweep ranks, ``raft_rag`` when it ran, else the first mode.
     """
-    from ragtune.sweep import is_multirun, write_status
-
-    out = Path(cfg.output_dir)
-    try:
-        validate(cfg, EVAL_TOP_LEVEL)
-        write_status(out, "running")
-        qa_path = cfg.data.qa_eval or cfg.data.qa_train
-        if not qa_path:
-            raise ConfigError("data.qa_eval: name the QA file to evaluate on (JSONL or SQuAD JSON)")
-        specs = resolve_modes(cfg)
-        records = _records(cfg, qa_path)
-        results = evaluate_modes(cfg, specs, records, out, qa_path=str(qa_path))
-    except Exception as e:
-        write_status(out, "failed", error=f"{type(e).__name__}: {e}")
-        if is_multirun():
-            log.error("run failed: %s: %s", type(e).__name__, e)
-            return float("nan")
-        raise
-    print(results["table"])
-    head = "raft_rag" if "raft_rag" in results["modes"] else specs[0].name
-    metrics = results["modes"][head]
-    write_status(out, "ok", metric=metrics["overall"], mode=head, metrics=metrics)
-    return float(metrics["overall"])
+    validate(cfg, EVAL_TOP_LEVEL)
+    qa_path = cfg.data.qa_eval or cfg.data.qa_train
+    if not qa_path:
+        raise ConfigError("data.qa_eval: name the QA file to evaluate on (JSONL or SQuAD JSON)")
+    specs = resolve_modes(cfg)
+    records = _records(cfg, qa_path)
+    results = evaluate_modes(cfg, specs, records, Path(cfg.output_dir), qa_path=str(qa_path))
+    results["headline"] = "raft_rag" if "raft_rag" in results["modes"] else specs[0].name
+    return results
 
 
 def evaluate_model(

@@ -736,24 +736,3 @@ def _ingest_locked(
         report.embedded,
     )
     return report
-
-
-def run_index(cfg: Any) -> IngestReport:
-    """What ``python train/index.py`` does: validate, ingest, print a summary.
-
-    Exits with status 1 (after the summary) when anything was skipped, so scripts notice.
-    """
-    import sys
-
-    from ragtune.config import validate
-
-    cfg = validate(cfg, top_level={})
-    report = ingest(cfg.data.corpus, cfg.retriever, jsonl_text_field=cfg.data.jsonl_text_field)
-    print(report.summary())
-    if not report.ok:
-        print(
-            f"warning: {len(report.skipped)} file(s) or record(s) were skipped (see above)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
-    return report

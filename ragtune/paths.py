@@ -1,7 +1,11 @@
-"""Where things live: the project root, the model cache and the outputs root.
+"""Where things live: the package's own data, the user's project, the cache and the outputs.
 
-Paths resolve from the project root, not from the current directory, so every entry point
-behaves the same wherever it is started from.
+Two roots, kept apart:
+
+- the package: ``prompts/`` and ``conf/`` ship inside it (in a checkout ``ragtune/prompts``
+  and ``ragtune/conf`` link to the top-level folders), so an installed wheel finds them;
+- the project: the folder a command works in. Paths a user types resolve from the current
+  directory, and outputs go under the project's ``outputs/`` (``RAGTUNE_OUTPUTS`` moves them).
 """
 
 from __future__ import annotations
@@ -9,10 +13,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROMPTS_DIR = PROJECT_ROOT / "prompts"
-CONF_DIR = PROJECT_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROMPTS_DIR = PACKAGE_DIR / "prompts"
+CONF_DIR = PACKAGE_DIR / "conf"
+# The ragtune source tree (its scripts, demo data and git history) when ragtune runs from a
+# checkout; installed from a wheel this folder is site-packages and holds none of them.
+PROJECT_ROOT = PACKAGE_DIR.parent
 DATA_DIR = PROJECT_ROOT / "data"
+
+
+def _is_checkout(folder: Path) -> bool:
+    return (folder / "pyproject.toml").is_file() and (folder / "ragtune").is_dir()
+
+
+def current_project() -> Path:
+    """The project a command works in.
+
+    ``RAGTUNE_ROOT`` if set; else the ragtune checkout when the current directory is inside
+    it (``python train/sft.py`` from any of its folders uses the same ``outputs/``); else the
+    current directory (a ``pip install``-ed ragtune used in the user's own folder).
+    """
+    env = os.environ.get("RAGTUNE_ROOT")
+    if env:
+        return Path(env).expanduser().absolute()
+    cwd = Path.cwd()
+    if _is_checkout(PROJECT_ROOT) and cwd.resolve().is_relative_to(PROJECT_ROOT):
+        return PROJECT_ROOT
+    return cwd
 
 
 def cache_dir() -> Path:
@@ -21,11 +48,13 @@ def cache_dir() -> Path:
 
 
 def outputs_root() -> Path:
-    """Root of all run, sweep, index and model outputs. Override with ``RAGTUNE_OUTPUTS``."""
-    return Path(os.environ.get("RAGTUNE_OUTPUTS", PROJECT_ROOT / "outputs")).expanduser()
+    """Root of all run, sweep, index and model outputs: ``RAGTUNE_OUTPUTS``, else the
+    current project's ``outputs/``."""
+    env = os.environ.get("RAGTUNE_OUTPUTS")
+    return resolve_path(env) if env else current_project() / "outputs"
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:
-    """A user path: absolute as given, relative ones against the project root."""
+    """A user path: absolute as given, relative ones against the current directory."""
     p = Path(path).expanduser()
-    return p if p.is_absolute() else PROJECT_ROOT / p
+    return p if p.is_absolute() else Path.cwd() / p

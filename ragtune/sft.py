@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from ragtune.budget import token_counter
 from ragtune.config import to_container, validate
 from ragtune.errors import RagtuneError
 from ragtune.paths import resolve_path
-from ragtune.sweep import is_multirun, write_status
+from ragtune.sweep import is_multirun
 
 log = logging.getLogger(__name__)
 
@@ -146,12 +145,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def run_sft(cfg: DictConfig) -> float:
-    """Index, build, train, save, stamp. Returns the sweep metric (eval score or -loss).
+def run_sft(cfg: DictConfig) -> dict[str, Any]:
+    """Index, build, train, save, stamp. Returns the run's summary: ``model_dir``,
+    ``final_loss``, ``metric`` (what a sweep ranks: the eval score, else -loss), ``metrics``.
 
     Under torchrun / accelerate every rank runs this; rank 0 alone builds the dataset and
-    writes status.json, the manifest and ``outputs/latest``, and the other ranks log warnings
-    only.
+    writes the manifest and ``outputs/latest``, and the other ranks log warnings only.
     """
     from ragtune.train import is_main_process
 
@@ -160,26 +159,11 @@ def run_sft(cfg: DictConfig) -> float:
         logging.getLogger("ragtune").setLevel(logging.WARNING)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    multirun = is_multirun()
-    if main:
-        write_status(out, "running")
-    try:
-        validate(cfg, SFT_TOP_LEVEL)  # inside the try: a bad combination fails alone in a sweep
-        metric, summary = _run(cfg, out)
-    except Exception as e:
-        if main:
-            write_status(
-                out, "failed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc()
-            )
-        if multirun:  # a failed run is recorded and the sweep goes on
-            log.error("run failed: %s: %s", type(e).__name__, e)
-            return float("nan")
-        raise
-    if main:
-        write_status(out, "ok", **summary)
-        if not multirun:
-            _point_latest(Path(summary["model_dir"]), Path(cfg.paths.outputs))
-    return metric
+    validate(cfg, SFT_TOP_LEVEL)
+    metric, summary = _run(cfg, out)
+    if main and not is_multirun():
+        _point_latest(Path(summary["model_dir"]), Path(cfg.paths.outputs))
+    return {**summary, "metric": metric}
 
 
 def _run(cfg: DictConfig, out: Path) -> tuple[float, dict[str, Any]]:

@@ -2,17 +2,17 @@
 
 ``python train/sft.py -m retriever.chunk_size=500,1000,2000 prompt=alpaca_rag,alpaca_rag_short``
 runs each combination in its own folder (``<sweep dir>/<num>_<overrides>/``). Each run writes
-``status.json`` (``ok`` with its metric and evaluation metrics, or ``failed`` with the error;
-``running`` if it was killed). When the sweep ends, :class:`SweepSummary` reads every run
+``status.json`` (``ok`` with its metric and evaluation metrics, ``failed`` with the error,
+``interrupted`` after Ctrl-C; ``running`` if it was killed). When the sweep ends, :class:`SweepSummary` reads every run
 folder's overrides (``.hydra/overrides.yaml``) and status, and writes into the sweep folder:
 
 - ``summary.csv`` and ``summary.md``: one row per run: status, swept settings, metrics;
 - ``summary.png``: each metric against the swept settings (one line per combination of the
   other swept settings; failed runs left out of the plot, kept in the table).
 
-A failed run does not stop the others: the task function records the failure in
-``status.json`` and returns NaN (``ragtune.sft.run_sft``, ``ragtune.evaluate.run_eval``), and
-``on_job_end`` records any exception that still escaped a job.
+A failed run does not stop the others: the stage wrapper records the failure in
+``status.json`` and returns NaN (:func:`ragtune.stage.run_stage`), and ``on_job_end`` records
+any exception that still escaped a job.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ PLOT_METRICS = ("overall", "f1", "unanswerable_abstention_rate", "recall_at_k")
 
 # --------------------------------------------------------------------------- run status
 def write_status(out_dir: str | Path, status: str, **extra: Any) -> Path:
-    """Write ``status.json`` atomically (``running`` | ``ok`` | ``failed``, plus details)."""
+    """Write ``status.json`` atomically (``running`` | ``ok`` | ``failed`` | ``interrupted``,
+    plus details)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{STATUS_FILE}.{os.getpid()}.tmp"

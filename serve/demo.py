@@ -21,9 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# OpenMP threads sleep instead of spinning while they wait (also for train/sft.py below): on
-# a CPU shared with other work, spinning made each step several times slower.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from ragtune.stage import configure_threads  # noqa: E402
+
+configure_threads()  # before torch loads; train/sft.py below inherits the environment
 
 # The demo trains with conf/sft.yaml's CPU defaults (short prompt, 300-character chunks,
 # max_seq_length 384, 2 epochs: well inside 20 minutes on 2 CPU cores, measured in
@@ -57,21 +57,6 @@ def _train(outputs: Path, extra: list[str]) -> Path:
     return model_dir
 
 
-def _ask(pipeline, question: str) -> object:
-    print(f"Q: {question}\nA: ", end="", flush=True)
-    stream = pipeline.stream(question)
-    for piece in stream:
-        print(piece, end="", flush=True)
-    print()
-    ans = stream.answer
-    print(f"   abstained: {'yes' if ans.abstained else 'no'}")
-    print("   sources:")
-    for i, (src, start, score) in enumerate(ans.sources, 1):
-        sc = "" if score is None else f"  score {score:.3f}"
-        print(f"     {i}. {src} @ {start}{sc}")
-    return ans
-
-
 def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     from ragtune.paths import outputs_root
@@ -84,6 +69,7 @@ def main(argv: list[str]) -> int:
     t_train = time.perf_counter() - t0
 
     _banner("2/3", f"load {model_dir} with the retriever and prompt of its manifest")
+    from ragtune.cli import print_answer
     from ragtune.config import compose, validate
     from ragtune.rag import ASK_TOP_LEVEL, RagPipeline
 
@@ -101,9 +87,9 @@ def main(argv: list[str]) -> int:
     good = questions["answerable"]
     bad = questions["unanswerable"]
     print("answerable (the answer is in the corpus):")
-    a1 = _ask(pipeline, good["question"])
+    a1 = print_answer(pipeline, good["question"], stream=True)
     print("\nunanswerable (the corpus does not say):")
-    a2 = _ask(pipeline, bad["question"])
+    a2 = print_answer(pipeline, bad["question"], stream=True)
 
     grounded = good["answer"].lower() in a1.text.lower() and not a1.abstained
     abstained = a2.abstained

@@ -37,7 +37,7 @@ def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path):
     from ragtune.sft import run_sft
 
     cfg = _cfg(outputs, tiny_lm_path)
-    metric = run_sft(cfg)
+    summary = run_sft(cfg)
     run = outputs / "run"
     model_dir = run / "model"
     manifest = read_manifest(model_dir)
@@ -66,11 +66,11 @@ def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path):
     ):
         assert key in manifest, key
     assert manifest["backend"] == "hf" and manifest["versions"]["transformers"] == "5.17.0"
-    assert metric == pytest.approx(-manifest["final_loss"])
+    assert summary["metric"] == pytest.approx(-manifest["final_loss"])
+    assert summary["model_dir"] == str(model_dir)
     stats = json.loads((run / "dataset" / "stats.json").read_text())
     assert stats["examples"] == 12 and stats["kinds"]
     assert (run / "dataset" / "preview.md").read_text().count("### Response:") >= 1
-    assert json.loads((run / "status.json").read_text())["status"] == "ok"
     assert (outputs / "latest").resolve() == model_dir.resolve()
     assert list(model_dir.glob("*.safetensors")) and not list(model_dir.glob("*.bin"))
 

@@ -3,27 +3,10 @@ python train/build_data.py [any train/sft.py overrides]
 
 Writes <run>/dataset/{train.jsonl, stats.json, preview.md}: the exact prompts the model
 would be trained on, rendered by the one schema with contexts from the shared retriever.
+Same as ``ragtune build-data``.
 """
 
-import hydra
-from omegaconf import DictConfig
-
-import ragtune.config  # noqa: F401  (registers the ${ragtune_root:} resolver)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
-def main(cfg: DictConfig) -> None:
-    from pathlib import Path
-
-    from ragtune.config import user_errors, validate
-    from ragtune.sft import SFT_TOP_LEVEL, build_dataset
-
-    def run(cfg: DictConfig) -> None:
-        validate(cfg, SFT_TOP_LEVEL)
-        build_dataset(cfg, Path(cfg.output_dir))
-
-    user_errors(run)(cfg)
-
+from ragtune.cli import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command("build-data")
