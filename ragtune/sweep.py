@@ -11,7 +11,7 @@ folder's overrides (``.hydra/overrides.yaml``) and status, and writes into the s
   other swept settings; failed runs left out of the plot, kept in the table).
 
 A failed run does not stop the others: the task function records the failure in
-``status.json`` and returns NaN (``ragtune.sft.run_sft``, ``ragtune.evaluate.run_eval``), and
+``status.json`` and returns NaN (``train/sft.py``, ``ragtune.evaluate.run_eval``), and
 ``on_job_end`` records any exception that still escaped a job.
 """
 

@@ -32,7 +32,7 @@ def examples(tiny_lm_path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_lm_path, examples):
     """The uninterrupted run every resumed run must match."""
-    from ragtune.train import train
+    from ragtune.training.recipe import train
 
     out = tmp_path_factory.mktemp("reference")
     return train(make_cfg(out, tiny_lm_path, *EXTRA), examples, SCHEMA, out)
@@ -42,7 +42,8 @@ def _interrupted_run(out: Path, model: str, examples, stop_at: int, monkeypatch)
     """Train with the full schedule but stop right after the checkpoint at ``stop_at``."""
     from transformers import TrainerCallback
 
-    import ragtune.train as rt
+    import ragtune.training.checkpoints as ck
+    from ragtune.training.recipe import train
 
     class Stop(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -50,17 +51,17 @@ def _interrupted_run(out: Path, model: str, examples, stop_at: int, monkeypatch)
                 control.should_training_stop = True
             return control
 
-    real = rt._callbacks
+    real = ck.callbacks
     with monkeypatch.context() as m:
-        m.setattr(rt, "_callbacks", lambda *a: [*real(*a), Stop()])
-        r = rt.train(make_cfg(out, model, *EXTRA), examples, SCHEMA, out)
+        m.setattr(ck, "callbacks", lambda *a: [*real(*a), Stop()])
+        r = train(make_cfg(out, model, *EXTRA), examples, SCHEMA, out)
     assert r.steps == stop_at
 
 
 def test_resume_continues_from_the_checkpoint_and_matches(
     tmp_path, tiny_lm_path, examples, reference, monkeypatch
 ):
-    from ragtune.train import train
+    from ragtune.training.recipe import train
 
     _interrupted_run(tmp_path, tiny_lm_path, examples, 4, monkeypatch)
     r = train(
@@ -75,7 +76,8 @@ def test_resume_continues_from_the_checkpoint_and_matches(
 def test_truncated_newest_checkpoint_is_skipped(
     tmp_path, tiny_lm_path, examples, reference, monkeypatch
 ):
-    from ragtune.train import checkpoint_problem, find_resume_checkpoint, train
+    from ragtune.training.checkpoints import checkpoint_problem, find_resume_checkpoint
+    from ragtune.training.recipe import train
 
     _interrupted_run(tmp_path, tiny_lm_path, examples, 4, monkeypatch)
     ck = tmp_path / "checkpoints"
@@ -95,7 +97,7 @@ def test_truncated_newest_checkpoint_is_skipped(
 def test_checkpoint_validation_catches_each_kind_of_damage(reference):
     import shutil
 
-    from ragtune.train import COMPLETE_MARKER, checkpoint_problem
+    from ragtune.training.checkpoints import COMPLETE_MARKER, checkpoint_problem
 
     src = reference.model_dir.parent / "checkpoints" / f"checkpoint-{STEPS}"
     assert checkpoint_problem(src) is None
@@ -115,7 +117,7 @@ def test_checkpoint_validation_catches_each_kind_of_damage(reference):
 
 
 def test_resume_without_checkpoints_starts_fresh(tmp_path, tiny_lm_path, examples, reference):
-    from ragtune.train import train
+    from ragtune.training.recipe import train
 
     r = train(
         make_cfg(tmp_path, tiny_lm_path, *EXTRA, "train.resume=true"), examples, SCHEMA, tmp_path
@@ -130,7 +132,7 @@ import json, sys
 from pathlib import Path
 from transformers import AutoTokenizer
 from ragtune.schema import get_schema
-from ragtune.train import train
+from ragtune.training.recipe import train
 from test_train import make_cfg, make_examples
 out, model, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 ex = make_examples(AutoTokenizer.from_pretrained(model), n=8)

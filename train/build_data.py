@@ -16,7 +16,8 @@ def main(cfg: DictConfig) -> None:
     from pathlib import Path
 
     from ragtune.config import user_errors, validate
-    from ragtune.sft import SFT_TOP_LEVEL, build_dataset
+    from ragtune.training.data import build_dataset
+    from ragtune.training.recipe import SFT_TOP_LEVEL
 
     def run(cfg: DictConfig) -> None:
         validate(cfg, SFT_TOP_LEVEL)

@@ -35,9 +35,47 @@ def _import_unsloth_first(backend: str) -> None:
 def main(cfg: DictConfig) -> float | None:
     _import_unsloth_first(str(cfg.train.get("backend", "auto")))
     from ragtune.config import user_errors
-    from ragtune.sft import run_sft
 
-    return user_errors(run_sft)(cfg)
+    return user_errors(_run)(cfg)
+
+
+def _run(cfg: DictConfig) -> float:
+    """status.json around the stage; in a sweep a failed run is recorded and scores NaN."""
+    import logging
+    import traceback
+    from pathlib import Path
+
+    from ragtune.sweep import is_multirun, write_status
+    from ragtune.training import run_sft
+    from ragtune.training.distributed import is_main_process
+
+    main = is_main_process()
+    if not main:
+        logging.getLogger("ragtune").setLevel(logging.WARNING)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        write_status(out, "running")
+    try:
+        result = run_sft(cfg)
+    except Exception as e:
+        if main:
+            trace = traceback.format_exc()
+            write_status(out, "failed", error=f"{type(e).__name__}: {e}", trace=trace)
+        if is_multirun():
+            logging.getLogger("ragtune").error("run failed: %s: %s", type(e).__name__, e)
+            return float("nan")
+        raise
+    if main:
+        summary = {
+            "model_dir": str(result.model_dir),
+            "final_loss": result.final_loss,
+            "metric": result.metric,
+            "metrics": result.metrics or {},
+            "dataset": result.dataset_stats,
+        }
+        write_status(out, "ok", **summary)
+    return result.metric
 
 
 if __name__ == "__main__":
