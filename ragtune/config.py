@@ -422,7 +422,7 @@ def _check_model_name(name: str) -> None:
 
 def _one_line(e: OmegaConfBaseException, prefix: str = "") -> str:
     key = getattr(e, "full_key", None) or ""
-    if prefix and key and not key.startswith(prefix):
+    if prefix and key and not key.startswith(f"{prefix}."):
         key = f"{prefix}.{key}"
     msg = str(getattr(e, "msg", None) or e).splitlines()[0]
     if "Key '" in msg and "not in" in msg:

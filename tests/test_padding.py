@@ -26,11 +26,11 @@ def tcfg(**kw):
     base = {
         "packing": False,
         "padding_free": "auto",
-        "sampling": "random",
-        "batch_size": 2,
-        "grad_accum": 1,
+        "train_sampling_strategy": "random",
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
         "max_steps": 10_000,
-        "epochs": 1.0,
+        "num_train_epochs": 1.0,
     }
     return OmegaConf.create({**base, **kw})
 
@@ -54,8 +54,11 @@ def test_grouping_by_length_pads_far_less_than_random_batches():
 
 
 def test_micro_batches_from_steps_or_epochs():
-    assert micro_batches(tcfg(max_steps=5, grad_accum=4), 100) == 20
-    assert micro_batches(tcfg(max_steps=-1, batch_size=4, epochs=2.0), 10) == 6  # ceil(10/4)*2
+    assert micro_batches(tcfg(max_steps=5, gradient_accumulation_steps=4), 100) == 20
+    assert (
+        micro_batches(tcfg(max_steps=-1, per_device_train_batch_size=4, num_train_epochs=2.0), 10)
+        == 6
+    )  # ceil(10/4)*2
 
 
 # --------------------------------------------------------------------------- the choice
@@ -87,7 +90,7 @@ def test_grouping_by_length_lets_unsloth_pad_rag_examples():
     rng = random.Random(1)
     lengths = [rng.randint(300, 1500) for _ in range(4000)]
     assert choose_padding_free(tcfg(), "unsloth", lengths)[0] is True  # ~19% padding
-    grouped = tcfg(sampling="group_by_length", grad_accum=4)
+    grouped = tcfg(train_sampling_strategy="group_by_length", gradient_accumulation_steps=4)
     free, why = choose_padding_free(grouped, "unsloth", lengths)
     assert free is False and "padded" in why
 
@@ -114,7 +117,7 @@ def test_explicit_choices_win():
         (["train.padding_free=sometimes"], "train.padding_free: must be auto, true or false"),
         (
             ["train.train_sampling_strategy=by_size"],
-            "train.sampling: must be one of random, group_by_length",
+            "train.train_sampling_strategy: must be one of random, group_by_length",
         ),
     ],
 )
