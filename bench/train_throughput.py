@@ -20,7 +20,7 @@ Scenarios:
             best-fit-decreasing packing, padding-free batches): non-pad tokens/s and how full
             the batch x seq capacity is (padding waste = 1 - fill).
 ``rag``     the same examples unpacked, ``train.packing=false``: padded or padding-free per
-            ``train.padding_free`` / ``train.sampling`` (set them with the run's overrides);
+            ``train.padding_free`` / ``train.train_sampling_strategy`` (set them with the run's overrides);
             padding waste is measured on the batches the Trainer actually ran.
 
 Steps: the first ``--warmup`` steps (kernel compilation, autotuning) are excluded.
@@ -313,7 +313,7 @@ def worker(args: argparse.Namespace) -> dict:
         "batch_fill": round(fill, 4),
         "padding_waste": round(1 - fill, 4),
         "padding_free": ran_padding_free[0] if ran_padding_free else None,
-        "sampling": str(cfg.train.sampling),
+        "sampling": str(cfg.train.train_sampling_strategy),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "train_peak_gib": round(result.peak_memory_gb or 0.0, 2),

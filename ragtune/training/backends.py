@@ -141,7 +141,7 @@ def _load_hf(cfg: Any, model_path: str, cuda: bool) -> tuple[Any, Any, dict[str,
         if m.load_in_4bit:
             log.warning("model.load_in_4bit needs CUDA (bitsandbytes); loading unquantized on CPU")
         # CPU + bfloat16: fp32 master weights under bf16 autocast; pure bf16 weights would lose
-        # small updates (docs/benchmarks.md has the measured speed)
+        # small updates (docs/benchmarks.md, "SFT training on CPU")
         kwargs["dtype"] = compute if cuda else torch.float32
     precision = {"bf16": False, "fp16": False}
     if cuda and compute != torch.float32:

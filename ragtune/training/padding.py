@@ -2,8 +2,8 @@
 
 Unsloth compiles each decoder block as one torch.compile region for padded batches only; its
 padding-free (varlen) batches run the blocks eagerly. The constants below are the measured
-trade-off at the Mistral-Nemo-12B shape on an H100 (docs/benchmarks.md, "padding-free or
-padded"): padded steps 0.648 s vs 0.744 s padding-free, for a one-off ~35 s compile.
+trade-off at the Mistral-Nemo-12B shape on an H100 (docs/benchmarks.md,
+"Training throughput through ragtune's SFT path", item 2): padded steps 0.648 s vs 0.744 s padding-free, for a one-off ~35 s compile.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def drop_redundant_mask(inputs: dict[str, Any]) -> dict[str, Any]:
 
     A causal model's real tokens never attend to the pads after them and pads carry no label,
     so the loss is unchanged, and attention runs its plain causal kernel: 6,048 -> 6,667
-    tokens/s at 12B on an H100 with Unsloth (docs/benchmarks.md). Left padding and holes keep
+    tokens/s at 12B on an H100 with Unsloth (docs/benchmarks.md, same section, item 3). Left padding and holes keep
     their mask.
     """
     mask = inputs.get("attention_mask")

@@ -205,7 +205,7 @@ def train(
         callbacks=callbacks,
     )
     # the right-padding mask is dropped for Unsloth only: 6,048 -> 6,667 tok/s at 12B
-    # (docs/benchmarks.md); TRL's fused loss on the hf backend needs the mask
+    # (docs/benchmarks.md, "The attention mask"); TRL's fused loss on the hf backend needs the mask
     sft.drop_padding_mask = backend == "unsloth"
 
     if cuda:
