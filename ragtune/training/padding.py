@@ -2,8 +2,9 @@
 
 Unsloth compiles each decoder block as one torch.compile region for padded batches only; its
 padding-free (varlen) batches run the blocks eagerly. The constants below are the measured
-trade-off at the Mistral-Nemo-12B shape on an H100 (docs/benchmarks.md,
-"Training throughput through ragtune's SFT path", item 2): padded steps 0.648 s vs 0.744 s padding-free, for a one-off ~35 s compile.
+trade-off at the Mistral-Nemo-12B shape on an H100 (docs/benchmarks.md, "Training throughput
+through ragtune's SFT path", item 2): padded steps 0.648 s vs 0.744 s padding-free, for a
+one-off ~35 s compile.
 """
 
 from __future__ import annotations
