@@ -186,6 +186,7 @@ class TrainConfig:
     train_sampling_strategy: Sampling
     gradient_checkpointing: Any  # bool or "unsloth"
     logging_steps: int
+    report_to: Any  # a Trainer integration name or a list of them ("none" = none)
     save_steps: int
     save_total_limit: int
     resume: bool

@@ -90,28 +90,40 @@ def save_hf(model: Any, tokenizer: Any, out: Path, save_method: str, *, base_pat
             "use merged_16bit or lora"
         )
     base = model.get_base_model()
+    dtype = sixteen_bit_dtype(base_path)
     if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
-        merged = _merge_onto_16bit_base(model, base_path, out)
+        merged = _merge_onto_16bit_base(model, base_path, out, dtype)
     else:
-        # in place: training is over, and a copy would double memory on large models. CPU runs
-        # keep the float32 they trained in (lossless, what CPU serving wants)
-        merged = model.merge_and_unload()
+        # in place: training is over, and a copy would double memory on large models; float32
+        # (CPU) training is cast down after the merge, so the delta is added at full precision
+        merged = model.merge_and_unload().to(dtype)
     merged.save_pretrained(out, safe_serialization=True)
 
 
-def _merge_onto_16bit_base(model: Any, base_path: str, out: Path) -> Any:
+def sixteen_bit_dtype(base_path: str) -> Any:
+    """What ``merged_16bit`` writes: the base checkpoint's own dtype when it is 16-bit, else
+    bfloat16 (float32 bases included: half the disk, and the range float32 weights have)."""
+    import torch
+    from transformers import AutoConfig
+
+    try:
+        dtype = getattr(AutoConfig.from_pretrained(base_path), "dtype", None)
+    except (OSError, ValueError):
+        dtype = None
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def _merge_onto_16bit_base(model: Any, base_path: str, out: Path, dtype: Any) -> Any:
     """QLoRA: merge the adapter into the base reloaded in 16 bits (on CPU), not the 4-bit one;
     merging into bitsandbytes weights would round the result back to 4 bits."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     adapter = out.parent / f".adapter-{out.name}"
     model.save_pretrained(adapter, safe_serialization=True)
     try:
-        dtype = getattr(model.get_base_model().config, "dtype", None) or torch.bfloat16
-        if dtype == torch.float32:
-            dtype = torch.bfloat16
         log.info("merging the QLoRA adapter into a %s copy of %s on CPU", dtype, base_path)
         base16 = AutoModelForCausalLM.from_pretrained(
             base_path, dtype=dtype, use_safetensors=True, device_map={"": "cpu"}

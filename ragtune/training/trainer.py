@@ -33,6 +33,7 @@ SFT_ARGS = (
     "save_total_limit",
     "packing",
     "train_sampling_strategy",
+    "report_to",
 )
 
 
@@ -63,7 +64,7 @@ def sft_config(
     from trl import SFTConfig
 
     t = cfg.train
-    passed = {k: v.value if isinstance(v, Enum) else v for k, v in ((k, t[k]) for k in SFT_ARGS)}
+    passed = {k: _plain(t[k]) for k in SFT_ARGS}
     fsdp = fsdp_args(cfg)
     # Unsloth applied its own checkpointing in get_peft_model; for hf "unsloth" means "on";
     # under FSDP it is FSDP's activation checkpointing (in fsdp_config) instead
@@ -76,7 +77,6 @@ def sft_config(
         data_seed=int(cfg.seed),
         save_strategy="steps",
         save_only_model=False,
-        report_to="none",  # TensorBoard is a callback writing into <run>/tensorboard
         gradient_checkpointing=gc,
         bf16=bool(precision["bf16"]),
         fp16=bool(precision["fp16"]),
@@ -93,6 +93,14 @@ def sft_config(
         ddp_backend="gloo" if not cuda and launched else None,
         **fsdp,
     )
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value.value if isinstance(value, Enum) else value
 
 
 def trainer_class() -> type:
@@ -127,8 +135,11 @@ def trainer_class() -> type:
     return RagtuneSFTTrainer
 
 
-def tensorboard_callback(log_dir: Path) -> Any:
-    from torch.utils.tensorboard import SummaryWriter
+def log_tensorboard_into(trainer: Any, log_dir: Path) -> None:
+    """``train.report_to=tensorboard`` logs into ``<run>/tensorboard`` rather than under the
+    checkpoints (transformers' default); the TENSORBOARD_LOGGING_DIR variable still wins."""
     from transformers.integrations import TensorBoardCallback
 
-    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(log_dir)
