@@ -126,6 +126,51 @@ def test_resume_without_checkpoints_starts_fresh(tmp_path, tiny_lm_path, example
     assert r.final_loss == pytest.approx(reference.final_loss, abs=1e-4)
 
 
+def test_resume_finds_the_newest_unfinished_run_without_a_run_dir(reference, tmp_path):
+    import shutil
+
+    from ragtune.training.checkpoints import find_resumable_run
+
+    src = reference.model_dir.parent / "checkpoints"
+    runs = tmp_path / "runs" / "sft"
+    old, finished, damaged, new = (runs / n for n in ("01-old", "02-done", "03-cut", "04-new"))
+    for run in (old, finished, damaged):
+        shutil.copytree(src, run / "checkpoints")
+        time.sleep(0.02)  # distinct modification times, old < finished < damaged
+    (finished / "model").mkdir()
+    (finished / "model" / "manifest.json").write_text("{}")
+    for ckpt in (damaged / "checkpoints").glob("checkpoint-*"):
+        (ckpt / "ragtune-complete.json").unlink()
+    new.mkdir()
+    assert find_resumable_run(new) == old
+    assert find_resumable_run(old) == old  # a run with its own checkpoints continues itself
+    shutil.rmtree(old)
+    assert find_resumable_run(new) == new  # nothing to continue: a fresh start
+    assert {p.name for p in runs.iterdir()} == {"02-done", "03-cut", "04-new"}  # none removed
+
+
+def test_run_sft_with_resume_trains_in_the_interrupted_run(reference, tmp_path, monkeypatch):
+    import shutil
+
+    import ragtune.training.data as data
+    import ragtune.training.recipe as recipe
+    from ragtune.config import compose
+
+    runs = tmp_path / "outputs" / "runs" / "sft"
+    shutil.copytree(reference.model_dir.parent / "checkpoints", runs / "old" / "checkpoints")
+    monkeypatch.setenv("RAGTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    trained_in = []
+    monkeypatch.setattr(data, "shared_dataset", lambda c, o: ([], {}, None, o))
+    monkeypatch.setattr(
+        recipe,
+        "train",
+        lambda cfg, ex, schema, out: trained_in.append(out) or reference,
+    )
+    monkeypatch.setattr(recipe, "_write_manifest", lambda *a: None)
+    cfg = compose("sft", [f"output_dir={runs / 'new'}", "train.resume=true"])
+    assert recipe.run_sft(cfg).run_dir == runs / "old" and trained_in == [runs / "old"]
+
+
 # --------------------------------------------------------------------------- real processes
 _WORKER = """
 import json, sys

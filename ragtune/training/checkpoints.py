@@ -107,6 +107,37 @@ def find_resume_checkpoint(checkpoints_dir: Path) -> Path | None:
     return None
 
 
+def find_resumable_run(run_dir: Path) -> Path:
+    """The run folder ``train.resume=true`` continues: ``run_dir`` when it holds checkpoints,
+    else the newest unfinished sibling run (same output root) with a complete checkpoint, so
+    resuming needs no ``hydra.run.dir=``. Finished runs (``model/manifest.json``) are skipped;
+    nothing is removed here. Falls back to ``run_dir`` (a fresh start)."""
+    run_dir = Path(run_dir)
+    if has_checkpoints(run_dir / CHECKPOINTS_DIR) or not run_dir.parent.is_dir():
+        return run_dir
+    siblings = [
+        p
+        for p in run_dir.parent.iterdir()
+        if p != run_dir and p.is_dir() and has_checkpoints(p / CHECKPOINTS_DIR)
+    ]
+    siblings.sort(key=lambda p: (p / CHECKPOINTS_DIR).stat().st_mtime, reverse=True)
+    for run in siblings:
+        if (run / "model" / "manifest.json").exists():
+            continue
+        ckpts = sorted(
+            (
+                p
+                for p in (run / CHECKPOINTS_DIR).glob(f"{CKPT_PREFIX}*")
+                if _checkpoint_step(p) >= 0
+            ),
+            key=_checkpoint_step,
+            reverse=True,
+        )
+        if any(checkpoint_problem(c) is None for c in ckpts):
+            return run
+    return run_dir
+
+
 def has_checkpoints(checkpoints_dir: Path) -> bool:
     return checkpoints_dir.is_dir() and any(checkpoints_dir.glob(f"{CKPT_PREFIX}*"))
 

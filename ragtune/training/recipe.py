@@ -64,12 +64,17 @@ def run_sft(cfg: DictConfig) -> SftResult:
     from ragtune.config import validate
     from ragtune.schema import get_schema
     from ragtune.sweep import is_multirun
+    from ragtune.training.checkpoints import find_resumable_run
     from ragtune.training.data import shared_dataset
     from ragtune.training.distributed import is_main_process
     from ragtune.training.saving import point_latest
 
     validate(cfg, SFT_TOP_LEVEL)
     out = Path(cfg.output_dir)
+    if cfg.train.resume and not is_multirun():
+        out = find_resumable_run(out)
+        if out != Path(cfg.output_dir):
+            log.info("train.resume=true: continuing the interrupted run in %s", out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     schema = get_schema(cfg.prompt.name)
