@@ -181,6 +181,13 @@ def tokenize_examples(
             len(examples),
             max_seq_length,
         )
+    log.info(
+        "tokenized %d examples (%d dropped as too long), %d tokens, mean length %.0f",
+        len(lengths),
+        dropped,
+        sum(lengths),
+        sum(lengths) / len(lengths),
+    )
     stats = {
         "examples": len(lengths),
         "truncated": dropped,

@@ -162,42 +162,37 @@ def train(
 
     ``cfg`` is the composed, validated config. Does not write ``manifest.json``.
     """
-    import torch
     from transformers import set_seed
 
     from ragtune.models import resolve_model
     from ragtune.training import backends, checkpoints, data, distributed, padding, trainer
 
     output_dir = Path(output_dir)
+    # 1. backend and the checks that need no model
     cuda = distributed.cuda_available()
     backend = _choose_backend(cfg, cuda)
     model_path = resolve_model(str(cfg.model.name_or_path))
     _check_save_method(cfg, backend, model_path)
     log.info("training %s with the %s backend", model_path, backend)
 
+    # 2. model + LoRA
     set_seed(int(cfg.seed))
     model, tokenizer, precision = backends.load(cfg, backend, model_path)
 
+    # 3. data: token ids with the loss on the completion; padded or padding-free batches
     max_len = int(cfg.model.max_seq_length)
     dataset, stats = data.tokenize_examples(examples, tokenizer, schema, max_len)
     eval_dataset = None
     if eval_examples:
         eval_dataset, _ = data.tokenize_examples(eval_examples, tokenizer, schema, max_len)
-    log.info(
-        "tokenized %d examples (%d dropped as too long), %d tokens, mean length %.0f",
-        stats["examples"],
-        stats["truncated"],
-        stats["tokens"],
-        stats["mean_tokens"],
-    )
     lengths = [len(ids) for ids in dataset["input_ids"]]
     padding_free, why = padding.choose_padding_free(cfg.train, backend, lengths)
     log.info("batches: %s; sampling: %s", why, cfg.train.train_sampling_strategy)
 
+    # 4. trainer, and where it resumes from
     ckpt_dir = output_dir / CHECKPOINTS_DIR
     args = trainer.sft_config(cfg, ckpt_dir, precision, cuda, backend, padding_free)
-    is_main = args.process_index == 0
-    resume_from = _resume_point(cfg, ckpt_dir, is_main, args.world_size)
+    resume_from = _resume_point(cfg, ckpt_dir, args.process_index == 0, args.world_size)
     sft = trainer.trainer_class()(
         model=model,
         args=args,
@@ -208,25 +203,47 @@ def train(
     )
     trainer.log_tensorboard_into(sft, output_dir / TENSORBOARD_DIR)
     # the right-padding mask is dropped for Unsloth only: 6,048 -> 6,667 tok/s at 12B
-    # (docs/benchmarks.md, "The attention mask"); TRL's fused loss on the hf backend needs the mask
+    # (docs/benchmarks.md, "The attention mask"); TRL's fused loss on the hf backend needs it
     sft.drop_padding_mask = backend == "unsloth"
+
+    # 5. train, evaluate on held-out examples, save
+    seconds, peak = _fit(sft, resume_from, cuda)
+    eval_loss = None
+    if eval_dataset is not None:
+        eval_loss = float(sft.evaluate()["eval_loss"])
+        log.info("eval loss %.4f on %d held-out examples", eval_loss, len(eval_dataset))
+    model_dir = _save(sft, cfg, tokenizer, schema, output_dir, backend, model_path)
+    return _result(sft, model_dir, backend, seconds, peak, resume_from, stats, eval_loss)
+
+
+def _fit(sft: Any, resume_from: Path | None, cuda: bool) -> tuple[float, float | None]:
+    """Run the Trainer; (seconds, peak GPU memory in GiB or None)."""
+    import torch
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     sft.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    eval_loss = None
-    if eval_dataset is not None:
-        eval_loss = float(sft.evaluate()["eval_loss"])
-        log.info("eval loss %.4f on %d held-out examples", eval_loss, len(eval_dataset))
+    return seconds, torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
-    model_dir = _save(sft, cfg, tokenizer, schema, output_dir, backend, model_path)
+
+def _result(
+    sft: Any,
+    model_dir: Path,
+    backend: str,
+    seconds: float,
+    peak: float | None,
+    resume_from: Path | None,
+    stats: dict[str, Any],
+    eval_loss: float | None,
+) -> TrainResult:
+    from ragtune.training.checkpoints import tokens_seen_at
+
     losses = [float(h["loss"]) for h in sft.state.log_history if "loss" in h]
     tokens = float(sft.state.num_input_tokens_seen or 0)
-    if resume_from is not None:
-        tokens -= float(checkpoints.tokens_seen_at(resume_from))
+    if resume_from is not None:  # tokens/s of this session only
+        tokens -= float(tokens_seen_at(resume_from))
     result = TrainResult(
         model_dir=model_dir,
         final_loss=losses[-1] if losses else None,
