@@ -1,7 +1,7 @@
 """torchrun / accelerate launches: ranks, the process group, FSDP settings and gathering.
 
 The Trainer runs DDP (gloo on CPU, NCCL on CUDA) or FSDP2 with ``train.fsdp``; only rank 0
-writes checkpoints markers, the model folder and the manifest.
+writes checkpoint markers, the model folder and the manifest.
 """
 
 from __future__ import annotations
