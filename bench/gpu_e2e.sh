@@ -60,7 +60,7 @@ print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))
 for m in (transformers, peft, trl, datasets, bitsandbytes, torchao, chromadb, hydra, langchain_core):
     print(m.__name__, m.__version__)
 import unsloth; print(\"unsloth\", unsloth.__version__)
-import ragtune.train, ragtune.fastdecode, ragtune.retriever, ragtune.ingest, ragtune.generate
+import ragtune.training.recipe, ragtune.fastdecode, ragtune.retriever, ragtune.ingest, ragtune.generate
 print(\"ragtune imports ok\")"' ;;
       build)
         stage build python3 bench/make_nemo_shape.py --out "$M" --tokenizer .gpu/smol_tok \

@@ -16,7 +16,7 @@ export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$B"
 R=(prompt=alpaca_rag_short retriever.chunk_size=300 retriever.chunk_overlap=30
    model.max_seq_length=384)
-T=(raft.oracle_fraction=1.0 raft.unanswerable_fraction=0.33 train.epochs=2 train.batch_size=8
+T=(raft.oracle_fraction=1.0 raft.unanswerable_fraction=0.33 train.num_train_epochs=2 train.per_device_train_batch_size=8
    train.learning_rate=5e-4 data.corpus=$B/corpus_train data.qa_train=$B/train.jsonl
    retriever.persist_dir=$B/index_train)
 

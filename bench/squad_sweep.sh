@@ -27,8 +27,8 @@ declare -A BASE=(
   [model.max_seq_length]=384
   [model.dtype]=float32
   [train.backend]=hf
-  [train.epochs]=2
-  [train.batch_size]=8
+  [train.num_train_epochs]=2
+  [train.per_device_train_batch_size]=8
   [train.learning_rate]=5e-4
   [train.save_steps]=100000
   [raft.oracle_fraction]=0.8
@@ -73,7 +73,7 @@ single() {
 t0=$SECONDS
 round1() {  # the demo recipe around its settings (P, chunk, lr/epochs, size, prompt, rank, retrieval)
   sweep chunk retriever.chunk_size=200,300,400 raft.oracle_fraction=0.8,1.0 &
-  sweep lr train.learning_rate=2e-4,1e-3 train.epochs=2,3 &
+  sweep lr train.learning_rate=2e-4,1e-3 train.num_train_epochs=2,3 &
   sweep size "data.qa_train=$SQ/s150/train.jsonl,$SQ/s600/train.jsonl,$SQ/s1200/train.jsonl" &
   sweep prompt prompt=alpaca_rag,chat_rag &
   (single raft && single closed raft.mode=closed) &
@@ -92,7 +92,7 @@ round2() {  # round 1 found "always abstain": the abstention balance, data size 
   sweep cap600 "${cap[@]}" "data.qa_train=$SQ/s600/train.jsonl" raft.unanswerable_fraction=0.2,0.33 &
   sweep full "data.qa_train=$SQ/s0/train.jsonl" raft.unanswerable_fraction=0.33 \
     raft.oracle_fraction=0.8,1.0 &
-  sweep epochs "${cap[@]}" raft.unanswerable_fraction=0.33 train.epochs=3,4 &
+  sweep epochs "${cap[@]}" raft.unanswerable_fraction=0.33 train.num_train_epochs=3,4 &
   (single raft2 "${cap[@]}" raft.unanswerable_fraction=0.33 "data.qa_train=$SQ/s600/train.jsonl" &&
     single closed2 raft.mode=closed raft.unanswerable_fraction=0.33 \
       "data.qa_train=$SQ/s600/train.jsonl") &

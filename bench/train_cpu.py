@@ -58,9 +58,9 @@ def run(variant: str, steps: int, examples: list[dict], batch: int) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    import ragtune.train as rt
     from ragtune.config import compose, validate
     from ragtune.schema import get_schema
+    from ragtune.training import backends, checkpoints, recipe
 
     overrides, bf16_weights = VARIANTS[variant]
     times: list[float] = []
@@ -74,7 +74,7 @@ def run(variant: str, steps: int, examples: list[dict], batch: int) -> dict:
             n = state.num_input_tokens_seen - self.n
             times.append((time.perf_counter() - self.t, time.process_time() - self.c, n))
 
-    real_cb, real_load = rt._callbacks, rt._load_hf
+    real_cb, real_load = checkpoints.callbacks, backends._load_hf
 
     def load(cfg, path, cuda):
         model, tok, prec = real_load(cfg, path, cuda)
@@ -84,8 +84,8 @@ def run(variant: str, steps: int, examples: list[dict], batch: int) -> dict:
                     p.data = p.data.to(torch.bfloat16)
         return model, tok, prec
 
-    rt._callbacks = lambda *a: [*real_cb(*a), Timer()]
-    rt._load_hf = load
+    checkpoints.callbacks = lambda *a: [*real_cb(*a), Timer()]
+    backends._load_hf = load
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = compose(
@@ -93,7 +93,7 @@ def run(variant: str, steps: int, examples: list[dict], batch: int) -> dict:
                 [
                     f"output_dir={tmp}",
                     f"train.max_steps={steps}",
-                    f"train.batch_size={batch}",
+                    f"train.per_device_train_batch_size={batch}",
                     "train.logging_steps=1",
                     "train.save_steps=1000",
                     "train.save_method=lora",
@@ -102,9 +102,9 @@ def run(variant: str, steps: int, examples: list[dict], batch: int) -> dict:
                 ],
             )
             cfg = validate(cfg, top_level={"seed": int, "output_dir": str})
-            r = rt.train(cfg, examples, get_schema("alpaca_rag"), Path(tmp))
+            r = recipe.train(cfg, examples, get_schema("alpaca_rag"), Path(tmp))
     finally:
-        rt._callbacks, rt._load_hf = real_cb, real_load
+        checkpoints.callbacks, backends._load_hf = real_cb, real_load
     timed = times[1:] or times
     wall = sum(t for t, _, _ in timed) / len(timed)
     cpu = sum(c for _, c, _ in timed) / len(timed)

@@ -4,10 +4,10 @@
 
 Each run is a separate process (Unsloth patches transformers/TRL globally on import, which
 must not leak into the hf measurement) that calls exactly what ``train/sft.py`` calls:
-``ragtune.train.train(cfg, examples, schema, output_dir)`` (which loads the model, applies
+``ragtune.training.recipe.train(cfg, examples, schema, output_dir)`` (which loads the model, applies
 LoRA, tokenizes with ``tokenize_examples`` and runs TRL's SFTTrainer) with the ``nemo_rag``
 preset and ``train.max_steps``. The only addition is a Trainer callback, hooked in through
-``ragtune.train._callbacks``, that synchronises CUDA and times every optimizer step.
+``ragtune.training.checkpoints.callbacks``, that synchronises CUDA and times every optimizer step.
 
 Scenarios:
 
@@ -20,7 +20,7 @@ Scenarios:
             best-fit-decreasing packing, padding-free batches): non-pad tokens/s and how full
             the batch x seq capacity is (padding waste = 1 - fill).
 ``rag``     the same examples unpacked, ``train.packing=false``: padded or padding-free per
-            ``train.padding_free`` / ``train.sampling`` (set them with the run's overrides);
+            ``train.padding_free`` / ``train.train_sampling_strategy`` (set them with the run's overrides);
             padding waste is measured on the batches the Trainer actually ran.
 
 Steps: the first ``--warmup`` steps (kernel compilation, autotuning) are excluded.
@@ -168,10 +168,10 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
     from transformers import AutoTokenizer, TrainerCallback
 
-    import ragtune.train as rt
     from ragtune.config import compose, validate
     from ragtune.schema import get_schema
-    from ragtune.sft import SFT_TOP_LEVEL
+    from ragtune.training import checkpoints, padding, recipe, trainer
+    from ragtune.training.recipe import SFT_TOP_LEVEL
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-train-{args.backend}-{args.scenario}-"))
     steps = args.warmup + args.steps + args.profile_steps
@@ -182,8 +182,8 @@ def worker(args: argparse.Namespace) -> dict:
         f"model.name_or_path={args.model}",
         f"model.max_seq_length={args.seq}",
         f"train.backend={args.backend}",
-        f"train.batch_size={args.batch}",
-        "train.grad_accum=1",
+        f"train.per_device_train_batch_size={args.batch}",
+        "train.gradient_accumulation_steps=1",
         f"train.max_steps={steps}",
         f"train.packing={str(packing).lower()}",
         "train.save_method=lora",
@@ -245,12 +245,12 @@ def worker(args: argparse.Namespace) -> dict:
             seen.append(int(state.num_input_tokens_seen or 0))
             profiler.end(len(times) - 1)
 
-    orig = rt._callbacks
-    rt._callbacks = lambda *a, **k: [*orig(*a, **k), StepTimer()]
+    orig = checkpoints.callbacks
+    checkpoints.callbacks = lambda *a, **k: [*orig(*a, **k), StepTimer()]
     # the tokens each micro-batch carries, pads included (padding-free rows: none)
     batch_tokens: list[int] = []
     ran_padding_free: list[bool] = []
-    trainer_class = rt._trainer_class
+    trainer_class = trainer.trainer_class
 
     def counting_trainer() -> type:
         class Counting(trainer_class()):
@@ -264,11 +264,11 @@ def worker(args: argparse.Namespace) -> dict:
 
         return Counting
 
-    rt._trainer_class = counting_trainer
+    trainer.trainer_class = counting_trainer
     if args.sft_arg:  # experiments on the Trainer's own settings (e.g. its per-step syncs)
         import yaml
 
-        make_args = rt._sft_config
+        make_args = trainer.sft_config
 
         def patched_args(*a: Any, **k: Any) -> Any:
             sft_args = make_args(*a, **k)
@@ -277,11 +277,11 @@ def worker(args: argparse.Namespace) -> dict:
                 setattr(sft_args, key, yaml.safe_load(value))
             return sft_args
 
-        rt._sft_config = patched_args
+        trainer.sft_config = patched_args
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = rt.train(cfg, examples, schema, out)
+    result = recipe.train(cfg, examples, schema, out)
     wall = time.perf_counter() - t0
 
     per_step = [b - a for a, b in zip([0, *seen[:-1]], seen, strict=True)]
@@ -313,7 +313,7 @@ def worker(args: argparse.Namespace) -> dict:
         "batch_fill": round(fill, 4),
         "padding_waste": round(1 - fill, 4),
         "padding_free": ran_padding_free[0] if ran_padding_free else None,
-        "sampling": str(cfg.train.sampling),
+        "sampling": str(cfg.train.train_sampling_strategy),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "train_peak_gib": round(result.peak_memory_gb or 0.0, 2),
@@ -338,7 +338,7 @@ def worker(args: argparse.Namespace) -> dict:
     }
     if rag_lengths:  # what the same examples would pad unpacked (ragtune's estimate)
         for sampling in ("random", "group_by_length"):
-            waste = rt.padding_waste(lengths, args.batch, sampling, args.batch)
+            waste = padding.padding_waste(lengths, args.batch, sampling, args.batch)
             res[f"unpacked_padding_waste_{sampling}"] = round(waste, 4)
     return res
 
@@ -352,7 +352,7 @@ def bare_loop(args: argparse.Namespace, cfg: Any, schema: Any, examples: list[di
     ragtune's full-length run adds on top of this is the trainer's overhead."""
     import torch
 
-    import ragtune.train as rt
+    from ragtune.training import backends, data
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -363,10 +363,10 @@ def bare_loop(args: argparse.Namespace, cfg: Any, schema: Any, examples: list[di
 
     t0 = time.perf_counter()
     if args.backend == "unsloth":
-        model, tokenizer, precision = rt._load_unsloth(cfg, args.model)
+        model, tokenizer, precision = backends._load_unsloth(cfg, args.model)
     else:
-        model, tokenizer, precision = rt._load_hf(cfg, args.model, cuda)
-    ds, stats = rt.tokenize_examples(examples, tokenizer, schema, args.seq)
+        model, tokenizer, precision = backends._load_hf(cfg, args.model, cuda)
+    ds, stats = data.tokenize_examples(examples, tokenizer, schema, args.seq)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(cfg.train.learning_rate), fused=cuda)
     model.train()

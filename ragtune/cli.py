@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import logging
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -50,7 +51,8 @@ def index(cfg: DictConfig) -> None:
 def build_data(cfg: DictConfig) -> None:
     """Write the retrieval-augmented SFT set into ``<run>/dataset`` without training."""
     from ragtune.config import validate
-    from ragtune.sft import SFT_TOP_LEVEL, build_dataset
+    from ragtune.training.data import build_dataset
+    from ragtune.training.recipe import SFT_TOP_LEVEL
 
     validate(cfg, SFT_TOP_LEVEL)
     out = Path(cfg.output_dir)
@@ -61,10 +63,20 @@ def build_data(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> StageResult:
     """The SFT stage: index, build, train, save, manifest. The metric is what a sweep ranks."""
     _import_unsloth_first(str(cfg.train.get("backend", "auto")))
-    from ragtune.sft import run_sft
+    from ragtune.training import run_sft
+    from ragtune.training.distributed import is_main_process
 
-    summary = run_sft(cfg)
-    return StageResult(metric=summary.get("metric"), details=summary)
+    if not is_main_process():  # under torchrun, rank 0 alone reports
+        logging.getLogger("ragtune").setLevel(logging.WARNING)
+    result = run_sft(cfg)
+    summary = {
+        "model_dir": str(result.model_dir),
+        "final_loss": result.final_loss,
+        "metric": result.metric,
+        "metrics": result.metrics or {},
+        "dataset": result.dataset_stats,
+    }
+    return StageResult(metric=result.metric, details=summary)
 
 
 def _import_unsloth_first(backend: str) -> None:

@@ -33,9 +33,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _train_info(folder: Path) -> dict[str, Any]:
-    from ragtune.train import TRAIN_INFO
+    from ragtune.training.saving import read_train_info
 
-    info = _read_json(folder / TRAIN_INFO)
+    info = read_train_info(folder)
     manifest = _read_json(folder / "manifest.json")
     for key in ("base_model", "backend", "save_method"):
         if key not in info and key in manifest:
@@ -116,9 +116,9 @@ def load_model(
     is_adapter = folder.is_dir() and (folder / ADAPTER_CONFIG).exists()
 
     if dev.startswith("cuda") and info.get("backend") == "unsloth":
-        from ragtune.train import _unsloth_importable
+        from ragtune.training.backends import unsloth_importable
 
-        if _unsloth_importable():
+        if unsloth_importable():
             return _load_unsloth(folder, dtype, for_inference, trust_remote_code, max_seq_length)
         log.warning(
             "%s was trained with unsloth, which does not import here; using transformers", folder

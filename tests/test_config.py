@@ -102,6 +102,8 @@ def test_outputs_root_is_configurable(monkeypatch, tmp_path):
         ("raft.oracle_fraction=1.5", "raft.oracle_fraction"),
         ("raft.unanswerable_fraction=1.2", "raft.unanswerable_fraction"),
         ("train.lora.r=0", "train.lora.r"),
+        ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size"),
+        ("train.lora.lora_dropout=1.0", "train.lora.lora_dropout"),
         ("model.dtype=int3", "model.dtype"),
     ],
 )
@@ -134,3 +136,39 @@ def test_missing_preset_is_a_clear_error():
     )
     assert out.returncode != 0
     assert "conf/nope" in out.stderr or "nope" in out.stderr
+
+
+def test_defaults_live_in_the_yaml_and_the_dataclasses_read_them():
+    """One source of defaults: conf/<group>/<option>.yaml; the Python API gets the same values."""
+    from omegaconf import OmegaConf
+
+    from ragtune.config import GenerateConfig, RetrieverConfig, TrainConfig
+
+    cfg = _validate("sft")
+    assert RetrieverConfig().chunk_size == cfg.retriever.chunk_size == 300
+    assert TrainConfig().num_train_epochs == cfg.train.num_train_epochs == 2
+    assert TrainConfig().lora.lora_alpha == cfg.train.lora.lora_alpha
+    generate = OmegaConf.structured(GenerateConfig)
+    assert OmegaConf.to_container(generate) == OmegaConf.to_container(cfg.generate)
+    assert RetrieverConfig().persist_dir == ""  # an interpolation: resolved only when composed
+
+
+def test_a_bad_choice_lists_the_choices_on_one_line():
+    with pytest.raises(ConfigError) as err:
+        _validate("sft", ["train.backend=tpu"])
+    assert str(err.value) == "train.backend: must be one of auto, hf, unsloth, got 'tpu'"
+
+
+def test_train_keys_are_the_library_argument_names():
+    """cfg.train feeds SFTConfig and cfg.train.lora feeds LoraConfig without renaming."""
+    import inspect
+
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from ragtune.training.trainer import SFT_ARGS
+
+    cfg = _validate("sft")
+    sft_fields = set(inspect.signature(SFTConfig).parameters)
+    assert set(SFT_ARGS) <= set(cfg.train) and set(SFT_ARGS) <= sft_fields
+    assert set(cfg.train.lora) <= set(inspect.signature(LoraConfig).parameters)

@@ -10,7 +10,6 @@ round trip, rank-0-only status files, and the FSDP settings.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.sft import SFT_TOP_LEVEL
+from ragtune.training.recipe import SFT_TOP_LEVEL
 
 _WORKER = r"""
 import json, os, sys
@@ -27,10 +26,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoTokenizer, TrainerCallback
 from trl.trainer import sft_trainer
-import ragtune.train as rt
+import ragtune.training.checkpoints as ck
+import ragtune.training.data as data
+from ragtune.training.recipe import SFT_TOP_LEVEL, train
 from ragtune.schema import get_schema
 from test_train import make_cfg, make_examples
-import ragtune.sft as sft
 from ragtune.config import compose, validate
 
 out, model = Path(sys.argv[1]), sys.argv[2]
@@ -38,16 +38,16 @@ rank = int(os.environ["RANK"])
 
 # the SFT stage's dataset, with a run folder per rank (Hydra names them by the second)
 builds = []
-real_build = sft.build_dataset
+real_build = data.build_dataset
 def counting_build(cfg, run):
     builds.append(str(run))
     return real_build(cfg, run)
-sft.build_dataset = counting_build
+data.build_dataset = counting_build
 data_cfg = compose("sft", [f"output_dir={out / f'sft{rank}'}", f"model.name_or_path={model}",
                            "model.max_seq_length=384", "retriever.chunk_size=400",
                            "retriever.chunk_overlap=40", "data.max_records=6"])
-data_cfg = validate(data_cfg, top_level=sft.SFT_TOP_LEVEL)
-examples, stats, retriever, run = sft.shared_dataset(data_cfg, Path(data_cfg.output_dir))
+data_cfg = validate(data_cfg, top_level=SFT_TOP_LEVEL)
+examples, stats, retriever, run = data.shared_dataset(data_cfg, Path(data_cfg.output_dir))
 dataset = {"builds": builds, "run": str(run), "n": len(examples), "stats": stats,
            "examples": examples, "has_retriever": retriever is not None}
 seen = []
@@ -66,11 +66,11 @@ class DumpLora(TrainerCallback):
         save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()},
                   str(out / f"rank{rank}_lora.safetensors"))
 
-real_callbacks = rt._callbacks
-rt._callbacks = lambda *a: [*real_callbacks(*a), DumpLora()]
+real_callbacks = ck.callbacks
+ck.callbacks = lambda *a: [*real_callbacks(*a), DumpLora()]
 tok = AutoTokenizer.from_pretrained(model)
 ex = make_examples(tok, n=8)
-r = rt.train(make_cfg(out, model, "train.max_steps=3", "train.save_steps=2",
+r = train(make_cfg(out, model, "train.max_steps=3", "train.save_steps=2",
                       "train.save_method=lora"), ex, get_schema("alpaca_rag"), out)
 import torch.distributed as dist
 (out / f"rank{rank}.json").write_text(json.dumps({
@@ -164,28 +164,30 @@ def test_saved_dataset_round_trips(tmp_path):
 
 
 def test_other_ranks_write_no_manifest_or_latest(outputs, monkeypatch, tmp_path):
-    import ragtune.sft as sft
+    import ragtune.training.data as data
+    import ragtune.training.recipe as recipe
     from ragtune.config import compose
 
     cfg = compose("sft", [f"output_dir={tmp_path / 'run'}"])
     model_dir = tmp_path / "run" / "model"
-    monkeypatch.setattr(sft, "_run", lambda c, o: (-1.5, {"model_dir": str(model_dir)}))
+    written = []
+    result = recipe.TrainResult(model_dir=model_dir, final_loss=1.5)
+    monkeypatch.setattr(data, "shared_dataset", lambda c, o: ([], {}, None, o))
+    monkeypatch.setattr(recipe, "train", lambda *a, **k: result)
+    monkeypatch.setattr(recipe, "_write_manifest", lambda *a: written.append(a))
     monkeypatch.setenv("RANK", "1")
-    level = logging.getLogger("ragtune").level
-    try:
-        assert sft.run_sft(cfg)["metric"] == -1.5
-        assert logging.getLogger("ragtune").level == logging.WARNING  # other ranks log less
-    finally:
-        logging.getLogger("ragtune").setLevel(level)
-    assert not (outputs / "latest").exists()
+    assert recipe.run_sft(cfg).metric == -1.5
+    assert not written and not (outputs / "latest").exists()
     monkeypatch.setenv("RANK", "0")
-    assert sft.run_sft(cfg)["metric"] == -1.5
-    assert (outputs / "latest").is_symlink()
+    sft = recipe.run_sft(cfg)
+    assert sft.metric == -1.5 and sft.model_dir == model_dir and sft.metrics is None
+    assert written and (outputs / "latest").is_symlink()
 
 
 def test_fsdp_is_off_by_default_and_translates_to_fsdp2(tmp_path):
     from ragtune.config import compose, validate
-    from ragtune.train import _sft_config, fsdp_args
+    from ragtune.training.distributed import fsdp_args
+    from ragtune.training.trainer import sft_config as _sft_config
 
     precision = {"bf16": False, "fp16": False}
     cfg = validate(compose("sft", [f"output_dir={tmp_path}"]), top_level=SFT_TOP_LEVEL)
@@ -244,7 +246,8 @@ def test_bad_fsdp_settings_are_refused_naming_the_key(tmp_path, overrides, messa
 def test_fsdp_with_merged_4bit_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     import ragtune.models
     from ragtune.config import compose
-    from ragtune.train import TrainError, train
+    from ragtune.training import TrainError
+    from ragtune.training.recipe import train
 
     def no_load(*a, **kw):
         raise AssertionError("a model was resolved")

@@ -69,13 +69,13 @@ UNSLOTH_SCRIPT = textwrap.dedent(
     from safetensors.torch import load_file
     from ragtune.config import compose, validate
     from ragtune.schema import PromptFields, get_schema
-    from ragtune.sft import SFT_TOP_LEVEL
-    from ragtune.train import train
+    from ragtune.training.recipe import SFT_TOP_LEVEL
+    from ragtune.training.recipe import train
 
     model, out, method = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     cfg = validate(compose("sft", [
         "conf=nemo_rag", f"model.name_or_path={model}", "model.max_seq_length=256",
-        "train.max_steps=4", "train.batch_size=2", "train.grad_accum=1", "train.packing=false",
+        "train.max_steps=4", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "train.packing=false",
         "train.learning_rate=1e-3", "train.logging_steps=1", f"train.save_method={method}",
         f"output_dir={out}",
     ]), SFT_TOP_LEVEL)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from ragtune.config import ConfigError, compose, validate
 from ragtune.schema import PromptFields, get_schema
-from ragtune.train import (
+from ragtune.training.padding import (
     BLOCK_COMPILE_S,
     PADDED_MAX_WASTE,
     SAVED_S_PER_MICRO_BATCH,
@@ -26,11 +26,11 @@ def tcfg(**kw):
     base = {
         "packing": False,
         "padding_free": "auto",
-        "sampling": "random",
-        "batch_size": 2,
-        "grad_accum": 1,
+        "train_sampling_strategy": "random",
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 1,
         "max_steps": 10_000,
-        "epochs": 1.0,
+        "num_train_epochs": 1.0,
     }
     return OmegaConf.create({**base, **kw})
 
@@ -54,8 +54,11 @@ def test_grouping_by_length_pads_far_less_than_random_batches():
 
 
 def test_micro_batches_from_steps_or_epochs():
-    assert micro_batches(tcfg(max_steps=5, grad_accum=4), 100) == 20
-    assert micro_batches(tcfg(max_steps=-1, batch_size=4, epochs=2.0), 10) == 6  # ceil(10/4)*2
+    assert micro_batches(tcfg(max_steps=5, gradient_accumulation_steps=4), 100) == 20
+    assert (
+        micro_batches(tcfg(max_steps=-1, per_device_train_batch_size=4, num_train_epochs=2.0), 10)
+        == 6
+    )  # ceil(10/4)*2
 
 
 # --------------------------------------------------------------------------- the choice
@@ -87,7 +90,7 @@ def test_grouping_by_length_lets_unsloth_pad_rag_examples():
     rng = random.Random(1)
     lengths = [rng.randint(300, 1500) for _ in range(4000)]
     assert choose_padding_free(tcfg(), "unsloth", lengths)[0] is True  # ~19% padding
-    grouped = tcfg(sampling="group_by_length", grad_accum=4)
+    grouped = tcfg(train_sampling_strategy="group_by_length", gradient_accumulation_steps=4)
     free, why = choose_padding_free(grouped, "unsloth", lengths)
     assert free is False and "padded" in why
 
@@ -112,7 +115,10 @@ def test_explicit_choices_win():
     [
         (["train.packing=true", "train.padding_free=false"], "train.padding_free: packed rows"),
         (["train.padding_free=sometimes"], "train.padding_free: must be auto, true or false"),
-        (["train.sampling=by_size"], "train.sampling: must be one of random, group_by_length"),
+        (
+            ["train.train_sampling_strategy=by_size"],
+            "train.train_sampling_strategy: must be one of random, group_by_length",
+        ),
     ],
 )
 def test_bad_padding_settings_are_named(tmp_path, overrides, message):
@@ -121,9 +127,9 @@ def test_bad_padding_settings_are_named(tmp_path, overrides, message):
 
 
 def test_the_trainer_gets_the_choice_and_the_sampler(tmp_path, tiny_lm_path):
-    from ragtune.train import _sft_config
+    from ragtune.training.trainer import sft_config as _sft_config
 
-    cfg = make_cfg(tmp_path, tiny_lm_path, "train.sampling=group_by_length")
+    cfg = make_cfg(tmp_path, tiny_lm_path, "train.train_sampling_strategy=group_by_length")
     precision = {"bf16": False, "fp16": False}
     args = _sft_config(cfg, tmp_path, precision, False, "hf", padding_free=True)
     assert args.padding_free is True and args.train_sampling_strategy == "group_by_length"
@@ -135,7 +141,11 @@ def test_the_trainer_gets_the_choice_and_the_sampler(tmp_path, tiny_lm_path):
 # --------------------------------------------------------------------------- training
 def make_cfg(out, model: str, *extra: str):
     overrides = [f"output_dir={out}", f"model.name_or_path={model}", "model.max_seq_length=256"]
-    overrides += ["train.batch_size=2", "train.logging_steps=1", "train.learning_rate=1e-2"]
+    overrides += [
+        "train.per_device_train_batch_size=2",
+        "train.logging_steps=1",
+        "train.learning_rate=1e-2",
+    ]
     return validate(compose("sft", [*overrides, *extra]), top_level=TOP)
 
 
@@ -159,7 +169,8 @@ def test_padding_free_training_matches_padded_losses(tmp_path, tiny_lm_path, var
     to each other (transformers' SDPA separates them by their position ids)."""
     from transformers import AutoTokenizer
 
-    from ragtune.train import tokenize_examples, train
+    from ragtune.training.data import tokenize_examples
+    from ragtune.training.recipe import train
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_path)
     _, stats = tokenize_examples(varied_examples, tok, SCHEMA, 256)
@@ -185,7 +196,7 @@ def test_padding_free_training_matches_padded_losses(tmp_path, tiny_lm_path, var
 def test_only_a_right_padding_mask_is_dropped():
     import torch
 
-    from ragtune.train import drop_redundant_mask
+    from ragtune.training.padding import drop_redundant_mask
 
     ids = torch.ones(2, 4, dtype=torch.long)
     right = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])}
@@ -204,7 +215,7 @@ def test_the_loss_of_a_right_padded_batch_needs_no_mask(tiny_lm_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ragtune.train import drop_redundant_mask
+    from ragtune.training.padding import drop_redundant_mask
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_path).eval()
     ids = torch.randint(5, 100, (2, 12))
@@ -225,7 +236,9 @@ def test_the_trainer_drops_the_mask_only_when_told(tmp_path, tiny_lm_path, varie
     """train() tells it for Unsloth only: TRL's fused GPU loss (hf backend) reads the mask."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ragtune.train import _sft_config, _trainer_class, tokenize_examples
+    from ragtune.training.data import tokenize_examples
+    from ragtune.training.trainer import sft_config as _sft_config
+    from ragtune.training.trainer import trainer_class as _trainer_class
 
     tok = AutoTokenizer.from_pretrained(tiny_lm_path)
     ds, _ = tokenize_examples(varied_examples, tok, SCHEMA, 256)
@@ -248,7 +261,7 @@ def test_the_trainer_drops_the_mask_only_when_told(tmp_path, tiny_lm_path, varie
 # --------------------------------------------------------------------------- the optimizer
 def test_the_optimizer_is_explicit(tmp_path, tiny_lm_path):
     """Unsloth's SFTConfig defaults to adamw_8bit; ragtune always says which one it wants."""
-    from ragtune.train import _sft_config
+    from ragtune.training.trainer import sft_config as _sft_config
 
     precision = {"bf16": False, "fp16": False}
     cfg = make_cfg(tmp_path, tiny_lm_path)
@@ -264,7 +277,8 @@ def test_the_optimizer_is_explicit(tmp_path, tiny_lm_path):
 def test_a_bad_optimizer_is_named_before_the_model_loads(tmp_path, tiny_lm_path, optim, message):
     import torch
 
-    from ragtune.train import TrainError, train
+    from ragtune.training import TrainError
+    from ragtune.training.recipe import train
 
     if optim == "adamw_8bit" and torch.cuda.is_available():
         pytest.skip("checks the CPU behaviour")

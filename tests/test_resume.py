@@ -32,7 +32,7 @@ def examples(tiny_lm_path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_lm_path, examples):
     """The uninterrupted run every resumed run must match."""
-    from ragtune.train import train
+    from ragtune.training.recipe import train
 
     out = tmp_path_factory.mktemp("reference")
     return train(make_cfg(out, tiny_lm_path, *EXTRA), examples, SCHEMA, out)
@@ -42,7 +42,8 @@ def _interrupted_run(out: Path, model: str, examples, stop_at: int, monkeypatch)
     """Train with the full schedule but stop right after the checkpoint at ``stop_at``."""
     from transformers import TrainerCallback
 
-    import ragtune.train as rt
+    import ragtune.training.checkpoints as ck
+    from ragtune.training.recipe import train
 
     class Stop(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
@@ -50,17 +51,17 @@ def _interrupted_run(out: Path, model: str, examples, stop_at: int, monkeypatch)
                 control.should_training_stop = True
             return control
 
-    real = rt._callbacks
+    real = ck.callbacks
     with monkeypatch.context() as m:
-        m.setattr(rt, "_callbacks", lambda *a: [*real(*a), Stop()])
-        r = rt.train(make_cfg(out, model, *EXTRA), examples, SCHEMA, out)
+        m.setattr(ck, "callbacks", lambda *a: [*real(*a), Stop()])
+        r = train(make_cfg(out, model, *EXTRA), examples, SCHEMA, out)
     assert r.steps == stop_at
 
 
 def test_resume_continues_from_the_checkpoint_and_matches(
     tmp_path, tiny_lm_path, examples, reference, monkeypatch
 ):
-    from ragtune.train import train
+    from ragtune.training.recipe import train
 
     _interrupted_run(tmp_path, tiny_lm_path, examples, 4, monkeypatch)
     r = train(
@@ -75,7 +76,8 @@ def test_resume_continues_from_the_checkpoint_and_matches(
 def test_truncated_newest_checkpoint_is_skipped(
     tmp_path, tiny_lm_path, examples, reference, monkeypatch
 ):
-    from ragtune.train import checkpoint_problem, find_resume_checkpoint, train
+    from ragtune.training.checkpoints import checkpoint_problem, find_resume_checkpoint
+    from ragtune.training.recipe import train
 
     _interrupted_run(tmp_path, tiny_lm_path, examples, 4, monkeypatch)
     ck = tmp_path / "checkpoints"
@@ -95,7 +97,7 @@ def test_truncated_newest_checkpoint_is_skipped(
 def test_checkpoint_validation_catches_each_kind_of_damage(reference):
     import shutil
 
-    from ragtune.train import COMPLETE_MARKER, checkpoint_problem
+    from ragtune.training.checkpoints import COMPLETE_MARKER, checkpoint_problem
 
     src = reference.model_dir.parent / "checkpoints" / f"checkpoint-{STEPS}"
     assert checkpoint_problem(src) is None
@@ -115,7 +117,7 @@ def test_checkpoint_validation_catches_each_kind_of_damage(reference):
 
 
 def test_resume_without_checkpoints_starts_fresh(tmp_path, tiny_lm_path, examples, reference):
-    from ragtune.train import train
+    from ragtune.training.recipe import train
 
     r = train(
         make_cfg(tmp_path, tiny_lm_path, *EXTRA, "train.resume=true"), examples, SCHEMA, tmp_path
@@ -124,13 +126,58 @@ def test_resume_without_checkpoints_starts_fresh(tmp_path, tiny_lm_path, example
     assert r.final_loss == pytest.approx(reference.final_loss, abs=1e-4)
 
 
+def test_resume_finds_the_newest_unfinished_run_without_a_run_dir(reference, tmp_path):
+    import shutil
+
+    from ragtune.training.checkpoints import find_resumable_run
+
+    src = reference.model_dir.parent / "checkpoints"
+    runs = tmp_path / "runs" / "sft"
+    old, finished, damaged, new = (runs / n for n in ("01-old", "02-done", "03-cut", "04-new"))
+    for run in (old, finished, damaged):
+        shutil.copytree(src, run / "checkpoints")
+        time.sleep(0.02)  # distinct modification times, old < finished < damaged
+    (finished / "model").mkdir()
+    (finished / "model" / "manifest.json").write_text("{}")
+    for ckpt in (damaged / "checkpoints").glob("checkpoint-*"):
+        (ckpt / "ragtune-complete.json").unlink()
+    new.mkdir()
+    assert find_resumable_run(new) == old
+    assert find_resumable_run(old) == old  # a run with its own checkpoints continues itself
+    shutil.rmtree(old)
+    assert find_resumable_run(new) == new  # nothing to continue: a fresh start
+    assert {p.name for p in runs.iterdir()} == {"02-done", "03-cut", "04-new"}  # none removed
+
+
+def test_run_sft_with_resume_trains_in_the_interrupted_run(reference, tmp_path, monkeypatch):
+    import shutil
+
+    import ragtune.training.data as data
+    import ragtune.training.recipe as recipe
+    from ragtune.config import compose
+
+    runs = tmp_path / "outputs" / "runs" / "sft"
+    shutil.copytree(reference.model_dir.parent / "checkpoints", runs / "old" / "checkpoints")
+    monkeypatch.setenv("RAGTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    trained_in = []
+    monkeypatch.setattr(data, "shared_dataset", lambda c, o: ([], {}, None, o))
+    monkeypatch.setattr(
+        recipe,
+        "train",
+        lambda cfg, ex, schema, out: trained_in.append(out) or reference,
+    )
+    monkeypatch.setattr(recipe, "_write_manifest", lambda *a: None)
+    cfg = compose("sft", [f"output_dir={runs / 'new'}", "train.resume=true"])
+    assert recipe.run_sft(cfg).run_dir == runs / "old" and trained_in == [runs / "old"]
+
+
 # --------------------------------------------------------------------------- real processes
 _WORKER = """
 import json, sys
 from pathlib import Path
 from transformers import AutoTokenizer
 from ragtune.schema import get_schema
-from ragtune.train import train
+from ragtune.training.recipe import train
 from test_train import make_cfg, make_examples
 out, model, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 ex = make_examples(AutoTokenizer.from_pretrained(model), n=8)

@@ -26,7 +26,7 @@ def _cfg(outputs: Path, tiny_lm_path: str, *extra: str):
             "retriever.chunk_overlap=40",
             "data.max_records=12",
             "train.max_steps=3",
-            "train.batch_size=4",
+            "train.per_device_train_batch_size=4",
             "train.save_steps=100",
             *extra,
         ],
@@ -34,11 +34,12 @@ def _cfg(outputs: Path, tiny_lm_path: str, *extra: str):
 
 
 def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path):
-    from ragtune.sft import run_sft
+    from ragtune.training import run_sft
 
     cfg = _cfg(outputs, tiny_lm_path)
-    summary = run_sft(cfg)
+    result = run_sft(cfg)
     run = outputs / "run"
+    assert result.run_dir == run and result.model_dir == run / "model" and result.metrics is None
     model_dir = run / "model"
     manifest = read_manifest(model_dir)
     schema = get_schema("alpaca_rag_short")  # the default variant
@@ -66,17 +67,17 @@ def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path):
     ):
         assert key in manifest, key
     assert manifest["backend"] == "hf" and manifest["versions"]["transformers"] == "5.17.0"
-    assert summary["metric"] == pytest.approx(-manifest["final_loss"])
-    assert summary["model_dir"] == str(model_dir)
+    assert result.metric == pytest.approx(-manifest["final_loss"]) == -result.final_loss
     stats = json.loads((run / "dataset" / "stats.json").read_text())
     assert stats["examples"] == 12 and stats["kinds"]
     assert (run / "dataset" / "preview.md").read_text().count("### Response:") >= 1
+    assert not (run / "status.json").exists()  # the entry script's job, not the library's
     assert (outputs / "latest").resolve() == model_dir.resolve()
     assert list(model_dir.glob("*.safetensors")) and not list(model_dir.glob("*.bin"))
 
 
 def test_closed_book_run_records_no_context(outputs, tiny_lm_path):
-    from ragtune.sft import run_sft
+    from ragtune.training import run_sft
 
     run_sft(_cfg(outputs, tiny_lm_path, "raft.mode=closed", "train.save_method=lora"))
     first = json.loads((outputs / "run" / "dataset" / "train.jsonl").read_text().splitlines()[0])

@@ -210,7 +210,7 @@ def test_tiny_multirun_trains_evaluates_and_summarises(tmp_path: Path, tiny_lm_p
         f"data.qa_train={qa}",
         f"data.qa_eval={qa}",
         "train.max_steps=2",
-        "train.batch_size=2",
+        "train.per_device_train_batch_size=2",
         "train.eval_after=true",
         "train.save_method=lora",
         "eval.batch_size=4",

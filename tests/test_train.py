@@ -37,12 +37,12 @@ def make_cfg(out: Path, model: str, *extra: str):
             f"model.name_or_path={model}",
             "model.max_seq_length=256",
             "train.max_steps=4",
-            "train.batch_size=2",
+            "train.per_device_train_batch_size=2",
             "train.logging_steps=1",
             "train.save_steps=2",
             "train.learning_rate=1e-2",
-            "train.warmup_ratio=0",
-            "train.lr_scheduler=constant",
+            "train.warmup_steps=0",
+            "train.lr_scheduler_type=constant",
             *extra,
         ],
     )
@@ -63,7 +63,7 @@ def examples(tiny_tok):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_lm_path, examples):
-    from ragtune.train import train
+    from ragtune.training.recipe import train
 
     out = tmp_path_factory.mktemp("lora-run")
     cfg = make_cfg(out, tiny_lm_path, "train.save_method=lora")
@@ -73,7 +73,8 @@ def lora_run(tmp_path_factory, tiny_lm_path, examples):
 # --------------------------------------------------------------------------- backend
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
 def test_backend_selection_on_cpu():
-    from ragtune.train import TrainError, select_backend
+    from ragtune.training import TrainError
+    from ragtune.training.backends import select_backend
 
     assert select_backend("auto") == "hf"
     assert select_backend("hf") == "hf"
@@ -83,7 +84,8 @@ def test_backend_selection_on_cpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
 def test_merged_4bit_on_cpu_is_refused_before_loading(tmp_path, tiny_lm_path, examples):
-    from ragtune.train import TrainError, train
+    from ragtune.training import TrainError
+    from ragtune.training.recipe import train
 
     cfg = make_cfg(tmp_path, tiny_lm_path, "train.save_method=merged_4bit")
     with pytest.raises(TrainError, match="merged_4bit"):
@@ -93,7 +95,7 @@ def test_merged_4bit_on_cpu_is_refused_before_loading(tmp_path, tiny_lm_path, ex
 
 # --------------------------------------------------------------------------- tokenization
 def test_completion_mask_covers_exactly_the_completion(tiny_tok, examples):
-    from ragtune.train import tokenize_examples
+    from ragtune.training.data import tokenize_examples
 
     ds, stats = tokenize_examples(examples, tiny_tok, SCHEMA, 256)
     assert stats["examples"] == len(examples) and stats["truncated"] == 0
@@ -109,7 +111,8 @@ def test_completion_mask_covers_exactly_the_completion(tiny_tok, examples):
 
 
 def test_completion_without_eos_text_gets_eos_and_long_examples_are_dropped(tiny_tok, examples):
-    from ragtune.train import TrainError, tokenize_examples
+    from ragtune.training import TrainError
+    from ragtune.training.data import tokenize_examples
 
     bare = [{"prompt": examples[0]["prompt"], "completion": "Blue."}]
     ds, _ = tokenize_examples(bare, tiny_tok, SCHEMA, 256)
@@ -125,7 +128,9 @@ def test_labels_the_trainer_builds_mask_the_prompt(tiny_tok, examples, tmp_path,
     """What TRL actually trains on: labels are -100 on every prompt token."""
     from transformers import AutoModelForCausalLM
 
-    from ragtune.train import _sft_config, _trainer_class, tokenize_examples
+    from ragtune.training.data import tokenize_examples
+    from ragtune.training.trainer import sft_config as _sft_config
+    from ragtune.training.trainer import trainer_class as _trainer_class
 
     cfg = make_cfg(tmp_path, tiny_lm_path)
     ds, _ = tokenize_examples(examples[:2], tiny_tok, SCHEMA, 256)
@@ -181,7 +186,7 @@ def test_merged_model_changes_only_lora_targets_and_reloads(tmp_path, tiny_lm_pa
     from transformers import AutoModelForCausalLM
 
     from ragtune.loading import load_model
-    from ragtune.train import train
+    from ragtune.training.recipe import train
 
     r = train(
         make_cfg(tmp_path, tiny_lm_path, "train.save_method=merged_16bit"),
@@ -189,17 +194,22 @@ def test_merged_model_changes_only_lora_targets_and_reloads(tmp_path, tiny_lm_pa
         SCHEMA,
         tmp_path,
     )
+    from safetensors.torch import load_file
+
     assert not (r.model_dir / "adapter_config.json").exists()
     assert list(r.model_dir.glob("*.safetensors")) and not list(r.model_dir.glob("*.bin"))
+    saved = load_file(next(r.model_dir.glob("*.safetensors")))
+    assert {w.dtype for w in saved.values()} == {torch.bfloat16}  # 16-bit, from a float32 base
     merged, tok = load_model(str(r.model_dir))
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_path).state_dict()
     got = merged.state_dict()
     assert set(got) == set(base)
     for name, w in base.items():
+        w16 = w.to(torch.bfloat16).to(got[name].dtype)
         if name.endswith("proj.weight"):  # all-linear LoRA targets: merged delta
-            assert not torch.equal(got[name], w), name
+            assert not torch.equal(got[name], w16), name
         else:  # embeddings, norms: frozen
-            assert torch.equal(got[name], w), name
+            assert torch.equal(got[name], w16), name
     ids = tok("### Instruction:\nhi", return_tensors="pt").input_ids
     assert merged.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
 
@@ -207,15 +217,16 @@ def test_merged_model_changes_only_lora_targets_and_reloads(tmp_path, tiny_lm_pa
 def test_crashed_merge_leaves_no_complete_looking_folder(
     tmp_path, tiny_lm_path, examples, monkeypatch
 ):
-    import ragtune.train as rt
+    import ragtune.training.saving as saving
+    from ragtune.training.recipe import train
 
     def crash(model, tokenizer, out, save_method, **kw):
         (out / "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("killed mid-merge")
 
-    monkeypatch.setattr(rt, "_save_hf", crash)
+    monkeypatch.setattr(saving, "save_hf", crash)
     with pytest.raises(RuntimeError, match="mid-merge"):
-        rt.train(make_cfg(tmp_path, tiny_lm_path, "train.max_steps=1"), examples, SCHEMA, tmp_path)
+        train(make_cfg(tmp_path, tiny_lm_path, "train.max_steps=1"), examples, SCHEMA, tmp_path)
     assert not (tmp_path / "model").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
@@ -234,7 +245,7 @@ def test_completion_only_head_gives_the_full_models_loss(tiny_lm_path):
     """The CPU loss path scores only completion positions, yet equals the model's own loss."""
     from transformers import AutoModelForCausalLM
 
-    from ragtune.train import completion_only_head
+    from ragtune.training.padding import completion_only_head
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
     torch.manual_seed(0)
@@ -269,7 +280,7 @@ def test_gpu_backends_train_4bit_save_and_reload(
 ):
     """4-bit QLoRA on SmolLM2-135M with each backend; the saved folder reloads and generates."""
     from ragtune.loading import load_model
-    from ragtune.train import train
+    from ragtune.training.recipe import train
 
     if backend == "unsloth":
         pytest.importorskip("unsloth")
