@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ class GenerationResult:
     new_tokens: int
     seconds: float
     prompt_tokens: int = 0
+    batch_rows: int = 1  # answers decoded together in ``seconds``
 
     @property
     def tokens_per_second(self) -> float:
@@ -307,12 +308,17 @@ class Generator:
         return TextStream(self, prompt_text, max_new_tokens)
 
     def generate_batch(
-        self, prompts: Sequence[str], batch_size: int = 8, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        batch_size: int = 8,
+        max_new_tokens: int | None = None,
+        on_batch: Callable[[int], Any] | None = None,
     ) -> list[GenerationResult]:
         """Answers for many prompts: left-padded batched decoding, results in input order.
 
         Prompts are sorted by length so that each batch pads little; with greedy decoding
-        each answer is the one :meth:`generate` gives for the prompt alone.
+        each answer is the one :meth:`generate` gives for the prompt alone. ``on_batch`` is
+        called with each finished batch's size (progress bars).
         """
         encoded = [self.encode(p) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -324,11 +330,15 @@ class Generator:
                 rows = self._generate_ids([encoded[i] for i in idx], max_new=max_new_tokens)
             seconds = time.perf_counter() - t0
             for i, row in zip(idx, rows, strict=True):
-                out[i] = self._result(row, seconds, len(encoded[i]))
+                out[i] = self._result(row, seconds, len(encoded[i]), len(idx))
+            if on_batch is not None:
+                on_batch(len(idx))
         return [r for r in out if r is not None]
 
     # ----------------------------------------------------------------- internals
-    def _result(self, row: list[int], seconds: float, prompt_tokens: int) -> GenerationResult:
+    def _result(
+        self, row: list[int], seconds: float, prompt_tokens: int, rows: int = 1
+    ) -> GenerationResult:
         got: list[int] = []
         eos = False
         for tok in row:
@@ -338,7 +348,8 @@ class Generator:
             got.append(tok)
         text, hit = finish_text(self.decode(got), self.stop_strings, final=True)
         reason = "eos" if eos else "stop_string" if hit else "length"
-        return GenerationResult(text, got, reason, len(got) + int(eos), seconds, prompt_tokens)
+        new = len(got) + int(eos)
+        return GenerationResult(text, got, reason, new, seconds, prompt_tokens, rows)
 
     def _max_new(self, requested: int | None) -> int:
         cap = self.settings.max_new_tokens
