@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 import warnings
@@ -26,7 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from ragtune.config import GenerateConfig
@@ -37,7 +41,6 @@ log = logging.getLogger(__name__)
 # Special tokens that end a turn in common model families, stopped on when the vocabulary has
 # them (SmolLM2's EOS is <|im_end|>, but it may also emit <|endoftext|>).
 _END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|end_of_text|>")
-_END = object()
 
 
 @dataclass
@@ -116,7 +119,13 @@ def finish_text(raw: str, stops: Sequence[str], final: bool) -> tuple[str, bool]
 
 
 class _StopOnText(StoppingCriteria):
-    """Per-row stop when a stop string appears in the generated text, or on cancellation."""
+    """Per-row stop when a stop string appears in the generated text, or on cancellation.
+
+    Not transformers' ``StopStringCriteria``: it preprocesses the whole vocabulary for every
+    Generator (~10 s for SmolLM2's on this 2-core machine, not cached across instances in
+    transformers 5.17) and misses a stop string that lies inside one token; decoding the
+    last few tokens costs microseconds and misses nothing.
+    """
 
     def __init__(
         self,
@@ -150,30 +159,13 @@ class _StopOnText(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
-class _QueueStreamer(BaseStreamer):
-    """Hands generated token ids from the generation thread to the consumer."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[Any] = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first puts the prompt itself
-            self._prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.queue.put(_END)
-
-
 class TextStream:
     """Iterator over the text pieces of one streamed answer; ``.result`` once exhausted.
 
     The pieces concatenate to exactly ``result.text``. The model runs in a worker thread
-    that holds the generator's lock only while it generates; ``close()`` (or leaving the
-    loop and dropping the stream) stops it at the next token, so an abandoned stream never
-    keeps the model busy.
+    (transformers' ``TextIteratorStreamer`` hands its text over) that holds the generator's
+    lock only while it generates; ``close()`` (or leaving the loop and dropping the stream)
+    stops it at the next token, so an abandoned stream never keeps the model busy.
     """
 
     def __init__(self, generator: Generator, prompt_text: str, max_new_tokens: int | None = None):
@@ -181,7 +173,13 @@ class TextStream:
         self._prompt = prompt_text
         self._max_new = max_new_tokens
         self._cancel = threading.Event()
-        self._streamer = _QueueStreamer()
+        self._streamer = TextIteratorStreamer(
+            generator.tokenizer,
+            skip_prompt=True,
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=_cleans_up(generator.tokenizer),
+        )
+        self._row: list[int] = []
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._it = self._run()
@@ -208,54 +206,48 @@ class TextStream:
         t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._work, args=(ids,), daemon=True)
         self._thread.start()
-        got: list[int] = []
-        emitted = ""
-        hit = eos = False
+        raw = emitted = ""
+        hit = False
         try:
-            while True:
-                item = self._streamer.queue.get()
-                if item is _END:
-                    break
-                if eos or hit:
+            for piece in self._streamer:
+                if hit:
                     continue  # drain until the generation thread ends
-                for tok in item:
-                    if tok in gen.eos_ids:
-                        eos = True
-                        break
-                    got.append(tok)
-                visible, hit = finish_text(gen.decode(got), gen.stop_strings, final=False)
+                raw += piece
+                visible, hit = finish_text(raw, gen.stop_strings, final=False)
                 if visible.startswith(emitted) and len(visible) > len(emitted):
                     yield visible[len(emitted) :]
                     emitted = visible
-                if hit or eos:
+                if hit:
                     self._cancel.set()
         finally:
             self._cancel.set()  # no-op when generation already ended
-        # The worker ends right after END; joining it means no thread is left inside torch
-        # when the caller moves on (or the interpreter exits).
+        # The worker ends right after the streamer's end; joining it means no thread is left
+        # inside torch when the caller moves on (or the interpreter exits).
         self._thread.join(timeout=60)
         if self._error is not None:
             raise self._error
-        text, hit = finish_text(gen.decode(got), gen.stop_strings, final=True)
-        if text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted) :]
-        reason = "eos" if eos else "stop_string" if hit else "length"
-        new = len(got) + int(eos)
-        self.result = GenerationResult(text, got, reason, new, time.perf_counter() - t0, len(ids))
+        # The answer is read from the ids, exactly as generate() reads them.
+        result = gen._result(self._row, time.perf_counter() - t0, len(ids))
+        if result.text.startswith(emitted) and len(result.text) > len(emitted):
+            yield result.text[len(emitted) :]
+        self.result = result
 
     def _work(self, ids: list[int]) -> None:
         gen = self._gen
+        ended = False
         try:
             with gen._lock:
                 if self._cancel.is_set():
                     return
-                gen._generate_ids(
+                rows = gen._generate_ids(
                     [ids], streamer=self._streamer, cancel=self._cancel, max_new=self._max_new
                 )
+                self._row, ended = rows[0], True
         except BaseException as e:  # re-raised in the consumer
             self._error = e
         finally:
-            self._streamer.end()
+            if not ended:  # generate() ends the streamer itself when it returns
+                self._streamer.end()
 
 
 @dataclass
