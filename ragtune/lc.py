@@ -38,8 +38,9 @@ from langchain_core.prompts import StringPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
-from ragtune.generate import Generator, cut_stop
+from ragtune.generate import Generator
 from ragtune.schema import PromptFields, PromptSchema
+from ragtune.stopping import cut_stop
 
 
 def _context_texts(context: Any) -> list[str] | None:
