@@ -1,6 +1,6 @@
 """Evaluation: one QA set, one index, named modes, the same questions for every mode.
 
-Modes (issue 6):
+Modes:
 
 - ``base_rag``: the base model asked with our retriever and our prompt schema;
 - ``ft_closed``: a closed-book fine-tune (``train/sft.py raft.mode=closed``), asked without
@@ -296,26 +296,11 @@ def evaluate_modes(
     for i in order:
         spec = specs[i]
         if loaded is None or loaded[0] != spec.model:
-            loaded = None  # free the previous model before loading
+            loaded = model = tokenizer = pipeline = None  # free the previous model first
             _free_memory()
             loaded = (spec.model, *_load(spec, ecfg))
         _, model, tokenizer = loaded
-        retriever = None
-        if spec.rcfg is not None:  # budgets are counted in this model's tokens
-            retriever = _retriever(cfg, ecfg, spec.rcfg, retrievers)
-            retriever = retriever.with_token_counter(token_counter(tokenizer))
-        pipeline = RagPipeline(
-            model,
-            tokenizer,
-            spec.schema,
-            retriever,
-            cfg.get("generate") if hasattr(cfg, "get") else None,
-            max_seq_length=spec.max_seq_length,
-            context_tokens=spec.rcfg.context_tokens if spec.rcfg is not None else 0,
-            name=spec.name,
-            manifest=spec.manifest,
-            context_cache=context_cache,
-        )
+        pipeline = _pipeline(cfg, ecfg, spec, model, tokenizer, retrievers, context_cache)
         t0 = time.perf_counter()
         answers = pipeline.answer_batch(
             [r.instruction for r in records],
@@ -333,8 +318,7 @@ def evaluate_modes(
         }
         all_rows.extend(rows)
         log.info("%s: %s", spec.name, _one_line(modes[spec.name]))
-        del pipeline, retriever
-    loaded = None
+    loaded = model = tokenizer = pipeline = None
     _free_memory()
 
     modes = {s.name: modes[s.name] for s in specs}  # in the order asked
@@ -381,6 +365,34 @@ def _load(spec: ModeSpec, ecfg: EvalConfig) -> tuple[Any, Any]:
         dtype=spec.dtype,
         for_inference=True,
         max_seq_length=spec.max_seq_length,
+    )
+
+
+def _pipeline(
+    cfg: DictConfig,
+    ecfg: EvalConfig,
+    spec: ModeSpec,
+    model: Any,
+    tokenizer: Any,
+    retrievers: dict[str, Any],
+    context_cache: dict[tuple, Any],
+) -> RagPipeline:
+    """The pipeline one mode answers with (closed book: no retriever)."""
+    retriever = None
+    if spec.rcfg is not None:  # budgets are counted in this model's tokens
+        retriever = _retriever(cfg, ecfg, spec.rcfg, retrievers)
+        retriever = retriever.with_token_counter(token_counter(tokenizer))
+    return RagPipeline(
+        model,
+        tokenizer,
+        spec.schema,
+        retriever,
+        cfg.get("generate") if hasattr(cfg, "get") else None,
+        max_seq_length=spec.max_seq_length,
+        context_tokens=spec.rcfg.context_tokens if spec.rcfg is not None else 0,
+        name=spec.name,
+        manifest=spec.manifest,
+        context_cache=context_cache,
     )
 
 
