@@ -77,6 +77,7 @@ class ModeSpec:
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict[str, Any]:
+        keys = ("embedding_model", "chunk_size", "chunk_overlap", "k", "hybrid", "mmr")
         r = self.rcfg
         return {
             "model": self.model,
@@ -84,15 +85,7 @@ class ModeSpec:
             "prompt_fingerprint": self.schema.fingerprint,
             "retriever": None
             if r is None
-            else {
-                "embedding_model": r.embedding_model,
-                "chunk_size": r.chunk_size,
-                "chunk_overlap": r.chunk_overlap,
-                "k": r.k,
-                "hybrid": r.hybrid,
-                "mmr": r.mmr,
-                "context_tokens": r.context_tokens,
-            },
+            else {k: getattr(r, k) for k in (*keys, "context_tokens")},
             "max_seq_length": self.max_seq_length,
             "notes": self.notes,
         }
