@@ -1,6 +1,6 @@
 """Evaluation: one QA set, one index, named modes, the same questions for every mode.
 
-Modes (issue 6):
+Modes:
 
 - ``base_rag``: the base model asked with our retriever and our prompt schema;
 - ``ft_closed``: a closed-book fine-tune (``train/sft.py raft.mode=closed``), asked without
@@ -10,15 +10,11 @@ Modes (issue 6):
 - ``raft_rag``: ragtune's co-designed model with the retriever settings and prompt schema
   recorded in its own folder (manifest + ``prompt_schema.json``).
 
-Everything is shared with training and serving, nothing re-implemented: prompts come from
-:class:`ragtune.schema.PromptSchema`, contexts from :class:`ragtune.retriever.Retriever` with
-the token budget of :meth:`PromptSchema.context_budget` (serving's answer reserve),
-models from :func:`ragtune.loading.load_model`, answers from
-:meth:`ragtune.generate.Generator.generate_batch` (greedy), scores from :mod:`ragtune.metrics`.
-
-The index location (``retriever.persist_dir`` / ``collection`` / ``server``) is always the
-evaluation's own, so a model trained on an index of the training articles only is evaluated on
-an index of the whole corpus, chunked with the settings it was trained with.
+Every mode answers through :class:`ragtune.rag.RagPipeline` (closed book is a pipeline
+without a retriever), exactly as ``ask.py``, the server and LangChain do, and evaluation scores
+what :meth:`RagPipeline.answer_batch` returned: the same budget, prompt, decoding and final
+decision (``Answer.abstained``). A trained folder's settings come from
+:mod:`ragtune.modelcard`; scores from :mod:`ragtune.metrics`.
 
 Latency is the per-question share of a batch: retrieval time plus the batch's generation time
 divided by its size (``eval.batch_size=1`` measures one question at a time).
@@ -36,15 +32,23 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
-from ragtune.budget import ANSWER_RESERVE, token_counter
+from ragtune.budget import token_counter
 from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig, validate
 from ragtune.errors import RagtuneError
 from ragtune.metrics import QuestionScore, aggregate, retrieval_hit, score_answer
+from ragtune.modelcard import (
+    model_settings,
+    read_json,
+    read_manifest,
+    retriever_settings,
+    trained_mode,
+    trained_schema,
+)
 from ragtune.paths import resolve_path
 from ragtune.qa import gold_answers, load_qa, sample_records
-from ragtune.schema import PromptFields, PromptSchema, get_schema
+from ragtune.rag import Answer, RagPipeline
+from ragtune.schema import PromptSchema, get_schema
 from ragtune.types import QARecord
 
 log = logging.getLogger(__name__)
@@ -53,9 +57,6 @@ EVAL_TOP_LEVEL = {"seed": int, "output_dir": str}
 METRICS_FILE = "metrics.json"
 ANSWERS_FILE = "answers.jsonl"
 TABLE_FILE = "results.md"
-# Settings that say where an index lives, not what a query returns: taken from the
-# evaluation's config even for raft_rag, whose other retriever settings come from its folder.
-_LOCATION_KEYS = ("persist_dir", "collection", "server", "batch_size", "device")
 
 
 class EvalError(RagtuneError):
@@ -73,8 +74,10 @@ class ModeSpec:
     max_seq_length: int
     dtype: str = "auto"
     notes: list[str] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict[str, Any]:
+        keys = ("embedding_model", "chunk_size", "chunk_overlap", "k", "hybrid", "mmr")
         r = self.rcfg
         return {
             "model": self.model,
@@ -82,15 +85,7 @@ class ModeSpec:
             "prompt_fingerprint": self.schema.fingerprint,
             "retriever": None
             if r is None
-            else {
-                "embedding_model": r.embedding_model,
-                "chunk_size": r.chunk_size,
-                "chunk_overlap": r.chunk_overlap,
-                "k": r.k,
-                "hybrid": r.hybrid,
-                "mmr": r.mmr,
-                "context_tokens": r.context_tokens,
-            },
+            else {k: getattr(r, k) for k in (*keys, "context_tokens")},
             "max_seq_length": self.max_seq_length,
             "notes": self.notes,
         }
@@ -130,14 +125,16 @@ def evaluate_model(
         raise ConfigError("data.qa_eval: train.eval_after=true needs an evaluation QA file")
     closed = "raft" in cfg and cfg.raft.mode == "closed"
     ecfg = _ecfg(cfg)
-    schema = _model_schema(Path(model_dir), cfg.prompt.name)
+    folder = Path(model_dir)
+    manifest = read_json(folder / "manifest.json")
     spec = ModeSpec(
         name="ft_closed" if closed else "raft_rag",
         model=str(model_dir),
-        schema=schema,
-        rcfg=None if closed else _rcfg(cfg.retriever, ecfg=ecfg),
+        schema=trained_schema(folder, cfg.prompt.name),
+        rcfg=None if closed else _rcfg(cfg.retriever, ecfg),
         max_seq_length=cfg.model.max_seq_length,
         dtype=cfg.model.dtype,
+        manifest=manifest,
     )
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / "eval"
     records = _records(cfg, qa_path)
@@ -163,15 +160,10 @@ def resolve_modes(cfg: DictConfig) -> list[ModeSpec]:
     for mode in dict.fromkeys(modes):
         if mode == "base_rag":
             base = models.base or cfg.model.name_or_path
+            schema = get_schema(cfg.prompt.name)
+            rcfg = _rcfg(cfg.retriever, ecfg)
             specs.append(
-                ModeSpec(
-                    mode,
-                    base,
-                    get_schema(cfg.prompt.name),
-                    _rcfg(cfg.retriever, ecfg=ecfg),
-                    cfg.model.max_seq_length,
-                    cfg.model.dtype,
-                )
+                ModeSpec(mode, base, schema, rcfg, cfg.model.max_seq_length, cfg.model.dtype)
             )
             continue
         key = "ft_closed" if mode in ("ft_closed", "ft_then_rag") else "raft_rag"
@@ -179,25 +171,35 @@ def resolve_modes(cfg: DictConfig) -> list[ModeSpec]:
         if not folder:
             raise ConfigError(f"eval.models.{key}: mode '{mode}' needs a trained model folder")
         path = resolve_path(folder)
-        manifest = _manifest(path, f"eval.models.{key}")
-        schema = _model_schema(path, cfg.prompt.name)
-        msl = int(manifest.get("model", {}).get("max_seq_length") or cfg.model.max_seq_length)
-        dtype = str(manifest.get("model", {}).get("dtype") or cfg.model.dtype)
-        trained_mode = manifest.get("raft", {}).get("mode", "rag")
+        if not path.is_dir():
+            raise ConfigError(f"eval.models.{key}: {path} is not a folder")
+        manifest = read_manifest(path)
+        mcfg = model_settings(_plain(cfg.model), manifest)
+        want = "closed" if key == "ft_closed" else "rag"
         notes = []
-        if key == "ft_closed" and trained_mode != "closed":
-            notes.append(f"eval.models.ft_closed was trained with raft.mode={trained_mode}")
-        if key == "raft_rag" and trained_mode != "rag":
-            notes.append(f"eval.models.raft_rag was trained with raft.mode={trained_mode}")
+        if trained_mode(manifest) != want:
+            notes.append(f"eval.models.{key} was trained with raft.mode={trained_mode(manifest)}")
         for n in notes:
             log.warning("%s: %s", mode, n)
         if mode == "ft_closed":
             rcfg = None
         elif mode == "ft_then_rag":
-            rcfg = _rcfg(cfg.retriever, ecfg=ecfg)
-        else:
-            rcfg = _rcfg(cfg.retriever, manifest.get("retriever") or {}, ecfg=ecfg)
-        specs.append(ModeSpec(mode, str(path), schema, rcfg, msl, dtype, notes))
+            rcfg = _rcfg(cfg.retriever, ecfg)
+        else:  # the model's own retriever settings, on the evaluation's index
+            rcfg = _rcfg(retriever_settings(_plain(cfg.retriever), manifest, index="own"), ecfg)
+        schema = trained_schema(path, cfg.prompt.name, manifest)
+        specs.append(
+            ModeSpec(
+                mode,
+                str(path),
+                schema,
+                rcfg,
+                mcfg["max_seq_length"],
+                mcfg["dtype"],
+                notes,
+                manifest,
+            )
+        )
     return specs
 
 
@@ -218,40 +220,18 @@ def _ecfg(cfg: DictConfig) -> EvalConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def _rcfg(
-    node: Any, trained: dict[str, Any] | None = None, ecfg: EvalConfig | None = None
-) -> RetrieverConfig:
-    """The retriever settings: the config's, with a trained model's settings over them
-    (except the index location, which is always the evaluation's own: ``eval.persist_dir``
-    when set, else ``retriever.persist_dir``)."""
-    from ragtune.ingest import as_rcfg
-
-    base = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    data = dict(base or {})
-    fields = set(RetrieverConfig.__dataclass_fields__)
-    for k, v in (trained or {}).items():
-        if k in fields and k not in _LOCATION_KEYS:
-            data[k] = v
-    if ecfg is not None and ecfg.persist_dir:
-        data["persist_dir"] = ecfg.persist_dir
-    return as_rcfg(data)
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
-def _manifest(path: Path, key: str) -> dict[str, Any]:
-    from ragtune.manifest import read_manifest
+def _rcfg(node: Any, ecfg: EvalConfig) -> RetrieverConfig:
+    """Retriever settings on the evaluation's own index (``eval.persist_dir`` when set)."""
+    from ragtune.store import as_rcfg
 
-    if not path.is_dir():
-        raise ConfigError(f"{key}: {path} is not a folder")
-    return read_manifest(path)
-
-
-def _model_schema(path: Path, fallback: str) -> PromptSchema:
-    """The schema a model folder was trained with, else the configured variant."""
-    from ragtune.schema import SCHEMA_FILE
-
-    if (path / SCHEMA_FILE).exists():
-        return PromptSchema.load(path)
-    return get_schema(fallback)
+    rcfg = as_rcfg(_plain(node) or {})
+    if ecfg.persist_dir:
+        rcfg = dataclasses.replace(rcfg, persist_dir=ecfg.persist_dir)
+    return rcfg
 
 
 def _records(cfg: DictConfig, qa_path: str) -> list[QARecord]:
@@ -285,7 +265,7 @@ def evaluate_modes(
     )
     retrievers: dict[str, Any] = {}
     # Modes with the same retriever settings and budget get the same contexts: retrieve once.
-    contexts_cache: dict[tuple, tuple[list[Any], float]] = {}
+    context_cache: dict[tuple, Any] = {}
     all_rows: list[dict[str, Any]] = []
     modes: dict[str, dict[str, Any]] = {}
     # Modes sharing a model run back to back, so each model is loaded once.
@@ -294,16 +274,20 @@ def evaluate_modes(
     for i in order:
         spec = specs[i]
         if loaded is None or loaded[0] != spec.model:
-            loaded = model = tokenizer = None  # free the previous model before loading
+            loaded = model = tokenizer = pipeline = None  # free the previous model first
             _free_memory()
             loaded = (spec.model, *_load(spec, ecfg))
         _, model, tokenizer = loaded
-        retriever = None
-        if spec.rcfg is not None:
-            retriever = _retriever(cfg, ecfg, spec.rcfg, tokenizer, retrievers)
-            retriever.token_counter = token_counter(tokenizer)  # budgets in this model's tokens
+        pipeline = _pipeline(cfg, ecfg, spec, model, tokenizer, retrievers, context_cache)
         t0 = time.perf_counter()
-        rows = _answer(cfg, ecfg, spec, model, tokenizer, retriever, records, contexts_cache)
+        answers = pipeline.answer_batch(
+            [r.instruction for r in records],
+            [r.input for r in records],
+            ecfg.batch_size,
+            progress=True,
+        )
+        closed = spec.rcfg is None
+        rows = [_row(spec.name, r, a, closed) for r, a in zip(records, answers, strict=True)]
         agg = aggregate([r.pop("_score") for r in rows])
         modes[spec.name] = {
             **agg.to_dict(),
@@ -312,7 +296,7 @@ def evaluate_modes(
         }
         all_rows.extend(rows)
         log.info("%s: %s", spec.name, _one_line(modes[spec.name]))
-    loaded = model = tokenizer = None
+    loaded = model = tokenizer = pipeline = None
     _free_memory()
 
     modes = {s.name: modes[s.name] for s in specs}  # in the order asked
@@ -362,12 +346,38 @@ def _load(spec: ModeSpec, ecfg: EvalConfig) -> tuple[Any, Any]:
     )
 
 
-def _retriever(
-    cfg: DictConfig, ecfg: EvalConfig, rcfg: RetrieverConfig, tokenizer: Any, cache: dict
-) -> Any:
+def _pipeline(
+    cfg: DictConfig,
+    ecfg: EvalConfig,
+    spec: ModeSpec,
+    model: Any,
+    tokenizer: Any,
+    retrievers: dict[str, Any],
+    context_cache: dict[tuple, Any],
+) -> RagPipeline:
+    """The pipeline one mode answers with (closed book: no retriever)."""
+    retriever = None
+    if spec.rcfg is not None:  # budgets are counted in this model's tokens
+        retriever = _retriever(cfg, ecfg, spec.rcfg, retrievers)
+        retriever = retriever.with_token_counter(token_counter(tokenizer))
+    return RagPipeline(
+        model,
+        tokenizer,
+        spec.schema,
+        retriever,
+        cfg.get("generate") if hasattr(cfg, "get") else None,
+        max_seq_length=spec.max_seq_length,
+        context_tokens=spec.rcfg.context_tokens if spec.rcfg is not None else 0,
+        name=spec.name,
+        manifest=spec.manifest,
+        context_cache=context_cache,
+    )
+
+
+def _retriever(cfg: DictConfig, ecfg: EvalConfig, rcfg: RetrieverConfig, cache: dict) -> Any:
     """One retriever per distinct setting (the index brought up to date with data.corpus)."""
-    from ragtune.ingest import collection_name, persist_path
     from ragtune.retriever import Retriever
+    from ragtune.store import collection_name, persist_path
 
     key = json.dumps(dataclasses.asdict(rcfg), sort_keys=True, default=str)
     if key in cache:
@@ -381,115 +391,43 @@ def _retriever(
         report = ingest(
             resolve_path(corpus), rcfg, jsonl_text_field=cfg.data.get("jsonl_text_field", "text")
         )
-        log.info("index: %s", report.summary() if hasattr(report, "summary") else report)
+        log.info("index: %s", report.summary())
     log.info("retriever: %s in %s", collection_name(rcfg), persist_path(rcfg))
-    retriever = Retriever.from_config(rcfg, token_counter=token_counter(tokenizer))
-    cache[key] = retriever
-    return retriever
+    cache[key] = Retriever.from_config(rcfg)
+    return cache[key]
 
 
-def _tokenizer_key(tokenizer: Any) -> tuple:
-    """Tells tokenizers apart that would count a context's tokens differently."""
-    probe = tokenizer("ragtune probe: Tokyo 東京 1,234 naïve", add_special_tokens=False)
-    return (type(tokenizer).__name__, len(tokenizer), tuple(probe["input_ids"]))
-
-
-def _answer(
-    cfg: DictConfig,
-    ecfg: EvalConfig,
-    spec: ModeSpec,
-    model: Any,
-    tokenizer: Any,
-    retriever: Any,
-    records: list[QARecord],
-    cache: dict[tuple, tuple[list[Any], float]] | None = None,
-) -> list[dict[str, Any]]:
-    """Retrieve, render, generate and score every record under one mode."""
-    from ragtune.generate import Generator
-
-    gcfg = cfg.get("generate") if hasattr(cfg, "get") else None
-    gen = Generator(model, tokenizer, spec.schema, gcfg)
-    prompts: list[str] = []
-    contexts: list[list[Any] | None] = []
-    retrieval_s: list[float] = []
-    tok_key = _tokenizer_key(tokenizer)
-    # Serving's answer reserve (RagPipeline.context_budget): training's, or the answer length.
-    reserve = max(ANSWER_RESERVE, gen.settings.max_new_tokens)
-    for rec in tqdm(records, desc=f"{spec.name}: retrieving", disable=retriever is None):
-        t0 = time.perf_counter()
-        chunks = None
-        if retriever is not None:
-            assert spec.rcfg is not None
-            budget = spec.rcfg.context_tokens or spec.schema.context_budget(
-                tokenizer,
-                PromptFields(rec.instruction, rec.input, []),
-                spec.max_seq_length,
-                reserve,
-            )
-            key = (id(retriever), tok_key, rec.instruction, spec.rcfg.k, budget)
-            if cache is not None and key in cache:
-                chunks, seconds = cache[key]
-                t0 -= seconds  # report the time the retrieval took when it ran
-            else:
-                chunks = retriever.retrieve(rec.instruction, k=spec.rcfg.k, budget_tokens=budget)
-                if cache is not None:
-                    cache[key] = (chunks, time.perf_counter() - t0)
-        fields = PromptFields(
-            rec.instruction, rec.input, None if chunks is None else [c.text for c in chunks]
-        )
-        prompts.append(spec.schema.render_prompt(fields, tokenizer))
-        contexts.append(chunks)
-        retrieval_s.append(time.perf_counter() - t0)
-
-    # Similar lengths decode together (less padding); results go back to question order.
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[Any] = [None] * len(prompts)
-    latency: list[float] = [0.0] * len(prompts)
-    bs = ecfg.batch_size
-    with tqdm(total=len(prompts), desc=f"{spec.name}: answering") as bar:
-        for b in range(0, len(order), bs):
-            idx = order[b : b + bs]
-            t0 = time.perf_counter()
-            got = gen.generate_batch([prompts[i] for i in idx], batch_size=len(idx))
-            share = (time.perf_counter() - t0) / len(idx)
-            for i, res in zip(idx, got, strict=True):
-                results[i] = res
-                latency[i] = retrieval_s[i] + share
-            bar.update(len(idx))
-
-    rows = []
-    for rec, chunks, res, lat in zip(records, contexts, results, latency, strict=True):
-        golds = gold_answers(rec)
-        hit = None if chunks is None else retrieval_hit(golds, chunks, rec.source)
-        s: QuestionScore = score_answer(
-            res.text, golds, spec.schema.is_abstention, retrieval_hit=hit, latency_s=lat
-        )
-        rows.append(
-            {
-                "mode": spec.name,
-                "id": rec.id,
-                "question": rec.instruction,
-                "gold": list(golds),
-                "answerable": rec.answerable,
-                "source": rec.source,
-                "retrieved": None
-                if chunks is None
-                else [
-                    {"source": c.source, "start": c.start, "score": _round(c.score)} for c in chunks
-                ],
-                "answer": res.text,
-                "abstained": s.abstained,
-                "exact": s.exact,
-                "f1": round(s.f1, 4),
-                "score": round(s.score, 4),
-                "retrieval_hit": hit,
-                "latency_s": round(lat, 4),
-                "stop_reason": res.stop_reason,
-                "prompt_tokens": res.prompt_tokens,
-                "_score": s,
-            }
-        )
-    return rows
+def _row(mode: str, rec: QARecord, ans: Answer, closed: bool) -> dict[str, Any]:
+    """One answers.jsonl row: the pipeline's answer, scored with the pipeline's decision."""
+    golds = gold_answers(rec)
+    hit = None if closed else retrieval_hit(golds, ans.chunks, rec.source)
+    s: QuestionScore = score_answer(
+        ans.text, golds, lambda _: ans.abstained, retrieval_hit=hit, latency_s=ans.latency_s
+    )
+    row = {
+        "mode": mode,
+        "id": rec.id,
+        "question": rec.instruction,
+        "gold": list(golds),
+        "answerable": rec.answerable,
+        "source": rec.source,
+        "retrieved": None
+        if closed
+        else [{"source": src, "start": st, "score": _round(sc)} for src, st, sc in ans.sources],
+        "answer": ans.text,
+        "abstained": s.abstained,
+        "exact": s.exact,
+        "f1": round(s.f1, 4),
+        "score": round(s.score, 4),
+        "retrieval_hit": hit,
+        "latency_s": round(ans.latency_s, 4),
+        "stop_reason": ans.stop_reason,
+        "prompt_tokens": ans.prompt_tokens,
+        "_score": s,
+    }
+    if ans.score is not None:
+        row["answer_score"] = ans.score
+    return row
 
 
 def _round(x: float | None) -> float | None:

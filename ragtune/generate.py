@@ -17,27 +17,30 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from ragtune.config import GenerateConfig
 from ragtune.schema import PromptSchema
+from ragtune.stopping import StopOnText, cleans_up, finish_text, header_stops
 
 log = logging.getLogger(__name__)
 
 # Special tokens that end a turn in common model families, stopped on when the vocabulary has
 # them (SmolLM2's EOS is <|im_end|>, but it may also emit <|endoftext|>).
 _END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|end_of_text|>")
-_END = object()
 
 
 @dataclass
@@ -55,6 +58,7 @@ class GenerationResult:
     new_tokens: int
     seconds: float
     prompt_tokens: int = 0
+    batch_rows: int = 1  # answers decoded together in ``seconds``
 
     @property
     def tokens_per_second(self) -> float:
@@ -74,105 +78,13 @@ def _settings(gcfg: Any) -> GenerateConfig:
     )
 
 
-def cut_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """Text before the first complete stop string, and whether one was found."""
-    first = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:first], True) if first >= 0 else (text, False)
-
-
-def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
-def finish_text(raw: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
-    """The visible answer of ``raw`` generated text, and whether a stop string ended it.
-
-    While generating (``final=False``), a tail that could still become a stop string, an
-    incomplete UTF-8 character and trailing whitespace are held back; at the end a dangling
-    prefix of a stop string (``\\n\\n###`` when the token limit struck) is dropped as well.
-    The result only grows as ``raw`` grows, which is what makes streaming exact.
-    """
-    text, hit = cut_stop(raw, stops)
-    if not hit and final:
-        # Headers start a line: only a dangling prefix on its own line is dropped ("C#" stays).
-        body = text.rstrip()
-        n = _partial_stop_len(body, stops)
-        if n and (n == len(body) or body[-n - 1] == "\n" or body[-n] == "\n"):
-            text = body[:-n]
-    elif not hit:
-        text = text.rstrip("\ufffd")
-        n = _partial_stop_len(text, stops)
-        if n:
-            text = text[:-n]
-    return text.strip(), hit
-
-
-class _StopOnText(StoppingCriteria):
-    """Per-row stop when a stop string appears in the generated text, or on cancellation."""
-
-    def __init__(
-        self,
-        tokenizer: Any,
-        stops: Sequence[str],
-        prompt_len: int,
-        cancel: threading.Event | None = None,
-    ):
-        self.tokenizer = tokenizer
-        self.stops = [s for s in stops if s]
-        self.prompt_len = prompt_len
-        self.cancel = cancel
-        # Every token decodes to at least one character except partial UTF-8 bytes, so the
-        # last (longest stop + a few) tokens always hold a stop string that just completed.
-        self.window = max((len(s) for s in self.stops), default=0) + 4
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        batch = input_ids.shape[0]
-        if self.cancel is not None and self.cancel.is_set():
-            return torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        done = [False] * batch
-        if self.stops:
-            for i in range(batch):
-                tail = input_ids[i, self.prompt_len :][-self.window :].tolist()
-                text = self.tokenizer.decode(
-                    tail,
-                    skip_special_tokens=True,
-                    clean_up_tokenization_spaces=_cleans_up(self.tokenizer),  # no BPE warning
-                )
-                done[i] = any(s in text for s in self.stops)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class _QueueStreamer(BaseStreamer):
-    """Hands generated token ids from the generation thread to the consumer."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue[Any] = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:  # generate() first puts the prompt itself
-            self._prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.queue.put(_END)
-
-
 class TextStream:
     """Iterator over the text pieces of one streamed answer; ``.result`` once exhausted.
 
     The pieces concatenate to exactly ``result.text``. The model runs in a worker thread
-    that holds the generator's lock only while it generates; ``close()`` (or leaving the
-    loop and dropping the stream) stops it at the next token, so an abandoned stream never
-    keeps the model busy.
+    (transformers' ``TextIteratorStreamer`` hands its text over) that holds the generator's
+    lock only while it generates; ``close()`` (or leaving the loop and dropping the stream)
+    stops it at the next token, so an abandoned stream never keeps the model busy.
     """
 
     def __init__(self, generator: Generator, prompt_text: str, max_new_tokens: int | None = None):
@@ -180,7 +92,13 @@ class TextStream:
         self._prompt = prompt_text
         self._max_new = max_new_tokens
         self._cancel = threading.Event()
-        self._streamer = _QueueStreamer()
+        self._streamer = TextIteratorStreamer(
+            generator.tokenizer,
+            skip_prompt=True,
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=cleans_up(generator.tokenizer),
+        )
+        self._row: list[int] = []
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._it = self._run()
@@ -207,54 +125,48 @@ class TextStream:
         t0 = time.perf_counter()
         self._thread = threading.Thread(target=self._work, args=(ids,), daemon=True)
         self._thread.start()
-        got: list[int] = []
-        emitted = ""
-        hit = eos = False
+        raw = emitted = ""
+        hit = False
         try:
-            while True:
-                item = self._streamer.queue.get()
-                if item is _END:
-                    break
-                if eos or hit:
+            for piece in self._streamer:
+                if hit:
                     continue  # drain until the generation thread ends
-                for tok in item:
-                    if tok in gen.eos_ids:
-                        eos = True
-                        break
-                    got.append(tok)
-                visible, hit = finish_text(gen.decode(got), gen.stop_strings, final=False)
+                raw += piece
+                visible, hit = finish_text(raw, gen.stop_strings, final=False)
                 if visible.startswith(emitted) and len(visible) > len(emitted):
                     yield visible[len(emitted) :]
                     emitted = visible
-                if hit or eos:
+                if hit:
                     self._cancel.set()
         finally:
             self._cancel.set()  # no-op when generation already ended
-        # The worker ends right after END; joining it means no thread is left inside torch
-        # when the caller moves on (or the interpreter exits).
+        # The worker ends right after the streamer's end; joining it means no thread is left
+        # inside torch when the caller moves on (or the interpreter exits).
         self._thread.join(timeout=60)
         if self._error is not None:
             raise self._error
-        text, hit = finish_text(gen.decode(got), gen.stop_strings, final=True)
-        if text.startswith(emitted) and len(text) > len(emitted):
-            yield text[len(emitted) :]
-        reason = "eos" if eos else "stop_string" if hit else "length"
-        new = len(got) + int(eos)
-        self.result = GenerationResult(text, got, reason, new, time.perf_counter() - t0, len(ids))
+        # The answer is read from the ids, exactly as generate() reads them.
+        result = gen._result(self._row, time.perf_counter() - t0, len(ids))
+        if result.text.startswith(emitted) and len(result.text) > len(emitted):
+            yield result.text[len(emitted) :]
+        self.result = result
 
     def _work(self, ids: list[int]) -> None:
         gen = self._gen
+        ended = False
         try:
             with gen._lock:
                 if self._cancel.is_set():
                     return
-                gen._generate_ids(
+                rows = gen._generate_ids(
                     [ids], streamer=self._streamer, cancel=self._cancel, max_new=self._max_new
                 )
+                self._row, ended = rows[0], True
         except BaseException as e:  # re-raised in the consumer
             self._error = e
         finally:
-            self._streamer.end()
+            if not ended:  # generate() ends the streamer itself when it returns
+                self._streamer.end()
 
 
 @dataclass
@@ -276,7 +188,7 @@ class Generator:
     def __post_init__(self) -> None:
         self.settings = _settings(self.gcfg)
         self._lock = threading.Lock()  # one generation at a time
-        stops = [*self.schema.stop_strings, *self.extra_stop_strings, *_header_stops(self.schema)]
+        stops = [*self.schema.stop_strings, *self.extra_stop_strings, *header_stops(self.schema)]
         self.stop_strings = list(dict.fromkeys(s for s in stops if s))
         self.eos_ids = self._eos_ids()
         pad = self.tokenizer.pad_token_id
@@ -295,7 +207,7 @@ class Generator:
         return self.tokenizer.decode(
             list(ids),
             skip_special_tokens=True,
-            clean_up_tokenization_spaces=_cleans_up(self.tokenizer),
+            clean_up_tokenization_spaces=cleans_up(self.tokenizer),
         )
 
     def generate(self, prompt_text: str, max_new_tokens: int | None = None) -> GenerationResult:
@@ -307,12 +219,17 @@ class Generator:
         return TextStream(self, prompt_text, max_new_tokens)
 
     def generate_batch(
-        self, prompts: Sequence[str], batch_size: int = 8, max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[str],
+        batch_size: int = 8,
+        max_new_tokens: int | None = None,
+        on_batch: Callable[[int], Any] | None = None,
     ) -> list[GenerationResult]:
         """Answers for many prompts: left-padded batched decoding, results in input order.
 
         Prompts are sorted by length so that each batch pads little; with greedy decoding
-        each answer is the one :meth:`generate` gives for the prompt alone.
+        each answer is the one :meth:`generate` gives for the prompt alone. ``on_batch`` is
+        called with each finished batch's size (progress bars).
         """
         encoded = [self.encode(p) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -324,11 +241,15 @@ class Generator:
                 rows = self._generate_ids([encoded[i] for i in idx], max_new=max_new_tokens)
             seconds = time.perf_counter() - t0
             for i, row in zip(idx, rows, strict=True):
-                out[i] = self._result(row, seconds, len(encoded[i]))
+                out[i] = self._result(row, seconds, len(encoded[i]), len(idx))
+            if on_batch is not None:
+                on_batch(len(idx))
         return [r for r in out if r is not None]
 
     # ----------------------------------------------------------------- internals
-    def _result(self, row: list[int], seconds: float, prompt_tokens: int) -> GenerationResult:
+    def _result(
+        self, row: list[int], seconds: float, prompt_tokens: int, rows: int = 1
+    ) -> GenerationResult:
         got: list[int] = []
         eos = False
         for tok in row:
@@ -338,7 +259,8 @@ class Generator:
             got.append(tok)
         text, hit = finish_text(self.decode(got), self.stop_strings, final=True)
         reason = "eos" if eos else "stop_string" if hit else "length"
-        return GenerationResult(text, got, reason, len(got) + int(eos), seconds, prompt_tokens)
+        new = len(got) + int(eos)
+        return GenerationResult(text, got, reason, new, seconds, prompt_tokens, rows)
 
     def _max_new(self, requested: int | None) -> int:
         cap = self.settings.max_new_tokens
@@ -386,7 +308,7 @@ class Generator:
                 self.stop_strings,
             )
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        stop = _StopOnText(self.tokenizer, self.stop_strings, width, cancel)
+        stop = StopOnText(self.tokenizer, self.stop_strings, width, cancel)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
@@ -461,30 +383,6 @@ class Generator:
     @property
     def _greedy(self) -> bool:
         return self.settings.temperature == 0 and self.settings.repetition_penalty == 1.0
-
-
-def _cleans_up(tokenizer: Any) -> bool:
-    """Whether decoding cleans up spaces: WordPiece vocabularies only (what HF applies)."""
-    if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return False
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = getattr(backend, "model", None)
-    return type(model).__name__ == "WordPiece"
-
-
-def _header_stops(schema: PromptSchema) -> list[str]:
-    """A new line opening with the headers' common markup (``\n###``): any new section.
-
-    A base model asked for comparison often invents its own header (``### Output:``); the
-    schema's exact headers would not stop it, the markup does.
-    """
-    heads = list(schema.headers.values())
-    prefix = heads[0] if heads else ""
-    for h in heads[1:]:
-        while not h.startswith(prefix):
-            prefix = prefix[:-1]
-    prefix = prefix.strip()
-    return [f"\n{prefix}"] if len(prefix) >= 2 and not prefix.isalnum() else []
 
 
 def _device_of(model: Any) -> torch.device:

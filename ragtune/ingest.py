@@ -1,6 +1,6 @@
 """Corpus ingest: a folder of documents into a persistent (or served) Chroma collection.
 
-Design for crash safety and idempotence (issue 3.3 and 8.1):
+Design for crash safety and idempotence:
 
 - Chunk ids are derived from the source path and the chunk text, so re-upserting a chunk is a
   no-op and re-running never duplicates anything.
@@ -18,28 +18,39 @@ Design for crash safety and idempotence (issue 3.3 and 8.1):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ragtune.errors import RagtuneError
+from ragtune.embedding import embed_texts, load_embedder
 from ragtune.loaders import LoadedDoc, SkipFile, discover, load_file, read_bytes
-from ragtune.paths import outputs_root, resolve_path
+from ragtune.paths import resolve_path
+from ragtune.store import (  # noqa: F401  (re-exported: callers import these from ingest)
+    IndexError_,
+    IndexLockedError,
+    IndexMismatchError,
+    IndexNotFoundError,
+    as_rcfg,
+    check_metadata,
+    collection_name,
+    content_hash,
+    index_metadata,
+    open_client,
+    open_collection,
+    persist_path,
+    scan_sources,
+    state_dir,
+    writer_lock,
+)
 
-os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 SEPARATORS = [
     "\n\n",
     "\n",
@@ -57,350 +68,13 @@ SEPARATORS = [
     " ",
     "",
 ]
-_META_KEYS = ("embedding_model", "normalize", "chunk_size", "chunk_overlap", "chunk_unit")
-
-
-class IndexError_(RagtuneError):
-    """Base of index problems a user can fix (kept private; see subclasses)."""
-
-
-class IndexMismatchError(IndexError_):
-    """The collection was built with other embedding or chunk settings."""
-
-
-class IndexLockedError(IndexError_):
-    """Another process is writing to the same index."""
-
-
-class IndexNotFoundError(IndexError_):
-    """The collection does not exist yet: run the ingest first."""
 
 
 class CorpusError(IndexError_):
     """The corpus folder is missing or not a folder."""
 
 
-# --------------------------------------------------------------------------- settings
-def as_rcfg(rcfg: Any) -> Any:
-    """A ``retriever`` node (DictConfig, dict or RetrieverConfig) as a RetrieverConfig."""
-    from omegaconf import OmegaConf
-
-    from ragtune.config import RetrieverConfig
-
-    if isinstance(rcfg, RetrieverConfig):
-        return rcfg
-    if isinstance(rcfg, dict):
-        rcfg = OmegaConf.create(rcfg)
-    merged = OmegaConf.merge(OmegaConf.structured(RetrieverConfig), rcfg)
-    return OmegaConf.to_object(merged)
-
-
-def persist_path(rcfg: Any) -> Path:
-    """The persist folder (``retriever.persist_dir``; empty = ``<outputs>/index``)."""
-    return resolve_path(rcfg.persist_dir) if rcfg.persist_dir else outputs_root() / "index"
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "x"
-
-
-def collection_name(rcfg: Any) -> str:
-    """``rcfg.collection`` or a name derived from every setting that changes the vectors.
-
-    So a sweep over chunk_size or embedding model never writes into another run's index.
-    """
-    if rcfg.collection:
-        return str(rcfg.collection)
-    model = str(rcfg.embedding_model)
-    base = _slug(model.rsplit("/", 1)[-1] if model.startswith((".", "/", "~")) else model)
-    if model.startswith((".", "/", "~")):
-        base += "-" + hashlib.sha1(model.encode()).hexdigest()[:6]
-    unit = "t" if rcfg.chunk_unit == "tokens" else "c"
-    norm = "n" if rcfg.normalize else "raw"
-    return f"rt-{base[:60]}-{norm}-{unit}{rcfg.chunk_size}-o{rcfg.chunk_overlap}"
-
-
-def index_metadata(rcfg: Any) -> dict[str, Any]:
-    """What the collection records about how its vectors and chunks were made."""
-    return {
-        "ragtune_schema": SCHEMA_VERSION,
-        **{f"ragtune_{k}": getattr(rcfg, k) for k in _META_KEYS},
-    }
-
-
-def check_metadata(name: str, meta: dict[str, Any] | None, rcfg: Any) -> None:
-    """Raise :class:`IndexMismatchError` naming the key and both values on any difference."""
-    meta = meta or {}
-    if "ragtune_schema" not in meta:
-        raise IndexMismatchError(
-            f"Chroma collection '{name}' was not made by ragtune (no ragtune metadata); "
-            "choose another retriever.collection"
-        )
-    for k in _META_KEYS:
-        have, want = meta.get(f"ragtune_{k}"), getattr(rcfg, k)
-        if have != want:
-            raise IndexMismatchError(
-                f"index collection '{name}' was built with retriever.{k}={have!r}, but the "
-                f"config says retriever.{k}={want!r}; re-run python train/index.py with the "
-                "same settings, or use another retriever.collection (or collection=null)"
-            )
-
-
-# --------------------------------------------------------------------------- chroma
-def open_client(rcfg: Any) -> Any:
-    """Chroma client: ``HttpClient`` for ``retriever.server=host:port``, else persistent."""
-    import chromadb
-    from chromadb.config import Settings
-
-    settings = Settings(anonymized_telemetry=False, allow_reset=False)
-    if rcfg.server:
-        host, _, port = str(rcfg.server).rpartition(":")
-        if not host or not port.isdigit():
-            raise IndexError_(f"retriever.server must be host:port, got {rcfg.server!r}")
-        try:
-            return chromadb.HttpClient(host=host, port=int(port), settings=settings)
-        except Exception as e:
-            raise IndexError_(
-                f"cannot reach the Chroma server at retriever.server={rcfg.server} ({e}); "
-                "start it with: chroma run --host 127.0.0.1 --port PORT --path DIR"
-            ) from None
-    path = persist_path(rcfg)
-    path.mkdir(parents=True, exist_ok=True)
-    return chromadb.PersistentClient(path=str(path), settings=settings)
-
-
-def open_collection(client: Any, rcfg: Any, *, create: bool) -> Any:
-    """Open (or create) the collection and check that its settings match ``rcfg``."""
-    name = collection_name(rcfg)
-    existing = {c if isinstance(c, str) else c.name for c in client.list_collections()}
-    if name not in existing:
-        if not create:
-            where = rcfg.server or str(persist_path(rcfg))
-            raise IndexNotFoundError(
-                f"no index collection '{name}' in {where}: run python train/index.py with the "
-                "same retriever settings first"
-            )
-        coll = client.get_or_create_collection(
-            name,
-            configuration={"hnsw": {"space": "cosine"}},
-            metadata=index_metadata(rcfg),
-            embedding_function=None,
-        )
-    else:
-        coll = client.get_collection(name, embedding_function=None)
-    check_metadata(name, coll.metadata, rcfg)
-    return coll
-
-
-def scan_sources(coll: Any, page: int = 5000) -> dict[str, set[str]]:
-    """source -> ids of every chunk in the collection (paged, ids and metadata only)."""
-    out: dict[str, set[str]] = {}
-    offset = 0
-    while True:
-        got = coll.get(include=["metadatas"], limit=page, offset=offset)
-        ids = got["ids"]
-        for i, meta in zip(ids, got["metadatas"] or [], strict=False):
-            out.setdefault(str((meta or {}).get("source", "")), set()).add(i)
-        if len(ids) < page:
-            return out
-        offset += page
-
-
-# --------------------------------------------------------------------------- embeddings
-_EMBEDDERS: dict[tuple[str, str], Any] = {}
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_embedder(name: str, device: str = "auto") -> Any:
-    """A SentenceTransformer, cached per process (fp16 on CUDA)."""
-    from ragtune.models import resolve_embedder
-
-    dev = resolve_device(device)
-    key = (name, dev)
-    if key not in _EMBEDDERS:
-        from sentence_transformers import SentenceTransformer
-
-        path = resolve_embedder(name)
-        log.info("loading embedding model %s on %s", path, dev)
-        cuda = dev.startswith("cuda")
-        try:
-            model = SentenceTransformer(
-                path,
-                device=dev,
-                # sdpa: 1.7x the eager attention's throughput for BGE-base on an H100
-                model_kwargs={"attn_implementation": "sdpa"} if cuda else None,
-            )
-        except ValueError:  # an architecture without sdpa support: its default attention
-            model = SentenceTransformer(path, device=dev)
-        except OSError as e:
-            raise RagtuneError(
-                f"cannot load retriever.embedding_model={name!r} ({e}); "
-                "use a local folder or a model in the Hugging Face cache"
-            ) from None
-        if cuda:
-            model.half()
-        _EMBEDDERS[key] = model
-    return _EMBEDDERS[key]
-
-
-def embed_texts(
-    model: Any, texts: list[str], *, normalize: bool, batch_size: int, progress: bool = False
-) -> np.ndarray:
-    """Embed in batches; float32 rows, unit length when ``normalize``."""
-    if not texts:
-        dim = model.get_sentence_embedding_dimension() or 0
-        return np.zeros((0, dim), dtype=np.float32)
-    if str(model.device).startswith("cuda") and len(texts) > batch_size:  # ingest, not a query
-        return _embed_pipelined(model, texts, normalize, batch_size, progress)
-    vecs = model.encode(
-        texts,
-        batch_size=batch_size,
-        normalize_embeddings=normalize,
-        convert_to_numpy=True,
-        show_progress_bar=progress,
-    )
-    return np.asarray(vecs, dtype=np.float32)
-
-
-def _fast_tokenizer(model: Any) -> Callable[[list[str]], dict[str, Any]] | None:
-    """Tokenize like ``model.tokenize`` through the Rust tokenizer alone, or None if unsure.
-
-    ``SentenceTransformer.tokenize`` spends most of its time in Python (holding the GIL), so
-    threads barely overlap; ``tokenizers.Tokenizer.encode_batch`` releases the GIL. Used only
-    when the features are exactly ids / masks / type ids plus constants (BERT-like models such
-    as MiniLM and BGE), checked against ``model.tokenize`` on a probe batch.
-    """
-    import torch
-
-    try:
-        from tokenizers import Tokenizer
-
-        first = model[0]
-        tok = first.tokenizer
-        raw = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # a private copy to configure
-        raw.enable_truncation(int(first.max_seq_length))
-        raw.enable_padding(pad_id=tok.pad_token_id, pad_token=tok.pad_token)
-    except Exception:  # noqa: BLE001  (any other module layout: the library's own path)
-        return None
-    names = [
-        n for n in ("input_ids", "token_type_ids", "attention_mask") if n in tok.model_input_names
-    ]
-
-    def tokenize(texts: list[str]) -> dict[str, Any]:
-        encs = raw.encode_batch([t.strip() for t in texts])
-        cols = {
-            "input_ids": [e.ids for e in encs],
-            "token_type_ids": [e.type_ids for e in encs],
-            "attention_mask": [e.attention_mask for e in encs],
-        }
-        # np.array, not torch.tensor: ~10x faster on nested lists, and this holds the GIL
-        return {**constants, **{n: torch.from_numpy(np.array(cols[n], np.int64)) for n in names}}
-
-    probe = ["  Probe text, with  spaces. ", "a second, longer probe text " * 80]  # truncated
-    want = model.tokenize(probe)
-    constants = {k: v for k, v in want.items() if not torch.is_tensor(v)}
-    got = tokenize(probe)
-    same = set(got) == set(want) and all(
-        torch.equal(got[k], want[k]) if torch.is_tensor(want[k]) else got[k] == want[k]
-        for k in want
-    )
-    return tokenize if same else None
-
-
-# Threads tokenizing ahead of the GPU. Few on purpose: each Rust ``encode_batch`` already runs
-# on every core (see _rust_parallelism), and more Python threads only fight the GPU-feeding
-# thread for the GIL (12 threads: no faster than 4 on the H100 host, docs/benchmarks.md).
-TOKENIZE_WORKERS = 2
-
-
-@contextlib.contextmanager
-def _rust_parallelism() -> Iterator[None]:
-    """Let the Rust tokenizer use all cores for a while (entry points turn it off).
-
-    ``TOKENIZERS_PARALLELISM=false`` is set by our entry points so that forked processes do not
-    inherit a busy thread pool; the tokenizer reads the variable at every call, so it can be
-    lifted around the embedding loop and restored afterwards.
-    """
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
-def _embed_pipelined(
-    model: Any, texts: list[str], normalize: bool, batch_size: int, progress: bool
-) -> np.ndarray:
-    """``SentenceTransformer.encode`` with tokenization on worker threads, ahead of the GPU.
-
-    ``encode`` tokenizes each batch on the calling thread, then runs the model: on an H100 the
-    tokenizer (~3,100 BGE-base chunks/s on one core) is the bottleneck, not the model
-    (~7,000-8,800/s with sdpa). Here ``TOKENIZE_WORKERS`` threads tokenize the next batches
-    (the Rust tokenizer on all cores) while the GPU embeds, and the results stay on the GPU
-    until the end (one synchronisation). Longest texts first, as ``encode`` does, so a batch
-    pads little; rows come back in input order.
-    """
-    import itertools
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-    from tqdm.auto import tqdm
-
-    # checked once per model (a probe batch through both tokenizers), not on every call
-    if not hasattr(model, "_ragtune_tokenize"):
-        model._ragtune_tokenize = _fast_tokenizer(model) or model.tokenize
-    tokenize = model._ragtune_tokenize
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    batches = (
-        [texts[i] for i in order[s : s + batch_size]] for s in range(0, len(texts), batch_size)
-    )
-    out: list[Any] = []
-    with (
-        _rust_parallelism(),
-        ThreadPoolExecutor(TOKENIZE_WORKERS) as pool,
-        torch.inference_mode(),
-        tqdm(total=len(texts), desc="embedding", unit="chunk", disable=not progress) as bar,
-    ):
-        pending = deque(
-            pool.submit(tokenize, b) for b in itertools.islice(batches, TOKENIZE_WORKERS + 2)
-        )
-        while pending:
-            features = pending.popleft().result()
-            nxt = next(batches, None)
-            if nxt is not None:
-                pending.append(pool.submit(tokenize, nxt))
-            features = {
-                k: v.to(model.device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in features.items()
-            }
-            emb = model(features)["sentence_embedding"].float()
-            if normalize:
-                emb = torch.nn.functional.normalize(emb, dim=-1)
-            out.append(emb)
-            bar.update(emb.shape[0])
-    vecs = torch.cat(out).cpu().numpy()
-    result = np.empty_like(vecs)  # back to input order
-    result[order] = vecs
-    return result
-
-
 # --------------------------------------------------------------------------- chunking
-def content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def chunk_id(source: str, text: str) -> str:
     """Deterministic id from source + content (so upserts are idempotent)."""
     return hashlib.sha256(f"{source}\x00{text}".encode()).hexdigest()[:32]
@@ -505,22 +179,6 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-
-
-def state_dir(rcfg: Any) -> Path:
-    base = persist_path(rcfg) / "ragtune"
-    if rcfg.server:
-        base = base / ("server-" + _slug(str(rcfg.server)))
-    return base
-
-
-def writer_lock(rcfg: Any) -> Any:
-    """The one-writer lock of this index (persist folder, or per server)."""
-    from filelock import FileLock
-
-    d = state_dir(rcfg)
-    d.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(d / "ingest.lock"), timeout=0)
 
 
 # --------------------------------------------------------------------------- ingest

@@ -38,8 +38,9 @@ from langchain_core.prompts import StringPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
-from ragtune.generate import Generator, cut_stop
-from ragtune.schema import PromptFields, PromptSchema, get_schema
+from ragtune.generate import Generator
+from ragtune.schema import PromptFields, PromptSchema
+from ragtune.stopping import cut_stop
 
 
 def _context_texts(context: Any) -> list[str] | None:
@@ -101,28 +102,21 @@ class RagtuneLLM(LLM):
 
         ``trust_remote_code`` is the caller's decision, never the folder's.
         """
-        import json
-
         from ragtune.loading import load_model
+        from ragtune.modelcard import model_settings, read_json, trained_schema
 
         folder = Path(model_dir)
-        manifest_path = folder / "manifest.json"
-        manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-        mcfg = manifest.get("model", {})
-        schema = (
-            PromptSchema.load(folder)
-            if (folder / "prompt_schema.json").exists()
-            else get_schema(manifest.get("prompt", {}).get("name", "alpaca_rag"))
-        )
+        manifest = read_json(folder / "manifest.json")
+        mcfg = model_settings({"trust_remote_code": trust_remote_code}, manifest)
+        schema = trained_schema(folder, "alpaca_rag", manifest)
         model, tok = load_model(
             str(folder),
             device=device,
-            dtype=mcfg.get("dtype", "auto"),
+            dtype=mcfg["dtype"],
             trust_remote_code=trust_remote_code,
-            max_seq_length=int(mcfg.get("max_seq_length", 2048)),
+            max_seq_length=mcfg["max_seq_length"],
         )
-        seq = int(mcfg.get("max_seq_length", 2048))
-        gen = Generator(model, tok, schema, gcfg, max_seq_length=seq)
+        gen = Generator(model, tok, schema, gcfg, max_seq_length=mcfg["max_seq_length"])
         return cls(generator=gen, model_name=folder.resolve().name, **kwargs)
 
     @classmethod

@@ -9,12 +9,12 @@ A LoRA folder names its base (``ragtune_train.json`` written by training, else t
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ragtune.errors import RagtuneError
+from ragtune.modelcard import read_json, train_info
 
 log = logging.getLogger(__name__)
 
@@ -25,29 +25,21 @@ class LoadError(RagtuneError):
     """A model folder or name that cannot be loaded; the message names it."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def unsloth_importable() -> bool:
+    """Whether Unsloth imports here (it raises without CUDA, or when its kernels cannot load)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _train_info(folder: Path) -> dict[str, Any]:
-    from ragtune.training.saving import read_train_info
-
-    info = read_train_info(folder)
-    manifest = _read_json(folder / "manifest.json")
-    for key in ("base_model", "backend", "save_method"):
-        if key not in info and key in manifest:
-            info[key] = manifest[key]
-    return info
+        import unsloth  # noqa: F401
+    except Exception as e:  # NotImplementedError/ImportError without CUDA
+        log.debug("unsloth not usable: %s", e)
+        return False
+    return True
 
 
 def _base_of_adapter(folder: Path, info: dict[str, Any]) -> str:
     from ragtune.models import ModelNotFoundError, resolve_model
 
     names = [info.get("base_path"), info.get("base_model")]
-    names.append(_read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path"))
+    names.append(read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path"))
     errors = []
     for name in (n for n in names if n):
         try:
@@ -112,12 +104,10 @@ def load_model(
         except ModelNotFoundError as e:
             raise LoadError(str(e)) from None
         folder = Path(resolved)
-    info = _train_info(folder) if folder.is_dir() else {}
+    info = train_info(folder) if folder.is_dir() else {}
     is_adapter = folder.is_dir() and (folder / ADAPTER_CONFIG).exists()
 
     if dev.startswith("cuda") and info.get("backend") == "unsloth":
-        from ragtune.training.backends import unsloth_importable
-
         if unsloth_importable():
             return _load_unsloth(folder, dtype, for_inference, trust_remote_code, max_seq_length)
         log.warning(
@@ -133,7 +123,7 @@ def load_model(
         "dtype": torch_dtype,
     }
     quant = (
-        _read_json(folder / "config.json").get("quantization_config") if folder.is_dir() else None
+        read_json(folder / "config.json").get("quantization_config") if folder.is_dir() else None
     )
     if quant and not dev.startswith("cuda"):
         raise LoadError(
@@ -172,8 +162,8 @@ def _load_unsloth(
     import unsloth  # noqa: F401  (patches transformers before use)
     from unsloth import FastLanguageModel
 
-    quant = _read_json(folder / "config.json").get("quantization_config") or {}
-    adapter_base = _read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path", "")
+    quant = read_json(folder / "config.json").get("quantization_config") or {}
+    adapter_base = read_json(folder / ADAPTER_CONFIG).get("base_model_name_or_path", "")
     in_4bit = bool(quant.get("load_in_4bit")) or "bnb-4bit" in str(adapter_base)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=str(folder),

@@ -1,135 +1,64 @@
-"""The RAG pipeline serving uses, rebuilt from a trained model's manifest.
+"""The RAG pipeline: the one answer path of ask, the server, LangChain and evaluation.
 
-A trained folder carries everything needed to ask it the way it was trained: the prompt
-schema it was rendered with (``prompt_schema.json``), and in ``manifest.json`` the retriever
-settings, the index location and the model settings. :meth:`RagPipeline.from_model_dir`
-rebuilds exactly that, and refuses (or, with ``allow_mismatch``, warns) when the index, the
-chunking or the prompt in use differ from what the model was trained with.
+A trained folder carries everything needed to ask it the way it was trained (its prompt
+schema, and in ``manifest.json`` the retriever and model settings; see
+:mod:`ragtune.modelcard`). :meth:`RagPipeline.from_model_dir` rebuilds exactly that, and
+refuses (or, with ``allow_mismatch``, warns) when the index, the chunking or the prompt in
+use differ from what the model was trained with.
 
-The context of each question is budgeted in tokens of the LM's tokenizer with the same
-function training used (:meth:`PromptSchema.context_budget`), so a context that fitted in
-training fits here and vice versa. ``ask.py``, the server and the LangChain model all go
-through :meth:`RagPipeline.answer` / :meth:`RagPipeline.stream`.
+One question: :meth:`RagPipeline.prepare` (retrieve within the token budget training used,
+render with the schema) -> :class:`ragtune.generate.Generator` -> :meth:`RagPipeline._finish`,
+the single place a generation becomes an :class:`Answer`. ``answer``, ``stream`` and
+``answer_batch`` all end there, so whatever is decided there is what every caller (and
+evaluation, which scores ``answer_batch``) gets.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ragtune.budget import ANSWER_RESERVE, token_counter
+from tqdm.auto import tqdm
+
+from ragtune.answer import Answer, AnswerStream, Prepared
+from ragtune.budget import context_budget, token_counter, tokenizer_key
 from ragtune.errors import RagtuneError
-from ragtune.generate import GenerationResult, Generator, TextStream
-from ragtune.manifest import RETRIEVER_KEYS, ManifestError, mismatches, read_manifest
+from ragtune.generate import GenerationResult, Generator
+from ragtune.modelcard import (
+    MismatchError,
+    check_settings,
+    is_explicit,
+    model_folder,
+    model_settings,
+    open_trained_retriever,
+    read_manifest,
+    retriever_settings,
+    trained_mode,
+    trained_schema,
+)
 from ragtune.paths import resolve_path
 from ragtune.schema import PromptFields, PromptSchema, get_schema
 from ragtune.types import Chunk
 
 log = logging.getLogger(__name__)
 
-# Where the index lives is not a property of the training: these follow the manifest only
-# while the place it names still exists.
-_LOCATION_KEYS = ("persist_dir", "collection", "server")
-
 
 class PipelineError(RagtuneError):
     """A question the pipeline cannot take (too long for the model, empty)."""
 
 
-class MismatchError(ManifestError):
-    """The index or the prompt in use differ from what the model was trained with."""
-
-
-@dataclass
-class Answer:
-    """One answer with what it was based on.
-
-    ``sources`` are ``(source, start, score)`` of the chunks in the prompt's context, in
-    context order; ``prompt`` is the exact text the model was asked with.
-    """
-
-    text: str
-    abstained: bool
-    sources: list[tuple[str, int, float | None]]
-    prompt: str
-    latency_s: float
-    chunks: list[Chunk] = field(default_factory=list, repr=False)
-    stop_reason: str = ""
-    new_tokens: int = 0
-    prompt_tokens: int = 0
-    retrieval_s: float = 0.0
-
-    def to_dict(self, with_prompt: bool = False) -> dict[str, Any]:
-        """A JSON-ready dict (what ``ask.py json=true`` and the server's ``/ask`` return)."""
-        out: dict[str, Any] = {
-            "answer": self.text,
-            "abstained": self.abstained,
-            "sources": [{"source": s, "start": st, "score": sc} for s, st, sc in self.sources],
-            "latency_s": round(self.latency_s, 4),
-            "retrieval_s": round(self.retrieval_s, 4),
-            "stop_reason": self.stop_reason,
-            "new_tokens": self.new_tokens,
-            "prompt_tokens": self.prompt_tokens,
-        }
-        if with_prompt:
-            out["prompt"] = self.prompt
-        return out
-
-
-class AnswerStream:
-    """The answer's text pieces as they are generated; ``.answer`` once exhausted.
-
-    ``.chunks`` (the retrieved context) is known before the first piece. ``close()`` stops
-    the generation early.
-    """
-
-    def __init__(
-        self,
-        pipeline: RagPipeline,
-        prepared: _Prepared,
-        t0: float,
-        max_new_tokens: int | None = None,
-    ):
-        self.chunks = prepared.chunks
-        self.prompt = prepared.prompt
-        self._pipeline = pipeline
-        self._prepared = prepared
-        self._t0 = t0
-        self._stream: TextStream = pipeline.generator.stream(prepared.prompt, max_new_tokens)
-        self.answer: Answer | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        try:
-            return next(self._stream)
-        except StopIteration:
-            if self.answer is None and self._stream.result is not None:
-                self.answer = self._pipeline._answer(self._prepared, self._stream.result, self._t0)
-            raise
-
-    def close(self) -> None:
-        self._stream.close()
-
-
-@dataclass
-class _Prepared:
-    question: str
-    input: str
-    chunks: list[Chunk]
-    prompt: str
-    retrieval_s: float
-
-
 class RagPipeline:
-    """Retrieve -> render with the one schema -> generate, with the settings of one model."""
+    """Retrieve -> render with the one schema -> generate, with the settings of one model.
+
+    ``retriever`` None is closed book (no context section). ``context_cache``: a dict shared
+    by pipelines that may ask the same question with the same retriever settings (evaluation
+    modes), so each context is retrieved once.
+    """
 
     def __init__(
         self,
@@ -143,15 +72,18 @@ class RagPipeline:
         context_tokens: int = 0,
         name: str = "ragtune",
         manifest: dict[str, Any] | None = None,
+        context_cache: dict[tuple, tuple[list[Chunk], float]] | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.schema = schema
-        self.retriever = retriever  # None: closed book (no context section)
+        self.retriever = retriever
         self.max_seq_length = int(max_seq_length)
         self.context_tokens = int(context_tokens)
         self.name = name
         self.manifest = manifest or {}
+        self.context_cache = context_cache
+        self._cache_key: tuple | None = None
         self.generator = Generator(model, tokenizer, schema, gcfg, max_seq_length=max_seq_length)
 
     # ----------------------------------------------------------------- construction
@@ -180,20 +112,19 @@ class RagPipeline:
 
         from ragtune.loading import load_model
 
-        folder = _model_folder(model_dir)
+        folder = model_folder(model_dir)
         manifest = read_manifest(folder)
         explicit = set(explicit)
         schema = (
             get_schema(cfg.prompt.name)
-            if _is_explicit("prompt", explicit)
-            else PromptSchema.load(folder)
+            if is_explicit("prompt", explicit)
+            else trained_schema(folder, cfg.prompt.name, manifest)
         )
-        mcfg = _model_settings(cfg, manifest, explicit)
-        rcfg = _retriever_settings(cfg, manifest, explicit)
-        in_use = {k: getattr(rcfg, k) for k in RETRIEVER_KEYS}
-        _settle(folder, mismatches(manifest, in_use, schema.fingerprint), allow_mismatch)
+        mcfg = model_settings(_get(cfg, "model"), manifest, explicit)
+        rcfg = retriever_settings(_get(cfg, "retriever"), manifest, explicit)
+        check_settings(folder, manifest, rcfg, schema, allow_mismatch)
         if context == "auto":
-            context = "closed" if manifest.get("raft", {}).get("mode") == "closed" else "rag"
+            context = "closed" if trained_mode(manifest) == "closed" else "rag"
         if context not in ("rag", "closed"):
             raise PipelineError(f"context must be auto, rag or closed, got {context!r}")
 
@@ -202,7 +133,9 @@ class RagPipeline:
             tok = AutoTokenizer.from_pretrained(
                 str(folder), trust_remote_code=mcfg["trust_remote_code"]
             )
-            retriever = _open_retriever(folder, rcfg, tok, manifest, schema, allow_mismatch)
+            retriever = open_trained_retriever(
+                folder, rcfg, manifest, allow_mismatch, token_counter(tok)
+            )
         model, tokenizer = load_model(
             str(folder),
             device=device,
@@ -232,8 +165,8 @@ class RagPipeline:
     @classmethod
     def from_base(cls, cfg: Any, *, device: str = "auto", closed_book: bool = False) -> RagPipeline:
         """A plain base model with the config's retriever and prompt (for comparison)."""
-        from ragtune.ingest import as_rcfg
         from ragtune.loading import load_model
+        from ragtune.store import as_rcfg
 
         schema = get_schema(cfg.prompt.name)
         model, tokenizer = load_model(
@@ -262,37 +195,51 @@ class RagPipeline:
 
     # ----------------------------------------------------------------- asking
     def context_budget(self, question: str, input: str = "") -> int:
-        """Tokens the context block may use: exactly what training allowed this question.
-
-        ``retriever.context_tokens`` when set, else the rest of ``max_seq_length`` once the
-        prompt and the answer fit; the answer reserve is training's (64 tokens) or
-        ``generate.max_new_tokens`` when that is larger, so prompt + answer always fit.
-        """
-
-        if self.context_tokens:
-            return self.context_tokens
-        reserve = max(ANSWER_RESERVE, self.generator.settings.max_new_tokens)
-        fields = PromptFields(question, input, [])
-        return self.schema.context_budget(self.tokenizer, fields, self.max_seq_length, reserve)
+        """Tokens the context block may use: exactly what training allowed this question
+        (see :func:`ragtune.budget.context_budget`)."""
+        return context_budget(
+            self.schema,
+            self.tokenizer,
+            PromptFields(question, input, []),
+            self.max_seq_length,
+            context_tokens=self.context_tokens,
+            max_new_tokens=self.generator.settings.max_new_tokens,
+        )
 
     def retrieve(self, question: str, input: str = "") -> list[Chunk]:
         """The context chunks for a question (none for a closed-book pipeline)."""
+        return self._retrieve(question, input)[0]
+
+    def _retrieve(self, question: str, input: str) -> tuple[list[Chunk], float]:
+        """Chunks and the seconds their retrieval took (when it ran, for a cached context)."""
         if self.retriever is None:
-            return []
-        return self.retriever.retrieve(question, budget_tokens=self.context_budget(question, input))
+            return [], 0.0
+        budget = self.context_budget(question, input)
+        key = None
+        if self.context_cache is not None:
+            if self._cache_key is None:
+                settings = json.dumps(self.retriever.settings(), sort_keys=True, default=str)
+                self._cache_key = (settings, tokenizer_key(self.tokenizer))
+            key = (*self._cache_key, question, budget)
+            if key in self.context_cache:
+                return self.context_cache[key]
+        t0 = time.perf_counter()
+        chunks = self.retriever.retrieve(question, budget_tokens=budget)
+        got = (chunks, time.perf_counter() - t0)
+        if key is not None:
+            self.context_cache[key] = got  # type: ignore[index]
+        return got
 
     def render(self, question: str, input: str = "", chunks: Sequence[Chunk] | None = None) -> str:
         """The exact prompt text for a question and its context."""
         context = None if self.retriever is None else [c.text for c in chunks or []]
         return self.schema.render_prompt(PromptFields(question, input, context), self.tokenizer)
 
-    def prepare(self, question: str, input: str = "") -> _Prepared:
+    def prepare(self, question: str, input: str = "") -> Prepared:
         """Retrieve and render; checks that the prompt and the answer fit the model."""
         if not question or not question.strip():
             raise PipelineError("the question is empty")
-        t0 = time.perf_counter()
-        chunks = self.retrieve(question, input)
-        retrieval_s = time.perf_counter() - t0
+        chunks, retrieval_s = self._retrieve(question, input)
         prompt = self.render(question, input, chunks)
         n = len(self.generator.encode(prompt))
         limit = self.max_seq_length - self.generator.settings.max_new_tokens
@@ -302,7 +249,7 @@ class RagPipeline:
                 f"={self.max_seq_length} minus generate.max_new_tokens="
                 f"{self.generator.settings.max_new_tokens} leaves {limit}"
             )
-        return _Prepared(question, input, chunks, prompt, retrieval_s)
+        return Prepared(question, input, chunks, prompt, retrieval_s)
 
     def answer(self, question: str, input: str = "", max_new_tokens: int | None = None) -> Answer:
         """Retrieve, render, generate: one grounded answer with its sources.
@@ -312,7 +259,7 @@ class RagPipeline:
         t0 = time.perf_counter()
         prepared = self.prepare(question, input)
         result = self.generator.generate(prepared.prompt, max_new_tokens)
-        return self._answer(prepared, result, t0)
+        return self._finish(prepared, result, time.perf_counter() - t0)
 
     def stream(
         self, question: str, input: str = "", max_new_tokens: int | None = None
@@ -322,22 +269,41 @@ class RagPipeline:
         return AnswerStream(self, self.prepare(question, input), t0, max_new_tokens)
 
     def answer_batch(
-        self, questions: Sequence[str], inputs: Sequence[str] | None = None, batch_size: int = 8
+        self,
+        questions: Sequence[str],
+        inputs: Sequence[str] | None = None,
+        batch_size: int = 8,
+        *,
+        progress: bool = False,
     ) -> list[Answer]:
-        """Many answers at once (batched greedy decoding); same answers as one by one."""
-        t0 = time.perf_counter()
-        inputs = list(inputs) if inputs is not None else [""] * len(questions)
-        prepared = [self.prepare(q, i) for q, i in zip(questions, inputs, strict=True)]
-        results = self.generator.generate_batch([p.prompt for p in prepared], batch_size)
-        return [self._answer(p, r, t0) for p, r in zip(prepared, results, strict=True)]
+        """Many answers at once (batched greedy decoding); same answers as one by one.
 
-    def _answer(self, p: _Prepared, result: GenerationResult, t0: float) -> Answer:
+        An answer's ``latency_s`` is its retrieval time plus its share of its batch's
+        generation time.
+        """
+        inputs = list(inputs) if inputs is not None else [""] * len(questions)
+        pairs = list(zip(questions, inputs, strict=True))
+        bar = tqdm(
+            pairs, desc=f"{self.name}: retrieving", disable=not progress or not self.retriever
+        )
+        prepared = [self.prepare(q, i) for q, i in bar]
+        prompts = [p.prompt for p in prepared]
+        with tqdm(total=len(prompts), desc=f"{self.name}: answering", disable=not progress) as bar:
+            extra = {"on_batch": bar.update} if progress else {}
+            results = self.generator.generate_batch(prompts, batch_size, **extra)
+        return [
+            self._finish(p, r, p.retrieval_s + r.seconds / max(1, r.batch_rows))
+            for p, r in zip(prepared, results, strict=True)
+        ]
+
+    def _finish(self, p: Prepared, result: GenerationResult, latency_s: float) -> Answer:
+        """The one place a generation becomes the final answer (every path ends here)."""
         return Answer(
             text=result.text,
             abstained=self.schema.is_abstention(result.text),
             sources=[(c.source, c.start, c.score) for c in p.chunks],
             prompt=p.prompt,
-            latency_s=time.perf_counter() - t0,
+            latency_s=latency_s,
             chunks=p.chunks,
             stop_reason=result.stop_reason,
             new_tokens=result.new_tokens,
@@ -357,7 +323,6 @@ class RagPipeline:
         }
 
 
-# --------------------------------------------------------------------------- helpers
 def _get(cfg: Any, key: str) -> Any:
     """A config group as plain values (interpolations such as ``${paths.outputs}`` resolved)."""
     from omegaconf import DictConfig, OmegaConf
@@ -368,123 +333,6 @@ def _get(cfg: Any, key: str) -> Any:
     if dataclasses.is_dataclass(node) and not isinstance(node, type):
         return dataclasses.asdict(node)
     return node
-
-
-def _is_explicit(key: str, explicit: set[str]) -> bool:
-    """Whether ``key`` (``prompt``, ``retriever.k``) or its whole group was set by the user."""
-    group = key.split(".", 1)[0]
-    return key in explicit or group in explicit
-
-
-def _model_folder(model_dir: str | Path) -> Path:
-    folder = resolve_path(str(model_dir))
-    if not folder.exists():
-        raise ManifestError(
-            f"model_dir {folder} does not exist: train a model first (python train/sft.py, "
-            "or make demo), or pass model_dir=null to ask the base model in model.name_or_path"
-        )
-    folder = folder.resolve()
-    if not (folder / "manifest.json").exists() and (folder / "model" / "manifest.json").exists():
-        folder = folder / "model"  # a run folder was given: its model is in model/
-    return folder
-
-
-def _model_settings(cfg: Any, manifest: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
-    """dtype and max_seq_length as trained (unless overridden); trust only from the user.
-
-    ``trust_remote_code`` never comes from the manifest: a model folder is data, and a
-    folder must not be able to switch on the execution of code it ships.
-    """
-    trained = manifest.get("model", {}) or {}
-    mine = _get(cfg, "model") or {}
-    out: dict[str, Any] = {"trust_remote_code": bool(mine.get("trust_remote_code", False))}
-    for key, default in (("dtype", "auto"), ("max_seq_length", 1024)):
-        if _is_explicit(f"model.{key}", explicit) or key not in trained:
-            out[key] = mine.get(key) if mine.get(key) is not None else default
-        else:
-            out[key] = trained[key]
-    return out
-
-
-def _retriever_settings(cfg: Any, manifest: dict[str, Any], explicit: set[str]) -> Any:
-    """The config's retriever with the manifest's settings over it, then the user's."""
-    from ragtune.config import RetrieverConfig
-    from ragtune.ingest import as_rcfg
-
-    rcfg = as_rcfg(_get(cfg, "retriever") or {})
-    trained = manifest.get("retriever", {}) or {}
-    fields = {f.name for f in dataclasses.fields(RetrieverConfig)}
-    updates = {}
-    for key, value in trained.items():
-        if key not in fields or _is_explicit(f"retriever.{key}", explicit):
-            continue
-        if key in _LOCATION_KEYS:
-            continue
-        updates[key] = value
-    # The index location follows the manifest while it exists (a model copied to another
-    # machine uses the configured index instead).
-    # The collection the model was trained on, unless the user picked other chunk settings
-    # (then the name derived from them finds, or fails to find, the matching index).
-    if trained.get("collection") and not any(
-        _is_explicit(f"retriever.{k}", explicit) for k in (*RETRIEVER_KEYS, "collection")
-    ):
-        updates["collection"] = trained["collection"]
-    if not _is_explicit("retriever.persist_dir", explicit) and not _is_explicit(
-        "retriever.server", explicit
-    ):
-        where = trained.get("persist_dir")
-        if trained.get("server"):
-            updates["server"] = trained["server"]
-        elif where and Path(where).is_dir():
-            updates["persist_dir"] = where
-        elif where:
-            log.warning(
-                "the index the model was trained on (%s) is gone; using %s", where, rcfg.persist_dir
-            )
-    return dataclasses.replace(rcfg, **updates)
-
-
-def _settle(folder: Path, problems: list[str], allow_mismatch: bool) -> None:
-    if not problems:
-        return
-    msg = f"{folder} was trained with other settings than are in use: " + "; ".join(problems)
-    if not allow_mismatch:
-        raise MismatchError(msg + " (allow_mismatch=true serves anyway)")
-    warnings.warn(msg + " (allow_mismatch=true: serving anyway)", stacklevel=3)
-    log.warning("%s (allow_mismatch=true: serving anyway)", msg)
-
-
-def _open_retriever(
-    folder: Path,
-    rcfg: Any,
-    tokenizer: Any,
-    manifest: dict[str, Any],
-    schema: PromptSchema,
-    allow_mismatch: bool,
-) -> Any:
-    """Open the index; an index built with other settings than the manifest's is refused."""
-    from ragtune.ingest import IndexMismatchError
-    from ragtune.retriever import Retriever
-
-    counter = token_counter(tokenizer)
-    trained_fp = manifest.get("prompt", {}).get("fingerprint", "")  # the prompt is settled
-    try:
-        retriever = Retriever.from_config(rcfg, token_counter=counter)
-    except IndexMismatchError:
-        index = _index_settings(rcfg)
-        problems = mismatches(manifest, index, trained_fp) or [f"index collection settings {index}"]
-        _settle(folder, problems, allow_mismatch)
-        return Retriever.from_config(dataclasses.replace(rcfg, **index), token_counter=counter)
-    _settle(folder, mismatches(manifest, retriever.settings(), trained_fp), allow_mismatch)
-    return retriever
-
-
-def _index_settings(rcfg: Any) -> dict[str, Any]:
-    """The settings an existing collection records about its vectors and chunks."""
-    from ragtune.ingest import collection_name, open_client
-
-    meta = open_client(rcfg).get_collection(collection_name(rcfg)).metadata or {}
-    return {k: meta[f"ragtune_{k}"] for k in RETRIEVER_KEYS if f"ragtune_{k}" in meta}
 
 
 __all__ = ["Answer", "AnswerStream", "MismatchError", "PipelineError", "RagPipeline"]

@@ -9,6 +9,7 @@ LM's tokenizer. Training and serving call the same methods with the same setting
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import re
@@ -19,14 +20,14 @@ import numpy as np
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
+from langchain_core.vectorstores.utils import maximal_marginal_relevance
 from pydantic import ConfigDict
 
-from ragtune.ingest import (
+from ragtune.embedding import embed_texts, load_embedder
+from ragtune.store import (
     as_rcfg,
     collection_name,
     content_hash,
-    embed_texts,
-    load_embedder,
     open_client,
     open_collection,
     persist_path,
@@ -90,6 +91,12 @@ class Retriever:
         coll = open_collection(client, rcfg, create=False)
         model = load_embedder(rcfg.embedding_model, rcfg.device)
         return cls(rcfg, coll, model, token_counter)
+
+    def with_token_counter(self, token_counter: Callable[[str], int] | None) -> Retriever:
+        """The same index and embedder, budgeting in another tokenizer's tokens."""
+        other = copy.copy(self)
+        other.token_counter = token_counter
+        return other
 
     # ------------------------------------------------------------------ basics
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -253,22 +260,13 @@ class Retriever:
         return kept
 
     def _mmr(self, qvec: np.ndarray, cands: list[_Cand], k: int) -> list[_Cand]:
+        """Relevant yet diverse: langchain-core's MMR over the ranked candidates (ties go to
+        the better-ranked one, so the order stays stable)."""
         if not cands or any(c.emb is None for c in cands):
             return cands[:k]
-        lam = self.rcfg.mmr_lambda
-        rel = {c.id: _cos(qvec, c.emb) for c in cands}  # type: ignore[arg-type]
-        chosen: list[_Cand] = []
-        rest = list(cands)
-        while rest and len(chosen) < k:
-
-            def value(c: _Cand) -> tuple[float, str]:
-                div = max((_cos(c.emb, s.emb) for s in chosen), default=0.0)  # type: ignore[arg-type]
-                return (-round(lam * rel[c.id] - (1 - lam) * div, 9), c.id)
-
-            best = min(rest, key=value)
-            chosen.append(best)
-            rest.remove(best)
-        return chosen
+        embs = np.stack([c.emb for c in cands])  # type: ignore[misc]
+        idx = maximal_marginal_relevance(qvec, embs, lambda_mult=self.rcfg.mmr_lambda, k=k)
+        return [cands[i] for i in idx]
 
     # ------------------------------------------------------------------ public API
     def candidates(self, query: str, n: int) -> list[Chunk]:

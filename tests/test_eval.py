@@ -232,7 +232,7 @@ def test_scores_flow_from_answers_to_metrics(tmp_path, data, tiny_lm_path, outpu
         "What are Corvanite ship parts?": abstain,  # a false abstention
     }
 
-    def fake_batch(self, prompts, batch_size=8):
+    def fake_batch(self, prompts, batch_size=8, **kwargs):
         out = []
         for p in prompts:
             q = next(q for q in answers if q in p)

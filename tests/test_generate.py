@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ragtune.config import GenerateConfig
-from ragtune.generate import Generator, cut_stop, finish_text
+from ragtune.generate import Generator
 from ragtune.schema import PromptFields, get_schema
+from ragtune.stopping import cut_stop, finish_text
 
 STOPS = ["### Instruction:", "### Response:", "\n###"]
 

@@ -234,7 +234,7 @@ def test_pipelined_embedding_equals_sentence_transformers_encode():
     """The GPU path (tokenizer threads ahead of the model) gives encode's vectors, in order."""
     import numpy as np
 
-    from ragtune.ingest import _embed_pipelined, _fast_tokenizer, load_embedder
+    from ragtune.embedding import _embed_pipelined, _fast_tokenizer, load_embedder
 
     model = load_embedder("minilm-l6", "cpu")
     assert _fast_tokenizer(model) is not None  # BERT-like: the GIL-free tokenizer path is taken

@@ -181,9 +181,9 @@ def test_closed_book_context(model_dir, tmp_path):
 
 
 def test_run_folder_is_accepted(model_dir, tmp_path):
-    from ragtune.rag import _model_folder
+    from ragtune.modelcard import model_folder
 
-    assert _model_folder(model_dir.parent) == model_dir.resolve()
+    assert model_folder(model_dir.parent) == model_dir.resolve()
 
 
 # --------------------------------------------------------------------------- mismatches

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ragtune.loading import unsloth_importable
 from ragtune.training import TrainError
 from ragtune.training.distributed import cuda_available
 
@@ -16,16 +17,6 @@ log = logging.getLogger(__name__)
 
 # Unsloth's kernels patch these names; "all-linear" is expanded to them for the unsloth backend.
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def unsloth_importable() -> bool:
-    """Whether ``import unsloth`` works here (it raises without CUDA)."""
-    try:
-        import unsloth  # noqa: F401
-    except Exception as e:  # unsloth raises NotImplementedError/ImportError without CUDA
-        log.debug("unsloth not usable: %s", e)
-        return False
-    return True
 
 
 def select_backend(requested: str) -> str:

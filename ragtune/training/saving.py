@@ -15,21 +15,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ragtune.modelcard import TRAIN_INFO
 from ragtune.training import TrainError
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
-TRAIN_INFO = "ragtune_train.json"  # backend, save method and base model, for loading
-
-
-def read_train_info(folder: str | Path) -> dict[str, Any]:
-    """What training recorded about a model folder (``base_model``, ``base_path``, ``backend``,
-    ``save_method``); ``{}`` when the folder has no readable ``ragtune_train.json``."""
-    try:
-        return json.loads((Path(folder) / TRAIN_INFO).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def save_model(

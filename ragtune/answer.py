@@ -1,0 +1,103 @@
+"""What the pipeline hands back: one :class:`Answer`, or an :class:`AnswerStream` of its text."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ragtune.generate import TextStream
+from ragtune.types import Chunk
+
+if TYPE_CHECKING:
+    from ragtune.rag import RagPipeline
+
+
+@dataclass
+class Answer:
+    """One answer with what it was based on.
+
+    ``sources`` are ``(source, start, score)`` of the chunks in the prompt's context, in
+    context order; ``prompt`` is the exact text the model was asked with. ``score`` is room
+    for a confidence the pipeline may attach (None: not computed).
+    """
+
+    text: str
+    abstained: bool
+    sources: list[tuple[str, int, float | None]]
+    prompt: str
+    latency_s: float
+    chunks: list[Chunk] = field(default_factory=list, repr=False)
+    stop_reason: str = ""
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    retrieval_s: float = 0.0
+    score: float | None = None
+
+    def to_dict(self, with_prompt: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict (what ``ask.py json=true`` and the server's ``/ask`` return)."""
+        out: dict[str, Any] = {
+            "answer": self.text,
+            "abstained": self.abstained,
+            "sources": [{"source": s, "start": st, "score": sc} for s, st, sc in self.sources],
+            "latency_s": round(self.latency_s, 4),
+            "retrieval_s": round(self.retrieval_s, 4),
+            "stop_reason": self.stop_reason,
+            "new_tokens": self.new_tokens,
+            "prompt_tokens": self.prompt_tokens,
+        }
+        if self.score is not None:
+            out["score"] = self.score
+        if with_prompt:
+            out["prompt"] = self.prompt
+        return out
+
+
+@dataclass
+class Prepared:
+    """A question ready for the model: its context and the exact prompt."""
+
+    question: str
+    input: str
+    chunks: list[Chunk]
+    prompt: str
+    retrieval_s: float
+
+
+class AnswerStream:
+    """The answer's text pieces as they are generated; ``.answer`` once exhausted.
+
+    ``.chunks`` (the retrieved context) is known before the first piece. ``close()`` stops
+    the generation early.
+    """
+
+    def __init__(
+        self,
+        pipeline: RagPipeline,
+        prepared: Prepared,
+        t0: float,
+        max_new_tokens: int | None = None,
+    ):
+        self.chunks = prepared.chunks
+        self.prompt = prepared.prompt
+        self._pipeline = pipeline
+        self._prepared = prepared
+        self._t0 = t0
+        self._stream: TextStream = pipeline.generator.stream(prepared.prompt, max_new_tokens)
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._stream)
+        except StopIteration:
+            if self.answer is None and self._stream.result is not None:
+                latency = time.perf_counter() - self._t0
+                self.answer = self._pipeline._finish(self._prepared, self._stream.result, latency)
+            raise
+
+    def close(self) -> None:
+        self._stream.close()
