@@ -10,13 +10,17 @@ tok/s in int4. This module
   a CUDA graph (``graph="manual"``, the default; ``"trees"`` = torch.compile's reduce-overhead
   CUDA graphs, ~8% slower at 12B), so a token is one graph launch,
 - runs the prompt (prefill) eagerly, since its length varies,
-- optionally quantizes a 16-bit model weight-only with torchao (``quantize="int8"`` or
-  ``"int4"``): fewer bytes per token; the tokens are then the quantized model's.
+- optionally holds the weights in fewer bits (fewer bytes read per token; the tokens are then
+  the quantized model's): ``quantize="int4"`` = gemlite's Triton kernels over int4 copies of
+  the projections, q|k|v and gate|up fused (``ragtune.fastweights``), from a 16-bit or a
+  bitsandbytes 4-bit model; ``"int8"`` = torchao weight-only int8 of a 16-bit model;
+  ``"auto"`` (the default) = int4 for a bitsandbytes 4-bit model (what ``merged_4bit`` saves)
+  when gemlite's kernels can run, else the model's own weights.
 
-Measured on an H100 at the Mistral-Nemo-12B shape (docs/benchmarks.md, issue 7): HF generate
-13 tok/s, this path 96 tok/s in bf16 and 114 tok/s with int8 (LM head kept bf16) at batch 1;
-int4 (tinygemm) is slower than bf16 there at batch 1. The one-token decode step attends with
-two plain matmuls (SDPA's flash kernel took 1.8 ms of the ~10 ms token).
+Measured at the Mistral-Nemo-12B shape (docs/benchmarks.md): HF generate 13 tok/s on an H100,
+this path 96 tok/s in bf16 and 114 tok/s with int8 there; the H200 figures for int4 are in the
+same section. The one-token decode step attends with two plain matmuls (SDPA's flash kernel
+took 1.8 ms of the ~10 ms token).
 
 Two ways to run the layers (``FastDecoder.mode``):
 
@@ -46,7 +50,7 @@ from ragtune.errors import RagtuneError
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_CHOICES = (None, "int4", "int8")
+QUANTIZE_CHOICES = (None, "auto", "int4", "int8")
 GRAPH_CHOICES = ("manual", "trees", "none")
 MODES = ("auto", "direct", "hf")
 _DIRECT_TYPES = ("llama", "mistral", "qwen2")
@@ -61,17 +65,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def quantize_weights(model: torch.nn.Module, kind: str, group_size: int = 128) -> torch.nn.Module:
-    """Quantize every Linear of a 16-bit CUDA model, weight-only, with torchao (in place).
+def quantize_weights(model: torch.nn.Module, kind: str = "int8") -> torch.nn.Module:
+    """Quantize every Linear but the LM head of a 16-bit CUDA model to int8 with torchao.
 
-    ``int4``: group-wise int4 in the tile-packed layout (``aten._weight_int4pack_mm``,
-    tinygemm). ``int8``: per-row int8; under torch.compile the int8->bf16 conversion fuses
-    into the matmul at batch 1 (gpt-fast's recipe); the LM head is left in 16 bits.
+    Per-row int8 weight-only, in place; under torch.compile the int8->bf16 conversion fuses
+    into the matmul at batch 1 (gpt-fast's recipe). The LM head stays 16-bit: its conversion
+    is not fused (131072 x 5120 at 12B: a 1.3 ms conversion kernel per token, then a GEMM).
     """
+    if kind != "int8":
+        raise FastDecodeError(f"quantize_weights does int8 only, got {kind!r}")
     if _model_device(model).type != "cuda":
         raise FastDecodeError(f"quantize={kind!r} needs the model on a CUDA GPU")
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as e:
         raise FastDecodeError(
             f"quantize={kind!r} needs torchao (pip install torchao; it comes with unsloth)"
@@ -79,14 +85,6 @@ def quantize_weights(model: torch.nn.Module, kind: str, group_size: int = 128) -
     if next(model.parameters()).dtype != torch.bfloat16:
         model.to(torch.bfloat16)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    keep_head = False
-    if kind == "int4":
-        cfg = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
-    else:
-        cfg = Int8WeightOnlyConfig(version=2)
-        # the LM head stays 16-bit: its int8->bf16 conversion is not fused into the matmul
-        # (131072 x 5120 at 12B: a 1.3 ms conversion kernel per token, then a bf16 GEMM)
-        keep_head = head is not None
 
     try:  # torchao's own test (a Linear whose weight is not quantized yet)
         from torchao.quantization.quant_api import _is_linear as quantizable
@@ -96,20 +94,11 @@ def quantize_weights(model: torch.nn.Module, kind: str, group_size: int = 128) -
             return isinstance(module, torch.nn.Linear)
 
     def linear(module: torch.nn.Module, fqn: str) -> bool:
-        return quantizable(module, fqn) and not (keep_head and module is head)
+        return quantizable(module, fqn) and module is not head
 
-    quantize_(model, cfg, filter_fn=linear)
-    log.info(
-        "fastdecode: quantized Linear layers to %s weight-only%s",
-        kind,
-        " (LM head kept 16-bit)" if keep_head else "",
-    )
+    quantize_(model, Int8WeightOnlyConfig(version=2), filter_fn=linear)
+    log.info("fastdecode: Linear layers in int8 weight-only (LM head kept 16-bit)")
     return model
-
-
-def quantize_int4(model: torch.nn.Module, group_size: int = 128) -> torch.nn.Module:
-    """Int4 weight-only (see :func:`quantize_weights`)."""
-    return quantize_weights(model, "int4", group_size)
 
 
 class _GraphedStep:
@@ -117,31 +106,28 @@ class _GraphedStep:
 
     Unlike ``torch.compile(mode="reduce-overhead")`` (CUDA graph trees), a replay runs no
     Python guards and no per-call checks of the ~450 static inputs (weights, KV tensors):
-    just four small input copies and one graph launch per token.
+    just a few small input copies and one graph launch per token.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], bsz: int, seq: int, state: Any, dev):
-        self.ids = torch.zeros((bsz, 1), dtype=torch.long, device=dev)
-        self.pos = torch.zeros((bsz, 1), dtype=torch.long, device=dev)
-        self.slot = torch.full((1,), seq - 1, dtype=torch.long, device=dev)
-        self.keep = torch.ones((bsz, seq), dtype=torch.bool, device=dev)
-        # warm-up (compilation, autotuning, cuBLAS handles) off the main stream; it writes
-        # K/V only at the last slot, which any request rewrites before it can read it
+    def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], state: Any):
+        self.inputs = [t.clone() for t in inputs]
+        self.state = state
+        dev = self.inputs[0].device
+        # warm-up (compilation, autotuning, cuBLAS handles) off the main stream; callers pass
+        # inputs that write K/V only where a request rewrites it before reading it
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(3):
-                fn(self.ids, self.pos, self.slot, self.keep, state)
+                fn(*self.inputs, state)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = fn(self.ids, self.pos, self.slot, self.keep, state)
+            self.out = fn(*self.inputs, state)
 
-    def __call__(self, ids, pos, slot, keep, state) -> torch.Tensor:  # noqa: ANN001
-        self.ids.copy_(ids)
-        self.pos.copy_(pos)
-        self.slot.copy_(slot)
-        self.keep.copy_(keep)
+    def __call__(self, *args: Any) -> torch.Tensor:
+        for static, new in zip(self.inputs, args[: len(self.inputs)], strict=False):
+            static.copy_(new)
         self.graph.replay()
         return self.out
 
@@ -199,7 +185,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class _Direct:
     """The decoder stack computed from the model's modules, over our own KV tensors."""
 
-    def __init__(self, model: Any, max_seq_len: int) -> None:
+    def __init__(self, model: Any, max_seq_len: int, int4: dict[str, Any] | None = None) -> None:
         from transformers.activations import ACT2FN
 
         m = _unwrap(model)
@@ -208,6 +194,20 @@ class _Direct:
         self.lm_head = m.get_output_embeddings()
         dec = m.get_decoder()
         self.layers = list(dec.layers[: cfg.num_hidden_layers])
+        # int4 copies of the projections (q|k|v and gate|up fused), else the model's modules
+        self.fused: list[Any] | None = None
+        if int4 is not None:
+            from ragtune.fastweights import convert_layers
+
+            head = self.lm_head if int4.get("head", True) else None
+            self.fused, new_head = convert_layers(
+                self.layers,
+                head,
+                self.embed.weight.dtype,
+                int4.get("group_size", 64),
+                int4.get("kernel", "gemlite"),
+            )
+            self.lm_head = new_head or self.lm_head
         self.final_norm = dec.norm
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
@@ -311,7 +311,7 @@ class _Direct:
         self,
         ids: torch.Tensor,  # [B, T]
         pos: torch.Tensor,  # [B, T] rope positions
-        slots: torch.Tensor,  # [T] cache slots written by these tokens
+        slots: torch.Tensor,  # [T] cache slots written by these tokens, or [B, 1]: one per row
         mask: torch.Tensor,  # [B, 1, T, S] bool: which cache slots each query sees
         kv: tuple[list[torch.Tensor], list[torch.Tensor]],
     ) -> torch.Tensor:
@@ -321,25 +321,43 @@ class _Direct:
         cos = self.cos[pos].unsqueeze(1)  # [B, 1, T, D]
         sin = self.sin[pos].unsqueeze(1)
         ks, vs = kv
+        rows = torch.arange(bsz, device=ids.device) if slots.dim() == 2 else None
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
             eps_in, eps_post = self.eps[i]
             x = _rms(h, layer.input_layernorm.weight, eps_in)
-            q = att.q_proj(x).view(bsz, t, -1, self.head_dim).transpose(1, 2)
-            k = att.k_proj(x).view(bsz, t, -1, self.head_dim).transpose(1, 2)
-            v = att.v_proj(x).view(bsz, t, -1, self.head_dim).transpose(1, 2)
+            q, k, v = self._qkv(i, att, x)
+            q = q.view(bsz, t, -1, self.head_dim).transpose(1, 2)
+            k = k.view(bsz, t, -1, self.head_dim).transpose(1, 2)
+            v = v.view(bsz, t, -1, self.head_dim).transpose(1, 2)
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
-            ks[i].index_copy_(2, slots, k)
-            vs[i].index_copy_(2, slots, v)
+            if rows is None:
+                ks[i].index_copy_(2, slots, k)
+                vs[i].index_copy_(2, slots, v)
+            else:  # each row at its own slot (rows of a continuous batch)
+                ks[i][rows, :, slots[:, 0]] = k[:, :, 0]
+                vs[i][rows, :, slots[:, 0]] = v[:, :, 0]
             o = self._attend(q, ks[i], vs[i], mask, self.scaling[i])
             o = o.transpose(1, 2).reshape(bsz, t, -1)
-            h = h + att.o_proj(o)
+            h = h + (att.o_proj(o) if self.fused is None else self.fused[i].o(o))
             x = _rms(h, layer.post_attention_layernorm.weight, eps_post)
-            mlp = layer.mlp
-            h = h + mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+            h = h + self._mlp(i, layer.mlp, x)
         h = _rms(h[:, -1:, :], self.final_norm.weight, self.final_eps)
         return self.lm_head(h)[:, -1, :].float()
+
+    def _qkv(self, i: int, att: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused is None:
+            return att.q_proj(x), att.k_proj(x), att.v_proj(x)
+        f = self.fused[i]
+        return f.qkv(x).split(f.qkv_sizes, dim=-1)
+
+    def _mlp(self, i: int, mlp: Any, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is None:
+            return mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+        f = self.fused[i]
+        gate, up = f.gate_up(x).split([f.inter, f.inter], dim=-1)
+        return f.down(self.act(gate) * up)
 
 
 # --------------------------------------------------------------------------- the decoder
@@ -358,9 +376,12 @@ class FastDecoder:
         tokenizer: Any,
         max_seq_len: int = 2048,
         compile: bool | None = None,
-        quantize: str | None = None,
+        quantize: str | None = "auto",
         mode: str = "auto",
         graph: str = "manual",
+        group_size: int = 64,
+        quantize_head: bool = True,
+        int4_kernel: str = "gemlite",
     ) -> None:
         if quantize not in QUANTIZE_CHOICES:
             raise FastDecodeError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -374,14 +395,18 @@ class FastDecoder:
         self.tokenizer = tokenizer
         self.max_seq_len = int(max_seq_len)
         self.device = _model_device(model)
-        if quantize is not None:
-            quantize_weights(self.model, quantize)
-        self.quantize = quantize
         why_not = direct_supported(model)
         if mode == "direct" and why_not:
             raise FastDecodeError(f"mode=direct: {why_not}")
         self.mode = "hf" if mode == "hf" or why_not else "direct"
-        self._direct = _Direct(model, self.max_seq_len) if self.mode == "direct" else None
+        quantize = self._choose_quantize(quantize, int4_kernel)
+        if quantize == "int8":
+            quantize_weights(self.model, quantize)
+        self.quantize = quantize
+        int4 = None
+        if quantize == "int4":
+            int4 = {"group_size": group_size, "head": quantize_head, "kernel": int4_kernel}
+        self._direct = _Direct(model, self.max_seq_len, int4) if self.mode == "direct" else None
         self._hf_caches: dict[int, Any] = {}
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
         # CUDA graphs: "manual" captures the (compiled) step once per batch size; "trees" is
@@ -409,6 +434,33 @@ class FastDecoder:
         )
 
     # ------------------------------------------------------------------ internals
+    def _choose_quantize(self, quantize: str | None, int4_kernel: str) -> str | None:
+        """What ``quantize`` means for this model: auto = int4 for a bitsandbytes 4-bit model."""
+        from ragtune.fastweights import has_bnb_4bit, int4_kernel_available
+
+        bnb4 = has_bnb_4bit(self.model)
+        gemlite_missing = int4_kernel_available() if int4_kernel == "gemlite" else None
+        if quantize == "auto":
+            if not bnb4:
+                return None
+            if gemlite_missing or self.mode != "direct":
+                log.warning(
+                    "fastdecode: serving the bitsandbytes 4-bit weights as they are (%s)",
+                    gemlite_missing or "int4 needs the direct path",
+                )
+                return None
+            return "int4"
+        if quantize == "int4":
+            if self.mode != "direct":
+                raise FastDecodeError("quantize='int4' needs the direct path (Llama/Mistral/Qwen2)")
+            if gemlite_missing:
+                raise FastDecodeError(
+                    f"quantize='int4' needs gemlite's kernels on a CUDA GPU ({gemlite_missing})"
+                )
+        if quantize == "int8" and bnb4:
+            raise FastDecodeError("quantize='int8' needs a 16-bit model, not bitsandbytes 4-bit")
+        return quantize
+
     def _hf_cache(self, batch_size: int) -> Any:
         from transformers import StaticCache
 
@@ -458,7 +510,15 @@ class FastDecoder:
         g = self._graphs.get(bsz)
         if g is None:
             try:
-                g = _GraphedStep(self._step_fn, bsz, self.max_seq_len, state, self.device)
+                dev, seq = self.device, self.max_seq_len
+                # K/V written only at the last slot, which a request rewrites before reading
+                example = (
+                    torch.zeros((bsz, 1), dtype=torch.long, device=dev),
+                    torch.zeros((bsz, 1), dtype=torch.long, device=dev),
+                    torch.full((1,), seq - 1, dtype=torch.long, device=dev),
+                    torch.ones((bsz, seq), dtype=torch.bool, device=dev),
+                )
+                g = _GraphedStep(self._step_fn, example, state)
             except Exception as e:  # capture is best effort: the compiled step still works
                 log.warning("fastdecode: CUDA graph capture failed (%s); running uncaptured", e)
                 self.graph = "none"
