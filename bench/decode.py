@@ -396,6 +396,45 @@ def gemv_floor(model: Any, reps: int = 20) -> dict:
     }
 
 
+def int4_floor(fd: FastDecoder, reps: int = 20) -> dict | None:
+    """The int4 projections alone at M=1 (gemlite), replayed as one CUDA graph."""
+    direct = fd._direct
+    if direct is None or not direct.fused:
+        return None
+    mods = [m for f in direct.fused for m in (f.qkv, f.o, f.gate_up, f.down)]
+    if hasattr(direct.lm_head, "kernel"):
+        mods.append(direct.lm_head)
+    xs = {
+        m.in_features: torch.randn(1, m.in_features, device="cuda", dtype=torch.bfloat16)
+        for m in mods
+    }
+    nbytes = sum(
+        t.numel() * t.element_size() for m in mods for t in m._args[0][:3] if t is not None
+    )
+    with torch.inference_mode():
+        for m in mods:
+            m(xs[m.in_features])
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for m in mods:
+                m(xs[m.in_features])
+        g.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            g.replay()
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / reps
+    return {
+        "kernels": len(mods),
+        "weight_gb": round(nbytes / 1e9, 2),
+        "ms_per_token": round(dt * 1e3, 3),
+        "tok_s": round(1 / dt, 1),
+        "gb_per_s": round(nbytes / dt / 1e9, 1),
+    }
+
+
 def kernel_time(fd: FastDecoder, prompt: list[int], n: int = 24) -> dict:
     """CUDA kernel time per decode step (profiler) against the wall time per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -563,11 +602,12 @@ def main() -> None:
                 r["decoder_extra_gib"] = round(extra, 2)  # int4 copies + KV cache
                 if args.profile and cuda:
                     r["profile"] = attempt(f"{v}_profile", lambda f=fd: kernel_time(f, prompt))
+                    r["int4_floor"] = attempt(f"{v}_int4_floor", lambda f=fd: int4_floor(f))
                 emit(r)
                 decoders[v] = fd
 
-    # bnb4 last: loading it frees the 16-bit models
-    for v in [v for v in variants if "bnb4" not in v]:
+    # batch 1 first, bnb4 last (making the NF4 model frees the 16-bit one); then batched
+    for v in sorted(variants, key=lambda v: "bnb4" in v):
         run_variant(v)
     batch_variants = []
     for bv in [v.strip() for v in args.batch_variant.split(",") if v.strip()]:
@@ -576,7 +616,7 @@ def main() -> None:
             bv = max(fast, key=lambda r: r["decode_tok_s"])["variant"] if fast else ""
         if bv and bv not in batch_variants:
             batch_variants.append(bv)
-    for best in batch_variants if batches else []:
+    for best in batch_variants if (batches or args.clients) else []:
         kind = best.split("_")[1].replace("bnb4raw", "bnb4")
         model = attempt(f"load_{kind}", lambda k=kind: get_model(k))
         for b in batches if model is not None else []:
@@ -604,8 +644,6 @@ def main() -> None:
                 emit(r)
         decoders.pop(f"{best}@batch", None)
         free()
-    for v in [v for v in variants if "bnb4" in v]:
-        run_variant(v)
     print("\nvariant            batch  ttft_s  decode_tok/s  total_s  peak_GiB  note")
     for r in results:
         if "error" in r:
@@ -624,6 +662,9 @@ def main() -> None:
         if r.get("profile"):
             p = r["profile"]
             note += f" wall {p['wall_ms_per_step']} ms/step, kernels {p['kernel_ms_per_call_all']}"
+        if r.get("int4_floor"):
+            fl = r["int4_floor"]
+            note += f"; int4 linears alone {fl['ms_per_token']} ms ({fl['gb_per_s']} GB/s)"
         if r.get("clients"):
             note = (
                 f"{r['clients']} clients: {r['aggregate_tok_s']} tok/s, latency p50/p95 "

@@ -317,34 +317,37 @@ def _int4_reference(model, group_size: int = 64):
     return ref
 
 
-def _agreement(fd, ref, tok, texts, n: int = 16) -> list[int]:
-    """Leading greedy tokens on which the fast path and HF generate on ``ref`` agree."""
-    out = []
+def _greedy_gaps(fd, ref, tok, texts, n: int = 16) -> list[float]:
+    """How far each fast-path token is from greedy under ``ref``, as a share of the logit spread.
+
+    ``ref`` scores prompt + fast tokens in one forward; at every step the chosen token's logit
+    is compared with the best one: 0 where the fast path chose ``ref``'s argmax, a small
+    number for a near-tie that bf16 rounding resolved the other way, about 1 for a wrong
+    token. Greedy agreement alone fails on near-ties of a random model (a single flip changes
+    every later token); this measures each step on the fast path's own context.
+    """
+    worst = []
     for text in texts:
         ids = tok(text)["input_ids"]
-        x = torch.tensor([ids], device="cuda")
-        with torch.inference_mode():
-            want = ref.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=0,
-            )[0, len(ids) :].tolist()
         got = fd.generate(ids, n, [])
-        out.append(next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), n))
-    return out
+        x = torch.tensor([ids + got], device="cuda")
+        with torch.inference_mode():
+            logits = ref(x).logits[0, len(ids) - 1 : len(ids) - 1 + n].float()
+        best = logits.max(-1).values
+        chosen = logits[torch.arange(n), torch.tensor(got, device="cuda")]
+        spread = best - logits.mean(-1)
+        worst.append(float(((best - chosen) / spread).max()))
+    return worst
 
 
 TEXTS = ["### Context:\nThe harbour of Kessa has a lighthouse.", "Hello", "A lamp " * 20]
 
 
 def test_fastdecode_int4_equals_hf_generate_on_the_int4_weights(tokenizer_dir):
-    """Compiled + CUDA graph, gemlite kernels, bf16: HF generate on the same int4 weights.
+    """Compiled + CUDA graph, gemlite kernels, bf16: greedy under the same int4 weights.
 
-    bf16 kernels round differently, so a near-tie may flip late; a wrong layout or fusion
-    disagrees from the first tokens.
+    Every token is the reference model's argmax up to bf16 near-ties (see _greedy_gaps); a
+    wrong layout or fusion picks tokens far from it.
     """
     from ragtune.fastdecode import FastDecoder
 
@@ -353,8 +356,8 @@ def test_fastdecode_int4_equals_hf_generate_on_the_int4_weights(tokenizer_dir):
     ref = _int4_reference(model)
     fd = FastDecoder(model, tok, max_seq_len=256, quantize="int4")
     assert fd.quantize == "int4" and fd.compiled and fd.graph == "manual"
-    agree = _agreement(fd, ref, tok, TEXTS)
-    assert min(agree) >= 4 and sum(agree) >= 0.75 * 16 * len(TEXTS), agree
+    gaps = _greedy_gaps(fd, ref, tok, TEXTS)
+    assert max(gaps) < 0.05, gaps
     got = fd.generate_batch([tok(t)["input_ids"] for t in TEXTS], 8, [])
     assert [len(g) for g in got] == [8, 8, 8] and fd.graph == "manual"
 
@@ -386,8 +389,8 @@ def test_fastdecode_serves_a_bnb_4bit_model_in_int4_by_default(tokenizer_dir, sm
     ref = _int4_reference(plain)
     fd = FastDecoder(model, tok, max_seq_len=256)
     assert fd.quantize == "int4"
-    agree = _agreement(fd, ref, tok, TEXTS)
-    assert min(agree) >= 4 and sum(agree) >= 0.75 * 16 * len(TEXTS), agree
+    gaps = _greedy_gaps(fd, ref, tok, TEXTS)
+    assert max(gaps) < 0.05, gaps
 
 
 def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
