@@ -82,7 +82,7 @@ def timed(mods: list[torch.nn.Module], rows: int, matmul_type: int, reps: int = 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="1,32,512")
-    ap.add_argument("--variants", default="bf16,g64,g128,g64_gemv,g64_splitk,g64_max")
+    ap.add_argument("--variants", default="g64,bf16,g128,g64_splitk,g64_gemv,g64_max")
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -123,6 +123,26 @@ def main() -> None:
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(r) + "\n")
+        if mtype < 0 and 1 in rows_list and kind in ("g64", "bf16"):
+            # where the batch-1 time goes: each projection shape alone (all its instances)
+            for shape in [*SHAPES, HEAD]:
+                sub = [m for m in mods if (m.out_features, m.in_features) == shape]
+                sub_bytes = (
+                    nbytes * sum(m.in_features * m.out_features for m in sub) / (flops_per_row / 2)
+                )
+                dt = timed(sub, 1, -1)
+                r = {
+                    "variant": kind,
+                    "rows": 1,
+                    "shape": list(shape),
+                    "count": len(sub),
+                    "us_each": round(dt * 1e6 / len(sub), 1),
+                    "gb_per_s": round(sub_bytes / dt / 1e9, 1),
+                }
+                print("RESULT " + json.dumps(r), flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(r) + "\n")
         del mods
         torch.cuda.empty_cache()
         if kind.endswith("_max"):
