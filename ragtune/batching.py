@@ -100,7 +100,11 @@ class StepBatcher:
     """Continuous batching of greedy requests on one :class:`FastDecoder` (direct mode)."""
 
     def __init__(
-        self, decoder: FastDecoder, max_batch: int = 32, buckets: Sequence[int] | None = None
+        self,
+        decoder: FastDecoder,
+        max_batch: int = 32,
+        buckets: Sequence[int] | None = None,
+        warmup: bool = False,
     ) -> None:
         if decoder._direct is None:
             raise BatchingError(
@@ -113,8 +117,9 @@ class StepBatcher:
         self.max_batch = int(max_batch)
         self.max_seq_len = decoder.max_seq_len
         self.device = decoder.device
-        # step sizes, each compiled and captured once (~1 min each at 12B on a GPU)
-        sizes = buckets or (1, 2, 4, 8, 16, 32, 64, 128, 256)
+        # step sizes, each compiled and captured once (1-2 min each at 12B on a GPU, so few):
+        # a lone request runs alone, a few share 8 rows, more share all of them
+        sizes = buckets or (1, 8)
         self.buckets = sorted({int(b) for b in sizes if 0 < int(b) < self.max_batch})
         self.buckets.append(self.max_batch)
         shape = (self.max_batch, self.direct.n_kv, self.max_seq_len, self.direct.head_dim)
@@ -135,6 +140,7 @@ class StepBatcher:
         self._pending: queue.Queue[Request] = queue.Queue()
         self._wake = threading.Event()
         self._closed = False
+        self._warmup = warmup
         self.steps = 0
         self._thread = threading.Thread(target=self._run, name="ragtune-batcher", daemon=True)
         self._thread.start()
@@ -298,8 +304,25 @@ class StepBatcher:
             self._length[i] += 1
             self._deliver(i, int(out[i]))
 
+    def _warm(self) -> None:
+        """Compile and capture every step size, and run one prompt, before the first request."""
+        for b in self.buckets:
+            self._step(
+                b,
+                torch.zeros((b, 1), dtype=torch.long, device=self.device),
+                torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device),
+            )
+        n = max(1, min(512, self.max_seq_len // 2))
+        self._prefill(0, Request([0] * n, 1, set(), []))
+        log.info("batcher: warm (steps of %s rows)", self.buckets)
+
     @torch.inference_mode()
     def _run(self) -> None:
+        if self._warmup:
+            try:
+                self._warm()
+            except Exception:  # requests still run; they pay the compile instead
+                log.exception("batcher: warm-up failed")
         while not self._closed:
             if self.busy_rows == 0:
                 self._wake.clear()

@@ -576,6 +576,18 @@ class FastDecoder:
         return min(max_new_tokens, room)
 
     # ------------------------------------------------------------------ public API
+    def warmup(self, prompt_tokens: int = 512) -> float:
+        """Compile, autotune and capture the batch-1 path now; returns the seconds it took.
+
+        The first request pays this otherwise (about 2 minutes at 12B on an H200); a server
+        calls it once at start. Prompts of other lengths may still autotune their prefill
+        kernels once (int4), a second or so each.
+        """
+        t0 = time.perf_counter()
+        n = max(1, min(prompt_tokens, self.max_seq_len - 3))
+        self.generate([self.tokenizer.bos_token_id or 0] * n, 2, eos_ids=[])
+        return time.perf_counter() - t0
+
     @torch.inference_mode()
     def generate(
         self,

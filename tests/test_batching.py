@@ -36,7 +36,9 @@ def test_concurrent_requests_get_their_one_at_a_time_answers(decoder):
     prompts = [tok(t)["input_ids"] for t in PROMPTS]
     budgets = [24, 9, 17, 30, 5]
     want = [fd.generate(p, n, eos_ids=[]) for p, n in zip(prompts, budgets, strict=True)]
-    batcher = StepBatcher(fd, max_batch=4)  # 5 requests, 4 rows: one waits for a free row
+    # 5 requests, 4 rows: one waits for a free row; warmed up (every step size) first
+    batcher = StepBatcher(fd, max_batch=4, buckets=(1, 2), warmup=True)
+    assert batcher.buckets == [1, 2, 4]
     try:
         got: list[list[int] | None] = [None] * len(prompts)
 

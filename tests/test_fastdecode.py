@@ -123,6 +123,9 @@ def test_limits(lm):
         fd.generate(list(range(5, 45)), 4, [])
     # new tokens are cut to what the static cache holds
     assert len(fd.generate(list(range(5, 25)), 50, [])) == 12
+    first = fd.generate(list(range(5, 15)), 6, [])
+    assert fd.warmup(prompt_tokens=100) > 0  # clipped to the cache; leaves no trace
+    assert fd.generate(list(range(5, 15)), 6, []) == first
     with pytest.raises(FastDecodeError, match="quantize"):
         FastDecoder(model, tok, quantize="int3")
     with pytest.raises(FastDecodeError, match="CUDA"):
