@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
+from ragtune.decodestep import GraphedStep
 from ragtune.errors import RagtuneError
-from ragtune.fastdecode import FastDecodeError, FastDecoder, _GraphedStep
+from ragtune.fastdecode import FastDecodeError, FastDecoder
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class StepBatcher:
         self._step_fn = self._rows_step
         if decoder.compiled:
             self._step_fn = torch.compile(self._rows_step, dynamic=False)
-        self._graphs: dict[int, _GraphedStep] = {}
+        self._graphs: dict[int, GraphedStep] = {}
         self._rows: list[Request | None] = [None] * self.max_batch
         self._last: list[int] = [0] * self.max_batch  # each row's latest token
         self._length: list[int] = [0] * self.max_batch  # tokens in each row's cache
@@ -225,7 +226,7 @@ class StepBatcher:
             # the warm-up writes K/V at slot max_seq_len - 1 of rows that are busy now: no
             # request reads that slot before writing it (prompt + new tokens < max_seq_len)
             last = torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device)
-            g = _GraphedStep(self._step_fn, (torch.zeros_like(last), last), self._bucket_kv(b))
+            g = GraphedStep(self._step_fn, (torch.zeros_like(last), last), self._bucket_kv(b))
             self._graphs[b] = g
         return g(ids, pos)
 
