@@ -8,11 +8,21 @@ Variants (``--variants``, run in this order, results appended as they finish):
 - ``floor_bf16``       every Linear at M=1 in one CUDA graph: the weight-streaming floor
 - ``fast_bf16``        FastDecoder (static cache, compiled step captured as one CUDA graph)
 - ``fast_bf16_trees``  the same with torch.compile's own CUDA graphs (reduce-overhead)
-- ``fast_int8`` / ``fast_int4``  a second copy quantized weight-only with torchao
-- ``slow_bnb4`` / ``fast_bnb4``  the model loaded in bitsandbytes 4-bit (what a merged_4bit
-                       folder serves with): HF generate, and FastDecoder on it
+- ``fast_int8``        a second copy quantized weight-only int8 with torchao
+- ``fast_int4``        int4 copies of the projections through gemlite (q|k|v, gate|up fused,
+                       LM head int4); suffixes: ``_g128`` (group 128, default 64),
+                       ``_headbf16`` (LM head kept 16-bit)
+- ``slow_bnb4`` / ``fast_bnb4`` / ``fast_bnb4raw``  the model in bitsandbytes NF4 (what a
+                       merged_4bit folder loads as): HF generate; FastDecoder's default on it
+                       (quantize="auto": int4 through gemlite, converted from the NF4
+                       weights); FastDecoder on the NF4 modules themselves
 The fastest batch-1 fast variant (or each of ``--batch-variant``) is then run batched at
-``--batches`` concurrent requests.
+``--batches`` concurrent requests (one left-padded batch), and ``--clients N`` runs N
+concurrent streaming clients through ``ragtune.batching.StepBatcher`` (continuous batching).
+
+``--random`` builds the Mistral-Nemo-12B shape with random weights in GPU memory
+(bench/make_nemo_shape.py's config; ``--model`` is then only the tokenizer folder): no
+24.5 GB save and load.
 
 For each: time to first token of a ``--prompt``-token RAG-like prompt (prefill + first token),
 decode tokens/s over ``--new`` tokens (median of ``--repeats`` runs, after a warm-up run that
@@ -185,12 +195,143 @@ def bench_batched(name: str, fd: FastDecoder, tok: Any, args: Any, bsz: int) -> 
     }
 
 
+def bench_clients(name: str, fd: FastDecoder, tok: Any, args: Any) -> dict:
+    """``--clients`` concurrent streaming requests through the continuous batcher."""
+    import threading
+
+    from ragtune.batching import StepBatcher
+
+    n = args.clients
+    buckets = [int(b) for b in args.client_buckets.split(",") if b.strip()] or None
+    batcher = StepBatcher(fd, max_batch=n, buckets=buckets)
+    prompts = [
+        make_prompt(tok, int(args.prompt * (0.75 + 0.25 * ((i * 7) % n) / max(n - 1, 1))), i)
+        for i in range(n)
+    ]
+
+    def wave() -> tuple[float, list[dict]]:
+        stats: list[dict] = [{} for _ in range(n)]
+
+        def client(i: int) -> None:
+            t0 = time.perf_counter()
+            count = 0
+            for _ in batcher.stream(prompts[i], args.client_new, eos_ids=[]):
+                if count == 0:
+                    stats[i]["ttft_s"] = time.perf_counter() - t0
+                count += 1
+            stats[i].update(latency_s=time.perf_counter() - t0, tokens=count)
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - t0, stats
+
+    try:
+        t0 = time.perf_counter()
+        wave()  # warm-up: compiles and captures the batcher's steps, autotunes the prefill
+        warm = time.perf_counter() - t0
+        steps0 = batcher.steps
+        wall, stats = wave()
+    finally:
+        batcher.close()
+
+    def pct(key: str, q: float) -> float:
+        vals = sorted(s[key] for s in stats)
+        return round(vals[min(len(vals) - 1, int(q * len(vals)))], 3)
+
+    tokens = sum(s["tokens"] for s in stats)
+    return {
+        "variant": name,
+        "batch": n,
+        "clients": n,
+        "new_tokens_each": args.client_new,
+        "prompt_tokens_mean": round(sum(map(len, prompts)) / n),
+        "warmup_s": round(warm, 1),
+        "wall_s": round(wall, 3),
+        "aggregate_tok_s": round(tokens / wall, 1),
+        "decode_tok_s": round(tokens / wall, 1),
+        "steps": batcher.steps - steps0,
+        "latency_p50_s": pct("latency_s", 0.5),
+        "latency_p95_s": pct("latency_s", 0.95),
+        "ttft_p50_s": pct("ttft_s", 0.5),
+        "ttft_p95_s": pct("ttft_s", 0.95),
+        "ttft_s": pct("ttft_s", 0.5),
+        "total_s": round(wall, 3),
+        **gpu_mem(),
+    }
+
+
 def free(*objs: Any) -> None:
     del objs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+def random_nemo(tokenizer_dir: str, layers: int | None = None) -> Any:
+    """The Mistral-Nemo-12B shape, random bf16 weights, built on the GPU (as make_nemo_shape)."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from bench.make_nemo_shape import NEMO
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape = dict(NEMO)
+    if layers:
+        shape["num_hidden_layers"] = layers
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    cfg = MistralConfig(**shape, bos_token_id=tok.bos_token_id, eos_token_id=None, pad_token_id=pad)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if dev == "cuda" else torch.float32)
+    try:
+        with torch.device(dev):
+            model = MistralForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    with torch.no_grad():
+        model.lm_head.weight[len(tok) :].zero_()
+    model.generation_config.eos_token_id = None
+    log.info("random Nemo-shaped model on %s in %.1fs", dev, time.perf_counter() - t0)
+    return model.eval()
+
+
+def to_bnb4(model: Any) -> Any:
+    """Replace the decoder's Linear layers by bitsandbytes NF4 ones (double quant), in place.
+
+    What ``load_in_4bit`` with the merged_4bit folder's config gives, without a save + load:
+    the LM head stays 16-bit, as bitsandbytes' loader leaves it.
+    """
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear) and child is not head:
+                new = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=False,
+                    compute_dtype=torch.bfloat16,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                    device="meta",
+                )
+                new.weight = bnb.nn.Params4bit(
+                    child.weight.data,
+                    requires_grad=False,
+                    quant_type="nf4",
+                    compress_statistics=True,
+                ).to(child.weight.device)
+                setattr(parent, name, new)
+                del child
+    torch.cuda.empty_cache()
+    return model
 
 
 def load(path: str, bnb4: bool = False) -> Any:
@@ -255,6 +396,45 @@ def gemv_floor(model: Any, reps: int = 20) -> dict:
     }
 
 
+def int4_floor(fd: FastDecoder, reps: int = 20) -> dict | None:
+    """The int4 projections alone at M=1 (gemlite), replayed as one CUDA graph."""
+    direct = fd._direct
+    if direct is None or not direct.fused:
+        return None
+    mods = [m for f in direct.fused for m in (f.qkv, f.o, f.gate_up, f.down)]
+    if hasattr(direct.lm_head, "kernel"):
+        mods.append(direct.lm_head)
+    xs = {
+        m.in_features: torch.randn(1, m.in_features, device="cuda", dtype=torch.bfloat16)
+        for m in mods
+    }
+    nbytes = sum(
+        t.numel() * t.element_size() for m in mods for t in m._args[0][:3] if t is not None
+    )
+    with torch.inference_mode():
+        for m in mods:
+            m(xs[m.in_features])
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for m in mods:
+                m(xs[m.in_features])
+        g.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            g.replay()
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / reps
+    return {
+        "kernels": len(mods),
+        "weight_gb": round(nbytes / 1e9, 2),
+        "ms_per_token": round(dt * 1e3, 3),
+        "tok_s": round(1 / dt, 1),
+        "gb_per_s": round(nbytes / dt / 1e9, 1),
+    }
+
+
 def kernel_time(fd: FastDecoder, prompt: list[int], n: int = 24) -> dict:
     """CUDA kernel time per decode step (profiler) against the wall time per step."""
     from torch.profiler import ProfilerActivity, profile
@@ -298,6 +478,11 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=2048, help="static cache, batch 1")
     ap.add_argument("--batch-max-seq-len", type=int, default=1024, help="static cache, batched")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--random", action="store_true", help="random Nemo-12B shape in GPU memory")
+    ap.add_argument("--layers", type=int, default=None, help="with --random: fewer layers")
+    ap.add_argument("--clients", type=int, default=0, help="concurrent streaming clients")
+    ap.add_argument("--client-new", type=int, default=128, help="new tokens per client")
+    ap.add_argument("--client-buckets", default="", help="batcher step sizes, e.g. 8,32")
     ap.add_argument("--profile", action="store_true", help="kernel time per step (fast variants)")
     ap.add_argument("--json", type=Path, default=None, help="append results (JSON lines)")
     args = ap.parse_args()
@@ -313,6 +498,8 @@ def main() -> None:
         "model": args.model,
     }
     tok = AutoTokenizer.from_pretrained(args.model)
+    if cuda:
+        env["gpu_mem_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
     prompt = make_prompt(tok, args.prompt)
     results: list[dict] = []
     models: dict[str, Any] = {}
@@ -337,16 +524,26 @@ def main() -> None:
             return None
 
     def get_model(kind: str) -> Any:
+        if kind == "int4":  # FastDecoder makes the int4 copies from the 16-bit model
+            kind = "bf16"
         if kind not in models:
             if kind == "bnb4":  # the last ones: make room
+                base = models.pop("bf16", None) if args.random else None
                 for k in list(models):
                     del models[k]
                 decoders.clear()
                 free()
-                models[kind] = load(args.model, bnb4=True)
+                if args.random:
+                    base = base if base is not None else random_nemo(args.model, args.layers)
+                    t0 = time.perf_counter()
+                    models[kind] = to_bnb4(base)
+                    log.info("NF4 conversion took %.1fs", time.perf_counter() - t0)
+                    free()
+                else:
+                    models[kind] = load(args.model, bnb4=True)
             else:
-                m = load(args.model)
-                if kind in ("int8", "int4"):
+                m = random_nemo(args.model, args.layers) if args.random else load(args.model)
+                if kind == "int8":
                     from ragtune.fastdecode import quantize_weights
 
                     t0 = time.perf_counter()
@@ -355,9 +552,21 @@ def main() -> None:
                 models[kind] = m
         return models[kind]
 
+    def decoder_kwargs(v: str) -> dict[str, Any]:
+        """FastDecoder options named by a variant: fast_int4_g128_headbf16, fast_bnb4raw..."""
+        parts = v.split("_")
+        kw: dict[str, Any] = {"graph": "trees" if "trees" in parts else "manual"}
+        if parts[1] == "int4":
+            kw["quantize"] = "int4"
+            kw["group_size"] = 128 if "g128" in parts else 64
+            kw["quantize_head"] = "headbf16" not in parts
+        elif parts[1] == "bnb4raw":
+            kw["quantize"] = None
+        return kw
+
     def run_variant(v: str) -> None:
         parts = v.split("_")
-        what, kind = parts[0], parts[1]
+        what, kind = parts[0], parts[1].replace("bnb4raw", "bnb4")
         if not cuda and kind in ("int8", "int4", "bnb4"):
             return
         model = attempt(f"load_{kind}", lambda k=kind: get_model(k))
@@ -373,23 +582,32 @@ def main() -> None:
             if r:
                 emit(r)
         elif what == "fast":
-            graph = "trees" if v.endswith("_trees") else "manual"
+            before = torch.cuda.memory_allocated() if cuda else 0
+            t0 = time.perf_counter()
             fd = attempt(
                 v,
-                lambda m=model, g=graph: FastDecoder(m, tok, max_seq_len=args.max_seq_len, graph=g),
+                lambda m=model, v=v: FastDecoder(
+                    m, tok, max_seq_len=args.max_seq_len, **decoder_kwargs(v)
+                ),
             )
             if fd is None:
                 return
+            setup = time.perf_counter() - t0
+            extra = (torch.cuda.memory_allocated() - before) / 2**30 if cuda else 0.0
             r = attempt(v, lambda f=fd, v=v, k=kind: bench_fast(v, f, prompt, args, refs.get(k)))
             if r:
                 r["graph"] = fd.graph
+                r["quantize"] = fd.quantize
+                r["setup_s"] = round(setup, 1)
+                r["decoder_extra_gib"] = round(extra, 2)  # int4 copies + KV cache
                 if args.profile and cuda:
                     r["profile"] = attempt(f"{v}_profile", lambda f=fd: kernel_time(f, prompt))
+                    r["int4_floor"] = attempt(f"{v}_int4_floor", lambda f=fd: int4_floor(f))
                 emit(r)
                 decoders[v] = fd
 
-    # bnb4 last: loading it frees the 16-bit models
-    for v in [v for v in variants if not v.endswith("bnb4")]:
+    # batch 1 first, bnb4 last (making the NF4 model frees the 16-bit one); then batched
+    for v in sorted(variants, key=lambda v: "bnb4" in v):
         run_variant(v)
     batch_variants = []
     for bv in [v.strip() for v in args.batch_variant.split(",") if v.strip()]:
@@ -398,26 +616,34 @@ def main() -> None:
             bv = max(fast, key=lambda r: r["decode_tok_s"])["variant"] if fast else ""
         if bv and bv not in batch_variants:
             batch_variants.append(bv)
-    for best in batch_variants if batches else []:
-        kind = best.split("_")[1]
+    for best in batch_variants if (batches or args.clients) else []:
+        kind = best.split("_")[1].replace("bnb4raw", "bnb4")
         model = attempt(f"load_{kind}", lambda k=kind: get_model(k))
-        graph = "trees" if best.endswith("_trees") else "manual"
         for b in batches if model is not None else []:
-            fdb = attempt(
-                f"{best}_b{b}",
-                lambda m=model, g=graph: FastDecoder(
-                    m, tok, max_seq_len=args.batch_max_seq_len, graph=g
-                ),
-            )
+            fdb = decoders.get(f"{best}@batch")
+            if fdb is None:
+                fdb = attempt(
+                    f"{best}_b{b}",
+                    lambda m=model, v=best: FastDecoder(
+                        m, tok, max_seq_len=args.batch_max_seq_len, **decoder_kwargs(v)
+                    ),
+                )
             r = fdb and attempt(
                 f"{best}_b{b}", lambda b=b, f=fdb, v=best: bench_batched(v, f, tok, args, b)
             )
             if r:
                 emit(r)
-            del fdb
-            free()
-    for v in [v for v in variants if v.endswith("bnb4")]:
-        run_variant(v)
+            if fdb is not None:
+                decoders[f"{best}@batch"] = fdb  # one decoder (one set of int4 copies) for all
+        if args.clients and model is not None:
+            fdb = decoders.get(f"{best}@batch") or FastDecoder(
+                model, tok, max_seq_len=args.batch_max_seq_len, **decoder_kwargs(best)
+            )
+            r = attempt(f"{best}_clients", lambda f=fdb, v=best: bench_clients(v, f, tok, args))
+            if r:
+                emit(r)
+        decoders.pop(f"{best}@batch", None)
+        free()
     print("\nvariant            batch  ttft_s  decode_tok/s  total_s  peak_GiB  note")
     for r in results:
         if "error" in r:
@@ -436,6 +662,15 @@ def main() -> None:
         if r.get("profile"):
             p = r["profile"]
             note += f" wall {p['wall_ms_per_step']} ms/step, kernels {p['kernel_ms_per_call_all']}"
+        if r.get("int4_floor"):
+            fl = r["int4_floor"]
+            note += f"; int4 linears alone {fl['ms_per_token']} ms ({fl['gb_per_s']} GB/s)"
+        if r.get("clients"):
+            note = (
+                f"{r['clients']} clients: {r['aggregate_tok_s']} tok/s, latency p50/p95 "
+                f"{r['latency_p50_s']}/{r['latency_p95_s']} s, ttft p50/p95 "
+                f"{r['ttft_p50_s']}/{r['ttft_p95_s']} s"
+            )
         if r.get("gb_per_s"):
             note = f"{r['ms_per_token']} ms, {r['gb_per_s']} GB/s over {r['weight_gb']} GB"
         print(

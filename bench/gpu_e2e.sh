@@ -20,7 +20,7 @@ SRC=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$R/logs"
 
 env_setup() {
-  export PYTHONPATH="$REPO:/tmp/pk:/tmp/s/site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$REPO:/tmp/pk:/tmp/s/whl:/tmp/s/site${PYTHONPATH:+:$PYTHONPATH}"
   export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
   export UNSLOTH_DISABLE_STATISTICS=1 ANONYMIZED_TELEMETRY=False TOKENIZERS_PARALLELISM=false
   export PYTHONUNBUFFERED=1 RAGTUNE_OUTPUTS="$R/outputs"
@@ -78,7 +78,8 @@ print(\"ragtune imports ok\")"' ;;
       train)
         stage train python3 bench/train_throughput.py --model "$M" --json "$R/train.jsonl" ${TRAIN_ARGS:-} ;;
       tests)
-        stage tests python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider ${TEST_ARGS:-} ;;
+        stage tests python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider ${TEST_ARGS:-} \
+          ${TEST_K:+-k "$TEST_K"} ;;
       othertests)
         stage othertests python3 -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_gpu.py ;;
       e2e)
@@ -125,6 +126,10 @@ case ${1:-} in
     if [ ! -d /tmp/s/site ] && [ -e "$SRC/.gpu/site.tgz" ]; then
       mkdir -p /tmp/s && tar xzf "$SRC/.gpu/site.tgz" -C /tmp/s
     fi
+    # WHEELS=folder: extra pure-Python wheels (e.g. gemlite), installed beside the bundle
+    if [ -n "${WHEELS:-}" ] && [ ! -d /tmp/s/whl ]; then
+      python3 -m pip install -q --no-deps --no-index --target /tmp/s/whl "$WHEELS"/*.whl
+    fi
     REPO="$R/repo"
     rm -rf "$REPO" && mkdir -p "$REPO"
     (cd "$SRC" && tar cf - --exclude=./.git --exclude=./.gpu/site.tgz --exclude=./.venv --exclude=./outputs --exclude=./unsloth_compiled_cache .) | tar xf - -C "$REPO"
@@ -146,7 +151,7 @@ case ${1:-} in
     echo "--- summary"; cat "$R/summary.txt" 2>/dev/null
     [ -e "$R/finished" ] && echo "--- FINISHED" || echo "--- still running"
     for f in decode train; do
-      [ -e "$R/logs/$f.log" ] && { echo "--- $f table"; grep -A 30 "^variant \|^backend " "$R/logs/$f.log" | cut -c 1-160; }
+      [ -e "$R/logs/$f.log" ] && { echo "--- $f table"; grep -A 30 "^variant \|^backend \|^label " "$R/logs/$f.log" | cut -c 1-200; }
     done
     last=$(ls -t "$R"/logs/*.log 2>/dev/null | head -1)
     [ -n "$last" ] && { echo "--- tail of $last"; tail -c 4000 "$last"; }

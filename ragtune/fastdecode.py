@@ -10,22 +10,25 @@ tok/s in int4. This module
   a CUDA graph (``graph="manual"``, the default; ``"trees"`` = torch.compile's reduce-overhead
   CUDA graphs, ~8% slower at 12B), so a token is one graph launch,
 - runs the prompt (prefill) eagerly, since its length varies,
-- optionally quantizes a 16-bit model weight-only with torchao (``quantize="int8"`` or
-  ``"int4"``): fewer bytes per token; the tokens are then the quantized model's.
+- optionally holds the weights in fewer bits (fewer bytes read per token; the tokens are then
+  the quantized model's): ``quantize="int4"`` = gemlite's Triton kernels over int4 copies of
+  the projections, q|k|v and gate|up fused (``ragtune.fastweights``), from a 16-bit or a
+  bitsandbytes 4-bit model; ``"int8"`` = torchao weight-only int8 of a 16-bit model;
+  ``"auto"`` (the default) = int4 for a bitsandbytes 4-bit model (what ``merged_4bit`` saves)
+  when gemlite's kernels can run, else the model's own weights.
 
-Measured on an H100 at the Mistral-Nemo-12B shape (docs/benchmarks.md, issue 7): HF generate
-13 tok/s, this path 96 tok/s in bf16 and 114 tok/s with int8 (LM head kept bf16) at batch 1;
-int4 (tinygemm) is slower than bf16 there at batch 1. The one-token decode step attends with
-two plain matmuls (SDPA's flash kernel took 1.8 ms of the ~10 ms token).
+Measured at the Mistral-Nemo-12B shape (docs/benchmarks.md): HF generate 13 tok/s on an H100,
+this path 96 tok/s in bf16 and 114 tok/s with int8 there; the H200 figures for int4 are in the
+same section. The one-token decode step attends with two plain matmuls (SDPA's flash kernel
+took 1.8 ms of the ~10 ms token).
 
 Two ways to run the layers (``FastDecoder.mode``):
 
-``direct`` (Llama / Mistral / Qwen2 shapes, e.g. SmolLM2 and Mistral-Nemo): the decoder is
-  computed here from the model's own modules and weights (embedding, norms' weights, the
-  q/k/v/o and MLP Linear modules, which may be bitsandbytes 4-bit or torchao int4), with the
-  same arithmetic as transformers' modeling code. It does not call the model's ``forward``, so
-  it also works on a model Unsloth loaded (Unsloth replaces those forwards, globally, with its
-  own inference code that has no static cache).
+``direct`` (Llama / Mistral / Qwen2 shapes, e.g. SmolLM2 and Mistral-Nemo): the decoder stack
+  of ``ragtune.decodestep`` (the model's own modules and weights, or int4 copies, with the same
+  arithmetic as transformers' modeling code). It does not call the model's ``forward``, so it
+  also works on a model Unsloth loaded (Unsloth replaces those forwards, globally, with its own
+  inference code that has no static cache).
 ``hf`` (any other architecture): the model's ``forward`` with a ``transformers.StaticCache``.
 
 On CPU compile is off by default (slow to build, little gain); the static-cache loop still
@@ -40,17 +43,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from ragtune.decodestep import DirectStack, GraphedStep, direct_supported
 from ragtune.errors import RagtuneError
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_CHOICES = (None, "int4", "int8")
+QUANTIZE_CHOICES = (None, "auto", "int4", "int8")
 GRAPH_CHOICES = ("manual", "trees", "none")
 MODES = ("auto", "direct", "hf")
-_DIRECT_TYPES = ("llama", "mistral", "qwen2")
-_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 class FastDecodeError(RagtuneError):
@@ -61,17 +62,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def quantize_weights(model: torch.nn.Module, kind: str, group_size: int = 128) -> torch.nn.Module:
-    """Quantize every Linear of a 16-bit CUDA model, weight-only, with torchao (in place).
+def quantize_weights(model: torch.nn.Module, kind: str = "int8") -> torch.nn.Module:
+    """Quantize every Linear but the LM head of a 16-bit CUDA model to int8 with torchao.
 
-    ``int4``: group-wise int4 in the tile-packed layout (``aten._weight_int4pack_mm``,
-    tinygemm). ``int8``: per-row int8; under torch.compile the int8->bf16 conversion fuses
-    into the matmul at batch 1 (gpt-fast's recipe); the LM head is left in 16 bits.
+    Per-row int8 weight-only, in place; under torch.compile the int8->bf16 conversion fuses
+    into the matmul at batch 1 (gpt-fast's recipe). The LM head stays 16-bit: its conversion
+    is not fused (131072 x 5120 at 12B: a 1.3 ms conversion kernel per token, then a GEMM).
     """
+    if kind != "int8":
+        raise FastDecodeError(f"quantize_weights does int8 only, got {kind!r}")
     if _model_device(model).type != "cuda":
         raise FastDecodeError(f"quantize={kind!r} needs the model on a CUDA GPU")
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as e:
         raise FastDecodeError(
             f"quantize={kind!r} needs torchao (pip install torchao; it comes with unsloth)"
@@ -79,14 +82,6 @@ def quantize_weights(model: torch.nn.Module, kind: str, group_size: int = 128) -
     if next(model.parameters()).dtype != torch.bfloat16:
         model.to(torch.bfloat16)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    keep_head = False
-    if kind == "int4":
-        cfg = Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d")
-    else:
-        cfg = Int8WeightOnlyConfig(version=2)
-        # the LM head stays 16-bit: its int8->bf16 conversion is not fused into the matmul
-        # (131072 x 5120 at 12B: a 1.3 ms conversion kernel per token, then a bf16 GEMM)
-        keep_head = head is not None
 
     try:  # torchao's own test (a Linear whose weight is not quantized yet)
         from torchao.quantization.quant_api import _is_linear as quantizable
@@ -96,250 +91,11 @@ def quantize_weights(model: torch.nn.Module, kind: str, group_size: int = 128) -
             return isinstance(module, torch.nn.Linear)
 
     def linear(module: torch.nn.Module, fqn: str) -> bool:
-        return quantizable(module, fqn) and not (keep_head and module is head)
+        return quantizable(module, fqn) and module is not head
 
-    quantize_(model, cfg, filter_fn=linear)
-    log.info(
-        "fastdecode: quantized Linear layers to %s weight-only%s",
-        kind,
-        " (LM head kept 16-bit)" if keep_head else "",
-    )
+    quantize_(model, Int8WeightOnlyConfig(version=2), filter_fn=linear)
+    log.info("fastdecode: Linear layers in int8 weight-only (LM head kept 16-bit)")
     return model
-
-
-def quantize_int4(model: torch.nn.Module, group_size: int = 128) -> torch.nn.Module:
-    """Int4 weight-only (see :func:`quantize_weights`)."""
-    return quantize_weights(model, "int4", group_size)
-
-
-class _GraphedStep:
-    """A decode step captured once into a CUDA graph, replayed with new inputs.
-
-    Unlike ``torch.compile(mode="reduce-overhead")`` (CUDA graph trees), a replay runs no
-    Python guards and no per-call checks of the ~450 static inputs (weights, KV tensors):
-    just four small input copies and one graph launch per token.
-    """
-
-    def __init__(self, fn: Callable[..., torch.Tensor], bsz: int, seq: int, state: Any, dev):
-        self.ids = torch.zeros((bsz, 1), dtype=torch.long, device=dev)
-        self.pos = torch.zeros((bsz, 1), dtype=torch.long, device=dev)
-        self.slot = torch.full((1,), seq - 1, dtype=torch.long, device=dev)
-        self.keep = torch.ones((bsz, seq), dtype=torch.bool, device=dev)
-        # warm-up (compilation, autotuning, cuBLAS handles) off the main stream; it writes
-        # K/V only at the last slot, which any request rewrites before it can read it
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn(self.ids, self.pos, self.slot, self.keep, state)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = fn(self.ids, self.pos, self.slot, self.keep, state)
-
-    def __call__(self, ids, pos, slot, keep, state) -> torch.Tensor:  # noqa: ANN001
-        self.ids.copy_(ids)
-        self.pos.copy_(pos)
-        self.slot.copy_(slot)
-        self.keep.copy_(keep)
-        self.graph.replay()
-        return self.out
-
-
-# --------------------------------------------------------------------------- direct decoder
-def _unwrap(model: Any) -> Any:
-    """The *ForCausalLM under a PEFT wrapper, if any."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def direct_supported(model: Any) -> str | None:
-    """Why the direct path cannot run this model, or None when it can."""
-    m = _unwrap(model)
-    cfg = getattr(m, "config", None)
-    mtype = getattr(cfg, "model_type", None)
-    if mtype not in _DIRECT_TYPES:
-        return f"model_type {mtype!r} is not one of {_DIRECT_TYPES}"
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") not in _STATIC_ROPE:
-        return f"rope_type {rope.get('rope_type')!r} changes with length"
-    if getattr(cfg, "sliding_window", None) and (
-        mtype == "mistral" or getattr(cfg, "use_sliding_window", False)
-    ):
-        return "sliding-window attention"
-    try:
-        dec = m.get_decoder()
-        layer = dec.layers[0]
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            getattr(layer.self_attn, name)
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(layer.mlp, name)
-        layer.input_layernorm.weight  # noqa: B018
-        layer.post_attention_layernorm.weight  # noqa: B018
-        dec.norm.weight  # noqa: B018
-        m.get_output_embeddings()
-    except (AttributeError, IndexError, TypeError) as e:
-        return f"unexpected module layout ({e})"
-    return None
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' Llama/Mistral RMSNorm, operation for operation."""
-    dtype = x.dtype
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-class _Direct:
-    """The decoder stack computed from the model's modules, over our own KV tensors."""
-
-    def __init__(self, model: Any, max_seq_len: int) -> None:
-        from transformers.activations import ACT2FN
-
-        m = _unwrap(model)
-        cfg = m.config
-        self.embed = m.get_input_embeddings()
-        self.lm_head = m.get_output_embeddings()
-        dec = m.get_decoder()
-        self.layers = list(dec.layers[: cfg.num_hidden_layers])
-        self.final_norm = dec.norm
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
-        self.act = ACT2FN[cfg.hidden_act]
-        self.max_seq_len = max_seq_len
-        self.eps = [
-            (self._eps(L.input_layernorm, cfg), self._eps(L.post_attention_layernorm, cfg))
-            for L in self.layers
-        ]
-        self.final_eps = self._eps(dec.norm, cfg)
-        self.scaling = [
-            float(getattr(L.self_attn, "scaling", self.head_dim**-0.5)) for L in self.layers
-        ]
-        self.dtype = self.embed.weight.dtype
-        self.device = self.embed.weight.device
-        self.cos, self.sin = self._rope_table(m, dec, cfg)
-        self.caches: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-
-    @staticmethod
-    def _eps(norm: Any, cfg: Any) -> float:
-        for attr in ("variance_epsilon", "eps"):
-            if hasattr(norm, attr):
-                return float(getattr(norm, attr))
-        return float(cfg.rms_norm_eps)
-
-    def _rope_table(self, m: Any, dec: Any, cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for every position, computed as transformers' rotary embedding does."""
-        rot = getattr(dec, "rotary_emb", None)
-        if rot is not None and hasattr(rot, "inv_freq") and hasattr(rot, "attention_scaling"):
-            inv_freq, scale = rot.inv_freq.to(self.device), float(rot.attention_scaling)
-        else:  # e.g. Unsloth replaced the rotary class: recompute from the config
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            rope = getattr(cfg, "rope_parameters", None) or {}
-            rtype = rope.get("rope_type", "default")
-            if rtype == "default":
-                base = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
-                dim = int(self.head_dim * float(getattr(cfg, "partial_rotary_factor", 1.0)))
-                inv_freq = 1.0 / (
-                    base
-                    ** (
-                        torch.arange(0, dim, 2, dtype=torch.int64).to(
-                            device=self.device, dtype=torch.float
-                        )
-                        / dim
-                    )
-                )
-                scale = 1.0
-            else:
-                inv_freq, scale = ROPE_INIT_FUNCTIONS[rtype](cfg, self.device)
-        pos = torch.arange(self.max_seq_len, device=self.device, dtype=torch.float32)
-        freqs = (inv_freq.float()[:, None] @ pos[None, :]).T  # as HF: a K=1 matmul, exact
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = (emb.cos() * scale).to(self.dtype), (emb.sin() * scale).to(self.dtype)
-        torch._dynamo.mark_static_address(cos)
-        torch._dynamo.mark_static_address(sin)
-        return cos, sin
-
-    def cache(self, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        kv = self.caches.get(batch_size)
-        if kv is None:
-            shape = (batch_size, self.n_kv, self.max_seq_len, self.head_dim)
-            ks = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-            vs = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-            for t in (*ks, *vs):
-                torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs can replay
-            kv = (ks, vs)
-            self.caches[batch_size] = kv
-        return kv
-
-    def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        """Grouped-query attention without copying K/V per query head.
-
-        The G query heads that share a KV head are folded into the query length
-        ([B, Hkv, G*T, D] against [B, Hkv, S, D]), so the cache is read once per KV head;
-        ``enable_gqa``/``repeat_kv`` would materialise G copies of the whole cache every step.
-        Head h uses KV head h // G, as transformers' ``repeat_kv`` does.
-        """
-        bsz, n_heads, t, d = q.shape
-        g = n_heads // self.n_kv
-        if t == 1:
-            # one query per head (the decode step): plain matmuls, softmax in float32. SDPA
-            # picks a flash kernel built for long queries (cuDNN on an H100: 1.8 ms per token at
-            # the 12B shape, against ~0.13 ms to read the 2,048-slot cache)
-            qg = q.reshape(bsz, self.n_kv, g, d)
-            scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, S]
-            scores = scores.masked_fill(~mask, float("-inf"))
-            o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
-            return o.reshape(bsz, n_heads, 1, d)
-        if g == 1:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        qg = q.reshape(bsz, self.n_kv, g * t, d)
-        mg = mask.unsqueeze(2).expand(bsz, 1, g, t, mask.shape[-1]).reshape(bsz, 1, g * t, -1)
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mg, scale=scale)
-        return o.reshape(bsz, n_heads, t, d)
-
-    def forward(
-        self,
-        ids: torch.Tensor,  # [B, T]
-        pos: torch.Tensor,  # [B, T] rope positions
-        slots: torch.Tensor,  # [T] cache slots written by these tokens
-        mask: torch.Tensor,  # [B, 1, T, S] bool: which cache slots each query sees
-        kv: tuple[list[torch.Tensor], list[torch.Tensor]],
-    ) -> torch.Tensor:
-        """Logits of the last position, float32 [B, V]; writes K/V of ``slots``."""
-        bsz, t = ids.shape
-        h = self.embed(ids)
-        cos = self.cos[pos].unsqueeze(1)  # [B, 1, T, D]
-        sin = self.sin[pos].unsqueeze(1)
-        ks, vs = kv
-        for i, layer in enumerate(self.layers):
-            att = layer.self_attn
-            eps_in, eps_post = self.eps[i]
-            x = _rms(h, layer.input_layernorm.weight, eps_in)
-            q = att.q_proj(x).view(bsz, t, -1, self.head_dim).transpose(1, 2)
-            k = att.k_proj(x).view(bsz, t, -1, self.head_dim).transpose(1, 2)
-            v = att.v_proj(x).view(bsz, t, -1, self.head_dim).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
-            ks[i].index_copy_(2, slots, k)
-            vs[i].index_copy_(2, slots, v)
-            o = self._attend(q, ks[i], vs[i], mask, self.scaling[i])
-            o = o.transpose(1, 2).reshape(bsz, t, -1)
-            h = h + att.o_proj(o)
-            x = _rms(h, layer.post_attention_layernorm.weight, eps_post)
-            mlp = layer.mlp
-            h = h + mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
-        h = _rms(h[:, -1:, :], self.final_norm.weight, self.final_eps)
-        return self.lm_head(h)[:, -1, :].float()
 
 
 # --------------------------------------------------------------------------- the decoder
@@ -358,9 +114,12 @@ class FastDecoder:
         tokenizer: Any,
         max_seq_len: int = 2048,
         compile: bool | None = None,
-        quantize: str | None = None,
+        quantize: str | None = "auto",
         mode: str = "auto",
         graph: str = "manual",
+        group_size: int = 64,
+        quantize_head: bool = True,
+        int4_kernel: str = "gemlite",
     ) -> None:
         if quantize not in QUANTIZE_CHOICES:
             raise FastDecodeError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -374,21 +133,25 @@ class FastDecoder:
         self.tokenizer = tokenizer
         self.max_seq_len = int(max_seq_len)
         self.device = _model_device(model)
-        if quantize is not None:
-            quantize_weights(self.model, quantize)
-        self.quantize = quantize
         why_not = direct_supported(model)
         if mode == "direct" and why_not:
             raise FastDecodeError(f"mode=direct: {why_not}")
         self.mode = "hf" if mode == "hf" or why_not else "direct"
-        self._direct = _Direct(model, self.max_seq_len) if self.mode == "direct" else None
+        quantize = self._choose_quantize(quantize, int4_kernel)
+        if quantize == "int8":
+            quantize_weights(self.model, quantize)
+        self.quantize = quantize
+        int4 = None
+        if quantize == "int4":
+            int4 = {"group_size": group_size, "head": quantize_head, "kernel": int4_kernel}
+        self._direct = DirectStack(model, self.max_seq_len, int4) if self.mode == "direct" else None
         self._hf_caches: dict[int, Any] = {}
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
         # CUDA graphs: "manual" captures the (compiled) step once per batch size; "trees" is
         # torch.compile's reduce-overhead mode; off on CPU
         self.graph = graph if self.device.type == "cuda" else "none"
         self._step_fn: Callable[..., torch.Tensor] = self._step
-        self._graphs: dict[int, _GraphedStep] = {}
+        self._graphs: dict[int, GraphedStep] = {}
         if self.compiled:
             # one graph per (decoder, batch size): allow more than dynamo's default of 8
             dyn = torch._dynamo.config
@@ -409,6 +172,33 @@ class FastDecoder:
         )
 
     # ------------------------------------------------------------------ internals
+    def _choose_quantize(self, quantize: str | None, int4_kernel: str) -> str | None:
+        """What ``quantize`` means for this model: auto = int4 for a bitsandbytes 4-bit model."""
+        from ragtune.fastweights import has_bnb_4bit, int4_kernel_available
+
+        bnb4 = has_bnb_4bit(self.model)
+        gemlite_missing = int4_kernel_available() if int4_kernel == "gemlite" else None
+        if quantize == "auto":
+            if not bnb4:
+                return None
+            if gemlite_missing or self.mode != "direct":
+                log.warning(
+                    "fastdecode: serving the bitsandbytes 4-bit weights as they are (%s)",
+                    gemlite_missing or "int4 needs the direct path",
+                )
+                return None
+            return "int4"
+        if quantize == "int4":
+            if self.mode != "direct":
+                raise FastDecodeError("quantize='int4' needs the direct path (Llama/Mistral/Qwen2)")
+            if gemlite_missing:
+                raise FastDecodeError(
+                    f"quantize='int4' needs gemlite's kernels on a CUDA GPU ({gemlite_missing})"
+                )
+        if quantize == "int8" and bnb4:
+            raise FastDecodeError("quantize='int8' needs a 16-bit model, not bitsandbytes 4-bit")
+        return quantize
+
     def _hf_cache(self, batch_size: int) -> Any:
         from transformers import StaticCache
 
@@ -458,7 +248,15 @@ class FastDecoder:
         g = self._graphs.get(bsz)
         if g is None:
             try:
-                g = _GraphedStep(self._step_fn, bsz, self.max_seq_len, state, self.device)
+                dev, seq = self.device, self.max_seq_len
+                # K/V written only at the last slot, which a request rewrites before reading
+                example = (
+                    torch.zeros((bsz, 1), dtype=torch.long, device=dev),
+                    torch.zeros((bsz, 1), dtype=torch.long, device=dev),
+                    torch.full((1,), seq - 1, dtype=torch.long, device=dev),
+                    torch.ones((bsz, seq), dtype=torch.bool, device=dev),
+                )
+                g = GraphedStep(self._step_fn, example, state)
             except Exception as e:  # capture is best effort: the compiled step still works
                 log.warning("fastdecode: CUDA graph capture failed (%s); running uncaptured", e)
                 self.graph = "none"
@@ -516,6 +314,18 @@ class FastDecoder:
         return min(max_new_tokens, room)
 
     # ------------------------------------------------------------------ public API
+    def warmup(self, prompt_tokens: int = 512) -> float:
+        """Compile, autotune and capture the batch-1 path now; returns the seconds it took.
+
+        The first request pays this otherwise (about 2 minutes at 12B on an H200); a server
+        calls it once at start. Prompts of other lengths may still autotune their prefill
+        kernels once (int4), a second or so each.
+        """
+        t0 = time.perf_counter()
+        n = max(1, min(prompt_tokens, self.max_seq_len - 3))
+        self.generate([self.tokenizer.bos_token_id or 0] * n, 2, eos_ids=[])
+        return time.perf_counter() - t0
+
     @torch.inference_mode()
     def generate(
         self,

@@ -123,6 +123,9 @@ def test_limits(lm):
         fd.generate(list(range(5, 45)), 4, [])
     # new tokens are cut to what the static cache holds
     assert len(fd.generate(list(range(5, 25)), 50, [])) == 12
+    first = fd.generate(list(range(5, 15)), 6, [])
+    assert fd.warmup(prompt_tokens=100) > 0  # clipped to the cache; leaves no trace
+    assert fd.generate(list(range(5, 15)), 6, []) == first
     with pytest.raises(FastDecodeError, match="quantize"):
         FastDecoder(model, tok, quantize="int3")
     with pytest.raises(FastDecodeError, match="CUDA"):
@@ -165,3 +168,66 @@ def test_mistral_nemo_like_head_dim_and_recomputed_rope(tiny_lm_path):
     with pytest.raises(FastDecodeError, match="mode=direct"):
         model.config.sliding_window = 4096
         FastDecoder(model, tok, max_seq_len=96, compile=False, mode="direct")
+
+
+# --------------------------------------------------------------------------- int4 weights
+def test_int4_quantizer_bounds_and_roundtrip():
+    from ragtune.fastweights import dequantize_rtn, quantize_rtn
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 128) * torch.linspace(0.1, 3, 128)  # groups of very different ranges
+    q, scale, zero = quantize_rtn(w, group_size=32)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scale.shape == (48, 4)
+    assert torch.equal(zero, zero.round()) and float(zero.min()) >= 0 and float(zero.max()) <= 15
+    back = dequantize_rtn(q, scale, zero, w.dtype)
+    err = (back - w).abs().reshape(48, 4, 32).amax(-1)
+    assert bool((err <= scale * 0.5 + 1e-5).all())  # round-to-nearest: half a step at most
+    # a group's extremes are representable: the error is not a clipped range
+    assert float((back - w).abs().max()) < float(scale.max())
+
+
+def _fake_quantized(model, group_size: int):
+    """A copy whose Linear weights are exactly what the int4 kernels multiply with."""
+    import copy
+
+    from ragtune.fastweights import dequantize_rtn, quantize_rtn
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.Linear):
+                w = m.weight
+                w.copy_(dequantize_rtn(*quantize_rtn(w, group_size), w.dtype))
+    return ref
+
+
+def test_int4_path_equals_hf_generate_on_the_same_int4_weights(lm):
+    """quantize='int4' (q|k|v and gate|up fused, LM head too) = HF generate on the int4 model.
+
+    The reference kernel computes with the dequantized int4 weights; gemlite's Triton kernels
+    compute the same products on the GPU (tests/test_gpu.py).
+    """
+    model, tok = lm
+    fd = FastDecoder(
+        model,
+        tok,
+        max_seq_len=128,
+        compile=False,
+        quantize="int4",
+        group_size=32,
+        int4_kernel="reference",
+    )
+    assert fd.quantize == "int4" and len(fd._direct.fused) == model.config.num_hidden_layers
+    ref = _fake_quantized(model, 32)
+    eos = tok.eos_token_id
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        assert fd.generate(ids, 20, [eos]) == slow(ref, ids, 20, eos), text
+
+
+def test_quantize_auto_keeps_a_16bit_model_as_it_is(lm):
+    model, tok = lm
+    fd = FastDecoder(model, tok, max_seq_len=64, compile=False)  # quantize="auto"
+    assert fd.quantize is None and fd._direct.fused is None
+    with pytest.raises(FastDecodeError, match="direct path"):
+        FastDecoder(model, tok, compile=False, mode="hf", quantize="int4", int4_kernel="reference")

@@ -257,20 +257,168 @@ def test_fastdecode_compiled_equals_slow_path(tokenizer_dir, graph):
     assert fd.graph == graph  # the capture did not fall back
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_fastdecode_quantized_runs(tokenizer_dir, kind):
-    """Weight-only quantization (torchao) changes the weights: it must run and give tokens."""
+def test_fastdecode_int8_runs(tokenizer_dir):
+    """Weight-only int8 (torchao) changes the weights: it must run and give tokens."""
     from ragtune.fastdecode import FastDecoder
 
     model, tok = _fp32_lm(tokenizer_dir)
-    fd = FastDecoder(model.to(torch.bfloat16), tok, max_seq_len=256, quantize=kind)
+    fd = FastDecoder(model.to(torch.bfloat16), tok, max_seq_len=256, quantize="int8")
     out = fd.generate(tok("The lamp")["input_ids"], 16, [])
     assert len(out) == 16 and all(0 <= t < len(tok) + 1000 for t in out)
     assert fd.last_stats["decode_tok_s"] > 0
 
-    # the decoder layers are quantized; with int8 the LM head stays bf16 (unfused otherwise)
+    # the decoder layers are quantized; the LM head stays bf16 (its conversion is unfused)
     def quantized(w: torch.Tensor) -> bool:  # torchao weights are tensor subclasses
         return type(w) not in (torch.Tensor, torch.nn.Parameter)
 
     assert quantized(model.model.layers[0].mlp.down_proj.weight)
-    assert quantized(model.get_output_embeddings().weight) == (kind == "int4")
+    assert not quantized(model.get_output_embeddings().weight)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 77])
+def test_gemlite_int4_matches_the_dequantized_weights(rows):
+    """gemlite's kernel (GEMV at 1 row, GEMMs above) = x @ dequantized(W)^T, fused rows too."""
+    from ragtune.fastweights import Int4Linear, dequantize_rtn, quantize_rtn
+
+    torch.manual_seed(0)
+    parts = [
+        torch.nn.Linear(512, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        for n in (256, 128, 128)
+    ]
+    fused = Int4Linear.from_linears(parts, torch.bfloat16, group_size=64, kernel="gemlite")
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+    ref = torch.cat(
+        [
+            x.float()
+            @ dequantize_rtn(*quantize_rtn(p.weight.detach(), 64), torch.bfloat16).float().T
+            for p in parts
+        ],
+        dim=-1,
+    )
+    with torch.inference_mode():
+        got = fused(x).float()
+    assert got.shape == (rows, 512)
+    err = (got - ref).norm() / ref.norm()
+    assert err < 1e-2, float(err)
+
+
+def _int4_reference(model, group_size: int = 64):
+    """The model whose Linear weights are what the int4 kernels compute with (HF generate)."""
+    import copy
+
+    from ragtune.fastweights import dequantize_rtn, quantize_rtn
+
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, torch.nn.Linear):
+                w = m.weight
+                w.copy_(dequantize_rtn(*quantize_rtn(w, group_size), w.dtype))
+    return ref
+
+
+def _greedy_gaps(fd, ref, tok, texts, n: int = 16) -> list[float]:
+    """How far each fast-path token is from greedy under ``ref``, as a share of the logit spread.
+
+    ``ref`` scores prompt + fast tokens in one forward; at every step the chosen token's logit
+    is compared with the best one: 0 where the fast path chose ``ref``'s argmax, a small
+    number for a near-tie that bf16 rounding resolved the other way, about 1 for a wrong
+    token. Greedy agreement alone fails on near-ties of a random model (a single flip changes
+    every later token); this measures each step on the fast path's own context.
+    """
+    worst = []
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        got = fd.generate(ids, n, [])
+        x = torch.tensor([ids + got], device="cuda")
+        with torch.inference_mode():
+            logits = ref(x).logits[0, len(ids) - 1 : len(ids) - 1 + n].float()
+        best = logits.max(-1).values
+        chosen = logits[torch.arange(n), torch.tensor(got, device="cuda")]
+        spread = best - logits.mean(-1)
+        worst.append(float(((best - chosen) / spread).max()))
+    return worst
+
+
+TEXTS = ["### Context:\nThe harbour of Kessa has a lighthouse.", "Hello", "A lamp " * 20]
+
+
+def test_fastdecode_int4_equals_hf_generate_on_the_int4_weights(tokenizer_dir):
+    """Compiled + CUDA graph, gemlite kernels, bf16: greedy under the same int4 weights.
+
+    Every token is the reference model's argmax up to bf16 near-ties (see _greedy_gaps); a
+    wrong layout or fusion picks tokens far from it.
+    """
+    from ragtune.fastdecode import FastDecoder
+
+    model, tok = _fp32_lm(tokenizer_dir)
+    model = model.to(torch.bfloat16)
+    ref = _int4_reference(model)
+    fd = FastDecoder(model, tok, max_seq_len=256, quantize="int4")
+    assert fd.quantize == "int4" and fd.compiled and fd.graph == "manual"
+    gaps = _greedy_gaps(fd, ref, tok, TEXTS)
+    assert max(gaps) < 0.05, gaps
+    got = fd.generate_batch([tok(t)["input_ids"] for t in TEXTS], 8, [])
+    assert [len(g) for g in got] == [8, 8, 8] and fd.graph == "manual"
+
+
+def test_fastdecode_serves_a_bnb_4bit_model_in_int4_by_default(tokenizer_dir, small_lm):
+    """A merged_4bit folder loads as bitsandbytes NF4; the default fast path converts it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from ragtune.fastdecode import FastDecoder
+    from ragtune.fastweights import dense_weight
+
+    tok = AutoTokenizer.from_pretrained(small_lm)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        small_lm, quantization_config=q, dtype=torch.bfloat16, device_map={"": 0}
+    ).eval()
+    # the reference: the NF4 weights dequantized into a 16-bit copy, then the int4 rounding
+    plain = AutoModelForCausalLM.from_pretrained(small_lm, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        nf4 = dict(model.named_modules())
+        for name, p in plain.named_modules():
+            if isinstance(p, torch.nn.Linear):
+                p.weight.copy_(dense_weight(nf4[name], torch.bfloat16))
+    ref = _int4_reference(plain)
+    fd = FastDecoder(model, tok, max_seq_len=256)
+    assert fd.quantize == "int4"
+    gaps = _greedy_gaps(fd, ref, tok, TEXTS)
+    assert max(gaps) < 0.05, gaps
+
+
+def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
+    """Continuous batching on the GPU (compiled, graphed steps), float32: same tokens."""
+    import threading
+
+    from ragtune.batching import StepBatcher
+    from ragtune.fastdecode import FastDecoder
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    model, tok = _fp32_lm(tokenizer_dir)
+    fd = FastDecoder(model, tok, max_seq_len=256)
+    prompts = [tok(t)["input_ids"] for t in TEXTS * 2]
+    budgets = [20, 7, 14, 30, 3, 11]
+    want = [fd.generate(p, n, []) for p, n in zip(prompts, budgets, strict=True)]
+    batcher = StepBatcher(fd, max_batch=4, buckets=(1, 4))
+    got = [None] * len(prompts)
+
+    def client(i):
+        got[i] = batcher.generate(prompts[i], budgets[i], [])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        batcher.close()
+    assert got == want

@@ -1,0 +1,345 @@
+"""Step-level continuous batching of greedy requests over the fast decoder's direct path.
+
+Why: one request at a time leaves a GPU streaming the weights for a single token per step;
+the same step computes 32 rows for little more. Requests that arrive while others decode join
+at the next step boundary (their prompt is run alone, into a free row of a shared KV cache),
+and a finished row is free for the next request at once.
+
+How: one engine thread owns the GPU work. The KV cache holds ``max_batch`` rows of
+``max_seq_len`` slots; each request's prompt starts at slot 0 of its row, so a row's slot is
+its position and no row needs padding. A decode step runs rows ``0..b-1``, with ``b`` the
+smallest of 1, 2, 4, ... that covers the highest busy row (new requests take the lowest free
+row), each ``b`` a compiled step captured once as a CUDA graph on a GPU.
+
+Hook for a server (one shared :class:`StepBatcher` per model; everything is thread-safe)::
+
+    batcher = StepBatcher(FastDecoder(model, tokenizer, max_seq_len=2048), max_batch=32)
+    for token_id in batcher.stream(prompt_ids, max_new_tokens, eos_ids, stop_strings):
+        ...                       # one id at a time, as the step that made it finishes
+    ids = batcher.generate(prompt_ids, max_new_tokens, eos_ids, stop_strings)  # all at once
+
+Each request gets exactly the tokens ``FastDecoder.generate`` gives it alone (greedy; the EOS
+or the token completing a stop string is kept), up to rounding differences between batch
+shapes on a GPU; tests/test_batching.py checks equality in float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ragtune.decodestep import GraphedStep
+from ragtune.errors import RagtuneError
+from ragtune.fastdecode import FastDecodeError, FastDecoder
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+class BatchingError(RagtuneError):
+    """The batcher cannot serve this model or request."""
+
+
+class Request:
+    """One submitted prompt: iterate for its token ids as they come, or call ``result``."""
+
+    def __init__(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        eos: set[int],
+        stop_strings: Sequence[str],
+    ) -> None:
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos
+        self.stop_strings = list(stop_strings)
+        self.tokens: list[int] = []
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._finished = threading.Event()
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop decoding this request at the next step (a client went away)."""
+        self.cancelled = True
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        if not self._finished.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return list(self.tokens)
+
+    # engine side
+    def _emit(self, token: int) -> None:
+        self.tokens.append(token)
+        self._queue.put(token)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self.error = error
+        self._finished.set()
+        self._queue.put(_DONE)
+
+
+class StepBatcher:
+    """Continuous batching of greedy requests on one :class:`FastDecoder` (direct mode)."""
+
+    def __init__(
+        self,
+        decoder: FastDecoder,
+        max_batch: int = 32,
+        buckets: Sequence[int] | None = None,
+        warmup: bool = False,
+    ) -> None:
+        if decoder._direct is None:
+            raise BatchingError(
+                f"batching needs the fast decoder's direct path; this model runs in {decoder.mode}"
+            )
+        if max_batch < 1:
+            raise BatchingError(f"max_batch must be >= 1, got {max_batch}")
+        self.decoder = decoder
+        self.direct = decoder._direct
+        self.max_batch = int(max_batch)
+        self.max_seq_len = decoder.max_seq_len
+        self.device = decoder.device
+        # step sizes, each compiled and captured once (1-2 min each at 12B on a GPU, so few):
+        # a lone request runs alone, a few share 8 rows, more share all of them
+        sizes = buckets or (1, 8)
+        self.buckets = sorted({int(b) for b in sizes if 0 < int(b) < self.max_batch})
+        self.buckets.append(self.max_batch)
+        shape = (self.max_batch, self.direct.n_kv, self.max_seq_len, self.direct.head_dim)
+        dtype, dev = self.direct.dtype, self.device
+        self.kv = (
+            [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
+            [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
+        )
+        self._step_fn = self._rows_step
+        if decoder.compiled:
+            self._step_fn = torch.compile(self._rows_step, dynamic=False)
+        self._graphs: dict[int, GraphedStep] = {}
+        self._rows: list[Request | None] = [None] * self.max_batch
+        self._last: list[int] = [0] * self.max_batch  # each row's latest token
+        self._length: list[int] = [0] * self.max_batch  # tokens in each row's cache
+        self._full: list[list[int] | None] = [None] * self.max_batch  # for stop strings
+        self._checks: list[Any] = [None] * self.max_batch
+        self._pending: queue.Queue[Request] = queue.Queue()
+        self._wake = threading.Event()
+        self._closed = False
+        self._warmup = warmup
+        self.steps = 0
+        self._thread = threading.Thread(target=self._run, name="ragtune-batcher", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public API
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        eos_ids: Sequence[int] | int | None = None,
+        stop_strings: Sequence[str] | None = None,
+    ) -> Request:
+        """Queue a prompt; the returned request yields its ids as they are decoded."""
+        if self._closed:
+            raise BatchingError("the batcher is closed")
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise FastDecodeError("empty prompt: give at least one input token")
+        if len(prompt) >= self.max_seq_len:
+            raise FastDecodeError(
+                f"prompt of {len(prompt)} tokens does not fit the fast decoder's "
+                f"max_seq_len={self.max_seq_len} (raise model.max_seq_length)"
+            )
+        eos = {eos_ids} if isinstance(eos_ids, int) else {int(e) for e in (eos_ids or [])}
+        budget = min(int(max_new_tokens), self.max_seq_len - len(prompt))
+        req = Request(prompt, budget, eos, stop_strings or [])
+        if budget < 1:
+            req._finish()
+            return req
+        self._pending.put(req)
+        self._wake.set()
+        return req
+
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        eos_ids: Sequence[int] | int | None = None,
+        stop_strings: Sequence[str] | None = None,
+    ) -> Iterator[int]:
+        """Token ids one at a time; closing the iterator early cancels the request."""
+        req = self.submit(prompt_ids, max_new_tokens, eos_ids, stop_strings)
+        try:
+            yield from req
+        finally:
+            req.cancel()
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        max_new_tokens: int,
+        eos_ids: Sequence[int] | int | None = None,
+        stop_strings: Sequence[str] | None = None,
+    ) -> list[int]:
+        return self.submit(prompt_ids, max_new_tokens, eos_ids, stop_strings).result()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def busy_rows(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    # ------------------------------------------------------------------ engine
+    def _rows_step(self, ids: torch.Tensor, pos: torch.Tensor, kv: Any) -> torch.Tensor:
+        """One decode step of rows 0..b-1: each writes K/V at its own position; next ids [b]."""
+        seen = torch.arange(self.max_seq_len, device=ids.device)[None, :] <= pos
+        logits = self.direct.forward(ids, pos, pos, seen[:, None, None, :], kv)
+        return logits.argmax(dim=-1)
+
+    def _bucket_kv(self, b: int) -> Any:
+        ks, vs = self.kv
+        return ([k[:b] for k in ks], [v[:b] for v in vs])
+
+    def _step(self, b: int, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if self.decoder.graph != "manual":
+            return self._step_fn(ids, pos, self._bucket_kv(b))
+        g = self._graphs.get(b)
+        if g is None:
+            # the warm-up writes K/V at slot max_seq_len - 1 of rows that are busy now: no
+            # request reads that slot before writing it (prompt + new tokens < max_seq_len)
+            last = torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device)
+            g = GraphedStep(self._step_fn, (torch.zeros_like(last), last), self._bucket_kv(b))
+            self._graphs[b] = g
+        return g(ids, pos)
+
+    def _prefill(self, row: int, req: Request) -> int:
+        t = len(req.prompt)
+        dev = self.device
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=dev)
+        slots = torch.arange(t, device=dev)
+        causal = torch.arange(self.max_seq_len, device=dev)[None, :] <= slots[:, None]
+        ks, vs = self.kv
+        kv = ([k[row : row + 1] for k in ks], [v[row : row + 1] for v in vs])
+        logits = self.direct.forward(ids, slots[None, :], slots, causal[None, None], kv)
+        return int(logits.argmax(dim=-1).item())
+
+    def _deliver(self, row: int, token: int) -> None:
+        req = self._rows[row]
+        assert req is not None
+        req._emit(token)
+        self._last[row] = token
+        full = self._full[row]
+        if full is not None:
+            full.append(token)
+        if (
+            token in req.eos
+            or len(req.tokens) >= req.max_new_tokens
+            or (full is not None and self._checks[row](full))
+        ):
+            self._release(row)
+
+    def _release(self, row: int, error: BaseException | None = None) -> None:
+        req = self._rows[row]
+        self._rows[row] = None
+        self._full[row] = None
+        self._checks[row] = None
+        if req is not None:
+            req._finish(error)
+
+    def _admit(self) -> None:
+        while not self._pending.empty() and None in self._rows:
+            req = self._pending.get()
+            if req.cancelled:
+                req._finish()
+                continue
+            row = self._rows.index(None)
+            self._rows[row] = req
+            self._length[row] = len(req.prompt)
+            check = self.decoder._stop_checker(req.stop_strings)
+            self._checks[row] = check
+            self._full[row] = list(req.prompt) if check is not None else None
+            try:
+                token = self._prefill(row, req)
+            except Exception as e:  # this request fails; the others go on
+                log.exception("batcher: prefill failed")
+                self._release(row, e)
+                continue
+            self._deliver(row, token)
+
+    def _decode_step(self) -> None:
+        busy = [i for i, r in enumerate(self._rows) if r is not None]
+        for i in busy:
+            if self._rows[i].cancelled:  # type: ignore[union-attr]
+                self._release(i)
+        busy = [i for i, r in enumerate(self._rows) if r is not None]
+        if not busy:
+            return
+        b = next(s for s in self.buckets if s > busy[-1])
+        ids = torch.tensor([[self._last[i]] for i in range(b)], dtype=torch.long)
+        # a free row decodes at slot 0 of its own row: harmless, the next prompt rewrites it
+        pos = torch.tensor(
+            [[self._length[i] if self._rows[i] is not None else 0] for i in range(b)],
+            dtype=torch.long,
+        )
+        out = self._step(b, ids.to(self.device), pos.to(self.device)).tolist()  # one sync
+        self.steps += 1
+        for i in busy:
+            self._length[i] += 1
+            self._deliver(i, int(out[i]))
+
+    def _warm(self) -> None:
+        """Compile and capture every step size, and run one prompt, before the first request."""
+        for b in self.buckets:
+            self._step(
+                b,
+                torch.zeros((b, 1), dtype=torch.long, device=self.device),
+                torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device),
+            )
+        n = max(1, min(512, self.max_seq_len // 2))
+        self._prefill(0, Request([0] * n, 1, set(), []))
+        log.info("batcher: warm (steps of %s rows)", self.buckets)
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        if self._warmup:
+            try:
+                self._warm()
+            except Exception:  # requests still run; they pay the compile instead
+                log.exception("batcher: warm-up failed")
+        while not self._closed:
+            if self.busy_rows == 0:
+                self._wake.clear()
+                if self._pending.empty():
+                    self._wake.wait(timeout=0.5)
+                    continue
+            try:
+                self._admit()
+                self._decode_step()
+            except Exception as e:  # a broken step fails the requests in it, not the server
+                log.exception("batcher: decode step failed")
+                for i, r in enumerate(self._rows):
+                    if r is not None:
+                        self._release(i, e)
+        for i, r in enumerate(self._rows):
+            if r is not None:
+                self._release(i, BatchingError("the batcher closed"))
+        while not self._pending.empty():
+            self._pending.get()._finish(BatchingError("the batcher closed"))
