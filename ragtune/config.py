@@ -91,6 +91,8 @@ class RaftConfig:
     unanswerable_fraction: float | None = None
     shuffle_oracle: bool = True
     num_preview: int = 3
+    contrastive: bool = False
+    unanswerable_on_topic: bool = False
 
 
 @dataclass
