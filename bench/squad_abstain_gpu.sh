@@ -19,8 +19,8 @@ if [ ! -d $W/smol ]; then
 from pathlib import Path
 from ragtune.models import _convert_gguf
 _convert_gguf(Path('/tmp/abgx'), '$GGUF', Path('$W/smol'))" > $W/convert.log 2>&1 || { tail -20 $W/convert.log; exit 1; }
-  mkdir -p $W/packs && tar xzf packs.tgz -C $W/packs
 fi
+mkdir -p $W/packs && tar xzf packs.tgz -C $W/packs  # a later call may bring more splits
 t0=$SECONDS
 for run in ${RUNS:-}; do  # SPLIT:VARIANT[:EPOCHS]
   IFS=: read -r split variant epochs <<< "$run"

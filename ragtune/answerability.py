@@ -342,6 +342,134 @@ class AbstainBlocker:
         return scores
 
 
+def blocked_candidates(generator: Any, prompts: Sequence[str], batch_size: int = 8) -> list[str]:
+    """The best non-abstaining answer for each prompt: greedy decoding, with the abstain
+    answer's first token blocked at the first step (:class:`AbstainBlocker`)."""
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from ragtune.generate import _StopOnText
+
+    gen = generator
+    enc = [gen.encode(p) for p in prompts]
+    out = [""] * len(enc)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    for b in range(0, len(order), max(1, batch_size)):
+        idx = order[b : b + max(1, batch_size)]
+        width = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), width), gen.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(idx):
+            ids[j, width - len(enc[i]) :] = torch.tensor(enc[i])
+            mask[j, width - len(enc[i]) :] = 1
+        with torch.inference_mode():
+            res = gen.model.generate(
+                input_ids=ids.to(gen.device),
+                attention_mask=mask.to(gen.device),
+                generation_config=gen._generation_config(),
+                stopping_criteria=StoppingCriteriaList(
+                    [_StopOnText(gen.tokenizer, gen.stop_strings, width)]
+                ),
+                logits_processor=LogitsProcessorList(
+                    [AbstainBlocker(gen.tokenizer, gen.schema, width)]
+                ),
+            )
+        for j, i in enumerate(idx):
+            out[i] = gen._result(res[j, width:].tolist(), 0.0, len(enc[i])).text
+    return out
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One answer judged: the answer to give, the candidate it was judged on, its score."""
+
+    answer: str
+    candidate: str
+    score: float
+    features: AnswerFeatures
+
+
+def assess(
+    generator: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    contexts: Sequence[Sequence[str] | None] | None = None,
+    retrieval_scores: Sequence[float] | None = None,
+    calibration: Calibration | None = None,
+    batch_size: int = 8,
+) -> list[Assessment]:
+    """Score each generated answer and, with a calibration, apply its decision.
+
+    An answer that abstained is replaced by its blocked candidate for scoring, so every
+    question gets a score. Without a calibration the answers stay as generated (scores are
+    still reported, for AUROC); with one, the candidate is given when its score reaches the
+    threshold, else the abstain answer.
+    """
+    schema = generator.schema
+    cands = list(answers)
+    redo = [i for i, a in enumerate(answers) if schema.is_abstention(a) or not a.strip()]
+    if redo:
+        got = blocked_candidates(generator, [prompts[i] for i in redo], batch_size)
+        for i, c in zip(redo, got, strict=True):
+            cands[i] = c
+    feats = answer_features(
+        generator.model,
+        generator.tokenizer,
+        schema,
+        prompts,
+        cands,
+        contexts,
+        retrieval_scores,
+        batch_size,
+    )
+    if calibration is None:
+        scores = combine(feats)
+        final = list(answers)
+    else:
+        scores = combine(feats, calibration.weights, calibration.bias)
+        final = [
+            c if s >= calibration.threshold else schema.abstain
+            for c, s in zip(cands, scores, strict=True)
+        ]
+    return [Assessment(*row) for row in zip(final, cands, scores, feats, strict=True)]
+
+
+def fit_calibration(
+    features: Sequence[AnswerFeatures],
+    answerable: Sequence[bool],
+    candidate_f1: Sequence[float],
+    sources: Sequence[str] = (),
+) -> Calibration:
+    """The shipped decision, fitted on a validation split: logistic weights over every
+    feature (:func:`fit_logistic`), then the threshold maximising SQuAD v2 overall."""
+    weights, bias = fit_logistic(features, answerable)
+    scores = combine(features, weights, bias)
+    return Calibration(
+        threshold=fit_threshold(scores, answerable, candidate_f1),
+        weights=weights,
+        bias=bias,
+        auroc=auroc(scores, answerable),
+        n_validation=len(scores),
+        validation_sources=tuple(sorted(set(sources))),
+    )
+
+
+def calibration_from_rows(rows: Sequence[dict[str, Any]]) -> Calibration:
+    """:func:`fit_calibration` from evaluation rows (``answers.jsonl`` of one mode on the
+    validation split: ``features``, ``candidate``, ``gold``, ``answerable``, ``source``)."""
+    from ragtune.metrics import f1_score, max_over_gold
+
+    rows = [r for r in rows if r.get("features")]
+    if not rows:
+        raise ValueError("no evaluation rows with answerability features to calibrate on")
+    keys = ("lp_answer", "n_answer", "lp_abstain", "p_abstain_first", "grounded", "retrieval")
+    feats = [AnswerFeatures(**{k: r["features"][k] for k in keys}) for r in rows]
+    f1 = [max_over_gold(f1_score, r["candidate"] or "", r["gold"]) for r in rows]
+    return fit_calibration(
+        feats, [bool(r["answerable"]) for r in rows], f1, [r.get("source") or "" for r in rows]
+    )
+
+
 # --------------------------------------------------------------------------- internals
 def _completion_ids(tokenizer: Any, text: str) -> list[int]:
     """A completion's ids as training encodes them: the text, then EOS."""
@@ -376,12 +504,11 @@ def _logprobs(
             mask[r, : len(row)] = 1
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)
-        for r, i in enumerate(idx):
-            start, n = len(prompts[i]), len(completions[i])
-            pos = torch.arange(start - 1, start - 1 + n, device=logp.device)
-            tgt = torch.tensor(completions[i], device=logp.device)
-            sums[i] = float(logp[r, pos, tgt].sum())
-            if first_token is not None:
-                firsts[i] = float(logp[r, start - 1, first_token].exp())
+            for r, i in enumerate(idx):  # log-softmax over the completion positions only
+                start, n = len(prompts[i]), len(completions[i])
+                logp = torch.log_softmax(logits[r, start - 1 : start - 1 + n].float(), dim=-1)
+                tgt = torch.tensor(completions[i], device=logp.device)
+                sums[i] = float(logp[torch.arange(n, device=logp.device), tgt].sum())
+                if first_token is not None:
+                    firsts[i] = float(logp[0, first_token].exp())
     return sums, firsts

@@ -53,6 +53,7 @@ EVAL_TOP_LEVEL = {"seed": int, "output_dir": str}
 METRICS_FILE = "metrics.json"
 ANSWERS_FILE = "answers.jsonl"
 TABLE_FILE = "results.md"
+ROC_FILE = "roc.png"  # answerability score ROC per RAG mode
 # Settings that say where an index lives, not what a query returns: taken from the
 # evaluation's config even for raft_rag, whose other retriever settings come from its folder.
 _LOCATION_KEYS = ("persist_dir", "collection", "server", "batch_size", "device")
@@ -303,6 +304,7 @@ def evaluate_modes(
     contexts_cache: dict[tuple, tuple[list[Any], float]] = {}
     all_rows: list[dict[str, Any]] = []
     modes: dict[str, dict[str, Any]] = {}
+    roc_curves: dict[str, tuple[list[float], list[bool]]] = {}
     # Modes sharing a model run back to back, so each model is loaded once.
     order = sorted(range(len(specs)), key=lambda i: [s.model for s in specs].index(specs[i].model))
     loaded: tuple[str, Any, Any] | None = None
@@ -322,6 +324,7 @@ def evaluate_modes(
         agg = aggregate([r.pop("_score") for r in rows])
         modes[spec.name] = {
             **agg.to_dict(),
+            "abstention_auroc": _auroc(rows, roc_curves, spec.name),
             "seconds": round(time.perf_counter() - t0, 2),
             **spec.describe(),
         }
@@ -331,6 +334,10 @@ def evaluate_modes(
     _free_memory()
 
     modes = {s.name: modes[s.name] for s in specs}  # in the order asked
+    if roc_curves:
+        from ragtune.answerability import plot_roc
+
+        plot_roc(roc_curves, out_dir / ROC_FILE)
     table = markdown_table(modes)
     payload = {
         "qa_file": qa_path,
@@ -351,6 +358,18 @@ def evaluate_modes(
     )
     log.info("wrote %s, %s, %s in %s", METRICS_FILE, ANSWERS_FILE, TABLE_FILE, out_dir)
     return {"modes": modes, "table": table, "out_dir": str(out_dir)}
+
+
+def _auroc(rows: list[dict[str, Any]], curves: dict, name: str) -> float | None:
+    """AUROC of the answerability score for answerable vs unanswerable (None: closed book)."""
+    from ragtune.answerability import auroc
+
+    got = [(r["answerability"], r["answerable"]) for r in rows if r["answerability"] is not None]
+    if not got:
+        return None
+    curves[name] = ([g[0] for g in got], [g[1] for g in got])
+    value = auroc(*curves[name])
+    return None if value != value else round(value, 4)  # NaN: one class only
 
 
 def _free_memory() -> None:
@@ -472,12 +491,16 @@ def _answer(
                 latency[i] = retrieval_s[i] + share
             bar.update(len(idx))
 
+    judged = _assess(spec, gen, prompts, results, contexts, ecfg.batch_size)
     rows = []
-    for rec, chunks, res, lat in zip(records, contexts, results, latency, strict=True):
+    for i, (rec, chunks, res, lat) in enumerate(
+        zip(records, contexts, results, latency, strict=True)
+    ):
         golds = gold_answers(rec)
         hit = None if chunks is None else retrieval_hit(golds, chunks, rec.source)
+        text = judged[i].answer if judged else res.text
         s: QuestionScore = score_answer(
-            res.text, golds, spec.schema.is_abstention, retrieval_hit=hit, latency_s=lat
+            text, golds, spec.schema.is_abstention, retrieval_hit=hit, latency_s=lat
         )
         rows.append(
             {
@@ -492,7 +515,11 @@ def _answer(
                 else [
                     {"source": c.source, "start": c.start, "score": _round(c.score)} for c in chunks
                 ],
-                "answer": res.text,
+                "answer": text,
+                "generated": res.text,
+                "candidate": None if not judged else judged[i].candidate,
+                "answerability": None if not judged else round(judged[i].score, 4),
+                "features": None if not judged else judged[i].features.to_dict(),
                 "abstained": s.abstained,
                 "exact": s.exact,
                 "f1": round(s.f1, 4),
@@ -507,6 +534,20 @@ def _answer(
     return rows
 
 
+def _assess(
+    spec: ModeSpec, gen: Any, prompts: list, results: list, contexts: list, bs: int
+) -> list:
+    """Answerability of every answer of a RAG mode; raft_rag applies its fitted decision."""
+    from ragtune.answerability import assess, read_calibration
+
+    if spec.rcfg is None:
+        return []
+    cal = read_calibration(spec.model) if spec.name == "raft_rag" else None
+    ctx = [[c.text for c in ch or []] for ch in contexts]
+    top = [max((c.score or 0.0 for c in ch or []), default=0.0) for ch in contexts]
+    return assess(gen, prompts, [r.text for r in results], ctx, top, cal, bs)
+
+
 def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 4)
 
@@ -519,6 +560,7 @@ _COLUMNS = (
     ("false_abstention_rate", "false abst. % (ans.)"),
     ("unanswerable_abstention_rate", "abst. % (unans.)"),
     ("recall_at_k", "recall@k"),
+    ("abstention_auroc", "AUROC"),
     ("latency_s", "latency s"),
 )
 
@@ -541,7 +583,13 @@ def markdown_table(modes: dict[str, dict[str, Any]]) -> str:
         cells = []
         for key, _ in _COLUMNS:
             v = m.get(key)
-            cells.append("n/a" if v is None else f"{v:.3f}" if key == "latency_s" else f"{v:.1f}")
+            cells.append(
+                "n/a"
+                if v is None
+                else f"{v:.3f}"
+                if key in ("latency_s", "abstention_auroc")
+                else f"{v:.1f}"
+            )
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

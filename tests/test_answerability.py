@@ -161,9 +161,7 @@ class _Retriever:
 
     def candidates(self, query, n):
         q = set(query.lower().split())
-        return sorted(self.chunks, key=lambda c: (-len(q & set(c.text.lower().split())), c.id))[
-            :n
-        ]
+        return sorted(self.chunks, key=lambda c: (-len(q & set(c.text.lower().split())), c.id))[:n]
 
     def find(self, contains=None, source=None, limit=50):
         return [
@@ -206,6 +204,56 @@ def test_contrastive_construction_emits_the_pair(tokenizer):
     assert all(s["source"] == "mill.md" for s in unans["sources"])  # its own document first
     assert stats["kinds"]["contrast_no_oracle"] == 1
     plain, _ = build_examples(
-        records, _Retriever(chunks), schema, tokenizer, BuildSettings(k=2, oracle_fraction=1.0), False
+        records,
+        _Retriever(chunks),
+        schema,
+        tokenizer,
+        BuildSettings(k=2, oracle_fraction=1.0),
+        False,
     )
     assert [e["kind"] for e in plain] == ["oracle", "unanswerable"]
+
+
+def test_calibration_from_validation_rows_goes_into_the_manifest(tmp_path):
+    import json
+
+    from ragtune.answerability import (
+        Calibration,
+        calibration_from_rows,
+        read_calibration,
+        write_calibration,
+    )
+
+    rows = []
+    for i in range(40):
+        answerable = i % 2 == 0
+        rows.append(
+            {
+                "answerable": answerable,
+                "gold": ["Marlowe"] if answerable else [],
+                "candidate": "Marlowe",
+                "source": f"doc{i % 3}",
+                "features": {
+                    "lp_answer": -1.0 if answerable else -4.0,
+                    "n_answer": 2,
+                    "lp_abstain": -3.0 + 0.01 * i,
+                    "p_abstain_first": 0.2,
+                    "grounded": 1.0,
+                    "retrieval": 0.5,
+                },
+            }
+        )
+    cal = calibration_from_rows(rows)
+    assert cal.auroc == 1.0 and cal.n_validation == 40
+    assert cal.validation_sources == ("doc0", "doc1", "doc2")
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "model": {"x": 1}}))
+    write_calibration(tmp_path, cal)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["model"] == {"x": 1}  # other fields kept
+    back = read_calibration(tmp_path)
+    assert isinstance(back, Calibration) and back.threshold == pytest.approx(cal.threshold)
+    from ragtune.answerability import AnswerFeatures
+
+    yes = AnswerFeatures(-1.0, 2, -3.0, 0.2, 1.0, 0.5)
+    no = AnswerFeatures(-4.0, 2, -3.0, 0.2, 1.0, 0.5)
+    assert back.answers([yes, no]) == [True, False]
