@@ -152,6 +152,8 @@ class RaftConfig:
     unanswerable_fraction: float | None
     shuffle_oracle: bool
     num_preview: int
+    contrastive: bool
+    unanswerable_on_topic: bool
 
 
 @defaults_from("train/cpu:lora")

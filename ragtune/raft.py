@@ -8,7 +8,12 @@ token budget that will answer at serve time:
   the answer; the oracle's position is shuffled; target: the answer.
 - answerable, oracle dropped (``1 - P``): ``k`` distractors only; target: the schema's
   abstain answer (or, with ``abstain_without_oracle: false``, RAFT's answer from memory).
-- unanswerable: the retrieved top-k, which cannot hold the answer; target: abstain.
+- unanswerable: the retrieved top-k, which cannot hold the answer; target: abstain. With
+  ``unanswerable_on_topic`` the chunks of the question's own document come first, so the
+  context is the on-topic paragraph the question was written against (SQuAD v2's hard case).
+- ``contrastive``: every answerable example that keeps its oracle gets a twin, the same
+  question with the oracle removed (``k`` distractors), target: abstain. The pair differs only
+  in whether the context holds the answer, which is the distinction abstention needs.
 
 RAFT's reference code draws random distractors and never trains abstention; here the
 distractors are the ones our retriever actually confuses with the oracle, and the model
@@ -61,6 +66,8 @@ class BuildSettings:
     abstain_without_oracle: bool = True
     shuffle_oracle: bool = True
     unanswerable_fraction: float | None = None  # cap on the share of unanswerable records
+    contrastive: bool = False  # oracle-kept examples also appear without the oracle -> abstain
+    unanswerable_on_topic: bool = False  # unanswerable contexts lead with their own document
     mode: str = "rag"
     max_seq_length: int = 1024
     context_tokens: int = 0  # 0 = derive from max_seq_length (schema.context_budget)
@@ -75,6 +82,8 @@ class BuildSettings:
             abstain_without_oracle=cfg.raft.abstain_without_oracle,
             shuffle_oracle=cfg.raft.shuffle_oracle,
             unanswerable_fraction=cfg.raft.get("unanswerable_fraction"),
+            contrastive=bool(cfg.raft.get("contrastive", False)),
+            unanswerable_on_topic=bool(cfg.raft.get("unanswerable_on_topic", False)),
             mode=cfg.raft.mode,
             max_seq_length=cfg.model.max_seq_length,
             context_tokens=cfg.retriever.context_tokens,
@@ -160,6 +169,7 @@ def build_examples(
         rng = random.Random(f"{settings.seed}:{i}:{rec.instruction}")
         context: list[Chunk] | None = None
         oracle: Chunk | None = None
+        twin: list[Chunk] | None = None  # the contrastive context: the oracle removed
         if settings.mode == "closed":
             kind = "closed" if rec.answerable else "unanswerable"
             target = rec.output if rec.answerable else schema.abstain
@@ -174,6 +184,9 @@ def build_examples(
                 oracle = find_oracle(rec, cands, retriever)
                 answer = rec.output.strip()
                 distractors = [c for c in cands if not _contains(c.text, answer)]
+            elif settings.unanswerable_on_topic and rec.source:
+                # stable sort: the question's own document first, retrieval order within it
+                distractors = sorted(cands, key=lambda c: c.source != rec.source)
             else:
                 distractors = cands
             if oracle is not None and i in keep:
@@ -181,11 +194,15 @@ def build_examples(
                 if not any(_contains(c.text, rec.output.strip()) for c in chosen):
                     n_truncated += 1  # the budget cut the answer out: treat as dropped
                     oracle = None
+                elif settings.contrastive:
+                    twin = retriever.fit(distractors[: settings.k], budget)
             else:
                 oracle = None
                 chosen = retriever.fit(distractors[: settings.k], budget)
             if settings.shuffle_oracle:
                 rng.shuffle(chosen)
+                if twin is not None:
+                    rng.shuffle(twin)
             context = chosen
             n_ctx.append(len(chosen))
             if not rec.answerable:
@@ -197,26 +214,31 @@ def build_examples(
                     "abstain_no_oracle" if settings.abstain_without_oracle else "memory_no_oracle"
                 )
                 target = schema.abstain if settings.abstain_without_oracle else rec.output
-        kinds[kind] += 1
-        fields = PromptFields(
-            rec.instruction, rec.input, None if context is None else [c.text for c in context]
-        )
-        prompt, completion = schema.render_example(fields, target, tokenizer)
-        examples.append(
-            {
-                "prompt": prompt,
-                "completion": completion,
-                "kind": kind,
-                "id": rec.id or _record_id(rec),
-                "instruction": rec.instruction,
-                "answer": rec.output,
-                "target": target,
-                "oracle_id": oracle.id if oracle else None,
-                "sources": []
-                if context is None
-                else [{"source": c.source, "start": c.start, "id": c.id} for c in context],
-            }
-        )
+        pairs = [(kind, target, context, oracle)]
+        if twin is not None:
+            n_ctx.append(len(twin))
+            pairs.append(("contrast_no_oracle", schema.abstain, twin, None))
+        for kind, target, context, oracle in pairs:
+            kinds[kind] += 1
+            fields = PromptFields(
+                rec.instruction, rec.input, None if context is None else [c.text for c in context]
+            )
+            prompt, completion = schema.render_example(fields, target, tokenizer)
+            examples.append(
+                {
+                    "prompt": prompt,
+                    "completion": completion,
+                    "kind": kind,
+                    "id": rec.id or _record_id(rec),
+                    "instruction": rec.instruction,
+                    "answer": rec.output,
+                    "target": target,
+                    "oracle_id": oracle.id if oracle else None,
+                    "sources": []
+                    if context is None
+                    else [{"source": c.source, "start": c.start, "id": c.id} for c in context],
+                }
+            )
     stats = _stats(examples, kinds, tokenizer, schema, settings, n_truncated, n_ctx)
     stats["unanswerable_dropped"] = n_given - len(records)
     return examples, stats

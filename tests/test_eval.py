@@ -202,6 +202,11 @@ def test_all_four_modes_answer_the_same_questions(tmp_path, data, tiny_lm_path, 
         assert m["latency_s"] > 0
         assert (m["recall_at_k"] is None) == (name == "ft_closed")
     assert modes["raft_rag"]["retriever"]["chunk_size"] == 150
+    # every RAG answer carries an answerability score; their AUROC and ROC plot are reported
+    assert modes["ft_closed"]["abstention_auroc"] is None
+    for name in ("base_rag", "ft_then_rag", "raft_rag"):
+        assert 0.0 <= modes[name]["abstention_auroc"] <= 1.0
+    assert (run / "roc.png").stat().st_size > 0
 
     rows = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
     assert len(rows) == 16
@@ -214,6 +219,7 @@ def test_all_four_modes_answer_the_same_questions(tmp_path, data, tiny_lm_path, 
     for r in by_mode["raft_rag"]:
         assert 1 <= len(r["retrieved"]) <= 2  # the model's own k=2
         assert {"question", "answer", "score", "gold", "abstained"} <= set(r)
+        assert isinstance(r["answerability"], float) and "margin" in r["features"]
     assert by_mode["base_rag"][1]["gold"] == ["Ismay Trelawn", "Trelawn"]
     assert by_mode["base_rag"][2]["retrieval_hit"] is None  # unanswerable: no oracle
     table = (run / "results.md").read_text()
@@ -281,10 +287,12 @@ def test_markdown_table() -> None:
         "false_abstention_rate": 5.0,
         "unanswerable_abstention_rate": 80.0,
         "recall_at_k": None,
+        "abstention_auroc": 0.71234,
         "latency_s": 0.12345,
     }
     table = markdown_table({"ft_closed": row})
-    assert table.splitlines()[2] == "| ft_closed | 61.1 | 40.0 | 30.0 | 5.0 | 80.0 | n/a | 0.123 |"
+    want = "| ft_closed | 61.1 | 40.0 | 30.0 | 5.0 | 80.0 | n/a | 0.712 | 0.123 |"
+    assert table.splitlines()[2] == want
 
 
 @pytest.mark.slow

@@ -1,0 +1,514 @@
+"""Whether a context supports an answer: a score per answer and a fitted threshold.
+
+The model itself is asked, with one teacher-forced forward pass over the prompt followed by
+each candidate: how likely is its answer, and how likely is the schema's abstain answer, for
+this prompt. Features per answer (:class:`AnswerFeatures`):
+
+- ``lp_answer`` / ``n_answer``: summed log-probability of the answer's tokens (plus EOS) and
+  their number; ``lp_abstain``: the same for the abstain answer (plus EOS);
+- ``p_abstain_first``: probability of the abstain answer's first token as the first token;
+- ``grounded``: the normalised answer occurs in the normalised context (extractive support);
+- ``retrieval``: the best retrieval score of the context (cosine; 0 when unknown).
+
+A score is a weighted sum of these (:data:`FEATURES`); :func:`fit_logistic` fits the weights
+on a validation split, :func:`fit_threshold` the cut that maximises the SQuAD v2 overall
+score there. Higher score = answer; below the threshold the pipeline abstains. Which
+features carry the signal is measured in docs/benchmarks.md ("Answer or abstain").
+
+:class:`AbstainBlocker` keeps the abstain answer's first token out of the first decoding step,
+so that every question gets a candidate answer to score, even one the model would abstain on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ragtune.metrics import normalize_answer
+
+FEATURES = ("margin", "mean_lp", "lp_abstain", "p_abstain_first", "grounded", "retrieval")
+# The default score until a model's manifest carries fitted weights: the model's own
+# log-odds of its answer against the abstain answer, per answer token.
+DEFAULT_WEIGHTS: dict[str, float] = {"margin": 1.0}
+
+
+@dataclass(frozen=True)
+class AnswerFeatures:
+    """What the model and the context say about one answer (see the module docstring)."""
+
+    lp_answer: float
+    n_answer: int
+    lp_abstain: float
+    p_abstain_first: float
+    grounded: float
+    retrieval: float = 0.0
+
+    @property
+    def mean_lp(self) -> float:
+        return self.lp_answer / max(1, self.n_answer)
+
+    @property
+    def margin(self) -> float:
+        """Log-odds of the answer against abstaining, length-normalised by the answer."""
+        return (self.lp_answer - self.lp_abstain) / max(1, self.n_answer)
+
+    def vector(self) -> list[float]:
+        return [float(getattr(self, name)) for name in FEATURES]
+
+    def to_dict(self) -> dict[str, float]:
+        return {**asdict(self), "mean_lp": self.mean_lp, "margin": self.margin}
+
+
+def grounded(answer: str, contexts: Sequence[str] | None) -> float:
+    """1.0 when the SQuAD-normalised answer occurs in the normalised context, else 0.0."""
+    ans = normalize_answer(answer)
+    if not ans or not contexts:
+        return 0.0
+    text = normalize_answer(" ".join(contexts))
+    return float(f" {ans} " in f" {text} ")
+
+
+def answer_features(
+    model: Any,
+    tokenizer: Any,
+    schema: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    contexts: Sequence[Sequence[str] | None] | None = None,
+    retrieval_scores: Sequence[float] | None = None,
+    batch_size: int = 16,
+) -> list[AnswerFeatures]:
+    """Features of each (prompt, answer): one batched forward pass over prompt + answer and
+    one over prompt + abstain answer (the prompt is encoded exactly as training encoded it)."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    p_ids = [schema.encode_prompt(tokenizer, p) for p in prompts]
+    a_ids = [_completion_ids(tokenizer, a) for a in answers]
+    abstain = _completion_ids(tokenizer, schema.abstain)
+    lp_ans, first = _logprobs(model, tokenizer, p_ids, a_ids, batch_size, abstain[0])
+    lp_abs, _ = _logprobs(model, tokenizer, p_ids, [abstain] * len(p_ids), batch_size, None)
+    out = []
+    for i, answer in enumerate(answers):
+        ctx = contexts[i] if contexts is not None else None
+        out.append(
+            AnswerFeatures(
+                lp_answer=lp_ans[i],
+                n_answer=len(a_ids[i]),
+                lp_abstain=lp_abs[i],
+                p_abstain_first=first[i],
+                grounded=grounded(answer, ctx),
+                retrieval=float(retrieval_scores[i]) if retrieval_scores is not None else 0.0,
+            )
+        )
+    return out
+
+
+def combine(
+    features: Sequence[AnswerFeatures], weights: dict[str, float] | None = None, bias: float = 0.0
+) -> list[float]:
+    """The score of each answer: ``bias + sum(weight * feature)``."""
+    w = DEFAULT_WEIGHTS if weights is None else weights
+    unknown = sorted(set(w) - set(FEATURES))
+    if unknown:
+        raise ValueError(f"unknown answerability feature(s) {unknown}; known: {FEATURES}")
+    return [bias + sum(v * float(getattr(f, k)) for k, v in w.items()) for f in features]
+
+
+def score_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    contexts: Sequence[Sequence[str] | None] | None = None,
+    *,
+    schema: Any,
+    retrieval_scores: Sequence[float] | None = None,
+    weights: dict[str, float] | None = None,
+    bias: float = 0.0,
+    batch_size: int = 16,
+) -> list[float]:
+    """Answer-or-abstain score of each answer (higher = the context supports answering)."""
+    feats = answer_features(
+        model, tokenizer, schema, prompts, answers, contexts, retrieval_scores, batch_size
+    )
+    return combine(feats, weights, bias)
+
+
+# --------------------------------------------------------------------------- decisions
+def split_by_source(records: Sequence[Any], n_sources: int = 1, seed: int = 0) -> tuple[list, list]:
+    """(train, validation): whole source documents held out for fitting the threshold, so
+    the validation questions are about documents the model was not trained on (as at serve
+    time). Records without a source always train; order is kept."""
+    import random
+
+    sources = sorted({r.source for r in records if r.source})
+    if n_sources <= 0 or len(sources) <= n_sources:
+        raise ValueError(
+            f"need more than {n_sources} source document(s) to hold out, got {len(sources)}"
+        )
+    held = set(random.Random(f"{seed}:validation").sample(sources, n_sources))
+    train = [r for r in records if r.source not in held]
+    val = [r for r in records if r.source in held]
+    return train, val
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool | int]) -> float:
+    """Area under the ROC curve: the chance that a positive scores above a negative (ties
+    count half). NaN when one class is missing."""
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    pairs = sorted(zip(scores, labels, strict=True), key=lambda p: p[0])
+    n_pos = sum(1 for _, y in pairs if y)
+    n_neg = len(pairs) - n_pos
+    if not n_pos or not n_neg:
+        return float("nan")
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):  # average ranks over ties (Mann-Whitney U)
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        avg_rank = (i + j + 1) / 2.0  # ranks are 1-based
+        rank_sum += avg_rank * sum(1 for k in range(i, j) if pairs[k][1])
+        i = j
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def roc_curve(scores: Sequence[float], labels: Sequence[bool | int]) -> list[tuple[float, float]]:
+    """(false positive rate, true positive rate) points from the highest cut to the lowest."""
+    n_pos = sum(1 for y in labels if y)
+    n_neg = len(labels) - n_pos
+    pts, tp, fp = [(0.0, 0.0)], 0, 0
+    ordered = sorted(zip(scores, labels, strict=True), key=lambda p: -p[0])
+    for k, (s, y) in enumerate(ordered):
+        tp, fp = tp + bool(y), fp + (not y)
+        if k + 1 == len(ordered) or ordered[k + 1][0] != s:
+            pts.append((fp / max(1, n_neg), tp / max(1, n_pos)))
+    return pts
+
+
+def fit_threshold(
+    scores: Sequence[float],
+    answerable: Sequence[bool | int],
+    answer_values: Sequence[float] | None = None,
+) -> float:
+    """The cut maximising the SQuAD v2 overall score: answer when ``score >= cut``.
+
+    An answered answerable question earns its F1 (``answer_values``; 1.0 when not given), an
+    abstained unanswerable one earns 1, everything else 0. Returns the midpoint between the
+    best cut's score and the next lower one (-inf: answer all; +inf: abstain on all).
+    """
+    if not scores:
+        raise ValueError("fit_threshold needs at least one score")
+    values = list(answer_values) if answer_values is not None else [1.0] * len(scores)
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    total = float(sum(1 for y in answerable if not y))  # cut above all: abstain on everything
+    best, best_k = total, 0
+    for k, i in enumerate(order, start=1):  # answer the top k
+        total += values[i] if answerable[i] else -1.0
+        tied = k < len(order) and scores[order[k]] == scores[i]
+        if not tied and total > best:
+            best, best_k = total, k
+    if best_k == 0:
+        return math.inf
+    if best_k == len(order):
+        return -math.inf
+    return (scores[order[best_k - 1]] + scores[order[best_k]]) / 2.0
+
+
+def fit_logistic(
+    features: Sequence[AnswerFeatures],
+    labels: Sequence[bool | int],
+    names: Sequence[str] = FEATURES,
+    l2: float = 1.0,
+) -> tuple[dict[str, float], float]:
+    """Weights and bias of an L2-regularised logistic regression on standardised features
+    (scikit-learn), expressed on the raw features so that :func:`combine` applies them."""
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.array([[float(getattr(f, n)) for n in names] for f in features], dtype=np.float64)
+    y = np.array([int(bool(v)) for v in labels])
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    sd[sd == 0] = 1.0
+    clf = LogisticRegression(C=1.0 / l2, max_iter=1000).fit((x - mu) / sd, y)
+    w = clf.coef_[0] / sd
+    bias = float(clf.intercept_[0] - (w * mu).sum())
+    return {n: float(v) for n, v in zip(names, w, strict=True)}, bias
+
+
+def plot_roc(
+    curves: dict[str, tuple[Sequence[float], Sequence[bool | int]]], path: str | Any
+) -> Any:
+    """One ROC curve per (scores, answerable labels), AUROC in the legend; saved as an image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, (scores, labels) in curves.items():
+        pts = roc_curve(scores, labels)
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], label=f"{name} ({auroc(scores, labels):.3f})"
+        )
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("unanswerable questions answered (false positive rate)")
+    ax.set_ylabel("answerable questions answered (true positive rate)")
+    ax.set_title("Answer-or-abstain score: ROC (AUROC)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- manifest
+MANIFEST_KEY = "answerability"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted decision: answer when ``combine(features, weights, bias) >= threshold``."""
+
+    threshold: float
+    weights: dict[str, float]
+    bias: float = 0.0
+    auroc: float | None = None  # on the validation split it was fitted on
+    n_validation: int = 0
+    validation_sources: tuple[str, ...] = ()
+
+    def answers(self, features: Sequence[AnswerFeatures]) -> list[bool]:
+        """Whether each answer stands (True) or becomes the abstain answer (False)."""
+        return [s >= self.threshold for s in combine(features, self.weights, self.bias)]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["validation_sources"] = list(self.validation_sources)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        return cls(
+            threshold=float(d["threshold"]),
+            weights={str(k): float(v) for k, v in d["weights"].items()},
+            bias=float(d.get("bias", 0.0)),
+            auroc=d.get("auroc"),
+            n_validation=int(d.get("n_validation", 0)),
+            validation_sources=tuple(d.get("validation_sources", ())),
+        )
+
+
+def read_calibration(model_dir: Any) -> Calibration | None:
+    """The calibration in a model folder's manifest, or None when it has none."""
+    from ragtune.manifest import read_manifest
+
+    d = read_manifest(model_dir).get(MANIFEST_KEY)
+    return Calibration.from_dict(d) if d else None
+
+
+def write_calibration(model_dir: Any, calibration: Calibration) -> Any:
+    """Add the calibration to ``manifest.json`` (atomically; other fields kept)."""
+    import json
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from ragtune.manifest import MANIFEST, read_manifest
+
+    folder = Path(model_dir)
+    data = {**read_manifest(folder), MANIFEST_KEY: calibration.to_dict()}
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=folder)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+# --------------------------------------------------------------------------- decoding
+class AbstainBlocker:
+    """A transformers logits processor: the first generated token may not be the abstain
+    answer's first token (so the best non-abstaining answer comes out)."""
+
+    def __init__(self, tokenizer: Any, schema: Any, prompt_width: int):
+        self.first = _completion_ids(tokenizer, schema.abstain)[0]
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        if input_ids.shape[1] == self.prompt_width:
+            scores[:, self.first] = -math.inf
+        return scores
+
+
+def blocked_candidates(generator: Any, prompts: Sequence[str], batch_size: int = 8) -> list[str]:
+    """The best non-abstaining answer for each prompt: greedy decoding, with the abstain
+    answer's first token blocked at the first step (:class:`AbstainBlocker`)."""
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from ragtune.generate import _StopOnText
+
+    gen = generator
+    enc = [gen.encode(p) for p in prompts]
+    out = [""] * len(enc)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    for b in range(0, len(order), max(1, batch_size)):
+        idx = order[b : b + max(1, batch_size)]
+        width = max(len(enc[i]) for i in idx)
+        ids = torch.full((len(idx), width), gen.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, i in enumerate(idx):
+            ids[j, width - len(enc[i]) :] = torch.tensor(enc[i])
+            mask[j, width - len(enc[i]) :] = 1
+        with torch.inference_mode():
+            res = gen.model.generate(
+                input_ids=ids.to(gen.device),
+                attention_mask=mask.to(gen.device),
+                generation_config=gen._generation_config(),
+                stopping_criteria=StoppingCriteriaList(
+                    [_StopOnText(gen.tokenizer, gen.stop_strings, width)]
+                ),
+                logits_processor=LogitsProcessorList(
+                    [AbstainBlocker(gen.tokenizer, gen.schema, width)]
+                ),
+            )
+        for j, i in enumerate(idx):
+            out[i] = gen._result(res[j, width:].tolist(), 0.0, len(enc[i])).text
+    return out
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One answer judged: the answer to give, the candidate it was judged on, its score."""
+
+    answer: str
+    candidate: str
+    score: float
+    features: AnswerFeatures
+
+
+def assess(
+    generator: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    contexts: Sequence[Sequence[str] | None] | None = None,
+    retrieval_scores: Sequence[float] | None = None,
+    calibration: Calibration | None = None,
+    batch_size: int = 8,
+) -> list[Assessment]:
+    """Score each generated answer and, with a calibration, apply its decision.
+
+    An answer that abstained is replaced by its blocked candidate for scoring, so every
+    question gets a score. Without a calibration the answers stay as generated (scores are
+    still reported, for AUROC); with one, the candidate is given when its score reaches the
+    threshold, else the abstain answer.
+    """
+    schema = generator.schema
+    cands = list(answers)
+    redo = [i for i, a in enumerate(answers) if schema.is_abstention(a) or not a.strip()]
+    if redo:
+        got = blocked_candidates(generator, [prompts[i] for i in redo], batch_size)
+        for i, c in zip(redo, got, strict=True):
+            cands[i] = c
+    feats = answer_features(
+        generator.model,
+        generator.tokenizer,
+        schema,
+        prompts,
+        cands,
+        contexts,
+        retrieval_scores,
+        batch_size,
+    )
+    if calibration is None:
+        scores = combine(feats)
+        final = list(answers)
+    else:
+        scores = combine(feats, calibration.weights, calibration.bias)
+        final = [
+            c if s >= calibration.threshold else schema.abstain
+            for c, s in zip(cands, scores, strict=True)
+        ]
+    return [Assessment(*row) for row in zip(final, cands, scores, feats, strict=True)]
+
+
+def fit_calibration(
+    features: Sequence[AnswerFeatures],
+    answerable: Sequence[bool],
+    candidate_f1: Sequence[float],
+    sources: Sequence[str] = (),
+) -> Calibration:
+    """The shipped decision, fitted on a validation split: logistic weights over every
+    feature (:func:`fit_logistic`), then the threshold maximising SQuAD v2 overall."""
+    weights, bias = fit_logistic(features, answerable)
+    scores = combine(features, weights, bias)
+    return Calibration(
+        threshold=fit_threshold(scores, answerable, candidate_f1),
+        weights=weights,
+        bias=bias,
+        auroc=auroc(scores, answerable),
+        n_validation=len(scores),
+        validation_sources=tuple(sorted(set(sources))),
+    )
+
+
+def calibration_from_rows(rows: Sequence[dict[str, Any]]) -> Calibration:
+    """:func:`fit_calibration` from evaluation rows (``answers.jsonl`` of one mode on the
+    validation split: ``features``, ``candidate``, ``gold``, ``answerable``, ``source``)."""
+    from ragtune.metrics import f1_score, max_over_gold
+
+    rows = [r for r in rows if r.get("features")]
+    if not rows:
+        raise ValueError("no evaluation rows with answerability features to calibrate on")
+    keys = ("lp_answer", "n_answer", "lp_abstain", "p_abstain_first", "grounded", "retrieval")
+    feats = [AnswerFeatures(**{k: r["features"][k] for k in keys}) for r in rows]
+    f1 = [max_over_gold(f1_score, r["candidate"] or "", r["gold"]) for r in rows]
+    return fit_calibration(
+        feats, [bool(r["answerable"]) for r in rows], f1, [r.get("source") or "" for r in rows]
+    )
+
+
+# --------------------------------------------------------------------------- internals
+def _completion_ids(tokenizer: Any, text: str) -> list[int]:
+    """A completion's ids as training encodes them: the text, then EOS."""
+    ids = list(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+    return [*ids, tokenizer.eos_token_id]
+
+
+def _logprobs(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    batch_size: int,
+    first_token: int | None,
+) -> tuple[list[float], list[float]]:
+    """Summed log-probability of each completion after its prompt (right-padded batches),
+    and the probability of ``first_token`` at the first completion position."""
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    sums, firsts = [0.0] * len(prompts), [0.0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
+    for b in range(0, len(order), max(1, batch_size)):
+        idx = order[b : b + batch_size]
+        rows = [[*prompts[i], *completions[i]] for i in idx]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = torch.tensor(row)
+            mask[r, : len(row)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for r, i in enumerate(idx):  # log-softmax over the completion positions only
+                start, n = len(prompts[i]), len(completions[i])
+                logp = torch.log_softmax(logits[r, start - 1 : start - 1 + n].float(), dim=-1)
+                tgt = torch.tensor(completions[i], device=logp.device)
+                sums[i] = float(logp[torch.arange(n, device=logp.device), tgt].sum())
+                if first_token is not None:
+                    firsts[i] = float(logp[0, first_token].exp())
+    return sums, firsts

@@ -1,0 +1,261 @@
+"""Answer-or-abstain: the score, the threshold, AUROC, and the contrastive training pairs."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+
+from ragtune.answerability import (
+    AbstainBlocker,
+    answer_features,
+    auroc,
+    fit_logistic,
+    fit_threshold,
+    grounded,
+    roc_curve,
+    score_answers,
+    split_by_source,
+)
+from ragtune.raft import BuildSettings, build_examples
+from ragtune.schema import get_schema
+from ragtune.types import Chunk, QARecord
+
+
+# --------------------------------------------------------------------------- AUROC
+def test_auroc_matches_reference_values():
+    # reference: pairs (pos > neg) + 0.5 * ties, counted by hand
+    assert auroc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]) == 1.0
+    assert auroc([0.1, 0.3, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    assert auroc([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0]) == 0.5
+    # 3 pos x 2 neg = 6 pairs: 0.8>0.7, 0.8>0.2, 0.4<0.7, 0.4>0.2, 0.7=0.7 (half), 0.7>0.2
+    assert auroc([0.8, 0.4, 0.7, 0.7, 0.2], [1, 1, 1, 0, 0]) == pytest.approx(4.5 / 6)
+    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+
+
+def test_roc_curve_ends_at_the_corners():
+    pts = roc_curve([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0])
+    assert pts[0] == (0.0, 0.0) and pts[-1] == (1.0, 1.0)
+    assert pts[1] == (0.0, 0.5)
+
+
+# --------------------------------------------------------------------------- threshold
+def test_fit_threshold_picks_the_cut_that_maximises_overall():
+    # answerable (True) score high, unanswerable low, one unanswerable at 0.65
+    scores = [0.9, 0.8, 0.7, 0.65, 0.6, 0.2, 0.1]
+    labels = [True, True, True, False, False, False, False]
+    cut = fit_threshold(scores, labels)
+    assert 0.65 < cut <= 0.7
+    # a wrong answer is worth nothing: with F1 0 on the 0.7 question the best cut moves above it
+    cut = fit_threshold(scores, labels, [1.0, 1.0, 0.0, 0, 0, 0, 0])
+    assert 0.7 < cut <= 0.8
+
+
+def test_fit_threshold_extremes():
+    assert fit_threshold([0.1, 0.2], [False, False]) == math.inf  # abstain on everything
+    assert fit_threshold([0.1, 0.2], [True, True]) == -math.inf  # answer everything
+
+
+def test_fit_threshold_does_not_split_ties():
+    # answering only the answerable one of the tied pair would score 3/3, but a cut cannot
+    # separate equal scores: answering both scores 2/3, abstaining on all 2/3 (kept: first best)
+    cut = fit_threshold([0.5, 0.5, 0.1], [True, False, False])
+    assert cut == math.inf
+
+
+# --------------------------------------------------------------------------- features
+def test_grounded_is_a_normalised_span_match():
+    assert grounded("The Eiffel Tower", ["Paris has the eiffel tower, built 1889."]) == 1.0
+    assert grounded("Eiffel", ["Paris has the eiffeltower."]) == 0.0
+    assert grounded("1889", None) == 0.0
+
+
+def test_split_by_source_holds_out_whole_documents():
+    recs = [QARecord(f"q{i}", "a", source=f"doc{i % 4}") for i in range(20)]
+    train, val = split_by_source(recs, 1, seed=0)
+    assert len({r.source for r in val}) == 1
+    assert not {r.source for r in val} & {r.source for r in train}
+    assert len(train) + len(val) == 20
+    with pytest.raises(ValueError):
+        split_by_source(recs, 4)
+
+
+def test_logistic_weights_apply_to_raw_features():
+    from ragtune.answerability import AnswerFeatures, combine
+
+    feats = [AnswerFeatures(-1.0 * i, 2, -5.0, 0.1, float(i % 2), 0.5) for i in range(20)]
+    labels = [i < 10 for i in range(20)]  # higher lp_answer (smaller i) = answerable
+    w, b = fit_logistic(feats, labels, ("mean_lp", "grounded"))
+    s = combine(feats, w, b)
+    assert auroc(s, labels) > 0.95
+
+
+def _train_tiny(tiny_lm_path, examples, steps=60):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path, dtype=torch.float32)
+    schema = get_schema("alpaca_rag_short")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rows = []
+    for prompt, completion in examples:
+        p = schema.encode_prompt(tok, prompt)
+        c = [*tok(completion, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        rows.append((p + c, len(p)))
+    for step in range(steps):
+        ids, plen = rows[step % len(rows)]
+        x = torch.tensor([ids])
+        labels = x.clone()
+        labels[0, :plen] = -100
+        model(input_ids=x, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    return model, tok, schema
+
+
+def test_score_separates_supported_from_unsupported_context(tiny_lm_path):
+    """The tiny model, trained on a pair that differs only in whether the context holds the
+    answer, scores the answer higher with the supporting context than without it."""
+    from ragtune.schema import PromptFields
+
+    schema = get_schema("alpaca_rag_short")
+    q = "Who built the harbor?"
+    with_ctx = schema.render_prompt(PromptFields(q, "", ["The harbor was built by Marlowe."]))
+    without = schema.render_prompt(PromptFields(q, "", ["The garden is full of roses."]))
+    model, tok, schema = _train_tiny(
+        tiny_lm_path, [(with_ctx, "Marlowe"), (without, schema.abstain)]
+    )
+    s = score_answers(
+        model,
+        tok,
+        [with_ctx, without],
+        ["Marlowe", "Marlowe"],
+        [["The harbor was built by Marlowe."], ["The garden is full of roses."]],
+        schema=schema,
+    )
+    assert s[0] > s[1] + 1.0
+    f = answer_features(model, tok, schema, [with_ctx, without], ["Marlowe", "Marlowe"], None)
+    assert f[1].p_abstain_first > f[0].p_abstain_first
+    assert f[0].n_answer == len(tok("Marlowe", add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_abstain_blocker_bans_only_the_first_step(tokenizer):
+    import torch
+
+    schema = get_schema("alpaca_rag_short")
+    block = AbstainBlocker(tokenizer, schema, prompt_width=5)
+    first = block.first
+    scores = torch.zeros((2, len(tokenizer)))
+    out = block(torch.zeros((2, 5), dtype=torch.long), scores.clone())
+    assert torch.isinf(out[:, first]).all() and out[:, first + 1].eq(0).all()
+    later = block(torch.zeros((2, 6), dtype=torch.long), scores.clone())
+    assert not torch.isinf(later).any()
+
+
+# --------------------------------------------------------------------------- training pairs
+class _Retriever:
+    def __init__(self, chunks):
+        self.chunks = chunks
+
+    def candidates(self, query, n):
+        q = set(query.lower().split())
+        return sorted(self.chunks, key=lambda c: (-len(q & set(c.text.lower().split())), c.id))[:n]
+
+    def find(self, contains=None, source=None, limit=50):
+        return [
+            c
+            for c in self.chunks
+            if (contains is None or contains.lower() in c.text.lower())
+            and (source is None or c.source == source)
+        ][:limit]
+
+    def fit(self, chunks, budget_tokens):
+        return list({c.id: c for c in chunks}.values())
+
+
+def _c(i, text, source):
+    return Chunk(f"c{i}", text, source, 0, hashlib.sha1(text.encode()).hexdigest())
+
+
+def test_contrastive_construction_emits_the_pair(tokenizer):
+    chunks = [
+        _c(0, "The harbor keeper was Marlowe.", "harbor.md"),
+        _c(1, "The harbor has two piers.", "harbor.md"),
+        _c(2, "The harbor light is red.", "harbor.md"),
+        _c(3, "The mill grinds corn.", "mill.md"),
+        _c(4, "The mill wheel is old.", "mill.md"),
+    ]
+    records = [
+        QARecord("Who was the harbor keeper?", "Marlowe", source="harbor.md"),
+        QARecord("What colour is the mill roof?", "", source="mill.md"),
+    ]
+    schema = get_schema("alpaca_rag_short")
+    settings = BuildSettings(
+        k=2, fetch_k=5, oracle_fraction=1.0, contrastive=True, unanswerable_on_topic=True
+    )
+    ex, stats = build_examples(records, _Retriever(chunks), schema, tokenizer, settings, False)
+    assert [e["kind"] for e in ex] == ["oracle", "contrast_no_oracle", "unanswerable"]
+    oracle, twin, unans = ex
+    assert oracle["instruction"] == twin["instruction"]
+    assert "Marlowe" in oracle["prompt"] and oracle["target"] == "Marlowe"
+    assert "Marlowe" not in twin["prompt"] and twin["target"] == schema.abstain
+    assert all(s["source"] == "mill.md" for s in unans["sources"])  # its own document first
+    assert stats["kinds"]["contrast_no_oracle"] == 1
+    plain, _ = build_examples(
+        records,
+        _Retriever(chunks),
+        schema,
+        tokenizer,
+        BuildSettings(k=2, oracle_fraction=1.0),
+        False,
+    )
+    assert [e["kind"] for e in plain] == ["oracle", "unanswerable"]
+
+
+def test_calibration_from_validation_rows_goes_into_the_manifest(tmp_path):
+    import json
+
+    from ragtune.answerability import (
+        Calibration,
+        calibration_from_rows,
+        read_calibration,
+        write_calibration,
+    )
+
+    rows = []
+    for i in range(40):
+        answerable = i % 2 == 0
+        rows.append(
+            {
+                "answerable": answerable,
+                "gold": ["Marlowe"] if answerable else [],
+                "candidate": "Marlowe",
+                "source": f"doc{i % 3}",
+                "features": {
+                    "lp_answer": -1.0 if answerable else -4.0,
+                    "n_answer": 2,
+                    "lp_abstain": -3.0 + 0.01 * i,
+                    "p_abstain_first": 0.2,
+                    "grounded": 1.0,
+                    "retrieval": 0.5,
+                },
+            }
+        )
+    cal = calibration_from_rows(rows)
+    assert cal.auroc == 1.0 and cal.n_validation == 40
+    assert cal.validation_sources == ("doc0", "doc1", "doc2")
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "model": {"x": 1}}))
+    write_calibration(tmp_path, cal)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["model"] == {"x": 1}  # other fields kept
+    back = read_calibration(tmp_path)
+    assert isinstance(back, Calibration) and back.threshold == pytest.approx(cal.threshold)
+    from ragtune.answerability import AnswerFeatures
+
+    yes = AnswerFeatures(-1.0, 2, -3.0, 0.2, 1.0, 0.5)
+    no = AnswerFeatures(-4.0, 2, -3.0, 0.2, 1.0, 0.5)
+    assert back.answers([yes, no]) == [True, False]
