@@ -91,6 +91,7 @@ class RaftConfig:
     unanswerable_fraction: float | None = None
     shuffle_oracle: bool = True
     num_preview: int = 3
+    max_unsupported_fraction: float = 0.1  # above it, answers no chunk supports stop the build
 
 
 @dataclass
@@ -295,6 +296,8 @@ def _check_values(cfg: DictConfig) -> None:
             "raft.unanswerable_fraction",
             f"must be null or in [0, 1], got {u}",
         )
+        m = cfg.raft.get("max_unsupported_fraction", 0.1)
+        need(0.0 <= m <= 1.0, "raft.max_unsupported_fraction", f"must be in [0, 1], got {m}")
         need(
             cfg.raft.mode in ("rag", "closed"),
             "raft.mode",
