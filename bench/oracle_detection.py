@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -32,16 +33,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# sleeping OpenMP workers: spinning ones make small torch ops ~100x slower on a shared CPU
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ragtune.ingest import as_rcfg, embed_texts, load_embedder, make_splitter  # noqa: E402
 from ragtune.oracle import (  # noqa: E402
     FUZZY_MIN,
     SEMANTIC_MIN,
-    SEMANTIC_MIN_TOKENS,
     OracleFinder,
-    _claim,
     exact_match,
     fuzzy_score,
+    semantic_claim,
     tokens,
 )
 from ragtune.types import Chunk  # noqa: E402
@@ -286,9 +288,7 @@ def squad_pairs(path: Path, n: int, seed: int) -> list[Pair]:
                         plausible.append((source, qa["question"], a["text"]))
                 else:
                     a = qa["answers"][0]
-                    items.append(
-                        (source, p["context"], qa["question"], a["text"], a["answer_start"])
-                    )
+                    items.append((source, p["context"], qa["question"], a["text"]))
     chunks = chunk_documents(docs)
     rng.shuffle(items)
     rng.shuffle(plausible)
@@ -358,7 +358,9 @@ def demo_pairs() -> list[Pair]:
 
 def score(pairs: list[Pair], finder: OracleFinder) -> list[dict]:
     rows = []
-    for p in pairs:
+    for i, p in enumerate(pairs):
+        if i % 100 == 0:
+            print(f"scored {i}/{len(pairs)}", file=sys.stderr, flush=True)
         ans = tokens(p.answer)
         toks = [tokens(c.text) for c in p.space]
         exact = next(
@@ -366,9 +368,8 @@ def score(pairs: list[Pair], finder: OracleFinder) -> list[dict]:
         )
         fz = [fuzzy_score(ans, t) for t in toks]
         fi = max(range(len(fz)), key=fz.__getitem__)
-        claim = _claim(p.answer, p.question)
-        sem_ok = len(tokens(claim)) >= SEMANTIC_MIN_TOKENS
-        sm = finder.semantic_scores(claim, p.space) if sem_ok else [0.0] * len(p.space)
+        claim = semantic_claim(p.answer, p.question)
+        sm = finder.semantic_scores(claim, p.space) if claim else [0.0] * len(p.space)
         si = max(range(len(sm)), key=sm.__getitem__)
         rows.append(
             {

@@ -34,7 +34,7 @@ HOW = ("exact", "fuzzy", "semantic", "none")
 
 FUZZY_MIN = 0.8  # token partial-alignment ratio; see docs/benchmarks.md "Oracle detection"
 FUZZY_MIN_TOKENS = 3  # shorter answers: one changed token is a different answer ("7 years")
-SEMANTIC_MIN = 0.75  # mean best cosine of answer sentences (all-MiniLM-L6-v2)
+SEMANTIC_MIN = 0.8  # mean best cosine of answer sentences (all-MiniLM-L6-v2)
 SEMANTIC_MIN_TOKENS = 6  # shorter answers carry too little meaning to embed on their own
 SOURCE_LIMIT = 100_000  # "every chunk of the source" for retriever.find
 
@@ -240,8 +240,8 @@ class OracleFinder:
         i = int(np.argmax(fuzzy))
         if fuzzy[i] >= self.fuzzy_min:
             return OracleMatch(chunks[i], "fuzzy", fuzzy[i])
-        claim = _claim(answer, question)
-        if self.embed is None or len(tokens(claim)) < SEMANTIC_MIN_TOKENS:
+        claim = semantic_claim(answer, question)
+        if self.embed is None or claim is None:
             return NONE
         sem = self.semantic_scores(claim, chunks)
         i = int(np.argmax(sem))
@@ -259,8 +259,8 @@ class OracleFinder:
             exact_match(ans, t) or fuzzy_score(ans, t) >= self.fuzzy_min
             for t in (tokens(c.text) for c in chunks)
         ]
-        claim = _claim(record.output, record.instruction)
-        if self.embed is not None and chunks and len(tokens(claim)) >= SEMANTIC_MIN_TOKENS:
+        claim = semantic_claim(record.output, record.instruction)
+        if self.embed is not None and chunks and claim is not None:
             sem = self.semantic_scores(claim, chunks)
             out = [o or s >= self.semantic_min for o, s in zip(out, sem, strict=True)]
         return out
@@ -282,16 +282,17 @@ class OracleFinder:
         return [float((claim_vecs @ self._chunk_vecs[c.text].T).max(axis=1).mean()) for c in chunks]
 
 
-def _claim(answer: str, question: str) -> str:
-    """What to embed: the answer, or for a bare yes/no the question it affirms.
+def semantic_claim(answer: str, question: str) -> str | None:
+    """What to embed: the answer, or for a bare yes/no the question it affirms; or None.
 
     "Yes" alone names nothing to look for; the question's statement does. Its polarity cannot
-    be checked this way, so a "No" is supported by the same chunk as a "Yes".
+    be checked this way, so a "No" is supported by the same chunk as a "Yes". Other short
+    answers carry too little meaning to embed (None).
     """
     bare = re.fullmatch(r"\s*(yes|no)\b[\s.,!;:-]*(.*)", answer, flags=re.I | re.S)
-    if bare is None:
-        return answer
-    rest = bare.group(2).strip()
-    if len(tokens(rest)) >= SEMANTIC_MIN_TOKENS:
-        return rest
-    return f"{question} {rest}".strip()
+    claim = answer if bare is None else bare.group(2).strip()
+    if len(tokens(claim)) >= SEMANTIC_MIN_TOKENS:
+        return claim
+    if bare is not None and question.strip():
+        return f"{question.strip()} {claim}".strip()
+    return None

@@ -30,9 +30,9 @@ TEXTS = {
         "in ice. The females bury their eggs in shallow nests in the gravel.",
     ],
 }
-LONG_FORM = (
-    "You pluck a Brennick harp with your fingernails. The right hand carries the tune and the "
-    "left hand keeps a drone going on the three lowest strings."
+LONG_FORM = (  # reworded: neither the exact nor the fuzzy step finds it
+    "Brennick harpists pluck the strings using their fingernails. Their left hand plays a "
+    "constant drone on the three lowest strings and the right hand plays the tune."
 )
 
 
@@ -195,4 +195,4 @@ def test_semantic_cache_follows_the_text_not_the_id(embed):
     a = store.chunks[2]
     b = Chunk(a.id, "Nothing about harps at all: a note on tide tables.", a.source, 0, "x")
     s = finder.semantic_scores(LONG_FORM, [a, b])
-    assert s[0] > 0.75 > s[1] and np.isfinite(s).all()
+    assert s[0] > 0.8 > s[1] and np.isfinite(s).all()
