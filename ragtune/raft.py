@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -38,10 +39,15 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from ragtune.budget import ANSWER_RESERVE
+from ragtune.errors import RagtuneError
+from ragtune.oracle import HOW, OracleFinder, OracleMatch
 from ragtune.schema import PromptFields, PromptSchema
 from ragtune.types import Chunk, QARecord
 
 log = logging.getLogger(__name__)
+
+UNSUPPORTED_SHOWN = 5  # record ids in the log line and the error
+UNSUPPORTED_LISTED = 100  # record ids kept in stats.json
 
 
 class RetrieverLike(Protocol):
@@ -66,12 +72,13 @@ class BuildSettings:
     abstain_without_oracle: bool = True
     shuffle_oracle: bool = True
     unanswerable_fraction: float | None = None  # cap on the share of unanswerable records
-    contrastive: bool = False  # oracle-kept examples also appear without the oracle -> abstain
-    unanswerable_on_topic: bool = False  # unanswerable contexts lead with their own document
     mode: str = "rag"
     max_seq_length: int = 1024
     context_tokens: int = 0  # 0 = derive from max_seq_length (schema.context_budget)
     seed: int = 42
+    max_unsupported_fraction: float = 0.10  # above it, answers without support stop the build
+    contrastive: bool = False  # oracle-kept examples also appear without the oracle -> abstain
+    unanswerable_on_topic: bool = False  # unanswerable contexts lead with their own document
 
     @classmethod
     def from_config(cls, cfg: Any) -> BuildSettings:
@@ -82,17 +89,18 @@ class BuildSettings:
             abstain_without_oracle=cfg.raft.abstain_without_oracle,
             shuffle_oracle=cfg.raft.shuffle_oracle,
             unanswerable_fraction=cfg.raft.get("unanswerable_fraction"),
-            contrastive=bool(cfg.raft.get("contrastive", False)),
-            unanswerable_on_topic=bool(cfg.raft.get("unanswerable_on_topic", False)),
             mode=cfg.raft.mode,
             max_seq_length=cfg.model.max_seq_length,
             context_tokens=cfg.retriever.context_tokens,
             seed=cfg.seed,
+            max_unsupported_fraction=cfg.raft.get("max_unsupported_fraction", 0.10),
+            contrastive=bool(cfg.raft.get("contrastive", False)),
+            unanswerable_on_topic=bool(cfg.raft.get("unanswerable_on_topic", False)),
         )
 
 
-def _contains(text: str, answer: str) -> bool:
-    return answer.casefold() in text.casefold()
+class UnsupportedAnswersError(RagtuneError):
+    """Too many answerable records have no chunk supporting their answer."""
 
 
 def cap_unanswerable(
@@ -124,24 +132,17 @@ def _keep_oracle(records: Sequence[QARecord], fraction: float, seed: int) -> set
     return set(idx[: round(fraction * len(idx))])
 
 
-def find_oracle(
-    record: QARecord, candidates: list[Chunk], retriever: RetrieverLike
-) -> Chunk | None:
-    """The chunk holding the answer: retrieved ones first, then a search of the whole index.
+def find_oracle(record: QARecord, candidates: list[Chunk], retriever: RetrieverLike) -> OracleMatch:
+    """The chunk supporting the answer, how it was found and the score (``ragtune.oracle``).
 
-    A chunk from the record's own source wins over one that merely repeats the string.
+    Within the record's ``source`` when it has one, else among the retrieved ``candidates``.
     """
-    answer = record.output.strip()
-    holding = [c for c in candidates if _contains(c.text, answer)]
-    if record.source and not any(c.source == record.source for c in holding):
-        holding += retriever.find(contains=answer, source=record.source)
-    if not holding:
-        holding = retriever.find(contains=answer)
-    holding = [c for c in holding if _contains(c.text, answer)]
-    if record.source:
-        own = [c for c in holding if c.source == record.source]
-        holding = own or holding
-    return holding[0] if holding else None
+    return _finder(retriever).find(record, candidates)
+
+
+def _finder(retriever: RetrieverLike) -> OracleFinder:
+    """The oracle search, semantic with the retriever's own embedder when it has one."""
+    return OracleFinder(retriever, getattr(retriever, "embed", None))
 
 
 def build_examples(
@@ -162,6 +163,8 @@ def build_examples(
     records = cap_unanswerable(records, settings.unanswerable_fraction, settings.seed)
     keep = _keep_oracle(records, settings.oracle_fraction, settings.seed)
     kinds: Counter[str] = Counter()
+    finder = _finder(retriever) if retriever is not None else None
+    unsupported: list[str] = []
     examples: list[dict[str, Any]] = []
     n_truncated = 0
     n_ctx: list[int] = []
@@ -169,21 +172,25 @@ def build_examples(
         rng = random.Random(f"{settings.seed}:{i}:{rec.instruction}")
         context: list[Chunk] | None = None
         oracle: Chunk | None = None
+        match: OracleMatch | None = None
         twin: list[Chunk] | None = None  # the contrastive context: the oracle removed
         if settings.mode == "closed":
             kind = "closed" if rec.answerable else "unanswerable"
             target = rec.output if rec.answerable else schema.abstain
         else:
-            assert retriever is not None
+            assert retriever is not None and finder is not None
             fields = PromptFields(rec.instruction, rec.input, [])
             budget = settings.context_tokens or schema.context_budget(
                 tokenizer, fields, settings.max_seq_length, ANSWER_RESERVE
             )
             cands = retriever.candidates(rec.instruction, settings.fetch_k)
-            if rec.answerable:
-                oracle = find_oracle(rec, cands, retriever)
-                answer = rec.output.strip()
-                distractors = [c for c in cands if not _contains(c.text, answer)]
+            if rec.answerable and not _abstains_on_purpose(rec, schema):
+                match = finder.find(rec, cands)
+                oracle = match.chunk
+                if oracle is None:
+                    unsupported.append(rec.id or _record_id(rec))
+                holds = finder.supporting(rec, cands)
+                distractors = [c for c, h in zip(cands, holds, strict=True) if not h]
             elif settings.unanswerable_on_topic and rec.source:
                 # stable sort: the question's own document first, retrieval order within it
                 distractors = sorted(cands, key=lambda c: c.source != rec.source)
@@ -191,7 +198,7 @@ def build_examples(
                 distractors = cands
             if oracle is not None and i in keep:
                 chosen = retriever.fit([oracle, *distractors[: settings.k - 1]], budget)
-                if not any(_contains(c.text, rec.output.strip()) for c in chosen):
+                if not any(finder.supporting(rec, [c for c in chosen if c.id == oracle.id])):
                     n_truncated += 1  # the budget cut the answer out: treat as dropped
                     oracle = None
                 elif settings.contrastive:
@@ -234,6 +241,8 @@ def build_examples(
                     "answer": rec.output,
                     "target": target,
                     "oracle_id": oracle.id if oracle else None,
+                    "oracle_how": match.how if match else None,
+                    "oracle_score": round(match.score, 3) if match else None,
                     "sources": []
                     if context is None
                     else [{"source": c.source, "start": c.start, "id": c.id} for c in context],
@@ -241,7 +250,53 @@ def build_examples(
             )
     stats = _stats(examples, kinds, tokenizer, schema, settings, n_truncated, n_ctx)
     stats["unanswerable_dropped"] = n_given - len(records)
+    stats.update(_oracle_stats(examples, unsupported))
+    _check_unsupported(stats, settings.max_unsupported_fraction)
     return examples, stats
+
+
+def _abstains_on_purpose(rec: QARecord, schema: PromptSchema) -> bool:
+    """An answerable-looking record whose answer is the abstain answer itself."""
+    return schema.is_abstention(rec.output)
+
+
+def _oracle_stats(examples: list[dict[str, Any]], unsupported: list[str]) -> dict[str, Any]:
+    """How each answer's oracle was found, and the records whose answer nothing supports."""
+    how = Counter(e["oracle_how"] for e in examples if e.get("oracle_how"))
+    searched = sum(how.values())
+    if unsupported:
+        log.warning(
+            "%d of %d answerable records have no chunk supporting their answer, so they train "
+            "as abstain targets: %s%s",
+            len(unsupported),
+            searched,
+            ", ".join(unsupported[:UNSUPPORTED_SHOWN]),
+            " ..." if len(unsupported) > UNSUPPORTED_SHOWN else "",
+        )
+    return {
+        "oracle_how": {h: how[h] for h in HOW},
+        "unsupported": {
+            "count": len(unsupported),
+            "share": len(unsupported) / searched if searched else 0.0,
+            "records": unsupported[:UNSUPPORTED_LISTED],
+        },
+    }
+
+
+def _check_unsupported(stats: dict[str, Any], limit: float) -> None:
+    u = stats["unsupported"]
+    if u["share"] > limit:
+        shown = ", ".join(u["records"][:UNSUPPORTED_SHOWN])
+        raise UnsupportedAnswersError(
+            f"{u['count']} answerable QA records ({u['share']:.0%}) have no chunk supporting "
+            f"their answer (e.g. {shown}) and would train as abstain targets; fix their "
+            f"answers or sources, or set raft.max_unsupported_fraction={_ceil2(u['share'])} "
+            f"(now {limit}) to go on"
+        )
+
+
+def _ceil2(x: float) -> float:
+    return min(1.0, math.ceil(round(x * 100, 6)) / 100)
 
 
 def _record_id(rec: QARecord) -> str:
@@ -303,8 +358,11 @@ def save_dataset(
         by_kind.setdefault(e["kind"], e)
     picks = list(by_kind.values())[: max(num_preview, 0)]
     for e in picks:
+        how = e.get("oracle_how")
+        found = f"oracle found: {how} (score {e['oracle_score']:.2f})\n\n" if how else ""
         shown.append(
-            f"## {e['kind']}: {e['instruction']}\n\n```text\n{e['prompt']}{e['completion']}\n```\n"
+            f"## {e['kind']}: {e['instruction']}\n\n{found}"
+            f"```text\n{e['prompt']}{e['completion']}\n```\n"
         )
     (out_dir / "preview.md").write_text("# Rendered training examples\n\n" + "\n".join(shown))
     return out_dir
@@ -332,4 +390,5 @@ def describe(stats: dict[str, Any]) -> str:
         f"{stats['examples']} examples {stats['kinds']}, oracle rate {stats['oracle_rate']:.2f} "
         f"(target {stats['oracle_fraction_target']:.2f}), abstain rate {stats['abstain_rate']:.2f}, "
         f"tokens mean {t['mean']:.0f} p95 {t['p95']} max {t['max']}"
+        + (f", oracle found {stats['oracle_how']}" if "oracle_how" in stats else "")
     )

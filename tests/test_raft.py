@@ -170,8 +170,8 @@ def test_oracle_search_prefers_the_records_source(tokenizer):
     same = _chunk(1, "Mara Ostend built it.", "a.md")
     other = _chunk(2, "Some say Mara Ostend.", "b.md")
     r = MemoryRetriever([other, same], len)
-    assert find_oracle(QARecord("q", "Mara Ostend", source="a.md"), [other], r) == same
-    assert find_oracle(QARecord("q", "Nobody"), [other], r) is None
+    assert find_oracle(QARecord("q", "Mara Ostend", source="a.md"), [other], r).chunk == same
+    assert find_oracle(QARecord("q", "Nobody"), [other], r).how == "none"
 
 
 def test_saved_dataset_is_readable(corpus, tokenizer, tmp_path):

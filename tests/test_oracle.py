@@ -1,0 +1,198 @@
+"""Oracle detection beyond verbatim answers, and the build's refusal to hide unsupported ones."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from ragtune.oracle import OracleFinder, normalize
+from ragtune.raft import BuildSettings, UnsupportedAnswersError, build_examples, save_dataset
+from ragtune.schema import get_schema
+from ragtune.types import Chunk, QARecord
+
+TEXTS = {
+    "corvanite.md": [
+        "Corvanite was developed by Ismay Trelawn at the Brindlecombe\nMetallurgical Works, "
+        "a private laboratory and rolling mill on the shore of Corva Sound.",
+        "To prove its resistance to corrosion, Trelawn hung polished plates of the alloy from a "
+        "pier and left them in the sea for seven years. They lost almost no thickness.",
+    ],
+    "harp.md": [
+        "Brennick players pluck the strings with their fingernails. The left hand plays a "
+        "steady drone on the lowest three strings, while the right hand plays the melody.",
+        "The Harp Moot is held every three years in Kilmory Cross, a fishing village on the "
+        "southern coast, and lasts for a long weekend in late June.",
+    ],
+    "murrowfin.txt": [
+        "The murrowfin spawns in late February, when the lake is often still partly covered "
+        "in ice. The females bury their eggs in shallow nests in the gravel.",
+    ],
+}
+LONG_FORM = (  # reworded: neither the exact nor the fuzzy step finds it
+    "Brennick harpists pluck the strings using their fingernails. Their left hand plays a "
+    "constant drone on the three lowest strings and the right hand plays the tune."
+)
+
+
+def _chunks() -> list[Chunk]:
+    out = []
+    for source, texts in TEXTS.items():
+        for i, t in enumerate(texts):
+            h = hashlib.sha1(t.encode()).hexdigest()
+            out.append(Chunk(f"{source}#{i}", t, source, i * 1000, h))
+    return out
+
+
+class Store:
+    """Chunks by source and a word-overlap ranking; the real embedder for the semantic step."""
+
+    def __init__(self, embed=None):
+        self.chunks = _chunks()
+        if embed is not None:
+            self.embed = embed
+
+    def find(self, contains=None, source=None, limit=50):
+        return [c for c in self.chunks if source is None or c.source == source][:limit]
+
+    def candidates(self, query, n):
+        q = set(query.lower().split())
+        return sorted(self.chunks, key=lambda c: -len(q & set(c.text.lower().split())))[:n]
+
+    def fit(self, chunks, budget_tokens):
+        return list({c.id: c for c in chunks}.values())
+
+
+@pytest.fixture(scope="module")
+def embed():
+    from ragtune.ingest import embed_texts, load_embedder
+
+    model = load_embedder("minilm-l6", "cpu")
+    return lambda texts: embed_texts(model, list(texts), normalize=True, batch_size=16)
+
+
+def _find(record: QARecord, embed=None):
+    store = Store(embed)
+    return OracleFinder(store, embed).find(record, store.candidates(record.instruction, 5))
+
+
+def test_number_words_and_digits_normalise_alike():
+    assert normalize("Seven years") == normalize("7 years") == "7 years"
+    assert normalize("twenty-one") == "21" and normalize("2,000 men") == "2000 men"
+    assert normalize("The U.S.\nArmy") == normalize("the u.s. army")
+
+
+def test_a_paraphrased_number_answer_finds_its_chunk():
+    m = _find(
+        QARecord("How long were the plates left in the sea?", "7 years", source="corvanite.md")
+    )
+    assert (m.how, m.chunk.id) == ("exact", "corvanite.md#1")
+
+
+def test_an_answer_split_by_a_line_break_finds_its_chunk():
+    rec = QARecord(
+        "Where was it developed?", "Brindlecombe Metallurgical Works", source="corvanite.md"
+    )
+    m = _find(rec)
+    assert (m.how, m.chunk.id) == ("exact", "corvanite.md#0")
+
+
+def test_a_reworded_answer_is_a_fuzzy_match():
+    rec = QARecord(
+        "Where is the Harp Moot?", "every three years at Kilmory Cross", source="harp.md"
+    )
+    m = _find(rec)
+    assert (m.how, m.chunk.id) == ("fuzzy", "harp.md#1") and 0.8 <= m.score < 1.0
+
+
+def test_a_long_form_answer_is_found_by_meaning(embed):
+    m = _find(QARecord("How is the Brennick harp played?", LONG_FORM, source="harp.md"), embed)
+    assert (m.how, m.chunk.id) == ("semantic", "harp.md#0")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "12 years",
+        "It spawns in the autumn, in October, in the deep middle of the lake far from streams.",
+    ],
+)
+def test_a_wrong_answer_gets_no_oracle(embed, answer):
+    rec = QARecord("When does the murrowfin spawn, and how long did the plates stay?", answer)
+    assert _find(rec, embed).how == "none"
+
+
+@pytest.fixture()
+def build(tokenizer, embed):
+    def run(records, **kw):
+        settings = BuildSettings(**{"k": 2, "fetch_k": 5, "max_seq_length": 512, **kw})
+        return build_examples(
+            records, Store(embed), get_schema("alpaca_rag"), tokenizer, settings, progress=False
+        )
+
+    return run
+
+
+def test_sourceless_alpaca_records_get_an_oracle_context_not_abstention(build, tmp_path):
+    records = [  # plain Alpaca data: no source, answers not verbatim
+        QARecord("How is the Brennick harp played?", LONG_FORM),
+        QARecord("How long were the corvanite plates left in the sea?", "7 years"),
+        QARecord("Where was Corvanite developed?", "Brindlecombe Metallurgical Works"),
+    ]
+    examples, stats = build(records, oracle_fraction=1.0)
+    assert [e["kind"] for e in examples] == ["oracle"] * 3
+    assert [e["target"] for e in examples] == [r.output for r in records]
+    assert [e["oracle_how"] for e in examples] == ["semantic", "exact", "exact"]
+    assert stats["oracle_how"] == {"exact": 2, "fuzzy": 0, "semantic": 1, "none": 0}
+    assert stats["unsupported"]["count"] == 0
+    save_dataset(examples, stats, tmp_path, num_preview=3)
+    assert "oracle found: semantic" in (tmp_path / "preview.md").read_text()
+
+
+def test_a_distractor_never_supports_the_answer(build):
+    rec = QARecord("How does the left hand play a Brennick harp?", LONG_FORM, source="harp.md")
+    (e,), _ = build([rec], oracle_fraction=0.0)  # oracle dropped: the context must lack it
+    assert e["kind"] == "abstain_no_oracle" and "harp.md#0" not in [s["id"] for s in e["sources"]]
+
+
+def _unsupported_set(n_bad: int) -> list[QARecord]:
+    good = [
+        QARecord("How long were the plates left in the sea?", "7 years", id=f"qa:{i}")
+        for i in range(1, 10)
+    ]
+    bad = [
+        QARecord("Who built the harp?", "Tamsin Brennick", id=f"qa:{i}")
+        for i in range(20, 20 + n_bad)
+    ]
+    on_purpose = [
+        QARecord("What colour is the harp?", "", id="qa:30"),  # unanswerable (SQuAD is_impossible)
+        QARecord("Who owns the mill?", get_schema("alpaca_rag").abstain, id="qa:31"),
+    ]
+    return good + bad + on_purpose
+
+
+def test_above_the_share_the_build_stops_with_one_line_naming_the_key(build):
+    with pytest.raises(UnsupportedAnswersError) as err:
+        build(_unsupported_set(2))  # 2 of 11 answerable records: 18% > 10%
+    msg = str(err.value)
+    assert "\n" not in msg and "raft.max_unsupported_fraction" in msg and "qa:20" in msg
+
+
+def test_the_key_lets_the_build_go_on_and_lists_the_records(build, caplog):
+    examples, stats = build(_unsupported_set(2), max_unsupported_fraction=0.2)
+    assert stats["unsupported"]["records"] == ["qa:20", "qa:21"]
+    assert stats["unsupported"]["share"] == pytest.approx(2 / 11)
+    assert stats["oracle_how"]["none"] == 2  # the unanswerable and abstain-answer ones don't count
+    assert "qa:20, qa:21" in caplog.text
+    _, stats = build(_unsupported_set(1))  # 1 of 10: not above the default share, listed anyway
+    assert stats["unsupported"]["records"] == ["qa:20"]
+
+
+def test_semantic_cache_follows_the_text_not_the_id(embed):
+    store = Store(embed)
+    finder = OracleFinder(store, embed)
+    a = store.chunks[2]
+    b = Chunk(a.id, "Nothing about harps at all: a note on tide tables.", a.source, 0, "x")
+    s = finder.semantic_scores(LONG_FORM, [a, b])
+    assert s[0] > 0.8 > s[1] and np.isfinite(s).all()
