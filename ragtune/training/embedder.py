@@ -253,6 +253,15 @@ def _metric_key(evaluator: Any, model: Any, k: int) -> str:
     return f"{evaluator.name}_{model.similarity_fn_name}_accuracy@{k}"
 
 
+def _best_evaluation(history: list[dict[str, Any]], metric: str) -> dict[str, float] | None:
+    """The recall summary of the evaluation the trainer kept (the first best), if any."""
+    evals = [h for h in history if metric in h]
+    if not evals:
+        return None
+    best = max(evals, key=lambda h: h[metric])  # max keeps the first of equals, as the trainer
+    return recall_summary({k: v for k, v in best.items() if k.startswith("eval_")}, "eval_val_")
+
+
 def _save_target(save_dir: Path) -> Path:
     if save_dir.exists() and any(save_dir.iterdir()):
         raise EmbedTuneError(
@@ -366,7 +375,9 @@ def tune_embedder(
         callbacks=callbacks,
     )
     trainer.train()
-    after = recall_summary(evaluator(model), "val_")
+    after = _best_evaluation(trainer.state.log_history, f"eval_{key}") or recall_summary(
+        evaluator(model), "val_"
+    )
     k = f"recall@{ecfg.recall_k}"
     log.info("validation after tuning: %s", after)
     if after.get(k, 0.0) < before.get(k, 0.0):
