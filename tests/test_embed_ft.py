@@ -228,3 +228,13 @@ def test_bad_settings_name_the_key():
         as_embed_ft_config({"val_fraction": 1.5})
     with pytest.raises(EmbedTuneError, match="embed_ft"):
         as_embed_ft_config({"no_such_key": 1})
+
+
+def test_resolve_embedder_takes_a_model_folder_and_refuses_an_empty_one(tmp_path, tuned):
+    from ragtune.models import ModelNotFoundError, resolve_embedder
+
+    result, _ = tuned
+    assert resolve_embedder(str(result.path)) == str(result.path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="holds no model"):
+        resolve_embedder(str(tmp_path / "empty"))
