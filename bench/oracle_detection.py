@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # sleeping OpenMP workers: spinning ones make small torch ops ~100x slower on a shared CPU
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ragtune.ingest import as_rcfg, embed_texts, load_embedder, make_splitter  # noqa: E402
+from ragtune.embedding import embed_texts, load_embedder  # noqa: E402
+from ragtune.ingest import make_splitter  # noqa: E402
 from ragtune.oracle import (  # noqa: E402
     FUZZY_MIN,
     SEMANTIC_MIN,
@@ -46,6 +47,7 @@ from ragtune.oracle import (  # noqa: E402
     semantic_claim,
     tokens,
 )
+from ragtune.store import as_rcfg  # noqa: E402
 from ragtune.types import Chunk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

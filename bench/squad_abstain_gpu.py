@@ -3,7 +3,7 @@
     python bench/squad_abstain_gpu.py --model DIR --pack PACK --variant NAME --out FILE
 
 Reads bench/squad_abstain_prep.py's PACK (rendered examples and evaluation prompts), so the
-GPU machine needs only torch, transformers and peft. Training mirrors ragtune.train's hf
+GPU machine needs only torch, transformers and peft. Training mirrors ragtune.training's hf
 backend: the same token ids (schema.encode_prompt + completion + EOS, over-long examples
 dropped), loss on completion tokens only, LoRA r=16 / alpha 32 / all-linear, AdamW, 5% warmup,
 cosine, float32. ``--variant base`` trains nothing (base_rag); ``closed`` is the closed-book

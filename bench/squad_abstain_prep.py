@@ -64,8 +64,6 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     args = ap.parse_args()
 
-    from ragtune.sft import load_tokenizer
-
     from ragtune.answerability import split_by_source
     from ragtune.budget import ANSWER_RESERVE, token_counter
     from ragtune.config import compose
@@ -75,6 +73,7 @@ def main() -> int:
     from ragtune.raft import BuildSettings, build_examples
     from ragtune.retriever import Retriever
     from ragtune.schema import PromptFields, get_schema
+    from ragtune.training.data import load_tokenizer
 
     sd, pack = args.split_dir.resolve(), args.pack_dir.resolve()
     pack.mkdir(parents=True, exist_ok=True)

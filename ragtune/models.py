@@ -142,10 +142,21 @@ def resolve_model(name: str) -> str:
 
 
 def resolve_embedder(name: str) -> str:
-    """An embedding model name -> a local folder or hub id for ``SentenceTransformer``."""
+    """An embedding model name -> a local folder or hub id for ``SentenceTransformer``.
+
+    A local folder (e.g. one ``train/embed_ft.py`` wrote) must hold a model: a
+    sentence-transformers ``modules.json`` or a transformers ``config.json``.
+    """
     if name == DEFAULT_EMBEDDER:
         return str(embedder_dir())
-    return _resolve_other(name, "embedding model")
+    resolved = _resolve_other(name, "embedding model")
+    local = Path(resolved)
+    if local.is_dir() and not any((local / f).exists() for f in ("modules.json", "config.json")):
+        raise ModelNotFoundError(
+            f"embedding model folder {local} holds no model (no modules.json or config.json); "
+            "point retriever.embedding_model at the folder train/embed_ft.py wrote"
+        )
+    return resolved
 
 
 def _resolve_other(name: str, what: str) -> str:
