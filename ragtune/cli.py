@@ -79,6 +79,20 @@ def train(cfg: DictConfig) -> StageResult:
     return StageResult(metric=result.metric, details=summary)
 
 
+def embed_ft(cfg: DictConfig) -> StageResult:
+    """Tune the retriever's embedder on the training QA; print where it went and what's next."""
+    from ragtune.training.embedder import run_embed_ft
+
+    result = run_embed_ft(cfg)
+    print(f"validation before: {result.recall_before}")
+    print(f"validation after:  {result.recall_after}")
+    print(f"tuned embedder: {result.path}  ({result.n_train} rows, {result.seconds:.0f} s)")
+    print("next: re-index, build the RAFT set and train the LM with it:")
+    print(f"  ragtune index retriever.embedding_model={result.path}")
+    print(f"  ragtune train retriever.embedding_model={result.path}")
+    return StageResult(metric=None, details={"path": str(result.path)})
+
+
 def _import_unsloth_first(backend: str) -> None:
     """Unsloth patches transformers when imported; importing it first halves 12B load time.
 
@@ -261,6 +275,9 @@ COMMANDS: dict[str, Command] = {
         "sft", "build_data", build_data, "write the RAG-SFT examples without training"
     ),
     "train": Command("sft", "sft", train, "index, build the examples, train, merge, manifest"),
+    "embed-ft": Command(
+        "embed_ft", "embed_ft", embed_ft, "tune the retriever's embedder on the training QA"
+    ),
     "ask": Command("ask", "ask", ask, "ask a trained model (question as argument or stdin)"),
     "serve": Command("server", "server", serve, "OpenAI-compatible server over a trained model"),
     "eval": Command("eval", "eval", evaluate, "evaluate modes on one QA set and one index"),

@@ -203,7 +203,17 @@ def test_console_and_script_compose_the_same_app():
         return res.stdout
 
     assert show("-m", "ragtune", "train") == show("train/sft.py")
-    assert {c.config for c in COMMANDS.values()} == {"index", "sft", "ask", "server", "eval"}
+    # every command is an app over a config that exists, and every entry script runs one
+    assert all((PROJECT_ROOT / "conf" / f"{c.config}.yaml").exists() for c in COMMANDS.values())
+    scripts = [*PROJECT_ROOT.glob("train/*.py"), *PROJECT_ROOT.glob("serve/*.py")]
+    named = {
+        s.read_text().split('run_command("')[1].split('"')[0]
+        for s in scripts
+        if 'run_command("' in s.read_text()
+    }
+    assert (
+        named <= set(COMMANDS) and {"train", "ask", "serve", "eval", "index", "embed-ft"} <= named
+    )
 
 
 def test_console_user_error_from_another_folder(tmp_path):
