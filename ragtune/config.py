@@ -77,7 +77,7 @@ class PromptConfig:
 @dataclass
 class DataConfig:
     corpus: str = ""
-    qa_train: str = ""
+    qa_train: str | None = ""  # empty / null: no QA file yet (train/gen_qa.py makes one)
     qa_eval: str = ""
     jsonl_text_field: str = "text"
     max_records: int = 0
