@@ -377,6 +377,7 @@ def test_unanswerable_records_train_abstention(tmp_path, corpus3, tokenizer):
         progress=False,
     )
     by_q = {e["instruction"]: e for e in examples}
+    assert by_q["How deep is the Velmora harbour?"]["kind"] == "unanswerable"
     assert by_q["How deep is the Velmora harbour?"]["target"] == schema.abstain
     assert by_q["Who built the Velmora harbour?"]["target"] == "Ada Penrose"
 
