@@ -74,6 +74,7 @@ _PAIR = re.compile(
     rf"{_LABEL}(?:answer|a|答え|回答)\s*(?:\*\*|__)?\s*[:：]\s*(?P<a>.*?)\s*"
     rf"(?=\n\s*{_LABEL}(?:question|q|質問|問題)\s*(?:\*\*|__)?\s*[:：]|\n\s*\n|$)"
 )
+_ANSWER_IS = re.compile(r"(?i)^\s*(?:the\s+)?answer\s+is\s*[:：]?\s*")  # "Answer: The answer is: X"
 _BARE_ANSWER = re.compile(
     r"(?is)^(?P<q>[^\n]+?)\s*\n\s*(?:answer|a|答え|回答)\s*[:：]\s*(?P<a>.*)$"
 )
@@ -167,7 +168,7 @@ def parse_pair(text: str) -> tuple[str, str] | None:
     m = _PAIR.search(text) or _BARE_ANSWER.search(text.strip())
     if m is None:
         return None
-    q, a = _clean(m.group("q")), _clean(m.group("a").split("\n")[0])
+    q, a = _clean(m.group("q")), _clean(_ANSWER_IS.sub("", m.group("a").split("\n")[0]))
     return (q, a) if q else None
 
 

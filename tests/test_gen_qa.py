@@ -99,6 +99,7 @@ class MemoryRetriever:
         ("Who built it?\nAnswer: Ada", ("Who built it?", "Ada")),
         ("質問：誰が建てた？\n答え：エイダ", ("誰が建てた？", "エイダ")),
         ("Question: Who built it? Answer: Ada", ("Who built it?", "Ada")),
+        ('Question: First?\n\nAnswer: The answer is: "Ada"\n\nMore.', ("First?", "Ada")),
         ("The harbour is old and nice.", None),
         ("Answer: Ada", None),
         ("", None),
