@@ -26,6 +26,11 @@ _NON_ANSWERS = re.compile(
 )
 
 
+_META = re.compile(
+    r"(?i)\b(?:the|this|that|given) (?:passage|text|context|paragraph|excerpt|article)\b"
+)
+
+
 class SearchableRetriever(Protocol):
     """The part of :class:`ragtune.retriever.Retriever` the checks use."""
 
@@ -77,25 +82,35 @@ class Support:
     """Whether chunks support an answer: ``ragtune.oracle`` when present, else substring.
 
     ``embed`` (texts -> rows, the retriever's embedding) lets the oracle's semantic step judge
-    long answers; ``how`` names the method in reports.
+    long answers where a caller asks for it; ``how`` names the method in reports.
     """
 
     def __init__(self, chunks: Any, embed: Callable[[Sequence[str]], np.ndarray] | None = None):
         try:
             from ragtune.oracle import OracleFinder
         except ImportError:
-            self._finder: Any = None
+            self._strict: Any = None
+            self._semantic: Any = None
             self.how = "normalised substring"
         else:
-            self._finder = OracleFinder(chunks, embed)
+            self._strict = OracleFinder(chunks)
+            self._semantic = OracleFinder(chunks, embed) if embed is not None else self._strict
             self.how = "ragtune.oracle"
 
-    def supporting(self, answer: str, chunks: Sequence[Chunk], question: str = "") -> Chunk | None:
-        """The first chunk of ``chunks`` that supports ``answer``, or ``None``."""
+    def supporting(
+        self, answer: str, chunks: Sequence[Chunk], question: str = "", semantic: bool = False
+    ) -> Chunk | None:
+        """The first chunk of ``chunks`` that supports ``answer``, or ``None``.
+
+        ``semantic`` adds the oracle's embedding step: right for "could the corpus hold this?",
+        too lenient for "is this generated answer true?" (a small LM's wrong sentence reuses
+        the chunk's words; docs/benchmarks.md, "QA generation").
+        """
         if not chunks or not answer.strip():
             return None
-        if self._finder is not None:
-            return self._finder.best(answer, list(chunks), question).chunk
+        finder = self._semantic if semantic else self._strict
+        if finder is not None:
+            return finder.best(answer, list(chunks), question).chunk
         needle = f" {normalized(answer)} "
         return next((c for c in chunks if needle in f" {normalized(c.text)} "), None)
 
@@ -113,6 +128,15 @@ def language_ok(question: str, chunk: Chunk, scripts: Sequence[str]) -> bool:
     """The question is written in an allowed script: ``scripts``, or else the chunk's own."""
     got = script(question)
     return got in scripts if scripts else got == script(chunk.text)
+
+
+def standalone(question: str) -> bool:
+    """The question stands on its own: it does not ask about "the passage" it came from.
+
+    A user asks the corpus, not a passage; small LMs often write "What does the passage say
+    about X?". English phrasing only.
+    """
+    return _META.search(question) is None
 
 
 def leaks_answer(question: str, answer: str) -> bool:
@@ -159,7 +183,7 @@ def answered_by_corpus(
     near = retriever.candidates(question, fetch_k)
     seen = {c.id for c in near}
     own = [c for c in retriever.find(source=chunk.source, limit=0) if c.id not in seen]
-    if support.supporting(answer, [*near, *own], question) is not None:
+    if support.supporting(answer, [*near, *own], question, semantic=True) is not None:
         return True
     return bool(retriever.find(contains=answer.strip(), limit=1))
 

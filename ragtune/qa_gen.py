@@ -51,6 +51,7 @@ from ragtune.qa_filters import (
     length_ok,
     on_topic,
     round_trip,
+    standalone,
 )
 from ragtune.schema import PromptFields, PromptSchema, get_schema
 from ragtune.types import Chunk
@@ -62,9 +63,12 @@ QA_FILE = "qa.jsonl"
 ANSWERABLE, UNANSWERABLE = "answerable", "unanswerable"
 # The order the filters run in; report.json lists what each removed in this order.
 FILTERS = {
-    ANSWERABLE: ("unparsable", "length", "language", "leaks_answer", "unsupported", "round_trip"),
+    ANSWERABLE: (
+        *("unparsable", "length", "language", "not_standalone", "leaks_answer"),
+        *("unsupported", "round_trip"),
+    ),
     UNANSWERABLE: (
-        *("unparsable", "length", "language", "unverifiable", "leaks_answer"),
+        *("unparsable", "length", "language", "not_standalone", "unverifiable", "leaks_answer"),
         *("off_topic", "answered_by_corpus"),
     ),
 }
@@ -232,7 +236,7 @@ def read_generated(path: Path) -> dict[str, dict[str, Any]]:
 
 def generate(
     jobs: Sequence[Job],
-    lm: TextGenerator,
+    lm: TextGenerator | None,
     schemas: dict[str, PromptSchema],
     path: Path,
     *,
@@ -242,10 +246,13 @@ def generate(
 ) -> dict[str, Any]:
     """Generate every job not yet in ``path``, appending each batch as it finishes.
 
-    Returns ``{"jobs_run": n, "seconds": s}`` for this call.
+    Returns ``{"jobs_run": n, "seconds": s}`` for this call. ``lm`` may be ``None`` only when
+    every job is already in ``path``.
     """
     done = read_generated(path)
     todo = [j for j in jobs if j.key not in done]
+    if todo and lm is None:
+        raise ValueError(f"{len(todo)} jobs left to generate and no LM given")
     t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generating QA", unit="job")
     bar.disable = not progress
@@ -254,6 +261,7 @@ def generate(
         for b in range(0, len(todo), batch_size):
             batch = todo[b : b + batch_size]
             _seed_batch(seed, batch[0].key)
+            assert lm is not None
             prompts = [render(j, schemas, lm.tokenizer) for j in batch]
             results = lm.generate_batch(prompts, batch_size=batch_size)
             lines = []
@@ -342,6 +350,8 @@ def _reason(
         return "length"
     if not language_ok(q, chunk, s.scripts):
         return "language"
+    if not standalone(q):
+        return "not_standalone"
     if job.kind == ANSWERABLE:
         if leaks_answer(q, a):
             return "leaks_answer"

@@ -86,7 +86,8 @@ def run_gen_qa(
     check_resumable(
         out, identity(cfg.model.name_or_path, schemas, cfg.generate, cfg.seed), s.resume
     )
-    if lm is None:
+    done = read_generated(out / GENERATED)
+    if lm is None and any(j.key not in done for j in jobs):  # a finished run loads no LM
         lm = _load_lm(cfg, schemas)
     gen_stats = generate(
         jobs,

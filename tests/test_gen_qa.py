@@ -20,6 +20,7 @@ from ragtune.qa_filters import (
     leaks_answer,
     length_ok,
     round_trip,
+    standalone,
 )
 from ragtune.qa_gen import (
     ANSWERABLE,
@@ -196,6 +197,11 @@ def test_near_duplicates_length_leaks_and_round_trip():
     script[(ANSWERABLE, "glass.md")] = "Q: Which harbour did Ada Penrose build?\nA: cobalt"
     reasons = _reasons(_select(chunks, script, k=2))
     assert reasons[("a", "Which harbour did Ada Penrose build?")] == "round_trip"
+    script[(ANSWERABLE, "glass.md")] = (
+        "Q: What does the passage say about Velmora glass?\nA: cobalt"
+    )
+    reasons = _reasons(_select(chunks, script, k=2))
+    assert reasons[("a", "What does the passage say about Velmora glass?")] == "not_standalone"
 
 
 def test_every_kept_record_passes_every_filter(world):
@@ -210,6 +216,7 @@ def test_every_kept_record_passes_every_filter(world):
         assert length_ok(r["instruction"], answer, s, answerable=r["kind"] == ANSWERABLE)
         assert language_ok(r["instruction"], chunk, [])
         assert not leaks_answer(r["instruction"], answer)
+        assert standalone(r["instruction"])
         if r["kind"] == ANSWERABLE:
             assert support.supporting(answer, [chunk]) is not None
             assert round_trip(r["instruction"], answer, chunk, retriever, support, 1)
