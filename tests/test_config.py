@@ -15,6 +15,7 @@ ENTRY_POINTS = {
     "index": {},
     "ask": {},
     "eval": {"seed": int, "output_dir": str},
+    "gen_qa": {"seed": int, "output_dir": str, "gen_qa": dict},
 }
 PRESETS = sorted(p.stem for p in (CONF_DIR / "conf").glob("*.yaml"))
 GROUPS = {
@@ -32,7 +33,10 @@ def _top_level(name):
 
 def _validate(name, overrides=()):
     return validate(
-        compose(name, [*overrides, *(["output_dir=/tmp/x"] if name in ("sft", "eval") else [])]),
+        compose(
+            name,
+            [*overrides, *(["output_dir=/tmp/x"] if name in ("sft", "eval", "gen_qa") else [])],
+        ),
         _top_level(name),
     )
 
