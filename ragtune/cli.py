@@ -93,6 +93,15 @@ def embed_ft(cfg: DictConfig) -> StageResult:
     return StageResult(metric=None, details={"path": str(result.path)})
 
 
+def gen_qa(cfg: DictConfig) -> StageResult:
+    """Generate a RAG-SFT QA set from the corpus with the configured local LM."""
+    from ragtune.qa_gen_stage import run_gen_qa
+
+    result = run_gen_qa(cfg)
+    print(result.summary)
+    return StageResult(metric=None, details={"qa_path": str(result.qa_path)})
+
+
 def _import_unsloth_first(backend: str) -> None:
     """Unsloth patches transformers when imported; importing it first halves 12B load time.
 
@@ -275,6 +284,9 @@ COMMANDS: dict[str, Command] = {
         "sft", "build_data", build_data, "write the RAG-SFT examples without training"
     ),
     "train": Command("sft", "sft", train, "index, build the examples, train, merge, manifest"),
+    "gen-qa": Command(
+        "gen_qa", "gen_qa", gen_qa, "generate a QA set from the corpus with the local LM"
+    ),
     "embed-ft": Command(
         "embed_ft", "embed_ft", embed_ft, "tune the retriever's embedder on the training QA"
     ),

@@ -138,7 +138,7 @@ class PromptConfig:
 @defaults_from("data/demo")
 class DataConfig:
     corpus: str
-    qa_train: str
+    qa_train: str | None  # empty / null: no QA file yet (train/gen_qa.py makes one)
     qa_eval: str
     jsonl_text_field: str
     max_records: int

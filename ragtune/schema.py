@@ -18,7 +18,7 @@ import json
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ class PromptSchema:
     headers: dict[str, str]
     abstain: str
     context_separator: str = "\n\n"
+    instruction: str = ""  # generation variants (qa_gen): the fixed task in the instruction section
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- identity
@@ -72,6 +73,8 @@ class PromptSchema:
         """Everything that determines the rendered text (the fingerprint's input)."""
         d = asdict(self)
         d.pop("extra")
+        if not d["instruction"]:  # answer variants have none; their fingerprints stay as they were
+            d.pop("instruction")
         return d
 
     @property
@@ -237,7 +240,7 @@ def _build(data: dict[str, Any], where: str) -> PromptSchema:
         raise PromptError(f"{where}: style must be 'sections' or 'chat', not {data['style']!r}")
     if set(data["headers"]) != set(_SECTIONS):
         raise PromptError(f"{where}: headers must be exactly {', '.join(_SECTIONS)}")
-    known = {"name", "style", "preamble", "rule", "headers", "abstain", "context_separator"}
+    known = {f.name for f in fields(PromptSchema)} - {"extra"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PromptError(f"{where}: unknown field(s) {', '.join(unknown)}")

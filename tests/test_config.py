@@ -15,6 +15,8 @@ ENTRY_POINTS = {
     "index": {},
     "ask": {},
     "eval": {"seed": int, "output_dir": str},
+    "gen_qa": {"seed": int, "output_dir": str, "gen_qa": dict},
+    "embed_ft": {"seed": int, "output_dir": str, "embed_ft": dict},
 }
 PRESETS = sorted(p.stem for p in (CONF_DIR / "conf").glob("*.yaml"))
 GROUPS = {
@@ -32,7 +34,13 @@ def _top_level(name):
 
 def _validate(name, overrides=()):
     return validate(
-        compose(name, [*overrides, *(["output_dir=/tmp/x"] if name in ("sft", "eval") else [])]),
+        compose(
+            name,
+            [
+                *overrides,
+                *(["output_dir=/tmp/x"] if name in ("sft", "eval", "gen_qa", "embed_ft") else []),
+            ],
+        ),
         _top_level(name),
     )
 

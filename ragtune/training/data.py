@@ -58,7 +58,7 @@ def build_dataset(
 
     schema = get_schema(cfg.prompt.name)
     tokenizer = load_tokenizer(cfg)
-    records = load_qa(resolve_path(cfg.data.qa_train))
+    records = load_qa(_qa_train_path(cfg.data.qa_train))
     if cfg.data.max_records:
         records = records[: cfg.data.max_records]
     if not records:
@@ -69,6 +69,17 @@ def build_dataset(
     save_dataset(examples, stats, out_dir / "dataset", cfg.raft.num_preview)
     log.info("dataset: %s -> %s", describe(stats), out_dir / "dataset")
     return examples, stats, tokenizer, retriever
+
+
+def _qa_train_path(value: str | None) -> Path:
+    """``data.qa_train`` as a file; without one, point at the generator instead of failing."""
+    hint = "generate one from the corpus: ragtune gen-qa (writes outputs/gen_qa/qa.jsonl)"
+    if not value:
+        raise RagtuneError(f"data.qa_train is not set: {hint}")
+    path = resolve_path(value)
+    if not path.is_file():
+        raise RagtuneError(f"data.qa_train: {path} not found; {hint}")
+    return path
 
 
 def shared_dataset(
