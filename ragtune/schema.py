@@ -13,6 +13,7 @@ its own template even if the repository's changes later.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -156,12 +157,12 @@ class PromptSchema:
 
         Section headers lose their ``###`` markup and the colon that makes them headers,
         line-leading ``##...`` runs are dropped, and control tokens (BOS/EOS, chat turn
-        markers, the tokenizer's own special tokens) are removed. The words stay, so the
+        markers, every special or added token of ``tokenizer``) are removed. The words stay, so the
         content is still readable as content.
         """
-        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) or [] if t]
-        for tok in sorted(specials, key=len, reverse=True):
-            text = text.replace(tok, " ")
+        pattern = _special_pattern(tokenizer_specials(tokenizer))
+        if pattern is not None:
+            text = pattern.sub(" ", text)
         text = _CONTROL_TOKEN.sub(" ", text)
         for header in self.headers.values():
             word = header.strip("#: \t")
@@ -215,6 +216,33 @@ class PromptSchema:
         data = json.loads(path.read_text())
         data.pop("fingerprint", None)
         return _build(data, str(path))
+
+
+def tokenizer_specials(tokenizer: Any) -> tuple[str, ...]:
+    """Every token text the tokenizer maps to a control id: its special tokens and its added
+    tokens (SmolLM2 has 17: ``<file_sep>``, ``<repo_name>``, ...), read from the tokenizer.
+
+    Added tokens that are plain words or whitespace (some tokenizers add runs of spaces) are
+    left alone: they carry no control meaning and removing them would change the text.
+    """
+    if tokenizer is None:
+        return ()
+    found = {t for t in getattr(tokenizer, "all_special_tokens", None) or [] if t}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for tok in added.values():
+        content = str(getattr(tok, "content", tok))
+        if content.strip() and (getattr(tok, "special", False) or not _WORDLIKE.match(content)):
+            found.add(content)
+    return tuple(sorted(found, key=lambda t: (-len(t), t)))
+
+
+_WORDLIKE = re.compile(r"^[\s\w]+$")
+
+
+@functools.lru_cache(maxsize=16)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern[str] | None:
+    # longest first, so <|im_start|> is not cut into a shorter token's leftovers
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
 
 
 def _adds_bos(tokenizer: Any) -> bool:
