@@ -263,7 +263,7 @@ def _ingest_locked(
     root: Path, rcfg: Any, jsonl_text_field: str, show_progress: bool, t0: float, tqdm: Any
 ) -> IngestReport:
     client = open_client(rcfg)
-    coll = open_collection(client, rcfg, create=True)
+    coll = open_collection(client, rcfg, create=True, corpus=root)
     report = IngestReport(collection=coll.name)
     journal = Journal(state_dir(rcfg) / f"{coll.name}.journal.jsonl")
     state = journal.load()

@@ -101,16 +101,34 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
         raise ManifestError(f"{path} is not valid JSON ({e})") from None
 
 
-def mismatches(manifest: dict[str, Any], retriever: dict[str, Any], fingerprint: str) -> list[str]:
-    """Human-readable differences between what a model was trained with and what is in use."""
+def mismatches(
+    manifest: dict[str, Any], retriever: dict[str, Any], fingerprint: str | None
+) -> list[str]:
+    """Human-readable differences between what a model was trained with and what is in use.
+
+    Every retriever key in use (``RETRIEVER_KEYS``, and ``corpus`` once the index is open) is
+    compared; a key the manifest lacks is a difference, not a match, so deleting a manifest
+    key cannot switch its check off. So is a missing prompt fingerprint (``fingerprint``
+    None: the prompt is not checked here).
+    """
     out = []
-    trained = manifest.get("retriever", {})
-    for key in RETRIEVER_KEYS:
-        if key in trained and key in retriever and trained[key] != retriever[key]:
+    trained = manifest.get("retriever")
+    trained = trained if isinstance(trained, dict) else {}
+    for key in (*RETRIEVER_KEYS, "corpus"):
+        if key not in retriever:
+            continue
+        if key not in trained:
+            out.append(f"retriever.{key}: missing from the manifest, index has {retriever[key]!r}")
+        elif trained[key] != retriever[key]:
             out.append(
                 f"retriever.{key}: model trained with {trained[key]!r}, index has {retriever[key]!r}"
             )
-    want = manifest.get("prompt", {}).get("fingerprint")
-    if want and want != fingerprint:
+    if fingerprint is None:
+        return out
+    prompt = manifest.get("prompt")
+    want = prompt.get("fingerprint") if isinstance(prompt, dict) else None
+    if not want:
+        out.append(f"prompt fingerprint: missing from the manifest, serving with {fingerprint}")
+    elif want != fingerprint:
         out.append(f"prompt fingerprint: model trained with {want}, serving with {fingerprint}")
     return out

@@ -202,21 +202,27 @@ def open_trained_retriever(
     allow_mismatch: bool,
     token_counter: Any = None,
 ) -> Any:
-    """Open the index; an index built with other settings than the manifest's is refused."""
+    """Open the index; one built with other settings, or from another corpus, than the
+    manifest's is refused (the prompt was settled by :func:`check_settings`)."""
     from ragtune.retriever import Retriever
-    from ragtune.store import IndexMismatchError, collection_name, open_client
+    from ragtune.store import CORPUS_KEY, IndexMismatchError, find_collection, open_client
 
-    trained_fp = (manifest.get("prompt") or {}).get("fingerprint", "")  # the prompt is settled
     try:
         retriever = Retriever.from_config(rcfg, token_counter=token_counter)
-    except IndexMismatchError:
-        meta = open_client(rcfg).get_collection(collection_name(rcfg)).metadata or {}
+    except IndexMismatchError as e:
+        client = open_client(rcfg)
+        try:
+            name = rcfg.collection or find_collection(client, rcfg)
+        except IndexMismatchError:
+            raise e from None
+        meta = client.get_collection(name).metadata or {}
         index = {k: meta[f"ragtune_{k}"] for k in RETRIEVER_KEYS if f"ragtune_{k}" in meta}
-        problems = mismatches(manifest, index, trained_fp) or [f"index collection settings {index}"]
+        index["corpus"] = meta.get(CORPUS_KEY)
+        problems = mismatches(manifest, index, None) or [f"index collection settings {index}"]
         settle(folder, problems, allow_mismatch)
-        rcfg = dataclasses.replace(rcfg, **index)
+        rcfg = dataclasses.replace(rcfg, **{k: v for k, v in index.items() if k != "corpus"})
         return Retriever.from_config(rcfg, token_counter=token_counter)
-    settle(folder, mismatches(manifest, retriever.settings(), trained_fp), allow_mismatch)
+    settle(folder, mismatches(manifest, retriever.settings(), None), allow_mismatch)
     return retriever
 
 

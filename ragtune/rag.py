@@ -181,7 +181,12 @@ class RagPipeline:
         if not closed_book:
             from ragtune.retriever import Retriever
 
-            retriever = Retriever.from_config(rcfg, token_counter=token_counter(tokenizer))
+            corpus = (_get(cfg, "data") or {}).get("corpus")
+            retriever = Retriever.from_config(
+                rcfg,
+                corpus=resolve_path(corpus) if corpus else None,
+                token_counter=token_counter(tokenizer),
+            )
         return cls(
             model,
             tokenizer,
