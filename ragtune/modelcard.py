@@ -149,7 +149,11 @@ def retriever_settings(
         updates.update(_trained_location(rcfg, trained, explicit))
     elif index != "own":
         raise ValueError(f"index must be 'trained' or 'own', got {index!r}")
-    return dataclasses.replace(rcfg, **updates)
+    try:  # typed like the config, so a wrong type stops here in one line
+        return as_rcfg({**dataclasses.asdict(rcfg), **updates})
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ManifestError(f"{MANIFEST}: a retriever value has the wrong type ({first})") from None
 
 
 def _trained_location(rcfg: Any, trained: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
@@ -185,6 +189,23 @@ def settle(folder: Path, problems: list[str], allow_mismatch: bool) -> None:
         raise MismatchError(msg + " (allow_mismatch=true serves anyway)")
     warnings.warn(msg + " (allow_mismatch=true: serving anyway)", stacklevel=3)
     log.warning("%s (allow_mismatch=true: serving anyway)", msg)
+
+
+def check_files(folder: Path, manifest: dict[str, Any], allow_mismatch: bool) -> None:
+    """Every file the manifest records is there, whole and unchanged (one line naming the
+    first that is not); a manifest without the record is a mismatch, not a pass."""
+    from ragtune.manifest import file_problems
+
+    files = manifest.get("files")
+    if files is None:
+        settle(
+            folder, [f"{MANIFEST} has no files record to check the folder against"], allow_mismatch
+        )
+        return
+    problems = file_problems(folder, files)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ManifestError(problems[0] + more)
 
 
 def check_settings(
@@ -230,6 +251,7 @@ __all__ = [
     "LOCATION_KEYS",
     "TRAIN_INFO",
     "MismatchError",
+    "check_files",
     "check_settings",
     "is_explicit",
     "is_trained_folder",

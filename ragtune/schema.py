@@ -213,9 +213,20 @@ class PromptSchema:
         path = Path(directory) / SCHEMA_FILE
         if not path.exists():
             raise PromptError(f"{path} not found: this folder was not written by ragtune")
-        data = json.loads(path.read_text())
-        data.pop("fingerprint", None)
-        return _build(data, str(path))
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PromptError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise PromptError(f"{path} must hold a JSON object")
+        recorded = data.pop("fingerprint", None)
+        schema = _build(data, str(path))
+        if recorded is None or recorded != schema.fingerprint:
+            raise PromptError(
+                f"{path}: its content hashes to {schema.fingerprint}, but it records "
+                f"fingerprint {recorded!r}: the schema was edited after training"
+            )
+        return schema
 
 
 def tokenizer_specials(tokenizer: Any) -> tuple[str, ...]:
@@ -261,6 +272,12 @@ def _build(data: dict[str, Any], where: str) -> PromptSchema:
     missing = [k for k in ("style", "preamble", "rule", "headers", "abstain") if k not in data]
     if missing:
         raise PromptError(f"{where}: missing field(s) {', '.join(missing)}")
+    for key in ("name", "style", "preamble", "rule", "abstain", "context_separator"):
+        if key in data and not isinstance(data[key], str):
+            raise PromptError(f"{where}: {key} must be a string")
+    headers = data["headers"]
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise PromptError(f"{where}: headers must map each section to a string")
     if data["style"] not in ("sections", "chat"):
         raise PromptError(f"{where}: style must be 'sections' or 'chat', not {data['style']!r}")
     if set(data["headers"]) != set(_SECTIONS):
