@@ -392,7 +392,9 @@ def _retriever(cfg: DictConfig, ecfg: EvalConfig, rcfg: RetrieverConfig, cache: 
             resolve_path(corpus), rcfg, jsonl_text_field=cfg.data.get("jsonl_text_field", "text")
         )
         log.info("index: %s", report.summary())
-    corpus = resolve_path(corpus) if corpus else None
+    # eval.ingest=false: the existing index with these settings (an error names each corpus
+    # when several are indexed); otherwise the collection of the corpus just ingested
+    corpus = resolve_path(corpus) if corpus and ecfg.ingest else None
     log.info("retriever: %s in %s", collection_name(rcfg, corpus), persist_path(rcfg))
     cache[key] = Retriever.from_config(rcfg, corpus=corpus)
     return cache[key]
