@@ -136,13 +136,12 @@ def load_model(
         if is_adapter:
             from peft import PeftModel
 
+            base_path = _base_of_adapter(folder, info)
             if not (folder / "adapter_model.safetensors").is_file():  # .bin would be a pickle
                 raise LoadError(
                     f"{folder} has no adapter_model.safetensors; adapter_model.bin (pickle) "
                     "is never loaded: save the adapter as safetensors"
                 )
-
-            base_path = _base_of_adapter(folder, info)
             log.info("loading base %s for the LoRA adapter in %s", base_path, folder)
             base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
             model = PeftModel.from_pretrained(base, str(folder), is_trainable=not for_inference)
