@@ -382,18 +382,21 @@ def _retriever(cfg: DictConfig, ecfg: EvalConfig, rcfg: RetrieverConfig, cache: 
     key = json.dumps(dataclasses.asdict(rcfg), sort_keys=True, default=str)
     if key in cache:
         return cache[key]
+    corpus = ecfg.corpus or cfg.data.get("corpus")
     if ecfg.ingest:
         from ragtune.ingest import ingest
 
-        corpus = ecfg.corpus or cfg.data.corpus
         if not corpus:
             raise ConfigError("data.corpus: name the corpus folder to index (or eval.ingest=false)")
         report = ingest(
             resolve_path(corpus), rcfg, jsonl_text_field=cfg.data.get("jsonl_text_field", "text")
         )
         log.info("index: %s", report.summary())
-    log.info("retriever: %s in %s", collection_name(rcfg), persist_path(rcfg))
-    cache[key] = Retriever.from_config(rcfg)
+    # eval.ingest=false: the existing index with these settings (an error names each corpus
+    # when several are indexed); otherwise the collection of the corpus just ingested
+    corpus = resolve_path(corpus) if corpus and ecfg.ingest else None
+    log.info("retriever: %s in %s", collection_name(rcfg, corpus), persist_path(rcfg))
+    cache[key] = Retriever.from_config(rcfg, corpus=corpus)
     return cache[key]
 
 

@@ -9,9 +9,11 @@ Design for crash safety and idempotence:
   next to the index). A SIGKILL at any point leaves committed files complete; a file whose
   journal line is missing is simply processed again (its chunks are already there, so nothing
   is embedded twice). A torn last journal line is ignored.
-- The journal is never trusted alone: each run scans the collection's ids per source and
-  reprocesses any file whose chunk count disagrees, so nothing is missing and nothing stale
-  stays behind even if the index and the journal drift.
+- The journal is never trusted alone: a file is unchanged only when its sha256 matches the
+  journal's AND the ids of its chunks in the collection hash to the journal's ``ids`` digest.
+  Chunk ids hash the chunk text, so a crash between a group's upsert/delete and its journal
+  line, followed by a revert of the file, cannot leave the other version's text behind: the
+  index's ids disagree with the journal and the file is processed again.
 - One writer at a time: a file lock on the persist folder refuses a second ingest with a
   clear message (Chroma is thread-safe but not process-safe).
 """
@@ -136,6 +138,11 @@ def chunk_docs(docs: Iterable[LoadedDoc], splitter: Any) -> list[ChunkRecord]:
 
 
 # --------------------------------------------------------------------------- journal
+def ids_digest(ids: Iterable[str]) -> str:
+    """One hash of a file's chunk ids. Ids hash the text, so this names the exact chunks."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:32]
+
+
 class Journal:
     """Append-only record of committed files; a torn last line (crash) is ignored."""
 
@@ -263,7 +270,7 @@ def _ingest_locked(
     root: Path, rcfg: Any, jsonl_text_field: str, show_progress: bool, t0: float, tqdm: Any
 ) -> IngestReport:
     client = open_client(rcfg)
-    coll = open_collection(client, rcfg, create=True)
+    coll = open_collection(client, rcfg, create=True, corpus=root)
     report = IngestReport(collection=coll.name)
     journal = Journal(state_dir(rcfg) / f"{coll.name}.journal.jsonl")
     state = journal.load()
@@ -318,7 +325,13 @@ def _ingest_locked(
             for i in range(0, len(stale), max_batch):
                 coll.delete(ids=stale[i : i + max_batch])
             report.removed_chunks += len(stale)
-            rec: dict[str, Any] = {"source": w.rel, "sha256": w.sha, "n": len(w.chunks)}
+            ids = {c.id for c in w.chunks}
+            rec: dict[str, Any] = {
+                "source": w.rel,
+                "sha256": w.sha,
+                "n": len(ids),
+                "ids": ids_digest(ids),
+            }
             if w.warnings:
                 rec["warnings"] = w.warnings
             recs.append(rec)
@@ -338,7 +351,7 @@ def _ingest_locked(
             sha = hashlib.sha256(data).hexdigest()
             old_ids = existing.get(rel, set())
             entry = state.get(rel)
-            if entry and entry.get("sha256") == sha and entry.get("n") == len(old_ids):
+            if entry and entry.get("sha256") == sha and entry.get("ids") == ids_digest(old_ids):
                 report.unchanged_files += 1
                 live.add(rel)
                 for w in entry.get("warnings", []):  # still true of the unchanged file

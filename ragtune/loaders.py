@@ -254,21 +254,76 @@ def decode_bytes(data: bytes) -> tuple[str, str]:
     mixed = _utf8_mixed(data)
     if mixed:
         raise SkipFile(mixed)
+    not_utf8 = f"not valid UTF-8 (byte 0x{data[utf8_error.start]:02x} at offset {utf8_error.start})"
+    guesses: list[tuple[float, str, str]] = []
     try:
         text = data.decode("cp1252")
         if _control_ratio(text) < 0.01 and _mostly_latin(text):
-            return _finish(text, "cp1252")
+            confidence = guess_confidence(text)
+            if confidence >= GUESS_CONFIDENCE:
+                return _finish(text, "cp1252")
+            guesses.append((confidence, "cp1252", text))
     except UnicodeDecodeError:
         pass
     from charset_normalizer import from_bytes
 
     best = from_bytes(data).best()
     if best is not None and best.encoding:
-        return _finish(str(best), best.encoding)
-    raise SkipFile(
-        f"not valid UTF-8 (byte 0x{data[utf8_error.start]:02x} at offset {utf8_error.start}) "
-        "and no other encoding fits: binary or unknown encoding"
-    )
+        text = str(best)
+        confidence = guess_confidence(text)
+        if confidence >= GUESS_CONFIDENCE:
+            return _finish(text, f"{best.encoding} ({GUESSED})")
+        guesses.append((confidence, best.encoding, text))
+    if guesses:
+        confidence, enc, _ = max(guesses)
+        raise SkipFile(
+            f"{not_utf8}; the best guess, {enc}, is below the confidence bar "
+            f"({confidence:.2f} < {GUESS_CONFIDENCE}) and would ingest garbled text: "
+            "re-save the file as UTF-8"
+        )
+    raise SkipFile(f"{not_utf8} and no other encoding fits: binary or unknown encoding")
+
+
+# A single-byte decoding of bytes that are not UTF-8 is a guess; below this share of
+# plausible non-ASCII letters it is garbled text (mojibake), not the document.
+GUESS_CONFIDENCE = 0.8
+GUESSED = "guessed"
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+def _script(ch: str) -> str:
+    return unicodedata.name(ch, "UNKNOWN").split(" ", 1)[0]
+
+
+def guess_confidence(text: str) -> float:
+    """How plausible a guessed decoding is (0..1): the share of its non-ASCII letters that sit
+    where real text puts them.
+
+    An accented Latin letter belongs inside a word that also has ASCII letters (``café``) or
+    is a one-letter word (``à``); a letter of another script belongs to a document mostly
+    written in that script. Words made only of accented letters (``ÿþú``, or ``Ïðèâåò``,
+    Cyrillic read as cp1252) and stray letters of another script are what mojibake looks like.
+    """
+    words = _WORD.findall(text)
+    n_letters = sum(len(w) for w in words)
+    latin_ok = 0
+    other: dict[str, int] = {}
+    for w in words:
+        has_ascii = any(ord(ch) < 128 for ch in w)
+        for ch in w:
+            if ord(ch) < 128:
+                continue
+            script = _script(ch)
+            if script != "LATIN":
+                other[script] = other.get(script, 0) + 1
+            elif has_ascii or len(w) == 1:
+                latin_ok += 1
+    n_foreign = sum(1 for w in words for ch in w if ord(ch) > 127)
+    if not n_foreign:
+        return 1.0
+    dominant = max(other.values(), default=0)
+    other_ok = dominant if dominant >= 0.5 * n_letters else 0
+    return (latin_ok + other_ok) / n_foreign
 
 
 def _mostly_latin(text: str) -> bool:
@@ -317,6 +372,9 @@ def load_file(path: Path, rel: str, data: bytes, *, jsonl_text_field: str = "tex
     notes = []
     if enc == TRUNCATED_UTF8:
         notes.append("ends inside a UTF-8 character (truncated file?); ingested the rest")
+    elif enc.endswith(f"({GUESSED})"):
+        enc = enc.split(" ", 1)[0]
+        notes.append(f"not UTF-8: decoded as {enc} by a guess; check it or re-save as UTF-8")
     if suffix in HTML_SUFFIXES:
         docs = [LoadedDoc(html_text(text), rel, {"encoding": enc})]
         res = LoadResult(docs, encoding=enc)

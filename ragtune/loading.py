@@ -114,7 +114,7 @@ def load_model(
             "%s was trained with unsloth, which does not import here; using transformers", folder
         )
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = _dtype(dtype, dev)
     kwargs: dict[str, Any] = {
@@ -137,6 +137,11 @@ def load_model(
             from peft import PeftModel
 
             base_path = _base_of_adapter(folder, info)
+            if not (folder / "adapter_model.safetensors").is_file():  # .bin would be a pickle
+                raise LoadError(
+                    f"{folder} has no adapter_model.safetensors; adapter_model.bin (pickle) "
+                    "is never loaded: save the adapter as safetensors"
+                )
             log.info("loading base %s for the LoRA adapter in %s", base_path, folder)
             base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
             model = PeftModel.from_pretrained(base, str(folder), is_trainable=not for_inference)
@@ -144,9 +149,11 @@ def load_model(
                 model = model.merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise LoadError(f"cannot load a model from {folder}: {str(e).splitlines()[0]}") from None
+        tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+    except RagtuneError:
+        raise
+    except Exception as e:  # a damaged folder: one line naming it, never a library traceback
+        raise LoadError(f"cannot load a model from {folder}: {_first_line(e)}") from None
     if not dev.startswith("cuda"):
         model = model.to(dev)
     if tokenizer.pad_token is None:
@@ -154,6 +161,21 @@ def load_model(
     if for_inference:
         model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(folder: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a folder; a damaged one is a :class:`LoadError` naming it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise LoadError(f"cannot load the tokenizer from {folder}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _load_unsloth(

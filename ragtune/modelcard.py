@@ -149,7 +149,11 @@ def retriever_settings(
         updates.update(_trained_location(rcfg, trained, explicit))
     elif index != "own":
         raise ValueError(f"index must be 'trained' or 'own', got {index!r}")
-    return dataclasses.replace(rcfg, **updates)
+    try:  # typed like the config, so a wrong type stops here in one line
+        return as_rcfg({**dataclasses.asdict(rcfg), **updates})
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ManifestError(f"{MANIFEST}: a retriever value has the wrong type ({first})") from None
 
 
 def _trained_location(rcfg: Any, trained: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
@@ -187,6 +191,23 @@ def settle(folder: Path, problems: list[str], allow_mismatch: bool) -> None:
     log.warning("%s (allow_mismatch=true: serving anyway)", msg)
 
 
+def check_files(folder: Path, manifest: dict[str, Any], allow_mismatch: bool) -> None:
+    """Every file the manifest records is there, whole and unchanged (one line naming the
+    first that is not); a manifest without the record is a mismatch, not a pass."""
+    from ragtune.manifest import file_problems
+
+    files = manifest.get("files")
+    if files is None:
+        settle(
+            folder, [f"{MANIFEST} has no files record to check the folder against"], allow_mismatch
+        )
+        return
+    problems = file_problems(folder, files)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ManifestError(problems[0] + more)
+
+
 def check_settings(
     folder: Path, manifest: dict[str, Any], rcfg: Any, schema: PromptSchema, allow_mismatch: bool
 ) -> None:
@@ -202,21 +223,27 @@ def open_trained_retriever(
     allow_mismatch: bool,
     token_counter: Any = None,
 ) -> Any:
-    """Open the index; an index built with other settings than the manifest's is refused."""
+    """Open the index; one built with other settings, or from another corpus, than the
+    manifest's is refused (the prompt was settled by :func:`check_settings`)."""
     from ragtune.retriever import Retriever
-    from ragtune.store import IndexMismatchError, collection_name, open_client
+    from ragtune.store import CORPUS_KEY, IndexMismatchError, find_collection, open_client
 
-    trained_fp = (manifest.get("prompt") or {}).get("fingerprint", "")  # the prompt is settled
     try:
         retriever = Retriever.from_config(rcfg, token_counter=token_counter)
-    except IndexMismatchError:
-        meta = open_client(rcfg).get_collection(collection_name(rcfg)).metadata or {}
+    except IndexMismatchError as e:
+        client = open_client(rcfg)
+        try:
+            name = rcfg.collection or find_collection(client, rcfg)
+        except IndexMismatchError:
+            raise e from None
+        meta = client.get_collection(name).metadata or {}
         index = {k: meta[f"ragtune_{k}"] for k in RETRIEVER_KEYS if f"ragtune_{k}" in meta}
-        problems = mismatches(manifest, index, trained_fp) or [f"index collection settings {index}"]
+        index["corpus"] = meta.get(CORPUS_KEY)
+        problems = mismatches(manifest, index, None) or [f"index collection settings {index}"]
         settle(folder, problems, allow_mismatch)
-        rcfg = dataclasses.replace(rcfg, **index)
+        rcfg = dataclasses.replace(rcfg, **{k: v for k, v in index.items() if k != "corpus"})
         return Retriever.from_config(rcfg, token_counter=token_counter)
-    settle(folder, mismatches(manifest, retriever.settings(), trained_fp), allow_mismatch)
+    settle(folder, mismatches(manifest, retriever.settings(), None), allow_mismatch)
     return retriever
 
 
@@ -224,6 +251,7 @@ __all__ = [
     "LOCATION_KEYS",
     "TRAIN_INFO",
     "MismatchError",
+    "check_files",
     "check_settings",
     "is_explicit",
     "is_trained_folder",

@@ -31,6 +31,7 @@ from ragtune.errors import RagtuneError
 from ragtune.generate import GenerationResult, Generator
 from ragtune.modelcard import (
     MismatchError,
+    check_files,
     check_settings,
     is_explicit,
     model_folder,
@@ -108,12 +109,11 @@ class RagPipeline:
         with ``allow_mismatch``. ``context``: ``auto`` (as trained: none for a closed-book
         model), ``rag`` or ``closed``.
         """
-        from transformers import AutoTokenizer
-
-        from ragtune.loading import load_model
+        from ragtune.loading import load_model, load_tokenizer
 
         folder = model_folder(model_dir)
         manifest = read_manifest(folder)
+        check_files(folder, manifest, allow_mismatch)
         explicit = set(explicit)
         schema = (
             get_schema(cfg.prompt.name)
@@ -130,9 +130,7 @@ class RagPipeline:
 
         retriever = None
         if context == "rag":  # the index is checked before the (slower) model load
-            tok = AutoTokenizer.from_pretrained(
-                str(folder), trust_remote_code=mcfg["trust_remote_code"]
-            )
+            tok = load_tokenizer(str(folder), trust_remote_code=mcfg["trust_remote_code"])
             retriever = open_trained_retriever(
                 folder, rcfg, manifest, allow_mismatch, token_counter(tok)
             )
@@ -181,7 +179,12 @@ class RagPipeline:
         if not closed_book:
             from ragtune.retriever import Retriever
 
-            retriever = Retriever.from_config(rcfg, token_counter=token_counter(tokenizer))
+            corpus = (_get(cfg, "data") or {}).get("corpus")
+            retriever = Retriever.from_config(
+                rcfg,
+                corpus=resolve_path(corpus) if corpus else None,
+                token_counter=token_counter(tokenizer),
+            )
         return cls(
             model,
             tokenizer,

@@ -25,6 +25,7 @@ from pydantic import ConfigDict
 
 from ragtune.embedding import embed_texts, load_embedder
 from ragtune.store import (
+    CORPUS_KEY,
     as_rcfg,
     collection_name,
     content_hash,
@@ -83,12 +84,17 @@ class Retriever:
 
     @classmethod
     def from_config(
-        cls, rcfg: Any, *, token_counter: Callable[[str], int] | None = None
+        cls,
+        rcfg: Any,
+        *,
+        corpus: Any = None,
+        token_counter: Callable[[str], int] | None = None,
     ) -> Retriever:
-        """Open the collection named by the settings (it must exist and match them)."""
+        """Open the collection of ``corpus`` with these settings (it must exist and match
+        them); without ``corpus``, the one collection with these settings."""
         rcfg = as_rcfg(rcfg)
         client = open_client(rcfg)
-        coll = open_collection(client, rcfg, create=False)
+        coll = open_collection(client, rcfg, create=False, corpus=corpus)
         model = load_embedder(rcfg.embedding_model, rcfg.device)
         return cls(rcfg, coll, model, token_counter)
 
@@ -126,9 +132,13 @@ class Retriever:
             "mmr_lambda": r.mmr_lambda,
             "context_tokens": r.context_tokens,
             "persist_dir": str(persist_path(r)),
-            "collection": collection_name(r),
+            "collection": collection_name(r) if self.collection is None else self.collection.name,
             "server": r.server,
+            "corpus": None if self.collection is None else self._corpus_folder(),
         }
+
+    def _corpus_folder(self) -> str | None:
+        return (self.collection.metadata or {}).get(CORPUS_KEY)
 
     def refresh(self) -> None:
         """Forget cached corpus text and BM25 statistics (after a re-ingest)."""
@@ -144,12 +154,14 @@ class Retriever:
                     include=["documents", "metadatas"], limit=page, offset=offset
                 )
                 rows.extend(
-                    zip(
+                    row
+                    for row in zip(
                         got["ids"],
                         got["documents"],
                         [dict(m or {}) for m in got["metadatas"]],
                         strict=True,
                     )
+                    if row[1] is not None
                 )
                 if len(got["ids"]) < page:
                     break
@@ -177,6 +189,8 @@ class Retriever:
             got["embeddings"][0],
             strict=True,
         ):
+            if text is None:  # deleted by a re-index since this index was loaded
+                continue
             cands.append(
                 _Cand(i, text, dict(meta or {}), float(1.0 - dist), np.asarray(emb, np.float32))
             )
@@ -217,6 +231,8 @@ class Retriever:
             for cid, text, meta, emb in zip(
                 got["ids"], got["documents"], got["metadatas"], got["embeddings"], strict=True
             ):
+                if text is None:
+                    continue
                 e = np.asarray(emb, np.float32)
                 by_id[cid] = _Cand(cid, text, dict(meta or {}), _cos(qvec, e), e)
         out = []

@@ -13,6 +13,7 @@ its own template even if the repository's changes later.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -159,12 +160,12 @@ class PromptSchema:
 
         Section headers lose their ``###`` markup and the colon that makes them headers,
         line-leading ``##...`` runs are dropped, and control tokens (BOS/EOS, chat turn
-        markers, the tokenizer's own special tokens) are removed. The words stay, so the
+        markers, every special or added token of ``tokenizer``) are removed. The words stay, so the
         content is still readable as content.
         """
-        specials = [t for t in getattr(tokenizer, "all_special_tokens", []) or [] if t]
-        for tok in sorted(specials, key=len, reverse=True):
-            text = text.replace(tok, " ")
+        pattern = _special_pattern(tokenizer_specials(tokenizer))
+        if pattern is not None:
+            text = pattern.sub(" ", text)
         text = _CONTROL_TOKEN.sub(" ", text)
         for header in self.headers.values():
             word = header.strip("#: \t")
@@ -215,9 +216,47 @@ class PromptSchema:
         path = Path(directory) / SCHEMA_FILE
         if not path.exists():
             raise PromptError(f"{path} not found: this folder was not written by ragtune")
-        data = json.loads(path.read_text())
-        data.pop("fingerprint", None)
-        return _build(data, str(path))
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PromptError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise PromptError(f"{path} must hold a JSON object")
+        recorded = data.pop("fingerprint", None)
+        schema = _build(data, str(path))
+        if recorded is None or recorded != schema.fingerprint:
+            raise PromptError(
+                f"{path}: its content hashes to {schema.fingerprint}, but it records "
+                f"fingerprint {recorded!r}: the schema was edited after training"
+            )
+        return schema
+
+
+def tokenizer_specials(tokenizer: Any) -> tuple[str, ...]:
+    """Every token text the tokenizer maps to a control id: its special tokens and its added
+    tokens (SmolLM2 has 17: ``<file_sep>``, ``<repo_name>``, ...), read from the tokenizer.
+
+    Added tokens that are plain words or whitespace (some tokenizers add runs of spaces) are
+    left alone: they carry no control meaning and removing them would change the text.
+    """
+    if tokenizer is None:
+        return ()
+    found = {t for t in getattr(tokenizer, "all_special_tokens", None) or [] if t}
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for tok in added.values():
+        content = str(getattr(tok, "content", tok))
+        if content.strip() and (getattr(tok, "special", False) or not _WORDLIKE.match(content)):
+            found.add(content)
+    return tuple(sorted(found, key=lambda t: (-len(t), t)))
+
+
+_WORDLIKE = re.compile(r"^[\s\w]+$")
+
+
+@functools.lru_cache(maxsize=16)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern[str] | None:
+    # longest first, so <|im_start|> is not cut into a shorter token's leftovers
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -236,6 +275,12 @@ def _build(data: dict[str, Any], where: str) -> PromptSchema:
     missing = [k for k in ("style", "preamble", "rule", "headers", "abstain") if k not in data]
     if missing:
         raise PromptError(f"{where}: missing field(s) {', '.join(missing)}")
+    for key in ("name", "style", "preamble", "rule", "abstain", "context_separator"):
+        if key in data and not isinstance(data[key], str):
+            raise PromptError(f"{where}: {key} must be a string")
+    headers = data["headers"]
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise PromptError(f"{where}: headers must map each section to a string")
     if data["style"] not in ("sections", "chat"):
         raise PromptError(f"{where}: style must be 'sections' or 'chat', not {data['style']!r}")
     if set(data["headers"]) != set(_SECTIONS):

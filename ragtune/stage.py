@@ -4,7 +4,8 @@
 :func:`run_stage` gives every stage the same edges:
 
 - logs on stderr, so stdout holds only what the command prints (answers, tables, summaries);
-- ``status.json`` in the stage's run folder (``output_dir``): ``running``, then ``ok`` with the
+- ``status.json`` in the stage's run folder (``output_dir``): ``running`` (rewritten every
+  ``HEARTBEAT_S`` with pid, host and time, so a killed run reads as ``dead``), then ``ok`` with the
   metric and details, ``failed`` with the error, or ``interrupted`` (Ctrl-C);
 - an error a user can act on (:class:`RagtuneError`): one line on stderr, exit status 2;
 - Ctrl-C: one line, exit status 130, no traceback;
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -29,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ragtune.errors import RagtuneError
-from ragtune.sweep import is_multirun, write_status
+from ragtune.sweep import HEARTBEAT_S, is_multirun, write_status
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +79,18 @@ def run_stage(task: Task, cfg: DictConfig) -> float | None:
     out = _status_dir(cfg)
     t0 = time.perf_counter()
 
+    beat = _Heartbeat()
+
     def status(state: str, **extra: Any) -> None:
-        if out is not None:
-            write_status(out, state, seconds=round(time.perf_counter() - t0, 2), **extra)
+        if out is None:
+            return
+        if state != "running":
+            beat.stop()  # the final status is never overwritten by a late heartbeat
+        write_status(out, state, seconds=round(time.perf_counter() - t0, 2), **extra)
 
     status("running")
+    if out is not None:
+        beat.start(lambda: status("running"))
     try:
         result = task(cfg)
     except KeyboardInterrupt:
@@ -106,6 +115,35 @@ def run_stage(task: Task, cfg: DictConfig) -> float | None:
     outcome = as_result(result)
     status("ok", **{**outcome.details, "metric": outcome.metric})
     return outcome.metric
+
+
+class _Heartbeat:
+    """Rewrites ``running`` every ``HEARTBEAT_S`` so readers can tell a live run from a dead
+    one (:func:`ragtune.sweep.read_status`)."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self, beat: Callable[[], None]) -> None:
+        def loop() -> None:
+            while not self._stop.wait(HEARTBEAT_S):
+                with self._lock:
+                    if self._stop.is_set():
+                        return
+                    try:
+                        beat()
+                    except OSError as e:  # a full disk must not kill the stage
+                        log.debug("status heartbeat failed: %s", e)
+
+        self._thread = threading.Thread(target=loop, name="ragtune-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:  # a beat in progress finishes before the final status
+            pass
 
 
 def as_result(value: Any) -> StageResult:

@@ -8,6 +8,7 @@ key and both values. Readers (the retriever) and the writer (``ingest``) both op
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -16,10 +17,13 @@ from typing import Any
 from ragtune.errors import RagtuneError
 from ragtune.paths import outputs_root, resolve_path
 
+log = logging.getLogger(__name__)
+
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 
 SCHEMA_VERSION = 1
 _META_KEYS = ("embedding_model", "normalize", "chunk_size", "chunk_overlap", "chunk_unit")
+CORPUS_KEY = "ragtune_corpus"  # the corpus folder a collection's chunks come from
 
 
 class IndexError_(RagtuneError):
@@ -62,28 +66,50 @@ def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-") or "x"
 
 
-def collection_name(rcfg: Any) -> str:
-    """``rcfg.collection`` or a name derived from every setting that changes the vectors.
-
-    So a sweep over chunk_size or embedding model never writes into another run's index.
-    """
-    if rcfg.collection:
-        return str(rcfg.collection)
+def settings_name(rcfg: Any) -> str:
+    """The part of a derived collection name that every setting changing the vectors makes."""
     model = str(rcfg.embedding_model)
     base = _slug(model.rsplit("/", 1)[-1] if model.startswith((".", "/", "~")) else model)
     if model.startswith((".", "/", "~")):
         base += "-" + hashlib.sha1(model.encode()).hexdigest()[:6]
     unit = "t" if rcfg.chunk_unit == "tokens" else "c"
     norm = "n" if rcfg.normalize else "raw"
-    return f"rt-{base[:60]}-{norm}-{unit}{rcfg.chunk_size}-o{rcfg.chunk_overlap}"
+    return f"rt-{base[:40]}-{norm}-{unit}{rcfg.chunk_size}-o{rcfg.chunk_overlap}"
 
 
-def index_metadata(rcfg: Any) -> dict[str, Any]:
-    """What the collection records about how its vectors and chunks were made."""
-    return {
+def corpus_path(corpus: str | os.PathLike[str]) -> str:
+    """The corpus folder as the index records it: absolute, symlinks resolved."""
+    return str(resolve_path(str(corpus)).resolve())
+
+
+def corpus_key(corpus: str | os.PathLike[str]) -> str:
+    """A short, stable name part for one corpus folder: its name plus a hash of its path."""
+    path = corpus_path(corpus)
+    return f"{_slug(Path(path).name)[:20]}-{hashlib.sha1(path.encode()).hexdigest()[:8]}"
+
+
+def collection_name(rcfg: Any, corpus: str | os.PathLike[str] | None = None) -> str:
+    """``rcfg.collection``, or a name derived from the settings and the corpus folder.
+
+    So a sweep over chunk_size or embedding model never writes into another run's index, and
+    two corpora indexed with the same settings never share (or delete) each other's chunks.
+    Without ``corpus`` this is the settings part alone (see :func:`find_collection`).
+    """
+    if rcfg.collection:
+        return str(rcfg.collection)
+    base = settings_name(rcfg)
+    return f"{base}-{corpus_key(corpus)}" if corpus is not None else base
+
+
+def index_metadata(rcfg: Any, corpus: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """What the collection records about how its vectors and chunks were made, and from what."""
+    meta: dict[str, Any] = {
         "ragtune_schema": SCHEMA_VERSION,
         **{f"ragtune_{k}": getattr(rcfg, k) for k in _META_KEYS},
     }
+    if corpus is not None:
+        meta[CORPUS_KEY] = corpus_path(corpus)
+    return meta
 
 
 def check_metadata(name: str, meta: dict[str, Any] | None, rcfg: Any) -> None:
@@ -127,27 +153,99 @@ def open_client(rcfg: Any) -> Any:
     return chromadb.PersistentClient(path=str(path), settings=settings)
 
 
-def open_collection(client: Any, rcfg: Any, *, create: bool) -> Any:
-    """Open (or create) the collection and check that its settings match ``rcfg``."""
-    name = collection_name(rcfg)
-    existing = {c if isinstance(c, str) else c.name for c in client.list_collections()}
+def _names(client: Any) -> set[str]:
+    return {c if isinstance(c, str) else c.name for c in client.list_collections()}
+
+
+def find_collection(client: Any, rcfg: Any) -> str:
+    """For a reader that does not know the corpus: the one collection with these settings.
+
+    Several (one per corpus) is an error asking for the corpus, never a silent pick.
+    """
+    base = settings_name(rcfg)
+    found = sorted(n for n in _names(client) if n == base or n.startswith(base + "-"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        return base  # open_collection reports it missing
+    corpora = []
+    for n in found:
+        meta = client.get_collection(n, embedding_function=None).metadata or {}
+        corpora.append(f"{n} ({meta.get(CORPUS_KEY, 'corpus not recorded')})")
+    raise IndexMismatchError(
+        f"{len(found)} corpora are indexed with these retriever settings: {', '.join(corpora)}; "
+        "set data.corpus (or retriever.collection) to choose one"
+    )
+
+
+def open_collection(
+    client: Any, rcfg: Any, *, create: bool, corpus: str | os.PathLike[str] | None = None
+) -> Any:
+    """Open (or create) the collection of ``corpus`` and check that its settings match ``rcfg``.
+
+    The writer (``create=True``) must name its corpus: a collection already holding another
+    corpus folder is refused (:class:`IndexMismatchError`), never overwritten. A reader without
+    a corpus gets the one collection with these settings (:func:`find_collection`).
+    """
+    if corpus is None and not rcfg.collection:
+        if create:
+            raise ValueError("open_collection(create=True) needs the corpus folder")
+        name = find_collection(client, rcfg)
+    else:
+        name = collection_name(rcfg, corpus)
+    existing = _names(client)
     if name not in existing:
         if not create:
             where = rcfg.server or str(persist_path(rcfg))
             raise IndexNotFoundError(
                 f"no index collection '{name}' in {where}: run python train/index.py with the "
-                "same retriever settings first"
+                "same retriever settings and data.corpus first"
             )
+        _note_moved_corpora(client, rcfg, existing)
         coll = client.get_or_create_collection(
             name,
             configuration={"hnsw": {"space": "cosine"}},
-            metadata=index_metadata(rcfg),
+            metadata=index_metadata(rcfg, corpus),
             embedding_function=None,
         )
     else:
         coll = client.get_collection(name, embedding_function=None)
     check_metadata(name, coll.metadata, rcfg)
+    if create and corpus is not None:
+        coll = _claim_corpus(client, coll, rcfg, corpus)
     return coll
+
+
+def _claim_corpus(client: Any, coll: Any, rcfg: Any, corpus: str | os.PathLike[str]) -> Any:
+    have = (coll.metadata or {}).get(CORPUS_KEY)
+    want = corpus_path(corpus)
+    if have == want:
+        return coll
+    if have is None:  # made before collections recorded their corpus: it is this one's now
+        coll.modify(metadata={**(coll.metadata or {}), CORPUS_KEY: want})
+        return client.get_collection(coll.name, embedding_function=None)
+    moved = "" if Path(have).is_dir() else f" ({have} no longer exists: moved or renamed?)"
+    raise IndexMismatchError(
+        f"index collection '{coll.name}' holds the chunks of corpus {have}{moved}, not of "
+        f"data.corpus={want}; indexing it here would delete them. Use another "
+        "retriever.collection (or collection=null for one per corpus)"
+    )
+
+
+def _note_moved_corpora(client: Any, rcfg: Any, existing: set[str]) -> None:
+    """A new corpus collection next to one whose corpus folder is gone: say so, delete nothing."""
+    base = settings_name(rcfg)
+    for n in sorted(existing):
+        if not n.startswith(base + "-"):
+            continue
+        have = (client.get_collection(n, embedding_function=None).metadata or {}).get(CORPUS_KEY)
+        if have and not Path(have).is_dir():
+            log.warning(
+                "index collection '%s' was built from %s, which no longer exists (moved or "
+                "renamed?); it is kept as it is, and this corpus gets its own collection",
+                n,
+                have,
+            )
 
 
 def scan_sources(coll: Any, page: int = 5000) -> dict[str, set[str]]:

@@ -3,7 +3,8 @@
 ``python train/sft.py -m retriever.chunk_size=500,1000,2000 prompt=alpaca_rag,alpaca_rag_short``
 runs each combination in its own folder (``<sweep dir>/<num>_<overrides>/``). Each run writes
 ``status.json`` (``ok`` with its metric and evaluation metrics, ``failed`` with the error,
-``interrupted`` after Ctrl-C; ``running`` if it was killed). When the sweep ends, :class:`SweepSummary` reads every run
+``interrupted`` after Ctrl-C; ``running`` with a heartbeat while it runs, read as ``dead`` once
+its process is gone). When the sweep ends, :class:`SweepSummary` reads every run
 folder's overrides (``.hydra/overrides.yaml``) and status, and writes into the sweep folder:
 
 - ``summary.csv`` and ``summary.md``: one row per run: status, swept settings, metrics;
@@ -52,23 +53,65 @@ PLOT_METRICS = ("overall", "f1", "unanswerable_abstention_rate", "recall_at_k")
 
 
 # --------------------------------------------------------------------------- run status
+HEARTBEAT_S = 30.0  # a running stage rewrites its status this often
+STALE_S = 4 * HEARTBEAT_S  # no heartbeat for this long: the run is dead (killed, machine gone)
+
+
 def write_status(out_dir: str | Path, status: str, **extra: Any) -> Path:
     """Write ``status.json`` atomically (``running`` | ``ok`` | ``failed`` | ``interrupted``,
-    plus details)."""
+    plus details), stamped with the writer's pid, host and time (the heartbeat)."""
+    import socket
+    import time
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stamp = {"pid": os.getpid(), "host": socket.gethostname(), "heartbeat": round(time.time(), 1)}
     tmp = out / f".{STATUS_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"status": status, **extra}, indent=2, default=_json_default) + "\n")
+    payload = {"status": status, **extra, **stamp}
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     os.replace(tmp, out / STATUS_FILE)
     return out / STATUS_FILE
 
 
 def read_status(run_dir: str | Path) -> dict[str, Any]:
+    """``status.json`` of a run; a ``running`` run whose process is gone (its pid is dead on
+    this host, or its heartbeat stopped ``STALE_S`` ago) reads as ``dead``, with why."""
     path = Path(run_dir) / STATUS_FILE
     try:
-        return json.loads(path.read_text())
+        st = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+    if not isinstance(st, dict):
+        return {}
+    why = _dead_because(st) if st.get("status") == "running" else None
+    if why:
+        st = {**st, "status": "dead", "error": f"the run died without a final status: {why}"}
+    return st
+
+
+def _dead_because(st: dict[str, Any]) -> str | None:
+    import socket
+    import time
+
+    pid, beat = st.get("pid"), st.get("heartbeat")
+    if isinstance(pid, int) and st.get("host") == socket.gethostname() and not _alive(pid):
+        return f"process {pid} is gone (killed?)"
+    if not isinstance(beat, int | float):
+        return "no heartbeat recorded (written by an older ragtune, or killed)"
+    age = time.time() - beat
+    if age > STALE_S:
+        return f"no heartbeat for {age:.0f}s (killed, or its machine is gone)"
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def is_multirun() -> bool:
@@ -148,9 +191,8 @@ def collect_runs(sweep_dir: str | Path) -> list[dict[str, Any]]:
         settings = _overrides(run)
         st = read_status(run)
         status = st.get("status") or _status_without_file(run)
-        if status == "running":
+        if status == "dead":  # killed: failed, with why in the error column
             status = "failed"
-            st.setdefault("error", "no final status: the run was killed or is still running")
         metrics = dict(st.get("metrics") or {})
         if not metrics:
             metrics = _eval_metrics(run)

@@ -83,7 +83,7 @@ def _expected(corpus: Path, rcfg) -> tuple[set[str], dict[str, set[str]], dict[s
     return ids, per_file, shas
 
 
-def _snapshot(rcfg) -> dict | None:
+def _snapshot(rcfg, corpus: Path) -> dict | None:
     """Open the index as a crash left it; check every chunk is whole; None if not created."""
     import numpy as np
 
@@ -91,9 +91,9 @@ def _snapshot(rcfg) -> dict | None:
 
     client = _fresh_client(rcfg)
     names = [c if isinstance(c, str) else c.name for c in client.list_collections()]
-    if collection_name(rcfg) not in names:
+    if collection_name(rcfg, corpus) not in names:
         return None
-    coll = client.get_collection(collection_name(rcfg), embedding_function=None)
+    coll = client.get_collection(collection_name(rcfg, corpus), embedding_function=None)
     got = coll.get(include=["documents", "metadatas", "embeddings"])
     bad = []
     for i, doc, meta, emb in zip(
@@ -123,8 +123,8 @@ def _check(corpus: Path, rcfg_d: dict, rerun: bool) -> dict:
 
     rcfg = RetrieverConfig(**rcfg_d)
     exp_ids, per_file, shas = _expected(corpus, rcfg)
-    out: dict = {"expected": exp_ids, "after_kill": _snapshot(rcfg)}
-    journal = Journal(state_dir(rcfg) / f"{collection_name(rcfg)}.journal.jsonl").load()
+    out: dict = {"expected": exp_ids, "after_kill": _snapshot(rcfg, corpus)}
+    journal = Journal(state_dir(rcfg) / f"{collection_name(rcfg, corpus)}.journal.jsonl").load()
     have = set(out["after_kill"]["ids"]) if out["after_kill"] else set()
     out["committed_incomplete"] = sorted(
         rel
@@ -134,7 +134,7 @@ def _check(corpus: Path, rcfg_d: dict, rerun: bool) -> dict:
     if rerun:
         _fresh_client(rcfg)
         out["rerun_ok"] = ingest(corpus, rcfg, show_progress=False).ok
-        out["final"] = _snapshot(rcfg)
+        out["final"] = _snapshot(rcfg, corpus)
     return out
 
 

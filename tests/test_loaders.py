@@ -256,6 +256,18 @@ CASES: list[Case] = [
         "up/esc.md",
         ("skip", "leaves the corpus root"),
     ),
+    (
+        "invalid-utf8-not-guessed-as-cp1252",
+        lambda r: put(r, "bad.txt", b"Valid start \xff\xfe\xfa then \xc3\x28 broken"),
+        "bad.txt",
+        ("skip", "below the confidence bar"),
+    ),
+    (
+        "cp1251-read-as-cp1252-is-refused-then-guessed-right",
+        lambda r: put(r, "ru.txt", "Привет, как дела? Это текст.".encode("cp1251")),
+        "ru.txt",
+        ("warn", "decoded as cp1251 by a guess"),
+    ),
     ("name-not-utf8", _bad_name, "caf\\xe9.txt", ("skip", "not valid UTF-8")),
     (
         "name-with-newline",
@@ -290,6 +302,14 @@ CASES: list[Case] = [
         lambda r: put(r, "l1.txt", "Café crème brûlée à Orléans.".encode("latin-1")),
         "l1.txt",
         ("ok", "Café crème brûlée"),
+    ),
+    (
+        "cp1252-typography",
+        lambda r: put(
+            r, "q.txt", "“Quotes” — naïve façade, 5 €; Ça va? À bientôt.".encode("cp1252")
+        ),
+        "q.txt",
+        ("ok", "naïve façade, 5 €"),
     ),
     (
         "utf8-truncated-last-char",

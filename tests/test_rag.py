@@ -63,7 +63,7 @@ def build_model_dir(
         (model / f.name).symlink_to(f.resolve())
     schema = get_schema(prompt)
     schema.save(model)
-    settings = Retriever(rcfg, None, None).settings()
+    settings = Retriever.from_config(rcfg, corpus=docs).settings()
     settings.update(retriever_overrides or {})
     write_manifest(
         model,
@@ -218,7 +218,10 @@ def test_index_built_differently_from_manifest(tmp_path, tiny_lm_path):
     model, _ = build_model_dir(
         tmp_path,
         tiny_lm_path,
-        retriever_overrides={"chunk_size": 400, "collection": collection_name(rcfg300)},
+        retriever_overrides={
+            "chunk_size": 400,
+            "collection": collection_name(rcfg300, tmp_path / "corpus"),
+        },
     )
     cfg = ask_cfg(tmp_path, "generate.max_new_tokens=2")
     with pytest.raises(MismatchError, match=r"chunk_size: model trained with 400, index has 300"):

@@ -154,6 +154,7 @@ def test_run_sft_with_resume_trains_in_the_interrupted_run(reference, tmp_path, 
 
     import ragtune.training.data as data
     import ragtune.training.recipe as recipe
+    import ragtune.training.saving as saving
     from ragtune.config import compose
 
     runs = tmp_path / "outputs" / "runs" / "sft"
@@ -167,6 +168,7 @@ def test_run_sft_with_resume_trains_in_the_interrupted_run(reference, tmp_path, 
         lambda cfg, ex, schema, out: trained_in.append(out) or reference,
     )
     monkeypatch.setattr(recipe, "_write_manifest", lambda *a: None)
+    monkeypatch.setattr(saving, "publish_model", lambda staged, final: final)
     cfg = compose("sft", [f"output_dir={runs / 'new'}", "train.resume=true"])
     assert recipe.run_sft(cfg).run_dir == runs / "old" and trained_in == [runs / "old"]
 

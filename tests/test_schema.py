@@ -82,6 +82,35 @@ def test_retrieved_text_cannot_break_the_template(name, tokenizer):
     assert text.index(schema.headers["instruction"]) < ctx < text.rindex("A normal chunk.")
 
 
+SMOL_EXTRAS = ("<file_sep>", "<repo_name>", "<jupyter_output>", "<issue_start>")
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_added_token_of_the_tokenizer_is_neutralised(name, tokenizer):
+    """SmolLM2 has 17 added tokens; documents and questions carrying any of them must not
+    reach the model as control ids, in any prompt variant."""
+    from ragtune.schema import tokenizer_specials
+
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    assert len(added) == 17 and set(SMOL_EXTRAS) <= set(tokenizer_specials(tokenizer))
+    hostile = " x ".join(sorted(added))
+    schema = get_schema(name)
+    clean = PromptFields("Who wrote it?", "Briefly.", ["A chunk.", "Another."])
+    dirty = PromptFields(
+        "Who wrote it? " + hostile, "Briefly. " + hostile, ["A chunk. " + hostile, "Another."]
+    )
+    ids_of = {tokenizer.convert_tokens_to_ids(t): t for t in added}
+
+    def control_ids(fields: PromptFields) -> list[str]:
+        ids = schema.encode_prompt(tokenizer, schema.render_prompt(fields, tokenizer))
+        return sorted(ids_of[i] for i in ids if i in ids_of)
+
+    assert control_ids(dirty) == control_ids(clean)  # only the template's own turn markers
+    for tok in SMOL_EXTRAS:
+        assert tok not in schema.neutralise(f"a {tok} b", tokenizer)
+    assert schema.neutralise("plain words stay", tokenizer) == "plain words stay"
+
+
 def test_neutralise_is_stable_and_idempotent():
     schema = get_schema("alpaca_rag")
     once = schema.neutralise(HOSTILE)

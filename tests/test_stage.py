@@ -183,3 +183,51 @@ def test_logs_go_to_stderr(tmp_path):
     res = _run(tmp_path, *_single(tmp_path, "ok"))
     assert res.returncode == 0 and res.stdout == ""
     assert "starting ok" in res.stderr
+
+
+_SLEEPER = """
+import sys, time
+from omegaconf import OmegaConf
+from ragtune.stage import run_stage
+run_stage(lambda cfg: time.sleep(120), OmegaConf.create({"output_dir": sys.argv[1]}))
+"""
+
+
+def test_a_killed_run_reads_as_dead_not_running(tmp_path):
+    """status.json says running after a SIGKILL; readers see the dead pid (and, on another
+    host, the stopped heartbeat)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ragtune.sweep import STALE_S, collect_runs, read_status, write_status
+
+    run = tmp_path / "sweep" / "0_x=1"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- x=1\n")
+    proc = subprocess.Popen([sys.executable, "-c", _SLEEPER, str(run)])
+    try:
+        for _ in range(600):
+            if (run / "status.json").exists():
+                break
+            time.sleep(0.1)
+        assert read_status(run)["status"] == "running"  # alive: its pid answers
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    raw = json.loads((run / "status.json").read_text())
+    assert raw["status"] == "running" and raw["pid"] == proc.pid
+    st = read_status(run)
+    assert st["status"] == "dead" and f"process {proc.pid} is gone" in st["error"]
+    row = collect_runs(tmp_path / "sweep")[0]
+    assert row["status"] == "failed" and "died without a final status" in row["error"]
+    # a run on another machine: only the heartbeat tells
+    write_status(run, "running")
+    far = {**json.loads((run / "status.json").read_text()), "host": "elsewhere"}
+    (run / "status.json").write_text(json.dumps(far))
+    assert read_status(run)["status"] == "running"
+    far["heartbeat"] -= STALE_S + 1
+    (run / "status.json").write_text(json.dumps(far))
+    assert "no heartbeat for" in read_status(run)["error"]

@@ -63,12 +63,13 @@ def fake_sweep(tmp_path: Path) -> Path:
         ["retriever.chunk_size=500", "prompt=alpaca_rag_short"],
         {"status": "failed", "error": "TrainError: out of memory\ntraceback..."},
     )
-    _fake_run(
+    killed = _fake_run(
         sweep,
         3,
         ["retriever.chunk_size=1000", "prompt=alpaca_rag_short"],
-        {"status": "running"},  # killed mid-run
+        {"status": "running"},
     )
+    (killed / "status.json").write_text('{"status": "running"}')  # killed: no pid, no heartbeat
     _fake_run(sweep, 10, ["retriever.chunk_size=2000", "prompt=alpaca_rag"], None)  # no status
     # an override value with a slash nests Hydra's run folder: still found
     nested = sweep / "11_data.corpus=" / "tmp" / "corpus,prompt=alpaca_rag"
@@ -127,7 +128,8 @@ def test_callback_on_multirun_end_and_on_job_end(fake_sweep: Path, tmp_path: Pat
     ret = JobReturn(status=JobStatus.FAILED)
     ret.return_value = RuntimeError("boom")
     cb.on_job_end(cfg, ret)
-    assert read_status(run) == {"status": "failed", "error": "RuntimeError: boom"}
+    st = read_status(run)
+    assert (st["status"], st["error"]) == ("failed", "RuntimeError: boom")
     # ... but a completed job, or a single run, is left alone
     other = tmp_path / "job2"
     done = JobReturn(status=JobStatus.COMPLETED)

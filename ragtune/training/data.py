@@ -42,7 +42,9 @@ def open_retriever(cfg: DictConfig, tokenizer: Any, ingest_corpus: bool = True) 
             resolve_path(cfg.data.corpus), cfg.retriever, jsonl_text_field=cfg.data.jsonl_text_field
         )
         log.info("index: %s", report)
-    return Retriever.from_config(cfg.retriever, token_counter=token_counter(tokenizer))
+    return Retriever.from_config(
+        cfg.retriever, corpus=resolve_path(cfg.data.corpus), token_counter=token_counter(tokenizer)
+    )
 
 
 def build_dataset(

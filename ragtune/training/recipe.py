@@ -67,7 +67,7 @@ def run_sft(cfg: DictConfig) -> SftResult:
     from ragtune.training.checkpoints import find_resumable_run
     from ragtune.training.data import shared_dataset
     from ragtune.training.distributed import is_main_process
-    from ragtune.training.saving import point_latest
+    from ragtune.training.saving import MODEL_DIR, point_latest, publish_model, recover_model
 
     validate(cfg, SFT_TOP_LEVEL)
     out = Path(cfg.output_dir)
@@ -76,6 +76,7 @@ def run_sft(cfg: DictConfig) -> SftResult:
         if out != Path(cfg.output_dir):
             log.info("train.resume=true: continuing the interrupted run in %s", out)
     out.mkdir(parents=True, exist_ok=True)
+    recover_model(out / MODEL_DIR)
     t0 = time.perf_counter()
     schema = get_schema(cfg.prompt.name)
     r = cfg.retriever
@@ -92,9 +93,10 @@ def run_sft(cfg: DictConfig) -> SftResult:
     examples, stats, retriever, out = shared_dataset(cfg, out)
     data_seconds = time.perf_counter() - t0
 
-    result = train(cfg, examples, schema, out)
+    result = train(cfg, examples, schema, out)  # the new model is staged beside model/
     loss_metric = -result.final_loss if result.final_loss is not None else float("nan")
-    sft = SftResult(out, result.model_dir, result.final_loss, None, loss_metric, stats)
+    final = out / MODEL_DIR
+    sft = SftResult(out, final, result.final_loss, None, loss_metric, stats)
     if not is_main_process():  # rank 0 evaluates and writes the manifest
         return sft
 
@@ -104,8 +106,9 @@ def run_sft(cfg: DictConfig) -> SftResult:
         sft.metrics = evaluate_model(cfg, result.model_dir)
         sft.metric = float(sft.metrics.get("overall", loss_metric))
     _write_manifest(cfg, schema, result, retriever, data_seconds, sft.metrics)
+    publish_model(result.model_dir, final)  # a finished model is replaced only now
     if not is_multirun():
-        point_latest(result.model_dir, Path(cfg.paths.outputs))
+        point_latest(final, Path(cfg.paths.outputs))
     return sft
 
 
@@ -327,9 +330,11 @@ def _save(
     backend: str,
     model_path: str,
 ) -> Path:
-    """Rank 0 writes the model folder (FSDP weights gathered first); every rank waits."""
+    """Rank 0 writes the new model folder beside ``model/`` (FSDP weights gathered first);
+    every rank waits. Returns the staged folder: :func:`run_sft` swaps it in after the
+    manifest."""
     from ragtune.training.distributed import barrier, gather_fsdp_model
-    from ragtune.training.saving import MODEL_DIR, save_model
+    from ragtune.training.saving import MODEL_DIR, save_model, staging_dir
 
     model_dir = output_dir / MODEL_DIR
     trained = sft.model
@@ -347,4 +352,4 @@ def _save(
             base_path=model_path,
         )
     barrier(sft.args.world_size)
-    return model_dir
+    return staging_dir(model_dir)

@@ -1,7 +1,8 @@
 """The trained model folder: LoRA adapter or merged weights, tokenizer, schema, train info.
 
-The folder is written into a hidden temporary folder and renamed into place, so a crashed merge
-never leaves ``<run>/model`` looking complete; the recipe writes ``manifest.json`` into it last.
+The folder is written beside ``<run>/model`` (``.new-model``); the recipe evaluates it if asked,
+writes ``manifest.json`` into it last and only then swaps it in, so neither a crashed save nor a
+crash before the manifest ever leaves ``<run>/model`` incomplete or loses a finished model.
 Weights are always safetensors.
 """
 
@@ -11,16 +12,25 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ragtune.manifest import MANIFEST
 from ragtune.modelcard import TRAIN_INFO
 from ragtune.training import TrainError
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
+
+
+def staging_dir(model_dir: Path) -> Path:
+    """Where a new model is written beside ``model_dir`` until its manifest is in it."""
+    return Path(model_dir).with_name(f".new-{Path(model_dir).name}")
+
+
+def _old_dir(model_dir: Path) -> Path:
+    return Path(model_dir).with_name(f".old-{Path(model_dir).name}")
 
 
 def save_model(
@@ -34,14 +44,20 @@ def save_model(
     base_model: str,
     base_path: str,
 ) -> Path:
-    """Write the adapter or merged weights, tokenizer and schema; temp folder, then rename.
+    """Write the adapter or merged weights, tokenizer and schema beside ``model_dir``.
 
-    A crash at any point leaves either the previous ``model_dir`` untouched or a hidden
-    ``.tmp-model-*`` folder, never a ``model_dir`` that looks complete.
+    Returns the staging folder (:func:`staging_dir`); the caller writes ``manifest.json``
+    into it and then :func:`publish_model` swaps it in. A complete model already in
+    ``model_dir`` (resuming into a finished run) stays untouched until then, so a crash in
+    between (saving, ``train.eval_after``) never loses it.
     """
     model_dir = Path(model_dir)
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{model_dir.name}-", dir=model_dir.parent))
+    recover_model(model_dir)
+    tmp = staging_dir(model_dir)
+    if tmp.exists():  # a crashed earlier save: never complete (no manifest reached model_dir)
+        shutil.rmtree(tmp)
+    tmp.mkdir()
     try:
         if backend == "unsloth":
             save_unsloth(model, tokenizer, tmp, save_method)
@@ -57,18 +73,49 @@ def save_model(
         }
         (tmp / TRAIN_INFO).write_text(json.dumps(info, indent=2) + "\n")
         _fsync_tree(tmp)
-        if model_dir.exists():
-            old = model_dir.with_name(f".old-{model_dir.name}-{os.getpid()}")
-            os.replace(model_dir, old)
-            os.replace(tmp, model_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, model_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("saved %s model to %s", save_method, model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s model to %s", save_method, tmp)
+    return tmp
+
+
+def publish_model(staged: Path, model_dir: Path) -> Path:
+    """Swap a staged model folder (manifest written) into ``model_dir``; the old one goes.
+
+    Two renames: a crash between them leaves both complete folders beside ``model_dir``, and
+    :func:`recover_model` (run by the next save or resume) puts the newest one back.
+    """
+    staged, model_dir = Path(staged), Path(model_dir)
+    if staged == model_dir:
+        return model_dir
+    if not (staged / MANIFEST).exists():
+        raise TrainError(f"{staged} has no {MANIFEST}: write it before publishing the model")
+    old = _old_dir(model_dir)
+    if old.exists():
+        shutil.rmtree(old)
+    if model_dir.exists():
+        os.replace(model_dir, old)
+    os.replace(staged, model_dir)
+    _fsync_dir(model_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("model folder %s is complete", model_dir)
     return model_dir
+
+
+def recover_model(model_dir: Path) -> None:
+    """After a crash: put a complete model back into a missing ``model_dir`` (the staged one
+    when its manifest was written, else the previous one), and remove empty leftovers."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        for cand in (staging_dir(model_dir), _old_dir(model_dir)):
+            if (cand / MANIFEST).exists():
+                os.replace(cand, model_dir)
+                log.warning("recovered the complete model folder %s from %s", model_dir, cand)
+                break
+    if model_dir.parent.is_dir():  # hidden temp folders of earlier versions and crashes
+        for p in model_dir.parent.glob(f".tmp-{model_dir.name}-*"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def save_hf(model: Any, tokenizer: Any, out: Path, save_method: str, *, base_path: str) -> None:
@@ -142,6 +189,14 @@ def point_latest(model_dir: Path, outputs: Path) -> None:
     tmp.symlink_to(Path(model_dir).resolve())
     os.replace(tmp, link)
     log.info("%s -> %s", link, model_dir)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_tree(root: Path) -> None:
