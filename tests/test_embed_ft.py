@@ -147,22 +147,25 @@ def test_a_tuned_embedder_gets_its_own_collection(tuned, towns):
 
     result, _ = tuned
     base, mine = base_rcfg(towns), base_rcfg(towns, embedding_model=str(result.path))
-    assert collection_name(base) != collection_name(mine)
+    corpus = towns / "corpus"
+    assert collection_name(base, corpus) != collection_name(mine, corpus)
     n_base = ingest(towns / "corpus", base, show_progress=False).total_chunks
     report = ingest(towns / "corpus", mine, show_progress=False)
     assert report.embedded == report.total_chunks == n_base  # every chunk re-embedded
 
     client = chromadb.PersistentClient(path=str(towns / "index"))
     names = {c if isinstance(c, str) else c.name for c in client.list_collections()}
-    assert {collection_name(base), collection_name(mine)} <= names
-    got = client.get_collection(collection_name(mine)).get(
+    assert {collection_name(base, corpus), collection_name(mine, corpus)} <= names
+    got = client.get_collection(collection_name(mine, corpus)).get(
         include=["documents", "embeddings"], limit=3
     )
     want = SentenceTransformer(str(result.path), device="cpu").encode(
         got["documents"], normalize_embeddings=True
     )
     assert np.allclose(np.asarray(got["embeddings"]), want, atol=1e-4)  # the tuned vectors
-    assert client.get_collection(collection_name(base)).count() == n_base  # base one untouched
+    assert (
+        client.get_collection(collection_name(base, corpus)).count() == n_base
+    )  # base one untouched
 
 
 def test_an_index_built_by_another_embedder_is_refused(tuned, towns):
@@ -203,7 +206,7 @@ def test_sft_retrieves_with_the_tuned_embedder(tuned, towns, tokenizer):
     retriever = open_retriever(cfg, tokenizer)
     assert retriever.settings()["embedding_model"] == str(result.path)
     assert retriever.settings()["collection"] == collection_name(
-        base_rcfg(towns, embedding_model=str(result.path))
+        base_rcfg(towns, embedding_model=str(result.path)), towns / "corpus"
     )
     assert retriever.retrieve("Who is the mayor of Holm?")
 
