@@ -49,12 +49,24 @@ def outputs(tmp_path, monkeypatch):
     return root
 
 
+# Prompts that end differently (no shared last token), for the equivalence tests.
+DIFFERENT_ENDINGS = [
+    "Question: What is the capital of France?\nAnswer:",
+    "Context: the sky is blue.\nQuestion: what colour is the sky",
+    "Tell me a story about a dragon and",
+    "1, 2, 3, 4,",
+]
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_path(tmp_path_factory, lm_path: str) -> str:
-    """A 2-layer, 64-wide Llama with SmolLM2's tokenizer: trains and generates in milliseconds.
+    """A 2-layer, 64-wide untied Llama with SmolLM2's tokenizer: trains and generates in ms.
 
-    Random weights: use it to test mechanics (loss goes down, weights change, shapes, I/O),
-    and the real SmolLM2 only where answer quality matters.
+    Seeded random weights, untied input/output embeddings and a wide init (0.2): attention
+    moves the residual stream enough that greedy output depends on every position, the cache
+    and the mask (tests/test_tiny_model.py shows a broken one changes it). A tied, 0.02-init
+    model just echoes its last input token, which hides decoding bugs. Use it for mechanics
+    and equivalence; the real SmolLM2 only where answer quality matters.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -69,6 +81,8 @@ def tiny_lm_path(tmp_path_factory, lm_path: str) -> str:
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "head_dim": 16,
+            "tie_word_embeddings": False,
+            "initializer_range": 0.2,
         }
     )
     torch.manual_seed(0)
