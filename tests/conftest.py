@@ -15,6 +15,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 
 
+def trials(full: int) -> int:
+    """Trials for a crash test: ``full``, or fewer where CI sets ``RAGTUNE_CI_TRIALS``.
+
+    CI runs the same code paths with fewer repetitions to stay inside its time limit.
+    """
+    ci = os.environ.get("RAGTUNE_CI_TRIALS")
+    return min(full, max(1, int(ci))) if ci else full
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

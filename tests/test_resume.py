@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import trials
 from test_train import make_cfg, make_examples  # tests/ is on sys.path (no __init__.py)
 
 from ragtune.schema import get_schema
@@ -209,7 +210,7 @@ def test_sigkilled_training_resumes_to_the_same_final_loss(tmp_path, tiny_lm_pat
     assert p.wait(timeout=600) == 0, p.stderr.read()
     ref = json.loads((ref_dir / "result.json").read_text())
     rng = random.Random(0)
-    for trial in range(3):
+    for trial in range(trials(3)):
         out = tmp_path / f"trial{trial}"
         p = _worker(out, tiny_lm_path, *extra)
         target = out / "checkpoints" / f"checkpoint-{2 * rng.randint(1, 6)}"
