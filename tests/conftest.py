@@ -50,6 +50,34 @@ def tokenizer(lm_path: str):
     return AutoTokenizer.from_pretrained(lm_path)
 
 
+def sigkill_when_ready(code: str, *args: str, env: dict[str, str] | None = None) -> None:
+    """Run ``code`` in a fresh Python; SIGKILL it as soon as it prints ``ready``.
+
+    Crash-safety tests use a real kill (no ``finally``, no cleanup), not an exception.
+    """
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = {**os.environ, **(env or {}), "PYTHONPATH": f"{here.parent}{os.pathsep}{here}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if line.strip() != "ready":
+        proc.kill()
+        raise AssertionError(f"the child never got ready: {line!r} {proc.stderr.read()[-2000:]}")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
 @pytest.fixture()
 def outputs(tmp_path, monkeypatch):
     """A private outputs root, so tests never touch the user's outputs/."""
