@@ -79,6 +79,32 @@ def sigkill_when_ready(code: str, *args: str, env: dict[str, str] | None = None)
 
 
 @pytest.fixture()
+def no_model_loads(monkeypatch) -> list[str]:
+    """Every way training or serving gets a model fails the test (and is recorded).
+
+    For "refused before any model loads": a folder that appears only at the first save
+    cannot show that no model was loaded.
+    """
+    import ragtune.models
+    import ragtune.training.backends
+    from transformers import AutoModelForCausalLM
+
+    calls: list[str] = []
+
+    def refuse(name: str):
+        def loader(*args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"{name} was called: a model was loaded before the refusal")
+
+        return loader
+
+    monkeypatch.setattr(ragtune.models, "resolve_model", refuse("resolve_model"))
+    monkeypatch.setattr(ragtune.training.backends, "load", refuse("backends.load"))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse("from_pretrained"))
+    return calls
+
+
+@pytest.fixture()
 def outputs(tmp_path, monkeypatch):
     """A private outputs root, so tests never touch the user's outputs/."""
     root = tmp_path / "outputs"

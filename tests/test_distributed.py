@@ -243,17 +243,13 @@ def test_bad_fsdp_settings_are_refused_naming_the_key(tmp_path, overrides, messa
     assert message in str(e.value)
 
 
-def test_fsdp_with_merged_4bit_is_refused_before_any_model_loads(tmp_path, monkeypatch):
-    import ragtune.models
+def test_fsdp_with_merged_4bit_is_refused_before_any_model_loads(tmp_path, no_model_loads):
     from ragtune.config import compose
     from ragtune.training import TrainError
     from ragtune.training.recipe import train
 
-    def no_load(*a, **kw):
-        raise AssertionError("a model was resolved")
-
-    monkeypatch.setattr(ragtune.models, "resolve_model", no_load)
     cfg = compose("sft", [f"output_dir={tmp_path}", "train.fsdp=full_shard", "train.backend=hf"])
     cfg.train.save_method = "merged_4bit"
     with pytest.raises(TrainError, match="train.fsdp"):
         train(cfg, [], None, tmp_path)
+    assert no_model_loads == []

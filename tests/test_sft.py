@@ -130,11 +130,26 @@ def test_closed_book_run_records_no_context(outputs, tiny_lm_path):
     assert "\n### Context:\n" not in first["prompt"] and first["sources"] == []
 
 
+_NO_MODEL = """
+import runpy, sys
+import ragtune.models
+from transformers import AutoModelForCausalLM, AutoTokenizer
+def loaded(*a, **k):
+    print("error: a model was loaded before the refusal", file=sys.stderr)
+    sys.exit(99)
+ragtune.models.resolve_model = loaded
+AutoModelForCausalLM.from_pretrained = AutoTokenizer.from_pretrained = loaded
+sys.argv = ["train/sft.py", *sys.argv[1:]]
+runpy.run_path("train/sft.py", run_name="__main__")
+"""
+
+
 def test_bad_config_stops_before_any_model_loads(outputs):
     out = subprocess.run(
         [
             sys.executable,
-            "train/sft.py",
+            "-c",
+            _NO_MODEL,  # the entry script, with every model loader exiting 99
             "retriever.chunk_overlap=5000",
             f"paths.outputs={outputs}",
         ],

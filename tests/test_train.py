@@ -83,14 +83,16 @@ def test_backend_selection_on_cpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
-def test_merged_4bit_on_cpu_is_refused_before_loading(tmp_path, tiny_lm_path, examples):
+def test_merged_4bit_on_cpu_is_refused_before_loading(
+    tmp_path, tiny_lm_path, examples, no_model_loads
+):
     from ragtune.training import TrainError
     from ragtune.training.recipe import train
 
     cfg = make_cfg(tmp_path, tiny_lm_path, "train.save_method=merged_4bit")
     with pytest.raises(TrainError, match="merged_4bit"):
         train(cfg, examples, SCHEMA, tmp_path)
-    assert not (tmp_path / "checkpoints").exists()
+    assert no_model_loads == []
 
 
 # --------------------------------------------------------------------------- tokenization
