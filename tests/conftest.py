@@ -85,9 +85,10 @@ def no_model_loads(monkeypatch) -> list[str]:
     For "refused before any model loads": a folder that appears only at the first save
     cannot show that no model was loaded.
     """
+    from transformers import AutoModelForCausalLM
+
     import ragtune.models
     import ragtune.training.backends
-    from transformers import AutoModelForCausalLM
 
     calls: list[str] = []
 
