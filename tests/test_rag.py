@@ -253,21 +253,25 @@ def test_hostile_document_stays_inside_the_context_block(pipeline):
     """A retrieved document with instructions, headers and control tokens stays content."""
     schema = pipeline.schema
     sent: list[list[int]] = []
-    real = pipeline.generator.generate_batch
+    model = pipeline.generator.model
+    real = model.generate
 
-    def spy(prompts, *args, **kwargs):
-        sent.extend(pipeline.generator.encode(p) for p in prompts)
-        return real(prompts, *args, **kwargs)
+    def spy(input_ids, attention_mask, **kwargs):  # what reaches the model, padding removed
+        sent.extend(
+            [int(t) for t, m in zip(row, mask, strict=True) if m]
+            for row, mask in zip(input_ids, attention_mask, strict=True)
+        )
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    pipeline.generator.generate_batch = spy
+    model.generate = spy
     try:
         ans = pipeline.answer("What do the harbour notes for Velmora say?")
     finally:
-        del pipeline.generator.generate_batch
+        del model.generate
     assert any(s == "notes/harbour.md" for s, _, _ in ans.sources), ans.sources
     prompt = ans.prompt
-    # The ids the model got are exactly the schema's encoding of that prompt.
-    assert sent == [schema.encode_prompt(pipeline.tokenizer, prompt)]
+    # The ids the model got are the tokenizer's own encoding of that prompt (one BOS at most).
+    assert sent == [pipeline.tokenizer(prompt)["input_ids"]]
     # Each header once, in the schema's order; the document cannot open a section.
     heads = {k: f"\n{h}\n" for k, h in schema.headers.items()}  # a header is a whole line
     for h in heads.values():
@@ -306,7 +310,7 @@ def test_hostile_document_in_a_chat_template(tmp_path, tiny_lm_path):
     assert user.count("### Instruction:\n") == 1 and user.count("### Context:\n") == 1
 
 
-def test_pickle_weights_are_refused(tmp_path, tiny_lm_path):
+def test_pickle_weights_are_refused(tmp_path, tiny_lm_path, monkeypatch):
     """Weights load from safetensors only: a folder with a pickle checkpoint is not loaded."""
     import torch
 
@@ -318,8 +322,12 @@ def test_pickle_weights_are_refused(tmp_path, tiny_lm_path):
     (model / "model.safetensors").unlink()
     torch.save(state, model / "pytorch_model.bin")
     cfg = ask_cfg(tmp_path, "generate.max_new_tokens=2")
-    with pytest.raises((RagtuneError, OSError)):
+    unpickled = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a) or real_load(*a, **k))
+    with pytest.raises((RagtuneError, OSError), match="safetensors") as e:
         RagPipeline.from_model_dir(model, cfg)
+    assert unpickled == []  # the pickle file was never opened
 
 
 def test_a_folder_cannot_switch_on_remote_code(tmp_path, tiny_lm_path, monkeypatch):
