@@ -325,7 +325,7 @@ def test_pickle_weights_are_refused(tmp_path, tiny_lm_path, monkeypatch):
     unpickled = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a) or real_load(*a, **k))
-    with pytest.raises((RagtuneError, OSError), match="safetensors") as e:
+    with pytest.raises((RagtuneError, OSError), match="safetensors"):
         RagPipeline.from_model_dir(model, cfg)
     assert unpickled == []  # the pickle file was never opened
 
