@@ -30,7 +30,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # The crash, load, torchrun and install tests (pytest's `slow` marker). CI runs them too,
-# with RAGTUNE_CI_TRIALS=6 (fewer crash trials, the same code paths): see .ci/run.
+# with RAGTUNE_CI=1 (fewer crash trials, the same code paths): see .ci/run.
 test-slow: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow --durations=0 $(PYTEST_ARGS)
 

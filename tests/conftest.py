@@ -15,39 +15,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 
 
-def trials(full: int) -> int:
-    """Trials for a crash test: ``full``, or fewer where CI sets ``RAGTUNE_CI_TRIALS``.
+def trials(full: int, ci: int) -> int:
+    """Trials for a crash test: ``full``, or ``ci`` where CI sets ``RAGTUNE_CI=1`` (.ci/run).
 
     CI runs the same code paths with fewer repetitions to stay inside its time limit.
     """
-    ci = os.environ.get("RAGTUNE_CI_TRIALS")
-    return min(full, max(1, int(ci))) if ci else full
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def lm_path() -> str:
-    """The converted SmolLM2-135M-Instruct folder (converted once per machine)."""
-    from ragtune.models import DEFAULT_LM, resolve_model
-
-    return resolve_model(DEFAULT_LM)
-
-
-@pytest.fixture(scope="session")
-def tokenizer(lm_path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(lm_path)
+    return min(full, ci) if os.environ.get("RAGTUNE_CI") == "1" else full
 
 
 def sigkill_when_ready(code: str, *args: str, env: dict[str, str] | None = None) -> None:

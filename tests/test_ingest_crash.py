@@ -30,7 +30,7 @@ from ragtune.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-TRIALS = trials(20)  # RAGTUNE_CI_TRIALS lowers it in CI
+TRIALS = trials(20, ci=6)  # RAGTUNE_CI=1: 6 trials
 WORDS = [
     "harbour",
     "lantern",
