@@ -23,6 +23,32 @@ def trials(full: int, ci: int) -> int:
     return min(full, ci) if os.environ.get("RAGTUNE_CI") == "1" else full
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lm_path() -> str:
+    """The converted SmolLM2-135M-Instruct folder (converted once per machine)."""
+    from ragtune.models import DEFAULT_LM, resolve_model
+
+    return resolve_model(DEFAULT_LM)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(lm_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(lm_path)
+
+
 def sigkill_when_ready(code: str, *args: str, env: dict[str, str] | None = None) -> None:
     """Run ``code`` in a fresh Python; SIGKILL it as soon as it prints ``ready``.
 

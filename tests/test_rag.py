@@ -152,13 +152,15 @@ def test_stream_equals_answer(pipeline):
     assert stream.chunks  # sources are known before the first token
     text = "".join(stream)
     assert stream.answer is not None and stream.answer.text == text
-    assert text == pipeline.answer(q).text
+    assert text and text == pipeline.answer(q).text
     assert [s[0] for s in stream.answer.sources] == [c.source for c in stream.chunks]
 
 
 def test_answer_batch_equals_one_by_one(pipeline):
-    qs = ["Who developed Corvanite?", "When is Ember Tide?"]
-    assert [a.text for a in pipeline.answer_batch(qs)] == [pipeline.answer(q).text for q in qs]
+    qs = ["Who developed Corvanite?", "When is Ember Tide?", "Where is Velmora, and why?"]
+    single = [pipeline.answer(q).text for q in qs]
+    assert len(set(single)) == len(qs) and all(single)  # the model tells them apart
+    assert [a.text for a in pipeline.answer_batch(qs)] == single  # left-padded rows, same text
 
 
 def test_too_long_and_empty_questions_are_refused(pipeline):
