@@ -69,11 +69,13 @@ class DumpLora(TrainerCallback):
 real_callbacks = ck.callbacks
 ck.callbacks = lambda *a: [*real_callbacks(*a), DumpLora()]
 tok = AutoTokenizer.from_pretrained(model)
-train_cfg = make_cfg(out, model, "train.max_steps=3", "train.save_steps=2", "train.save_method=lora")
+train_cfg = make_cfg(out, model, "train.max_steps=3", "train.save_steps=2",
+                     "train.save_method=lora", "model.max_seq_length=384")
 schema = get_schema("alpaca_rag")
 # every rank trains on the examples rank 0 built and shared, tokenized as training does
 shared_ids, _ = data.tokenize_examples(examples, tok, schema, int(train_cfg.model.max_seq_length))
 dataset["ids"] = [list(map(int, ids)) for ids in shared_ids["input_ids"]]
+print(f"rank {rank}: {len(set(map(tuple, dataset['ids'])))} distinct examples", file=sys.stderr)
 r = train(train_cfg, examples, schema, out)
 import torch.distributed as dist
 (out / f"rank{rank}.json").write_text(json.dumps({
@@ -123,6 +125,7 @@ def test_torchrun_two_cpu_processes_gloo(tmp_path, tiny_lm_path):
     # (the dataloader prefetches a batch ahead, so later entries belong to epoch 2)
     first0 = {tuple(s) for s in ranks[0]["seen"][:4]}
     first1 = {tuple(s) for s in ranks[1]["seen"][:4]}
+    assert len({tuple(ids) for ids in d0["ids"]}) == 8, res.stderr[-2000:]
     assert len(first0) == len(first1) == 4
     assert not first0 & first1
     assert len(first0 | first1) == 8
