@@ -29,8 +29,10 @@ test: install
 	$(BIN)/ruff format --check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
+# The crash, load, torchrun and install tests (pytest's `slow` marker). CI runs them too,
+# with RAGTUNE_CI=1 (fewer crash trials, the same code paths): see .ci/run.
 test-slow: install
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow --durations=0 $(PYTEST_ARGS)
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/retrieval.py

@@ -362,6 +362,8 @@ def run_command(name: str, args: Sequence[str] | None = None) -> Any:
         if question is not None:
             body = functools.partial(ask, questions=[question])
 
+    _check_presets(args)
+
     import hydra
 
     import ragtune.config  # noqa: F401  (registers the ${ragtune_root:} resolver)
@@ -381,6 +383,21 @@ def run_command(name: str, args: Sequence[str] | None = None) -> Any:
         raise SystemExit(INTERRUPTED_EXIT) from None
     finally:
         sys.argv = saved
+
+
+def _check_presets(args: Sequence[str]) -> None:
+    """A ``conf=<preset>`` that does not exist: one line and exit 2, not Hydra's exit-1 page."""
+    presets = CONF_DIR / "conf"
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+~") != "conf" or not value:
+            continue
+        for name in value.split(","):  # a multirun sweeps several presets
+            if not (presets / f"{name}.yaml").is_file():
+                known = ", ".join(sorted(p.stem for p in presets.glob("*.yaml"))) or "none"
+                print(f"error: conf={name}: no preset {presets / name}.yaml (presets: {known})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                raise SystemExit(USER_ERROR_EXIT)
 
 
 def _usage() -> str:

@@ -142,8 +142,10 @@ def test_missing_preset_is_a_clear_error():
         text=True,
         timeout=120,
     )
-    assert out.returncode != 0
-    assert "conf/nope" in out.stderr or "nope" in out.stderr
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: conf=nope: no preset"), out.stderr
+    assert "nemo_rag" in lines[0]  # and it names the presets there are
 
 
 def test_defaults_live_in_the_yaml_and_the_dataclasses_read_them():

@@ -30,7 +30,7 @@ import ragtune.training.checkpoints as ck
 import ragtune.training.data as data
 from ragtune.training.recipe import SFT_TOP_LEVEL, train
 from ragtune.schema import get_schema
-from test_train import make_cfg, make_examples
+from test_train import make_cfg
 from ragtune.config import compose, validate
 
 out, model = Path(sys.argv[1]), sys.argv[2]
@@ -45,7 +45,7 @@ def counting_build(cfg, run):
 data.build_dataset = counting_build
 data_cfg = compose("sft", [f"output_dir={out / f'sft{rank}'}", f"model.name_or_path={model}",
                            "model.max_seq_length=384", "retriever.chunk_size=400",
-                           "retriever.chunk_overlap=40", "data.max_records=6"])
+                           "retriever.chunk_overlap=40", "data.max_records=8"])
 data_cfg = validate(data_cfg, top_level=SFT_TOP_LEVEL)
 examples, stats, retriever, run = data.shared_dataset(data_cfg, Path(data_cfg.output_dir))
 dataset = {"builds": builds, "run": str(run), "n": len(examples), "stats": stats,
@@ -69,9 +69,14 @@ class DumpLora(TrainerCallback):
 real_callbacks = ck.callbacks
 ck.callbacks = lambda *a: [*real_callbacks(*a), DumpLora()]
 tok = AutoTokenizer.from_pretrained(model)
-ex = make_examples(tok, n=8)
-r = train(make_cfg(out, model, "train.max_steps=3", "train.save_steps=2",
-                      "train.save_method=lora"), ex, get_schema("alpaca_rag"), out)
+train_cfg = make_cfg(out, model, "train.max_steps=3", "train.save_steps=2",
+                     "train.save_method=lora", "model.max_seq_length=384")
+schema = get_schema("alpaca_rag")
+# every rank trains on the examples rank 0 built and shared, tokenized as training does
+shared_ids, _ = data.tokenize_examples(examples, tok, schema, int(train_cfg.model.max_seq_length))
+dataset["ids"] = [list(map(int, ids)) for ids in shared_ids["input_ids"]]
+print(f"rank {rank}: {len(set(map(tuple, dataset['ids'])))} distinct examples", file=sys.stderr)
+r = train(train_cfg, examples, schema, out)
 import torch.distributed as dist
 (out / f"rank{rank}.json").write_text(json.dumps({
     "seen": seen, "steps": r.steps, "final_loss": r.final_loss,
@@ -112,7 +117,7 @@ def test_torchrun_two_cpu_processes_gloo(tmp_path, tiny_lm_path):
     assert d0["builds"] == [str(out / "sft0")] and d1["builds"] == []
     assert d0["run"] == d1["run"] == str((out / "sft0").resolve())
     assert d0["has_retriever"] and not d1["has_retriever"]
-    assert d0["n"] == d1["n"] == 6 and d0["examples"] == d1["examples"]
+    assert d0["n"] == d1["n"] == 8 and d0["examples"] == d1["examples"]
     assert d0["stats"] == d1["stats"]
     assert (out / "sft0" / "dataset" / "train.jsonl").exists()
     assert not (out / "sft1" / "dataset").exists()  # rank 1 neither built nor wrote one
@@ -120,9 +125,11 @@ def test_torchrun_two_cpu_processes_gloo(tmp_path, tiny_lm_path):
     # (the dataloader prefetches a batch ahead, so later entries belong to epoch 2)
     first0 = {tuple(s) for s in ranks[0]["seen"][:4]}
     first1 = {tuple(s) for s in ranks[1]["seen"][:4]}
+    assert len({tuple(ids) for ids in d0["ids"]}) == 8, res.stderr[-2000:]
     assert len(first0) == len(first1) == 4
     assert not first0 & first1
     assert len(first0 | first1) == 8
+    assert first0 | first1 == {tuple(ids) for ids in d0["ids"]}  # rank 0's shared examples
 
     lora0 = load_file(out / "rank0_lora.safetensors")
     lora1 = load_file(out / "rank1_lora.safetensors")
@@ -243,17 +250,13 @@ def test_bad_fsdp_settings_are_refused_naming_the_key(tmp_path, overrides, messa
     assert message in str(e.value)
 
 
-def test_fsdp_with_merged_4bit_is_refused_before_any_model_loads(tmp_path, monkeypatch):
-    import ragtune.models
+def test_fsdp_with_merged_4bit_is_refused_before_any_model_loads(tmp_path, no_model_loads):
     from ragtune.config import compose
     from ragtune.training import TrainError
     from ragtune.training.recipe import train
 
-    def no_load(*a, **kw):
-        raise AssertionError("a model was resolved")
-
-    monkeypatch.setattr(ragtune.models, "resolve_model", no_load)
     cfg = compose("sft", [f"output_dir={tmp_path}", "train.fsdp=full_shard", "train.backend=hf"])
     cfg.train.save_method = "merged_4bit"
     with pytest.raises(TrainError, match="train.fsdp"):
         train(cfg, [], None, tmp_path)
+    assert no_model_loads == []

@@ -7,32 +7,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DIFFERENT_ENDINGS
 
 from ragtune.fastdecode import FastDecodeError, FastDecoder
 
+# Different lengths, and no two end alike: a shared last token hides cache and mask bugs.
 PROMPTS = [
     "### Instruction:\nWho built the lighthouse?\n\n### Context:\nThe harbour of Kessa",
-    "Hello",
-    "The quick brown fox jumps over the lazy dog. " * 6,
+    "Hi",
+    "The quick brown fox jumps over the lazy dog. " * 6 + "Then the fox",
+    *DIFFERENT_ENDINGS,
 ]
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_lm_path):
-    """The tiny Llama's shape with untied, larger random weights.
+    """The untied tiny Llama (conftest): varied tokens that depend on the whole context."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    With tied embeddings the tiny model just repeats its last input token, which a broken
-    cache or wrong positions would reproduce too; this one writes varied tokens that depend
-    on the whole context.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
-    config = AutoConfig.from_pretrained(tiny_lm_path)
-    config.update({"tie_word_embeddings": False, "initializer_range": 0.2})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return model, tok
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path, use_safetensors=True).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_lm_path)
 
 
 def slow(model, ids: list[int], n: int, eos, **kw) -> list[int]:
@@ -91,6 +85,7 @@ def test_stop_strings_match_hf(lm):
     got = fd.generate(ids, 30, eos_ids=[], stop_strings=[stop])
     assert stop in tok.decode(got)
     assert stop not in tok.decode(got[:-1])
+    assert 4 <= len(got) < len(free)  # the stop string came mid-generation and ended it
     assert got == free[: len(got)]
     want = slow(model, ids, 30, None, stop_strings=[stop], tokenizer=tok)
     assert got == want
@@ -112,8 +107,9 @@ def test_batched_equals_hf_left_padded(lm, mode):
     for row, g in zip(out[:, enc["input_ids"].shape[1] :].tolist(), got, strict=True):
         want = [t for t in row if t != -100]
         assert g == want
-    # and a padded row equals its own batch-1 decode in float32
-    assert fd.generate(prompts[1], 16, [eos]) == got[1]
+    # rows differ, and each padded row equals its own batch-1 decode in float32
+    assert len({tuple(g) for g in got}) == len(PROMPTS)
+    assert [fd.generate(p, 16, [eos]) for p in prompts] == got
 
 
 def test_limits(lm):

@@ -180,6 +180,7 @@ def test_batch_matches_single_greedy(tiny, schema):
     ]
     batched = gen.generate_batch(prompts, batch_size=3)
     single = [gen.generate(p) for p in prompts]
+    assert len({tuple(s.token_ids) for s in single}) == 3  # the model tells them apart
     assert [b.token_ids for b in batched] == [s.token_ids for s in single]
     assert [b.text for b in batched] == [s.text for s in single]
 

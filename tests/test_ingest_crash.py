@@ -24,12 +24,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import trials
 
 from ragtune.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 
-TRIALS = 20
+TRIALS = trials(20, ci=6)  # RAGTUNE_CI=1: 6 trials
 WORDS = [
     "harbour",
     "lantern",
@@ -276,7 +277,9 @@ def test_sigkill_at_random_points_never_corrupts_or_loses(tmp_path):
         )
         previous = expected
     print("kill points:", kinds)
-    assert kinds["in-loop"] >= TRIALS // 2  # most kills landed while files were committed
+    assert sum(kinds.values()) == TRIALS
+    # most trials killed the writer while files were being committed (the phase that matters)
+    assert kinds["in-loop"] >= TRIALS // 2, kinds
 
 
 def test_second_concurrent_writer_is_refused_and_a_killed_holder_frees_the_lock(tmp_path):

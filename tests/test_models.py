@@ -33,6 +33,30 @@ def test_converted_model_is_trainable_and_has_the_right_special_tokens(lm_path, 
     assert any(p.requires_grad for p in model.parameters())
 
 
+_KILLED_CONVERSION = """
+import sys, time
+from ragtune import models
+def slow_convert(gguf_dir, gguf_file, out):
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"half a model")
+    print("ready", flush=True)
+    time.sleep(600)
+models._convert_gguf = slow_convert
+models.prepare_smollm2()
+"""
+
+
+def test_sigkilled_conversion_leaves_nothing_that_looks_complete(tmp_path):
+    """SIGKILL mid-conversion: no cache folder; the next call converts again, for real."""
+    from conftest import sigkill_when_ready
+
+    sigkill_when_ready(_KILLED_CONVERSION, env={"RAGTUNE_CACHE": str(tmp_path)})
+    target = tmp_path / "models" / models.DEFAULT_LM
+    assert not target.exists()
+    left = [p.name for p in target.parent.iterdir() if p.is_dir()]
+    assert left and all(name.startswith(".tmp-") for name in left)  # hidden, never used
+
+
 def test_failed_conversion_leaves_nothing_that_looks_complete(monkeypatch, tmp_path):
     monkeypatch.setenv("RAGTUNE_CACHE", str(tmp_path))
 

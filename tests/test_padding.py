@@ -4,6 +4,8 @@ flattened examples)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -164,10 +166,13 @@ def varied_examples(tiny_lm_path):
     return out
 
 
-def test_padding_free_training_matches_padded_losses(tmp_path, tiny_lm_path, varied_examples):
+def test_padding_free_training_matches_padded_losses(
+    tmp_path, tiny_lm_path, varied_examples, monkeypatch
+):
     """Same seed, same batches: flattening the examples into one row must not let them attend
     to each other (transformers' SDPA separates them by their position ids)."""
     from transformers import AutoTokenizer
+    from trl.trainer import sft_trainer
 
     from ragtune.training.data import tokenize_examples
     from ragtune.training.recipe import train
@@ -176,20 +181,34 @@ def test_padding_free_training_matches_padded_losses(tmp_path, tiny_lm_path, var
     _, stats = tokenize_examples(varied_examples, tok, SCHEMA, 256)
     assert stats["max_tokens"] - stats["mean_tokens"] > 10  # padded batches do pad
 
-    losses = {}
-    for free in ("false", "true"):
+    def losses(free: str) -> list[float]:
         out = tmp_path / free
         cfg = make_cfg(
-            out,
-            tiny_lm_path,
-            "train.max_steps=2",
-            "train.save_method=lora",
+            out, tiny_lm_path, "train.max_steps=2", "train.save_method=lora",
             f"train.padding_free={free}",
-        )
-        losses[free] = train(cfg, varied_examples, SCHEMA, out).losses
-    assert len(losses["true"]) == 2
-    # equal to ~1e-7 here; attention across the flattened examples moved the first by 2e-4
-    assert losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+        )  # fmt: skip
+        return train(cfg, varied_examples, SCHEMA, out).losses
+
+    padded, free = losses("false"), losses("true")
+    assert len(free) == 2
+    # measured: equal, then 2e-7 apart; the bug below moves the first loss by 5e-2 (rel)
+    assert free == pytest.approx(padded, rel=1e-5)
+
+    # the bug this guards against: a flattened row without its position ids, so each example
+    # attends to the ones before it. It must land far outside the tolerance above.
+    real = sft_trainer.DataCollatorForLanguageModeling.torch_call
+
+    def without_positions(self, examples):
+        batch = real(self, examples)
+        batch.pop("position_ids", None)
+        return batch
+
+    monkeypatch.setattr(
+        sft_trainer.DataCollatorForLanguageModeling, "torch_call", without_positions
+    )
+    shutil.rmtree(tmp_path / "true")
+    broken = losses("true")
+    assert abs(broken[0] - padded[0]) > 1000 * 1e-5 * padded[0]
 
 
 # --------------------------------------------------------------------------- the mask
@@ -274,7 +293,9 @@ def test_the_optimizer_is_explicit(tmp_path, tiny_lm_path):
     ("optim", "message"),
     [("adamw_fast", "not an optimizer transformers knows"), ("adamw_8bit", "needs a CUDA GPU")],
 )
-def test_a_bad_optimizer_is_named_before_the_model_loads(tmp_path, tiny_lm_path, optim, message):
+def test_a_bad_optimizer_is_named_before_the_model_loads(
+    tmp_path, tiny_lm_path, optim, message, no_model_loads
+):
     import torch
 
     from ragtune.training import TrainError
@@ -286,4 +307,4 @@ def test_a_bad_optimizer_is_named_before_the_model_loads(tmp_path, tiny_lm_path,
     with pytest.raises(TrainError, match=f"train.optim={optim!r}|train.optim={optim}") as e:
         train(cfg, [{"prompt": "p", "completion": "c"}], SCHEMA, tmp_path)
     assert message in str(e.value)
-    assert not (tmp_path / "checkpoints").exists()
+    assert no_model_loads == []

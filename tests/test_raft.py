@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import pytest
@@ -18,20 +19,31 @@ def _chunk(i: int, text: str, source: str) -> Chunk:
         id=f"c{i}",
         text=text,
         source=source,
-        start=0,
+        start=200 * i,  # spans that do not overlap: the real dedup drops overlapping ones
         content_hash=hashlib.sha1(text.encode()).hexdigest(),
     )
 
 
 class MemoryRetriever:
-    """Word-overlap ranking over a fixed chunk list; dedup by hash; budget by token count."""
+    """Word-overlap ranking over a fixed chunk list; ``fit`` (dedup + budget) is the real one.
 
-    def __init__(self, chunks, count):
-        self.chunks, self.count = chunks, count
+    ``raw=True`` returns candidates with duplicates, as a ranking before de-duplication would,
+    so the builder's own call to ``Retriever.fit`` is what keeps a context duplicate-free.
+    """
+
+    def __init__(self, chunks, count, raw=False):
+        from ragtune.config import RetrieverConfig
+        from ragtune.retriever import Retriever
+
+        self.chunks, self.count, self.raw = chunks, count, raw
+        # dedup_cosine=1.0: by hash and span only, no embeddings needed
+        self._real = Retriever(RetrieverConfig(dedup_cosine=1.0), None, None, count)
 
     def candidates(self, query, n):
         q = set(query.lower().split())
         ranked = sorted(self.chunks, key=lambda c: (-len(q & set(c.text.lower().split())), c.id))
+        if self.raw:
+            return ranked[:n]
         seen, out = set(), []
         for c in ranked:
             if c.content_hash not in seen:
@@ -48,17 +60,7 @@ class MemoryRetriever:
         ][:limit]
 
     def fit(self, chunks, budget_tokens):
-        out, used, seen = [], 0, set()
-        for c in chunks:
-            if c.content_hash in seen:
-                continue
-            n = self.count(c.text)
-            if budget_tokens is not None and used + n > budget_tokens:
-                continue
-            seen.add(c.content_hash)
-            out.append(c)
-            used += n
-        return out
+        return self._real.fit(chunks, budget_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +77,19 @@ def corpus():
                 )
             )
         records.append(QARecord(f"What colour is the {topic} roof?", ""))  # unanswerable
-    chunks.append(chunks[0])  # an exact duplicate in the index
+    # an exact duplicate in the index, under another id and file (a copied document)
+    copy = _chunk(len(chunks), chunks[0].text, "copies/harbor.md")
+    chunks.append(dataclasses.replace(copy, id="c0-copy"))  # ranked right after c0
     return chunks, records
 
 
-def _build(corpus, tokenizer, **kw):
+def _build(corpus, tokenizer, raw=False, **kw):
     chunks, records = corpus
     count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     settings = BuildSettings(**{"k": 3, "fetch_k": 10, "max_seq_length": 512, **kw})
     return build_examples(
         records,
-        MemoryRetriever(chunks, count),
+        MemoryRetriever(chunks, count, raw),
         get_schema("alpaca_rag"),
         tokenizer,
         settings,
@@ -124,11 +128,18 @@ def test_distractors_are_hard_negatives_from_the_retriever(corpus, tokenizer):
 
 
 def test_no_duplicate_chunk_in_a_context_and_contexts_fit_the_budget(corpus, tokenizer):
-    examples, stats = _build(corpus, tokenizer, context_tokens=60)
+    """The candidates hold duplicates and overflow the budget; the contexts do neither."""
+    examples, stats = _build(corpus, tokenizer, raw=True, context_tokens=60)
     count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     chunks = {c.id: c for c in corpus[0]}
+    # the situation the builder must handle: k=3 chunks never fit in 60 tokens
+    assert all(count(c.text) > 20 for c in chunks.values())
+    harbor = [e for e in examples if "harbor" in e["instruction"]]
+    raw = MemoryRetriever(corpus[0], count, raw=True).candidates(harbor[0]["instruction"], 10)
+    assert len({c.text for c in raw}) < len(raw)  # duplicates were offered
     for e in examples:
         texts = [chunks[s["id"]].text for s in e["sources"]]
+        assert texts, e["instruction"]
         assert len(set(texts)) == len(texts)
         assert sum(count(t) for t in texts) <= 60
     assert stats["over_max_seq_length"] == 0

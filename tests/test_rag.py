@@ -152,13 +152,15 @@ def test_stream_equals_answer(pipeline):
     assert stream.chunks  # sources are known before the first token
     text = "".join(stream)
     assert stream.answer is not None and stream.answer.text == text
-    assert text == pipeline.answer(q).text
+    assert text and text == pipeline.answer(q).text
     assert [s[0] for s in stream.answer.sources] == [c.source for c in stream.chunks]
 
 
 def test_answer_batch_equals_one_by_one(pipeline):
-    qs = ["Who developed Corvanite?", "When is Ember Tide?"]
-    assert [a.text for a in pipeline.answer_batch(qs)] == [pipeline.answer(q).text for q in qs]
+    qs = ["Who developed Corvanite?", "When is Ember Tide?", "Where is Velmora, and why?"]
+    single = [pipeline.answer(q).text for q in qs]
+    assert len(set(single)) == len(qs) and all(single)  # the model tells them apart
+    assert [a.text for a in pipeline.answer_batch(qs)] == single  # left-padded rows, same text
 
 
 def test_too_long_and_empty_questions_are_refused(pipeline):
@@ -256,21 +258,25 @@ def test_hostile_document_stays_inside_the_context_block(pipeline):
     """A retrieved document with instructions, headers and control tokens stays content."""
     schema = pipeline.schema
     sent: list[list[int]] = []
-    real = pipeline.generator.generate_batch
+    model = pipeline.generator.model
+    real = model.generate
 
-    def spy(prompts, *args, **kwargs):
-        sent.extend(pipeline.generator.encode(p) for p in prompts)
-        return real(prompts, *args, **kwargs)
+    def spy(input_ids, attention_mask, **kwargs):  # what reaches the model, padding removed
+        sent.extend(
+            [int(t) for t, m in zip(row, mask, strict=True) if m]
+            for row, mask in zip(input_ids, attention_mask, strict=True)
+        )
+        return real(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
-    pipeline.generator.generate_batch = spy
+    model.generate = spy
     try:
         ans = pipeline.answer("What do the harbour notes for Velmora say?")
     finally:
-        del pipeline.generator.generate_batch
+        del model.generate
     assert any(s == "notes/harbour.md" for s, _, _ in ans.sources), ans.sources
     prompt = ans.prompt
-    # The ids the model got are exactly the schema's encoding of that prompt.
-    assert sent == [schema.encode_prompt(pipeline.tokenizer, prompt)]
+    # The ids the model got are the tokenizer's own encoding of that prompt (one BOS at most).
+    assert sent == [pipeline.tokenizer(prompt)["input_ids"]]
     # Each header once, in the schema's order; the document cannot open a section.
     heads = {k: f"\n{h}\n" for k, h in schema.headers.items()}  # a header is a whole line
     for h in heads.values():
@@ -309,7 +315,7 @@ def test_hostile_document_in_a_chat_template(tmp_path, tiny_lm_path):
     assert user.count("### Instruction:\n") == 1 and user.count("### Context:\n") == 1
 
 
-def test_pickle_weights_are_refused(tmp_path, tiny_lm_path):
+def test_pickle_weights_are_refused(tmp_path, tiny_lm_path, monkeypatch):
     """Weights load from safetensors only: a folder with a pickle checkpoint is not loaded."""
     import torch
 
@@ -321,8 +327,12 @@ def test_pickle_weights_are_refused(tmp_path, tiny_lm_path):
     (model / "model.safetensors").unlink()
     torch.save(state, model / "pytorch_model.bin")
     cfg = ask_cfg(tmp_path, "generate.max_new_tokens=2")
-    with pytest.raises((RagtuneError, OSError)):
+    unpickled = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: unpickled.append(a) or real_load(*a, **k))
+    with pytest.raises((RagtuneError, OSError), match="safetensors"):
         RagPipeline.from_model_dir(model, cfg)
+    assert unpickled == []  # the pickle file was never opened
 
 
 def test_a_folder_cannot_switch_on_remote_code(tmp_path, tiny_lm_path, monkeypatch):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import trials
 from test_train import make_cfg, make_examples  # tests/ is on sys.path (no __init__.py)
 
 from ragtune.schema import get_schema
@@ -94,6 +95,25 @@ def test_truncated_newest_checkpoint_is_skipped(
     assert find_resume_checkpoint(ck) == ck / f"checkpoint-{STEPS}"
 
 
+def _flip(path: Path, offset: int) -> None:
+    """Corrupt one byte in place: the size stays, so only a content check can notice."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _zip_member_offset(path: Path) -> int:
+    """An offset inside the stored data of the zip archive's largest member."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.compress_size)
+    with path.open("rb") as f:  # local header: 30 bytes + name + extra, then the data
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = (int.from_bytes(f.read(2), "little") for _ in range(2))
+    return info.header_offset + 30 + name_len + extra_len + info.compress_size // 2
+
+
 def test_checkpoint_validation_catches_each_kind_of_damage(reference):
     import shutil
 
@@ -101,19 +121,32 @@ def test_checkpoint_validation_catches_each_kind_of_damage(reference):
 
     src = reference.model_dir.parent / "checkpoints" / f"checkpoint-{STEPS}"
     assert checkpoint_problem(src) is None
-    cases = {
-        "no marker": lambda d: (d / COMPLETE_MARKER).unlink(),
-        "optimizer": lambda d: (d / "optimizer.pt").write_bytes(
-            (d / "optimizer.pt").read_bytes()[:-100]
+    weights = next(src.glob("*.safetensors")).name
+    cases = {  # damage -> what the check must say
+        "no marker": (lambda d: (d / COMPLETE_MARKER).unlink(), "no completion marker"),
+        "optimizer cut": (
+            lambda d: (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:-100]),
+            "optimizer.pt has",
         ),
-        "trainer_state": lambda d: (d / "trainer_state.json").write_text("{"),
-        "missing": lambda d: (d / "scheduler.pt").unlink(),
+        "trainer_state": (lambda d: (d / "trainer_state.json").write_text("{"), "trainer_state"),
+        "missing": (lambda d: (d / "scheduler.pt").unlink(), "scheduler.pt is missing"),
+        # same size: only the CRC check of the zip members can tell
+        "optimizer bytes": (
+            lambda d: _flip(d / "optimizer.pt", _zip_member_offset(d / "optimizer.pt")),
+            "optimizer.pt: corrupt member",
+        ),
+        # same size: the safetensors header no longer parses
+        "weights header": (lambda d: _flip(d / weights, 12), f"{weights} does not load"),
     }
-    for what, damage in cases.items():
+    for what, (damage, message) in cases.items():
         d = src.parent.parent / f"damaged-{what.replace(' ', '_')}" / src.name
         shutil.copytree(src, d)
+        sizes = {f.name: f.stat().st_size for f in d.iterdir()}
         damage(d)
-        assert checkpoint_problem(d) is not None, what
+        if what.endswith(("bytes", "header")):
+            assert {f.name: f.stat().st_size for f in d.iterdir()} == sizes, what
+        problem = checkpoint_problem(d)
+        assert problem is not None and message in problem, (what, problem)
 
 
 def test_resume_without_checkpoints_starts_fresh(tmp_path, tiny_lm_path, examples, reference):
@@ -211,7 +244,7 @@ def test_sigkilled_training_resumes_to_the_same_final_loss(tmp_path, tiny_lm_pat
     assert p.wait(timeout=600) == 0, p.stderr.read()
     ref = json.loads((ref_dir / "result.json").read_text())
     rng = random.Random(0)
-    for trial in range(3):
+    for trial in range(trials(3, ci=2)):  # RAGTUNE_CI=1: 2 trials
         out = tmp_path / f"trial{trial}"
         p = _worker(out, tiny_lm_path, *extra)
         target = out / "checkpoints" / f"checkpoint-{2 * rng.randint(1, 6)}"

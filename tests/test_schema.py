@@ -25,15 +25,12 @@ def test_registry_lists_the_three_variants():
 
 
 @pytest.mark.parametrize("name", ["alpaca_rag", "alpaca_rag_short", "chat_rag"])
-def test_training_and_serving_prompts_are_byte_identical(name, tokenizer):
+def test_a_training_completion_is_the_answer_then_eos(name, tokenizer):
+    """The training prompt is render_prompt's own output (render_example calls it), so a test
+    comparing the two strings could not fail; what training adds is the completion."""
     schema = get_schema(name)
-    prompt, completion = schema.render_example(FIELDS, "Mara Ostend", tokenizer)
-    assert prompt == schema.render_prompt(FIELDS, tokenizer)
+    _, completion = schema.render_example(FIELDS, "  Mara Ostend\n", tokenizer)
     assert completion == "Mara Ostend" + tokenizer.eos_token
-    # and the token ids the model is trained on start with the ids it is served with
-    served = schema.encode_prompt(tokenizer, schema.render_prompt(FIELDS, tokenizer))
-    trained = schema.encode_prompt(tokenizer, prompt)
-    assert trained == served
 
 
 def test_alpaca_rag_keeps_the_seed_wording_and_order(tokenizer):

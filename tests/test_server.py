@@ -374,3 +374,114 @@ def test_stream_to_a_client_gone_before_the_first_byte_frees_the_model():
     asyncio.run(run())
     assert pipe.streams and pipe.streams[0].closed
     assert not app.state.gate.lock.locked()
+
+
+# ------------------------------------------------------- the gate, with a pipeline that tells
+class _CountingPipeline:
+    """Streams that record how many are open at once; ``endless`` ones never finish alone."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.open = self.most_open = self.opened = self.closed = 0
+        self.endless = False
+
+    def stream(self, question, input="", max_new_tokens=None):
+        with self.lock:
+            self.open += 1
+            self.opened += 1
+            self.most_open = max(self.most_open, self.open)
+        return _CountingStream(self, endless=self.endless)
+
+    def describe(self):
+        return {}
+
+
+class _CountingStream:
+    def __init__(self, pipe: _CountingPipeline, endless: bool) -> None:
+        self.pipe, self.endless, self.sent, self.answer, self.done = pipe, endless, 0, None, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.done or (not self.endless and self.sent == 5):
+            raise StopIteration
+        time.sleep(0.02)  # a slow token: overlapping turns would show
+        self.sent += 1
+        return f"t{self.sent} "
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            with self.pipe.lock:
+                self.pipe.open -= 1
+                self.pipe.closed += 1
+
+
+@pytest.fixture()
+def counting_server():
+    """The real app under uvicorn on loopback, in this process, over a counting pipeline."""
+    import threading
+
+    import uvicorn
+
+    from ragtune.server import create_app
+
+    pipe = _CountingPipeline()
+    app = create_app(pipe, KEY)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield pipe, app, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+
+
+def _stream_text(base: str) -> str:
+    body = {"messages": [{"role": "user", "content": "q"}], "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream(
+        "POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        return "".join(r.iter_text())
+
+
+def test_concurrent_streams_take_turns(counting_server):
+    """Twelve clients at once: every one is answered in full, never two generations at once."""
+    pipe, app, base = counting_server
+    with ThreadPoolExecutor(12) as pool:
+        texts = list(pool.map(lambda _: _stream_text(base), range(12)))
+    assert all("t5 " in t and "[DONE]" in t for t in texts)
+    assert pipe.opened == pipe.closed == 12
+    assert pipe.most_open == 1  # the gate serialised them
+    assert app.state.gate.served == 12 and not app.state.gate.lock.locked()
+
+
+def test_a_hung_up_endless_stream_is_stopped_and_frees_the_model(counting_server):
+    """The client leaves mid-stream: the generation is closed and the next request served."""
+    pipe, app, base = counting_server
+    pipe.endless = True
+    body = {"messages": [{"role": "user", "content": "q"}], "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream(
+        "POST", f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60
+    ) as r:
+        lines = r.iter_lines()
+        while "t3 " not in next(lines):  # a few tokens in, then hang up
+            pass
+    deadline = time.time() + 10
+    while pipe.closed < 1 and time.time() < deadline:
+        time.sleep(0.05)
+    assert pipe.closed == 1 and pipe.open == 0  # the endless generation was stopped
+    assert not app.state.gate.lock.locked()
+    pipe.endless = False
+    assert "t5 " in _stream_text(base)  # the model is free for the next client

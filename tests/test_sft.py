@@ -33,12 +33,28 @@ def _cfg(outputs: Path, tiny_lm_path: str, *extra: str):
     )
 
 
-def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path):
+def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path, monkeypatch):
+    import ragtune.manifest
+    from ragtune.modelcard import TRAIN_INFO
     from ragtune.training import run_sft
 
+    real_write, seen = ragtune.manifest.write_manifest, []
+
+    def write_manifest(model_dir, data):  # what the folder holds when the manifest is written
+        seen.append(sorted(p.name for p in Path(model_dir).iterdir()))
+        return real_write(model_dir, data)
+
+    monkeypatch.setattr(ragtune.manifest, "write_manifest", write_manifest)
     cfg = _cfg(outputs, tiny_lm_path)
     result = run_sft(cfg)
     run = outputs / "run"
+    # the manifest is written last: once, into a folder that already holds everything else
+    assert len(seen) == 1 and "manifest.json" not in seen[0]
+    assert sorted(p.name for p in (run / "model").iterdir()) == sorted([*seen[0], "manifest.json"])
+    for name in (TRAIN_INFO, "prompt_schema.json", "tokenizer.json", "config.json"):
+        assert name in seen[0], name
+    last = (run / "model" / "manifest.json").stat().st_mtime_ns
+    assert all(p.stat().st_mtime_ns <= last for p in (run / "model").iterdir())
     assert result.run_dir == run and result.model_dir == run / "model" and result.metrics is None
     model_dir = run / "model"
     manifest = read_manifest(model_dir)
@@ -76,6 +92,36 @@ def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path):
     assert list(model_dir.glob("*.safetensors")) and not list(model_dir.glob("*.bin"))
 
 
+_KILLED_MANIFEST = """
+import json, sys, time
+from pathlib import Path
+import ragtune.manifest as manifest
+def half_dump(obj, f, **kw):
+    f.write(json.dumps(obj)[:40])
+    f.flush()
+    print("ready", flush=True)
+    time.sleep(600)
+manifest.json.dump = half_dump
+manifest.write_manifest(Path(sys.argv[1]), {"base_model": "base"})
+"""
+
+
+def test_a_kill_while_the_manifest_is_written_leaves_the_folder_incomplete(tmp_path):
+    """SIGKILL mid-write: no manifest.json (only a hidden temp file), so nothing serves it."""
+    from conftest import sigkill_when_ready
+
+    from ragtune.manifest import ManifestError
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    sigkill_when_ready(_KILLED_MANIFEST, str(model_dir))
+    assert not (model_dir / "manifest.json").exists()
+    assert [p.name for p in model_dir.glob(".manifest-*")]  # the half-written temp file
+    with pytest.raises(ManifestError, match="not a complete ragtune model folder"):
+        read_manifest(model_dir)
+
+
 def test_closed_book_run_records_no_context(outputs, tiny_lm_path):
     from ragtune.training import run_sft
 
@@ -84,11 +130,26 @@ def test_closed_book_run_records_no_context(outputs, tiny_lm_path):
     assert "\n### Context:\n" not in first["prompt"] and first["sources"] == []
 
 
+_NO_MODEL = """
+import runpy, sys
+import ragtune.models
+from transformers import AutoModelForCausalLM, AutoTokenizer
+def loaded(*a, **k):
+    print("error: a model was loaded before the refusal", file=sys.stderr)
+    sys.exit(99)
+ragtune.models.resolve_model = loaded
+AutoModelForCausalLM.from_pretrained = AutoTokenizer.from_pretrained = loaded
+sys.argv = ["train/sft.py", *sys.argv[1:]]
+runpy.run_path("train/sft.py", run_name="__main__")
+"""
+
+
 def test_bad_config_stops_before_any_model_loads(outputs):
     out = subprocess.run(
         [
             sys.executable,
-            "train/sft.py",
+            "-c",
+            _NO_MODEL,  # the entry script, with every model loader exiting 99
             "retriever.chunk_overlap=5000",
             f"paths.outputs={outputs}",
         ],

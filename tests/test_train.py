@@ -83,14 +83,16 @@ def test_backend_selection_on_cpu():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
-def test_merged_4bit_on_cpu_is_refused_before_loading(tmp_path, tiny_lm_path, examples):
+def test_merged_4bit_on_cpu_is_refused_before_loading(
+    tmp_path, tiny_lm_path, examples, no_model_loads
+):
     from ragtune.training import TrainError
     from ragtune.training.recipe import train
 
     cfg = make_cfg(tmp_path, tiny_lm_path, "train.save_method=merged_4bit")
     with pytest.raises(TrainError, match="merged_4bit"):
         train(cfg, examples, SCHEMA, tmp_path)
-    assert not (tmp_path / "checkpoints").exists()
+    assert no_model_loads == []
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -212,6 +214,35 @@ def test_merged_model_changes_only_lora_targets_and_reloads(tmp_path, tiny_lm_pa
             assert torch.equal(got[name], w16), name
     ids = tok("### Instruction:\nhi", return_tensors="pt").input_ids
     assert merged.generate(ids, max_new_tokens=2, do_sample=False).shape[1] == ids.shape[1] + 2
+
+
+_KILLED_MERGE = """
+import sys, time
+from pathlib import Path
+import ragtune.training.saving as saving
+def slow_merge(model, tokenizer, out, save_method, **kw):
+    (out / "model.safetensors").write_bytes(b"half a merge")
+    print("ready", flush=True)
+    time.sleep(600)
+saving.save_hf = slow_merge
+saving.save_model(None, None, None, Path(sys.argv[1]), save_method="merged_16bit",
+                  backend="hf", base_model="base", base_path="base")
+"""
+
+
+def test_sigkilled_merge_keeps_the_previous_model_and_hides_the_partial_one(tmp_path):
+    from conftest import sigkill_when_ready
+
+    from ragtune.modelcard import TRAIN_INFO
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / TRAIN_INFO).write_text('{"previous": true}')
+    sigkill_when_ready(_KILLED_MERGE, str(model_dir))
+    assert [p.name for p in model_dir.iterdir()] == [TRAIN_INFO]  # the previous model, intact
+    hidden = [p for p in tmp_path.iterdir() if p != model_dir]
+    assert len(hidden) == 1 and hidden[0].name.startswith(".tmp-model-")
+    assert (hidden[0] / "model.safetensors").read_bytes() == b"half a merge"
 
 
 def test_crashed_merge_leaves_no_complete_looking_folder(
