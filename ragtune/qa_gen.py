@@ -30,7 +30,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
-from ragtune.config import ConfigError
+from ragtune.config import ConfigError, defaults_from
 from ragtune.errors import RagtuneError
 from ragtune.qa_filters import (
     NearDuplicates,
@@ -98,26 +98,26 @@ class TextGenerator(Protocol):
     ) -> Sequence[Any]: ...  # objects with .text
 
 
-@dataclass
+@defaults_from("gen_qa:gen_qa")
 class GenQASettings:
-    """The ``gen_qa`` config group (conf/gen_qa.yaml documents each key)."""
+    """The ``gen_qa`` config group; defaults and docs live in conf/gen_qa.yaml."""
 
-    out_dir: str = ""
-    num_chunks: int = 100
-    unanswerable_fraction: float = 0.2
-    unanswerable_oversample: float = 2.0
-    batch_size: int = 8
-    prompt: str = "qa_gen"
-    unanswerable_prompt: str = "qa_gen_unanswerable"
-    min_chunk_chars: int = 100
-    round_trip_k: int = 0
-    dedup_jaccard: float = 0.8
-    min_question_words: int = 3
-    max_question_words: int = 60
-    max_answer_words: int = 30
-    scripts: list[str] = field(default_factory=list)
-    resume: bool = True
-    num_preview: int = 20
+    out_dir: str
+    num_chunks: int
+    unanswerable_fraction: float
+    unanswerable_oversample: float
+    batch_size: int
+    prompt: str
+    unanswerable_prompt: str
+    min_chunk_chars: int
+    round_trip_k: int
+    dedup_jaccard: float
+    min_question_words: int
+    max_question_words: int
+    max_answer_words: int
+    scripts: list[str]
+    resume: bool
+    num_preview: int
 
     @classmethod
     def from_config(cls, node: Any) -> GenQASettings:

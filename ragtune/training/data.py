@@ -3,7 +3,6 @@ the loss on the completion only."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from omegaconf import DictConfig
 
 from ragtune.budget import token_counter
 from ragtune.errors import RagtuneError
+from ragtune.manifest import sha256_file
 from ragtune.paths import resolve_path
 from ragtune.training import TrainError
 from ragtune.training.distributed import init_distributed, is_main_process
@@ -111,7 +111,7 @@ def shared_dataset(
     if is_main_process():
         try:
             examples, stats, _tok, retriever = build_dataset(cfg, out)
-            box[0] = {"out": str(out.resolve()), "sha256": _sha256(out / "dataset/train.jsonl")}
+            box[0] = {"out": str(out.resolve()), "sha256": sha256_file(out / "dataset/train.jsonl")}
         except Exception as e:
             box[0] = {"error": f"{type(e).__name__}: {e}"}
             dist.broadcast_object_list(box, src=0, group=wait)
@@ -125,7 +125,7 @@ def shared_dataset(
         data = out / "dataset"
         try:
             examples, stats = load_saved_dataset(data)
-            same = _sha256(data / "train.jsonl") == info["sha256"]
+            same = sha256_file(data / "train.jsonl") == info["sha256"]
         except (OSError, ValueError) as e:
             raise RagtuneError(f"{data}: cannot read rank 0's dataset ({e})") from e
         if not same:
@@ -137,14 +137,6 @@ def shared_dataset(
             "rank %d: loaded rank 0's %d examples from %s", dist.get_rank(), len(examples), data
         )
     return examples, stats, retriever, out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenize_examples(

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ragtune.config import defaults_from
 from ragtune.errors import RagtuneError
 from ragtune.types import Chunk, QARecord
 
@@ -48,23 +49,23 @@ class EmbedTuneError(RagtuneError):
     """Training data or settings that cannot tune an embedder (names what to change)."""
 
 
-@dataclass
+@defaults_from("embed_ft:embed_ft")
 class EmbedFtConfig:
-    """The ``embed_ft`` config node (conf/embed_ft.yaml documents each key)."""
+    """The ``embed_ft`` config node; defaults and docs live in conf/embed_ft.yaml."""
 
-    save_dir: str = ""
-    negatives: int = 2
-    val_fraction: float = 0.2
-    recall_k: int = 3
-    epochs: float = 3.0
-    batch_size: int = 32
-    learning_rate: float = 3e-5
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    evals_per_epoch: int = 2
-    patience: int = 2
-    max_seq_length: int = 0
-    device: str = "auto"
+    save_dir: str
+    negatives: int
+    val_fraction: float
+    recall_k: int
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    warmup_ratio: float
+    weight_decay: float
+    evals_per_epoch: int
+    patience: int
+    max_seq_length: int
+    device: str
 
 
 @dataclass(frozen=True)
