@@ -13,7 +13,9 @@ Modes:
 Every mode answers through :class:`ragtune.rag.RagPipeline` (closed book is a pipeline
 without a retriever), exactly as ``ask.py``, the server and LangChain do, and evaluation scores
 what :meth:`RagPipeline.answer_batch` returned: the same budget, prompt, decoding and final
-decision (``Answer.abstained``). A trained folder's settings come from
+decision (``Answer.abstained``). Every RAG mode's answers are scored (``Answer.score``: the
+calibrated mix of a model whose manifest has one, else the uncalibrated margin), reported
+as abstention AUROC and drawn in ``roc.png``. A trained folder's settings come from
 :mod:`ragtune.modelcard`; scores from :mod:`ragtune.metrics`.
 
 Latency is the per-question share of a batch: retrieval time plus the batch's generation time
@@ -33,6 +35,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ragtune.answerability import rows_auroc
 from ragtune.budget import token_counter
 from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig, validate
 from ragtune.errors import RagtuneError
@@ -57,6 +60,7 @@ EVAL_TOP_LEVEL = {"seed": int, "output_dir": str}
 METRICS_FILE = "metrics.json"
 ANSWERS_FILE = "answers.jsonl"
 TABLE_FILE = "results.md"
+ROC_FILE = "roc.png"
 
 
 class EvalError(RagtuneError):
@@ -268,6 +272,7 @@ def evaluate_modes(
     context_cache: dict[tuple, Any] = {}
     all_rows: list[dict[str, Any]] = []
     modes: dict[str, dict[str, Any]] = {}
+    curves: dict[str, tuple[list[float], list[bool]]] = {}
     # Modes sharing a model run back to back, so each model is loaded once.
     order = sorted(range(len(specs)), key=lambda i: [s.model for s in specs].index(specs[i].model))
     loaded: tuple[str, Any, Any] | None = None
@@ -291,6 +296,8 @@ def evaluate_modes(
         agg = aggregate([r.pop("_score") for r in rows])
         modes[spec.name] = {
             **agg.to_dict(),
+            "abstention_auroc": rows_auroc(rows, curves, spec.name),
+            "calibrated": pipeline.calibration is not None,
             "seconds": round(time.perf_counter() - t0, 2),
             **spec.describe(),
         }
@@ -300,6 +307,10 @@ def evaluate_modes(
     _free_memory()
 
     modes = {s.name: modes[s.name] for s in specs}  # in the order asked
+    if curves:
+        from ragtune.answerability import plot_roc
+
+        plot_roc({n: curves[n] for n in modes if n in curves}, out_dir / ROC_FILE)
     table = markdown_table(modes)
     payload = {
         "qa_file": qa_path,
@@ -371,6 +382,7 @@ def _pipeline(
         name=spec.name,
         manifest=spec.manifest,
         context_cache=context_cache,
+        scoring=retriever is not None,
     )
 
 
@@ -404,6 +416,7 @@ def _row(mode: str, rec: QARecord, ans: Answer, closed: bool) -> dict[str, Any]:
     s: QuestionScore = score_answer(
         ans.text, golds, lambda _: ans.abstained, retrieval_hit=hit, latency_s=ans.latency_s
     )
+    feats = ans.features.to_dict() if ans.features is not None else None
     row = {
         "mode": mode,
         "id": rec.id,
@@ -423,10 +436,11 @@ def _row(mode: str, rec: QARecord, ans: Answer, closed: bool) -> dict[str, Any]:
         "latency_s": round(ans.latency_s, 4),
         "stop_reason": ans.stop_reason,
         "prompt_tokens": ans.prompt_tokens,
+        "answerability": _round(ans.score),
+        "candidate": ans.candidate,
+        "features": feats,
         "_score": s,
     }
-    if ans.score is not None:
-        row["answer_score"] = ans.score
     return row
 
 
@@ -442,6 +456,7 @@ _COLUMNS = (
     ("false_abstention_rate", "false abst. % (ans.)"),
     ("unanswerable_abstention_rate", "abst. % (unans.)"),
     ("recall_at_k", "recall@k"),
+    ("abstention_auroc", "AUROC"),
     ("latency_s", "latency s"),
 )
 
@@ -450,7 +465,9 @@ _DEFINITIONS = (
     "articles), max over gold answers, over answerable questions. overall: mean over all "
     "questions of F1 (answerable) or 1/0 for abstaining or not (unanswerable), the official "
     "SQuAD v2 F1 with abstention as the empty answer. recall@k: answerable questions whose "
-    "retrieved context holds a gold answer from the question's source document. latency: "
+    "retrieved context holds a gold answer from the question's source document. AUROC: "
+    "chance that an answerable question's answer score beats an unanswerable one's (the "
+    "calibrated mix when the model has one, else the margin; n/a closed book). latency: "
     "seconds per question (retrieval + its share of a batched greedy decode)."
 )
 
@@ -464,7 +481,8 @@ def markdown_table(modes: dict[str, dict[str, Any]]) -> str:
         cells = []
         for key, _ in _COLUMNS:
             v = m.get(key)
-            cells.append("n/a" if v is None else f"{v:.3f}" if key == "latency_s" else f"{v:.1f}")
+            fmt = ".3f" if key in ("latency_s", "abstention_auroc") else ".1f"
+            cells.append("n/a" if v is None else f"{v:{fmt}}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
