@@ -138,18 +138,30 @@ def score_answers(
 
 
 # --------------------------------------------------------------------------- decisions
-def split_by_source(records: Sequence[Any], n_sources: int = 1, seed: int = 0) -> tuple[list, list]:
+def split_by_source(
+    records: Sequence[Any], n_sources: int = 1, seed: int = 0, *, fraction: float | None = None
+) -> tuple[list, list]:
     """(train, validation): whole source documents held out for fitting the threshold, so
     the validation questions are about documents the model was not trained on (as at serve
-    time). Records without a source always train; order is kept."""
+    time). ``fraction``: hold out sources (in a seeded order) until at least that share of
+    the records is held out, instead of ``n_sources``; at least one source always trains.
+    Records without a source always train; order is kept."""
     import random
 
     sources = sorted({r.source for r in records if r.source})
+    rng = random.Random(f"{seed}:validation")
+    order = rng.sample(sources, len(sources)) if fraction is not None else []
+    if fraction is not None:
+        per = {s: sum(1 for r in records if r.source == s) for s in sources}
+        n_sources, held_n = 0, 0
+        while n_sources < len(order) - 1 and held_n < fraction * len(records):
+            held_n += per[order[n_sources]]
+            n_sources += 1
     if n_sources <= 0 or len(sources) <= n_sources:
         raise ValueError(
             f"need more than {n_sources} source document(s) to hold out, got {len(sources)}"
         )
-    held = set(random.Random(f"{seed}:validation").sample(sources, n_sources))
+    held = set(order[:n_sources] if order else rng.sample(sources, n_sources))
     train = [r for r in records if r.source not in held]
     val = [r for r in records if r.source in held]
     return train, val

@@ -154,6 +154,7 @@ class RaftConfig:
     num_preview: int
     contrastive: bool
     unanswerable_on_topic: bool
+    calibration_fraction: float
 
 
 @defaults_from("train/cpu:lora")
@@ -271,6 +272,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "model.max_seq_length": (64, None, True, True),
     "raft.oracle_fraction": (0, 1, True, True),
     "raft.unanswerable_fraction": (0, 1, True, True),
+    "raft.calibration_fraction": (0, 1, True, False),
     "train.lora.r": (0, None, False, True),
     "train.lora.lora_dropout": (0, 1, True, False),
     "train.learning_rate": (0, None, False, True),

@@ -114,7 +114,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
 
 def evaluate_model(
-    cfg: DictConfig, model_dir: str | Path, out_dir: str | Path | None = None
+    cfg: DictConfig,
+    model_dir: str | Path,
+    out_dir: str | Path | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model just trained by ``run_sft`` (``train.eval_after=true``, sweeps).
 
@@ -122,7 +125,7 @@ def evaluate_model(
     (``raft_rag``), or without context when ``raft.mode=closed`` (``ft_closed``), on
     ``data.qa_eval``. Writes metrics, answers and a table to ``out_dir`` (default
     ``<output_dir>/eval``) and returns the mode's metrics (``overall``, ``f1``, ...) plus
-    ``mode``.
+    ``mode``. ``manifest``: fields training will add to the manifest (the calibration).
     """
     qa_path = cfg.data.qa_eval
     if not qa_path:
@@ -130,7 +133,7 @@ def evaluate_model(
     closed = "raft" in cfg and cfg.raft.mode == "closed"
     ecfg = _ecfg(cfg)
     folder = Path(model_dir)
-    manifest = read_json(folder / "manifest.json")
+    manifest = {**read_json(folder / "manifest.json"), **(manifest or {})}
     spec = ModeSpec(
         name="ft_closed" if closed else "raft_rag",
         model=str(model_dir),
