@@ -81,15 +81,18 @@ def answer_features(
     retrieval_scores: Sequence[float] | None = None,
     batch_size: int = 16,
 ) -> list[AnswerFeatures]:
-    """Features of each (prompt, answer): one batched forward pass over prompt + answer and
-    one over prompt + abstain answer (the prompt is encoded exactly as training encoded it)."""
+    """Features of each (prompt, answer): batched forward passes over prompt + answer and
+    prompt + abstain answer (the prompt is encoded exactly as training encoded it)."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     p_ids = [schema.encode_prompt(tokenizer, p) for p in prompts]
     a_ids = [_completion_ids(tokenizer, a) for a in answers]
     abstain = _completion_ids(tokenizer, schema.abstain)
-    lp_ans, first = _logprobs(model, tokenizer, p_ids, a_ids, batch_size, abstain[0])
-    lp_abs, _ = _logprobs(model, tokenizer, p_ids, [abstain] * len(p_ids), batch_size, None)
+    n = len(p_ids)  # one batched pass over both completions: on CPU ~1.5x faster than two
+    lp, firsts = _logprobs(
+        model, tokenizer, p_ids * 2, [*a_ids, *[abstain] * n], batch_size * 2, abstain[0]
+    )
+    lp_ans, lp_abs, first = lp[:n], lp[n:], firsts[:n]
     out = []
     for i, answer in enumerate(answers):
         ctx = contexts[i] if contexts is not None else None
