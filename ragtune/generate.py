@@ -322,13 +322,14 @@ class Generator:
             )
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         stop = StopOnText(self.tokenizer, self.stop_strings, width, cancel)
+        extra = {"logits_processor": LogitsProcessorList([BlockFirstTokens(block, width)])}
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
             generation_config=self._generation_config(max_new),
             stopping_criteria=StoppingCriteriaList([stop]),
-            logits_processor=LogitsProcessorList([BlockFirstTokens(block, width)] if block else []),
             streamer=streamer,
+            **(extra if block else {}),
         )
         return [row[width:].tolist() for row in out]
 

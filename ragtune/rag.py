@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -100,6 +101,7 @@ class RagPipeline:
         self.calibration: Calibration | None = Calibration.from_dict(found) if found else None
         self.scoring = self.calibration is not None if scoring is None else bool(scoring)
         self._recent: dict[str, list[Chunk]] = {}  # question -> chunks (LangChain chains)
+        self._recent_lock = threading.Lock()
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -225,16 +227,19 @@ class RagPipeline:
         """The context chunks for a question (none for a closed-book pipeline)."""
         chunks = self._retrieve(question, input)[0]
         if self.calibration is not None:  # so that recall() can judge the rendered prompt
-            self._recent.pop(question, None)
-            self._recent[question] = chunks
-            while len(self._recent) > _RECENT:
-                self._recent.pop(next(iter(self._recent)))
+            with self._recent_lock:
+                self._recent.pop(question, None)
+                self._recent[question] = chunks
+                while len(self._recent) > _RECENT:
+                    self._recent.pop(next(iter(self._recent)))
         return chunks
 
     def recall(self, prompt: str) -> Prepared | None:
         """The question and chunks a rendered prompt was built from, when they came from this
         pipeline's :meth:`retrieve` (a LangChain chain of :func:`ragtune.lc.langchain_parts`)."""
-        for question, chunks in reversed(list(self._recent.items())):
+        with self._recent_lock:
+            recent = list(self._recent.items())
+        for question, chunks in reversed(recent):
             if self.render(question, "", chunks) == prompt:
                 return Prepared(question, "", chunks, prompt, 0.0)
         return None
