@@ -450,22 +450,6 @@ def fit_calibration(
     )
 
 
-def calibration_from_rows(rows: Sequence[dict[str, Any]]) -> Calibration:
-    """:func:`fit_calibration` from evaluation rows (``answers.jsonl`` of one mode on the
-    validation split: ``features``, ``candidate``, ``gold``, ``answerable``, ``source``)."""
-    from ragtune.metrics import f1_score, max_over_gold
-
-    rows = [r for r in rows if r.get("features")]
-    if not rows:
-        raise ValueError("no evaluation rows with answerability features to calibrate on")
-    keys = ("lp_answer", "n_answer", "lp_abstain", "p_abstain_first", "grounded", "retrieval")
-    feats = [AnswerFeatures(**{k: r["features"][k] for k in keys}) for r in rows]
-    f1 = [max_over_gold(f1_score, r["candidate"] or "", r["gold"]) for r in rows]
-    return fit_calibration(
-        feats, [bool(r["answerable"]) for r in rows], f1, [r.get("source") or "" for r in rows]
-    )
-
-
 # --------------------------------------------------------------------------- internals
 def _completion_ids(tokenizer: Any, text: str) -> list[int]:
     """A completion's ids as training encodes them: the text, then EOS."""

@@ -13,9 +13,8 @@ Modes:
 Every mode answers through :class:`ragtune.rag.RagPipeline` (closed book is a pipeline
 without a retriever), exactly as ``ask.py``, the server and LangChain do, and evaluation scores
 what :meth:`RagPipeline.answer_batch` returned: the same budget, prompt, decoding and final
-decision (``Answer.abstained``). Every RAG mode's answers are scored (``Answer.score``: the
-calibrated mix of a model whose manifest has one, else the uncalibrated margin), reported
-as abstention AUROC and drawn in ``roc.png``. A trained folder's settings come from
+decision (``Answer.abstained``); RAG modes' ``Answer.score`` (calibrated mix, else the margin)
+gives the abstention AUROC and ``roc.png``. A trained folder's settings come from
 :mod:`ragtune.modelcard`; scores from :mod:`ragtune.metrics`.
 
 Latency is the per-question share of a batch: retrieval time plus the batch's generation time

@@ -234,36 +234,24 @@ def test_contrastive_construction_emits_the_pair(tokenizer):
     assert [e["kind"] for e in plain] == ["oracle", "unanswerable"]
 
 
-def test_calibration_from_validation_rows_goes_into_the_manifest(tmp_path):
+def test_calibration_fitted_on_validation_goes_into_the_manifest(tmp_path):
     import json
 
     from ragtune.answerability import (
+        AnswerFeatures,
         Calibration,
-        calibration_from_rows,
+        fit_calibration,
         read_calibration,
         write_calibration,
     )
 
-    rows = []
-    for i in range(40):
-        answerable = i % 2 == 0
-        rows.append(
-            {
-                "answerable": answerable,
-                "gold": ["Marlowe"] if answerable else [],
-                "candidate": "Marlowe",
-                "source": f"doc{i % 3}",
-                "features": {
-                    "lp_answer": -1.0 if answerable else -4.0,
-                    "n_answer": 2,
-                    "lp_abstain": -3.0 + 0.01 * i,
-                    "p_abstain_first": 0.2,
-                    "grounded": 1.0,
-                    "retrieval": 0.5,
-                },
-            }
-        )
-    cal = calibration_from_rows(rows)
+    answerable = [i % 2 == 0 for i in range(40)]
+    feats = [
+        AnswerFeatures(-1.0 if y else -4.0, 2, -3.0 + 0.01 * i, 0.2, 1.0, 0.5)
+        for i, y in enumerate(answerable)
+    ]
+    f1 = [1.0 if y else 0.0 for y in answerable]
+    cal = fit_calibration(feats, answerable, f1, [f"doc{i % 3}" for i in range(40)])
     assert cal.auroc == 1.0 and cal.n_validation == 40
     assert cal.validation_sources == ("doc0", "doc1", "doc2")
     (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "model": {"x": 1}}))
@@ -272,8 +260,6 @@ def test_calibration_from_validation_rows_goes_into_the_manifest(tmp_path):
     assert data["model"] == {"x": 1}  # other fields kept
     back = read_calibration(tmp_path)
     assert isinstance(back, Calibration) and back.threshold == pytest.approx(cal.threshold)
-    from ragtune.answerability import AnswerFeatures
-
     yes = AnswerFeatures(-1.0, 2, -3.0, 0.2, 1.0, 0.5)
     no = AnswerFeatures(-4.0, 2, -3.0, 0.2, 1.0, 0.5)
     assert back.answers([yes, no]) == [True, False]
