@@ -102,36 +102,14 @@ def train_lora(model, tok, schema, examples, args):  # noqa: ANN001, ANN201
 
 
 def decode(model, tok, schema, prompts, block: bool, bs: int = 64):  # noqa: ANN001, ANN201
-    import torch
-    from transformers import LogitsProcessorList, StoppingCriteriaList
+    """Greedy answers (32 new tokens); ``block``: the abstain answer's first token banned at
+    the first step (the candidate answer)."""
+    from ragtune.answerability import abstain_first_token
+    from ragtune.generate import Generator
 
-    from ragtune.answerability import AbstainBlocker
-    from ragtune.generate import Generator, _StopOnText
-
-    gen = Generator(model, tok, schema, {"max_new_tokens": 32, "stream": False})
-    enc = [gen.encode(p) for p in prompts]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
-    out = [None] * len(enc)
-    for b in range(0, len(order), bs):
-        idx = order[b : b + bs]
-        width = max(len(enc[i]) for i in idx)
-        ids = torch.full((len(idx), width), gen.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, i in enumerate(idx):
-            ids[j, width - len(enc[i]) :] = torch.tensor(enc[i])
-            mask[j, width - len(enc[i]) :] = 1
-        procs = LogitsProcessorList([AbstainBlocker(tok, schema, width)] if block else [])
-        with torch.inference_mode():
-            res = model.generate(
-                input_ids=ids.to(DEV),
-                attention_mask=mask.to(DEV),
-                generation_config=gen._generation_config(32),
-                stopping_criteria=StoppingCriteriaList([_StopOnText(tok, gen.stop_strings, width)]),
-                logits_processor=procs,
-            )
-        for j, i in enumerate(idx):
-            out[i] = gen._result(res[j, width:].tolist(), 0.0, len(enc[i])).text
-    return out
+    gen = Generator(model, tok, schema, {"max_new_tokens": 32})
+    banned = [abstain_first_token(tok, schema)] if block else []
+    return [r.text for r in gen.generate_batch(prompts, bs, block_first_tokens=banned)]
 
 
 def main() -> int:

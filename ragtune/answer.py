@@ -19,8 +19,10 @@ class Answer:
     """One answer with what it was based on.
 
     ``sources`` are ``(source, start, score)`` of the chunks in the prompt's context, in
-    context order; ``prompt`` is the exact text the model was asked with. ``score`` is room
-    for a confidence the pipeline may attach (None: not computed).
+    context order; ``prompt`` is the exact text the model was asked with. ``score``: how well
+    the context supports answering (:mod:`ragtune.answerability`; None: not scored), computed
+    on ``candidate``, the best non-abstaining answer, whose ``features`` it mixes.
+    ``abstained``: the abstain answer, or an empty one.
     """
 
     text: str
@@ -34,6 +36,8 @@ class Answer:
     prompt_tokens: int = 0
     retrieval_s: float = 0.0
     score: float | None = None
+    candidate: str | None = field(default=None, repr=False)
+    features: Any = field(default=None, repr=False)  # AnswerFeatures of the candidate
 
     def to_dict(self, with_prompt: bool = False) -> dict[str, Any]:
         """A JSON-ready dict (what ``ask.py json=true`` and the server's ``/ask`` return)."""
@@ -69,7 +73,8 @@ class AnswerStream:
     """The answer's text pieces as they are generated; ``.answer`` once exhausted.
 
     ``.chunks`` (the retrieved context) is known before the first piece. ``close()`` stops
-    the generation early.
+    the generation early. With a calibration the pipeline decides on the whole candidate, so
+    the stream is buffered: one piece, the final text (what ``.answer.text`` holds).
     """
 
     def __init__(
@@ -85,19 +90,31 @@ class AnswerStream:
         self._prepared = prepared
         self._t0 = t0
         self._stream: TextStream = pipeline.generator.stream(prepared.prompt, max_new_tokens)
+        self._buffered = pipeline.calibration is not None
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
+        if self._buffered:
+            if self.answer is None:
+                for _ in self._stream:  # generate the whole candidate first
+                    pass
+                self._make_answer()
+                if self.answer is not None and self.answer.text:
+                    return self.answer.text
+            raise StopIteration
         try:
             return next(self._stream)
         except StopIteration:
-            if self.answer is None and self._stream.result is not None:
-                latency = time.perf_counter() - self._t0
-                self.answer = self._pipeline._finish(self._prepared, self._stream.result, latency)
+            self._make_answer()
             raise
+
+    def _make_answer(self) -> None:
+        if self.answer is None and self._stream.result is not None:
+            latency = time.perf_counter() - self._t0
+            self.answer = self._pipeline._finish(self._prepared, self._stream.result, latency)
 
     def close(self) -> None:
         self._stream.close()

@@ -155,6 +155,7 @@ class RaftConfig:
     contrastive: bool
     unanswerable_on_topic: bool
     max_unsupported_fraction: float
+    calibration_fraction: float
 
 
 @defaults_from("train/cpu:lora")
@@ -273,6 +274,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "raft.oracle_fraction": (0, 1, True, True),
     "raft.unanswerable_fraction": (0, 1, True, True),
     "raft.max_unsupported_fraction": (0, 1, True, True),
+    "raft.calibration_fraction": (0, 1, True, False),
     "train.lora.r": (0, None, False, True),
     "train.lora.lora_dropout": (0, 1, True, False),
     "train.learning_rate": (0, None, False, True),

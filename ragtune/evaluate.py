@@ -13,7 +13,8 @@ Modes:
 Every mode answers through :class:`ragtune.rag.RagPipeline` (closed book is a pipeline
 without a retriever), exactly as ``ask.py``, the server and LangChain do, and evaluation scores
 what :meth:`RagPipeline.answer_batch` returned: the same budget, prompt, decoding and final
-decision (``Answer.abstained``). A trained folder's settings come from
+decision (``Answer.abstained``); RAG modes' ``Answer.score`` (calibrated mix, else the margin)
+gives the abstention AUROC and ``roc.png``. A trained folder's settings come from
 :mod:`ragtune.modelcard`; scores from :mod:`ragtune.metrics`.
 
 Latency is the per-question share of a batch: retrieval time plus the batch's generation time
@@ -33,6 +34,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ragtune.answerability import rows_auroc
 from ragtune.budget import token_counter
 from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig, validate
 from ragtune.errors import RagtuneError
@@ -57,6 +59,7 @@ EVAL_TOP_LEVEL = {"seed": int, "output_dir": str}
 METRICS_FILE = "metrics.json"
 ANSWERS_FILE = "answers.jsonl"
 TABLE_FILE = "results.md"
+ROC_FILE = "roc.png"
 
 
 class EvalError(RagtuneError):
@@ -110,7 +113,10 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
 
 
 def evaluate_model(
-    cfg: DictConfig, model_dir: str | Path, out_dir: str | Path | None = None
+    cfg: DictConfig,
+    model_dir: str | Path,
+    out_dir: str | Path | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model just trained by ``run_sft`` (``train.eval_after=true``, sweeps).
 
@@ -118,7 +124,7 @@ def evaluate_model(
     (``raft_rag``), or without context when ``raft.mode=closed`` (``ft_closed``), on
     ``data.qa_eval``. Writes metrics, answers and a table to ``out_dir`` (default
     ``<output_dir>/eval``) and returns the mode's metrics (``overall``, ``f1``, ...) plus
-    ``mode``.
+    ``mode``. ``manifest``: fields training will add to the manifest (the calibration).
     """
     qa_path = cfg.data.qa_eval
     if not qa_path:
@@ -126,7 +132,7 @@ def evaluate_model(
     closed = "raft" in cfg and cfg.raft.mode == "closed"
     ecfg = _ecfg(cfg)
     folder = Path(model_dir)
-    manifest = read_json(folder / "manifest.json")
+    manifest = {**read_json(folder / "manifest.json"), **(manifest or {})}
     spec = ModeSpec(
         name="ft_closed" if closed else "raft_rag",
         model=str(model_dir),
@@ -268,6 +274,7 @@ def evaluate_modes(
     context_cache: dict[tuple, Any] = {}
     all_rows: list[dict[str, Any]] = []
     modes: dict[str, dict[str, Any]] = {}
+    curves: dict[str, tuple[list[float], list[bool]]] = {}
     # Modes sharing a model run back to back, so each model is loaded once.
     order = sorted(range(len(specs)), key=lambda i: [s.model for s in specs].index(specs[i].model))
     loaded: tuple[str, Any, Any] | None = None
@@ -291,6 +298,8 @@ def evaluate_modes(
         agg = aggregate([r.pop("_score") for r in rows])
         modes[spec.name] = {
             **agg.to_dict(),
+            "abstention_auroc": rows_auroc(rows, curves, spec.name),
+            "calibrated": pipeline.calibration is not None,
             "seconds": round(time.perf_counter() - t0, 2),
             **spec.describe(),
         }
@@ -300,6 +309,10 @@ def evaluate_modes(
     _free_memory()
 
     modes = {s.name: modes[s.name] for s in specs}  # in the order asked
+    if curves:
+        from ragtune.answerability import plot_roc
+
+        plot_roc({n: curves[n] for n in modes if n in curves}, out_dir / ROC_FILE)
     table = markdown_table(modes)
     payload = {
         "qa_file": qa_path,
@@ -371,6 +384,7 @@ def _pipeline(
         name=spec.name,
         manifest=spec.manifest,
         context_cache=context_cache,
+        scoring=retriever is not None,
     )
 
 
@@ -407,6 +421,7 @@ def _row(mode: str, rec: QARecord, ans: Answer, closed: bool) -> dict[str, Any]:
     s: QuestionScore = score_answer(
         ans.text, golds, lambda _: ans.abstained, retrieval_hit=hit, latency_s=ans.latency_s
     )
+    feats = ans.features.to_dict() if ans.features is not None else None
     row = {
         "mode": mode,
         "id": rec.id,
@@ -426,10 +441,11 @@ def _row(mode: str, rec: QARecord, ans: Answer, closed: bool) -> dict[str, Any]:
         "latency_s": round(ans.latency_s, 4),
         "stop_reason": ans.stop_reason,
         "prompt_tokens": ans.prompt_tokens,
+        "answerability": _round(ans.score),
+        "candidate": ans.candidate,
+        "features": feats,
         "_score": s,
     }
-    if ans.score is not None:
-        row["answer_score"] = ans.score
     return row
 
 
@@ -445,6 +461,7 @@ _COLUMNS = (
     ("false_abstention_rate", "false abst. % (ans.)"),
     ("unanswerable_abstention_rate", "abst. % (unans.)"),
     ("recall_at_k", "recall@k"),
+    ("abstention_auroc", "AUROC"),
     ("latency_s", "latency s"),
 )
 
@@ -453,7 +470,9 @@ _DEFINITIONS = (
     "articles), max over gold answers, over answerable questions. overall: mean over all "
     "questions of F1 (answerable) or 1/0 for abstaining or not (unanswerable), the official "
     "SQuAD v2 F1 with abstention as the empty answer. recall@k: answerable questions whose "
-    "retrieved context holds a gold answer from the question's source document. latency: "
+    "retrieved context holds a gold answer from the question's source document. AUROC: "
+    "chance that an answerable question's answer score beats an unanswerable one's (the "
+    "calibrated mix when the model has one, else the margin; n/a closed book). latency: "
     "seconds per question (retrieval + its share of a batched greedy decode)."
 )
 
@@ -467,7 +486,8 @@ def markdown_table(modes: dict[str, dict[str, Any]]) -> str:
         cells = []
         for key, _ in _COLUMNS:
             v = m.get(key)
-            cells.append("n/a" if v is None else f"{v:.3f}" if key == "latency_s" else f"{v:.1f}")
+            fmt = ".3f" if key in ("latency_s", "abstention_auroc") else ".1f"
+            cells.append("n/a" if v is None else f"{v:{fmt}}")
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

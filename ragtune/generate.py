@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from transformers import (
     GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
@@ -210,6 +212,10 @@ class Generator:
             clean_up_tokenization_spaces=cleans_up(self.tokenizer),
         )
 
+    def exclusive(self) -> threading.Lock:
+        """The lock each generation holds: hold it to use the model otherwise (scoring)."""
+        return self._lock
+
     def generate(self, prompt_text: str, max_new_tokens: int | None = None) -> GenerationResult:
         """One answer for a rendered prompt (``max_new_tokens`` may only lower the config's)."""
         return self.generate_batch([prompt_text], batch_size=1, max_new_tokens=max_new_tokens)[0]
@@ -224,12 +230,15 @@ class Generator:
         batch_size: int = 8,
         max_new_tokens: int | None = None,
         on_batch: Callable[[int], Any] | None = None,
+        block_first_tokens: Sequence[int] = (),
     ) -> list[GenerationResult]:
         """Answers for many prompts: left-padded batched decoding, results in input order.
 
         Prompts are sorted by length so that each batch pads little; with greedy decoding
         each answer is the one :meth:`generate` gives for the prompt alone. ``on_batch`` is
-        called with each finished batch's size (progress bars).
+        called with each finished batch's size (progress bars). ``block_first_tokens``: ids
+        the first generated token may not be (:class:`BlockFirstTokens`; e.g. the abstain
+        answer's first token, for the best answer that does not abstain).
         """
         encoded = [self.encode(p) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
@@ -238,7 +247,9 @@ class Generator:
             idx = order[b : b + max(1, batch_size)]
             t0 = time.perf_counter()
             with self._lock:
-                rows = self._generate_ids([encoded[i] for i in idx], max_new=max_new_tokens)
+                rows = self._generate_ids(
+                    [encoded[i] for i in idx], max_new=max_new_tokens, block=block_first_tokens
+                )
             seconds = time.perf_counter() - t0
             for i, row in zip(idx, rows, strict=True):
                 out[i] = self._result(row, seconds, len(encoded[i]), len(idx))
@@ -288,8 +299,10 @@ class Generator:
         streamer: BaseStreamer | None = None,
         cancel: threading.Event | None = None,
         max_new: int | None = None,
+        block: Sequence[int] = (),
     ) -> list[list[int]]:
-        """Generated ids (prompt removed) for each left-padded row."""
+        """Generated ids (prompt removed) for each left-padded row; ``block``: ids banned at
+        the first step."""
         width = max(len(r) for r in batch)
         if width == 0:
             raise ValueError("empty prompt: nothing to generate from")
@@ -299,7 +312,7 @@ class Generator:
             if row:
                 input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
                 mask[i, width - len(row) :] = 1
-        if self._fast is not None and streamer is None and self._greedy:
+        if self._fast is not None and streamer is None and self._greedy and not block:
             # GPU fast path: static KV cache + compiled step; the same greedy tokens.
             return self._fast.generate_batch(
                 [list(r) for r in batch],
@@ -309,12 +322,14 @@ class Generator:
             )
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         stop = StopOnText(self.tokenizer, self.stop_strings, width, cancel)
+        extra = {"logits_processor": LogitsProcessorList([BlockFirstTokens(block, width)])}
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
             generation_config=self._generation_config(max_new),
             stopping_criteria=StoppingCriteriaList([stop]),
             streamer=streamer,
+            **(extra if block else {}),
         )
         return [row[width:].tolist() for row in out]
 
@@ -383,6 +398,19 @@ class Generator:
     @property
     def _greedy(self) -> bool:
         return self.settings.temperature == 0 and self.settings.repetition_penalty == 1.0
+
+
+class BlockFirstTokens(LogitsProcessor):
+    """A logits processor: the first generated token may not be one of ``token_ids``."""
+
+    def __init__(self, token_ids: Sequence[int], prompt_width: int):
+        self.token_ids = list(token_ids)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] == self.prompt_width:
+            scores[:, self.token_ids] = -float("inf")
+        return scores
 
 
 def _device_of(model: Any) -> torch.device:

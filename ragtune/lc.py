@@ -88,6 +88,7 @@ class RagtuneLLM(LLM):
     model_config = ConfigDict(arbitrary_types_allowed=True)
     generator: Any
     model_name: str = "ragtune"
+    pipeline: Any = None  # from_pipeline: its answer-or-abstain decision applies
 
     @classmethod
     def from_model_dir(
@@ -121,7 +122,17 @@ class RagtuneLLM(LLM):
 
     @classmethod
     def from_pipeline(cls, pipeline: Any, **kwargs: Any) -> RagtuneLLM:
-        return cls(generator=pipeline.generator, model_name=pipeline.name, **kwargs)
+        return cls(
+            generator=pipeline.generator, model_name=pipeline.name, pipeline=pipeline, **kwargs
+        )
+
+    def _decides(self) -> bool:
+        return self.pipeline is not None and self.pipeline.calibration is not None
+
+    def _final_text(self, prompt: str, result: Any) -> str:
+        """The pipeline's decision on a prompt its retriever built; else the text as decoded."""
+        ans = self.pipeline.finish_prompt(prompt, result) if self._decides() else None
+        return result.text if ans is None else ans.text
 
     @property
     def schema(self) -> PromptSchema:
@@ -157,8 +168,11 @@ class RagtuneLLM(LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> str:
-        res = self.generator.generate(self.as_prompt(prompt), kwargs.get("max_new_tokens"))
-        return cut_stop(res.text, stop)[0].strip() if stop else res.text
+        prompt = self.as_prompt(prompt)
+        text = self._final_text(
+            prompt, self.generator.generate(prompt, kwargs.get("max_new_tokens"))
+        )
+        return cut_stop(text, stop)[0].strip() if stop else text
 
     def _stream(
         self,
@@ -167,6 +181,11 @@ class RagtuneLLM(LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
+        if self._decides():  # the decision needs the whole candidate: one piece
+            text = self._call(prompt, stop, run_manager, **kwargs)
+            if text:
+                yield self._chunk(text, run_manager)
+            return
         stream = self.generator.stream(self.as_prompt(prompt), kwargs.get("max_new_tokens"))
         text = ""
         try:
@@ -284,6 +303,7 @@ def _metadata(ans: Any) -> dict[str, Any]:
     return {
         "sources": d["sources"],
         "abstained": d["abstained"],
+        "score": ans.score,
         "finish_reason": "length" if ans.stop_reason == "length" else "stop",
         "token_usage": {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.new_tokens},
     }

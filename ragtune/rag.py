@@ -7,10 +7,17 @@ refuses (or, with ``allow_mismatch``, warns) when the index, the chunking or the
 use differ from what the model was trained with.
 
 One question: :meth:`RagPipeline.prepare` (retrieve within the token budget training used,
-render with the schema) -> :class:`ragtune.generate.Generator` -> :meth:`RagPipeline._finish`,
-the single place a generation becomes an :class:`Answer`. ``answer``, ``stream`` and
-``answer_batch`` all end there, so whatever is decided there is what every caller (and
-evaluation, which scores ``answer_batch``) gets.
+render with the schema) -> :class:`ragtune.generate.Generator` -> :meth:`RagPipeline._finish`
+(one answer) / :meth:`RagPipeline._finish_batch` (many), the single place generations become
+:class:`Answer` objects. ``answer``, ``stream`` and ``answer_batch`` all end there, so whatever
+is decided there is what every caller (and evaluation, which scores ``answer_batch``) gets.
+
+The answer-or-abstain decision: when the manifest carries an ``answerability`` calibration
+(fitted by training on held-out sources, :mod:`ragtune.answerability`), every answer is scored
+(``Answer.score``; the candidate is the best non-abstaining answer) and the pipeline abstains
+below the threshold. An empty answer always counts as abstained (the SQuAD v2 convention).
+Streaming with a calibration is buffered: the decision needs the whole candidate, so the
+final text comes as one piece.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +34,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ragtune.answer import Answer, AnswerStream, Prepared
+from ragtune.answerability import MANIFEST_KEY, Calibration, assess, is_abstained
 from ragtune.budget import context_budget, token_counter, tokenizer_key
 from ragtune.errors import RagtuneError
 from ragtune.generate import GenerationResult, Generator
@@ -58,7 +67,9 @@ class RagPipeline:
 
     ``retriever`` None is closed book (no context section). ``context_cache``: a dict shared
     by pipelines that may ask the same question with the same retriever settings (evaluation
-    modes), so each context is retrieved once.
+    modes), so each context is retrieved once. ``scoring``: compute ``Answer.score`` (None:
+    when the manifest has a calibration, which also applies its decision; True without one
+    scores with the uncalibrated margin and leaves the answers as generated).
     """
 
     def __init__(
@@ -74,6 +85,7 @@ class RagPipeline:
         name: str = "ragtune",
         manifest: dict[str, Any] | None = None,
         context_cache: dict[tuple, tuple[list[Chunk], float]] | None = None,
+        scoring: bool | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -86,6 +98,11 @@ class RagPipeline:
         self.context_cache = context_cache
         self._cache_key: tuple | None = None
         self.generator = Generator(model, tokenizer, schema, gcfg, max_seq_length=max_seq_length)
+        found = self.manifest.get(MANIFEST_KEY)
+        self.calibration: Calibration | None = Calibration.from_dict(found) if found else None
+        self.scoring = self.calibration is not None if scoring is None else bool(scoring)
+        self._recent: dict[str, list[Chunk]] = {}  # question -> chunks (LangChain chains)
+        self._recent_lock = threading.Lock()
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -211,7 +228,24 @@ class RagPipeline:
 
     def retrieve(self, question: str, input: str = "") -> list[Chunk]:
         """The context chunks for a question (none for a closed-book pipeline)."""
-        return self._retrieve(question, input)[0]
+        chunks = self._retrieve(question, input)[0]
+        if self.calibration is not None:  # so that recall() can judge the rendered prompt
+            with self._recent_lock:
+                self._recent.pop(question, None)
+                self._recent[question] = chunks
+                while len(self._recent) > _RECENT:
+                    self._recent.pop(next(iter(self._recent)))
+        return chunks
+
+    def recall(self, prompt: str) -> Prepared | None:
+        """The question and chunks a rendered prompt was built from, when they came from this
+        pipeline's :meth:`retrieve` (a LangChain chain of :func:`ragtune.lc.langchain_parts`)."""
+        with self._recent_lock:
+            recent = list(self._recent.items())
+        for question, chunks in reversed(recent):
+            if self.render(question, "", chunks) == prompt:
+                return Prepared(question, "", chunks, prompt, 0.0)
+        return None
 
     def _retrieve(self, question: str, input: str) -> tuple[list[Chunk], float]:
         """Chunks and the seconds their retrieval took (when it ran, for a cached context)."""
@@ -294,25 +328,67 @@ class RagPipeline:
         with tqdm(total=len(prompts), desc=f"{self.name}: answering", disable=not progress) as bar:
             extra = {"on_batch": bar.update} if progress else {}
             results = self.generator.generate_batch(prompts, batch_size, **extra)
-        return [
-            self._finish(p, r, p.retrieval_s + r.seconds / max(1, r.batch_rows))
+        latencies = [
+            p.retrieval_s + r.seconds / max(1, r.batch_rows)
             for p, r in zip(prepared, results, strict=True)
         ]
+        return self._finish_batch(prepared, results, latencies, batch_size)
 
     def _finish(self, p: Prepared, result: GenerationResult, latency_s: float) -> Answer:
-        """The one place a generation becomes the final answer (every path ends here)."""
-        return Answer(
-            text=result.text,
-            abstained=self.schema.is_abstention(result.text),
-            sources=[(c.source, c.start, c.score) for c in p.chunks],
-            prompt=p.prompt,
-            latency_s=latency_s,
-            chunks=p.chunks,
-            stop_reason=result.stop_reason,
-            new_tokens=result.new_tokens,
-            prompt_tokens=result.prompt_tokens,
-            retrieval_s=p.retrieval_s,
-        )
+        """One generation made final (see :meth:`_finish_batch`)."""
+        return self._finish_batch([p], [result], [latency_s])[0]
+
+    def _finish_batch(
+        self,
+        prepared: Sequence[Prepared],
+        results: Sequence[GenerationResult],
+        latencies: Sequence[float],
+        batch_size: int = 8,
+    ) -> list[Answer]:
+        """The one place generations become final answers (every path ends here): scored,
+        and decided by the calibration when the manifest has one."""
+        judged: list[Any] = [None] * len(prepared)
+        extra = 0.0
+        if self.scoring and prepared:
+            t0 = time.perf_counter()
+            judged = assess(
+                self.generator,
+                [p.prompt for p in prepared],
+                [r.text for r in results],
+                [[c.text for c in p.chunks] for p in prepared],
+                [max((c.score or 0.0 for c in p.chunks), default=0.0) for p in prepared],
+                self.calibration,
+                batch_size,
+            )
+            extra = (time.perf_counter() - t0) / len(prepared)
+        out = []
+        for p, r, latency, j in zip(prepared, results, latencies, judged, strict=True):
+            text = j.answer if j is not None else r.text
+            out.append(
+                Answer(
+                    text=text,
+                    abstained=is_abstained(self.schema, text),
+                    sources=[(c.source, c.start, c.score) for c in p.chunks],
+                    prompt=p.prompt,
+                    latency_s=latency + extra,
+                    chunks=p.chunks,
+                    stop_reason=r.stop_reason,
+                    new_tokens=r.new_tokens,
+                    prompt_tokens=r.prompt_tokens,
+                    retrieval_s=p.retrieval_s,
+                    score=None if j is None else j.score,
+                    candidate=None if j is None else j.candidate,
+                    features=None if j is None else j.features,
+                )
+            )
+        return out
+
+    def finish_prompt(self, prompt: str, result: GenerationResult) -> Answer | None:
+        """The final answer for a generation on a prompt built from this pipeline's
+        :meth:`retrieve` (an LCEL chain of :func:`ragtune.lc.langchain_parts`); None for a
+        prompt from elsewhere, whose context and retrieval scores are unknown."""
+        prepared = self.recall(prompt)
+        return None if prepared is None else self._finish(prepared, result, result.seconds)
 
     def describe(self) -> dict[str, Any]:
         """What this pipeline serves with (for /v1/models, logs and ``ask.py``)."""
@@ -324,6 +400,9 @@ class RagPipeline:
             "generate": dataclasses.asdict(self.generator.settings),
             "base_model": self.manifest.get("base_model"),
         }
+
+
+_RECENT = 64  # retrieved contexts remembered for recall()
 
 
 def _get(cfg: Any, key: str) -> Any:

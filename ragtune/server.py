@@ -333,7 +333,12 @@ def _usage(ans: Any) -> dict[str, int]:
 
 def _ragtune_fields(ans: Any) -> dict[str, Any]:
     d = ans.to_dict()
-    return {"abstained": d["abstained"], "sources": d["sources"], "latency_s": d["latency_s"]}
+    return {
+        "abstained": d["abstained"],
+        "score": ans.score,
+        "sources": d["sources"],
+        "latency_s": d["latency_s"],
+    }
 
 
 def _jsonable(obj: Any) -> Any:

@@ -8,9 +8,10 @@ import math
 import pytest
 
 from ragtune.answerability import (
-    AbstainBlocker,
+    abstain_first_token,
     answer_features,
     auroc,
+    blocked_candidates,
     fit_logistic,
     fit_threshold,
     grounded,
@@ -19,7 +20,7 @@ from ragtune.answerability import (
     split_by_source,
 )
 from ragtune.raft import BuildSettings, build_examples
-from ragtune.schema import get_schema
+from ragtune.schema import PromptFields, get_schema
 from ragtune.types import Chunk, QARecord
 
 
@@ -143,17 +144,34 @@ def test_score_separates_supported_from_unsupported_context(tiny_lm_path):
     assert f[0].n_answer == len(tok("Marlowe", add_special_tokens=False)["input_ids"]) + 1
 
 
-def test_abstain_blocker_bans_only_the_first_step(tokenizer):
+def test_block_first_tokens_bans_only_the_first_step(tokenizer):
     import torch
 
-    schema = get_schema("alpaca_rag_short")
-    block = AbstainBlocker(tokenizer, schema, prompt_width=5)
-    first = block.first
+    from ragtune.generate import BlockFirstTokens
+
+    first = abstain_first_token(tokenizer, get_schema("alpaca_rag_short"))
+    block = BlockFirstTokens([first], prompt_width=5)
     scores = torch.zeros((2, len(tokenizer)))
     out = block(torch.zeros((2, 5), dtype=torch.long), scores.clone())
     assert torch.isinf(out[:, first]).all() and out[:, first + 1].eq(0).all()
     later = block(torch.zeros((2, 6), dtype=torch.long), scores.clone())
     assert not torch.isinf(later).any()
+
+
+def test_blocked_candidate_never_starts_with_the_banned_token(tiny_lm_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.generate import Generator
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    gen = Generator(model, tok, get_schema("alpaca_rag_short"), {"max_new_tokens": 3})
+    prompt = gen.schema.render_prompt(PromptFields("Who keeps the harbor?", "", ["x"]), tok)
+    free = gen.generate_batch([prompt])[0]
+    assert free.token_ids, "precondition: the tiny model generates something"
+    banned = gen.generate_batch([prompt], block_first_tokens=[free.token_ids[0]])[0]
+    assert banned.token_ids[0] != free.token_ids[0]
+    assert isinstance(blocked_candidates(gen, [prompt])[0], str)
 
 
 # --------------------------------------------------------------------------- training pairs
@@ -216,36 +234,24 @@ def test_contrastive_construction_emits_the_pair(tokenizer):
     assert [e["kind"] for e in plain] == ["oracle", "unanswerable"]
 
 
-def test_calibration_from_validation_rows_goes_into_the_manifest(tmp_path):
+def test_calibration_fitted_on_validation_goes_into_the_manifest(tmp_path):
     import json
 
     from ragtune.answerability import (
+        AnswerFeatures,
         Calibration,
-        calibration_from_rows,
+        fit_calibration,
         read_calibration,
         write_calibration,
     )
 
-    rows = []
-    for i in range(40):
-        answerable = i % 2 == 0
-        rows.append(
-            {
-                "answerable": answerable,
-                "gold": ["Marlowe"] if answerable else [],
-                "candidate": "Marlowe",
-                "source": f"doc{i % 3}",
-                "features": {
-                    "lp_answer": -1.0 if answerable else -4.0,
-                    "n_answer": 2,
-                    "lp_abstain": -3.0 + 0.01 * i,
-                    "p_abstain_first": 0.2,
-                    "grounded": 1.0,
-                    "retrieval": 0.5,
-                },
-            }
-        )
-    cal = calibration_from_rows(rows)
+    answerable = [i % 2 == 0 for i in range(40)]
+    feats = [
+        AnswerFeatures(-1.0 if y else -4.0, 2, -3.0 + 0.01 * i, 0.2, 1.0, 0.5)
+        for i, y in enumerate(answerable)
+    ]
+    f1 = [1.0 if y else 0.0 for y in answerable]
+    cal = fit_calibration(feats, answerable, f1, [f"doc{i % 3}" for i in range(40)])
     assert cal.auroc == 1.0 and cal.n_validation == 40
     assert cal.validation_sources == ("doc0", "doc1", "doc2")
     (tmp_path / "manifest.json").write_text(json.dumps({"format": 1, "model": {"x": 1}}))
@@ -254,8 +260,6 @@ def test_calibration_from_validation_rows_goes_into_the_manifest(tmp_path):
     assert data["model"] == {"x": 1}  # other fields kept
     back = read_calibration(tmp_path)
     assert isinstance(back, Calibration) and back.threshold == pytest.approx(cal.threshold)
-    from ragtune.answerability import AnswerFeatures
-
     yes = AnswerFeatures(-1.0, 2, -3.0, 0.2, 1.0, 0.5)
     no = AnswerFeatures(-4.0, 2, -3.0, 0.2, 1.0, 0.5)
     assert back.answers([yes, no]) == [True, False]

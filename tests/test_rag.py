@@ -129,7 +129,9 @@ def test_answer_carries_sources_and_the_exact_prompt(pipeline):
         PromptFields(q, "", [c.text for c in ans.chunks]), pipeline.tokenizer
     )
     assert ans.prompt == expected
-    assert ans.abstained == pipeline.schema.is_abstention(ans.text)
+    # the abstain answer or an empty one (the SQuAD v2 empty prediction) abstains
+    empty = not ans.text.strip(".,;:!? ")
+    assert ans.abstained == (pipeline.schema.is_abstention(ans.text) or empty)
     assert ans.new_tokens <= 8 and ans.latency_s > 0
     d = ans.to_dict()
     assert d["sources"][0]["source"] == "towns/velmora.md" and "prompt" not in d

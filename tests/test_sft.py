@@ -86,6 +86,8 @@ def test_run_sft_writes_a_complete_model_folder(outputs, tiny_lm_path, monkeypat
     assert result.metric == pytest.approx(-manifest["final_loss"]) == -result.final_loss
     stats = json.loads((run / "dataset" / "stats.json").read_text())
     assert stats["examples"] == 12 and stats["kinds"]
+    # 12 records are too few to fit an answer-or-abstain decision: none held out, none fitted
+    assert "answerability" not in manifest and not (run / "dataset/calibration.jsonl").exists()
     assert (run / "dataset" / "preview.md").read_text().count("### Response:") >= 1
     assert not (run / "status.json").exists()  # the entry script's job, not the library's
     assert (outputs / "latest").resolve() == model_dir.resolve()
@@ -120,6 +122,39 @@ def test_a_kill_while_the_manifest_is_written_leaves_the_folder_incomplete(tmp_p
     assert [p.name for p in model_dir.glob(".manifest-*")]  # the half-written temp file
     with pytest.raises(ManifestError, match="not a complete ragtune model folder"):
         read_manifest(model_dir)
+
+
+def test_run_sft_fits_the_decision_on_held_out_sources(outputs, tiny_lm_path, monkeypatch):
+    import ragtune.answerability as answerability
+    from ragtune.qa import load_qa
+    from ragtune.training import calibration, run_sft
+
+    monkeypatch.setattr(calibration, "MIN_QUESTIONS", 6)
+    monkeypatch.setattr(calibration, "MIN_PER_CLASS", 1)
+    # the tiny random model's answers are all wrong, whose best cut abstains on everything
+    # (no decision is written then); a finite cut shows the fitted decision lands
+    monkeypatch.setattr(answerability, "fit_threshold", lambda *a, **k: 0.25)
+    cfg = _cfg(
+        outputs,
+        tiny_lm_path,
+        "data.max_records=40",
+        "raft.calibration_fraction=0.25",
+        "train.eval_after=true",
+        "data.qa_eval=data/qa/demo_eval.jsonl",
+        "eval.max_questions=3",
+    )
+    result = run_sft(cfg)
+    run = outputs / "run"
+    held = load_qa(run / "dataset" / "calibration.jsonl")
+    assert len(held) >= 10 and {r.answerable for r in held} == {True, False}
+    trained = [json.loads(x) for x in (run / "dataset" / "train.jsonl").read_text().splitlines()]
+    assert len(trained) == 40 - len(held)  # held-out questions never train
+    assert not {e["instruction"] for e in trained} & {r.instruction for r in held}
+    cal = read_manifest(run / "model")["answerability"]
+    assert cal["threshold"] == 0.25 and cal["n_validation"] == len(held)
+    assert set(cal["validation_sources"]) == {r.source for r in held}
+    assert set(cal["weights"]) == set(answerability.FEATURES)
+    assert result.metrics["calibrated"]  # eval_after applied the decision before the manifest
 
 
 def test_closed_book_run_records_no_context(outputs, tiny_lm_path):

@@ -57,6 +57,7 @@ def build_dataset(
     from ragtune.qa import load_qa
     from ragtune.raft import BuildSettings, build_examples, describe, save_dataset
     from ragtune.schema import get_schema
+    from ragtune.training.calibration import calibration_split, save_validation
 
     schema = get_schema(cfg.prompt.name)
     tokenizer = load_tokenizer(cfg)
@@ -65,6 +66,8 @@ def build_dataset(
         records = records[: cfg.data.max_records]
     if not records:
         raise RagtuneError(f"{cfg.data.qa_train}: no QA records")
+    records, held_out = calibration_split(cfg, records)  # fits the decision after training
+    save_validation(held_out, out_dir / "dataset")
     retriever = open_retriever(cfg, tokenizer) if cfg.raft.mode == "rag" else None
     settings = BuildSettings.from_config(cfg)
     examples, stats = build_examples(records, retriever, schema, tokenizer, settings)

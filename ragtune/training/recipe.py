@@ -1,9 +1,11 @@
 """The SFT recipe, top to bottom: what ``python train/sft.py`` runs.
 
 :func:`run_sft`: validate the config -> build the retrieval-augmented examples with the
-retriever serving will use -> :func:`train` (resolve the backend -> load the model with LoRA ->
-tokenize -> Trainer -> resume -> fit -> save) -> evaluate (``train.eval_after``) -> write the
-manifest last, whose presence marks the model folder complete.
+retriever serving will use (whole source documents held out for calibration) -> :func:`train`
+(resolve the backend -> load the model with LoRA -> tokenize -> Trainer -> resume -> fit ->
+save) -> fit the answer-or-abstain decision on the held-out questions
+(:mod:`ragtune.training.calibration`) -> evaluate (``train.eval_after``) -> write the manifest
+last, whose presence marks the model folder complete.
 
 Library code: no printing, no exit, no status file; user errors raise RagtuneError subclasses.
 Under torchrun / accelerate every rank runs this; rank 0 alone builds the dataset, saves the
@@ -100,12 +102,17 @@ def run_sft(cfg: DictConfig) -> SftResult:
     if not is_main_process():  # rank 0 evaluates and writes the manifest
         return sft
 
+    from ragtune.answerability import MANIFEST_KEY
+    from ragtune.training.calibration import calibrate
+
+    cal = calibrate(cfg, schema, result.model_dir, retriever, out)
+    extra = {MANIFEST_KEY: cal.to_dict()} if cal is not None else {}
     if cfg.train.eval_after:
         from ragtune.evaluate import evaluate_model
 
-        sft.metrics = evaluate_model(cfg, result.model_dir)
+        sft.metrics = evaluate_model(cfg, result.model_dir, manifest=extra)
         sft.metric = float(sft.metrics.get("overall", loss_metric))
-    _write_manifest(cfg, schema, result, retriever, data_seconds, sft.metrics)
+    _write_manifest(cfg, schema, result, retriever, data_seconds, sft.metrics, extra)
     publish_model(result.model_dir, final)  # a finished model is replaced only now
     if not is_multirun():
         point_latest(final, Path(cfg.paths.outputs))
@@ -119,6 +126,7 @@ def _write_manifest(
     retriever: Any,
     data_seconds: float,
     metrics: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     from ragtune.config import to_container
     from ragtune.manifest import write_manifest
@@ -148,6 +156,7 @@ def _write_manifest(
     }
     if metrics is not None:
         manifest["eval"] = metrics
+    manifest.update(extra or {})
     write_manifest(result.model_dir, manifest)  # last: its presence marks the folder complete
     log.info("manifest written: %s", Path(result.model_dir) / "manifest.json")
 

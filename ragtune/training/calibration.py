@@ -1,0 +1,146 @@
+"""The answer-or-abstain calibration, fitted inside training.
+
+Before the examples are built, :func:`calibration_split` holds whole source documents of the
+training QA out (``raft.calibration_fraction``; never the evaluation set), so the validation
+questions are about documents the model never trained on, as at serve time. After training,
+:func:`calibrate` answers them through a :class:`ragtune.rag.RagPipeline` on the just-saved
+model (the serving path: same retriever, budget, prompt and decoding), fits the feature mix
+and the threshold (:func:`ragtune.answerability.fit_calibration`) and returns it for the
+manifest, which is written last.
+
+Too little to fit on (fewer than :data:`MIN_QUESTIONS` held-out questions, or fewer than
+:data:`MIN_PER_CLASS` answerable or unanswerable ones, or one source document in all) skips
+calibration with a warning and holds nothing out: the model then answers as generated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+VALIDATION_FILE = "calibration.jsonl"  # in the run's dataset/ folder
+# A threshold fitted on a few dozen questions is noise (the demo's 164 records would give
+# ~25); below these the decision is not fitted at all.
+MIN_QUESTIONS = 40
+MIN_PER_CLASS = 8
+
+
+def calibration_split(cfg: Any, records: list[Any]) -> tuple[list[Any], list[Any]]:
+    """(train, validation) records; validation empty when calibration is off or skipped."""
+    from ragtune.answerability import split_by_source
+
+    fraction = float(cfg.raft.get("calibration_fraction", 0.0) or 0.0)
+    if fraction <= 0:
+        return records, []
+    if cfg.raft.mode != "rag":
+        log.info("raft.mode=%s: no answer-or-abstain calibration (RAG models only)", cfg.raft.mode)
+        return records, []
+    try:
+        train, val = split_by_source(records, seed=int(cfg.seed), fraction=fraction)
+    except ValueError as e:
+        return _skip(records, f"cannot hold out source documents ({e})")
+    n_ans = sum(1 for r in val if r.answerable)
+    if len(val) < MIN_QUESTIONS or min(n_ans, len(val) - n_ans) < MIN_PER_CLASS:
+        return _skip(
+            records,
+            f"raft.calibration_fraction={fraction} holds out {len(val)} questions "
+            f"({n_ans} answerable, {len(val) - n_ans} unanswerable); fitting needs "
+            f">= {MIN_QUESTIONS} with >= {MIN_PER_CLASS} of each",
+        )
+    sources = sorted({r.source for r in val})
+    log.info(
+        "answer-or-abstain calibration: %d questions (%d answerable) from %d held-out "
+        "source(s) %s; %d records train",
+        len(val),
+        n_ans,
+        len(sources),
+        ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else ""),
+        len(train),
+    )
+    return train, val
+
+
+def save_validation(records: list[Any], dataset_dir: Path) -> None:
+    """The held-out questions, for :func:`calibrate` after training and for a person."""
+    from ragtune.qa import record_to_json
+
+    path = Path(dataset_dir) / VALIDATION_FILE
+    if not records:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(record_to_json(r), ensure_ascii=False) + "\n")
+
+
+def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: Path) -> Any:
+    """Fit the decision on the held-out questions of ``run_dir``; None when there are none
+    (or the fit says nothing useful). Returns a :class:`ragtune.answerability.Calibration`."""
+    from ragtune.answerability import fit_calibration
+    from ragtune.loading import load_model
+    from ragtune.metrics import f1_score, max_over_gold
+    from ragtune.qa import gold_answers, load_qa
+    from ragtune.rag import RagPipeline
+
+    path = Path(run_dir) / "dataset" / VALIDATION_FILE
+    if retriever is None or not path.exists():
+        return None
+    records = load_qa(path)
+    model, tokenizer = load_model(
+        str(model_dir),
+        dtype=cfg.model.dtype,
+        for_inference=True,
+        trust_remote_code=cfg.model.trust_remote_code,
+        max_seq_length=cfg.model.max_seq_length,
+    )
+    pipeline = RagPipeline(
+        model,
+        tokenizer,
+        schema,
+        retriever,
+        cfg.get("generate"),
+        max_seq_length=cfg.model.max_seq_length,
+        context_tokens=cfg.retriever.context_tokens,
+        name="calibration",
+        scoring=True,
+    )
+    batch = int(cfg.eval.batch_size) if "eval" in cfg else 8
+    answers = pipeline.answer_batch(
+        [r.instruction for r in records], [r.input for r in records], batch
+    )
+    f1 = [
+        max_over_gold(f1_score, a.candidate or "", gold_answers(r))
+        for r, a in zip(records, answers, strict=True)
+    ]
+    cal = fit_calibration(
+        [a.features for a in answers],
+        [r.answerable for r in records],
+        f1,
+        [r.source or "" for r in records],
+    )
+    if math.isinf(cal.threshold):
+        what = "abstaining on" if cal.threshold > 0 else "answering"
+        log.warning(
+            "answer-or-abstain calibration: the held-out questions are best served by %s "
+            "every question; no decision written (the model answers as generated)",
+            what,
+        )
+        return None
+    log.info(
+        "answer-or-abstain calibration: threshold %.3f, validation AUROC %.3f on %d questions",
+        cal.threshold,
+        cal.auroc,
+        cal.n_validation,
+    )
+    return cal
+
+
+def _skip(records: list[Any], why: str) -> tuple[list[Any], list[Any]]:
+    log.warning("no answer-or-abstain calibration: %s; training on all records", why)
+    return records, []
