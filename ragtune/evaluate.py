@@ -38,6 +38,7 @@ from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig,
 from ragtune.errors import RagtuneError
 from ragtune.metrics import QuestionScore, aggregate, retrieval_hit, score_answer
 from ragtune.modelcard import (
+    model_folder,
     model_settings,
     read_json,
     read_manifest,
@@ -173,6 +174,7 @@ def resolve_modes(cfg: DictConfig) -> list[ModeSpec]:
         path = resolve_path(folder)
         if not path.is_dir():
             raise ConfigError(f"eval.models.{key}: {path} is not a folder")
+        path = model_folder(path)  # a run folder (outputs/latest) holds its model in model/
         manifest = read_manifest(path)
         mcfg = model_settings(_plain(cfg.model), manifest)
         want = "closed" if key == "ft_closed" else "rag"

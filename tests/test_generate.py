@@ -34,6 +34,7 @@ def test_cut_stop_takes_the_earliest_stop():
         ("C#", False, ("C", False)),  # ...but held back until the next token says so
         ("  spaced  ", True, ("spaced", False)),
         ("caf\ufffd", False, ("caf", False)),  # an incomplete UTF-8 character waits
+        ("標高1,240メ\ufffd", True, ("標高1,240メ", False)),  # ...and is dropped when cut off
     ],
 )
 def test_finish_text(raw, final, want):
