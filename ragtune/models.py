@@ -139,14 +139,16 @@ def resolve_model(name: str) -> str:
     """A causal LM name -> a local folder or hub id that ``from_pretrained`` accepts."""
     if name == DEFAULT_LM:
         return str(prepare_smollm2())
-    return _resolve_other(name, "model")
+    resolved = _resolve_other(name, "model")
+    return resolved if Path(resolved).exists() else _hub_model(resolved, "model")
 
 
 def resolve_embedder(name: str) -> str:
     """An embedding model name -> a local folder or hub id for ``SentenceTransformer``."""
     if name == DEFAULT_EMBEDDER:
         return str(embedder_dir())
-    return _resolve_other(name, "embedding model")
+    resolved = _resolve_other(name, "embedding model")
+    return resolved if Path(resolved).exists() else _hub_model(resolved, "embedding model")
 
 
 def _resolve_other(name: str, what: str) -> str:
@@ -161,7 +163,7 @@ def _resolve_other(name: str, what: str) -> str:
             f"{what} '{name}' is not a known short name ({DEFAULT_LM}, {DEFAULT_EMBEDDER}), "
             f"and {local} does not exist"
         )
-    return _hub_model(name, what)
+    return name  # a hub id such as BAAI/bge-base-en (checked by _hub_model before loading)
 
 
 _KEYS = {"model": "model.name_or_path", "embedding model": "retriever.embedding_model"}
