@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ragtune.generate import TextStream
+from ragtune.generate import NO_CHANGE, Decoding, TextStream
 from ragtune.types import Chunk
 
 if TYPE_CHECKING:
@@ -82,14 +82,14 @@ class AnswerStream:
         pipeline: RagPipeline,
         prepared: Prepared,
         t0: float,
-        max_new_tokens: int | None = None,
+        decoding: Decoding = NO_CHANGE,
     ):
         self.chunks = prepared.chunks
         self.prompt = prepared.prompt
         self._pipeline = pipeline
         self._prepared = prepared
         self._t0 = t0
-        self._stream: TextStream = pipeline.generator.stream(prepared.prompt, max_new_tokens)
+        self._stream: TextStream = pipeline.generator.stream(prepared.prompt, decoding)
         self._buffered = pipeline.calibration is not None
         self.answer: Answer | None = None
 

@@ -152,6 +152,7 @@ def serve(cfg: DictConfig) -> None:
         max_body_bytes=s.max_body_bytes,
         max_queue=s.max_queue,
         model_id=s.model_id,
+        history_tokens=s.history_tokens,
     )
     port = s.port
     if port == 0:

@@ -216,6 +216,7 @@ class ServerConfig:
     max_queue: int
     model_id: str | None
     log_level: str
+    history_tokens: int
     keep_alive_s: int
 
 

@@ -40,6 +40,7 @@ from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig,
 from ragtune.errors import RagtuneError
 from ragtune.metrics import QuestionScore, aggregate, retrieval_hit, score_answer
 from ragtune.modelcard import (
+    model_folder,
     model_settings,
     read_json,
     read_manifest,
@@ -48,7 +49,7 @@ from ragtune.modelcard import (
     trained_schema,
 )
 from ragtune.paths import resolve_path
-from ragtune.qa import gold_answers, load_qa, sample_records
+from ragtune.qa import gold_answers, load_qa, sample_records, sources_not_in
 from ragtune.rag import Answer, RagPipeline
 from ragtune.schema import PromptSchema, get_schema
 from ragtune.types import QARecord
@@ -179,6 +180,7 @@ def resolve_modes(cfg: DictConfig) -> list[ModeSpec]:
         path = resolve_path(folder)
         if not path.is_dir():
             raise ConfigError(f"eval.models.{key}: {path} is not a folder")
+        path = model_folder(path)  # a run folder (outputs/latest) holds its model in model/
         manifest = read_manifest(path)
         mcfg = model_settings(_plain(cfg.model), manifest)
         want = "closed" if key == "ft_closed" else "rag"
@@ -270,6 +272,9 @@ def evaluate_modes(
         out_dir,
     )
     retrievers: dict[str, Any] = {}
+    for spec in specs:  # before any model loads: a QA set for another corpus stops here
+        if spec.rcfg is not None:
+            _check_sources(records, _retriever(cfg, ecfg, spec.rcfg, retrievers), qa_path)
     # Modes with the same retriever settings and budget get the same contexts: retrieve once.
     context_cache: dict[tuple, Any] = {}
     all_rows: list[dict[str, Any]] = []
@@ -333,6 +338,29 @@ def evaluate_modes(
     )
     log.info("wrote %s, %s, %s in %s", METRICS_FILE, ANSWERS_FILE, TABLE_FILE, out_dir)
     return {"modes": modes, "table": table, "out_dir": str(out_dir)}
+
+
+def _check_sources(records: list[QARecord], retriever: Any, qa_path: str) -> None:
+    """Stop when no QA source is in the index (a QA set for another corpus would score
+    recall 0 without a word); warn loudly when some are missing."""
+    missing, named = sources_not_in(records, retriever.sources())
+    if not missing:
+        return
+    where = f"the index {retriever.settings()['collection']} of data.corpus (or eval.corpus)"
+    if len(missing) == named:
+        raise ConfigError(
+            f"data.qa_eval={qa_path}: none of its {named} source documents (e.g. "
+            f"{missing[0]}) is in {where}: evaluate with a QA set written for this corpus"
+        )
+    log.warning(
+        "data.qa_eval=%s: %d of %d source documents are not in %s (e.g. %s): their "
+        "questions cannot be answered from it",
+        qa_path,
+        len(missing),
+        named,
+        where,
+        ", ".join(missing[:3]),
+    )
 
 
 def _free_memory() -> None:

@@ -7,7 +7,10 @@ over when the model starts a new ``### Instruction:``); the stop string is trimm
 is never echoed, and text that might still turn into a stop string is held back while
 streaming, so what is streamed is exactly what :meth:`Generator.generate` returns.
 
-Decoding is Hugging Face ``generate`` (greedy when ``temperature == 0``). On CUDA a model
+Decoding is Hugging Face ``generate`` (greedy when ``temperature == 0``). A request may
+change its decoding for one answer with a :class:`Decoding` (OpenAI's ``max_tokens``,
+``temperature``, ``top_p``, ``seed``, ``stop``): unset fields keep the ``generate`` config's
+values, and prompt + answer never exceed ``max_seq_length``. On CUDA a model
 loaded through Unsloth is switched to Unsloth's inference mode, and ``generate.fast`` hands
 greedy, non-streamed decoding to ``ragtune.fastdecode.FastDecoder`` (static KV cache and a
 compiled step: the same tokens, faster); without CUDA it warns and keeps the standard path.
@@ -43,6 +46,25 @@ log = logging.getLogger(__name__)
 # Special tokens that end a turn in common model families, stopped on when the vocabulary has
 # them (SmolLM2's EOS is <|im_end|>, but it may also emit <|endoftext|>).
 _END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|end_of_text|>")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Per-request decoding; ``None`` keeps the ``generate`` config's value.
+
+    ``max_new_tokens`` may be larger than the config's default (it is cut to what
+    ``max_seq_length`` leaves after the prompt); ``temperature`` 0 is greedy; ``seed`` makes
+    sampling repeatable; ``stop`` adds stop strings to the schema's (trimmed like them).
+    """
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+NO_CHANGE = Decoding()
 
 
 @dataclass
@@ -89,10 +111,11 @@ class TextStream:
     stops it at the next token, so an abandoned stream never keeps the model busy.
     """
 
-    def __init__(self, generator: Generator, prompt_text: str, max_new_tokens: int | None = None):
+    def __init__(self, generator: Generator, prompt_text: str, decoding: Decoding = NO_CHANGE):
         self._gen = generator
         self._prompt = prompt_text
-        self._max_new = max_new_tokens
+        self._decoding = decoding
+        self._stops = generator.stops_for(decoding)
         self._cancel = threading.Event()
         self._streamer = TextIteratorStreamer(
             generator.tokenizer,
@@ -134,7 +157,7 @@ class TextStream:
                 if hit:
                     continue  # drain until the generation thread ends
                 raw += piece
-                visible, hit = finish_text(raw, gen.stop_strings, final=False)
+                visible, hit = finish_text(raw, self._stops, final=False)
                 if visible.startswith(emitted) and len(visible) > len(emitted):
                     yield visible[len(emitted) :]
                     emitted = visible
@@ -148,7 +171,7 @@ class TextStream:
         if self._error is not None:
             raise self._error
         # The answer is read from the ids, exactly as generate() reads them.
-        result = gen._result(self._row, time.perf_counter() - t0, len(ids))
+        result = gen._result(self._row, time.perf_counter() - t0, len(ids), stops=self._stops)
         if result.text.startswith(emitted) and len(result.text) > len(emitted):
             yield result.text[len(emitted) :]
         self.result = result
@@ -161,7 +184,7 @@ class TextStream:
                 if self._cancel.is_set():
                     return
                 rows = gen._generate_ids(
-                    [ids], streamer=self._streamer, cancel=self._cancel, max_new=self._max_new
+                    [ids], self._decoding, streamer=self._streamer, cancel=self._cancel
                 )
                 self._row, ended = rows[0], True
         except BaseException as e:  # re-raised in the consumer
@@ -216,30 +239,47 @@ class Generator:
         """The lock each generation holds: hold it to use the model otherwise (scoring)."""
         return self._lock
 
-    def generate(self, prompt_text: str, max_new_tokens: int | None = None) -> GenerationResult:
-        """One answer for a rendered prompt (``max_new_tokens`` may only lower the config's)."""
-        return self.generate_batch([prompt_text], batch_size=1, max_new_tokens=max_new_tokens)[0]
+    def generate(self, prompt_text: str, decoding: Decoding = NO_CHANGE) -> GenerationResult:
+        """One answer for a rendered prompt (``decoding`` changes this answer's decoding)."""
+        return self.generate_batch([prompt_text], batch_size=1, decoding=decoding)[0]
 
-    def stream(self, prompt_text: str, max_new_tokens: int | None = None) -> TextStream:
+    def stream(self, prompt_text: str, decoding: Decoding = NO_CHANGE) -> TextStream:
         """The answer as it is generated: an iterator of text pieces (see :class:`TextStream`)."""
-        return TextStream(self, prompt_text, max_new_tokens)
+        return TextStream(self, prompt_text, decoding)
+
+    def stops_for(self, decoding: Decoding = NO_CHANGE) -> list[str]:
+        """The schema's stop strings plus a request's own."""
+        return list(dict.fromkeys([*self.stop_strings, *(s for s in decoding.stop if s)]))
+
+    def max_new_for(self, prompt_tokens: int, decoding: Decoding = NO_CHANGE) -> int:
+        """New tokens an answer may have: the request's or the config's, within the model."""
+        want = decoding.max_new_tokens or self.settings.max_new_tokens
+        return max(1, min(int(want), self.max_seq_length - prompt_tokens))
+
+    def samples(self, decoding: Decoding = NO_CHANGE) -> bool:
+        """Whether this decoding samples (temperature > 0) rather than decoding greedily."""
+        t = self.settings.temperature if decoding.temperature is None else decoding.temperature
+        return t > 0
 
     def generate_batch(
         self,
         prompts: Sequence[str],
         batch_size: int = 8,
-        max_new_tokens: int | None = None,
+        decoding: Decoding = NO_CHANGE,
         on_batch: Callable[[int], Any] | None = None,
         block_first_tokens: Sequence[int] = (),
     ) -> list[GenerationResult]:
         """Answers for many prompts: left-padded batched decoding, results in input order.
 
         Prompts are sorted by length so that each batch pads little; with greedy decoding
-        each answer is the one :meth:`generate` gives for the prompt alone. ``on_batch`` is
-        called with each finished batch's size (progress bars). ``block_first_tokens``: ids
-        the first generated token may not be (:class:`BlockFirstTokens`; e.g. the abstain
-        answer's first token, for the best answer that does not abstain).
+        each answer is the one :meth:`generate` gives for the prompt alone. With a seed, a
+        sampled batch is repeatable (the same prompts in the same order give the same
+        answers). ``on_batch`` is called with each finished batch's size (progress bars).
+        ``block_first_tokens``: ids the first generated token may not be
+        (:class:`BlockFirstTokens`; e.g. the abstain answer's first token, for the best answer
+        that does not abstain).
         """
+        stops = self.stops_for(decoding)
         encoded = [self.encode(p) for p in prompts]
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         out: list[GenerationResult | None] = [None] * len(encoded)
@@ -248,18 +288,23 @@ class Generator:
             t0 = time.perf_counter()
             with self._lock:
                 rows = self._generate_ids(
-                    [encoded[i] for i in idx], max_new=max_new_tokens, block=block_first_tokens
+                    [encoded[i] for i in idx], decoding, block=block_first_tokens
                 )
             seconds = time.perf_counter() - t0
             for i, row in zip(idx, rows, strict=True):
-                out[i] = self._result(row, seconds, len(encoded[i]), len(idx))
+                out[i] = self._result(row, seconds, len(encoded[i]), len(idx), stops)
             if on_batch is not None:
                 on_batch(len(idx))
         return [r for r in out if r is not None]
 
     # ----------------------------------------------------------------- internals
     def _result(
-        self, row: list[int], seconds: float, prompt_tokens: int, rows: int = 1
+        self,
+        row: list[int],
+        seconds: float,
+        prompt_tokens: int,
+        rows: int = 1,
+        stops: Sequence[str] | None = None,
     ) -> GenerationResult:
         got: list[int] = []
         eos = False
@@ -268,23 +313,22 @@ class Generator:
                 eos = True
                 break
             got.append(tok)
-        text, hit = finish_text(self.decode(got), self.stop_strings, final=True)
+        stops = self.stop_strings if stops is None else stops
+        text, hit = finish_text(self.decode(got), stops, final=True)
         reason = "eos" if eos else "stop_string" if hit else "length"
         new = len(got) + int(eos)
         return GenerationResult(text, got, reason, new, seconds, prompt_tokens, rows)
 
-    def _max_new(self, requested: int | None) -> int:
-        cap = self.settings.max_new_tokens
-        return cap if requested is None else max(1, min(int(requested), cap))
-
-    def _generation_config(self, max_new: int | None = None) -> GenerationConfig:
+    def _generation_config(self, max_new: int, decoding: Decoding) -> GenerationConfig:
         s = self.settings
-        sample = s.temperature > 0
+        sample = self.samples(decoding)
+        temperature = s.temperature if decoding.temperature is None else decoding.temperature
+        top_p = s.top_p if decoding.top_p is None else decoding.top_p
         return GenerationConfig(
-            max_new_tokens=self._max_new(max_new),
+            max_new_tokens=max_new,
             do_sample=sample,
-            temperature=s.temperature if sample else 1.0,
-            top_p=s.top_p if sample else 1.0,
+            temperature=temperature if sample else 1.0,
+            top_p=top_p if sample else 1.0,
             top_k=0 if sample else None,
             repetition_penalty=s.repetition_penalty,
             eos_token_id=sorted(self.eos_ids),
@@ -296,9 +340,9 @@ class Generator:
     def _generate_ids(
         self,
         batch: Sequence[Sequence[int]],
+        decoding: Decoding = NO_CHANGE,
         streamer: BaseStreamer | None = None,
         cancel: threading.Event | None = None,
-        max_new: int | None = None,
         block: Sequence[int] = (),
     ) -> list[list[int]]:
         """Generated ids (prompt removed) for each left-padded row; ``block``: ids banned at
@@ -306,27 +350,29 @@ class Generator:
         width = max(len(r) for r in batch)
         if width == 0:
             raise ValueError("empty prompt: nothing to generate from")
+        max_new = self.max_new_for(width, decoding)
+        stops = self.stops_for(decoding)
         input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, row in enumerate(batch):
             if row:
                 input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
                 mask[i, width - len(row) :] = 1
-        if self._fast is not None and streamer is None and self._greedy and not block:
+        greedy = self._greedy and not self.samples(decoding)
+        if self._fast is not None and streamer is None and greedy and not block:
             # GPU fast path: static KV cache + compiled step; the same greedy tokens.
             return self._fast.generate_batch(
-                [list(r) for r in batch],
-                self._max_new(max_new),
-                sorted(self.eos_ids),
-                self.stop_strings,
+                [list(r) for r in batch], max_new, sorted(self.eos_ids), stops
             )
+        if decoding.seed is not None:
+            torch.manual_seed(int(decoding.seed))  # under the generator's lock: repeatable
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        stop = StopOnText(self.tokenizer, self.stop_strings, width, cancel)
+        stop = StopOnText(self.tokenizer, stops, width, cancel)
         extra = {"logits_processor": LogitsProcessorList([BlockFirstTokens(block, width)])}
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=mask,
-            generation_config=self._generation_config(max_new),
+            generation_config=self._generation_config(max_new, decoding),
             stopping_criteria=StoppingCriteriaList([stop]),
             streamer=streamer,
             **(extra if block else {}),

@@ -14,7 +14,11 @@ schema the model was trained with:
 - :class:`RagtuneRetriever`: a ``BaseRetriever`` over a pipeline, with the per-question
   token budget training used (``Retriever.as_langchain()`` gives the plain retriever).
 - :class:`RagtuneChatModel`: a chat model doing retrieval and templating itself, like the
-  server: the last human message is the question.
+  server: the last human message is the question, system messages and earlier turns are
+  used as :mod:`ragtune.conversation` says.
+
+Decoding keywords (``max_new_tokens`` or ``max_tokens``, ``temperature``, ``top_p``,
+``seed``) and ``stop`` go through :class:`ragtune.generate.Decoding` to the one answer path.
 
 A chain::
 
@@ -32,15 +36,16 @@ from langchain_core.callbacks import CallbackManagerForLLMRun, CallbackManagerFo
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
 from langchain_core.language_models.llms import LLM
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, GenerationChunk
 from langchain_core.prompts import StringPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict
 
-from ragtune.generate import Generator
+from ragtune.budget import token_counter
+from ragtune.conversation import HISTORY_TOKENS, Turn, turn_from_messages
+from ragtune.generate import Decoding, Generator
 from ragtune.schema import PromptFields, PromptSchema
-from ragtune.stopping import cut_stop
 
 
 def _context_texts(context: Any) -> list[str] | None:
@@ -169,10 +174,7 @@ class RagtuneLLM(LLM):
         **kwargs: Any,
     ) -> str:
         prompt = self.as_prompt(prompt)
-        text = self._final_text(
-            prompt, self.generator.generate(prompt, kwargs.get("max_new_tokens"))
-        )
-        return cut_stop(text, stop)[0].strip() if stop else text
+        return self._final_text(prompt, self.generator.generate(prompt, _decoding(stop, kwargs)))
 
     def _stream(
         self,
@@ -186,18 +188,9 @@ class RagtuneLLM(LLM):
             if text:
                 yield self._chunk(text, run_manager)
             return
-        stream = self.generator.stream(self.as_prompt(prompt), kwargs.get("max_new_tokens"))
-        text = ""
+        stream = self.generator.stream(self.as_prompt(prompt), _decoding(stop, kwargs))
         try:
             for piece in stream:
-                if stop:
-                    cut, hit = cut_stop(text + piece, stop)
-                    piece = cut[len(text) :]
-                    if hit:
-                        if piece:
-                            yield self._chunk(piece, run_manager)
-                        return
-                text += piece
                 yield self._chunk(piece, run_manager)
         finally:
             stream.close()
@@ -235,10 +228,16 @@ class RagtuneChatModel(BaseChatModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     pipeline: Any
+    history_tokens: int = HISTORY_TOKENS
 
     @property
     def _llm_type(self) -> str:
         return "ragtune-chat"
+
+    def _turn(self, messages: Sequence[BaseMessage]) -> Turn:
+        pairs = [(_ROLES.get(m.type, m.type), _text(m.content)) for m in messages]
+        count = token_counter(self.pipeline.tokenizer)
+        return turn_from_messages(pairs, count, self.history_tokens)
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
@@ -251,11 +250,13 @@ class RagtuneChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        ans = self.pipeline.answer(_last_question(messages), "", kwargs.get("max_new_tokens"))
-        text = cut_stop(ans.text, stop)[0].strip() if stop else ans.text
+        t = self._turn(messages)
+        ans = self.pipeline.answer(t.question, t.input, _decoding(stop, kwargs), query=t.query)
         meta = _metadata(ans)
         return ChatResult(
-            generations=[ChatGeneration(message=AIMessage(content=text, response_metadata=meta))]
+            generations=[
+                ChatGeneration(message=AIMessage(content=ans.text, response_metadata=meta))
+            ]
         )
 
     def _stream(
@@ -265,7 +266,8 @@ class RagtuneChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        stream = self.pipeline.stream(_last_question(messages), "", kwargs.get("max_new_tokens"))
+        t = self._turn(messages)
+        stream = self.pipeline.stream(t.question, t.input, _decoding(stop, kwargs), query=t.query)
         try:
             for piece in stream:
                 if run_manager:
@@ -284,18 +286,28 @@ def langchain_parts(pipeline: Any) -> tuple[RagtuneRetriever, RagtunePrompt, Rag
     return RagtuneRetriever(pipeline=pipeline), llm.prompt(), llm
 
 
-def _last_question(messages: Sequence[BaseMessage]) -> str:
-    for m in reversed(messages):
-        if isinstance(m, HumanMessage):
-            content = m.content
-            if isinstance(content, list):
-                content = "".join(
-                    p if isinstance(p, str) else str(p.get("text", ""))
-                    for p in content
-                    if isinstance(p, str) or p.get("type") == "text"
-                )
-            return str(content)
-    raise ValueError("no human message to answer")
+_ROLES = {"human": "user", "ai": "assistant", "system": "system"}
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, list):
+        return "".join(
+            p if isinstance(p, str) else str(p.get("text", ""))
+            for p in content
+            if isinstance(p, str) or p.get("type") == "text"
+        )
+    return str(content)
+
+
+def _decoding(stop: list[str] | None, kwargs: dict[str, Any]) -> Decoding:
+    """LangChain's ``stop`` and decoding keywords as one request's :class:`Decoding`."""
+    return Decoding(
+        max_new_tokens=kwargs.get("max_new_tokens") or kwargs.get("max_tokens"),
+        temperature=kwargs.get("temperature"),
+        top_p=kwargs.get("top_p"),
+        seed=kwargs.get("seed"),
+        stop=tuple(stop or ()),
+    )
 
 
 def _metadata(ans: Any) -> dict[str, Any]:

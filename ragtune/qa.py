@@ -488,3 +488,12 @@ def _write(path: Path, text: str) -> None:
 def _write_jsonl(path: Path, records: list[QARecord]) -> None:
     lines = (json.dumps(record_to_json(r), ensure_ascii=False) for r in records)
     _write(path, "".join(line + "\n" for line in lines))
+
+
+def sources_not_in(records: list[QARecord], indexed: set[str]) -> tuple[list[str], int]:
+    """QA source documents missing from an index: (missing, distinct sources named).
+
+    Records without a ``source`` are not counted (nothing to check).
+    """
+    named = sorted({r.source for r in records if r.source})
+    return [s for s in named if s not in indexed], len(named)

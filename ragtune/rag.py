@@ -37,7 +37,7 @@ from ragtune.answer import Answer, AnswerStream, Prepared
 from ragtune.answerability import MANIFEST_KEY, Calibration, assess, is_abstained
 from ragtune.budget import context_budget, token_counter, tokenizer_key
 from ragtune.errors import RagtuneError
-from ragtune.generate import GenerationResult, Generator
+from ragtune.generate import NO_CHANGE, Decoding, GenerationResult, Generator
 from ragtune.modelcard import (
     MismatchError,
     check_files,
@@ -214,21 +214,21 @@ class RagPipeline:
         )
 
     # ----------------------------------------------------------------- asking
-    def context_budget(self, question: str, input: str = "") -> int:
+    def context_budget(self, question: str, input: str = "", max_new_tokens: int = 0) -> int:
         """Tokens the context block may use: exactly what training allowed this question
-        (see :func:`ragtune.budget.context_budget`)."""
+        (see :func:`ragtune.budget.context_budget`); a longer answer asked for leaves less."""
         return context_budget(
             self.schema,
             self.tokenizer,
             PromptFields(question, input, []),
             self.max_seq_length,
             context_tokens=self.context_tokens,
-            max_new_tokens=self.generator.settings.max_new_tokens,
+            max_new_tokens=max_new_tokens or self.generator.settings.max_new_tokens,
         )
 
     def retrieve(self, question: str, input: str = "") -> list[Chunk]:
         """The context chunks for a question (none for a closed-book pipeline)."""
-        chunks = self._retrieve(question, input)[0]
+        chunks = self._retrieve(question, self.context_budget(question, input))[0]
         if self.calibration is not None:  # so that recall() can judge the rendered prompt
             with self._recent_lock:
                 self._recent.pop(question, None)
@@ -247,21 +247,20 @@ class RagPipeline:
                 return Prepared(question, "", chunks, prompt, 0.0)
         return None
 
-    def _retrieve(self, question: str, input: str) -> tuple[list[Chunk], float]:
+    def _retrieve(self, query: str, budget: int) -> tuple[list[Chunk], float]:
         """Chunks and the seconds their retrieval took (when it ran, for a cached context)."""
         if self.retriever is None:
             return [], 0.0
-        budget = self.context_budget(question, input)
         key = None
         if self.context_cache is not None:
             if self._cache_key is None:
                 settings = json.dumps(self.retriever.settings(), sort_keys=True, default=str)
                 self._cache_key = (settings, tokenizer_key(self.tokenizer))
-            key = (*self._cache_key, question, budget)
+            key = (*self._cache_key, query, budget)
             if key in self.context_cache:
                 return self.context_cache[key]
         t0 = time.perf_counter()
-        chunks = self.retriever.retrieve(question, budget_tokens=budget)
+        chunks = self.retriever.retrieve(query, budget_tokens=budget)
         got = (chunks, time.perf_counter() - t0)
         if key is not None:
             self.context_cache[key] = got  # type: ignore[index]
@@ -272,38 +271,96 @@ class RagPipeline:
         context = None if self.retriever is None else [c.text for c in chunks or []]
         return self.schema.render_prompt(PromptFields(question, input, context), self.tokenizer)
 
-    def prepare(self, question: str, input: str = "") -> Prepared:
-        """Retrieve and render; checks that the prompt and the answer fit the model."""
+    def prepare(
+        self,
+        question: str,
+        input: str = "",
+        decoding: Decoding = NO_CHANGE,
+        *,
+        query: str | None = None,
+    ) -> Prepared:
+        """Retrieve (for ``query``, default the question) and render; checks that the prompt
+        and the answer (``decoding.max_new_tokens`` or the config's) fit the model."""
         if not question or not question.strip():
             raise PipelineError("the question is empty")
-        chunks, retrieval_s = self._retrieve(question, input)
-        prompt = self.render(question, input, chunks)
-        n = len(self.generator.encode(prompt))
-        limit = self.max_seq_length - self.generator.settings.max_new_tokens
+        max_new = decoding.max_new_tokens or self.generator.settings.max_new_tokens
+        budget = self.context_budget(question, input, max_new)
+        chunks, retrieval_s = self._retrieve(query or question, budget)
+        limit = self.max_seq_length - max_new
+        prompt, n = self._fit(question, input, chunks, limit)
         if n > limit:
             raise PipelineError(
                 f"the question is too long: the prompt is {n} tokens, and model.max_seq_length"
-                f"={self.max_seq_length} minus generate.max_new_tokens="
-                f"{self.generator.settings.max_new_tokens} leaves {limit}"
+                f"={self.max_seq_length} minus the answer's {max_new} tokens (max_tokens, "
+                f"default generate.max_new_tokens) leaves {limit}"
             )
-        return Prepared(question, input, chunks, prompt, retrieval_s)
+        return Prepared(question, input, prompt.chunks, prompt.text, retrieval_s)
 
-    def answer(self, question: str, input: str = "", max_new_tokens: int | None = None) -> Answer:
+    def _fit(
+        self, question: str, input: str, chunks: list[Chunk], limit: int
+    ) -> tuple[_Rendered, int]:
+        """The prompt with as much of ``chunks`` as fits the model with the answer.
+
+        The budget counts each chunk alone; the joined, neutralised context block can take a
+        few tokens more (separators, merges across a join: often in Japanese), so the
+        context is cut again by the excess until the whole prompt fits.
+        """
+        from ragtune.retriever import fit_budget
+
+        text = self.render(question, input, chunks)
+        n = len(self.generator.encode(text))
+        count = token_counter(self.tokenizer)
+        while chunks and n > limit:
+            budget = sum(count(c.text) for c in chunks) - (n - limit)
+            chunks = fit_budget(chunks, budget, count)
+            text = self.render(question, input, chunks)
+            n = len(self.generator.encode(text))
+        return _Rendered(text, chunks), n
+
+    def answer(
+        self,
+        question: str,
+        input: str = "",
+        decoding: Decoding = NO_CHANGE,
+        *,
+        query: str | None = None,
+    ) -> Answer:
         """Retrieve, render, generate: one grounded answer with its sources.
 
-        ``max_new_tokens`` may lower ``generate.max_new_tokens`` for this answer.
+        ``decoding`` changes this answer's decoding (:class:`ragtune.generate.Decoding`);
+        ``query`` retrieves for other text than the question (a conversation's follow-up).
         """
+        return self.answers(question, input, decoding, n=1, query=query)[0]
+
+    def answers(
+        self,
+        question: str,
+        input: str = "",
+        decoding: Decoding = NO_CHANGE,
+        *,
+        n: int = 1,
+        query: str | None = None,
+    ) -> list[Answer]:
+        """``n`` answers to one question from one retrieval (decoded together; they differ
+        only when ``decoding`` samples)."""
         t0 = time.perf_counter()
-        prepared = self.prepare(question, input)
-        result = self.generator.generate(prepared.prompt, max_new_tokens)
-        return self._finish(prepared, result, time.perf_counter() - t0)
+        prepared = self.prepare(question, input, decoding, query=query)
+        results = self.generator.generate_batch([prepared.prompt] * n, n, decoding)
+        latency = time.perf_counter() - t0
+        return [self._finish(prepared, r, latency) for r in results]
 
     def stream(
-        self, question: str, input: str = "", max_new_tokens: int | None = None
+        self,
+        question: str,
+        input: str = "",
+        decoding: Decoding = NO_CHANGE,
+        *,
+        query: str | None = None,
     ) -> AnswerStream:
         """Like :meth:`answer`, streamed: iterate for text pieces, then read ``.answer``."""
         t0 = time.perf_counter()
-        return AnswerStream(self, self.prepare(question, input), t0, max_new_tokens)
+        prepared = self.prepare(question, input, decoding, query=query)
+        return AnswerStream(self, prepared, t0, decoding)
 
     def answer_batch(
         self,
@@ -403,6 +460,12 @@ class RagPipeline:
 
 
 _RECENT = 64  # retrieved contexts remembered for recall()
+
+
+@dataclasses.dataclass
+class _Rendered:
+    text: str
+    chunks: list[Chunk]
 
 
 def _get(cfg: Any, key: str) -> Any:

@@ -341,6 +341,10 @@ class Retriever:
                 seen.add(c.id)
         return self._budget(out, budget_tokens)
 
+    def sources(self) -> set[str]:
+        """The documents in the index (corpus-relative paths)."""
+        return {str(meta.get("source", "")) for _, _, meta in self._all()}
+
     def find(
         self, contains: str | None = None, source: str | None = None, limit: int = 50
     ) -> list[Chunk]:

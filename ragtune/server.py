@@ -1,14 +1,20 @@
 """OpenAI-compatible HTTP server over one :class:`ragtune.rag.RagPipeline`.
 
-Endpoints: ``POST /v1/chat/completions`` (plain and SSE streaming; the last user message is
-the question, and retrieval and the prompt template are applied here, as ``ask.py`` does),
-``GET /v1/models``, ``POST /ask`` (answer, sources, abstained) and ``GET /healthz``.
+Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (plain and SSE
+streaming; retrieval and the prompt template are applied here, as ``ask`` does),
+``GET /v1/models`` and ``/v1/models/{id}``, ``POST /ask`` (answer, sources, abstained) and
+``GET /healthz``. Which OpenAI fields are honoured is :mod:`ragtune.api_models`'s docstring;
+how system messages and earlier turns are used is :mod:`ragtune.conversation`'s. Every answer
+goes through the pipeline's one answer path; its sources are in the body's ``ragtune`` field
+and in the ``x-ragtune-sources`` header (JSON), which LangChain's ``ChatOpenAI`` shows with
+``include_response_headers=True``.
 
 Safety and load: the model answers one request at a time (an asyncio lock in front of a
 worker thread; waiting requests are cheap coroutines), more than ``max_queue`` waiting get
-429, bodies over ``max_body_bytes`` get 413, a missing or wrong Bearer key gets 401, and
-malformed JSON or fields get 400 with a message in OpenAI's error shape. A client that
-disconnects mid-stream stops its generation at the next token.
+429, bodies over ``max_body_bytes`` get 413, a missing or wrong Bearer key gets 401, an
+unknown model 404, and malformed JSON or fields (a lone UTF-16 surrogate too) 400: every
+error in OpenAI's shape. A client that disconnects mid-stream stops its generation at the
+next token.
 """
 
 from __future__ import annotations
@@ -19,75 +25,34 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ragtune.api_models import (
+    ApiError,
+    AskRequest,
+    ChatRequest,
+    CompletionRequest,
+    error_response,
+)
+from ragtune.budget import token_counter
+from ragtune.conversation import HISTORY_TOKENS, Turn, turn_from_messages
 from ragtune.errors import RagtuneError
+from ragtune.generate import Decoding
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MODEL_ALIAS = "ragtune"  # always accepted as the served model's name
 
 
-# --------------------------------------------------------------------------- request bodies
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str = "text"
-    text: str | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
-    content: str | list[ContentPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(p.text or "" for p in self.content if p.type == "text")
-        return self.content or ""
-
-
-class ChatRequest(BaseModel):
-    """The OpenAI fields ragtune uses; others (temperature, ...) are accepted and ignored:
-    decoding follows the server's ``generate`` config, as training and evaluation do."""
-
-    model_config = ConfigDict(extra="allow")
-    model: str = ""
-    messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=1)
-
-
-class AskRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    question: str = Field(min_length=1)
-    input: str = ""
-    max_tokens: int | None = Field(default=None, ge=1)
-    with_prompt: bool = False
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    body = {"error": {"message": message, "type": kind, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# --------------------------------------------------------------------------- the app
+# --------------------------------------------------------------------------- middleware
 class _BearerAuth:
     """ASGI middleware: every path but /healthz needs ``Authorization: Bearer KEY``.
 
@@ -104,9 +69,59 @@ class _BearerAuth:
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
                 msg = "missing or wrong API key (send Authorization: Bearer KEY)"
-                await _error(401, msg, "authentication_error")(scope, receive, send)
+                await error_response(401, msg, "authentication_error")(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes gets a 413 in OpenAI's shape.
+
+    The body is read here (declared length first, then the bytes as they come) and handed on
+    whole; later ``receive`` calls (a client disconnecting mid-stream) pass through.
+    """
+
+    def __init__(self, app: Any, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_big = error_response(
+            413, f"request body over {self.limit} bytes (server.max_body_bytes)"
+        )
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await too_big(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                await self.app(scope, _replay(message, receive), send)
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await too_big(scope, receive, send)
+                return
+        whole = {"type": "http.request", "body": body, "more_body": False}
+        await self.app(scope, _replay(whole, receive), send)
+
+
+def _replay(first: dict[str, Any], receive: Any) -> Any:
+    sent = False
+
+    async def replayed() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return first
+        return await receive()
+
+    return replayed
 
 
 class _Gate:
@@ -132,6 +147,7 @@ class _Gate:
         self.lock.release()
 
 
+# --------------------------------------------------------------------------- the app
 def create_app(
     pipeline: Any,
     api_key: str | None = None,
@@ -139,42 +155,60 @@ def create_app(
     max_body_bytes: int = 65536,
     max_queue: int = 256,
     model_id: str | None = None,
+    history_tokens: int = HISTORY_TOKENS,
 ) -> FastAPI:
     """The FastAPI app serving ``pipeline`` (see the module docstring for the endpoints)."""
-    model_id = model_id or getattr(pipeline, "name", None) or "ragtune"
+    model_id = model_id or getattr(pipeline, "name", None) or MODEL_ALIAS
     created = int(time.time())
     gate = _Gate(max_queue)
-    app = FastAPI(
-        title="ragtune",
-        summary="RAG answers from a ragtune model: one schema, one retriever",
-        max_body_size=max_body_bytes,
-    )
+    count = token_counter(pipeline.tokenizer) if hasattr(pipeline, "tokenizer") else len
+    app = FastAPI(title="ragtune", summary="RAG answers from a ragtune model")
     app.state.gate = gate
     app.state.pipeline = pipeline
 
     # ------------------------------------------------------------- errors and auth
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, e.message, e.kind)
+        return error_response(e.status, e.message, e.kind, code=e.code, param=e.param)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        parts = []
+        parts, param = [], None
         for err in e.errors()[:5]:
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
-            parts.append(f"{where}: {err.get('msg', 'invalid')}")
-        return _error(400, "malformed request: " + "; ".join(parts))
+            param = param or where
+            msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+            parts.append(f"{where}: {msg}")
+        return error_response(400, "malformed request: " + "; ".join(parts), param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _error(e.status_code, str(e.detail))
+        return error_response(e.status_code, str(e.detail))
 
     @app.exception_handler(RagtuneError)
     async def _user(_: Request, e: RagtuneError) -> JSONResponse:
-        return _error(400, str(e))
+        return error_response(400, str(e))
 
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, e: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     if api_key:
         app.add_middleware(_BearerAuth, key=api_key)
+
+    def model_entry() -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "ragtune"}
+
+    def check_model(name: str) -> None:
+        if name and name not in (model_id, MODEL_ALIAS):
+            raise ApiError(
+                404,
+                f"The model '{name}' does not exist (this server serves '{model_id}')",
+                code="model_not_found",
+                param="model",
+            )
 
     # ------------------------------------------------------------- endpoints
     @app.get("/healthz")
@@ -190,82 +224,126 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         info = pipeline.describe() if hasattr(pipeline, "describe") else {}
-        entry = {"id": model_id, "object": "model", "created": created, "owned_by": "ragtune"}
-        return {"object": "list", "data": [{**entry, "ragtune": _jsonable(info)}]}
+        return {"object": "list", "data": [{**model_entry(), "ragtune": _jsonable(info)}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_entry()
 
     @app.post("/ask")
     async def ask(req: AskRequest) -> dict[str, Any]:
-        async with gate:
-            ans = await anyio.to_thread.run_sync(
-                lambda: pipeline.answer(req.question, req.input, req.max_tokens)
-            )
+        decoding = Decoding(max_new_tokens=req.max_tokens)
+        ans = (await answers(Turn(req.question, req.input, req.question), decoding, 1))[0]
         return ans.to_dict(with_prompt=req.with_prompt)
+
+    async def answers(turn: Turn, decoding: Decoding, n: int) -> list[Any]:
+        """The one way a request is answered: its turn at the model, then the pipeline."""
+        async with gate:
+            return await anyio.to_thread.run_sync(
+                lambda: pipeline.answers(turn.question, turn.input, decoding, n=n, query=turn.query)
+            )
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatRequest) -> Any:
-        question, extra = _question(req)
-        cap = req.max_completion_tokens or req.max_tokens
+        check_model(req.model)
+        turn = turn_from_messages([(m.role, m.text()) for m in req.messages], count, history_tokens)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if req.stream:
-            return await _stream_chat(question, extra, cap, rid)
-        async with gate:
-            ans = await anyio.to_thread.run_sync(lambda: pipeline.answer(question, extra, cap))
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model_id,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": ans.text},
-                    "finish_reason": _finish(ans.stop_reason),
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(ans),
-            "ragtune": _ragtune_fields(ans),
-        }
 
-    async def _stream_chat(
-        question: str, extra: str, cap: int | None, rid: str
+        def chunk(piece: str | None, finish: str | None = None) -> dict[str, Any]:
+            delta = {} if piece is None else {"content": piece}
+            return {"index": 0, "delta": delta, "finish_reason": finish}
+
+        if req.stream:
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+            head = {"id": rid, "object": "chat.completion.chunk", "model": model_id}
+            return await _stream(
+                turn, req.decoding(), head, chunk, {**first, "finish_reason": None}
+            )
+        got = await answers(turn, req.decoding(), req.n)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": a.text},
+                "finish_reason": _finish(a.stop_reason),
+                "logprobs": None,
+            }
+            for i, a in enumerate(got)
+        ]
+        body = {"id": rid, "object": "chat.completion", "created": int(time.time())}
+        return _reply({**body, "model": model_id, "choices": choices}, got)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> Any:
+        check_model(req.model)
+        try:
+            question = req.question()
+        except ValueError as e:
+            raise ApiError(400, str(e), param="prompt") from None
+        turn = Turn(question, "", question)
+        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+
+        def chunk(piece: str | None, finish: str | None = None) -> dict[str, Any]:
+            return {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+
+        if req.stream:
+            head = {"id": rid, "object": "text_completion", "model": model_id}
+            return await _stream(turn, req.decoding(), head, chunk, None)
+        got = await answers(turn, req.decoding(), req.n)
+        choices = [
+            {"index": i, "text": a.text, "finish_reason": _finish(a.stop_reason), "logprobs": None}
+            for i, a in enumerate(got)
+        ]
+        body = {"id": rid, "object": "text_completion", "created": int(time.time())}
+        return _reply({**body, "model": model_id, "choices": choices}, got)
+
+    async def _stream(
+        turn: Turn,
+        decoding: Decoding,
+        head: dict[str, Any],
+        chunk: Callable[..., dict[str, Any]],
+        first: dict[str, Any] | None,
     ) -> StreamingResponse:
         # Take the turn and start (retrieve + render) before answering 200, so queue-full
         # and bad-question errors are still proper status codes, not a broken stream.
         await gate.__aenter__()
         try:
-            stream = await anyio.to_thread.run_sync(lambda: pipeline.stream(question, extra, cap))
+            stream = await anyio.to_thread.run_sync(
+                lambda: pipeline.stream(turn.question, turn.input, decoding, query=turn.query)
+            )
         except BaseException:
             await gate.__aexit__(None, None, None)
             raise
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> str:
-            body = {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                **more,
-            }
+        def event(choice: dict[str, Any], **more: Any) -> str:
+            body = {**head, "created": int(time.time()), "choices": [choice], **more}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def events() -> AsyncIterator[str]:
             try:
-                yield chunk({"role": "assistant", "content": ""})
+                if first is not None:
+                    yield event(first)
                 while True:
                     piece = await anyio.to_thread.run_sync(next, stream, None)
                     if piece is None:
                         break
-                    yield chunk({"content": piece})
+                    yield event(chunk(piece))
                 ans = stream.answer
                 finish = _finish(ans.stop_reason) if ans is not None else "stop"
-                more = {"usage": _usage(ans), "ragtune": _ragtune_fields(ans)} if ans else {}
-                yield chunk({}, finish, **more)
+                more = {"usage": _usage([ans]), "ragtune": _ragtune_fields(ans)} if ans else {}
+                yield event(chunk(None, finish), **more)
                 yield "data: [DONE]\n\n"
             except Exception as e:  # headers are sent: report in-band, never a torn stream
                 log.exception("stream failed")
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+                err = {
+                    "error": {
+                        "message": str(e),
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                }
+                yield f"data: {json.dumps(err)}\n\n"
             finally:
                 await done()
 
@@ -279,14 +357,30 @@ def create_app(
                 stream.close()
                 await gate.__aexit__(None, None, None)
 
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers["x-ragtune-sources"] = _sources_header(stream.chunks)
         return _GuardedStream(
-            events(),
-            on_close=done,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            events(), on_close=done, media_type="text/event-stream", headers=headers
         )
 
     return app
+
+
+def _reply(body: dict[str, Any], answers: list[Any]) -> JSONResponse:
+    """A completion body with usage and ragtune's fields (the first answer's sources; one
+    retrieval serves all ``n``), and the sources in a header for clients that drop fields."""
+    body = {**body, "usage": _usage(answers), "ragtune": _ragtune_fields(answers[0])}
+    headers = {
+        "x-ragtune-sources": _sources_header(answers[0].chunks),
+        "x-ragtune-abstained": json.dumps([a.abstained for a in answers]),
+    }
+    return JSONResponse(body, headers=headers)
+
+
+def _sources_header(chunks: Any) -> str:
+    """The context's sources as ASCII JSON (headers are Latin-1)."""
+    items = [{"source": c.source, "start": c.start, "score": c.score} for c in chunks or []]
+    return json.dumps(items, ensure_ascii=True)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -308,26 +402,17 @@ class _GuardedStream(StreamingResponse):
             await self._on_close()
 
 
-def _question(req: ChatRequest) -> tuple[str, str]:
-    """The last user message is the question; the template and context are the server's."""
-    users = [m for m in req.messages if m.role == "user"]
-    if not users:
-        raise ApiError(400, "messages: no user message to answer")
-    question = users[-1].text().strip()
-    if not question:
-        raise ApiError(400, "messages: the last user message is empty")
-    return question, ""
-
-
 def _finish(stop_reason: str) -> str:
     return "length" if stop_reason == "length" else "stop"
 
 
-def _usage(ans: Any) -> dict[str, int]:
+def _usage(answers: list[Any]) -> dict[str, int]:
+    prompt = answers[0].prompt_tokens if answers else 0  # one prompt for all n answers
+    completion = sum(a.new_tokens for a in answers)
     return {
-        "prompt_tokens": ans.prompt_tokens,
-        "completion_tokens": ans.new_tokens,
-        "total_tokens": ans.prompt_tokens + ans.new_tokens,
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
     }
 
 

@@ -46,7 +46,8 @@ def finish_text(raw: str, stops: Sequence[str], final: bool) -> tuple[str, bool]
     text, hit = cut_stop(raw, stops)
     if not hit and final:
         # Headers start a line: only a dangling prefix on its own line is dropped ("C#" stays).
-        body = text.rstrip()
+        # A token limit can cut a multi-byte character (Japanese): its half decodes to U+FFFD.
+        text = body = text.rstrip().rstrip("\ufffd").rstrip()
         n = _partial_stop_len(body, stops)
         if n and (n == len(body) or body[-n - 1] == "\n" or body[-n] == "\n"):
             text = body[:-n]

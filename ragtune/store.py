@@ -131,18 +131,41 @@ def check_metadata(name: str, meta: dict[str, Any] | None, rcfg: Any) -> None:
 
 
 # --------------------------------------------------------------------------- chroma
+def parse_server(server: str) -> tuple[str, int, bool]:
+    """``host:port`` or a URL as ``chroma run`` prints it (``http://host:port``) ->
+    (host, port, ssl). A URL without a port takes its scheme's (80 / 443)."""
+    from urllib.parse import urlsplit
+
+    text = str(server).strip().rstrip("/")
+    url = urlsplit(text if "://" in text else f"http://{text}")
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if (
+        url.scheme not in ("http", "https")
+        or not url.hostname
+        or url.path
+        or (port is None and "://" not in text)
+    ):
+        raise IndexError_(
+            f"retriever.server must be host:port or http(s)://host:port, got {server!r}"
+        )
+    ssl = url.scheme == "https"
+    return url.hostname, port or (443 if ssl else 80), ssl
+
+
 def open_client(rcfg: Any) -> Any:
-    """Chroma client: ``HttpClient`` for ``retriever.server=host:port``, else persistent."""
+    """Chroma client: ``HttpClient`` for ``retriever.server`` (``host:port`` or
+    ``http://host:port``), else persistent."""
     import chromadb
     from chromadb.config import Settings
 
     settings = Settings(anonymized_telemetry=False, allow_reset=False)
     if rcfg.server:
-        host, _, port = str(rcfg.server).rpartition(":")
-        if not host or not port.isdigit():
-            raise IndexError_(f"retriever.server must be host:port, got {rcfg.server!r}")
+        host, port, ssl = parse_server(rcfg.server)
         try:
-            return chromadb.HttpClient(host=host, port=int(port), settings=settings)
+            return chromadb.HttpClient(host=host, port=port, ssl=ssl, settings=settings)
         except Exception as e:
             raise IndexError_(
                 f"cannot reach the Chroma server at retriever.server={rcfg.server} ({e}); "
@@ -269,7 +292,8 @@ def content_hash(text: str) -> str:
 def state_dir(rcfg: Any) -> Path:
     base = persist_path(rcfg) / "ragtune"
     if rcfg.server:
-        base = base / ("server-" + _slug(str(rcfg.server)))
+        host, port, _ = parse_server(rcfg.server)  # one lock however the URL is written
+        base = base / ("server-" + _slug(f"{host}:{port}"))
     return base
 
 

@@ -49,7 +49,15 @@ METRICS = (
     "latency_s",
 )
 PERCENT_METRICS = set(METRICS) - {"latency_s"}
-PLOT_METRICS = ("overall", "f1", "unanswerable_abstention_rate", "recall_at_k")
+# Both kinds of abstention error: answering an unanswerable question (a low
+# unanswerable_abstention_rate) and refusing an answerable one (false_abstention_rate).
+PLOT_METRICS = (
+    "overall",
+    "f1",
+    "false_abstention_rate",
+    "unanswerable_abstention_rate",
+    "recall_at_k",
+)
 
 
 # --------------------------------------------------------------------------- run status
@@ -245,6 +253,12 @@ def summarize_sweep(sweep_dir: str | Path, metric: str = "overall") -> SweepResu
         lines += ["Same in every run: " + ", ".join(f"`{k}={v}`" for k, v in fixed.items()), ""]
     if best is not None:
         lines += [f"Best {metric}: **{best[metric]:.2f}** in run {best['num']}.", ""]
+    elif any(r["status"] == "ok" for r in rows):
+        lines += [
+            f"No run reports the evaluation metric {metric!r}, so runs are not ranked (a lower "
+            "training loss is not a better RAG model): sweep with train.eval_after=true.",
+            "",
+        ]
     lines += [table, ""]
     if failed:
         lines += ["## Failed runs", ""]

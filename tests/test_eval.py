@@ -179,6 +179,26 @@ def test_run_eval_names_a_missing_qa_file(tmp_path, data, tiny_lm_path, outputs)
         run_eval(cfg)
 
 
+def test_a_qa_set_for_another_corpus_stops_before_any_model_loads(
+    tmp_path, data, tiny_lm_path, outputs, monkeypatch, caplog
+):
+    import ragtune.evaluate as ev
+
+    def no_model(*a, **kw):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ev, "_load", no_model)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({**QA[0], "source": "towns/velmora.md"}) + "\n")
+    with pytest.raises(ConfigError, match=r"data.qa_eval=.*none of its 1 source documents"):
+        run_eval(_cfg(tmp_path, data, tiny_lm_path, f"data.qa_eval={other}"))
+    some = tmp_path / "some.jsonl"
+    some.write_text(json.dumps(QA[0]) + "\n" + json.dumps({**QA[1], "source": "x/gone.md"}))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # warned, went on
+        run_eval(_cfg(tmp_path, data, tiny_lm_path, f"data.qa_eval={some}"))
+    assert "1 of 2 source documents are not in" in caplog.text and "x/gone.md" in caplog.text
+
+
 # --------------------------------------------------------------------------- running
 def test_all_four_modes_answer_the_same_questions(tmp_path, data, tiny_lm_path, models, outputs):
     cfg = _cfg(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ragtune.config import GenerateConfig
-from ragtune.generate import Generator
+from ragtune.generate import Decoding, Generator
 from ragtune.schema import PromptFields, get_schema
 from ragtune.stopping import cut_stop, finish_text
 
@@ -34,6 +34,7 @@ def test_cut_stop_takes_the_earliest_stop():
         ("C#", False, ("C", False)),  # ...but held back until the next token says so
         ("  spaced  ", True, ("spaced", False)),
         ("caf\ufffd", False, ("caf", False)),  # an incomplete UTF-8 character waits
+        ("標高1,240メ\ufffd", True, ("標高1,240メ", False)),  # ...and is dropped when cut off
     ],
 )
 def test_finish_text(raw, final, want):
@@ -208,15 +209,46 @@ def test_closing_a_stream_frees_the_generator(tiny, schema):
     assert done.wait(60), "generate() blocked: the closed stream kept the lock"
 
 
-def test_request_may_only_lower_max_new_tokens(tiny, schema):
+def test_a_request_sets_max_new_tokens_within_the_model(tiny, schema):
     model, tok = tiny
-    gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=6))
+    gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=6), max_seq_length=200)
     prompt = _prompt(schema, tok)
-    assert gen.generate(prompt, max_new_tokens=2).new_tokens <= 2
-    assert gen.generate(prompt, max_new_tokens=500).new_tokens <= 6
-    stream = gen.stream(prompt, max_new_tokens=1)
+    n_prompt = len(gen.encode(prompt))
+    assert gen.generate(prompt, Decoding(max_new_tokens=2)).new_tokens <= 2
+    # above the config's default (no hidden cap), but never past max_seq_length
+    long = gen.generate(prompt, Decoding(max_new_tokens=500))
+    assert gen.max_new_for(n_prompt, Decoding(max_new_tokens=500)) == 200 - n_prompt
+    assert long.new_tokens <= 200 - n_prompt
+    assert gen.max_new_for(n_prompt, Decoding(max_new_tokens=20)) == 20
+    stream = gen.stream(prompt, Decoding(max_new_tokens=1))
     list(stream)
     assert stream.result.new_tokens == 1
+
+
+def test_request_stop_strings_and_seeded_sampling(tiny, schema):
+    model, tok = tiny
+    gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=12))
+    prompt = _prompt(schema, tok)
+    greedy = gen.generate(prompt)
+    assert gen.generate(prompt).token_ids == greedy.token_ids  # greedy by default
+    assert not gen.samples() and gen.samples(Decoding(temperature=0.8))
+    sampled = [gen.generate(prompt, Decoding(temperature=1.5, seed=s)).token_ids for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]  # a seed repeats
+    assert sampled[0] != sampled[2] or sampled[0] != greedy.token_ids
+    # a request's stop string cuts the answer there (a sampled answer: the tiny LM's greedy
+    # one is empty); the same seed makes the same tokens up to the stop
+    seed = next(
+        s
+        for s in range(1, 30)
+        if len(gen.generate(prompt, Decoding(temperature=1.5, seed=s)).text) > 3
+    )
+    full = gen.generate(prompt, Decoding(temperature=1.5, seed=seed))
+    stop = full.text[2:4]
+    cut = gen.generate(prompt, Decoding(temperature=1.5, seed=seed, stop=(stop,)))
+    assert cut.text == full.text[: full.text.index(stop)].strip()
+    assert cut.stop_reason == "stop_string"
+    streamed = gen.stream(prompt, Decoding(temperature=1.5, seed=seed, stop=(stop,)))
+    assert "".join(streamed) == cut.text
 
 
 def test_fast_flag_falls_back_without_cuda(tiny, schema):

@@ -78,8 +78,36 @@ def test_missing_package_is_a_clear_error(monkeypatch, tmp_path):
         models.prepare_smollm2()
 
 
-def test_paths_and_hub_ids(tmp_path):
+def test_paths_and_hub_ids(tmp_path, monkeypatch):
+    import huggingface_hub
+
     assert resolve_model(str(tmp_path)) == str(tmp_path)
-    assert resolve_model("BAAI/bge-base-en") == "BAAI/bge-base-en"  # left for the library
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model("./missing/folder")
+    cached = str(tmp_path / "config.json")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: cached)
+    assert resolve_model("BAAI/bge-base-en") == "BAAI/bge-base-en"  # cached: the library loads it
+
+
+def test_a_hub_model_that_is_not_local_is_one_line_saying_how_to_get_it(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve_model("unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit")
+    msg = str(e.value)
+    assert "\n" not in msg and "HF_HUB_OFFLINE" in msg
+    assert "hf download unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit" in msg
+    assert "model.name_or_path" in msg
+    with pytest.raises(ModelNotFoundError, match="retriever.embedding_model"):
+        resolve_embedder("BAAI/bge-base-en")
+
+    def unreachable(self, *a, **k):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
+    with pytest.raises(ModelNotFoundError, match=r"hub cannot be reached \(ConnectionError\)"):
+        resolve_model("unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit")

@@ -116,12 +116,14 @@ def test_rebuilt_from_manifest(pipeline, model_dir):
 def test_answer_carries_sources_and_the_exact_prompt(pipeline):
     q = "On which day is the Lantern Tide festival held in Velmora?"
     sent: list[str] = []
-    real = pipeline.generator.generate
-    pipeline.generator.generate = lambda p, *a, **kw: (sent.append(p), real(p, *a, **kw))[1]
+    real = pipeline.generator.generate_batch
+    pipeline.generator.generate_batch = lambda ps, *a, **kw: (sent.extend(ps), real(ps, *a, **kw))[
+        1
+    ]
     try:
         ans = pipeline.answer(q)
     finally:
-        del pipeline.generator.generate
+        del pipeline.generator.generate_batch
     assert sent == [ans.prompt]  # the prompt reported is the prompt the model got
     assert ans.sources and ans.sources[0][0] == "towns/velmora.md"
     assert all(isinstance(s, str) and isinstance(st, int) for s, st, _ in ans.sources)

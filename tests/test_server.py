@@ -108,9 +108,9 @@ def test_binds_loopback_only(server):
 def test_chat_completion_plain(client):
     q = "On which day is the Lantern Tide festival held in Velmora?"
     res = client.chat.completions.create(
-        model="anything",
+        model="run",
         messages=[
-            {"role": "system", "content": "ignored: the template is the server's"},
+            {"role": "system", "content": "Answer briefly."},
             {"role": "user", "content": q},
         ],
     )
@@ -127,9 +127,9 @@ def test_chat_completion_plain(client):
 def test_chat_completion_streaming_matches_plain(client):
     q = "Who developed Corvanite?"
     msgs = [{"role": "user", "content": q}]
-    plain = client.chat.completions.create(model="m", messages=msgs).choices[0].message.content
+    plain = client.chat.completions.create(model="run", messages=msgs).choices[0].message.content
     pieces, finish, extra = [], None, None
-    for chunk in client.chat.completions.create(model="m", messages=msgs, stream=True):
+    for chunk in client.chat.completions.create(model="run", messages=msgs, stream=True):
         if chunk.choices and chunk.choices[0].delta.content:
             pieces.append(chunk.choices[0].delta.content)
         if chunk.choices and chunk.choices[0].finish_reason:
@@ -142,7 +142,9 @@ def test_chat_completion_streaming_matches_plain(client):
 
 def test_max_tokens_caps_the_answer(client):
     res = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Who developed Corvanite?"}], max_tokens=1
+        model="run",
+        messages=[{"role": "user", "content": "Who developed Corvanite?"}],
+        max_tokens=1,
     )
     assert res.usage.completion_tokens == 1
 
@@ -203,12 +205,24 @@ def test_malformed_requests_get_4xx_with_a_message(server, path, body, status, n
     assert needle in r.json()["error"]["message"]
 
 
-def test_oversized_body_gets_413(server):
+def test_oversized_body_gets_413_in_openais_shape(server):
     base, _ = server
     headers = {"Authorization": f"Bearer {KEY}"}
     big = {"messages": [{"role": "user", "content": "x" * 10_000}]}
     r = httpx.post(f"{base}/v1/chat/completions", json=big, headers=headers)
     assert r.status_code == 413
+    err = r.json()["error"]
+    assert "max_body_bytes" in err["message"] and err["type"] == "invalid_request_error"
+    assert set(err) == {"message", "type", "param", "code"}
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: counted as the bytes come
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}]}'
+
+    r = httpx.post(f"{base}/v1/chat/completions", content=chunked(), headers=headers)
+    assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
 
 
 def test_wrong_or_missing_key_gets_401(server):
@@ -217,7 +231,7 @@ def test_wrong_or_missing_key_gets_401(server):
     base, _ = server
     bad = OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(AuthenticationError):
-        bad.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        bad.chat.completions.create(model="run", messages=[{"role": "user", "content": "hi"}])
     assert httpx.get(f"{base}/v1/models").status_code == 401
     assert httpx.post(f"{base}/ask", json={"question": "x"}).status_code == 401
     r = httpx.post(f"{base}/ask", content=b"{bad", headers={"Authorization": "Bearer nope"})
@@ -231,10 +245,10 @@ def test_concurrent_requests_are_queued_safely(client):
         if i % 2:
             return "".join(
                 c.choices[0].delta.content or ""
-                for c in client.chat.completions.create(model="m", messages=msgs, stream=True)
+                for c in client.chat.completions.create(model="run", messages=msgs, stream=True)
                 if c.choices
             )
-        return client.chat.completions.create(model="m", messages=msgs).choices[0].message.content
+        return client.chat.completions.create(model="run", messages=msgs).choices[0].message.content
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(one, range(8)))
@@ -252,7 +266,7 @@ def test_abandoned_stream_frees_the_model(server, client):
         assert r.status_code == 200
         next(r.iter_lines())  # read the first event, then hang up
     res = client.chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "Who developed Corvanite?"}]
+        model="run", messages=[{"role": "user", "content": "Who developed Corvanite?"}]
     )
     assert res.choices[0].message.content is not None
 
@@ -303,6 +317,7 @@ def test_hostile_document_through_the_server_stays_context(server):
 class _FakeStream:
     def __init__(self) -> None:
         self.pieces = iter(["a", "b"])
+        self.chunks = []
         self.answer = None
         self.closed = False
 
@@ -322,7 +337,7 @@ class _FakePipeline:
     def __init__(self) -> None:
         self.streams: list[_FakeStream] = []
 
-    def stream(self, question, input="", max_new_tokens=None):
+    def stream(self, question, input="", decoding=None, *, query=None):
         self.streams.append(_FakeStream())
         return self.streams[-1]
 
@@ -485,3 +500,122 @@ def test_a_hung_up_endless_stream_is_stopped_and_frees_the_model(counting_server
     assert not app.state.gate.lock.locked()
     pipe.endless = False
     assert "t5 " in _stream_text(base)  # the model is free for the next client
+
+
+# --------------------------------------------------------------------------- OpenAI fidelity
+def test_sampling_seed_n_stop_and_max_tokens_are_honoured(client):
+    msgs = [{"role": "user", "content": "Who developed Corvanite?"}]
+
+    def ask(**kw):
+        return client.chat.completions.create(model="run", messages=msgs, **kw)
+
+    greedy = [ask().choices[0].message.content for _ in range(2)]
+    assert greedy[0] == greedy[1]  # greedy by default
+    a = ask(temperature=1.5, seed=7, max_tokens=40)
+    b = ask(temperature=1.5, seed=7, max_tokens=40)
+    assert a.choices[0].message.content == b.choices[0].message.content  # a seed repeats
+    # max_tokens above generate.max_new_tokens (8 here) is honoured: no hidden cap
+    long = ask(temperature=1.5, top_p=0.95, seed=3, max_tokens=40)
+    assert 8 < long.usage.completion_tokens <= 40, long.usage
+    many = ask(temperature=1.5, seed=1, n=3, max_tokens=12)
+    texts = [c.message.content for c in many.choices]
+    assert [c.index for c in many.choices] == [0, 1, 2] and len(set(texts)) > 1
+    text = long.choices[0].message.content
+    stop = text[3:5]
+    cut = ask(temperature=1.5, top_p=0.95, seed=3, max_tokens=40, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.index(stop)].strip()
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_completions_and_models_retrieve(client):
+    from openai import NotFoundError
+
+    res = client.completions.create(model="run", prompt="Who developed Corvanite?", max_tokens=4)
+    assert res.object == "text_completion" and isinstance(res.choices[0].text, str)
+    assert res.model_extra["ragtune"]["sources"][0]["source"] == "materials/corvanite.md"
+    pieces = client.completions.create(
+        model="run", prompt="Who developed Corvanite?", max_tokens=4, stream=True
+    )
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == res.choices[0].text
+    assert client.models.retrieve("run").id == "run"
+    assert client.models.retrieve("ragtune").id == "run"  # the alias
+    with pytest.raises(NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["param"] == "model" and "gpt-4o" in e.value.body["message"]
+
+
+def test_unsupported_fields_are_refused_not_ignored(client):
+    from openai import BadRequestError
+
+    msgs = [{"role": "user", "content": "Who developed Corvanite?"}]
+    for kw in (
+        {"response_format": {"type": "json_object"}},
+        {"presence_penalty": 1.0},
+        {"logprobs": True},
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    ):
+        with pytest.raises(BadRequestError) as e:
+            client.chat.completions.create(model="run", messages=msgs, **kw)
+        assert next(iter(kw)) in e.value.body["message"]
+
+
+def test_lone_surrogate_is_a_400_and_the_connection_survives(server):
+    import http.client
+
+    base, _ = server
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bad = b'{"model": "run", "messages": [{"role": "user", "content": "x \\ud800"}]}'
+    conn.request("POST", "/v1/chat/completions", body=bad, headers=headers)
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    assert r.status == 400 and "surrogate" in body["error"]["message"], body
+    assert (r.getheader("connection") or "").lower() != "close"
+    sock = conn.sock
+    conn.request("POST", "/ask", body=b'{"question": "x \\udfff y"}', headers=headers)
+    r = conn.getresponse()
+    assert r.status == 400 and "unicode" in json.loads(r.read())["error"]["message"].lower()
+    conn.request("GET", "/v1/models/run", headers=headers)
+    r = conn.getresponse()
+    assert r.status == 200 and json.loads(r.read())["id"] == "run"
+    assert conn.sock is sock  # the same keep-alive connection all along
+    conn.close()
+
+
+def test_chat_openai_sources_and_structured_output(server):
+    import openai
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel
+
+    base, _ = server
+    llm = ChatOpenAI(
+        model="run",
+        base_url=f"{base}/v1",
+        api_key=KEY,
+        include_response_headers=True,
+        max_retries=0,
+        max_tokens=30,
+    )
+    msg = llm.invoke("Who developed Corvanite?")
+    assert isinstance(msg.content, str)
+    sources = json.loads(msg.response_metadata["headers"]["x-ragtune-sources"])
+    assert sources[0]["source"] == "materials/corvanite.md"
+    assert msg.response_metadata["finish_reason"] in ("stop", "length")
+    streamed = "".join(c.content for c in llm.stream("Who developed Corvanite?"))
+    assert streamed == msg.content
+    same = (
+        llm.bind(stop=[msg.content[2:4]]).invoke("Who developed Corvanite?")
+        if len(msg.content) > 4
+        else msg
+    )
+    assert len(same.content) <= len(msg.content)
+
+    class Inventor(BaseModel):
+        name: str
+
+    with pytest.raises(openai.BadRequestError, match="response_format is not supported"):
+        llm.with_structured_output(Inventor).invoke("Who developed Corvanite?")

@@ -35,7 +35,7 @@ async def _client(i: int, http: httpx.AsyncClient, key: str, stop_at: float, log
     question = rng.choice(
         ["Who developed Corvanite?", "When is the Lantern Tide?", "What is Vellacourt?"]
     )
-    chat = {"model": "m", "messages": [{"role": "user", "content": question}]}
+    chat = {"model": "ragtune", "messages": [{"role": "user", "content": question}]}
     while time.monotonic() < stop_at:
         kind = rng.choices(
             ["chat", "stream", "ask", "badjson", "oversized", "badkey", "nomessages"],
@@ -72,7 +72,7 @@ async def _client(i: int, http: httpx.AsyncClient, key: str, stop_at: float, log
                 )
                 ok = r.status_code == 401
             else:
-                r = await http.post("/v1/chat/completions", json={"model": "m"}, headers=good)
+                r = await http.post("/v1/chat/completions", json={"model": "ragtune"}, headers=good)
                 ok = r.status_code == 400
             log[f"{kind}:{r.status_code}"] += 1
             if r.status_code >= 500:

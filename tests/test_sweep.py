@@ -237,3 +237,23 @@ def test_tiny_multirun_trains_evaluates_and_summarises(tmp_path: Path, tiny_lm_p
     assert all(r["status"] == "ok" and r["overall"] != "" for r in rows)
     assert "| run | status |" in (sweep / "summary.md").read_text()
     assert (sweep / "summary.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_shows_both_abstention_errors(fake_sweep: Path, monkeypatch) -> None:
+    from matplotlib.axes import Axes
+
+    titles: list[str] = []
+    real = Axes.set_title
+    monkeypatch.setattr(
+        Axes, "set_title", lambda ax, t, *a, **k: (titles.append(t), real(ax, t))[1]
+    )
+    summarize_sweep(fake_sweep)
+    assert "false_abstention_rate" in titles and "unanswerable_abstention_rate" in titles
+
+
+def test_a_sweep_of_training_loss_alone_is_not_ranked(tmp_path: Path) -> None:
+    sweep = tmp_path / "s"
+    for num, lr in enumerate(("1e-4", "5e-4")):
+        _fake_run(sweep, num, [f"train.learning_rate={lr}"], {"status": "ok", "metric": 1.0 + num})
+    md = summarize_sweep(sweep).markdown.read_text()
+    assert "Best" not in md and "train.eval_after=true" in md
