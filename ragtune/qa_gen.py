@@ -93,7 +93,9 @@ class TextGenerator(Protocol):
 
     tokenizer: Any
 
-    def generate_batch(self, prompts: Sequence[str], batch_size: int = 8) -> Sequence[Any]: ...  # objects with .text
+    def generate_batch(
+        self, prompts: Sequence[str], batch_size: int = 8
+    ) -> Sequence[Any]: ...  # objects with .text
 
 
 @defaults_from("gen_qa:gen_qa")
