@@ -79,7 +79,7 @@ print(f"rank {rank}: {len(set(map(tuple, dataset['ids'])))} distinct examples", 
 r = train(train_cfg, examples, schema, out)
 import torch.distributed as dist
 (out / f"rank{rank}.json").write_text(json.dumps({
-    "seen": seen, "steps": r.steps, "final_loss": r.final_loss,
+    "seen": seen, "steps": r.steps, "final_loss": r.final_loss, "model_dir": str(r.model_dir),
     "world": dist.get_world_size() if dist.is_initialized() else 1,
     "backend": dist.get_backend() if dist.is_initialized() else None, "dataset": dataset}))
 """
@@ -133,7 +133,8 @@ def test_torchrun_two_cpu_processes_gloo(tmp_path, tiny_lm_path):
 
     lora0 = load_file(out / "rank0_lora.safetensors")
     lora1 = load_file(out / "rank1_lora.safetensors")
-    saved = load_file(out / "model" / "adapter_model.safetensors")
+    # train() stages the model beside model/ (run_sft publishes it once the manifest is in)
+    saved = load_file(Path(ranks[0]["model_dir"]) / "adapter_model.safetensors")
     assert set(saved) == set(lora0) == set(lora1)
     for k in saved:
         assert (saved[k] == lora0[k]).all(), k  # what rank 0 holds is what was saved

@@ -404,7 +404,7 @@ class _CountingPipeline:
         self.open = self.most_open = self.opened = self.closed = 0
         self.endless = False
 
-    def stream(self, question, input="", max_new_tokens=None):
+    def stream(self, question, input="", decoding=None, *, query=None):
         with self.lock:
             self.open += 1
             self.opened += 1
@@ -418,6 +418,7 @@ class _CountingPipeline:
 class _CountingStream:
     def __init__(self, pipe: _CountingPipeline, endless: bool) -> None:
         self.pipe, self.endless, self.sent, self.answer, self.done = pipe, endless, 0, None, False
+        self.chunks: list = []  # the retrieved context, known before the first piece
 
     def __iter__(self):
         return self

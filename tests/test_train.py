@@ -241,7 +241,7 @@ def test_sigkilled_merge_keeps_the_previous_model_and_hides_the_partial_one(tmp_
     sigkill_when_ready(_KILLED_MERGE, str(model_dir))
     assert [p.name for p in model_dir.iterdir()] == [TRAIN_INFO]  # the previous model, intact
     hidden = [p for p in tmp_path.iterdir() if p != model_dir]
-    assert len(hidden) == 1 and hidden[0].name.startswith(".tmp-model-")
+    assert [h.name for h in hidden] == [".new-model"]  # staged: no manifest, never served
     assert (hidden[0] / "model.safetensors").read_bytes() == b"half a merge"
 
 
