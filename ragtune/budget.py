@@ -41,3 +41,30 @@ def tokenizer_key(tokenizer: Any) -> tuple:
     """Tells tokenizers apart that would count a context's tokens differently."""
     probe = tokenizer("ragtune probe: Tokyo 東京 1,234 naïve", add_special_tokens=False)
     return (type(tokenizer).__name__, len(tokenizer), tuple(probe["input_ids"]))
+
+
+def fit_prompt(
+    render: Callable[[list[Any]], str],
+    count_prompt: Callable[[str], int],
+    count_text: Callable[[str], int],
+    chunks: list[Any],
+    limit: int,
+) -> tuple[list[Any], str, int]:
+    """As much of ``chunks`` as lets the rendered prompt fit ``limit`` tokens: (chunks, prompt,
+    its tokens).
+
+    The budget counts each chunk alone; the joined, neutralised context block can take a few
+    tokens more (separators, merges across a join: often in Japanese), so the context is cut
+    again by the excess until the whole prompt fits.
+    """
+    from ragtune.retriever import fit_budget
+
+    text = render(chunks)
+    n = count_prompt(text)
+    while chunks and n > limit:
+        chunks = fit_budget(
+            chunks, sum(count_text(c.text) for c in chunks) - (n - limit), count_text
+        )
+        text = render(chunks)
+        n = count_prompt(text)
+    return chunks, text, n

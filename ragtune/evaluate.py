@@ -38,7 +38,15 @@ from ragtune.answerability import rows_auroc
 from ragtune.budget import token_counter
 from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig, validate
 from ragtune.errors import RagtuneError
-from ragtune.metrics import QuestionScore, aggregate, retrieval_hit, score_answer
+from ragtune.metrics import (
+    DEFINITIONS,
+    QuestionScore,
+    aggregate,
+    markdown_table,
+    one_line_summary,
+    retrieval_hit,
+    score_answer,
+)
 from ragtune.modelcard import (
     model_folder,
     model_settings,
@@ -309,7 +317,7 @@ def evaluate_modes(
             **spec.describe(),
         }
         all_rows.extend(rows)
-        log.info("%s: %s", spec.name, _one_line(modes[spec.name]))
+        log.info("%s: %s", spec.name, one_line_summary(modes[spec.name]))
     loaded = model = tokenizer = pipeline = None
     _free_memory()
 
@@ -325,7 +333,7 @@ def evaluate_modes(
         "n_answerable": n_ans,
         "n_unanswerable": len(records) - n_ans,
         "modes": modes,
-        "definitions": _DEFINITIONS,
+        "definitions": DEFINITIONS,
     }
     (out_dir / METRICS_FILE).write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     with (out_dir / ANSWERS_FILE).open("w", encoding="utf-8") as f:
@@ -333,7 +341,7 @@ def evaluate_modes(
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     (out_dir / TABLE_FILE).write_text(
         f"# Evaluation: {len(records)} questions ({n_ans} answerable) from {qa_path}\n\n"
-        f"{table}\n\n{_DEFINITIONS}\n",
+        f"{table}\n\n{DEFINITIONS}\n",
         encoding="utf-8",
     )
     log.info("wrote %s, %s, %s in %s", METRICS_FILE, ANSWERS_FILE, TABLE_FILE, out_dir)
@@ -479,52 +487,3 @@ def _row(mode: str, rec: QARecord, ans: Answer, closed: bool) -> dict[str, Any]:
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(float(x), 4)
-
-
-# --------------------------------------------------------------------------- reporting
-_COLUMNS = (
-    ("overall", "overall"),
-    ("f1", "F1 (ans.)"),
-    ("exact_match", "EM (ans.)"),
-    ("false_abstention_rate", "false abst. % (ans.)"),
-    ("unanswerable_abstention_rate", "abst. % (unans.)"),
-    ("recall_at_k", "recall@k"),
-    ("abstention_auroc", "AUROC"),
-    ("latency_s", "latency s"),
-)
-
-_DEFINITIONS = (
-    "Scores in percent. F1 / EM: SQuAD v2 normalisation (lower case, no punctuation, no "
-    "articles), max over gold answers, over answerable questions. overall: mean over all "
-    "questions of F1 (answerable) or 1/0 for abstaining or not (unanswerable), the official "
-    "SQuAD v2 F1 with abstention as the empty answer. recall@k: answerable questions whose "
-    "retrieved context holds a gold answer from the question's source document. AUROC: "
-    "chance that an answerable question's answer score beats an unanswerable one's (the "
-    "calibrated mix when the model has one, else the margin; n/a closed book). latency: "
-    "seconds per question (retrieval + its share of a batched greedy decode)."
-)
-
-
-def markdown_table(modes: dict[str, dict[str, Any]]) -> str:
-    """One row per mode: overall, answerable F1/EM, abstention rates, recall@k, latency."""
-    head = "| mode | " + " | ".join(label for _, label in _COLUMNS) + " |"
-    sep = "| --- |" + " ---: |" * len(_COLUMNS)
-    rows = [head, sep]
-    for name, m in modes.items():
-        cells = []
-        for key, _ in _COLUMNS:
-            v = m.get(key)
-            fmt = ".3f" if key in ("latency_s", "abstention_auroc") else ".1f"
-            cells.append("n/a" if v is None else f"{v:{fmt}}")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
-def _one_line(m: dict[str, Any]) -> str:
-    rec = m.get("recall_at_k")
-    return (
-        f"overall {m['overall']:.1f}, F1 {m['f1']:.1f}, EM {m['exact_match']:.1f}, "
-        f"false abst. {m['false_abstention_rate']:.1f}%, "
-        f"unans. abst. {m['unanswerable_abstention_rate']:.1f}%, "
-        f"recall@k {'n/a' if rec is None else f'{rec:.1f}'}, {m['seconds']:.0f}s"
-    )

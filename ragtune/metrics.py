@@ -198,3 +198,52 @@ def aggregate(scores: Sequence[QuestionScore]) -> Aggregate:
         recall_at_k=pct(hits) if hits else None,
         latency_s=round(mean(lat), 4) if lat else None,
     )
+
+
+# --------------------------------------------------------------------------- reporting
+_COLUMNS = (
+    ("overall", "overall"),
+    ("f1", "F1 (ans.)"),
+    ("exact_match", "EM (ans.)"),
+    ("false_abstention_rate", "false abst. % (ans.)"),
+    ("unanswerable_abstention_rate", "abst. % (unans.)"),
+    ("recall_at_k", "recall@k"),
+    ("abstention_auroc", "AUROC"),
+    ("latency_s", "latency s"),
+)
+
+DEFINITIONS = (
+    "Scores in percent. F1 / EM: SQuAD v2 normalisation (lower case, no punctuation, no "
+    "articles), max over gold answers, over answerable questions. overall: mean over all "
+    "questions of F1 (answerable) or 1/0 for abstaining or not (unanswerable), the official "
+    "SQuAD v2 F1 with abstention as the empty answer. recall@k: answerable questions whose "
+    "retrieved context holds a gold answer from the question's source document. AUROC: "
+    "chance that an answerable question's answer score beats an unanswerable one's (the "
+    "calibrated mix when the model has one, else the margin; n/a closed book). latency: "
+    "seconds per question (retrieval + its share of a batched greedy decode)."
+)
+
+
+def markdown_table(modes: dict[str, dict[str, Any]]) -> str:
+    """One row per mode: overall, answerable F1/EM, abstention rates, recall@k, latency."""
+    head = "| mode | " + " | ".join(label for _, label in _COLUMNS) + " |"
+    sep = "| --- |" + " ---: |" * len(_COLUMNS)
+    rows = [head, sep]
+    for name, m in modes.items():
+        cells = []
+        for key, _ in _COLUMNS:
+            v = m.get(key)
+            fmt = ".3f" if key in ("latency_s", "abstention_auroc") else ".1f"
+            cells.append("n/a" if v is None else f"{v:{fmt}}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def one_line_summary(m: dict[str, Any]) -> str:
+    rec = m.get("recall_at_k")
+    return (
+        f"overall {m['overall']:.1f}, F1 {m['f1']:.1f}, EM {m['exact_match']:.1f}, "
+        f"false abst. {m['false_abstention_rate']:.1f}%, "
+        f"unans. abst. {m['unanswerable_abstention_rate']:.1f}%, "
+        f"recall@k {'n/a' if rec is None else f'{rec:.1f}'}, {m['seconds']:.0f}s"
+    )

@@ -247,12 +247,34 @@ def open_trained_retriever(
     return retriever
 
 
+def command_line_keys() -> list[str]:
+    """Dotted keys the user set on the command line (Hydra's task overrides), if any.
+
+    Those win over a model's manifest; ``conf=`` presets do not count (the manifest wins).
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return []
+        task = HydraConfig.get().overrides.task
+    except Exception:
+        return []
+    keys = []
+    for item in task:
+        key = item.split("=", 1)[0].lstrip("+~")
+        if key != "conf":
+            keys.append(key)
+    return keys
+
+
 __all__ = [
     "LOCATION_KEYS",
     "TRAIN_INFO",
     "MismatchError",
     "check_files",
     "check_settings",
+    "command_line_keys",
     "is_explicit",
     "is_trained_folder",
     "model_folder",

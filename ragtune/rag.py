@@ -35,13 +35,14 @@ from tqdm.auto import tqdm
 
 from ragtune.answer import Answer, AnswerStream, Prepared
 from ragtune.answerability import MANIFEST_KEY, Calibration, assess, is_abstained
-from ragtune.budget import context_budget, token_counter, tokenizer_key
+from ragtune.budget import context_budget, fit_prompt, token_counter, tokenizer_key
 from ragtune.errors import RagtuneError
 from ragtune.generate import NO_CHANGE, Decoding, GenerationResult, Generator
 from ragtune.modelcard import (
     MismatchError,
     check_files,
     check_settings,
+    command_line_keys,
     is_explicit,
     model_folder,
     model_settings,
@@ -287,35 +288,20 @@ class RagPipeline:
         budget = self.context_budget(question, input, max_new)
         chunks, retrieval_s = self._retrieve(query or question, budget)
         limit = self.max_seq_length - max_new
-        prompt, n = self._fit(question, input, chunks, limit)
+        chunks, text, n = fit_prompt(
+            lambda cs: self.render(question, input, cs),
+            lambda t: len(self.generator.encode(t)),
+            token_counter(self.tokenizer),
+            chunks,
+            limit,
+        )
         if n > limit:
             raise PipelineError(
                 f"the question is too long: the prompt is {n} tokens, and model.max_seq_length"
                 f"={self.max_seq_length} minus the answer's {max_new} tokens (max_tokens, "
                 f"default generate.max_new_tokens) leaves {limit}"
             )
-        return Prepared(question, input, prompt.chunks, prompt.text, retrieval_s)
-
-    def _fit(
-        self, question: str, input: str, chunks: list[Chunk], limit: int
-    ) -> tuple[_Rendered, int]:
-        """The prompt with as much of ``chunks`` as fits the model with the answer.
-
-        The budget counts each chunk alone; the joined, neutralised context block can take a
-        few tokens more (separators, merges across a join: often in Japanese), so the
-        context is cut again by the excess until the whole prompt fits.
-        """
-        from ragtune.retriever import fit_budget
-
-        text = self.render(question, input, chunks)
-        n = len(self.generator.encode(text))
-        count = token_counter(self.tokenizer)
-        while chunks and n > limit:
-            budget = sum(count(c.text) for c in chunks) - (n - limit)
-            chunks = fit_budget(chunks, budget, count)
-            text = self.render(question, input, chunks)
-            n = len(self.generator.encode(text))
-        return _Rendered(text, chunks), n
+        return Prepared(question, input, chunks, text, retrieval_s)
 
     def answer(
         self,
@@ -462,12 +448,6 @@ class RagPipeline:
 _RECENT = 64  # retrieved contexts remembered for recall()
 
 
-@dataclasses.dataclass
-class _Rendered:
-    text: str
-    chunks: list[Chunk]
-
-
 def _get(cfg: Any, key: str) -> Any:
     """A config group as plain values (interpolations such as ``${paths.outputs}`` resolved)."""
     from omegaconf import DictConfig, OmegaConf
@@ -485,27 +465,6 @@ __all__ = ["Answer", "AnswerStream", "MismatchError", "PipelineError", "RagPipel
 
 # --------------------------------------------------------------------------- entry points
 ASK_TOP_LEVEL = {"model_dir": str, "question": str, "json": bool, "allow_mismatch": bool}
-
-
-def command_line_keys() -> list[str]:
-    """Dotted keys the user set on the command line (Hydra's task overrides), if any.
-
-    Those win over a model's manifest; ``conf=`` presets do not count (the manifest wins).
-    """
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            return []
-        task = HydraConfig.get().overrides.task
-    except Exception:
-        return []
-    keys = []
-    for item in task:
-        key = item.split("=", 1)[0].lstrip("+~")
-        if key != "conf":
-            keys.append(key)
-    return keys
 
 
 def open_pipeline(
