@@ -68,3 +68,15 @@ def fit_prompt(
         text = render(chunks)
         n = count_prompt(text)
     return chunks, text, n
+
+
+def truncate_to(text: str, budget: int, count: Callable[[str], int]) -> str:
+    """The longest prefix of ``text`` that counts at most ``budget`` tokens (binary search)."""
+    lo, hi = 0, len(text)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if count(text[:mid]) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo].rstrip()

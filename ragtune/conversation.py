@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ragtune.budget import truncate_to
 from ragtune.errors import RagtuneError
 
 HISTORY_TOKENS = 128  # the default room for system text and earlier turns in the Input section
@@ -68,7 +69,7 @@ def _history(system: str, turns: list[str], count: Callable[[str], int], budget:
     kept: list[str] = []
     used = count(f"System: {system}") if system else 0
     if used > budget:  # the system text alone is too long: keep its start
-        system, used = _cut(system, budget - count("System: "), count), budget
+        system, used = truncate_to(system, budget - count("System: "), count), budget
     for line in reversed(turns):
         n = count(line) + 1  # the line break
         if used + n > budget:
@@ -77,14 +78,3 @@ def _history(system: str, turns: list[str], count: Callable[[str], int], budget:
         used += n
     head = [f"System: {system}"] if system else []
     return "\n".join(head + kept)
-
-
-def _cut(text: str, budget: int, count: Callable[[str], int]) -> str:
-    lo, hi = 0, len(text)
-    while lo < hi:  # longest prefix within budget
-        mid = (lo + hi + 1) // 2
-        if count(text[:mid]) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return text[:lo].rstrip()

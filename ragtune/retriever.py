@@ -23,6 +23,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
 from pydantic import ConfigDict
 
+from ragtune.budget import truncate_to
 from ragtune.embedding import embed_texts, load_embedder
 from ragtune.store import (
     CORPUS_KEY,
@@ -401,7 +402,7 @@ def fit_budget(chunks: list[Chunk], budget_tokens: int, count: Callable[[str], i
     if out and out[0].id == chunks[0].id:
         return out
     first = chunks[0]
-    text = _truncate(first.text, budget_tokens, count)
+    text = truncate_to(first.text, budget_tokens, count)
     if not text:
         return [c for c in out if c.id != first.id]
     cut = dataclasses.replace(
@@ -417,17 +418,6 @@ def fit_budget(chunks: list[Chunk], budget_tokens: int, count: Callable[[str], i
             rest.append(c)
             used += n
     return [cut, *rest]
-
-
-def _truncate(text: str, budget: int, count: Callable[[str], int]) -> str:
-    lo, hi = 0, len(text)
-    while lo < hi:  # longest prefix with count <= budget
-        mid = (lo + hi + 1) // 2
-        if count(text[:mid]) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return text[:lo].rstrip()
 
 
 def _overlap(a0: int, a1: int, b0: int, b1: int) -> float:
