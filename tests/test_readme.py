@@ -128,6 +128,17 @@ def project(tmp_path_factory, tiny_lm_path) -> Path:
         s = src / ("corpus" if rel != "qa" else "") / rel
         d = root / "data" / ("corpus" if rel != "qa" else "") / rel
         shutil.copytree(s, d) if s.is_dir() else shutil.copy(s, d)
+    # the user's QA is about the user's documents: keep the records whose source was copied
+    # (training stops on answers no chunk supports, raft.max_unsupported_fraction)
+    corpus = root / "data" / "corpus"
+    for qa in ("demo.jsonl", "demo_eval.jsonl"):
+        path = root / "data" / "qa" / qa
+        kept = [
+            line
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and (corpus / json.loads(line).get("source", "-")).exists()
+        ]
+        path.write_text("\n".join(kept) + "\n", encoding="utf-8")
     outputs = root / "outputs"
     cfg = compose("index", [f"paths.outputs={outputs}"])
     ingest(root / "data" / "corpus", as_rcfg(_get(cfg, "retriever")), show_progress=False)
