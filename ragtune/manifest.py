@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ragtune.errors import RagtuneError
-from ragtune.paths import PROJECT_ROOT
+from ragtune.paths import PROJECT_ROOT, read_json_object
 
 MANIFEST = "manifest.json"
 # Retriever settings that change what a query returns: a model trained with one value must
@@ -151,12 +151,7 @@ def read_manifest(model_dir: str | Path) -> dict[str, Any]:
             f"{path} not found: {model_dir} is not a complete ragtune model folder "
             "(training did not finish, or it is a plain base model)"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    data = read_json_object(path, ManifestError)
     for key, (types, what) in _SHAPE.items():
         if key in data and not isinstance(data[key], types):
             raise ManifestError(f"{path}: {key} must be {what}, not {json.dumps(data[key])}")

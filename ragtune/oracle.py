@@ -65,7 +65,7 @@ class OracleMatch:
 NONE = OracleMatch(None, "none", 0.0)
 
 # --------------------------------------------------------------------------- normalisation
-_UNITS = [
+UNIT_WORDS = [
     "zero",
     "one",
     "two",
@@ -88,7 +88,9 @@ _UNITS = [
     "nineteen",
 ]
 _TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
-_NUMBER_WORDS = {w: i for i, w in enumerate(_UNITS)} | {w: 20 + 10 * i for i, w in enumerate(_TENS)}
+_NUMBER_WORDS = {w: i for i, w in enumerate(UNIT_WORDS)} | {
+    w: 20 + 10 * i for i, w in enumerate(_TENS)
+}
 _SCALES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
 _ARTICLES = {"a", "an", "the"}
 _CJK = "\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff\uac00-\ud7af"

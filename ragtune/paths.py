@@ -10,6 +10,7 @@ Two roots, kept apart:
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -58,3 +59,15 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     """A user path: absolute as given, relative ones against the current directory."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path.cwd() / p
+
+
+def read_json_object(path: Path, error: type[Exception]) -> dict:
+    """The JSON object stored at an existing ``path``; bad JSON or another JSON type raise
+    ``error`` naming the file (a one-line message, never a decoder traceback)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from ragtune.errors import RagtuneError
-from ragtune.paths import PROMPTS_DIR
+from ragtune.paths import PROMPTS_DIR, read_json_object
 
 SCHEMA_FILE = "prompt_schema.json"
 _SHARED = "schema.yaml"
@@ -216,12 +216,7 @@ class PromptSchema:
         path = Path(directory) / SCHEMA_FILE
         if not path.exists():
             raise PromptError(f"{path} not found: this folder was not written by ragtune")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PromptError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise PromptError(f"{path} must hold a JSON object")
+        data = read_json_object(path, PromptError)
         recorded = data.pop("fingerprint", None)
         schema = _build(data, str(path))
         if recorded is None or recorded != schema.fingerprint:
