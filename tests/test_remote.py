@@ -20,6 +20,7 @@ from test_rag import ask_cfg
 from test_server import free_port
 
 from ragtune.config import ConfigError, compose, validate
+from ragtune.generate import Decoding
 from ragtune.remote import Engine, EngineError, RemoteGenerator
 
 KEY = "engine-key-1"
@@ -123,6 +124,16 @@ def test_remote_generation_equals_local_plain_streamed_and_blocked(local, remote
         pieces = list(stream)
         assert "".join(pieces) == want.text and stream.result.text == want.text
         assert len(pieces) > 1  # it did stream
+        # a request's stop string: the engine is told, stops there (as many tokens as local)
+        stop = Decoding(stop=(want.text.split()[1],))
+        want, got = local.generator.generate(p, stop), remote.generator.generate(p, stop)
+        assert want.stop_reason == "stop_string"
+        assert (got.text, got.stop_reason, got.new_tokens) == (
+            want.text,
+            want.stop_reason,
+            want.new_tokens,
+        )
+        assert "".join(remote.generator.stream(p, stop)) == want.text
     # ban each prompt's own greedy first token: every candidate changes
     for p in prompts:
         greedy = local.generator.generate(p)
