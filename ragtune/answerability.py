@@ -467,6 +467,8 @@ def _logprobs(
 ) -> tuple[list[float], list[float]]:
     """Summed log-probability of each completion after its prompt (right-padded batches),
     and the probability of ``first_token`` at the first completion position."""
+    if hasattr(model, "completion_logprobs"):  # a remote engine (ragtune.remote.Engine)
+        return model.completion_logprobs(prompts, completions, batch_size, first_token)
     import torch
 
     device = next(model.parameters()).device

@@ -145,7 +145,8 @@ def serve(cfg: DictConfig) -> None:
             "set RAGTUNE_API_KEY",
             s.host,
         )
-    pipeline = open_pipeline(cfg)
+    # generation-only: an engine for another ragtune, which retrieves; no index opens here
+    pipeline = open_pipeline(cfg, context="closed" if s.generation_only else "auto")
     app = create_app(
         pipeline,
         s.api_key,
@@ -153,6 +154,7 @@ def serve(cfg: DictConfig) -> None:
         max_queue=s.max_queue,
         model_id=s.model_id,
         history_tokens=s.history_tokens,
+        generation_only=s.generation_only,
     )
     port = s.port
     if port == 0:
@@ -160,7 +162,8 @@ def serve(cfg: DictConfig) -> None:
             sock.bind((s.host, 0))
             port = sock.getsockname()[1]
     print(
-        f"ragtune server: http://{s.host}:{port}/v1 (model {s.model_id or pipeline.name}, "
+        f"ragtune server{' (generation only)' if s.generation_only else ''}: "
+        f"http://{s.host}:{port}/v1 (model {s.model_id or pipeline.name}, "
         f"{'API key required' if s.api_key else 'no API key'})",
         file=sys.stderr,
         flush=True,

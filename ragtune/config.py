@@ -205,6 +205,8 @@ class GenerateConfig:
     repetition_penalty: float
     stream: bool
     fast: bool
+    engine_url: str | None
+    engine_model: str | None
 
 
 @defaults_from("server:server")
@@ -218,6 +220,7 @@ class ServerConfig:
     log_level: str
     history_tokens: int
     keep_alive_s: int
+    generation_only: bool
 
 
 @defaults_from("eval/default:models")
@@ -412,6 +415,20 @@ def _check_combinations(cfg: DictConfig) -> None:
             )
     if "server" in cfg:
         need(bool(cfg.server.host), "server.host", "must name an address, e.g. 127.0.0.1")
+    url = OmegaConf.select(cfg, "generate.engine_url")
+    if url:
+        need(
+            str(url).startswith(("http://", "https://")),
+            "generate.engine_url",
+            f"must be an http(s) URL such as http://gpu-host:8000/v1, got {url!r}",
+        )
+        # evaluation and training load each model's own weights: an engine serves one model
+        need("eval" not in cfg, "generate.engine_url", "is for ask and serve only; unset it")
+        need(
+            not OmegaConf.select(cfg, "server.generation_only"),
+            "generate.engine_url",
+            "a server with server.generation_only=true is an engine itself; unset one of them",
+        )
 
 
 def _check_model_name(name: str) -> None:

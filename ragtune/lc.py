@@ -44,7 +44,7 @@ from pydantic import ConfigDict
 
 from ragtune.budget import token_counter
 from ragtune.conversation import HISTORY_TOKENS, Turn, turn_from_messages
-from ragtune.generate import Decoding, Generator
+from ragtune.generate import Decoding
 from ragtune.schema import PromptFields, PromptSchema
 
 
@@ -108,21 +108,22 @@ class RagtuneLLM(LLM):
 
         ``trust_remote_code`` is the caller's decision, never the folder's.
         """
-        from ragtune.loading import load_model
         from ragtune.modelcard import model_settings, read_json, trained_schema
+        from ragtune.remote import generator_of, load_or_connect
 
         folder = Path(model_dir)
         manifest = read_json(folder / "manifest.json")
         mcfg = model_settings({"trust_remote_code": trust_remote_code}, manifest)
         schema = trained_schema(folder, "alpaca_rag", manifest)
-        model, tok = load_model(
+        model, tok = load_or_connect(  # generate.engine_url: a remote engine, no weights
             str(folder),
+            gcfg,
             device=device,
             dtype=mcfg["dtype"],
             trust_remote_code=trust_remote_code,
             max_seq_length=mcfg["max_seq_length"],
         )
-        gen = Generator(model, tok, schema, gcfg, max_seq_length=mcfg["max_seq_length"])
+        gen = generator_of(model, tok, schema, gcfg, max_seq_length=mcfg["max_seq_length"])
         return cls(generator=gen, model_name=folder.resolve().name, **kwargs)
 
     @classmethod

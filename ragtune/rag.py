@@ -37,7 +37,7 @@ from ragtune.answer import Answer, AnswerStream, Prepared
 from ragtune.answerability import MANIFEST_KEY, Calibration, assess, is_abstained
 from ragtune.budget import context_budget, fit_prompt, token_counter, tokenizer_key
 from ragtune.errors import RagtuneError
-from ragtune.generate import NO_CHANGE, Decoding, GenerationResult, Generator
+from ragtune.generate import NO_CHANGE, Decoding, GenerationResult
 from ragtune.modelcard import (
     MismatchError,
     check_files,
@@ -53,6 +53,7 @@ from ragtune.modelcard import (
     trained_schema,
 )
 from ragtune.paths import resolve_path
+from ragtune.remote import generator_of, load_or_connect
 from ragtune.schema import PromptFields, PromptSchema, get_schema
 from ragtune.types import Chunk
 
@@ -98,7 +99,7 @@ class RagPipeline:
         self.manifest = manifest or {}
         self.context_cache = context_cache
         self._cache_key: tuple | None = None
-        self.generator = Generator(model, tokenizer, schema, gcfg, max_seq_length=max_seq_length)
+        self.generator = generator_of(model, tokenizer, schema, gcfg, max_seq_length=max_seq_length)
         found = self.manifest.get(MANIFEST_KEY)
         self.calibration: Calibration | None = Calibration.from_dict(found) if found else None
         self.scoring = self.calibration is not None if scoring is None else bool(scoring)
@@ -127,7 +128,7 @@ class RagPipeline:
         with ``allow_mismatch``. ``context``: ``auto`` (as trained: none for a closed-book
         model), ``rag`` or ``closed``.
         """
-        from ragtune.loading import load_model, load_tokenizer
+        from ragtune.loading import load_tokenizer
 
         folder = model_folder(model_dir)
         manifest = read_manifest(folder)
@@ -152,8 +153,9 @@ class RagPipeline:
             retriever = open_trained_retriever(
                 folder, rcfg, manifest, allow_mismatch, token_counter(tok)
             )
-        model, tokenizer = load_model(
+        model, tokenizer = load_or_connect(  # an Engine, not weights, with generate.engine_url
             str(folder),
+            _get(cfg, "generate"),
             device=device,
             dtype=mcfg["dtype"],
             trust_remote_code=mcfg["trust_remote_code"],
@@ -181,12 +183,12 @@ class RagPipeline:
     @classmethod
     def from_base(cls, cfg: Any, *, device: str = "auto", closed_book: bool = False) -> RagPipeline:
         """A plain base model with the config's retriever and prompt (for comparison)."""
-        from ragtune.loading import load_model
         from ragtune.store import as_rcfg
 
         schema = get_schema(cfg.prompt.name)
-        model, tokenizer = load_model(
+        model, tokenizer = load_or_connect(
             cfg.model.name_or_path,
+            _get(cfg, "generate"),
             device=device,
             dtype=cfg.model.dtype,
             trust_remote_code=cfg.model.trust_remote_code,
@@ -468,16 +470,16 @@ ASK_TOP_LEVEL = {"model_dir": str, "question": str, "json": bool, "allow_mismatc
 
 
 def open_pipeline(
-    cfg: Any, explicit: Iterable[str] | None = None, *, device: str = "auto"
+    cfg: Any, explicit: Iterable[str] | None = None, *, device: str = "auto", context: str = "auto"
 ) -> RagPipeline:
-    """The pipeline an entry point serves: ``model_dir`` (a trained folder) or, when it is
-    null or a plain model folder without ragtune files, the base model of the config."""
+    """The pipeline an entry point serves (``context``: as in ``from_model_dir``): ``model_dir``
+    (a trained folder) or, when null or a plain model folder, the config's base model."""
     explicit = command_line_keys() if explicit is None else list(explicit)
     allow = bool(_get(cfg, "allow_mismatch"))
     model_dir = _get(cfg, "model_dir")
     if model_dir in (None, "", "null"):
         log.info("no model_dir: asking the base model %s", cfg.model.name_or_path)
-        return RagPipeline.from_base(cfg, device=device)
+        return RagPipeline.from_base(cfg, device=device, closed_book=context == "closed")
     folder = resolve_path(str(model_dir))
     plain = (
         folder.is_dir()
@@ -490,5 +492,7 @@ def open_pipeline(
 
         log.warning("%s has no ragtune manifest: serving it as a plain base model", folder)
         cfg = OmegaConf.merge(cfg, {"model": {"name_or_path": str(folder)}})
-        return RagPipeline.from_base(cfg, device=device)
-    return RagPipeline.from_model_dir(folder, cfg, allow, explicit=explicit, device=device)
+        return RagPipeline.from_base(cfg, device=device, closed_book=context == "closed")
+    return RagPipeline.from_model_dir(
+        folder, cfg, allow, explicit=explicit, device=device, context=context
+    )

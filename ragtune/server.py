@@ -156,8 +156,10 @@ def create_app(
     max_queue: int = 256,
     model_id: str | None = None,
     history_tokens: int = HISTORY_TOKENS,
+    generation_only: bool = False,
 ) -> FastAPI:
-    """The FastAPI app serving ``pipeline`` (see the module docstring for the endpoints)."""
+    """The FastAPI app serving ``pipeline`` (see the module docstring for the endpoints);
+    ``generation_only``: an engine for another ragtune (:mod:`ragtune.generation_only`)."""
     model_id = model_id or getattr(pipeline, "name", None) or MODEL_ALIAS
     created = int(time.time())
     gate = _Gate(max_queue)
@@ -230,6 +232,12 @@ def create_app(
     async def model(name: str) -> dict[str, Any]:
         check_model(name)
         return model_entry()
+
+    if generation_only:  # raw continuations of token ids; no retrieval, no template
+        from ragtune.generation_only import mount_generation_only
+
+        mount_generation_only(app, pipeline, gate, check_model, model_id)
+        return app
 
     @app.post("/ask")
     async def ask(req: AskRequest) -> dict[str, Any]:
