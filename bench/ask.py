@@ -105,11 +105,12 @@ def bench_server(args: argparse.Namespace, questions: list[str]) -> list[dict]:
     results = []
     try:
         client = OpenAI(base_url=f"{base}/v1", api_key="none", timeout=600, max_retries=0)
+        served = client.models.list().data[0].id  # the server refuses other model names
 
         def one(i: int) -> tuple[float, int]:
             t = time.perf_counter()
             res = client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": questions[i % len(questions)]}]
+                model=served, messages=[{"role": "user", "content": questions[i % len(questions)]}]
             )
             return time.perf_counter() - t, res.usage.completion_tokens
 
