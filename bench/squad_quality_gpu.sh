@@ -6,7 +6,7 @@
 # The machine is bare and keeps /tmp only while warm (seconds between calls), and a call
 # carries 64 MiB, so one chain of three calls, each started as soon as the last returns:
 #   embed  carries $Q (code.tgz: the worktree; data.tgz: the split without indexes, train5.jsonl
-#          = its training articles minus the validation article; tok/: SmolLM2's tokenizer;
+#          = its training articles minus the validation article; tok.tar.xz: SmolLM2's tokenizer;
 #          site.tar.xz: ragtune's pure-Python dependencies + chromadb + rapidfuzz for py3.12;
 #          minilm16.tar.xz: all-MiniLM-L6-v2 in float16, widened back to float32 here):
 #          train/embed_ft.py, then the packs with the tuned retriever (train + eval contexts).
@@ -36,7 +36,7 @@ case "${1:-}" in
 embed)
   t=$(ts)
   cd $W && tar xJf "$Q/site.tar.xz" && tar xJf "$Q/minilm16.tar.xz" && tar xzf "$Q/data.tgz" \
-    && cp -r "$Q/tok" $W/tok || exit 1
+    && tar xJf "$Q/tok.tar.xz" || exit 1
   code
   python3 - <<'EOF' || exit 1
 import shutil, torch
