@@ -1,6 +1,6 @@
 """Answer-or-abstain study, CPU half: retrieval and prompts for bench/squad_abstain_gpu.py.
 
-    python bench/squad_abstain_prep.py SPLIT_DIR PACK_DIR [--val-articles 1]
+    python bench/squad_abstain_prep.py SPLIT_DIR PACK_DIR [--val-articles 1] [--set KEY=VALUE ...]
 
 SPLIT_DIR is a train/prepare_squad.py split with all questions (--max-train 0 --max-test 0).
 One training article (seeded, by source) is held out as the validation split that fits the
@@ -8,7 +8,9 @@ threshold; the rest trains. Writes into PACK_DIR: ``train_<variant>.jsonl`` (ren
 prompt/completion examples from ragtune.raft.build_examples with ragtune's retriever on the
 training articles' index) and ``eval_val.jsonl`` / ``eval_test.jsonl`` (per question: rendered
 RAG prompt with the context the evaluation retriever returns, the closed-book prompt, golds,
-retrieval scores). The GPU half trains and decodes from these files alone.
+retrieval scores). The GPU half trains and decodes from these files alone. ``--set`` adds config
+overrides to every stage (e.g. ``retriever.embedding_model=DIR`` for a tuned embedder: training
+contexts and evaluation contexts then both come from it, each index rebuilt for it).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def main() -> int:
     ap.add_argument("--val-articles", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
 
     from ragtune.answerability import split_by_source
@@ -97,6 +100,7 @@ def main() -> int:
             "sft",
             [
                 *R,
+                *args.set,
                 *extra,
                 f"data.corpus={corpus}",
                 f"retriever.persist_dir={index}",

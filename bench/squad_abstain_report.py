@@ -145,9 +145,15 @@ def main() -> int:
             for n in (*SINGLE, "grounded", "retrieval")
         }
         hits = [r for r in test if r["answerable"] and r["hit"]]
+        # the answers without the decision: candidate F1 over the answerable test questions,
+        # and the overall a perfect answer-or-abstain decision would reach with them
+        cand = [max_over_gold(f1_score, r["candidate"], r["gold"]) for r in test if r["answerable"]]
+        ceiling = (sum(cand) + sum(1 for r in test if not r["answerable"])) / max(1, len(test))
         lines.append(
             f"|  | {mode} | feature AUROC (test) {aucs}; n_val={len(val)} "
-            f"n_test={len(test)} answerable-with-hit={len(hits)} | | | | | | |"
+            f"n_test={len(test)} answerable-with-hit={len(hits)}; candidate F1 (answerable) "
+            f"{100 * sum(cand) / max(1, len(cand)):.1f}, perfect-decision overall "
+            f"{100 * ceiling:.1f} | | | | | | |"
         )
     text = "\n".join(lines)
     text += "\n\n" + "\n".join(f"- {k}: {json.dumps(v)}" for k, v in sorted(infos.items()))
