@@ -146,6 +146,8 @@ def serve(cfg: DictConfig) -> None:
             s.host,
         )
     pipeline = open_pipeline(cfg)
+    # before the app exists: the batcher compiles its steps before any request arrives
+    pipeline.generator.start_batching(s.batching, s.max_batch)
     app = create_app(
         pipeline,
         s.api_key,

@@ -218,6 +218,8 @@ class ServerConfig:
     log_level: str
     history_tokens: int
     keep_alive_s: int
+    batching: str
+    max_batch: int
 
 
 @defaults_from("eval/default:models")
@@ -290,6 +292,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "server.port": (0, 65535, True, True),
     "server.max_body_bytes": (0, None, False, True),
     "server.max_queue": (0, None, False, True),
+    "server.max_batch": (0, None, False, True),
 }
 
 
@@ -412,6 +415,11 @@ def _check_combinations(cfg: DictConfig) -> None:
             )
     if "server" in cfg:
         need(bool(cfg.server.host), "server.host", "must name an address, e.g. 127.0.0.1")
+        need(
+            str(cfg.server.batching).lower() in ("auto", "true", "false"),
+            "server.batching",
+            f"must be auto, true or false, got {cfg.server.batching!r}",
+        )
 
 
 def _check_model_name(name: str) -> None:
