@@ -398,22 +398,38 @@ class StepBatcher:
 
 # --------------------------------------------------------------------------- for the Generator
 def batcher_for(
-    model: Any, tokenizer: Any, max_seq_len: int, max_batch: int = 32, warmup: bool = True
+    model: Any,
+    tokenizer: Any,
+    max_seq_len: int,
+    max_batch: int = 32,
+    warmup: bool = True,
+    invariant: bool = True,
 ) -> StepBatcher:
     """The server's batcher for a model; with ``warmup``, returns once it is warm.
 
     A bitsandbytes 4-bit model gets dense 16-bit copies of its weights (``quantize="dense"``:
-    its own weights, cuBLAS speed at 32 rows and for prompts), one set for every step size so
-    that an answer never depends on what else runs; a 16-bit model is used as it is. Returning
-    only when warm means every step is compiled and captured before a request touches the model.
+    its own weights, cuBLAS speed at 32 rows and for prompts); a 16-bit model is used as it is.
+    ``invariant``: one step size (all ``max_batch`` rows) and one prompt per prefill, so that
+    every request runs the same kernels whatever else runs: in bf16 each batch shape rounds
+    differently, and on the H200 answers diverged between steps of 1, 8 and 32 rows and
+    batched prefills (docs/benchmarks.md). The GEMM of a fixed shape computes each row alone,
+    so a row's tokens do not depend on the other rows. False: steps of 1, 8 and ``max_batch``
+    rows and batched prefill (3 compiles). Returns only when warm: every step is compiled and
+    captured before a request touches the model.
     """
     from ragtune.fastweights import has_bnb_4bit
 
     quantize = "dense" if has_bnb_4bit(model) else None
     decoder = FastDecoder(model, tokenizer, max_seq_len=max_seq_len, quantize=quantize)
-    # a lone request runs alone, a few share 8 rows: each size is one compile (a minute at 12B)
-    buckets = [b for b in (1, 8) if b < max_batch]
-    batcher = StepBatcher(decoder, max_batch=max_batch, buckets=buckets, warmup=warmup)
+    # each step size is one compile and CUDA graph (about a minute at 12B)
+    buckets = (max_batch,) if invariant else tuple(b for b in (1, 8) if b < max_batch)
+    batcher = StepBatcher(
+        decoder,
+        max_batch=max_batch,
+        buckets=buckets,
+        warmup=warmup,
+        prefill_tokens=1 if invariant else 16384,  # 1: each prompt alone
+    )
     batcher.ready.wait()
     log.info("continuous batching on: %d rows, steps of %s", max_batch, batcher.buckets)
     return batcher

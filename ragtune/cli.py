@@ -147,7 +147,7 @@ def serve(cfg: DictConfig) -> None:
         )
     pipeline = open_pipeline(cfg)
     # before the app exists: the batcher compiles its steps before any request arrives
-    pipeline.generator.start_batching(s.batching, s.max_batch)
+    pipeline.generator.start_batching(s.batching, s.max_batch, invariant=s.batch_invariant)
     app = create_app(
         pipeline,
         s.api_key,

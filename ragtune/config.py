@@ -220,6 +220,7 @@ class ServerConfig:
     keep_alive_s: int
     batching: str
     max_batch: int
+    batch_invariant: bool
 
 
 @defaults_from("eval/default:models")

@@ -246,7 +246,9 @@ class Generator:
         """The lock each generation holds: hold it to use the model otherwise (scoring)."""
         return self._lock
 
-    def start_batching(self, mode: str = "auto", max_batch: int = 32, warmup: bool = True) -> bool:
+    def start_batching(
+        self, mode: str = "auto", max_batch: int = 32, warmup: bool = True, invariant: bool = True
+    ) -> bool:
         """Serve greedy requests through one continuous batcher; returns whether it is on.
 
         ``mode``: ``auto`` = on for the CUDA fast path (``generate.fast`` on a GPU), ``true``
@@ -262,7 +264,7 @@ class Generator:
 
             self._fast = None  # the batcher serves every greedy request: free its copies
             self._batcher = batcher_for(
-                self.model, self.tokenizer, self.max_seq_length, max_batch, warmup
+                self.model, self.tokenizer, self.max_seq_length, max_batch, warmup, invariant
             )
         return self._batcher is not None
 

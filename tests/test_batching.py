@@ -159,3 +159,33 @@ def test_generator_sends_greedy_requests_through_one_batcher(decoder):
         assert gen.batching_stats()["requests"] == 8 and sampled.new_tokens >= 1
     finally:
         gen._batcher.close()
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_invariant_batcher_runs_one_shape_whatever_else_runs(decoder, invariant):
+    """The server's default (server.batch_invariant): every decode step has all max_batch rows
+    and every prompt is prefilled alone, so in bf16 a request meets the same kernels whether it
+    runs alone or among others; without it, steps shrink and prompts are prefilled together."""
+    from ragtune.batching import batcher_for
+
+    fd, tok = decoder
+    batcher = batcher_for(fd.model, tok, 160, max_batch=4, warmup=False, invariant=invariant)
+    steps: list[int] = []
+    waves: list[int] = []
+    step, prefill = batcher._step, batcher._prefill
+    batcher._step = lambda b, *a: steps.append(b) or step(b, *a)  # type: ignore[method-assign]
+    batcher._prefill = lambda w: waves.append(len(w)) or prefill(w)  # type: ignore[method-assign]
+    try:
+        prompts = [tok(t)["input_ids"] for t in PROMPTS[:4]]
+        wake, batcher._wake = batcher._wake, threading.Event()  # the engine sees all 4 at once
+        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
+        batcher._wake = wake
+        got = [r.result(timeout=60) for r in reqs]
+        alone = batcher.generate(prompts[0], 6, eos_ids=[])
+    finally:
+        batcher.close()
+    assert got == [fd.generate(p, 6, eos_ids=[]) for p in prompts] and alone == got[0]
+    if invariant:
+        assert set(steps) == {4} and set(waves) == {1}
+    else:
+        assert 1 in steps and max(waves) > 1
