@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=1024, help="model.max_seq_length")
     ap.add_argument("--batching", default="auto", help="server.batching: auto|true|false")
     ap.add_argument("--max-batch", type=int, default=32, help="server.max_batch")
+    ap.add_argument("--batch-invariant", default="true", help="server.batch_invariant: true|false")
     ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves")
     ap.add_argument("--sequential", type=int, default=-1, help="one-at-a-time requests (-1 all)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this")
@@ -163,7 +164,8 @@ def main() -> None:
 
     pipe = build_pipeline(args)
     t0 = time.perf_counter()
-    on = pipe.generator.start_batching(args.batching, args.max_batch)
+    invariant = args.batch_invariant.lower() == "true"
+    on = pipe.generator.start_batching(args.batching, args.max_batch, invariant=invariant)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     emit(
         {
