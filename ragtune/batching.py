@@ -5,11 +5,14 @@ the same step computes 32 rows for little more. Requests that arrive while other
 at the next step boundary (their prompt is run alone, into a free row of a shared KV cache),
 and a finished row is free for the next request at once.
 
-How: one engine thread owns the GPU work. The KV cache holds ``max_batch`` rows of
+How: one engine thread owns the batcher's GPU work. The KV cache holds ``max_batch`` rows of
 ``max_seq_len`` slots; each request's prompt starts at slot 0 of its row, so a row's slot is
-its position and no row needs padding. A decode step runs rows ``0..b-1``, with ``b`` the
-smallest of 1, 2, 4, ... that covers the highest busy row (new requests take the lowest free
-row), each ``b`` a compiled step captured once as a CUDA graph on a GPU.
+its position and no row needs padding. Requests waiting at a step boundary are prefilled
+together (right-padded into one forward of up to ``prefill_tokens`` tokens, then copied into
+their rows): one pass over the weights for the whole wave instead of one per prompt. A decode
+step runs rows ``0..b-1``, with ``b`` the smallest bucket that covers the highest busy row
+(new requests take the lowest free row), each ``b`` a compiled step captured once as a CUDA
+graph on a GPU.
 
 Hook for a server (one shared :class:`StepBatcher` per model; everything is thread-safe)::
 
@@ -106,6 +109,7 @@ class StepBatcher:
         max_batch: int = 32,
         buckets: Sequence[int] | None = None,
         warmup: bool = False,
+        prefill_tokens: int = 16384,
     ) -> None:
         if decoder._direct is None:
             raise BatchingError(
@@ -142,7 +146,12 @@ class StepBatcher:
         self._wake = threading.Event()
         self._closed = False
         self._warmup = warmup
-        self.steps = 0
+        # prompt tokens (padding included) per prefill forward: bounds its activations
+        self.prefill_tokens = max(1, int(prefill_tokens))
+        self.ready = threading.Event()  # set once warm (at once without warm-up)
+        self.steps = 0  # decode steps run
+        self.most_rows = 0  # the most rows one decode step carried
+        self.requests = 0  # requests admitted
         self._thread = threading.Thread(target=self._run, name="ragtune-batcher", daemon=True)
         self._thread.start()
 
@@ -203,6 +212,15 @@ class StepBatcher:
         self._wake.set()
         self._thread.join(timeout=30)
 
+    def stats(self) -> dict[str, int]:
+        return {
+            "rows": self.max_batch,
+            "busy": self.busy_rows,
+            "steps": self.steps,
+            "most_rows": self.most_rows,
+            "requests": self.requests,
+        }
+
     @property
     def busy_rows(self) -> int:
         return sum(r is not None for r in self._rows)
@@ -230,16 +248,33 @@ class StepBatcher:
             self._graphs[b] = g
         return g(ids, pos)
 
-    def _prefill(self, row: int, req: Request) -> int:
-        t = len(req.prompt)
+    def _prefill(self, wave: Sequence[tuple[int, Request]]) -> list[int]:
+        """Run the prompts of ``wave`` together; write their K/V into their rows.
+
+        Right padding: a prompt's real tokens never see the padding after them (causal), and
+        the slots the padding fills are rewritten by decode steps before any query reads them.
+        """
         dev = self.device
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=dev)
+        n, t = len(wave), max(len(req.prompt) for _, req in wave)
+        ids = torch.zeros((n, t), dtype=torch.long)
+        for j, (_, req) in enumerate(wave):
+            ids[j, : len(req.prompt)] = torch.tensor(req.prompt, dtype=torch.long)
+        ids = ids.to(dev)
+        last = torch.tensor([len(req.prompt) - 1 for _, req in wave], device=dev)
         slots = torch.arange(t, device=dev)
-        causal = torch.arange(self.max_seq_len, device=dev)[None, :] <= slots[:, None]
-        ks, vs = self.kv
-        kv = ([k[row : row + 1] for k in ks], [v[row : row + 1] for v in vs])
-        logits = self.direct.forward(ids, slots[None, :], slots, causal[None, None], kv)
-        return int(logits.argmax(dim=-1).item())
+        causal = slots[None, :] <= slots[:, None]
+        shape = (n, self.direct.n_kv, t, self.direct.head_dim)
+        dtype = self.direct.dtype
+        scratch = (
+            [torch.empty(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
+            [torch.empty(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
+        )
+        pos = slots[None, :].expand(n, t)
+        logits = self.direct.forward(ids, pos, slots, causal[None, None], scratch, last)
+        rows = torch.tensor([row for row, _ in wave], device=dev)
+        for cache, part in zip((*self.kv[0], *self.kv[1]), (*scratch[0], *scratch[1]), strict=True):
+            cache[:, :, :t].index_copy_(0, rows, part)  # a slice is a view: writes the cache
+        return logits.argmax(dim=-1).tolist()
 
     def _deliver(self, row: int, token: int) -> None:
         req = self._rows[row]
@@ -265,6 +300,8 @@ class StepBatcher:
             req._finish(error)
 
     def _admit(self) -> None:
+        """Give waiting requests the free rows and prefill them, in waves of prefill_tokens."""
+        wave: list[tuple[int, Request]] = []
         while not self._pending.empty() and None in self._rows:
             req = self._pending.get()
             if req.cancelled:
@@ -272,16 +309,28 @@ class StepBatcher:
                 continue
             row = self._rows.index(None)
             self._rows[row] = req
+            self.requests += 1
             self._length[row] = len(req.prompt)
             check = self.decoder._stop_checker(req.stop_strings)
             self._checks[row] = check
             self._full[row] = list(req.prompt) if check is not None else None
-            try:
-                token = self._prefill(row, req)
-            except Exception as e:  # this request fails; the others go on
-                log.exception("batcher: prefill failed")
+            longest = max([len(req.prompt), *(len(r.prompt) for _, r in wave)])
+            if wave and longest * (len(wave) + 1) > self.prefill_tokens:
+                self._prefill_wave(wave)
+                wave = []
+            wave.append((row, req))
+        if wave:
+            self._prefill_wave(wave)
+
+    def _prefill_wave(self, wave: list[tuple[int, Request]]) -> None:
+        try:
+            tokens = self._prefill(wave)
+        except Exception as e:  # these requests fail; the others go on
+            log.exception("batcher: prefill failed")
+            for row, _ in wave:
                 self._release(row, e)
-                continue
+            return
+        for (row, _), token in zip(wave, tokens, strict=True):
             self._deliver(row, token)
 
     def _decode_step(self) -> None:
@@ -293,6 +342,7 @@ class StepBatcher:
         if not busy:
             return
         b = next(s for s in self.buckets if s > busy[-1])
+        self.most_rows = max(self.most_rows, len(busy))
         ids = torch.tensor([[self._last[i]] for i in range(b)], dtype=torch.long)
         # a free row decodes at slot 0 of its own row: harmless, the next prompt rewrites it
         pos = torch.tensor(
@@ -314,7 +364,7 @@ class StepBatcher:
                 torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device),
             )
         n = max(1, min(512, self.max_seq_len // 2))
-        self._prefill(0, Request([0] * n, 1, set(), []))
+        self._prefill([(0, Request([0] * n, 1, set(), []))])
         log.info("batcher: warm (steps of %s rows)", self.buckets)
 
     @torch.inference_mode()
@@ -324,6 +374,7 @@ class StepBatcher:
                 self._warm()
             except Exception:  # requests still run; they pay the compile instead
                 log.exception("batcher: warm-up failed")
+        self.ready.set()
         while not self._closed:
             if self.busy_rows == 0:
                 self._wake.clear()
@@ -343,3 +394,71 @@ class StepBatcher:
                 self._release(i, BatchingError("the batcher closed"))
         while not self._pending.empty():
             self._pending.get()._finish(BatchingError("the batcher closed"))
+
+
+# --------------------------------------------------------------------------- for the Generator
+def batcher_for(
+    model: Any,
+    tokenizer: Any,
+    max_seq_len: int,
+    max_batch: int = 32,
+    warmup: bool = True,
+    invariant: bool = True,
+) -> StepBatcher:
+    """The server's batcher for a model; with ``warmup``, returns once it is warm.
+
+    A bitsandbytes 4-bit model gets dense 16-bit copies of its weights (``quantize="dense"``:
+    its own weights, cuBLAS speed at 32 rows and for prompts); a 16-bit model is used as it is.
+    ``invariant``: one step size (all ``max_batch`` rows) and one prompt per prefill, so that
+    every request runs the same kernels whatever else runs: in bf16 each batch shape rounds
+    differently, and on the H200 answers diverged between steps of 1, 8 and 32 rows and
+    batched prefills (docs/benchmarks.md). The GEMM of a fixed shape computes each row alone,
+    so a row's tokens do not depend on the other rows. False: steps of 1, 8 and ``max_batch``
+    rows and batched prefill (3 compiles). Returns only when warm: every step is compiled and
+    captured before a request touches the model.
+    """
+    from ragtune.fastweights import has_bnb_4bit
+
+    quantize = "dense" if has_bnb_4bit(model) else None
+    decoder = FastDecoder(model, tokenizer, max_seq_len=max_seq_len, quantize=quantize)
+    # each step size is one compile and CUDA graph (about a minute at 12B)
+    buckets = (max_batch,) if invariant else tuple(b for b in (1, 8) if b < max_batch)
+    batcher = StepBatcher(
+        decoder,
+        max_batch=max_batch,
+        buckets=buckets,
+        warmup=warmup,
+        prefill_tokens=1 if invariant else 16384,  # 1: each prompt alone
+    )
+    batcher.ready.wait()
+    log.info("continuous batching on: %d rows, steps of %s", max_batch, batcher.buckets)
+    return batcher
+
+
+def run_rows(
+    batcher: StepBatcher,
+    batch: Sequence[Sequence[int]],
+    max_new: int,
+    eos: Sequence[int],
+    stops: Sequence[str],
+    streamer: Any = None,
+    cancel: threading.Event | None = None,
+) -> list[list[int]]:
+    """Each prompt as one request (all queued at once); ``streamer`` (a transformers streamer)
+    gets the first row's tokens as they come, as ``generate`` would feed it."""
+    reqs = [batcher.submit(list(r), max_new, eos, stops) for r in batch]
+    if streamer is None:
+        return [r.result() for r in reqs]
+    got: list[int] = []
+    streamer.put(torch.tensor([list(batch[0])]))  # the prompt: a skip_prompt streamer drops it
+    try:
+        for tok in reqs[0]:
+            got.append(tok)
+            streamer.put(torch.tensor([tok]))
+            if cancel is not None and cancel.is_set():
+                break
+    finally:
+        for r in reqs:
+            r.cancel()  # no-op for a finished request; frees the row of an abandoned one
+    streamer.end()
+    return [got]

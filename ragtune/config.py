@@ -221,6 +221,9 @@ class ServerConfig:
     history_tokens: int
     keep_alive_s: int
     generation_only: bool
+    batching: str
+    max_batch: int
+    batch_invariant: bool
 
 
 @defaults_from("eval/default:models")
@@ -293,6 +296,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "server.port": (0, 65535, True, True),
     "server.max_body_bytes": (0, None, False, True),
     "server.max_queue": (0, None, False, True),
+    "server.max_batch": (0, None, False, True),
 }
 
 
@@ -415,6 +419,11 @@ def _check_combinations(cfg: DictConfig) -> None:
             )
     if "server" in cfg:
         need(bool(cfg.server.host), "server.host", "must name an address, e.g. 127.0.0.1")
+        need(
+            str(cfg.server.batching).lower() in ("auto", "true", "false"),
+            "server.batching",
+            f"must be auto, true or false, got {cfg.server.batching!r}",
+        )
     url = OmegaConf.select(cfg, "generate.engine_url")
     if url:
         need(

@@ -114,7 +114,8 @@ class DirectStack:
         self.lm_head = m.get_output_embeddings()
         dec = m.get_decoder()
         self.layers = list(dec.layers[: cfg.num_hidden_layers])
-        # int4 copies of the projections (q|k|v and gate|up fused), else the model's modules
+        # int4 (or dense 16-bit) copies of the projections, q|k|v and gate|up fused, else the
+        # model's own modules
         self.fused: list[Any] | None = None
         if int4 is not None:
             from ragtune.fastweights import convert_layers
@@ -234,8 +235,9 @@ class DirectStack:
         slots: torch.Tensor,  # [T] cache slots written by these tokens, or [B, 1]: one per row
         mask: torch.Tensor,  # [B, 1, T, S] bool: which cache slots each query sees
         kv: tuple[list[torch.Tensor], list[torch.Tensor]],
+        last: torch.Tensor | None = None,  # [B]: each row's last real position (right padding)
     ) -> torch.Tensor:
-        """Logits of the last position, float32 [B, V]; writes K/V of ``slots``."""
+        """Logits of the last position (or of ``last``), float32 [B, V]; writes K/V of ``slots``."""
         bsz, t = ids.shape
         h = self.embed(ids)
         cos = self.cos[pos].unsqueeze(1)  # [B, 1, T, D]
@@ -263,7 +265,8 @@ class DirectStack:
             h = h + (att.o_proj(o) if self.fused is None else self.fused[i].o(o))
             x = _rms(h, layer.post_attention_layernorm.weight, eps_post)
             h = h + self._mlp(i, layer.mlp, x)
-        h = _rms(h[:, -1:, :], self.final_norm.weight, self.final_eps)
+        h = h[:, -1:, :] if last is None else h[torch.arange(bsz, device=h.device), last, None]
+        h = _rms(h, self.final_norm.weight, self.final_eps)
         return self.lm_head(h)[:, -1, :].float()
 
     def _qkv(self, i: int, att: Any, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -15,7 +15,9 @@ tok/s in int4. This module
   the projections, q|k|v and gate|up fused (``ragtune.fastweights``), from a 16-bit or a
   bitsandbytes 4-bit model; ``"int8"`` = torchao weight-only int8 of a 16-bit model;
   ``"auto"`` (the default) = int4 for a bitsandbytes 4-bit model (what ``merged_4bit`` saves)
-  when gemlite's kernels can run, else the model's own weights.
+  when gemlite's kernels can run, else the model's own weights; ``"dense"`` = fused 16-bit
+  copies (a bitsandbytes model dequantized once: its own weights, at cuBLAS speed for many
+  rows; what the server's continuous batcher uses, ``ragtune.batching``).
 
 Measured at the Mistral-Nemo-12B shape (docs/benchmarks.md): HF generate 13 tok/s on an H100,
 this path 96 tok/s in bf16 and 114 tok/s with int8 there; the H200 figures for int4 are in the
@@ -49,7 +51,7 @@ from ragtune.errors import RagtuneError
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_CHOICES = (None, "auto", "int4", "int8")
+QUANTIZE_CHOICES = (None, "auto", "int4", "int8", "dense")
 GRAPH_CHOICES = ("manual", "trees", "none")
 MODES = ("auto", "direct", "hf")
 
@@ -144,6 +146,11 @@ class FastDecoder:
         int4 = None
         if quantize == "int4":
             int4 = {"group_size": group_size, "head": quantize_head, "kernel": int4_kernel}
+        elif quantize == "dense":
+            from ragtune.fastweights import DENSE, is_bnb_4bit
+
+            # a 16-bit LM head is used as it is: a copy would only cost memory
+            int4 = {"head": is_bnb_4bit(model.get_output_embeddings()), "kernel": DENSE}
         self._direct = DirectStack(model, self.max_seq_len, int4) if self.mode == "direct" else None
         self._hf_caches: dict[int, Any] = {}
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
@@ -195,6 +202,8 @@ class FastDecoder:
                 raise FastDecodeError(
                     f"quantize='int4' needs gemlite's kernels on a CUDA GPU ({gemlite_missing})"
                 )
+        if quantize == "dense" and self.mode != "direct":
+            raise FastDecodeError("quantize='dense' needs the direct path (Llama/Mistral/Qwen2)")
         if quantize == "int8" and bnb4:
             raise FastDecodeError("quantize='int8' needs a 16-bit model, not bitsandbytes 4-bit")
         return quantize

@@ -18,6 +18,12 @@ ran slower than bf16 (docs/benchmarks.md).
 
 ``kernel="reference"`` computes the same dequantized weights with a plain matmul: slow, for
 CPU tests of the decode path (the tokens are the int4 model's either way).
+
+``kernel="dense"`` is no int4 at all: fused 16-bit copies of the source weights (a bitsandbytes
+layer dequantized exactly as its own forward dequantizes it), for the continuous batcher
+(``ragtune.batching``): at 32 rows a cuBLAS bf16 GEMM streams the weights at full bandwidth and
+a 512-token prefill runs at bf16 matmul speed, where gemlite's int4 GEMMs took ~27 ms a step
+and 58 ms a prompt on the H200 (docs/benchmarks.md). Same weights as the NF4 model's forward.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 GROUP_SIZE = 64  # bitsandbytes NF4 blocks are 64 wide too: a group never spans two blocks
 KERNELS = ("gemlite", "reference")
+DENSE = "dense"  # fused 16-bit copies (DenseLinear), not int4
 
 
 class Int4Error(RagtuneError):
@@ -155,13 +162,34 @@ class Int4Linear(torch.nn.Module):
         )
 
 
+class DenseLinear(torch.nn.Module):
+    """y = x @ W^T with W the concatenated dense weights of one or several Linears (no bias)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    @classmethod
+    def from_linears(
+        cls, linears: Sequence[torch.nn.Module], dtype: torch.dtype = torch.bfloat16, *_: Any
+    ) -> DenseLinear:
+        for lin in linears:
+            if getattr(lin, "bias", None) is not None:
+                raise Int4Error(f"{type(lin).__name__} has a bias; the fused path has none")
+        return cls(torch.cat([dense_weight(lin, dtype) for lin in linears]))
+
+
 class FusedLayer(torch.nn.Module):
-    """One decoder layer's projections in int4: q|k|v, o, gate|up, down."""
+    """One decoder layer's projections fused: q|k|v, o, gate|up, down (int4, or dense)."""
 
     def __init__(self, layer: Any, dtype: torch.dtype, group_size: int, kernel: str) -> None:
         super().__init__()
         att, mlp = layer.self_attn, layer.mlp
-        make = Int4Linear.from_linears
+        make: Any = DenseLinear.from_linears if kernel == DENSE else Int4Linear.from_linears
         self.qkv = make([att.q_proj, att.k_proj, att.v_proj], dtype, group_size, kernel)
         self.o = make([att.o_proj], dtype, group_size, kernel)
         self.gate_up = make([mlp.gate_proj, mlp.up_proj], dtype, group_size, kernel)
@@ -192,19 +220,20 @@ def convert_layers(
     dtype: torch.dtype,
     group_size: int = GROUP_SIZE,
     kernel: str = "gemlite",
-) -> tuple[list[FusedLayer], Int4Linear | None]:
-    """Int4 copies of every layer's projections (and of the LM head, if given)."""
+) -> tuple[list[FusedLayer], torch.nn.Module | None]:
+    """Int4 (or, ``kernel="dense"``, fused 16-bit) copies of every layer's projections, and of
+    the LM head if given."""
     fused = []
     for layer in layers:
         fused.append(FusedLayer(layer, dtype, group_size, kernel))
-    new_head = Int4Linear.from_linears([head], dtype, group_size, kernel) if head else None
+    make: Any = DenseLinear.from_linears if kernel == DENSE else Int4Linear.from_linears
+    new_head = make([head], dtype, group_size, kernel) if head else None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log.info(
-        "fastdecode: %d layers' projections in int4 (group %d, %s kernels)%s",
+        "fastdecode: %d layers' projections fused, %s%s",
         len(fused),
-        group_size,
-        kernel,
+        "dense 16-bit" if kernel == DENSE else f"int4 (group {group_size}, {kernel} kernels)",
         ", LM head too" if new_head is not None else "",
     )
     return fused, new_head

@@ -14,6 +14,11 @@ values, and prompt + answer never exceed ``max_seq_length``. On CUDA a model
 loaded through Unsloth is switched to Unsloth's inference mode, and ``generate.fast`` hands
 greedy, non-streamed decoding to ``ragtune.fastdecode.FastDecoder`` (static KV cache and a
 compiled step: the same tokens, faster); without CUDA it warns and keeps the standard path.
+
+:meth:`Generator.start_batching` (the server: ``server.batching``) hands every greedy request
+(plain, streamed, ``n`` > 1) to one ``ragtune.batching.StepBatcher``, so concurrent requests
+share decode steps; each gets the tokens it gets alone. Sampled requests, and those that ban
+first tokens (scoring), keep the standard path and the generator's lock.
 """
 
 from __future__ import annotations
@@ -180,7 +185,7 @@ class TextStream:
         gen = self._gen
         ended = False
         try:
-            with gen._lock:
+            with gen._turn(self._decoding):
                 if self._cancel.is_set():
                     return
                 rows = gen._generate_ids(
@@ -199,7 +204,8 @@ class Generator:
     """Decodes answers for prompts rendered by the one schema.
 
     ``stream`` and ``generate`` hold a lock for the whole generation, so one Generator can
-    be shared by threads (a server's workers): requests run one after another.
+    be shared by threads (a server's workers): requests run one after another, except greedy
+    ones once :meth:`start_batching` ran (they share the batcher's decode steps).
     """
 
     model: Any
@@ -212,7 +218,8 @@ class Generator:
 
     def __post_init__(self) -> None:
         self.settings = _settings(self.gcfg)
-        self._lock = threading.Lock()  # one generation at a time
+        self._lock = threading.Lock()  # one generation at a time (outside the batcher)
+        self._batcher: Any = None  # ragtune.batching.StepBatcher, once start_batching ran
         stops = [*self.schema.stop_strings, *self.extra_stop_strings, *header_stops(self.schema)]
         self.stop_strings = list(dict.fromkeys(s for s in stops if s))
         self.eos_ids = self._eos_ids()
@@ -238,6 +245,37 @@ class Generator:
     def exclusive(self) -> threading.Lock:
         """The lock each generation holds: hold it to use the model otherwise (scoring)."""
         return self._lock
+
+    def start_batching(
+        self, mode: str = "auto", max_batch: int = 32, warmup: bool = True, invariant: bool = True
+    ) -> bool:
+        """Serve greedy requests through one continuous batcher; returns whether it is on.
+
+        ``mode``: ``auto`` = on for the CUDA fast path (``generate.fast`` on a GPU), ``true``
+        = wherever the direct decode path runs (a CPU test of the server), ``false`` = off.
+        See :func:`ragtune.batching.batcher_for`; it replaces the batch-1 fast decoder.
+        """
+        mode = str(mode).lower()
+        if mode not in ("auto", "true", "false"):
+            raise ValueError(f"batching must be auto, true or false, got {mode!r}")
+        auto_off = self._fast is None or self.device.type != "cuda"
+        if self._batcher is None and mode != "false" and not (mode == "auto" and auto_off):
+            from ragtune.batching import batcher_for
+
+            self._fast = None  # the batcher serves every greedy request: free its copies
+            self._batcher = batcher_for(
+                self.model, self.tokenizer, self.max_seq_length, max_batch, warmup, invariant
+            )
+        return self._batcher is not None
+
+    @property
+    def concurrency(self) -> int:
+        """Requests that can usefully generate at once: the batcher's rows, else 1."""
+        return self._batcher.max_batch if self._batcher is not None else 1
+
+    def batching_stats(self) -> dict[str, int] | None:
+        """The batcher's counters (None without one): for /healthz and the tests."""
+        return None if self._batcher is None else self._batcher.stats()
 
     def generate(self, prompt_text: str, decoding: Decoding = NO_CHANGE) -> GenerationResult:
         """One answer for a rendered prompt (``decoding`` changes this answer's decoding)."""
@@ -286,7 +324,7 @@ class Generator:
         for b in range(0, len(order), max(1, batch_size)):
             idx = order[b : b + max(1, batch_size)]
             t0 = time.perf_counter()
-            with self._lock:
+            with self._turn(decoding, block_first_tokens):
                 rows = self._generate_ids(
                     [encoded[i] for i in idx], decoding, block=block_first_tokens
                 )
@@ -298,6 +336,17 @@ class Generator:
         return [r for r in out if r is not None]
 
     # ----------------------------------------------------------------- internals
+    def _batched(self, decoding: Decoding, block: Sequence[int] = ()) -> bool:
+        """Whether this request goes to the batcher (greedy, nothing banned)."""
+        return (
+            self._batcher is not None and self._greedy and not self.samples(decoding) and not block
+        )
+
+    def _turn(self, decoding: Decoding, block: Sequence[int] = ()) -> Any:
+        """What a generation holds: nothing for the batcher (it orders its own work), else the
+        lock, so that the model runs one standard generation at a time."""
+        return contextlib.nullcontext() if self._batched(decoding, block) else self._lock
+
     def _result(
         self,
         row: list[int],
@@ -358,6 +407,11 @@ class Generator:
             if row:
                 input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
                 mask[i, width - len(row) :] = 1
+        if self._batched(decoding, block):
+            from ragtune.batching import run_rows
+
+            eos = sorted(self.eos_ids)
+            return run_rows(self._batcher, batch, max_new, eos, stops, streamer, cancel)
         greedy = self._greedy and not self.samples(decoding)
         if self._fast is not None and streamer is None and greedy and not block:
             # GPU fast path: static KV cache + compiled step; the same greedy tokens.

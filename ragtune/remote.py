@@ -231,10 +231,24 @@ class RemoteGenerator:
         stops = [*schema.stop_strings, *extra_stop_strings, *header_stops(schema)]
         self.stop_strings = list(dict.fromkeys(s for s in stops if s))
         self._by_text: dict[str, list[int]] | None = None  # token text -> ids (_first_id)
+        self._concurrency = 1
 
     def exclusive(self) -> contextlib.nullcontext:
         """No lock: the engine schedules concurrent requests itself."""
         return contextlib.nullcontext()
+
+    def start_batching(
+        self, mode: str = "auto", max_batch: int = 32, warmup: bool = True, invariant: bool = True
+    ) -> bool:
+        """The engine batches concurrent requests itself: the server lets ``max_batch`` of
+        them through at once (``concurrency``) and nothing starts here."""
+        self._concurrency = max(1, int(max_batch))
+        return False
+
+    @property
+    def concurrency(self) -> int:
+        """Requests the server sends to the engine at once (``server.max_batch``)."""
+        return self._concurrency
 
     def generate(self, prompt_text: str, decoding: Decoding = NO_CHANGE) -> GenerationResult:
         return self.generate_batch([prompt_text], 1, decoding)[0]

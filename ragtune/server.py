@@ -10,7 +10,9 @@ and in the ``x-ragtune-sources`` header (JSON), which LangChain's ``ChatOpenAI``
 ``include_response_headers=True``.
 
 Safety and load: the model answers one request at a time (an asyncio lock in front of a
-worker thread; waiting requests are cheap coroutines), more than ``max_queue`` waiting get
+worker thread; waiting requests are cheap coroutines), or, with continuous batching
+(``server.batching``), as many at once as the batcher has rows (they share decode steps, see
+:meth:`ragtune.generate.Generator.start_batching`); more than ``max_queue`` waiting get
 429, bodies over ``max_body_bytes`` get 413, a missing or wrong Bearer key gets 401, an
 unknown model 404, and malformed JSON or fields (a lone UTF-16 surrogate too) 400: every
 error in OpenAI's shape. A client that disconnects mid-stream stops its generation at the
@@ -125,10 +127,10 @@ def _replay(first: dict[str, Any], receive: Any) -> Any:
 
 
 class _Gate:
-    """One generation at a time; a bounded number of requests waiting for their turn."""
+    """``slots`` generations at a time (1 without batching); a bounded number waiting."""
 
-    def __init__(self, max_queue: int):
-        self.lock = asyncio.Lock()
+    def __init__(self, max_queue: int, slots: int = 1):
+        self.lock = asyncio.Semaphore(slots)  # a Lock's interface; slots=1 is one
         self.max_queue = max_queue
         self.waiting = 0
         self.served = 0
@@ -162,7 +164,8 @@ def create_app(
     ``generation_only``: an engine for another ragtune (:mod:`ragtune.generation_only`)."""
     model_id = model_id or getattr(pipeline, "name", None) or MODEL_ALIAS
     created = int(time.time())
-    gate = _Gate(max_queue)
+    generator = getattr(pipeline, "generator", None)
+    gate = _Gate(max_queue, getattr(generator, "concurrency", 1))
     count = token_counter(pipeline.tokenizer) if hasattr(pipeline, "tokenizer") else len
     app = FastAPI(title="ragtune", summary="RAG answers from a ragtune model")
     app.state.gate = gate
@@ -221,6 +224,7 @@ def create_app(
             "busy": gate.lock.locked(),
             "waiting": gate.waiting,
             "served": gate.served,
+            "batching": generator.batching_stats() if generator is not None else None,
         }
 
     @app.get("/v1/models")

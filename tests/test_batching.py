@@ -96,3 +96,96 @@ def test_cancel_frees_the_row_and_limits(decoder):
         batcher.close()
     with pytest.raises(BatchingError, match="closed"):
         batcher.submit(ids, 3)
+
+
+def test_dense_copies_give_the_models_own_tokens(decoder, tiny_lm_path):
+    """quantize="dense" (the batcher's weights for a 4-bit model): fused 16-bit copies of the
+    model's own weights, so the same greedy tokens as the model's modules."""
+    from ragtune.fastweights import DenseLinear
+
+    fd, tok = decoder
+    dense = FastDecoder(fd.model, tok, max_seq_len=160, compile=False, quantize="dense")
+    assert dense.quantize == "dense" and isinstance(dense._direct.fused[0].qkv, DenseLinear)
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        assert dense.generate(ids, 12, eos_ids=[]) == fd.generate(ids, 12, eos_ids=[])
+
+
+def test_generator_sends_greedy_requests_through_one_batcher(decoder):
+    """The server's wiring: plain, streamed and n=2 requests from threads share decode steps
+    and get the answers the generator gives without batching; sampling keeps its own path."""
+    from ragtune.config import GenerateConfig
+    from ragtune.generate import Decoding, Generator
+    from ragtune.schema import PromptFields, get_schema
+
+    fd, tok = decoder
+    schema = get_schema("alpaca_rag")
+    qs = ["Who built the lighthouse?", "When?", "Where is the harbour of Kessa?", "Why " * 20]
+    prompts = [schema.render_prompt(PromptFields(q, "", ["Ida built it."]), tok) for q in qs]
+    gcfg = GenerateConfig(max_new_tokens=20)
+    plain = Generator(fd.model, tok, schema, gcfg, max_seq_length=160)
+    want = [plain.generate(p) for p in prompts]
+    gen = Generator(fd.model, tok, schema, gcfg, max_seq_length=160)
+    assert gen.start_batching("auto") is False  # CPU: auto leaves it off
+    assert gen.start_batching("true", max_batch=4) and gen.concurrency == 4
+    try:
+        got: list = [None] * 6
+
+        def ask(i: int) -> None:
+            if i < 4 and i % 2:
+                stream = gen.stream(prompts[i])
+                text = "".join(stream)
+                assert text == stream.result.text
+                got[i] = stream.result
+            elif i < 4:
+                got[i] = gen.generate(prompts[i])
+            else:  # n=2 (answers of one prompt decoded together), as the server asks for n
+                got[i] = gen.generate_batch([prompts[i - 4]] * 2, batch_size=2)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for g, w in zip(got[:4], want, strict=True):
+            assert (g.text, g.token_ids, g.stop_reason) == (w.text, w.token_ids, w.stop_reason)
+        assert [r.token_ids for r in got[4] + got[5]] == [want[0].token_ids] * 2 + [
+            want[1].token_ids
+        ] * 2
+        stats = gen.batching_stats()
+        assert stats["requests"] == 8 and stats["most_rows"] >= 2 and stats["busy"] == 0
+        # sampling is not the batcher's: it runs under the lock, on the model's own generate
+        sampled = gen.generate(prompts[0], Decoding(temperature=1.0, seed=3))
+        assert gen.batching_stats()["requests"] == 8 and sampled.new_tokens >= 1
+    finally:
+        gen._batcher.close()
+
+
+@pytest.mark.parametrize("invariant", [True, False])
+def test_invariant_batcher_runs_one_shape_whatever_else_runs(decoder, invariant):
+    """The server's default (server.batch_invariant): every decode step has all max_batch rows
+    and every prompt is prefilled alone, so in bf16 a request meets the same kernels whether it
+    runs alone or among others; without it, steps shrink and prompts are prefilled together."""
+    from ragtune.batching import batcher_for
+
+    fd, tok = decoder
+    batcher = batcher_for(fd.model, tok, 160, max_batch=4, warmup=False, invariant=invariant)
+    steps: list[int] = []
+    waves: list[int] = []
+    step, prefill = batcher._step, batcher._prefill
+    batcher._step = lambda b, *a: steps.append(b) or step(b, *a)  # type: ignore[method-assign]
+    batcher._prefill = lambda w: waves.append(len(w)) or prefill(w)  # type: ignore[method-assign]
+    try:
+        prompts = [tok(t)["input_ids"] for t in PROMPTS[:4]]
+        wake, batcher._wake = batcher._wake, threading.Event()  # the engine sees all 4 at once
+        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
+        batcher._wake = wake
+        got = [r.result(timeout=60) for r in reqs]
+        alone = batcher.generate(prompts[0], 6, eos_ids=[])
+    finally:
+        batcher.close()
+    assert got == [fd.generate(p, 6, eos_ids=[]) for p in prompts] and alone == got[0]
+    if invariant:
+        assert set(steps) == {4} and set(waves) == {1}
+    else:
+        assert 1 in steps and max(waves) > 1

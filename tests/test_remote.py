@@ -152,6 +152,9 @@ def test_ragtunes_api_in_front_of_the_remote_engine(local, remote):
     """The OpenAI-compatible server in front stays ragtune's: same text and sources."""
     from ragtune.server import create_app
 
+    # what `ragtune serve` does before it builds the app: the engine batches, ragtune admits
+    assert remote.generator.start_batching("auto", 8) is False
+    assert remote.generator.concurrency == 8
     client = TestClient(create_app(remote))
     for q in QUESTIONS:
         a = local.answer(q)

@@ -620,3 +620,68 @@ def test_chat_openai_sources_and_structured_output(server):
 
     with pytest.raises(openai.BadRequestError, match="response_format is not supported"):
         llm.with_structured_output(Inventor).invoke("Who developed Corvanite?")
+
+
+# --------------------------------------------------------------------------- continuous batching
+def _answer(base: str, kind: str, question: str) -> str:
+    """One request of ``kind`` (chat / completion, plain / streamed, /ask): its answer text."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat = {"messages": [{"role": "user", "content": question}], "max_tokens": 24}
+    comp = {"prompt": question, "max_tokens": 24}
+    if kind == "ask":
+        r = httpx.post(f"{base}/ask", json={"question": question, "max_tokens": 24},
+                       headers=headers, timeout=120)  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.json()["answer"]
+    path, body = (
+        ("/v1/chat/completions", chat) if kind.startswith("chat") else ("/v1/completions", comp)
+    )
+    if not kind.endswith("stream"):
+        r = httpx.post(f"{base}{path}", json=body, headers=headers, timeout=120)
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]
+        return c["message"]["content"] if kind.startswith("chat") else c["text"]
+    text = ""
+    with httpx.stream("POST", f"{base}{path}", json={**body, "stream": True}, headers=headers,
+                      timeout=120) as r:  # fmt: skip
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:]).get("choices", []):
+                    text += (c.get("delta") or {}).get("content") or c.get("text") or ""
+    return text
+
+
+def test_batching_server_answers_concurrent_requests_as_one_at_a_time(
+    server, tmp_path, tiny_lm_path
+):
+    """server.batching=true (forced on CPU, float32): concurrent requests of every kind share
+    the batcher's decode steps and get exactly what the unbatched server answers one by one."""
+    from test_rag import build_model_dir
+
+    base_plain, _ = server
+    model_dir, _ = build_model_dir(tmp_path, tiny_lm_path)
+    proc, base, log = start_server(
+        model_dir, tmp_path / "outputs", "generate.max_new_tokens=8", "server.batching=true",
+        "server.max_batch=4",
+    )  # fmt: skip
+    try:
+        kinds = ["chat", "chat_stream", "completion", "completion_stream", "ask"] * 2
+        questions = [
+            "Who developed Corvanite?",
+            "On which day is the Lantern Tide festival held in Velmora?",
+            "What is Corvanite used for?",
+            "Where is Velmora?",
+            "Who designed the breakwater?",
+        ] * 2
+        jobs = list(zip(kinds, questions[1:] + questions[:1], strict=True))
+        want = [_answer(base_plain, k, q) for k, q in jobs]  # one at a time, no batcher
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            got = list(pool.map(lambda kq: _answer(base, *kq), jobs))
+        assert got == want
+        stats = httpx.get(f"{base}/healthz").json()["batching"]
+        assert stats["requests"] == len(jobs) and stats["busy"] == 0
+        assert stats["most_rows"] >= 2  # requests really decoded together
+        assert httpx.get(f"{base_plain}/healthz").json()["batching"] is None  # auto: off on CPU
+    finally:
+        assert stop_server(proc) == 0, log.read_text()[-2000:]

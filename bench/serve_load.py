@@ -1,0 +1,229 @@
+"""Concurrent streaming clients through the OpenAI-compatible server (issue 20.2).
+
+The real app (``ragtune.server.create_app`` over a ``RagPipeline``, closed book) runs under
+uvicorn in this process; ``--clients`` threads each send one streamed ``/v1/completions``
+request at once (a question of ``--prompt`` tokens, ``max_tokens=--new``). Reported per wave:
+aggregate tok/s (completion tokens of the wave / its wall time), p50/p95 latency and time to
+the first text piece. Then the same requests one at a time (``--sequential``): their answers
+must equal the concurrent ones (``equal``), and their speed is the lone-request figure.
+
+    # GPU, the Mistral-Nemo-12B shape with random weights, in NF4 as merged_4bit loads:
+    python bench/serve_load.py --random --model .gpu/smol_tok --bnb4 --clients 32
+    # CPU smoke test on a small model folder:
+    python bench/serve_load.py --model PATH --clients 4 --prompt 64 --new 8 --batching true
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("serve_load")
+
+
+def build_pipeline(args: argparse.Namespace) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.decode import random_nemo, to_bnb4
+    from ragtune.config import GenerateConfig
+    from ragtune.rag import RagPipeline
+    from ragtune.schema import get_schema
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    if args.random:
+        model = random_nemo(args.model, args.layers)
+    else:
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+        model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    if args.bnb4:
+        t0 = time.perf_counter()
+        model = to_bnb4(model)
+        log.info("NF4 in %.1fs", time.perf_counter() - t0)
+    gcfg = GenerateConfig(max_new_tokens=args.new, fast=torch.cuda.is_available())
+    return RagPipeline(
+        model,
+        tok,
+        get_schema("alpaca_rag"),
+        None,
+        gcfg,
+        max_seq_length=args.max_seq_len,
+        name="load",
+    )
+
+
+def questions(tok: Any, n: int, tokens: int) -> list[str]:
+    """``n`` different questions of 75-100% of ``tokens`` tokens (decoded random ids)."""
+    g = torch.Generator().manual_seed(0)
+    top = min(len(tok), 49152)  # ids the random model's head can emit, words for the tokenizer
+    out = []
+    for i in range(n):
+        k = int(tokens * (0.75 + 0.25 * ((i * 7) % n) / max(n - 1, 1)))
+        ids = torch.randint(1000, top, (k,), generator=g).tolist()
+        out.append(tok.decode(ids, skip_special_tokens=True).replace("#", " "))
+    return out
+
+
+def one(base: str, question: str, new: int) -> dict[str, Any]:
+    """One streamed completion: text, completion tokens, latency and time to first piece."""
+    body = {"prompt": question, "max_tokens": new, "stream": True}
+    t0 = time.perf_counter()
+    text, ttft, usage = "", None, {}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code, "text": "", "tokens": 0, "latency_s": 0.0}
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            piece = "".join(c.get("text") or "" for c in event.get("choices", []))
+            if piece and ttft is None:
+                ttft = time.perf_counter() - t0
+            text += piece
+            usage = event.get("usage") or usage
+    latency = time.perf_counter() - t0
+    return {
+        "status": 200,
+        "text": text,
+        "tokens": int(usage.get("completion_tokens", 0)),
+        "latency_s": latency,
+        "ttft_s": ttft if ttft is not None else latency,
+    }
+
+
+def pct(vals: list[float], q: float) -> float:
+    vals = sorted(vals)
+    return round(vals[min(len(vals) - 1, int(q * len(vals)))], 3) if vals else 0.0
+
+
+def wave(base: str, qs: list[str], new: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(qs)) as pool:
+        got = list(pool.map(lambda q: one(base, q, new), qs))
+    wall = time.perf_counter() - t0
+    tokens = sum(g["tokens"] for g in got)
+    return {
+        "clients": len(qs),
+        "wall_s": round(wall, 3),
+        "tokens": tokens,
+        "aggregate_tok_s": round(tokens / wall, 1),
+        "latency_p50_s": pct([g["latency_s"] for g in got], 0.5),
+        "latency_p95_s": pct([g["latency_s"] for g in got], 0.95),
+        "ttft_p50_s": pct([g["ttft_s"] for g in got], 0.5),
+        "ttft_p95_s": pct([g["ttft_s"] for g in got], 0.95),
+        "non_200": sum(g["status"] != 200 for g in got),
+        "texts": [g["text"] for g in got],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="model folder, or tokenizer with --random")
+    ap.add_argument("--random", action="store_true", help="random Nemo-12B shape (bench/decode)")
+    ap.add_argument("--layers", type=int, default=None, help="with --random: fewer layers")
+    ap.add_argument("--bnb4", action="store_true", help="NF4 Linear layers, as merged_4bit")
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--prompt", type=int, default=512, help="question tokens (75-100%%)")
+    ap.add_argument("--new", type=int, default=128, help="max_tokens of each request")
+    ap.add_argument("--max-seq-len", type=int, default=1024, help="model.max_seq_length")
+    ap.add_argument("--batching", default="auto", help="server.batching: auto|true|false")
+    ap.add_argument("--max-batch", type=int, default=32, help="server.max_batch")
+    ap.add_argument("--batch-invariant", default="true", help="server.batch_invariant: true|false")
+    ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves")
+    ap.add_argument("--sequential", type=int, default=-1, help="one-at-a-time requests (-1 all)")
+    ap.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this")
+    ap.add_argument("--json", default=None, help="append result lines here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    import uvicorn
+
+    from ragtune.server import create_app
+
+    start = time.perf_counter()
+
+    def emit(rec: dict[str, Any]) -> None:
+        rec = {**rec, "elapsed_s": round(time.perf_counter() - start, 1)}
+        print(json.dumps({k: v for k, v in rec.items() if k != "texts"}), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    pipe = build_pipeline(args)
+    t0 = time.perf_counter()
+    invariant = args.batch_invariant.lower() == "true"
+    on = pipe.generator.start_batching(args.batching, args.max_batch, invariant=invariant)
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    emit(
+        {
+            "what": "setup",
+            "device": dev,
+            "batching": on,
+            "warm_s": round(time.perf_counter() - t0, 1),
+        }
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(pipe, None, max_queue=1024)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=srv.run, daemon=True).start()
+    while not srv.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    qs = questions(pipe.tokenizer, args.clients, args.prompt)
+    emit({"what": "warm wave", **wave(base, qs, args.new)})  # prefill shapes, allocator
+    concurrent = None
+    for i in range(args.waves):
+        if time.perf_counter() - start > args.deadline_s:
+            break
+        concurrent = wave(base, qs, args.new)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+        emit({"what": f"wave {i + 1}", **concurrent, "peak_gib": round(mem, 1),
+              "batcher": pipe.generator.batching_stats()})  # fmt: skip
+    batcher = pipe.generator._batcher
+    if batcher is not None:  # the same prompts straight into the batcher: the server's cost
+        prompts = [pipe.generator.encode(pipe.render(q)) for q in qs]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            n_tok = sum(pool.map(lambda p: len(list(batcher.stream(p, args.new, [], []))), prompts))
+        wall = time.perf_counter() - t0
+        emit({"what": "batcher alone (no HTTP, no EOS/stops)", "clients": len(prompts),
+              "wall_s": round(wall, 3), "aggregate_tok_s": round(n_tok / wall, 1)})  # fmt: skip
+    n = len(qs) if args.sequential < 0 else min(args.sequential, len(qs))
+    seq: list[dict[str, Any]] = []
+    for q in qs[:n]:
+        if time.perf_counter() - start > args.deadline_s:
+            break
+        seq.append(one(base, q, args.new))
+    if seq and concurrent is not None:
+        same = [s["text"] == c for s, c in zip(seq, concurrent["texts"], strict=False)]
+        tokens = sum(s["tokens"] for s in seq)
+        emit({
+            "what": "one at a time",
+            "requests": len(seq),
+            "equal": sum(same),
+            "differ": [i for i, ok in enumerate(same) if not ok],
+            "tok_s_each": round(tokens / sum(s["latency_s"] for s in seq), 1),
+            "ttft_p50_s": pct([s["ttft_s"] for s in seq], 0.5),
+            "latency_p50_s": pct([s["latency_s"] for s in seq], 0.5),
+            "texts": [s["text"] for s in seq],
+        })  # fmt: skip
+    srv.should_exit = True
+
+
+if __name__ == "__main__":
+    main()
