@@ -7,7 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ragtune.generate import NO_CHANGE, Decoding, TextStream
+from ragtune.decoding import NO_CHANGE, Decoding
+from ragtune.generate import TextStream
 from ragtune.types import Chunk
 
 if TYPE_CHECKING:

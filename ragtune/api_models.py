@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from ragtune.generate import Decoding
+from ragtune.decoding import Decoding
 
 
 def _unicode(text: str) -> str:

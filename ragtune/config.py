@@ -419,11 +419,9 @@ def _check_combinations(cfg: DictConfig) -> None:
             )
     if "server" in cfg:
         need(bool(cfg.server.host), "server.host", "must name an address, e.g. 127.0.0.1")
-        need(
-            str(cfg.server.batching).lower() in ("auto", "true", "false"),
-            "server.batching",
-            f"must be auto, true or false, got {cfg.server.batching!r}",
-        )
+        batching = cfg.server.batching
+        ok = str(batching).lower() in ("auto", "true", "false")
+        need(ok, "server.batching", f"must be auto, true or false, got {batching!r}")
     url = OmegaConf.select(cfg, "generate.engine_url")
     if url:
         need(

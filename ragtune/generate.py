@@ -43,6 +43,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from ragtune.config import GenerateConfig
+from ragtune.decoding import NO_CHANGE, Decoding, GenerationResult, generate_settings
 from ragtune.schema import PromptSchema
 from ragtune.stopping import StopOnText, cleans_up, finish_text, header_stops
 
@@ -51,60 +52,6 @@ log = logging.getLogger(__name__)
 # Special tokens that end a turn in common model families, stopped on when the vocabulary has
 # them (SmolLM2's EOS is <|im_end|>, but it may also emit <|endoftext|>).
 _END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|end_of_text|>")
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Per-request decoding; ``None`` keeps the ``generate`` config's value.
-
-    ``max_new_tokens`` may be larger than the config's default (it is cut to what
-    ``max_seq_length`` leaves after the prompt); ``temperature`` 0 is greedy; ``seed`` makes
-    sampling repeatable; ``stop`` adds stop strings to the schema's (trimmed like them).
-    """
-
-    max_new_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-NO_CHANGE = Decoding()
-
-
-@dataclass
-class GenerationResult:
-    """One generated answer.
-
-    ``text`` is the answer (stop string trimmed, surrounding whitespace stripped),
-    ``token_ids`` the generated ids before EOS, ``new_tokens`` every token generated (EOS
-    included), ``stop_reason`` one of ``eos``, ``stop_string``, ``length``.
-    """
-
-    text: str
-    token_ids: list[int]
-    stop_reason: str
-    new_tokens: int
-    seconds: float
-    prompt_tokens: int = 0
-    batch_rows: int = 1  # answers decoded together in ``seconds``
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def _settings(gcfg: Any) -> GenerateConfig:
-    """A GenerateConfig from a dataclass, a DictConfig/dict, or None (the defaults)."""
-    if gcfg is None:
-        return GenerateConfig()
-    if isinstance(gcfg, GenerateConfig):
-        return gcfg
-    get = gcfg.get if hasattr(gcfg, "get") else lambda k, d: getattr(gcfg, k, d)
-    defaults = GenerateConfig()
-    return GenerateConfig(
-        **{k: get(k, getattr(defaults, k)) for k in GenerateConfig.__dataclass_fields__}
-    )
 
 
 class TextStream:
@@ -217,7 +164,7 @@ class Generator:
     settings: GenerateConfig = field(init=False)
 
     def __post_init__(self) -> None:
-        self.settings = _settings(self.gcfg)
+        self.settings = generate_settings(self.gcfg)
         self._lock = threading.Lock()  # one generation at a time (outside the batcher)
         self._batcher: Any = None  # ragtune.batching.StepBatcher, once start_batching ran
         stops = [*self.schema.stop_strings, *self.extra_stop_strings, *header_stops(self.schema)]

@@ -31,7 +31,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ragtune.api_models import ApiError, Text
-from ragtune.generate import Decoding, GenerationResult
+from ragtune.decoding import Decoding, GenerationResult
 from ragtune.stopping import cut_stop
 
 BAN = -100  # OpenAI's logit_bias value that excludes a token

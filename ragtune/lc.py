@@ -44,7 +44,7 @@ from pydantic import ConfigDict
 
 from ragtune.budget import token_counter
 from ragtune.conversation import HISTORY_TOKENS, Turn, turn_from_messages
-from ragtune.generate import Decoding
+from ragtune.decoding import Decoding
 from ragtune.schema import PromptFields, PromptSchema
 
 

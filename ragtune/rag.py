@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from ragtune.answer import Answer, AnswerStream, Prepared
 from ragtune.answerability import MANIFEST_KEY, Calibration, assess, is_abstained
 from ragtune.budget import context_budget, fit_prompt, token_counter, tokenizer_key
+from ragtune.decoding import NO_CHANGE, Decoding, GenerationResult
 from ragtune.errors import RagtuneError
-from ragtune.generate import NO_CHANGE, Decoding, GenerationResult
 from ragtune.modelcard import (
     MismatchError,
     check_files,

@@ -40,8 +40,9 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ragtune.decoding import NO_CHANGE, Decoding, GenerationResult, generate_settings
 from ragtune.errors import RagtuneError
-from ragtune.generate import NO_CHANGE, Decoding, GenerationResult, Generator, _settings
+from ragtune.generate import Generator
 from ragtune.stopping import cleans_up, finish_text, header_stops
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ class RemoteGenerator:
     ):
         self.model = self.engine = model
         self.tokenizer, self.schema = tokenizer, schema
-        self.settings = _settings(gcfg)
+        self.settings = generate_settings(gcfg)
         self.max_seq_length = int(max_seq_length)
         stops = [*schema.stop_strings, *extra_stop_strings, *header_stops(schema)]
         self.stop_strings = list(dict.fromkeys(s for s in stops if s))
@@ -430,7 +431,7 @@ def load_or_connect(path: str, gcfg: Any, **load: Any) -> tuple[Any, Any]:
     from ragtune.loading import LoadError, load_model, load_tokenizer
     from ragtune.models import ModelNotFoundError, resolve_model
 
-    settings = _settings(gcfg)
+    settings = generate_settings(gcfg)
     if not settings.engine_url:
         return load_model(path, **load)
     engine = Engine(settings.engine_url, settings.engine_model)

@@ -45,8 +45,8 @@ from ragtune.api_models import (
 )
 from ragtune.budget import token_counter
 from ragtune.conversation import HISTORY_TOKENS, Turn, turn_from_messages
+from ragtune.decoding import Decoding
 from ragtune.errors import RagtuneError
-from ragtune.generate import Decoding
 
 log = logging.getLogger(__name__)
 
