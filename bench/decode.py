@@ -356,25 +356,19 @@ def load(path: str, bnb4: bool = False) -> Any:
     return model
 
 
-def gemv_floor(model: Any, reps: int = 20) -> dict:
-    """Time of every Linear of the model at batch 1 (M=1), replayed as one CUDA graph.
-
-    The weight-streaming floor of a decode step with these kernels (cuBLAS for bf16): what
-    the rest of the step (attention, norms, rope, sampling, launches) adds comes on top.
-    """
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+def graph_seconds(mods: list, reps: int) -> float:
+    """Seconds per replay of one CUDA graph calling every module once on a bf16 row (M=1)."""
     xs = {
         m.in_features: torch.randn(1, m.in_features, device="cuda", dtype=torch.bfloat16)
-        for m in linears
+        for m in mods
     }
-    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
     with torch.inference_mode():
-        for m in linears:
+        for m in mods:
             m(xs[m.in_features])
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            for m in linears:
+            for m in mods:
                 m(xs[m.in_features])
         g.replay()
         torch.cuda.synchronize()
@@ -382,7 +376,18 @@ def gemv_floor(model: Any, reps: int = 20) -> dict:
         for _ in range(reps):
             g.replay()
         torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / reps
+    return (time.perf_counter() - t0) / reps
+
+
+def gemv_floor(model: Any, reps: int = 20) -> dict:
+    """Time of every Linear of the model at batch 1 (M=1), replayed as one CUDA graph.
+
+    The weight-streaming floor of a decode step with these kernels (cuBLAS for bf16): what
+    the rest of the step (attention, norms, rope, sampling, launches) adds comes on top.
+    """
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    dt = graph_seconds(linears, reps)
     return {
         "variant": "floor_bf16_linears",
         "batch": 1,
@@ -404,28 +409,10 @@ def int4_floor(fd: FastDecoder, reps: int = 20) -> dict | None:
     mods = [m for f in direct.fused for m in (f.qkv, f.o, f.gate_up, f.down)]
     if hasattr(direct.lm_head, "kernel"):
         mods.append(direct.lm_head)
-    xs = {
-        m.in_features: torch.randn(1, m.in_features, device="cuda", dtype=torch.bfloat16)
-        for m in mods
-    }
     nbytes = sum(
         t.numel() * t.element_size() for m in mods for t in m._args[0][:3] if t is not None
     )
-    with torch.inference_mode():
-        for m in mods:
-            m(xs[m.in_features])
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for m in mods:
-                m(xs[m.in_features])
-        g.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            g.replay()
-        torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / reps
+    dt = graph_seconds(mods, reps)
     return {
         "kernels": len(mods),
         "weight_gb": round(nbytes / 1e9, 2),

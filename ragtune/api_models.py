@@ -71,8 +71,8 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class _Generation(BaseModel):
-    """The decoding fields shared by chat and text completions."""
+class DecodingFields(BaseModel):
+    """The OpenAI decoding fields every completion request has (also generation-only mode's)."""
 
     model_config = ConfigDict(extra="allow")
     model: str = ""
@@ -82,6 +82,21 @@ class _Generation(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
     stop: Text | list[Text] | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in stops if s)
+
+    def decoding(self) -> Decoding:
+        return Decoding(self._max_tokens(), self.temperature, self.top_p, self.seed, self.stops())
+
+    def _max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class _Generation(DecodingFields):
+    """Chat and text completions: several answers (``n``) and OpenAI's other fields checked."""
+
     n: int = Field(default=1, ge=1, le=8)
 
     @model_validator(mode="after")
@@ -99,19 +114,6 @@ class _Generation(BaseModel):
         if self.n > 1 and self.stream:
             raise ValueError("n > 1 cannot be streamed; ask without stream")
         return self
-
-    def decoding(self) -> Decoding:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return Decoding(
-            max_new_tokens=self._max_tokens(),
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=tuple(s for s in stops if s),
-        )
-
-    def _max_tokens(self) -> int | None:
-        return self.max_tokens
 
 
 class ChatRequest(_Generation):

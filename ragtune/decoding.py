@@ -6,6 +6,8 @@ server, LangChain and the remote engine use them without importing torch or tran
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,3 +66,26 @@ def generate_settings(gcfg: Any) -> GenerateConfig:
     return GenerateConfig(
         **{k: get(k, getattr(defaults, k)) for k in GenerateConfig.__dataclass_fields__}
     )
+
+
+class PieceStream:
+    """An answer as text pieces from the subclass's ``_run`` generator; ``result`` is the whole
+    answer once they are exhausted (the pieces concatenate to ``result.text``)."""
+
+    _it: Iterator[str]
+    result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def _stop_iterating(self) -> None:
+        with contextlib.suppress(ValueError):  # iterated in another thread now: it sees a flag
+            self._it.close()
+
+
+def new_text(text: str, emitted: str) -> str:
+    """What ``text`` adds to the already emitted prefix ('' when it adds nothing)."""
+    return text[len(emitted) :] if text.startswith(emitted) and len(text) > len(emitted) else ""

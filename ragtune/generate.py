@@ -43,7 +43,14 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from ragtune.config import GenerateConfig
-from ragtune.decoding import NO_CHANGE, Decoding, GenerationResult, generate_settings
+from ragtune.decoding import (
+    NO_CHANGE,
+    Decoding,
+    GenerationResult,
+    PieceStream,
+    generate_settings,
+    new_text,
+)
 from ragtune.schema import PromptSchema
 from ragtune.stopping import StopOnText, cleans_up, finish_text, header_stops
 
@@ -54,7 +61,7 @@ log = logging.getLogger(__name__)
 _END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|end_of_text|>")
 
 
-class TextStream:
+class TextStream(PieceStream):
     """Iterator over the text pieces of one streamed answer; ``.result`` once exhausted.
 
     The pieces concatenate to exactly ``result.text``. The model runs in a worker thread
@@ -81,17 +88,10 @@ class TextStream:
         self._it = self._run()
         self.result: GenerationResult | None = None
 
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._it)
-
     def close(self) -> None:
         """Stop generating; safe from any thread, also while another thread is iterating."""
         self._cancel.set()
-        with contextlib.suppress(ValueError):  # iterated in another thread now: it sees cancel
-            self._it.close()
+        self._stop_iterating()
 
     def __del__(self) -> None:
         self._cancel.set()
@@ -110,8 +110,8 @@ class TextStream:
                     continue  # drain until the generation thread ends
                 raw += piece
                 visible, hit = finish_text(raw, self._stops, final=False)
-                if visible.startswith(emitted) and len(visible) > len(emitted):
-                    yield visible[len(emitted) :]
+                if piece := new_text(visible, emitted):
+                    yield piece
                     emitted = visible
                 if hit:
                     self._cancel.set()
@@ -124,8 +124,8 @@ class TextStream:
             raise self._error
         # The answer is read from the ids, exactly as generate() reads them.
         result = gen._result(self._row, time.perf_counter() - t0, len(ids), stops=self._stops)
-        if result.text.startswith(emitted) and len(result.text) > len(emitted):
-            yield result.text[len(emitted) :]
+        if tail := new_text(result.text, emitted):
+            yield tail
         self.result = result
 
     def _work(self, ids: list[int]) -> None:

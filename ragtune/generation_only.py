@@ -28,28 +28,20 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from ragtune.api_models import ApiError, Text
-from ragtune.decoding import Decoding, GenerationResult
+from ragtune.api_models import ApiError, DecodingFields, Text
+from ragtune.decoding import GenerationResult
 from ragtune.stopping import cut_stop
 
 BAN = -100  # OpenAI's logit_bias value that excludes a token
 _REFUSED = ("suffix", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
-class EngineCompletionRequest(BaseModel):
+class EngineCompletionRequest(DecodingFields):
     """``/v1/completions`` in generation-only mode (see the module docstring)."""
 
-    model_config = ConfigDict(extra="allow")
-    model: str = ""
     prompt: Text | list[Annotated[int, Field(ge=0)]]
-    stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
-    stop: Text | list[Text] | None = None
     n: int = Field(default=1, ge=1, le=1)
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
@@ -70,19 +62,12 @@ class EngineCompletionRequest(BaseModel):
             raise ValueError("stream: not with echo or logit_bias")
         return self
 
-    def stops(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return tuple(s for s in stops if s)
-
-    def decoding(self) -> Decoding:
-        return Decoding(self.max_tokens, self.temperature, self.top_p, self.seed, self.stops())
-
 
 def mount_generation_only(
     app: FastAPI, pipeline: Any, gate: Any, check_model: Callable[[str], None], model_id: str
 ) -> None:
     """Add generation-only ``/v1/completions`` to ``app``; ``gate`` gives the model's turns."""
-    from ragtune.server import _GuardedStream
+    from ragtune.server import _GuardedStream, release_once
 
     generator = pipeline.generator
     # The same model, lock and fast path; only the request's stop strings, and ids as they come.
@@ -158,14 +143,7 @@ def mount_generation_only(
             finally:
                 await done()
 
-        released = False
-
-        async def done() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                pieces.close()
-                await gate.__aexit__(None, None, None)
+        done = release_once(pieces.close, gate)
 
         return _GuardedStream(events(), on_close=done, media_type="text/event-stream")
 

@@ -40,7 +40,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ragtune.decoding import NO_CHANGE, Decoding, GenerationResult, generate_settings
+from ragtune.decoding import (
+    NO_CHANGE,
+    Decoding,
+    GenerationResult,
+    PieceStream,
+    generate_settings,
+    new_text,
+)
 from ragtune.errors import RagtuneError
 from ragtune.generate import Generator
 from ragtune.stopping import cleans_up, finish_text, header_stops
@@ -370,7 +377,7 @@ class RemoteGenerator:
         return GenerationResult(text, ids, reason, new_tokens or len(ids), seconds, prompt_tokens)
 
 
-class RemoteTextStream:
+class RemoteTextStream(PieceStream):
     """:class:`ragtune.generate.TextStream` over an engine's SSE stream: the same pieces (a
     tail that might become a stop string is held back), ``.result`` once exhausted, and
     ``close()`` (any thread) drops the connection so the engine stops generating."""
@@ -381,16 +388,9 @@ class RemoteTextStream:
         self._it = self._run()
         self.result: GenerationResult | None = None
 
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._it)
-
     def close(self) -> None:
         self._closed = True  # seen at the next event when another thread is iterating
-        with contextlib.suppress(ValueError):
-            self._it.close()
+        self._stop_iterating()
 
     def _run(self) -> Iterator[str]:
         gen, decoding = self._gen, self._decoding
@@ -410,16 +410,16 @@ class RemoteTextStream:
                     raw += choice.get("text") or ""
                     last = {**last, **{k: v for k, v in choice.items() if v is not None}}
                 visible, hit = finish_text(raw, stops, final=False)
-                if visible.startswith(emitted) and len(visible) > len(emitted):
-                    yield visible[len(emitted) :]
+                if piece := new_text(visible, emitted):
+                    yield piece
                     emitted = visible
                 if hit:
                     break
         finally:
             events.close()  # drops the connection when the answer ended early
         result = gen.result(raw, last, new, time.perf_counter() - t0, len(ids), decoding)
-        if result.text.startswith(emitted) and len(result.text) > len(emitted):
-            yield result.text[len(emitted) :]
+        if tail := new_text(result.text, emitted):
+            yield tail
         self.result = result
 
 

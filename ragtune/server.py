@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -359,15 +359,7 @@ def create_app(
             finally:
                 await done()
 
-        released = False
-
-        async def done() -> None:
-            """Stop the generation and give the turn back, exactly once."""
-            nonlocal released
-            if not released:
-                released = True
-                stream.close()
-                await gate.__aexit__(None, None, None)
+        done = release_once(stream.close, gate)
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         headers["x-ragtune-sources"] = _sources_header(stream.chunks)
@@ -396,6 +388,21 @@ def _sources_header(chunks: Any) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
+def release_once(stop: Callable[[], None], gate: Any) -> Callable[[], Awaitable[None]]:
+    """What ends a stream however it ends (done, error, client gone): stop the generation and
+    give the gate's turn back, exactly once."""
+    released = False
+
+    async def done() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            stop()
+            await gate.__aexit__(None, None, None)
+
+    return done
+
+
 class _GuardedStream(StreamingResponse):
     """A streaming response that runs ``on_close`` however it ends.
 
