@@ -258,6 +258,10 @@ class RemoteGenerator:
         """Requests the server sends to the engine at once (``server.max_batch``)."""
         return self._concurrency
 
+    def batching_stats(self) -> None:
+        """No batcher here (the engine's own batching is not visible): /healthz shows null."""
+        return None
+
     def generate(self, prompt_text: str, decoding: Decoding = NO_CHANGE) -> GenerationResult:
         return self.generate_batch([prompt_text], 1, decoding)[0]
 

@@ -156,6 +156,8 @@ def test_ragtunes_api_in_front_of_the_remote_engine(local, remote):
     assert remote.generator.start_batching("auto", 8) is False
     assert remote.generator.concurrency == 8
     client = TestClient(create_app(remote))
+    health = client.get("/healthz")
+    assert health.status_code == 200 and health.json()["batching"] is None
     for q in QUESTIONS:
         a = local.answer(q)
         body = {"messages": [{"role": "user", "content": q}], "stream": True}
