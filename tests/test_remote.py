@@ -9,34 +9,19 @@ at all) would differ.
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from test_one_path import QUESTIONS, trained  # noqa: F401  (the module fixture)
 from test_rag import ask_cfg
-from test_server import free_port
+from test_server import free_port, serve_in_thread
 
 from ragtune.config import ConfigError, compose, validate
 from ragtune.generate import Decoding
 from ragtune.remote import Engine, EngineError, RemoteGenerator
 
 KEY = "engine-key-1"
-
-
-def _serve(app) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", srv, thread
 
 
 def _engine_app(trained, api_key=None):  # noqa: F811
@@ -53,7 +38,7 @@ def _engine_app(trained, api_key=None):  # noqa: F811
 @pytest.fixture(scope="module")
 def engine(trained):  # noqa: F811
     """ragtune's server in generation-only mode, on loopback: its base URL."""
-    base, srv, thread = _serve(_engine_app(trained))
+    base, srv, thread = serve_in_thread(_engine_app(trained))
     yield base
     srv.should_exit = True
     thread.join(10)
@@ -201,7 +186,7 @@ def test_engine_down_or_refusing_is_one_line_naming_the_url(trained, remote):  #
     msg = str(e.value)
     assert "\n" not in msg and dead in msg and "generate.engine_url" in msg
     # an engine that goes away after start: the answer fails with one line, not a traceback
-    base, srv, thread = _serve(_engine_app(trained, api_key=KEY))
+    base, srv, thread = serve_in_thread(_engine_app(trained, api_key=KEY))
     try:
         with pytest.raises(EngineError, match="401") as e:  # no key: an HTTP error, named
             open_pipeline(_remote_cfg(trained, base), [])

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_in_thread(app) -> tuple[str, object, threading.Thread]:
+    """``app`` under uvicorn in a daemon thread on a free loopback port: (base URL, server,
+    thread); stop with ``server.should_exit = True`` and ``thread.join()``."""
+    import uvicorn
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", srv, thread
 
 
 def start_server(
@@ -441,22 +457,13 @@ class _CountingStream:
 @pytest.fixture()
 def counting_server():
     """The real app under uvicorn on loopback, in this process, over a counting pipeline."""
-    import threading
-
-    import uvicorn
 
     from ragtune.server import create_app
 
     pipe = _CountingPipeline()
     app = create_app(pipe, KEY)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    yield pipe, app, f"http://127.0.0.1:{port}"
+    base, srv, thread = serve_in_thread(app)
+    yield pipe, app, base
     srv.should_exit = True
     thread.join(10)
 
