@@ -122,6 +122,8 @@ class FastDecoder:
         group_size: int = 64,
         quantize_head: bool = True,
         int4_kernel: str = "gemlite",
+        int4_dense_rows: int = 128,
+        int4_kernel_cache: bool = False,
     ) -> None:
         if quantize not in QUANTIZE_CHOICES:
             raise FastDecodeError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -144,8 +146,16 @@ class FastDecoder:
             quantize_weights(self.model, quantize)
         self.quantize = quantize
         int4 = None
+        # int4: prompts of int4_dense_rows rows or more run through dequantized 16-bit weights
+        # (cuBLAS); int4_kernel_cache: gemlite's ring-buffer outputs inside the captured graph
+        self.int4_kernel_cache = bool(int4_kernel_cache) and quantize == "int4"
         if quantize == "int4":
-            int4 = {"group_size": group_size, "head": quantize_head, "kernel": int4_kernel}
+            int4 = {
+                "group_size": group_size,
+                "head": quantize_head,
+                "kernel": int4_kernel,
+                "dense_rows": int4_dense_rows,
+            }
         elif quantize == "dense":
             from ragtune.fastweights import DENSE, is_bnb_4bit
 
@@ -265,7 +275,10 @@ class FastDecoder:
                     torch.full((1,), seq - 1, dtype=torch.long, device=dev),
                     torch.ones((bsz, seq), dtype=torch.bool, device=dev),
                 )
-                g = GraphedStep(self._step_fn, example, state)
+                from ragtune.fastweights import kernel_cache
+
+                with kernel_cache(self.int4_kernel_cache and self._direct.fused is not None):
+                    g = GraphedStep(self._step_fn, example, state)
             except Exception as e:  # capture is best effort: the compiled step still works
                 log.warning("fastdecode: CUDA graph capture failed (%s); running uncaptured", e)
                 self.graph = "none"
@@ -279,11 +292,12 @@ class FastDecoder:
         if self._direct is not None:
             kv = self._direct.cache(bsz)
             slots = torch.arange(t, device=ids.device)
-            causal = torch.arange(self.max_seq_len, device=ids.device)[None, :] <= slots[:, None]
-            mask = causal[None, :, :] & keep[:, None, :]
+            causal = slots[None, :] <= slots[:, None]
+            # slots past the prompt are masked anyway: attend over the prompt's t slots only
+            mask = causal[None, :, :] & keep[:, None, :t]
             # padding queries see only themselves: finite values, never read by real tokens
             mask[:, slots, slots] = True
-            logits = self._direct.forward(ids, pos, slots, mask[:, None], kv)
+            logits = self._direct.forward(ids, pos, slots, mask[:, None], kv, kv_len=t)
             return logits.argmax(dim=-1), kv
         cache = self._hf_cache(bsz)
         attn = keep[:, :t].long() if padded else None
