@@ -9,7 +9,10 @@ tok/s in int4. This module
 - compiles one decode step (all layers + argmax) with ``torch.compile`` and captures it once as
   a CUDA graph (``graph="manual"``, the default; ``"trees"`` = torch.compile's reduce-overhead
   CUDA graphs, ~8% slower at 12B), so a token is one graph launch,
-- runs the prompt (prefill) eagerly, since its length varies,
+- runs the prompt (prefill) eagerly, since its length varies, attending over the prompt's
+  own slots only; with int4 weights a prompt of ``int4_dense_rows`` rows or more (128) runs
+  through dequantized 16-bit copies of one projection at a time and cuBLAS (gemlite's int4
+  GEMM ran at a quarter of the chip's bf16 matmul rate: 58 of the 72 ms to first token at 12B),
 - optionally holds the weights in fewer bits (fewer bytes read per token; the tokens are then
   the quantized model's): ``quantize="int4"`` = gemlite's Triton kernels over int4 copies of
   the projections, q|k|v and gate|up fused (``ragtune.fastweights``), from a 16-bit or a

@@ -393,6 +393,82 @@ def test_fastdecode_serves_a_bnb_4bit_model_in_int4_by_default(tokenizer_dir, sm
     assert max(gaps) < 0.05, gaps
 
 
+def test_gemlite_keeps_the_layout_the_prompt_path_unpacks():
+    """The prompt path unpacks gemlite's own tensors: same words as pack_int4, same weights."""
+    from ragtune.fastweights import Int4Linear, dequantize_rtn, pack_int4, quantize_rtn
+
+    torch.manual_seed(0)
+    w = torch.randn(384, 512, device="cuda", dtype=torch.bfloat16)
+    q, scale, zero = quantize_rtn(w, 64)
+    lin = Int4Linear(q, scale, zero, 64, "gemlite")
+    assert torch.equal(lin._packed[0], pack_int4(q))
+    assert torch.equal(lin.dense_weight().t(), dequantize_rtn(q, scale, zero, torch.bfloat16))
+
+
+LONG = "The harbour of Kessa has a lighthouse built in 1871 by the harbour board. " * 3
+
+
+def test_fastdecode_int4_prompt_path_and_ring_outputs(tokenizer_dir):
+    """Prompts through dequantized weights + cuBLAS, decode steps through gemlite's kernels
+    with ring-buffer outputs in the graph: tokens still the int4 model's greedy ones, and the
+    prompt's logits those of gemlite's int4 GEMM."""
+    from gemlite.triton_kernels.config import KERNEL_CACHE
+
+    from ragtune.fastdecode import FastDecoder
+    from ragtune.fastweights import Int4Linear
+
+    model, tok = _fp32_lm(tokenizer_dir)
+    model = model.to(torch.bfloat16)
+    ref = _int4_reference(model)
+    fd = FastDecoder(
+        model, tok, max_seq_len=256, quantize="int4", int4_dense_rows=16, int4_kernel_cache=True
+    )
+    gaps = _greedy_gaps(fd, ref, tok, [*TEXTS, LONG])
+    assert max(gaps) < 0.05, gaps
+    assert fd.graph == "manual" and (1, 128) in KERNEL_CACHE.CACHE and not KERNEL_CACHE.ENABLE
+    ids = torch.tensor([tok(LONG)["input_ids"]], device="cuda")
+    t = ids.shape[1]
+    assert t >= 16
+    slots = torch.arange(t, device="cuda")
+    mask = (slots[None, :] <= slots[:, None])[None, None]
+    mods = [m for f in fd._direct.fused for m in f.modules() if isinstance(m, Int4Linear)]
+    with torch.inference_mode():
+        dense = fd._direct.forward(ids, slots[None], slots, mask, fd._direct.cache(1), kv_len=t)
+        for m in mods:
+            m.dense_rows = 0
+        int4 = fd._direct.forward(ids, slots[None], slots, mask, fd._direct.cache(1), kv_len=t)
+    err = (dense - int4).norm() / int4.norm()
+    assert err < 2e-2, float(err)
+
+
+def test_tuned_int4_configs_reach_gemlite():
+    """The tuned batch-1 settings for this GPU (RAGTUNE_INT4_CONFIGS, else the packaged file)
+    are the ones gemlite runs, and compute x @ W^T."""
+    from gemlite.core import GEMLITE_MATMUL_TYPES_MAPPING, GEMLITE_TRITON_MAPPING
+
+    from ragtune.fastweights import Int4Linear, _tuned_table, dequantize_rtn, quantize_rtn
+
+    table = _tuned_table(torch.device("cuda"))
+    if not table:
+        pytest.skip("no tuned int4 settings for this GPU")
+    (n, k, g), (mtype, cfg) = min(table.items(), key=lambda kv: kv[0][0] * kv[0][1])
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    int4 = Int4Linear.from_linears([lin], torch.bfloat16, g, "gemlite")
+    assert int4.m1_type == GEMLITE_MATMUL_TYPES_MAPPING[mtype]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = int4(x).float()
+    w = dequantize_rtn(*quantize_rtn(lin.weight.detach(), g), torch.bfloat16)
+    ref = x.float() @ w.float().T
+    assert float((got - ref).norm() / ref.norm()) < 1e-2
+    chosen = [
+        c for key, c in GEMLITE_TRITON_MAPPING[mtype].kernel[0].cache.items() if key[1:3] == (n, k)
+    ]
+    assert chosen and chosen[-1].kwargs["BLOCK_SIZE_N"] == cfg["BLOCK_SIZE_N"]
+    assert chosen[-1].kwargs["BLOCK_SIZE_K"] == cfg["BLOCK_SIZE_K"]
+
+
 def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
     """Continuous batching on the GPU (compiled, graphed steps), float32: same tokens."""
     import threading

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One device call for issue 20.1 (int4 fast decode of a merged 4-bit model): gemlite kernel
+# sweep, the 12B decode benchmark with what the sweep chose, and the int4 GPU tests.
+#
+#   WHEELS=<folder with the gemlite wheel> bash bench/int4_gpu_pass.sh
+#
+# Run from a copy of the repository holding .gpu/ (site.tgz, smol_tok/); writes to $OUT
+# (7 files): kernels.log + kernels.jsonl (sweep), nvidia_h200*.json (chosen settings),
+# decode.log + decode.jsonl, tests.log. Each stage runs under its own timeout.
+set -u
+OUT=${OUT:-/tmp/int4out}
+mkdir -p "$OUT"
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO"
+if [ ! -d /tmp/s/site ]; then mkdir -p /tmp/s && tar xzf .gpu/site.tgz -C /tmp/s; fi
+if [ -n "${WHEELS:-}" ] && [ ! -d /tmp/s/whl ]; then
+  python3 -m pip install -q --no-deps --no-index --target /tmp/s/whl "$WHEELS"/*.whl
+fi
+export PYTHONPATH="$REPO:/tmp/s/whl:/tmp/s/site" PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export RAGTUNE_GPU_TOKENIZER="$REPO/.gpu/smol_tok" RAGTUNE_GPU_BERT_TOKENIZER="$REPO/.gpu/bert_tok"
+TUNED="$OUT/nvidia_h200.json"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton, gemlite, transformers, bitsandbytes as b
+print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), 'triton', triton.__version__,
+      'gemlite', gemlite.__version__, 'transformers', transformers.__version__, 'bnb', b.__version__)"
+} 2>&1 | tee "$OUT/kernels.log"
+
+echo "=== sweep $(date +%T)"
+timeout "${SWEEP_S:-150}" python3 bench/int4_kernels.py --out "$TUNED" --json "$OUT/kernels.jsonl" \
+  --budget-s "${BUDGET_S:-90}" 2>&1 | tee -a "$OUT/kernels.log" | grep -v '"candidate"'
+[ -f "$TUNED" ] && export RAGTUNE_INT4_CONFIGS="$TUNED"
+
+echo "=== decode $(date +%T)"
+timeout "${DECODE_S:-200}" python3 bench/decode.py --random --model .gpu/smol_tok \
+  --variants fast_bnb4 --batches "" --profile --ring-too --repeats 3 \
+  --json "$OUT/decode.jsonl" 2>&1 | tee "$OUT/decode.log" | grep -E "RESULT|^variant|^fast|Error|error" | cut -c 1-1500
+
+echo "=== tests $(date +%T)"
+T=tests/test_gpu.py
+timeout "${TESTS_S:-160}" python3 -m pytest -m gpu -v -p no:cacheprovider --tb=short \
+  $T::test_gemlite_keeps_the_layout_the_prompt_path_unpacks \
+  $T::test_tuned_int4_configs_reach_gemlite \
+  $T::test_fastdecode_serves_a_bnb_4bit_model_in_int4_by_default \
+  $T::test_fastdecode_int4_prompt_path_and_ring_outputs \
+  $T::test_fastdecode_int4_equals_hf_generate_on_the_int4_weights \
+  $T::test_gemlite_int4_matches_the_dequantized_weights 2>&1 | tee "$OUT/tests.log" | tail -40
+echo "=== done $(date +%T)"
