@@ -22,8 +22,7 @@ concurrent streaming clients through ``ragtune.batching.StepBatcher`` (continuou
 
 int4 options (``fast_int4*`` / ``fast_bnb4``): ``--int4-configs`` (tuned batch-1 kernel settings:
 auto | a file | off), ``--int4-dense-rows`` (prompts from this many rows dequantize for
-cuBLAS; 0 = gemlite's int4 GEMM), ``--ring-too`` (each int4 variant measured again with
-gemlite's ring-buffer outputs in the captured graph: ``<variant>_ring``).
+cuBLAS; 0 = gemlite's int4 GEMM).
 
 ``--random`` builds the Mistral-Nemo-12B shape with random weights in GPU memory
 (bench/make_nemo_shape.py's config; ``--model`` is then only the tokenizer folder): no
@@ -391,7 +390,6 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="kernel time per step (fast variants)")
     ap.add_argument("--int4-configs", default="auto", help="tuned int4 settings: auto|FILE|off")
     ap.add_argument("--int4-dense-rows", type=int, default=128, help="0: int4 GEMM prompts")
-    ap.add_argument("--ring-too", action="store_true", help="int4 again with ring outputs")
     ap.add_argument("--json", type=Path, default=None, help="append results (JSON lines)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -518,23 +516,6 @@ def main() -> None:
                     r["int4_floor"] = attempt(f"{v}_int4_floor", lambda f=fd: int4_floor(f))
                 emit(r)
                 decoders[v] = fd
-                if args.ring_too and fd.quantize == "int4" and fd.graph == "manual":
-                    # the same decoder, its graph captured again with gemlite's ring outputs
-                    base = list(fd.generate(prompt, args.new, eos_ids=[]))
-                    fd.int4_kernel_cache, fd._graphs = True, {}
-                    rr = attempt(v, lambda f=fd, v=v: bench_fast(v, f, prompt, args, base))
-                    if rr:
-                        rr["variant"] = f"{v}_ring"
-                        rr["graph"] = fd.graph
-                        rr["quantize"] = fd.quantize
-                        rr["note"] = "agree_with_slow_first_n: against the same decoder "
-                        rr["note"] += "without ring outputs (bf16 atomics: sums in any order)"
-                        if args.profile:
-                            rr["profile"] = attempt(
-                                f"{v}_ring", lambda f=fd: kernel_time(f, prompt)
-                            )
-                        emit(rr)
-                    fd.int4_kernel_cache, fd._graphs = False, {}
 
     # batch 1 first, bnb4 last (making the NF4 model frees the 16-bit one); then batched
     for v in sorted(variants, key=lambda v: "bnb4" in v):

@@ -105,9 +105,11 @@ def kind_of(kernel: str) -> str:
     """A coarse class of a kernel name, for where the time goes."""
     k = kernel.lower()
     for key, kind in (
-        ("gemv_int", "gemlite GEMV"),
-        ("gemm_int", "gemlite GEMM"),
-        ("splitk", "gemlite split-K"),
+        (
+            "gemv_int",
+            "gemlite GEMV",
+        ),  # gemlite's kernels: gemv_INT_*, gemm_INT_*, gemm_splitK_INT_*
+        ("_int_kernel", "gemlite GEMM"),
         ("fill", "memset/fill"),
         ("memset", "memset/fill"),
         ("fmha", "attention (SDPA)"),
@@ -116,7 +118,9 @@ def kind_of(kernel: str) -> str:
         ("gemm", "cuBLAS matmul"),
         ("nvjet", "cuBLAS matmul"),
         ("xmma", "cuBLAS matmul"),
+        ("rshift", "int4 -> 16-bit unpack (prompt path)"),
         ("triton_", "inductor/Triton (fused ops)"),
+        ("at::native", "eager PyTorch ops"),
     ):
         if key in k:
             return kind

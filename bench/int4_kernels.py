@@ -15,8 +15,14 @@ The batch-1 decode step of Mistral-Nemo-12B runs 161 int4 projections (per layer
 2. The fastest per shape at group 64 is written to ``--out`` (ragtune's tuned-config format,
    ``ragtune/int4_configs/``); other groups to ``--out`` with ``_g<group>`` before ``.json``.
 3. All 161 in one graph with the chosen settings: plain (a zeroed output tensor per call, as
-   by default) and with gemlite's ring-buffer outputs (``FastDecoder(int4_kernel_cache=True)``),
-   against the device-to-device copy bandwidth measured here.
+   by default) and with gemlite's ring-buffer outputs (``ring``: one zeroed ring buffer per
+   output width instead of a memset per call), against the device-to-device copy bandwidth.
+
+    python bench/int4_kernels.py --table ragtune/int4_configs/nvidia_h200.json
+
+times the 161 projections with a tuned table's settings only (no sweep), with gemlite's
+native bf16 atomic adds (its default on Hopper) and with float32 atomics (then a conversion
+per call), and the error of each against float32 products with the same int4 weights.
 
 Prints RESULT lines (JSON) and a table last.
 """
@@ -24,11 +30,13 @@ Prints RESULT lines (JSON) and a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,10 +152,23 @@ def warm_all(tasks: list[tuple], workers: int) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- timing
+@contextlib.contextmanager
+def kernel_cache(enabled: bool) -> Iterator[None]:
+    """gemlite's ring-buffer outputs on (for a capture): calls of one output width take
+    successive slots of one buffer, zeroed at the first use in the graph, instead of a zeroed
+    tensor (a memset kernel) each. Safe in a graph whose calls per width fit the ring (256)."""
+    from gemlite.triton_kernels.config import KERNEL_CACHE
+
+    before = KERNEL_CACHE.ENABLE
+    KERNEL_CACHE.ENABLE = enabled
+    try:
+        yield
+    finally:
+        KERNEL_CACHE.ENABLE = before
+
+
 def graph_ms(calls: list, reps: int = 20, ring: bool = False) -> float:
     """Median ms of one CUDA-graph replay of ``calls`` (each a no-argument callable)."""
-    from ragtune.fastweights import kernel_cache
-
     with torch.inference_mode(), kernel_cache(ring):
         for _ in range(2):
             for c in calls:
@@ -188,9 +209,79 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 10 / (time.perf_counter() - t0) / 1e9
 
 
+def native_bf16_atomics(enabled: bool) -> None:
+    """gemlite's one-row kernels add partial sums into a bf16 output (Hopper default) or into a
+    float32 one converted afterwards."""
+    from gemlite.triton_kernels import utils
+
+    utils.GEMLITE_USE_NATIVE_ATOMIC_BFP16 = enabled
+
+
+def table_run(path: Path, layers: int, emit: Any) -> None:
+    """The 161 projections with a tuned table's settings: time and error, bf16 vs fp32 atomics."""
+    from gemlite.core import forward_functional
+
+    from ragtune import fastweights
+    from ragtune.fastweights import dequantize_rtn, quantize_rtn
+
+    table = fastweights.read_tuned(path)
+    shapes = [*SHAPES, HEAD]
+    mods: dict[tuple[int, int], list[Any]] = {}
+    idx: dict[tuple[int, int], int] = {}
+    for n, k in shapes:
+        typ, cfg = table[(n, k, 64)]
+        idx[(n, k)] = use_config(typ, n, k, 64, cfg)
+        mods[(n, k)] = [make_layer(n, k, 64, s) for s in range(1 if (n, k) == HEAD else layers)]
+    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
+    order = [(s, i) for i in range(layers) for s in SHAPES] + [(HEAD, 0)]
+    size = sum(nbytes(mods[s][i]) for s, i in order)
+    torch.manual_seed(1)
+    for native in (True, False):
+        native_bf16_atomics(native)
+        for s in shapes:  # error of one projection per shape, real weights' statistics
+            n, k = s
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            q, scale, zero = quantize_rtn(w, 64)
+            lin = fastweights.Int4Linear(q, scale, zero, 64, "gemlite")
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            with torch.inference_mode():
+                got = forward_functional(x, None, *lin._args, idx[s]).float()
+            ref = x.float() @ dequantize_rtn(q, scale, zero, torch.bfloat16).float().T
+            err = float((got - ref).norm() / ref.norm())
+            emit(
+                {
+                    "what": "error",
+                    "native_bf16_atomics": native,
+                    "out": n,
+                    "in": k,
+                    "type": table[(*s, 64)][0],
+                    "rel_err": round(err, 5),
+                }
+            )
+            del w, q, lin
+        calls = [
+            (lambda m=mods[s][i], x=xs[s[1]], j=idx[s]: forward_functional(x, None, *m._args, j))
+            for s, i in order
+        ]
+        ms = graph_ms(calls, reps=30)
+        emit(
+            {
+                "what": "all_projections",
+                "native_bf16_atomics": native,
+                "kernels": len(calls),
+                "weight_gb": round(size / 1e9, 3),
+                "ms": round(ms, 3),
+                "gb_per_s": round(size / ms / 1e6, 1),
+                "tok_s_if_alone": round(1e3 / ms, 1),
+            }
+        )
+    native_bf16_atomics(True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True, help="tuned-config file (group 64)")
+    ap.add_argument("--out", type=Path, default=None, help="tuned-config file (group 64)")
+    ap.add_argument("--table", type=Path, default=None, help="no sweep: time this table")
     ap.add_argument("--groups", default="64,128")
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--workers", type=int, default=12, help="parallel compile processes")
@@ -217,6 +308,12 @@ def main() -> None:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
 
+    if args.table:
+        table_run(args.table, args.layers, emit)
+        emit({"what": "done", "seconds": round(time.perf_counter() - t_start, 1)})
+        return
+    if args.out is None:
+        ap.error("--out (or --table) is required")
     bw = copy_bandwidth()
     emit({"what": "copy_bandwidth", "gb_per_s": round(bw, 1)})
     groups = [int(g) for g in args.groups.split(",") if g.strip()]
@@ -242,6 +339,7 @@ def main() -> None:
         print("compile failed:", key, err, flush=True)
 
     best: dict[tuple[int, int, int], dict[str, Any]] = {}
+    results: list[dict[str, Any]] = []
     layers: dict[tuple[int, int, int], list[Any]] = {}
     xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in shapes}
     for g in groups:
@@ -280,6 +378,7 @@ def main() -> None:
                         "gb_per_s": round(size / ms / 1e6, 1),
                     }
                     emit(r)
+                    results.append(r)
                     if (n, k, g) not in best or r["gb_per_s"] > best[(n, k, g)]["gb_per_s"]:
                         best[(n, k, g)] = r
             b = best.get((n, k, g))
@@ -288,8 +387,19 @@ def main() -> None:
                     f"best {n}x{k} g{g}: {b['type']} {b['config']} {b['gb_per_s']} GB/s", flush=True
                 )
 
-    # the chosen settings as ragtune tuned-config files, one per group
+    # the chosen settings as ragtune tuned-config files, one per group: the fastest whose
+    # kernel reads >= 32 inputs per partial sum (gemlite adds partial sums into the bf16 output
+    # with atomics: fewer adds, less rounding; within a few % of the fastest here)
     for g in groups:
+        for n, k in shapes:
+            wide = [r for r in results if (r["out"], r["in"], r["group"]) == (n, k, g)]
+            wide = [
+                r
+                for r in wide
+                if r["config"]["BLOCK_SIZE_K"] * (2 if r["type"] == TYPES[0] else 1) >= 32
+            ]
+            if wide:
+                best[(n, k, g)] = max(wide, key=lambda r: r["gb_per_s"])
         entries = [
             {
                 key: best[(n, k, g)][key]
@@ -304,8 +414,9 @@ def main() -> None:
             "gemlite": gemlite.__version__,
             "torch": torch.__version__,
             "measured": time.strftime("%Y-%m-%d"),
-            "how": "bench/int4_kernels.py: fastest of the candidates per shape, all instances "
-            "of a shape (40 layers; 1 LM head) back to back in one CUDA graph, batch 1, bf16",
+            "how": "bench/int4_kernels.py: per shape the fastest setting reading >= 32 inputs "
+            "per partial sum, all instances of a shape (40 layers; 1 LM head) back to back in "
+            "one CUDA graph, batch 1, bf16",
             "m1": entries,
         }
         path.write_text(json.dumps(data, indent=1) + "\n")

@@ -126,7 +126,6 @@ class FastDecoder:
         quantize_head: bool = True,
         int4_kernel: str = "gemlite",
         int4_dense_rows: int = 128,
-        int4_kernel_cache: bool = False,
     ) -> None:
         if quantize not in QUANTIZE_CHOICES:
             raise FastDecodeError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -149,10 +148,8 @@ class FastDecoder:
             quantize_weights(self.model, quantize)
         self.quantize = quantize
         int4 = None
-        # int4: prompts of int4_dense_rows rows or more run through dequantized 16-bit weights
-        # (cuBLAS); int4_kernel_cache: gemlite's ring-buffer outputs inside the captured graph
-        self.int4_kernel_cache = bool(int4_kernel_cache) and quantize == "int4"
         if quantize == "int4":
+            # prompts of int4_dense_rows rows or more: dequantized 16-bit weights and cuBLAS
             int4 = {
                 "group_size": group_size,
                 "head": quantize_head,
@@ -278,10 +275,7 @@ class FastDecoder:
                     torch.full((1,), seq - 1, dtype=torch.long, device=dev),
                     torch.ones((bsz, seq), dtype=torch.bool, device=dev),
                 )
-                from ragtune.fastweights import kernel_cache
-
-                with kernel_cache(self.int4_kernel_cache and self._direct.fused is not None):
-                    g = GraphedStep(self._step_fn, example, state)
+                g = GraphedStep(self._step_fn, example, state)
             except Exception as e:  # capture is best effort: the compiled step still works
                 log.warning("fastdecode: CUDA graph capture failed (%s); running uncaptured", e)
                 self.graph = "none"

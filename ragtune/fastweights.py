@@ -25,8 +25,10 @@ ran slower than bf16 (docs/benchmarks.md).
 - Batch-1 kernel settings: gemlite ships tuned configs for the H100 but none for the H200, and
   its autotuning (~1 minute at 12B) times each kernel alone. ``int4_configs/<gpu>.json`` holds,
   per projection shape, the kernel (GEMV_REVSPLITK or GEMV) and the settings measured fastest
-  back to back in a CUDA graph (``bench/int4_kernels.py --sweep``); they are handed to gemlite,
-  which then skips its autotuning for those shapes. ``RAGTUNE_INT4_CONFIGS`` names another
+  back to back in a CUDA graph among those that read >= 32 inputs per partial sum
+  (``bench/int4_kernels.py``; gemlite adds each partial sum into the bf16 output atomically,
+  so fewer sums round less). They are handed to gemlite, which then skips its autotuning for
+  those shapes (warm-up 46 s instead of 117 at 12B). ``RAGTUNE_INT4_CONFIGS`` names another
   file, or ``off``.
 
 ``kernel="reference"`` computes the same dequantized weights with a plain matmul: slow, for
@@ -43,12 +45,11 @@ and 58 ms a prompt on the H200 (docs/benchmarks.md). Same weights as the NF4 mod
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,29 +228,6 @@ def _tuned_table(device: torch.device) -> dict[tuple[int, int, int], tuple[str, 
             "fastdecode: int4 batch-1 kernel settings from %s (%d shapes)", source, len(_tuned)
         )
     return _tuned
-
-
-@contextlib.contextmanager
-def kernel_cache(enabled: bool) -> Iterator[None]:
-    """gemlite's output ring buffers on, for a CUDA graph capture (then restored).
-
-    Each batch-1 kernel adds into a zeroed output; by default every call allocates and zeroes
-    its own (161 small memset kernels a token at 12B). With the cache, calls take successive
-    slots of one ring buffer per output width, zeroed once at the first use in a captured
-    graph, so a replay zeroes 5 buffers instead. Only for capture: a graph's slots are
-    distinct within one replay (<= 256 calls per width), which eager code does not guarantee.
-    """
-    if not enabled:
-        yield
-        return
-    from gemlite.triton_kernels.config import KERNEL_CACHE
-
-    before = KERNEL_CACHE.ENABLE
-    KERNEL_CACHE.ENABLE = True
-    try:
-        yield
-    finally:
-        KERNEL_CACHE.ENABLE = before
 
 
 class Int4Linear(torch.nn.Module):

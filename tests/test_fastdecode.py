@@ -316,3 +316,10 @@ def test_tuned_int4_config_files(tmp_path):
     path.write_text(json.dumps({"m1": [{**entry, "config": {"BLOCK_SIZE_N": 256}}]}))
     with pytest.raises(Int4Error, match="num_warps"):
         read_tuned(path)
+    # the packaged H200 table covers every projection of the Mistral-Nemo-12B step (group 64),
+    # each kernel reading >= 32 inputs per bf16 partial sum (gemlite adds them atomically)
+    h200 = read_tuned(config_file_for("NVIDIA H200"))
+    nemo = {(6144, 5120), (5120, 4096), (28672, 5120), (5120, 14336), (131072, 5120)}
+    assert {(n, k) for n, k, g in h200 if g == 64} == nemo
+    for typ, cfg in h200.values():
+        assert cfg["BLOCK_SIZE_K"] * (2 if typ == "GEMV_REVSPLITK" else 1) >= 32, cfg

@@ -408,43 +408,31 @@ def test_gemlite_keeps_the_layout_the_prompt_path_unpacks():
 LONG = "The harbour of Kessa has a lighthouse built in 1871 by the harbour board. " * 3
 
 
-def test_fastdecode_int4_prompt_path_and_ring_outputs(tokenizer_dir):
-    """Prompts through dequantized weights + cuBLAS, decode steps through gemlite's kernels
-    with ring-buffer outputs in the graph: tokens still the int4 model's greedy ones, and the
-    prompt's logits those of gemlite's int4 GEMM."""
-    from gemlite.triton_kernels.config import KERNEL_CACHE
-
+def test_fastdecode_int4_prompt_path(tokenizer_dir):
+    """Prompts through dequantized weights + cuBLAS (int4_dense_rows=16 here), decode steps
+    through gemlite's kernels: every token still the int4 model's greedy one."""
     from ragtune.fastdecode import FastDecoder
-    from ragtune.fastweights import Int4Linear
 
     model, tok = _fp32_lm(tokenizer_dir)
     model = model.to(torch.bfloat16)
     ref = _int4_reference(model)
-    fd = FastDecoder(
-        model, tok, max_seq_len=256, quantize="int4", int4_dense_rows=16, int4_kernel_cache=True
-    )
+    fd = FastDecoder(model, tok, max_seq_len=256, quantize="int4", int4_dense_rows=16)
+    assert len(tok(LONG)["input_ids"]) >= 16
     gaps = _greedy_gaps(fd, ref, tok, [*TEXTS, LONG])
     assert max(gaps) < 0.05, gaps
-    assert fd.graph == "manual" and (1, 128) in KERNEL_CACHE.CACHE and not KERNEL_CACHE.ENABLE
-    ids = torch.tensor([tok(LONG)["input_ids"]], device="cuda")
-    t = ids.shape[1]
-    assert t >= 16
-    slots = torch.arange(t, device="cuda")
-    mask = (slots[None, :] <= slots[:, None])[None, None]
-    mods = [m for f in fd._direct.fused for m in f.modules() if isinstance(m, Int4Linear)]
-    with torch.inference_mode():
-        dense = fd._direct.forward(ids, slots[None], slots, mask, fd._direct.cache(1), kv_len=t)
-        for m in mods:
-            m.dense_rows = 0
-        int4 = fd._direct.forward(ids, slots[None], slots, mask, fd._direct.cache(1), kv_len=t)
-    err = (dense - int4).norm() / int4.norm()
-    assert err < 2e-2, float(err)
+    assert fd.graph == "manual"
 
 
 def test_tuned_int4_configs_reach_gemlite():
     """The tuned batch-1 settings for this GPU (RAGTUNE_INT4_CONFIGS, else the packaged file)
-    are the ones gemlite runs, and compute x @ W^T."""
+    are the ones gemlite runs, and compute x @ W^T.
+
+    With float32 atomic adds the product is exact up to float32 sums; gemlite's default on
+    Hopper adds each partial sum into the bf16 output, which costs a few percent (K/32 roundings
+    in bf16: ~3% at K=4096), still far under a wrong layout's ~100%.
+    """
     from gemlite.core import GEMLITE_MATMUL_TYPES_MAPPING, GEMLITE_TRITON_MAPPING
+    from gemlite.triton_kernels import utils
 
     from ragtune.fastweights import Int4Linear, _tuned_table, dequantize_rtn, quantize_rtn
 
@@ -457,16 +445,24 @@ def test_tuned_int4_configs_reach_gemlite():
     int4 = Int4Linear.from_linears([lin], torch.bfloat16, g, "gemlite")
     assert int4.m1_type == GEMLITE_MATMUL_TYPES_MAPPING[mtype]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    with torch.inference_mode():
-        got = int4(x).float()
     w = dequantize_rtn(*quantize_rtn(lin.weight.detach(), g), torch.bfloat16)
     ref = x.float() @ w.float().T
-    assert float((got - ref).norm() / ref.norm()) < 1e-2
-    chosen = [
-        c for key, c in GEMLITE_TRITON_MAPPING[mtype].kernel[0].cache.items() if key[1:3] == (n, k)
-    ]
-    assert chosen and chosen[-1].kwargs["BLOCK_SIZE_N"] == cfg["BLOCK_SIZE_N"]
-    assert chosen[-1].kwargs["BLOCK_SIZE_K"] == cfg["BLOCK_SIZE_K"]
+    errs = {}
+    try:
+        for native in (False, True):
+            utils.GEMLITE_USE_NATIVE_ATOMIC_BFP16 = native
+            with torch.inference_mode():
+                got = int4(x).float()
+            errs[native] = float((got - ref).norm() / ref.norm())
+    finally:
+        utils.GEMLITE_USE_NATIVE_ATOMIC_BFP16 = True
+    print("relative error, fp32 / bf16 atomics:", errs)
+    assert errs[False] < 1e-2 and errs[True] < 0.1, errs
+    tuner = GEMLITE_TRITON_MAPPING[mtype].kernel[0]
+    chosen = [c for key, c in tuner.cache.items() if tuple(key[1:3]) == (n, k)]
+    assert chosen, list(tuner.cache)
+    assert all(c.kwargs["BLOCK_SIZE_N"] == cfg["BLOCK_SIZE_N"] for c in chosen)
+    assert all(c.kwargs["BLOCK_SIZE_K"] == cfg["BLOCK_SIZE_K"] for c in chosen)
 
 
 def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
