@@ -20,6 +20,10 @@ The fastest batch-1 fast variant (or each of ``--batch-variant``) is then run ba
 ``--batches`` concurrent requests (one left-padded batch), and ``--clients N`` runs N
 concurrent streaming clients through ``ragtune.batching.StepBatcher`` (continuous batching).
 
+int4 options (``fast_int4*`` / ``fast_bnb4``): ``--int4-configs`` (tuned batch-1 kernel settings:
+auto | a file | off), ``--int4-dense-rows`` (prompts from this many rows dequantize for
+cuBLAS; 0 = gemlite's int4 GEMM).
+
 ``--random`` builds the Mistral-Nemo-12B shape with random weights in GPU memory
 (bench/make_nemo_shape.py's config; ``--model`` is then only the tokenizer folder): no
 24.5 GB save and load.
@@ -47,6 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.decode_profile import gemv_floor, int4_floor, kernel_time  # noqa: E402
 from ragtune.fastdecode import FastDecoder  # noqa: E402
 
 log = logging.getLogger("bench.decode")
@@ -356,94 +361,6 @@ def load(path: str, bnb4: bool = False) -> Any:
     return model
 
 
-def graph_seconds(mods: list, reps: int) -> float:
-    """Seconds per replay of one CUDA graph calling every module once on a bf16 row (M=1)."""
-    xs = {
-        m.in_features: torch.randn(1, m.in_features, device="cuda", dtype=torch.bfloat16)
-        for m in mods
-    }
-    with torch.inference_mode():
-        for m in mods:
-            m(xs[m.in_features])
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for m in mods:
-                m(xs[m.in_features])
-        g.replay()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            g.replay()
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
-
-
-def gemv_floor(model: Any, reps: int = 20) -> dict:
-    """Time of every Linear of the model at batch 1 (M=1), replayed as one CUDA graph.
-
-    The weight-streaming floor of a decode step with these kernels (cuBLAS for bf16): what
-    the rest of the step (attention, norms, rope, sampling, launches) adds comes on top.
-    """
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    dt = graph_seconds(linears, reps)
-    return {
-        "variant": "floor_bf16_linears",
-        "batch": 1,
-        "linears": len(linears),
-        "weight_gb": round(nbytes / 1e9, 2),
-        "ms_per_token": round(dt * 1e3, 3),
-        "decode_tok_s": round(1 / dt, 1),
-        "gb_per_s": round(nbytes / dt / 1e9, 1),
-        "ttft_s": None,
-        "total_s": None,
-    }
-
-
-def int4_floor(fd: FastDecoder, reps: int = 20) -> dict | None:
-    """The int4 projections alone at M=1 (gemlite), replayed as one CUDA graph."""
-    direct = fd._direct
-    if direct is None or not direct.fused:
-        return None
-    mods = [m for f in direct.fused for m in (f.qkv, f.o, f.gate_up, f.down)]
-    if hasattr(direct.lm_head, "kernel"):
-        mods.append(direct.lm_head)
-    nbytes = sum(
-        t.numel() * t.element_size() for m in mods for t in m._args[0][:3] if t is not None
-    )
-    dt = graph_seconds(mods, reps)
-    return {
-        "kernels": len(mods),
-        "weight_gb": round(nbytes / 1e9, 2),
-        "ms_per_token": round(dt * 1e3, 3),
-        "tok_s": round(1 / dt, 1),
-        "gb_per_s": round(nbytes / dt / 1e9, 1),
-    }
-
-
-def kernel_time(fd: FastDecoder, prompt: list[int], n: int = 24) -> dict:
-    """CUDA kernel time per decode step (profiler) against the wall time per step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fd.generate(prompt, n, eos_ids=[])
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        fd.generate(prompt, n, eos_ids=[])
-    steps = fd.last_stats["steps"] or 1
-    wall = (fd.last_stats["total_s"] - fd.last_stats["ttft_s"]) / steps
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total_us = sum(e.self_device_time_total for e in events)
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:8]
-    # prefill kernels are in the total too: subtract them by proportion of tokens processed
-    return {
-        "wall_ms_per_step": round(wall * 1e3, 3),
-        "kernel_ms_per_call_all": round(total_us / 1e3 / (steps + 1), 3),
-        "top_kernels": [
-            (e.key[:60], round(e.self_device_time_total / 1e3 / (steps + 1), 3)) for e in top
-        ],
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model folder (e.g. make_nemo_shape output)")
@@ -471,6 +388,8 @@ def main() -> None:
     ap.add_argument("--client-new", type=int, default=128, help="new tokens per client")
     ap.add_argument("--client-buckets", default="", help="batcher step sizes, e.g. 8,32")
     ap.add_argument("--profile", action="store_true", help="kernel time per step (fast variants)")
+    ap.add_argument("--int4-configs", default="auto", help="tuned int4 settings: auto|FILE|off")
+    ap.add_argument("--int4-dense-rows", type=int, default=128, help="0: int4 GEMM prompts")
     ap.add_argument("--json", type=Path, default=None, help="append results (JSON lines)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -485,6 +404,9 @@ def main() -> None:
         "model": args.model,
     }
     tok = AutoTokenizer.from_pretrained(args.model)
+    from ragtune import fastweights
+
+    fastweights.set_tuned_configs(None if args.int4_configs == "off" else args.int4_configs)
     if cuda:
         env["gpu_mem_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
     prompt = make_prompt(tok, args.prompt)
@@ -549,6 +471,8 @@ def main() -> None:
             kw["quantize_head"] = "headbf16" not in parts
         elif parts[1] == "bnb4raw":
             kw["quantize"] = None
+        if parts[1] in ("int4", "bnb4"):
+            kw["int4_dense_rows"] = args.int4_dense_rows
         return kw
 
     def run_variant(v: str) -> None:
@@ -648,7 +572,7 @@ def main() -> None:
         )
         if r.get("profile"):
             p = r["profile"]
-            note += f" wall {p['wall_ms_per_step']} ms/step, kernels {p['kernel_ms_per_call_all']}"
+            note += f" wall {p['wall_ms_per_step']} ms/step, kernels {p['kernel_ms_per_step']}"
         if r.get("int4_floor"):
             fl = r["int4_floor"]
             note += f"; int4 linears alone {fl['ms_per_token']} ms ({fl['gb_per_s']} GB/s)"

@@ -9,7 +9,10 @@ tok/s in int4. This module
 - compiles one decode step (all layers + argmax) with ``torch.compile`` and captures it once as
   a CUDA graph (``graph="manual"``, the default; ``"trees"`` = torch.compile's reduce-overhead
   CUDA graphs, ~8% slower at 12B), so a token is one graph launch,
-- runs the prompt (prefill) eagerly, since its length varies,
+- runs the prompt (prefill) eagerly, since its length varies, attending over the prompt's
+  own slots only; with int4 weights a prompt of ``int4_dense_rows`` rows or more (128) runs
+  through dequantized 16-bit copies of one projection at a time and cuBLAS (gemlite's int4
+  GEMM ran at a quarter of the chip's bf16 matmul rate: 58 of the 72 ms to first token at 12B),
 - optionally holds the weights in fewer bits (fewer bytes read per token; the tokens are then
   the quantized model's): ``quantize="int4"`` = gemlite's Triton kernels over int4 copies of
   the projections, q|k|v and gate|up fused (``ragtune.fastweights``), from a 16-bit or a
@@ -122,6 +125,7 @@ class FastDecoder:
         group_size: int = 64,
         quantize_head: bool = True,
         int4_kernel: str = "gemlite",
+        int4_dense_rows: int = 128,
     ) -> None:
         if quantize not in QUANTIZE_CHOICES:
             raise FastDecodeError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -145,7 +149,13 @@ class FastDecoder:
         self.quantize = quantize
         int4 = None
         if quantize == "int4":
-            int4 = {"group_size": group_size, "head": quantize_head, "kernel": int4_kernel}
+            # prompts of int4_dense_rows rows or more: dequantized 16-bit weights and cuBLAS
+            int4 = {
+                "group_size": group_size,
+                "head": quantize_head,
+                "kernel": int4_kernel,
+                "dense_rows": int4_dense_rows,
+            }
         elif quantize == "dense":
             from ragtune.fastweights import DENSE, is_bnb_4bit
 
@@ -279,11 +289,12 @@ class FastDecoder:
         if self._direct is not None:
             kv = self._direct.cache(bsz)
             slots = torch.arange(t, device=ids.device)
-            causal = torch.arange(self.max_seq_len, device=ids.device)[None, :] <= slots[:, None]
-            mask = causal[None, :, :] & keep[:, None, :]
+            causal = slots[None, :] <= slots[:, None]
+            # slots past the prompt are masked anyway: attend over the prompt's t slots only
+            mask = causal[None, :, :] & keep[:, None, :t]
             # padding queries see only themselves: finite values, never read by real tokens
             mask[:, slots, slots] = True
-            logits = self._direct.forward(ids, pos, slots, mask[:, None], kv)
+            logits = self._direct.forward(ids, pos, slots, mask[:, None], kv, kv_len=t)
             return logits.argmax(dim=-1), kv
         cache = self._hf_cache(bsz)
         attn = keep[:, :t].long() if padded else None

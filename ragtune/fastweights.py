@@ -16,8 +16,25 @@ ran slower than bf16 (docs/benchmarks.md).
   ``group_size`` inputs: ``W ~= q * scale + shift`` with ``shift = -zero * scale`` rounded
   to the weight dtype, which is the form gemlite's kernels compute with (its ``fma_mode``).
 
+- Prompts (``dense_rows`` rows or more, default 128): each projection's int4 weights are
+  dequantized into a 16-bit matrix (one projection at a time, freed after its matmul: the
+  caching allocator hands the same block to the next) and multiplied by cuBLAS. gemlite's int4
+  GEMM ran a 512-token prompt at ~215 TFLOP/s on the H200 (58 ms of a 72 ms time to first
+  token); a bf16 matmul runs at ~770, and the dequantization is one pass over the weights.
+  Same weights, same products up to accumulation order.
+- Batch-1 kernel settings: gemlite ships tuned configs for the H100 but none for the H200, and
+  its autotuning (~1 minute at 12B) times each kernel alone. ``int4_configs/<gpu>.json`` holds,
+  per projection shape, the kernel (GEMV_REVSPLITK or GEMV) and the settings measured fastest
+  back to back in a CUDA graph among those that read >= 32 inputs per partial sum
+  (``bench/int4_kernels.py``; gemlite adds each partial sum into the bf16 output atomically,
+  so fewer sums round less). They are handed to gemlite, which then skips its autotuning for
+  those shapes (warm-up 46 s instead of 117 at 12B). ``RAGTUNE_INT4_CONFIGS`` names another
+  file, or ``off``.
+
 ``kernel="reference"`` computes the same dequantized weights with a plain matmul: slow, for
-CPU tests of the decode path (the tokens are the int4 model's either way).
+CPU tests of the decode path (the tokens are the int4 model's either way). It also holds the
+packed layout gemlite keeps (``pack_int4``), so the prompt path runs the same unpacking code
+on CPU as on the GPU.
 
 ``kernel="dense"`` is no int4 at all: fused 16-bit copies of the source weights (a bitsandbytes
 layer dequantized exactly as its own forward dequantizes it), for the continuous batcher
@@ -28,8 +45,12 @@ and 58 ms a prompt on the H200 (docs/benchmarks.md). Same weights as the NF4 mod
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +63,12 @@ log = logging.getLogger(__name__)
 GROUP_SIZE = 64  # bitsandbytes NF4 blocks are 64 wide too: a group never spans two blocks
 KERNELS = ("gemlite", "reference")
 DENSE = "dense"  # fused 16-bit copies (DenseLinear), not int4
+# rows (batch x tokens) from which a projection dequantizes to 16 bits for cuBLAS: one pass
+# over the weights (~7 ms at 12B on an H200) beats gemlite's GEMM from about here up
+DENSE_ROWS = 128
+CONFIG_DIR = Path(__file__).with_name("int4_configs")
+CONFIG_ENV = "RAGTUNE_INT4_CONFIGS"
+M1_TYPES = ("GEMV_REVSPLITK", "GEMV")  # gemlite's one-row kernels a tuned file may name
 
 
 class Int4Error(RagtuneError):
@@ -100,11 +127,120 @@ def dequantize_rtn(
     return w.reshape(n, k).to(dtype)
 
 
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values 0..15 -> [in/8, out] int32 words, gemlite's layout (32-bit packing over
+    the input dimension): input k of a column sits at bits 4*(k % 8) of word k // 8."""
+    n, k = q.shape
+    if k % 8:
+        raise Int4Error(f"in_features {k} is not a multiple of 8")
+    q32 = q.to(torch.int32).reshape(n, k // 8, 8)
+    words = q32[..., 0].clone()
+    for i in range(1, 8):
+        words |= q32[..., i] << (4 * i)
+    return words.t().contiguous()
+
+
+def unpack_int4(
+    w_q: torch.Tensor, scales: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """The dense [in, out] weights of packed int4 (``pack_int4``), [in/g, out] scales and shifts.
+
+    The arithmetic of ``dequantize_rtn`` (float32, one rounding to ``dtype``), so the prompt
+    path multiplies with exactly the weights the one-row kernels use.
+    """
+    k8, n = w_q.shape
+    groups = scales.shape[0]
+    bits = torch.arange(0, 32, 4, dtype=torch.int32, device=w_q.device)
+    q = (w_q[:, None, :] >> bits[None, :, None]) & 15  # [in/8, 8, out]
+    q = q.reshape(groups, k8 * 8 // groups, n).float()
+    w = q * scales.float()[:, None, :] + shift.float()[:, None, :]
+    return w.reshape(k8 * 8, n).to(dtype)
+
+
+_compiled_unpack: Any = None
+
+
+def _dense_weight_of(packed: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``unpack_int4``, compiled on CUDA: one fused kernel (int4 in, 16-bit out) instead of
+    ~6 eager passes over int32/float32 temporaries four to eight times the output's size."""
+    global _compiled_unpack
+    if packed[0].is_cuda and not torch.compiler.is_compiling():
+        if _compiled_unpack is None:
+            _compiled_unpack = torch.compile(unpack_int4, dynamic=False)
+        return _compiled_unpack(*packed, dtype)
+    return unpack_int4(*packed, dtype)
+
+
+# --------------------------------------------------------------------------- tuned kernels
+_tuned: dict[tuple[int, int, int], tuple[str, dict[str, Any]]] | None = None
+_tuned_source: str | None = "auto"
+
+
+def config_file_for(device_name: str) -> Path:
+    """``int4_configs/nvidia_h200.json`` for "NVIDIA H200"."""
+    return CONFIG_DIR / (re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_") + ".json")
+
+
+def read_tuned(path: str | Path) -> dict[tuple[int, int, int], tuple[str, dict[str, Any]]]:
+    """{(out, in, group): (gemlite matmul type, kernel config)} of a tuned-config file."""
+    data = json.loads(Path(path).read_text())
+    table = {}
+    for e in data["m1"]:
+        if e["type"] not in M1_TYPES:
+            raise Int4Error(f"{path}: kernel type {e['type']!r} is not one of {M1_TYPES}")
+        cfg = dict(e["config"])
+        missing = {"BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages"} - set(cfg)
+        if missing:
+            raise Int4Error(f"{path}: config for {e['out']}x{e['in']} lacks {sorted(missing)}")
+        table[(int(e["out"]), int(e["in"]), int(e["group"]))] = (e["type"], cfg)
+    return table
+
+
+def set_tuned_configs(source: str | None) -> None:
+    """Which batch-1 kernel settings later int4 layers use: "auto" (``RAGTUNE_INT4_CONFIGS``,
+    else the packaged file for this GPU, if any), a file, or None (gemlite's autotuning)."""
+    global _tuned, _tuned_source
+    _tuned, _tuned_source = None, source
+
+
+def _tuned_table(device: torch.device) -> dict[tuple[int, int, int], tuple[str, dict[str, Any]]]:
+    """The table in use, read and handed to gemlite's config cache once per process."""
+    global _tuned
+    if _tuned is not None:
+        return _tuned
+    source = _tuned_source
+    if source == "auto":
+        source = os.environ.get(CONFIG_ENV) or str(
+            config_file_for(torch.cuda.get_device_name(device))
+        )
+    _tuned = {}
+    if source and source != "off" and Path(source).is_file():
+        _tuned = read_tuned(source)
+        import gemlite.core as gcore
+
+        # gemlite keys its cache by (rows, out, in, group, values per int32, dtype id); bf16
+        # inputs share fp16's id (forward_functional), so one entry serves both
+        type_id = gcore.DType.FP16.value * 100 + 4
+        for (n, k, g), (mtype, cfg) in _tuned.items():
+            sig = str((1, n, k, g, 8, type_id))
+            gcore.GEMLITE_TRITON_CONFIG_CACHE.setdefault(mtype, {})[sig] = dict(cfg)
+        log.info(
+            "fastdecode: int4 batch-1 kernel settings from %s (%d shapes)", source, len(_tuned)
+        )
+    return _tuned
+
+
 class Int4Linear(torch.nn.Module):
     """y = x @ W^T with W held in int4 (one or several fused source Linears, no bias)."""
 
     def __init__(
-        self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, kernel: str
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        group_size: int,
+        kernel: str,
+        dense_rows: int = DENSE_ROWS,
     ) -> None:
         super().__init__()
         if kernel not in KERNELS:
@@ -113,8 +249,13 @@ class Int4Linear(torch.nn.Module):
         self.group_size = group_size
         self.kernel = kernel
         self.dtype = scale.dtype
+        self.dense_rows = int(dense_rows)  # 0: never dequantize
+        self.m1_type = -1  # gemlite's choice of one-row kernel, unless a tuned file names one
         if kernel == "reference":
             self.register_buffer("weight", dequantize_rtn(q, scale, zero, scale.dtype))
+            shift = (-zero.float() * scale.float()).to(scale.dtype)
+            # what gemlite keeps: [in/8, out] words, [in/g, out] scales and shifts
+            self._packed = (pack_int4(q), scale.t().contiguous(), shift.t().contiguous())
             return
         try:
             from gemlite.core import forward_functional
@@ -130,13 +271,26 @@ class Int4Linear(torch.nn.Module):
         # the kernel's arguments, built once: gemlite's module makes a new scalar tensor on
         # every call, a host-to-device copy per projection in eager code
         self._args = (layer.get_tensor_args(), layer.get_meta_args())
+        self._packed = tuple(self._args[0][:3])  # W_q [in/8, out], scales, shifts [in/g, out]
         self._forward = forward_functional
+        tuned = _tuned_table(q.device).get((self.out_features, self.in_features, group_size))
+        if tuned is not None:
+            from gemlite.core import GEMLITE_MATMUL_TYPES_MAPPING
+
+            self.m1_type = GEMLITE_MATMUL_TYPES_MAPPING[tuned[0]]
+
+    def dense_weight(self) -> torch.Tensor:
+        """The weights as a dense [in, out] matrix, unpacked from the int4 copy."""
+        return _dense_weight_of(self._packed, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if 0 < self.dense_rows <= rows:  # a prompt: dequantize, then one cuBLAS matmul
+            return torch.matmul(x, self.dense_weight())
         if self.kernel == "reference":
             return F.linear(x, self.weight)
         targs, margs = self._args
-        return self._forward(x, None, targs, margs)
+        return self._forward(x, None, targs, margs, self.m1_type if rows == 1 else -1)
 
     @classmethod
     def from_linears(
@@ -145,6 +299,7 @@ class Int4Linear(torch.nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         group_size: int = GROUP_SIZE,
         kernel: str = "gemlite",
+        dense_rows: int = DENSE_ROWS,
     ) -> Int4Linear:
         """One int4 layer computing the concatenated outputs of ``linears`` (same input)."""
         for lin in linears:
@@ -153,12 +308,12 @@ class Int4Linear(torch.nn.Module):
         parts = [quantize_rtn(dense_weight(lin, dtype), group_size) for lin in linears]
         q, scale, zero = (torch.cat(t) for t in zip(*parts, strict=True))
         del parts
-        return cls(q, scale, zero, group_size, kernel)
+        return cls(q, scale, zero, group_size, kernel, dense_rows)
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
-            f"kernel={self.kernel}"
+            f"kernel={self.kernel}, dense_rows={self.dense_rows}"
         )
 
 
@@ -186,14 +341,22 @@ class DenseLinear(torch.nn.Module):
 class FusedLayer(torch.nn.Module):
     """One decoder layer's projections fused: q|k|v, o, gate|up, down (int4, or dense)."""
 
-    def __init__(self, layer: Any, dtype: torch.dtype, group_size: int, kernel: str) -> None:
+    def __init__(
+        self,
+        layer: Any,
+        dtype: torch.dtype,
+        group_size: int,
+        kernel: str,
+        dense_rows: int = DENSE_ROWS,
+    ) -> None:
         super().__init__()
         att, mlp = layer.self_attn, layer.mlp
         make: Any = DenseLinear.from_linears if kernel == DENSE else Int4Linear.from_linears
-        self.qkv = make([att.q_proj, att.k_proj, att.v_proj], dtype, group_size, kernel)
-        self.o = make([att.o_proj], dtype, group_size, kernel)
-        self.gate_up = make([mlp.gate_proj, mlp.up_proj], dtype, group_size, kernel)
-        self.down = make([mlp.down_proj], dtype, group_size, kernel)
+        args = (dtype, group_size, kernel, dense_rows)
+        self.qkv = make([att.q_proj, att.k_proj, att.v_proj], *args)
+        self.o = make([att.o_proj], *args)
+        self.gate_up = make([mlp.gate_proj, mlp.up_proj], *args)
+        self.down = make([mlp.down_proj], *args)
         self.qkv_sizes = [_out(att.q_proj), _out(att.k_proj), _out(att.v_proj)]
         self.inter = _out(mlp.gate_proj)
 
@@ -220,14 +383,15 @@ def convert_layers(
     dtype: torch.dtype,
     group_size: int = GROUP_SIZE,
     kernel: str = "gemlite",
+    dense_rows: int = DENSE_ROWS,
 ) -> tuple[list[FusedLayer], torch.nn.Module | None]:
     """Int4 (or, ``kernel="dense"``, fused 16-bit) copies of every layer's projections, and of
-    the LM head if given."""
+    the LM head if given (int4 layers dequantize for ``dense_rows`` rows or more)."""
     fused = []
     for layer in layers:
-        fused.append(FusedLayer(layer, dtype, group_size, kernel))
+        fused.append(FusedLayer(layer, dtype, group_size, kernel, dense_rows))
     make: Any = DenseLinear.from_linears if kernel == DENSE else Int4Linear.from_linears
-    new_head = make([head], dtype, group_size, kernel) if head else None
+    new_head = make([head], dtype, group_size, kernel, dense_rows) if head else None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log.info(

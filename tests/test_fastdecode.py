@@ -227,3 +227,99 @@ def test_quantize_auto_keeps_a_16bit_model_as_it_is(lm):
     assert fd.quantize is None and fd._direct.fused is None
     with pytest.raises(FastDecodeError, match="direct path"):
         FastDecoder(model, tok, compile=False, mode="hf", quantize="int4", int4_kernel="reference")
+
+
+def test_pack_int4_is_gemlites_layout_and_unpacks_to_the_int4_weights():
+    """The prompt path unpacks the int4 copy itself: it must read gemlite's layout (input k of
+    a column at bits 4*(k % 8) of word k // 8, words [in/8, out]) back into exactly the
+    weights the one-row kernels multiply with (tests/test_gpu.py checks gemlite's own tensors)."""
+    from ragtune.fastweights import dequantize_rtn, pack_int4, quantize_rtn, unpack_int4
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = (torch.randn(48, 128) * torch.linspace(0.1, 3, 128)).to(dtype)
+        q, scale, zero = quantize_rtn(w, group_size=32)
+        words = pack_int4(q)
+        assert words.dtype == torch.int32 and words.shape == (16, 48)
+        for n, k in [(0, 0), (5, 7), (47, 127), (13, 64), (30, 9)]:
+            assert (int(words[k // 8, n]) >> (4 * (k % 8))) & 15 == int(q[n, k])
+        shift = (-zero.float() * scale.float()).to(dtype)
+        dense = unpack_int4(words, scale.t().contiguous(), shift.t().contiguous(), dtype)
+        assert dense.dtype == dtype and dense.shape == (128, 48)
+        assert torch.equal(dense.t(), dequantize_rtn(q, scale, zero, dtype))
+
+
+def test_int4_prompt_path_dequantizes_and_keeps_the_tokens(lm, monkeypatch):
+    """Prompts of ``int4_dense_rows`` rows or more run through dequantized weights (cuBLAS on
+    a GPU): the same logits as the int4 path, HF generate's tokens on the int4 weights, and
+    only the prompt's projections dequantize (not the LM head's last row, not a decode step)."""
+    from ragtune import fastweights
+
+    model, tok = lm
+    calls = []
+    real = fastweights.unpack_int4
+    monkeypatch.setattr(fastweights, "unpack_int4", lambda *a: calls.append(a[0].shape) or real(*a))
+    kw = {"max_seq_len": 128, "compile": False, "quantize": "int4", "group_size": 32}
+    dense = FastDecoder(model, tok, int4_kernel="reference", int4_dense_rows=2, **kw)
+    plain = FastDecoder(model, tok, int4_kernel="reference", int4_dense_rows=0, **kw)
+    ref = _fake_quantized(model, 32)
+    eos = tok.eos_token_id
+    layers = model.config.num_hidden_layers
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        calls.clear()
+        got = dense.generate(ids, 20, [eos])
+        assert got == slow(ref, ids, 20, eos) == plain.generate(ids, 20, [eos]), text
+        # q|k|v, o, gate|up, down of every layer, once, for the prompt alone
+        assert len(calls) == (4 * layers if len(ids) >= 2 else 0), text
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    t = ids.shape[1]
+    pos, slots = torch.arange(t)[None], torch.arange(t)
+    mask = (slots[None, :] <= slots[:, None])[None, None]
+    calls.clear()
+    with torch.inference_mode():
+        a = dense._direct.forward(ids, pos, slots, mask, dense._direct.cache(1), kv_len=t)
+        b = plain._direct.forward(ids, pos, slots, mask, plain._direct.cache(1), kv_len=t)
+    assert len(calls) == 4 * layers
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), float((a - b).abs().max())
+
+
+def test_tuned_int4_config_files(tmp_path):
+    """The batch-1 kernel settings measured for a GPU: file per GPU name, checked when read."""
+    import json
+
+    from ragtune.fastweights import Int4Error, config_file_for, read_tuned
+
+    assert config_file_for("NVIDIA H200").name == "nvidia_h200.json"
+    entry = {
+        "out": 6144,
+        "in": 5120,
+        "group": 64,
+        "type": "GEMV_REVSPLITK",
+        "config": {
+            "BLOCK_SIZE_M": 1,
+            "BLOCK_SIZE_N": 256,
+            "BLOCK_SIZE_K": 16,
+            "A_load_order": 0,
+            "dot_prod_mode": 0,
+            "num_warps": 2,
+            "num_stages": 1,
+        },
+    }
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"gpu": "NVIDIA H200", "m1": [entry]}))
+    table = read_tuned(path)
+    assert table == {(6144, 5120, 64): ("GEMV_REVSPLITK", entry["config"])}
+    path.write_text(json.dumps({"m1": [{**entry, "type": "GEMM"}]}))
+    with pytest.raises(Int4Error, match="GEMM"):
+        read_tuned(path)
+    path.write_text(json.dumps({"m1": [{**entry, "config": {"BLOCK_SIZE_N": 256}}]}))
+    with pytest.raises(Int4Error, match="num_warps"):
+        read_tuned(path)
+    # the packaged H200 table covers every projection of the Mistral-Nemo-12B step (group 64),
+    # each kernel reading >= 32 inputs per bf16 partial sum (gemlite adds them atomically)
+    h200 = read_tuned(config_file_for("NVIDIA H200"))
+    nemo = {(6144, 5120), (5120, 4096), (28672, 5120), (5120, 14336), (131072, 5120)}
+    assert {(n, k) for n, k, g in h200 if g == 64} == nemo
+    for typ, cfg in h200.values():
+        assert cfg["BLOCK_SIZE_K"] * (2 if typ == "GEMV_REVSPLITK" else 1) >= 32, cfg

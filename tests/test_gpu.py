@@ -393,6 +393,78 @@ def test_fastdecode_serves_a_bnb_4bit_model_in_int4_by_default(tokenizer_dir, sm
     assert max(gaps) < 0.05, gaps
 
 
+def test_gemlite_keeps_the_layout_the_prompt_path_unpacks():
+    """The prompt path unpacks gemlite's own tensors: same words as pack_int4, same weights."""
+    from ragtune.fastweights import Int4Linear, dequantize_rtn, pack_int4, quantize_rtn
+
+    torch.manual_seed(0)
+    w = torch.randn(384, 512, device="cuda", dtype=torch.bfloat16)
+    q, scale, zero = quantize_rtn(w, 64)
+    lin = Int4Linear(q, scale, zero, 64, "gemlite")
+    assert torch.equal(lin._packed[0], pack_int4(q))
+    assert torch.equal(lin.dense_weight().t(), dequantize_rtn(q, scale, zero, torch.bfloat16))
+
+
+LONG = "The harbour of Kessa has a lighthouse built in 1871 by the harbour board. " * 3
+
+
+def test_fastdecode_int4_prompt_path(tokenizer_dir):
+    """Prompts through dequantized weights + cuBLAS (int4_dense_rows=16 here), decode steps
+    through gemlite's kernels: every token still the int4 model's greedy one."""
+    from ragtune.fastdecode import FastDecoder
+
+    model, tok = _fp32_lm(tokenizer_dir)
+    model = model.to(torch.bfloat16)
+    ref = _int4_reference(model)
+    fd = FastDecoder(model, tok, max_seq_len=256, quantize="int4", int4_dense_rows=16)
+    assert len(tok(LONG)["input_ids"]) >= 16
+    gaps = _greedy_gaps(fd, ref, tok, [*TEXTS, LONG])
+    assert max(gaps) < 0.05, gaps
+    assert fd.graph == "manual"
+
+
+def test_tuned_int4_configs_reach_gemlite():
+    """The tuned batch-1 settings for this GPU (RAGTUNE_INT4_CONFIGS, else the packaged file)
+    are the ones gemlite runs, and compute x @ W^T.
+
+    With float32 atomic adds the product is exact up to float32 sums; gemlite's default on
+    Hopper adds each partial sum into the bf16 output, which costs a few percent (K/32 roundings
+    in bf16: ~3% at K=4096), still far under a wrong layout's ~100%.
+    """
+    from gemlite.core import GEMLITE_MATMUL_TYPES_MAPPING, GEMLITE_TRITON_MAPPING
+    from gemlite.triton_kernels import utils
+
+    from ragtune.fastweights import Int4Linear, _tuned_table, dequantize_rtn, quantize_rtn
+
+    table = _tuned_table(torch.device("cuda"))
+    if not table:
+        pytest.skip("no tuned int4 settings for this GPU")
+    (n, k, g), (mtype, cfg) = min(table.items(), key=lambda kv: kv[0][0] * kv[0][1])
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+    int4 = Int4Linear.from_linears([lin], torch.bfloat16, g, "gemlite")
+    assert int4.m1_type == GEMLITE_MATMUL_TYPES_MAPPING[mtype]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    w = dequantize_rtn(*quantize_rtn(lin.weight.detach(), g), torch.bfloat16)
+    ref = x.float() @ w.float().T
+    errs = {}
+    try:
+        for native in (False, True):
+            utils.GEMLITE_USE_NATIVE_ATOMIC_BFP16 = native
+            with torch.inference_mode():
+                got = int4(x).float()
+            errs[native] = float((got - ref).norm() / ref.norm())
+    finally:
+        utils.GEMLITE_USE_NATIVE_ATOMIC_BFP16 = True
+    print("relative error, fp32 / bf16 atomics:", errs)
+    assert errs[False] < 1e-2 and errs[True] < 0.1, errs
+    tuner = GEMLITE_TRITON_MAPPING[mtype].kernel[0]
+    chosen = [c for key, c in tuner.cache.items() if tuple(key[1:3]) == (n, k)]
+    assert chosen, list(tuner.cache)
+    assert all(c.kwargs["BLOCK_SIZE_N"] == cfg["BLOCK_SIZE_N"] for c in chosen)
+    assert all(c.kwargs["BLOCK_SIZE_K"] == cfg["BLOCK_SIZE_K"] for c in chosen)
+
+
 def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
     """Continuous batching on the GPU (compiled, graphed steps), float32: same tokens."""
     import threading
