@@ -4,8 +4,14 @@ The real app (``ragtune.server.create_app`` over a ``RagPipeline``, closed book)
 uvicorn in this process; ``--clients`` threads each send one streamed ``/v1/completions``
 request at once (a question of ``--prompt`` tokens, ``max_tokens=--new``). Reported per wave:
 aggregate tok/s (completion tokens of the wave / its wall time), p50/p95 latency and time to
-the first text piece. Then the same requests one at a time (``--sequential``): their answers
-must equal the concurrent ones (``equal``), and their speed is the lone-request figure.
+the first text piece. ``--modes``: where the client threads run, each for ``--waves`` waves:
+``threads`` = in this process (they share the server's GIL: the setup of the first
+measurements), ``process`` = in a child process (as real clients), ``process-1ms`` = the same
+with this process's GIL switch interval at 1 ms instead of 5. Then the same prompts straight
+into the batcher, the GPU time of one decode step and one prefill (CUDA events, batcher idle),
+so that each wave's wall time splits into GPU work and the rest; then the requests one at a
+time (``--sequential``): their answers must equal the concurrent ones (``equal``), and their
+speed is the lone-request figure.
 
     # GPU, the Mistral-Nemo-12B shape with random weights, in NF4 as merged_4bit loads:
     python bench/serve_load.py --random --model .gpu/smol_tok --bnb4 --clients 32
@@ -18,11 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +136,39 @@ def wave(base: str, qs: list[str], new: int) -> dict[str, Any]:
     }
 
 
+def gpu_ms(batcher: Any, prompt: int) -> dict[str, float]:
+    """GPU milliseconds of one decode step (all rows) and one prefill of ``prompt`` tokens,
+    timed with CUDA events on the idle batcher (they write only unread slots and the spare
+    row)."""
+    dev, b = batcher.device, batcher.max_batch
+    ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
+    pos = torch.full((b, 1), batcher.max_seq_len - 1, dtype=torch.long, device=dev)
+    t = batcher._padded(prompt)
+    args = (
+        torch.zeros((1, t), dtype=torch.long, device=dev),
+        torch.full((1,), prompt - 1, dtype=torch.long, device=dev),
+        torch.full((1,), batcher.max_batch, dtype=torch.long, device=dev),
+    )
+    graph = batcher._prefill_graph(t)
+
+    def timed(fn: Any, n: int) -> float:
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return round(start.elapsed_time(end) / n, 2)
+
+    with torch.inference_mode():
+        out = {"step_ms": timed(lambda: batcher._step(b, ids, pos), 20)}
+        out["prefill_eager_ms"] = timed(lambda: batcher._prefill_fn(*args, batcher.kv), 3)
+        if graph is not None:
+            out["prefill_graph_ms"] = timed(lambda: graph(*args), 5)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model folder, or tokenizer with --random")
@@ -142,7 +182,8 @@ def main() -> None:
     ap.add_argument("--batching", default="auto", help="server.batching: auto|true|false")
     ap.add_argument("--max-batch", type=int, default=32, help="server.max_batch")
     ap.add_argument("--batch-invariant", default="true", help="server.batch_invariant: true|false")
-    ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves")
+    ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves per mode")
+    ap.add_argument("--modes", default="threads,process,process-1ms", help="client placement")
     ap.add_argument("--sequential", type=int, default=-1, help="one-at-a-time requests (-1 all)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this")
     ap.add_argument("--json", default=None, help="append result lines here")
@@ -187,13 +228,31 @@ def main() -> None:
     qs = questions(pipe.tokenizer, args.clients, args.prompt)
     emit({"what": "warm wave", **wave(base, qs, args.new)})  # prefill shapes, allocator
     concurrent = None
-    for i in range(args.waves):
-        if time.perf_counter() - start > args.deadline_s:
-            break
-        concurrent = wave(base, qs, args.new)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
-        emit({"what": f"wave {i + 1}", **concurrent, "peak_gib": round(mem, 1),
-              "batcher": pipe.generator.batching_stats()})  # fmt: skip
+    texts: list[list[str]] = []
+    waves: list[dict[str, Any]] = []
+    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    for mode in args.modes.split(","):
+        sys.setswitchinterval(0.001 if mode.endswith("-1ms") else 0.005)
+        for i in range(args.waves):
+            if time.perf_counter() - start > args.deadline_s:
+                break
+            before = pipe.generator.batching_stats() or {}
+            if mode == "threads":
+                concurrent = wave(base, qs, args.new)
+            else:
+                concurrent = clients.submit(wave, base, qs, args.new).result()
+            after = pipe.generator.batching_stats() or {}
+            used = {k: after[k] - before.get(k, 0) for k in ("steps", "prefills") if k in after}
+            mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+            rec = {"what": f"wave {i + 1}", "clients_in": mode, **concurrent, **used}
+            emit({**rec, "peak_gib": round(mem, 1)})
+            texts.append(concurrent["texts"])
+            waves.append(rec)
+    sys.setswitchinterval(0.005)
+    clients.shutdown()
+    if texts:
+        same = sum(t == texts[0] for t in texts)
+        emit({"what": "concurrent waves identical", "waves": len(texts), "equal": same})
     batcher = pipe.generator._batcher
     if batcher is not None:  # the same prompts straight into the batcher: the server's cost
         prompts = [pipe.generator.encode(pipe.render(q)) for q in qs]
@@ -203,6 +262,15 @@ def main() -> None:
         wall = time.perf_counter() - t0
         emit({"what": "batcher alone (no HTTP, no EOS/stops)", "clients": len(prompts),
               "wall_s": round(wall, 3), "aggregate_tok_s": round(n_tok / wall, 1)})  # fmt: skip
+        if torch.cuda.is_available():  # where a wave's time goes: GPU work, and the rest
+            ms = gpu_ms(batcher, args.prompt * 7 // 8)  # the questions' mean length
+            prefill = ms.get("prefill_graph_ms", ms["prefill_eager_ms"])
+            for w in waves:
+                busy = (w.get("steps", 0) * ms["step_ms"] + w.get("prefills", 0) * prefill) / 1e3
+                w.update(gpu_busy_s=round(busy, 3), other_s=round(w["wall_s"] - busy, 3))
+            emit({"what": "gpu time (CUDA events)", **ms, "waves": [
+                {k: w.get(k) for k in ("clients_in", "wall_s", "steps", "prefills", "gpu_busy_s",
+                                       "other_s")} for w in waves]})  # fmt: skip
     n = len(qs) if args.sequential < 0 else min(args.sequential, len(qs))
     seq: list[dict[str, Any]] = []
     for q in qs[:n]:

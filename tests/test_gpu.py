@@ -422,6 +422,35 @@ def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
     finally:
         batcher.close()
     assert got == want
+    # prompts ran as CUDA graphs (captured on first use while other rows decoded)
+    assert batcher._prefill_graphs and batcher.prefills == len(prompts)
+
+
+def test_batcher_engine_never_syncs_the_stream(tokenizer_dir):
+    """The engine loop launches each step from the last step's ids on the device and reads
+    tokens through pinned copies and events: under sync debug mode "error", any stream or
+    device synchronisation in it (a .tolist() of a CUDA tensor, a pageable copy) would fail
+    the requests."""
+    from ragtune.batching import StepBatcher
+    from ragtune.fastdecode import FastDecoder
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    model, tok = _fp32_lm(tokenizer_dir)
+    fd = FastDecoder(model, tok, max_seq_len=256)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    want = [fd.generate(p, 12, []) for p in prompts]
+    batcher = StepBatcher(fd, max_batch=4, buckets=(4,), warmup=True)
+    batcher.ready.wait()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        reqs = [batcher.submit(p, 12, []) for p in prompts]
+        got = [r.result(timeout=120) for r in reqs]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        batcher.close()
+    assert got == want
 
 
 def test_server_batching_auto_on_the_cuda_fast_path(tokenizer_dir):

@@ -694,9 +694,7 @@ def test_batching_server_answers_concurrent_requests_as_one_at_a_time(
         assert stop_server(proc) == 0, log.read_text()[-2000:]
 
 
-def test_batched_streams_reach_the_event_loop_without_a_thread_per_piece(
-    tiny_lm_path, monkeypatch
-):
+def test_batched_streams_reach_the_event_loop_without_a_thread_per_piece(tiny_lm_path, monkeypatch):
     """With batching, a streamed answer's pieces come to the server's event loop from the
     batcher itself: one worker-thread hop per request (retrieve + render + submit), not one
     per piece; the streamed texts are the unbatched answers."""
