@@ -169,6 +169,31 @@ def gpu_ms(batcher: Any, prompt: int) -> dict[str, float]:
     return out
 
 
+def prefill_probe(batcher: Any, prompt: int) -> dict[str, Any]:
+    """Would batching prompts of one padded length keep answers invariant? The bf16 logits of
+    one prompt prefilled alone, in row 2 of 4 and in row 3 of 4 (same shape), bitwise."""
+    direct, dev, t = batcher.direct, batcher.device, batcher._padded(prompt)
+    ids = torch.randint(1000, 30000, (4, t), generator=torch.Generator().manual_seed(1)).to(dev)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        n, slots = x.shape[0], torch.arange(t, device=dev)
+        shape = (n, direct.n_kv, t, direct.head_dim)
+        kv = tuple([torch.empty(shape, dtype=direct.dtype, device=dev) for _ in direct.layers]
+                   for _ in range(2))  # fmt: skip
+        last = torch.full((n,), prompt - 1, dtype=torch.long, device=dev)
+        causal = (slots[None, :] <= slots[:, None])[None, None]
+        return direct.forward(x, slots[None].expand(n, t), slots, causal, kv, last)
+
+    with torch.inference_mode():
+        four, moved, alone = logits(ids), logits(ids.roll(1, 0)), logits(ids[2:3])
+    return {
+        "padded_to": t,
+        "row_2_vs_row_3_of_4_equal": bool(torch.equal(four[2], moved[3])),
+        "alone_vs_row_2_of_4_equal": bool(torch.equal(four[2], alone[0])),
+        "alone_vs_batched_max_diff": float((four[2] - alone[0]).abs().max()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model folder, or tokenizer with --random")
@@ -268,6 +293,7 @@ def main() -> None:
             for w in waves:
                 busy = (w.get("steps", 0) * ms["step_ms"] + w.get("prefills", 0) * prefill) / 1e3
                 w.update(gpu_busy_s=round(busy, 3), other_s=round(w["wall_s"] - busy, 3))
+            emit({"what": "prefill invariance probe", **prefill_probe(batcher, args.prompt)})
             emit({"what": "gpu time (CUDA events)", **ms, "waves": [
                 {k: w.get(k) for k in ("clients_in", "wall_s", "steps", "prefills", "gpu_busy_s",
                                        "other_s")} for w in waves]})  # fmt: skip
