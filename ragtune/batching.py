@@ -71,6 +71,10 @@ class _Host:
         else:
             self.buf = t.clone()
 
+    def ready(self) -> bool:
+        """Whether the values are there (never waits)."""
+        return self.event is None or bool(self.event.query())
+
     def get(self) -> list[int]:
         if self.event is not None:
             self.event.synchronize()  # releases the GIL while it waits
@@ -405,9 +409,15 @@ class StepBatcher:
             upto = steps[-keep] if len(steps) >= keep else 0
         touched: dict[int, Request] = {}
         for _ in range(upto):
-            self._process(self._inflight.popleft(), touched)
+            entry = self._inflight.popleft()
+            if touched and not entry.host.ready():  # (a burst of prefills) no token waits
+                wake(touched.values())
+                touched = {}
+            self._process(entry, touched)
+        wake(touched.values())  # once per step, as a rule: each event loop gets one call
+        touched = {}
         self._admit(touched)
-        wake(touched.values())  # once per step: each event loop gets one call
+        wake(touched.values())  # (requests cancelled before a row, or failed prefills)
 
     def _fail_all(self, error: BaseException) -> None:
         touched: dict[int, Request] = {}

@@ -320,3 +320,42 @@ def test_a_cancelled_async_stream_frees_its_row(decoder):
         assert len(stream._req.tokens) < 100
     finally:
         gen._batcher.close()
+
+
+def test_tokens_are_handed_out_before_waiting_for_more_gpu_work(decoder, monkeypatch):
+    """When the next queued entry is not done yet (a burst of prefills on a GPU), the tokens
+    already read go out first: a prompt's first token does not wait for the prompts after it."""
+    import ragtune.batching as batching
+
+    fd, tok = decoder
+    monkeypatch.setattr(batching._Host, "ready", lambda self: False)  # the GPU is always busy
+    log: list[tuple[str, bool]] = []
+    real_wake = batching.wake
+
+    def logged_wake(requests):
+        requests = list(requests)
+        if requests:
+            log.append(("wake", True))
+        return real_wake(requests)
+
+    monkeypatch.setattr(batching, "wake", logged_wake)
+    batcher = StepBatcher(fd, max_batch=4, depth=2, prefill_tokens=1)  # a prefill per prompt
+    process = batcher._process
+
+    def logged_process(entry, touched) -> None:
+        log.append(("hand out", any(not req.done for _, _, req in entry.items)))
+        process(entry, touched)
+
+    batcher._process = logged_process  # type: ignore[method-assign]
+    try:
+        prompts = [tok(t)["input_ids"] for t in PROMPTS[:4]]
+        wake_event, batcher._wake = batcher._wake, threading.Event()  # all 4 admitted at once
+        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
+        batcher._wake = wake_event
+        got = [r.result(timeout=60) for r in reqs]
+    finally:
+        batcher.close()
+    assert got == [fd.generate(p, 6, eos_ids=[]) for p in prompts]
+    assert batcher.prefills == 4
+    for before, now in zip(log, log[1:], strict=False):
+        assert not (before == ("hand out", True) and now[0] == "hand out"), log
