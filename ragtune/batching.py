@@ -17,10 +17,9 @@ before step k's tokens reach the host (a pinned copy and an event, no stream syn
 keeps ``depth`` steps queued ahead of the one whose tokens it hands out; a row that finished
 therefore runs ``depth`` more steps whose tokens are dropped (positions are clamped inside the
 row, and a slot is always written before it is read). Tokens go out once per step
-(:func:`ragtune.batchstream.wake`). A prompt is right-padded to a multiple of ``prefill_pad``
-tokens and, alone, run as one CUDA graph per padded length (no thousand eager launches, each
-needing the GIL, on the engine thread); waiting prompts are prefilled together when
-``prefill_tokens`` allows (the non-invariant mode).
+(:func:`ragtune.batchstream.wake`). Prompts are padded and run as CUDA graphs of a few
+fixed shapes (:mod:`ragtune.batchprefill`: alone, or ``prefill_group`` of one padded length);
+in the non-invariant mode waiting prompts are prefilled together as ``prefill_tokens`` allows.
 
 Hook for a server (one shared :class:`StepBatcher` per model; everything is thread-safe)::
 
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 
+from ragtune.batchprefill import Prefiller
 from ragtune.batchstream import Request, wake
 from ragtune.decodestep import GraphedStep
 from ragtune.errors import RagtuneError
@@ -102,6 +102,7 @@ class StepBatcher:
         depth: int = 2,
         prefill_pad: int = 64,
         prefill_graphs: bool | None = None,
+        prefill_group: int = 1,
     ) -> None:
         if decoder._direct is None:
             raise BatchingError(
@@ -135,8 +136,9 @@ class StepBatcher:
         self._graphs: dict[int, GraphedStep] = {}
         if prefill_graphs is None:
             prefill_graphs = decoder.graph == "manual"
-        self._prefill_graphs: dict[int, GraphedStep] | None = {} if prefill_graphs else None
-        self.prefill_pad = max(1, int(prefill_pad))
+        self.prefiller = Prefiller(
+            self.direct, self.kv, self.max_batch, prefill_pad, prefill_group, prefill_graphs
+        )
         self.depth = max(0, int(depth))
         self._rows: list[Request | None] = [None] * self.max_batch
         self._inflight: collections.deque[_Entry] = collections.deque()
@@ -248,74 +250,9 @@ class StepBatcher:
             self._graphs[b] = g
         return g(ids, pos)
 
-    def _padded(self, n: int) -> int:
-        """The length a prompt of ``n`` tokens is prefilled at: one CUDA graph per length."""
-        unit = self.prefill_pad if n <= 16 * self.prefill_pad else 4 * self.prefill_pad
-        return min(-(-n // unit) * unit, self.max_seq_len)
-
-    def _prefill_fn(
-        self, ids: torch.Tensor, last: torch.Tensor, rows: torch.Tensor, kv: Any
-    ) -> torch.Tensor:
-        """Right-padded prompts ``ids`` [n, t] into cache ``rows``; first greedy ids [n].
-
-        A prompt's real tokens never see the padding after them (causal), and the slots the
-        padding fills are rewritten by decode steps before any query reads them. Shapes and
-        addresses only: capturable as a CUDA graph.
-        """
-        n, t = ids.shape
-        dev = ids.device
-        slots = torch.arange(t, device=dev)
-        causal = slots[None, :] <= slots[:, None]
-        shape = (n, self.direct.n_kv, t, self.direct.head_dim)
-        dtype = self.direct.dtype
-        scratch = (
-            [torch.empty(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
-            [torch.empty(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
-        )
-        pos = slots[None, :].expand(n, t)
-        logits = self.direct.forward(ids, pos, slots, causal[None, None], scratch, last)
-        for cache, part in zip((*kv[0], *kv[1]), (*scratch[0], *scratch[1]), strict=True):
-            cache[:, :, :t].index_copy_(0, rows, part)  # a slice is a view: writes the cache
-        return logits.argmax(dim=-1)
-
-    def _prefill_graph(self, t: int) -> GraphedStep | None:
-        graphs = self._prefill_graphs
-        if graphs is None:
-            return None
-        g = graphs.get(t)
-        if g is None:
-            dev = self.device
-            example = (
-                torch.zeros((1, t), dtype=torch.long, device=dev),
-                torch.full((1,), t - 1, dtype=torch.long, device=dev),
-                torch.full((1,), self.max_batch, dtype=torch.long, device=dev),  # the spare row
-            )
-            try:
-                g = GraphedStep(self._prefill_fn, example, self.kv)
-            except Exception as e:  # best effort: the eager prefill gives the same tokens
-                log.warning("batcher: prefill graph capture failed (%s); prefilling eagerly", e)
-                self._prefill_graphs = None
-                return None
-            graphs[t] = g
-        return g
-
-    def _dev(self, t: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device without waiting for the queued steps (pinned, async)."""
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
-
     def _prefill(self, wave: Sequence[tuple[int, Request]]) -> torch.Tensor:
         """Run the prompts of ``wave`` (rows, requests) into their rows; first ids [n] (device)."""
-        n, t = len(wave), self._padded(max(len(req.prompt) for _, req in wave))
-        ids = torch.zeros((n, t), dtype=torch.long)
-        for j, (_, req) in enumerate(wave):
-            ids[j, : len(req.prompt)] = torch.tensor(req.prompt, dtype=torch.long)
-        last = torch.tensor([len(req.prompt) - 1 for _, req in wave], dtype=torch.long)
-        rows = torch.tensor([row for row, _ in wave], dtype=torch.long)
-        args = (self._dev(ids), self._dev(last), self._dev(rows))
-        g = self._prefill_graph(t) if n == 1 else None
-        return g(*args) if g is not None else self._prefill_fn(*args, self.kv)
+        return self.prefiller.run([req.prompt for _, req in wave], [row for row, _ in wave])
 
     # ------------------------------------------------------------------ engine
     def _launch(self) -> bool:
@@ -376,13 +313,23 @@ class StepBatcher:
             self.requests += 1
             req.check = self.decoder._stop_checker(req.stop_strings)
             req.full = list(req.prompt) if req.check is not None else None
-            longest = self._padded(max([len(req.prompt), *(len(r.prompt) for _, r in wave)]))
-            if wave and longest * (len(wave) + 1) > self.prefill_tokens:
+            padded = self.prefiller.padded
+            longest = padded(max([len(req.prompt), *(len(r.prompt) for _, r in wave)]))
+            group = self.prefiller.group
+            if wave and group == 1 and longest * (len(wave) + 1) > self.prefill_tokens:
                 self._prefill_wave(wave, touched)
                 wave = []
             wave.append((row, req))
-        if wave:
-            self._prefill_wave(wave, touched)
+        if self.prefiller.group > 1:  # fixed groups of prompts of one padded length
+            by_length: dict[int, list[tuple[int, Request]]] = {}
+            for row, req in wave:
+                by_length.setdefault(self.prefiller.padded(len(req.prompt)), []).append((row, req))
+            group = self.prefiller.group
+            waves = [w[i : i + group] for w in by_length.values() for i in range(0, len(w), group)]
+        else:
+            waves = [wave] if wave else []
+        for w in waves:
+            self._prefill_wave(w, touched)
 
     def _prefill_wave(self, wave: list[tuple[int, Request]], touched: dict[int, Request]) -> None:
         try:
@@ -440,16 +387,7 @@ class StepBatcher:
         for b in self.buckets:
             last = torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=dev)
             self._step(b, torch.zeros_like(last), last)
-        if self._prefill_graphs is not None:
-            for t in sorted({self._padded(n) for n in range(1, self.max_seq_len)}):
-                if self._prefill_graph(t) is None:
-                    break
-        if self._prefill_graphs is None:  # eager prefill: its kernels once, into the spare row
-            n = self._padded(max(1, min(512, self.max_seq_len // 2)))
-            ids = torch.zeros((1, n), dtype=torch.long, device=dev)
-            last = torch.full((1,), n - 1, dtype=torch.long, device=dev)
-            spare = torch.full((1,), self.max_batch, dtype=torch.long, device=dev)
-            self._prefill_fn(ids, last, spare, self.kv)
+        self.prefiller.warm()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         log.info("batcher: warm (steps of %s rows)", self.buckets)

@@ -393,8 +393,10 @@ def test_fastdecode_serves_a_bnb_4bit_model_in_int4_by_default(tokenizer_dir, sm
     assert max(gaps) < 0.05, gaps
 
 
-def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
-    """Continuous batching on the GPU (compiled, graphed steps), float32: same tokens."""
+@pytest.mark.parametrize("group", [1, 4])
+def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir, group):
+    """Continuous batching on the GPU (compiled, graphed steps; prompts as graphs, alone or in
+    fixed groups of 4), float32: same tokens."""
     import threading
 
     from ragtune.batching import StepBatcher
@@ -407,7 +409,7 @@ def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
     prompts = [tok(t)["input_ids"] for t in TEXTS * 2]
     budgets = [20, 7, 14, 30, 3, 11]
     want = [fd.generate(p, n, []) for p, n in zip(prompts, budgets, strict=True)]
-    batcher = StepBatcher(fd, max_batch=4, buckets=(1, 4))
+    batcher = StepBatcher(fd, max_batch=4, buckets=(1, 4), prefill_tokens=1, prefill_group=group)
     got = [None] * len(prompts)
 
     def client(i):
@@ -423,7 +425,7 @@ def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
         batcher.close()
     assert got == want
     # prompts ran as CUDA graphs (captured on first use while other rows decoded)
-    assert batcher._prefill_graphs and batcher.prefills == len(prompts)
+    assert batcher.prefiller.graphs and batcher.prefills == len(prompts)
 
 
 def test_batcher_engine_never_syncs_the_stream(tokenizer_dir):
