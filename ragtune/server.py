@@ -26,7 +26,6 @@ import asyncio
 import json
 import logging
 import secrets
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,10 +53,6 @@ log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MODEL_ALIAS = "ragtune"  # always accepted as the served model's name
-# With a batcher, its engine thread and this event loop share the GIL: the engine must get it
-# back soon after a step ends to launch the next ones; CPython's 5 ms default let the GPU idle
-# (H200: 1,432-1,458 tok/s at 5 ms, 1,508-1,625 at 1 ms; docs/benchmarks.md, issue 20.2).
-_BATCHING_SWITCH_S = 0.001
 
 
 # --------------------------------------------------------------------------- middleware
@@ -171,10 +166,7 @@ def create_app(
     model_id = model_id or getattr(pipeline, "name", None) or MODEL_ALIAS
     created = int(time.time())
     generator = getattr(pipeline, "generator", None)
-    slots = getattr(generator, "concurrency", 1)
-    gate = _Gate(max_queue, slots)
-    if slots > 1:  # continuous batching: see _BATCHING_SWITCH_S
-        sys.setswitchinterval(min(sys.getswitchinterval(), _BATCHING_SWITCH_S))
+    gate = _Gate(max_queue, getattr(generator, "concurrency", 1))
     count = token_counter(pipeline.tokenizer) if hasattr(pipeline, "tokenizer") else len
     app = FastAPI(title="ragtune", summary="RAG answers from a ragtune model")
     app.state.gate = gate
