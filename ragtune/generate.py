@@ -202,7 +202,7 @@ class Generator:
 
         ``mode``: ``auto`` = on for the CUDA fast path (``generate.fast`` on a GPU), ``true``
         = wherever the direct decode path runs (a CPU test of the server), ``false`` = off.
-        See :func:`ragtune.batching.batcher_for`; it replaces the batch-1 fast decoder.
+        See :func:`ragtune.batchstream.batcher_for`; it replaces the batch-1 fast decoder.
         """
         mode = str(mode).lower()
         if mode not in ("auto", "true", "false"):
