@@ -4,8 +4,17 @@ The real app (``ragtune.server.create_app`` over a ``RagPipeline``, closed book)
 uvicorn in this process; ``--clients`` threads each send one streamed ``/v1/completions``
 request at once (a question of ``--prompt`` tokens, ``max_tokens=--new``). Reported per wave:
 aggregate tok/s (completion tokens of the wave / its wall time), p50/p95 latency and time to
-the first text piece. Then the same requests one at a time (``--sequential``): their answers
-must equal the concurrent ones (``equal``), and their speed is the lone-request figure.
+the first text piece. ``--modes``: where the client threads run, each for ``--waves`` waves:
+``threads`` = in this process (they share the server's GIL: the setup of the first
+measurements), ``process`` = in a child process (as real clients), ``process-1ms`` = the same
+with this process's GIL switch interval at 1 ms instead of CPython's 5 (no effect beyond the
+waves' spread on the H200).
+Then the same prompts straight into the batcher, and the requests one at a time
+(``--sequential``): their answers must equal the concurrent ones (``equal``), and their speed
+is the lone-request figure. Then the same with prompts prefilled in groups of ``--group``
+(``ragtune.batchprefill``). Last, the GPU time of one decode step and of a prefill (CUDA
+events, batcher idle), so that each wave's wall time splits into GPU work and the rest, and a
+probe of whether grouped prefills could keep answers invariant (bitwise, every padded length).
 
     # GPU, the Mistral-Nemo-12B shape with random weights, in NF4 as merged_4bit loads:
     python bench/serve_load.py --random --model .gpu/smol_tok --bnb4 --clients 32
@@ -18,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
 import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +139,80 @@ def wave(base: str, qs: list[str], new: int) -> dict[str, Any]:
     }
 
 
+def gpu_ms(batcher: Any, prompt: int, group: int) -> dict[str, float]:
+    """GPU milliseconds of one decode step (all rows) and of one prompt's prefill (``prompt``
+    tokens: eager, as a graph, and as one of ``group`` in a grouped graph), by CUDA events on
+    the idle batcher (they write only unread slots and the spare row)."""
+    dev, b, pre = batcher.device, batcher.max_batch, batcher.prefiller
+    ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
+    pos = torch.full((b, 1), batcher.max_seq_len - 1, dtype=torch.long, device=dev)
+    t = pre.padded(prompt)
+
+    def args(n: int) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.zeros((n, t), dtype=torch.long, device=dev),
+            torch.full((n,), prompt - 1, dtype=torch.long, device=dev),
+            torch.full((n,), pre.spare_row, dtype=torch.long, device=dev),
+        )
+
+    def timed(fn: Any, n: int) -> float:
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return round(start.elapsed_time(end) / n, 2)
+
+    with torch.inference_mode():
+        out = {"step_ms": timed(lambda: batcher._step(b, ids, pos), 20)}
+        out["prefill_eager_ms"] = timed(lambda: pre.forward(*args(1), pre.kv), 3)
+        for n, key in ((1, "prefill_graph_ms"), (group, f"prefill_{group}_graph_ms_each")):
+            g, a = pre.graph(n, t), args(n)
+            if g is not None:
+                out[key] = round(timed(lambda g=g, a=a: g(*a), 5) / n, 2)
+    return out
+
+
+def prefill_probe(batcher: Any, prompt: int, group: int) -> dict[str, Any]:
+    """Would ``group`` prompts of one padded length per forward keep answers invariant? For
+    every padded length: the bf16 logits of one prompt alone, in row 1 and in the last row of
+    ``group`` (same shape), bitwise."""
+    direct, dev, pre = batcher.direct, batcher.device, batcher.prefiller
+    unequal: dict[str, list[int]] = {"moved": [], "alone": []}
+    lengths = sorted({pre.padded(n) for n in range(1, batcher.max_seq_len)})
+    worst = 0.0
+    for t in lengths:
+        n = max(1, min(t - 3, prompt))
+        ids = torch.randint(1000, 30000, (group, t), generator=torch.Generator().manual_seed(t))
+        ids = ids.to(dev)
+
+        def logits(x: torch.Tensor, n: int = n, t: int = t) -> torch.Tensor:
+            rows, slots = x.shape[0], torch.arange(t, device=dev)
+            shape = (rows, direct.n_kv, t, direct.head_dim)
+            kv = tuple([torch.empty(shape, dtype=direct.dtype, device=dev) for _ in direct.layers]
+                       for _ in range(2))  # fmt: skip
+            last = torch.full((rows,), n - 1, dtype=torch.long, device=dev)
+            causal = (slots[None, :] <= slots[:, None])[None, None]
+            return direct.forward(x, slots[None].expand(rows, t), slots, causal, kv, last)
+
+        with torch.inference_mode():
+            batch, moved, alone = logits(ids), logits(ids.roll(group - 2, 0)), logits(ids[1:2])
+        if not torch.equal(batch[1], moved[-1]):
+            unequal["moved"].append(t)
+        if not torch.equal(batch[1], alone[0]):
+            unequal["alone"].append(t)
+        worst = max(worst, float((batch[1] - alone[0]).abs().max()))
+    return {
+        "group": group,
+        "lengths": len(lengths),
+        "row_1_vs_last_row_unequal_at": unequal["moved"],
+        "alone_vs_batched_unequal_at": unequal["alone"],
+        "alone_vs_batched_max_diff": worst,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="model folder, or tokenizer with --random")
@@ -142,7 +226,9 @@ def main() -> None:
     ap.add_argument("--batching", default="auto", help="server.batching: auto|true|false")
     ap.add_argument("--max-batch", type=int, default=32, help="server.max_batch")
     ap.add_argument("--batch-invariant", default="true", help="server.batch_invariant: true|false")
-    ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves")
+    ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves per mode")
+    ap.add_argument("--modes", default="threads,process,process-1ms", help="client placement")
+    ap.add_argument("--group", type=int, default=4, help="then prefill groups of this (1: no)")
     ap.add_argument("--sequential", type=int, default=-1, help="one-at-a-time requests (-1 all)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this")
     ap.add_argument("--json", default=None, help="append result lines here")
@@ -154,6 +240,9 @@ def main() -> None:
     from ragtune.server import create_app
 
     start = time.perf_counter()
+
+    def late() -> bool:
+        return time.perf_counter() - start > args.deadline_s
 
     def emit(rec: dict[str, Any]) -> None:
         rec = {**rec, "elapsed_s": round(time.perf_counter() - start, 1)}
@@ -167,18 +256,13 @@ def main() -> None:
     invariant = args.batch_invariant.lower() == "true"
     on = pipe.generator.start_batching(args.batching, args.max_batch, invariant=invariant)
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    emit(
-        {
-            "what": "setup",
-            "device": dev,
-            "batching": on,
-            "warm_s": round(time.perf_counter() - t0, 1),
-        }
-    )
+    emit({"what": "setup", "device": dev, "batching": on,
+          "warm_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(pipe, None, max_queue=1024)
+    server_switch = sys.getswitchinterval()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=srv.run, daemon=True).start()
     while not srv.started:
@@ -186,34 +270,37 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     qs = questions(pipe.tokenizer, args.clients, args.prompt)
     emit({"what": "warm wave", **wave(base, qs, args.new)})  # prefill shapes, allocator
-    concurrent = None
-    for i in range(args.waves):
-        if time.perf_counter() - start > args.deadline_s:
-            break
-        concurrent = wave(base, qs, args.new)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
-        emit({"what": f"wave {i + 1}", **concurrent, "peak_gib": round(mem, 1),
-              "batcher": pipe.generator.batching_stats()})  # fmt: skip
     batcher = pipe.generator._batcher
-    if batcher is not None:  # the same prompts straight into the batcher: the server's cost
-        prompts = [pipe.generator.encode(pipe.render(q)) for q in qs]
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(len(prompts)) as pool:
-            n_tok = sum(pool.map(lambda p: len(list(batcher.stream(p, args.new, [], []))), prompts))
-        wall = time.perf_counter() - t0
-        emit({"what": "batcher alone (no HTTP, no EOS/stops)", "clients": len(prompts),
-              "wall_s": round(wall, 3), "aggregate_tok_s": round(n_tok / wall, 1)})  # fmt: skip
-    n = len(qs) if args.sequential < 0 else min(args.sequential, len(qs))
-    seq: list[dict[str, Any]] = []
-    for q in qs[:n]:
-        if time.perf_counter() - start > args.deadline_s:
-            break
-        seq.append(one(base, q, args.new))
-    if seq and concurrent is not None:
+    waves: list[dict[str, Any]] = []
+    clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def measured(mode: str, label: str) -> dict[str, Any]:
+        """One wave; ``mode``: threads | process[-Nms] (the GIL switch interval, else the
+        server's)."""
+        ms = mode.rsplit("-", 1)[1] if "-" in mode else None
+        sys.setswitchinterval(float(ms[:-2]) / 1e3 if ms else server_switch)
+        before = pipe.generator.batching_stats() or {}
+        if mode == "threads":
+            got = wave(base, qs, args.new)
+        else:
+            got = clients.submit(wave, base, qs, args.new).result()
+        after = pipe.generator.batching_stats() or {}
+        used = {k: after[k] - before.get(k, 0) for k in ("steps", "prefills") if k in after}
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+        rec = {"what": label, "clients_in": mode, **got, **used}
+        emit({**rec, "peak_gib": round(mem, 1)})
+        sys.setswitchinterval(server_switch)
+        return rec
+
+    def one_at_a_time(concurrent: dict[str, Any], label: str) -> None:
+        n = len(qs) if args.sequential < 0 else min(args.sequential, len(qs))
+        seq = [one(base, q, args.new) for q in qs[:n] if not late()]
+        if not seq:
+            return
         same = [s["text"] == c for s, c in zip(seq, concurrent["texts"], strict=False)]
         tokens = sum(s["tokens"] for s in seq)
         emit({
-            "what": "one at a time",
+            "what": label,
             "requests": len(seq),
             "equal": sum(same),
             "differ": [i for i, ok in enumerate(same) if not ok],
@@ -222,6 +309,45 @@ def main() -> None:
             "latency_p50_s": pct([s["latency_s"] for s in seq], 0.5),
             "texts": [s["text"] for s in seq],
         })  # fmt: skip
+
+    for mode in args.modes.split(","):
+        for i in range(args.waves):
+            if not late():
+                waves.append(measured(mode, f"wave {i + 1}"))
+    if batcher is not None and not late():  # the same prompts straight into the batcher
+        prompts = [pipe.generator.encode(pipe.render(q)) for q in qs]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            n_tok = sum(pool.map(lambda p: len(list(batcher.stream(p, args.new, [], []))), prompts))
+        wall = time.perf_counter() - t0
+        emit({"what": "batcher alone (no HTTP, no EOS/stops)", "clients": len(prompts),
+              "wall_s": round(wall, 3), "aggregate_tok_s": round(n_tok / wall, 1)})  # fmt: skip
+    if waves:
+        one_at_a_time(waves[-1], "one at a time")
+    if batcher is not None and args.group > 1 and not late():  # prompts prefilled in groups
+        batcher.prefiller.group = args.group  # (the batcher is idle: read at the next prompt)
+        emit({"what": f"warm wave, prefill groups of {args.group}", **wave(base, qs, args.new)})
+        for i in range(args.waves):
+            if not late():
+                waves.append(measured("process", f"wave {i + 1}, prefill groups of {args.group}"))
+        one_at_a_time(waves[-1], f"one at a time, prefill groups of {args.group}")
+    clients.shutdown()
+    if waves:
+        same = sum(w["texts"] == waves[0]["texts"] for w in waves)
+        emit({"what": "concurrent waves identical", "waves": len(waves), "equal": same})
+    if batcher is not None and torch.cuda.is_available():  # where a wave's time goes
+        group = max(2, args.group)
+        ms = gpu_ms(batcher, args.prompt * 7 // 8, group)  # the questions' mean length
+        for w in waves:
+            each = ms.get("prefill_graph_ms", ms["prefill_eager_ms"])
+            if "groups" in w["what"]:
+                each = ms.get(f"prefill_{group}_graph_ms_each", each)
+            busy = (w.get("steps", 0) * ms["step_ms"] + w.get("prefills", 0) * each) / 1e3
+            w.update(gpu_busy_s=round(busy, 3), other_s=round(w["wall_s"] - busy, 3))
+        keys = ("what", "clients_in", "wall_s", "steps", "prefills", "gpu_busy_s", "other_s")
+        emit({"what": "gpu time (CUDA events)", **ms,
+              "waves": [{k: w.get(k) for k in keys} for w in waves]})  # fmt: skip
+        emit({"what": "prefill invariance probe", **prefill_probe(batcher, args.prompt, group)})
     srv.should_exit = True
 
 

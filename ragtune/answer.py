@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ragtune.decoding import NO_CHANGE, Decoding
-from ragtune.generate import TextStream
+from ragtune.decoding import NO_CHANGE, Decoding, PieceStream
 from ragtune.types import Chunk
 
 if TYPE_CHECKING:
@@ -76,6 +75,8 @@ class AnswerStream:
     ``.chunks`` (the retrieved context) is known before the first piece. ``close()`` stops
     the generation early. With a calibration the pipeline decides on the whole candidate, so
     the stream is buffered: one piece, the final text (what ``.answer.text`` holds).
+    Where :attr:`asynchronous` (a batched greedy answer, neither buffered nor scored),
+    ``async for`` gives the same pieces on the caller's event loop, no thread per piece.
     """
 
     def __init__(
@@ -90,9 +91,13 @@ class AnswerStream:
         self._pipeline = pipeline
         self._prepared = prepared
         self._t0 = t0
-        self._stream: TextStream = pipeline.generator.stream(prepared.prompt, decoding)
+        self._stream: PieceStream = pipeline.generator.stream(prepared.prompt, decoding)
         self._buffered = pipeline.calibration is not None
         self.answer: Answer | None = None
+        # scoring runs the model: never on an event loop
+        self.asynchronous = (
+            hasattr(self._stream, "__anext__") and not self._buffered and not pipeline.scoring
+        )
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -111,6 +116,16 @@ class AnswerStream:
         except StopIteration:
             self._make_answer()
             raise
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        if not self.asynchronous:
+            raise TypeError("this answer streams in a thread only (see .asynchronous)")
+        return self._apieces()
+
+    async def _apieces(self) -> AsyncIterator[str]:
+        async for piece in self._stream:  # type: ignore[attr-defined]
+            yield piece
+        self._make_answer()
 
     def _make_answer(self) -> None:
         if self.answer is None and self._stream.result is not None:

@@ -2,17 +2,24 @@
 
 Why: one request at a time leaves a GPU streaming the weights for a single token per step;
 the same step computes 32 rows for little more. Requests that arrive while others decode join
-at the next step boundary (their prompt is run alone, into a free row of a shared KV cache),
-and a finished row is free for the next request at once.
+at the next step boundary (their prompt is run into a free row of a shared KV cache), and a
+finished row is free for the next request.
 
 How: one engine thread owns the batcher's GPU work. The KV cache holds ``max_batch`` rows of
-``max_seq_len`` slots; each request's prompt starts at slot 0 of its row, so a row's slot is
-its position and no row needs padding. Requests waiting at a step boundary are prefilled
-together (right-padded into one forward of up to ``prefill_tokens`` tokens, then copied into
-their rows): one pass over the weights for the whole wave instead of one per prompt. A decode
-step runs rows ``0..b-1``, with ``b`` the smallest bucket that covers the highest busy row
-(new requests take the lowest free row), each ``b`` a compiled step captured once as a CUDA
-graph on a GPU.
+``max_seq_len`` slots (plus a spare row that warm-ups and captures write); each request's
+prompt starts at slot 0 of its row, so a row's slot is its position. A decode step runs rows
+``0..b-1``, ``b`` the smallest bucket that covers the highest busy row, each ``b`` a compiled
+step captured once as a CUDA graph on a GPU.
+
+The host never stalls the GPU between steps: a step's input ids are its predecessor's output
+ids, copied on the device, and its positions are advanced there too, so step k+1 is launched
+before step k's tokens reach the host (a pinned copy and an event, no stream sync). The engine
+keeps ``depth`` steps queued ahead of the one whose tokens it hands out; a row that finished
+therefore runs ``depth`` more steps whose tokens are dropped (positions are clamped inside the
+row, and a slot is always written before it is read). Tokens go out once per step
+(:func:`ragtune.batchstream.wake`). Prompts are padded and run as CUDA graphs of a few
+fixed shapes (:mod:`ragtune.batchprefill`: alone, or ``prefill_group`` of one padded length);
+in the non-invariant mode waiting prompts are prefilled together as ``prefill_tokens`` allows.
 
 Hook for a server (one shared :class:`StepBatcher` per model; everything is thread-safe)::
 
@@ -28,6 +35,7 @@ shapes on a GPU; tests/test_batching.py checks equality in float32 on CPU.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -36,68 +44,49 @@ from typing import Any
 
 import torch
 
+from ragtune.batchprefill import Prefiller
+from ragtune.batchstream import Request, wake
 from ragtune.decodestep import GraphedStep
 from ragtune.errors import RagtuneError
 from ragtune.fastdecode import FastDecodeError, FastDecoder
 
 log = logging.getLogger(__name__)
 
-_DONE = object()
-
 
 class BatchingError(RagtuneError):
     """The batcher cannot serve this model or request."""
 
 
-class Request:
-    """One submitted prompt: iterate for its token ids as they come, or call ``result``."""
+class _Host:
+    """A device tensor's values on their way to the host: a pinned copy and an event, so that
+    reading them waits for that copy only, not for the steps queued after it."""
 
-    def __init__(
-        self,
-        prompt: list[int],
-        max_new_tokens: int,
-        eos: set[int],
-        stop_strings: Sequence[str],
-    ) -> None:
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.eos = eos
-        self.stop_strings = list(stop_strings)
-        self.tokens: list[int] = []
-        self.error: BaseException | None = None
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._finished = threading.Event()
-        self.cancelled = False
+    def __init__(self, t: torch.Tensor) -> None:
+        self.event: Any = None
+        if t.device.type == "cuda":
+            self.buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.buf.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.buf = t.clone()
 
-    def cancel(self) -> None:
-        """Stop decoding this request at the next step (a client went away)."""
-        self.cancelled = True
+    def ready(self) -> bool:
+        """Whether the values are there (never waits)."""
+        return self.event is None or bool(self.event.query())
 
-    def __iter__(self) -> Iterator[int]:
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
+    def get(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()  # releases the GIL while it waits
+        return self.buf.tolist()
 
-    def result(self, timeout: float | None = None) -> list[int]:
-        if not self._finished.wait(timeout):
-            raise TimeoutError("the request did not finish in time")
-        if self.error is not None:
-            raise self.error
-        return list(self.tokens)
 
-    # engine side
-    def _emit(self, token: int) -> None:
-        self.tokens.append(token)
-        self._queue.put(token)
+class _Entry:
+    """GPU work whose tokens are not handed out yet: a decode step (``seq`` > 0) or a prefill;
+    ``items``: (index in its output, row, request) for each request it computed."""
 
-    def _finish(self, error: BaseException | None = None) -> None:
-        self.error = error
-        self._finished.set()
-        self._queue.put(_DONE)
+    def __init__(self, host: _Host, items: list[tuple[int, int, Request]], seq: int = 0):
+        self.host, self.items, self.seq = host, items, seq
 
 
 class StepBatcher:
@@ -110,6 +99,10 @@ class StepBatcher:
         buckets: Sequence[int] | None = None,
         warmup: bool = False,
         prefill_tokens: int = 16384,
+        depth: int = 2,
+        prefill_pad: int = 64,
+        prefill_graphs: bool | None = None,
+        prefill_group: int = 1,
     ) -> None:
         if decoder._direct is None:
             raise BatchingError(
@@ -127,22 +120,29 @@ class StepBatcher:
         sizes = buckets or (1, 8)
         self.buckets = sorted({int(b) for b in sizes if 0 < int(b) < self.max_batch})
         self.buckets.append(self.max_batch)
-        shape = (self.max_batch, self.direct.n_kv, self.max_seq_len, self.direct.head_dim)
+        # + 1: the spare row, written by warm-ups and captures, never read by a step
+        shape = (self.max_batch + 1, self.direct.n_kv, self.max_seq_len, self.direct.head_dim)
         dtype, dev = self.direct.dtype, self.device
         self.kv = (
             [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
             [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
         )
+        # each row's next input id and position, kept on the device: the next step reads them
+        self._ids = torch.zeros((self.max_batch, 1), dtype=torch.long, device=dev)
+        self._pos = torch.zeros((self.max_batch, 1), dtype=torch.long, device=dev)
         self._step_fn = self._rows_step
         if decoder.compiled:
             self._step_fn = torch.compile(self._rows_step, dynamic=False)
         self._graphs: dict[int, GraphedStep] = {}
+        if prefill_graphs is None:
+            prefill_graphs = decoder.graph == "manual"
+        self.prefiller = Prefiller(
+            self.direct, self.kv, self.max_batch, prefill_pad, prefill_group, prefill_graphs
+        )
+        self.depth = max(0, int(depth))
         self._rows: list[Request | None] = [None] * self.max_batch
-        self._last: list[int] = [0] * self.max_batch  # each row's latest token
-        self._length: list[int] = [0] * self.max_batch  # tokens in each row's cache
-        self._full: list[list[int] | None] = [None] * self.max_batch  # for stop strings
-        self._checks: list[Any] = [None] * self.max_batch
-        self._pending: queue.Queue[Request] = queue.Queue()
+        self._inflight: collections.deque[_Entry] = collections.deque()
+        self._queue: queue.Queue[Request] = queue.Queue()
         self._wake = threading.Event()
         self._closed = False
         self._warmup = warmup
@@ -152,6 +152,7 @@ class StepBatcher:
         self.steps = 0  # decode steps run
         self.most_rows = 0  # the most rows one decode step carried
         self.requests = 0  # requests admitted
+        self.prefills = 0  # prompts prefilled
         self._thread = threading.Thread(target=self._run, name="ragtune-batcher", daemon=True)
         self._thread.start()
 
@@ -178,9 +179,9 @@ class StepBatcher:
         budget = min(int(max_new_tokens), self.max_seq_len - len(prompt))
         req = Request(prompt, budget, eos, stop_strings or [])
         if budget < 1:
-            req._finish()
+            req.finish()
             return req
-        self._pending.put(req)
+        self._queue.put(req)
         self._wake.set()
         return req
 
@@ -219,13 +220,14 @@ class StepBatcher:
             "steps": self.steps,
             "most_rows": self.most_rows,
             "requests": self.requests,
+            "prefills": self.prefills,
         }
 
     @property
     def busy_rows(self) -> int:
         return sum(r is not None for r in self._rows)
 
-    # ------------------------------------------------------------------ engine
+    # ------------------------------------------------------------------ GPU work
     def _rows_step(self, ids: torch.Tensor, pos: torch.Tensor, kv: Any) -> torch.Tensor:
         """One decode step of rows 0..b-1: each writes K/V at its own position; next ids [b]."""
         seen = torch.arange(self.max_seq_len, device=ids.device)[None, :] <= pos
@@ -248,123 +250,146 @@ class StepBatcher:
             self._graphs[b] = g
         return g(ids, pos)
 
-    def _prefill(self, wave: Sequence[tuple[int, Request]]) -> list[int]:
-        """Run the prompts of ``wave`` together; write their K/V into their rows.
+    def _prefill(self, wave: Sequence[tuple[int, Request]]) -> torch.Tensor:
+        """Run the prompts of ``wave`` (rows, requests) into their rows; first ids [n] (device)."""
+        return self.prefiller.run([req.prompt for _, req in wave], [row for row, _ in wave])
 
-        Right padding: a prompt's real tokens never see the padding after them (causal), and
-        the slots the padding fills are rewritten by decode steps before any query reads them.
-        """
-        dev = self.device
-        n, t = len(wave), max(len(req.prompt) for _, req in wave)
-        ids = torch.zeros((n, t), dtype=torch.long)
-        for j, (_, req) in enumerate(wave):
-            ids[j, : len(req.prompt)] = torch.tensor(req.prompt, dtype=torch.long)
-        ids = ids.to(dev)
-        last = torch.tensor([len(req.prompt) - 1 for _, req in wave], device=dev)
-        slots = torch.arange(t, device=dev)
-        causal = slots[None, :] <= slots[:, None]
-        shape = (n, self.direct.n_kv, t, self.direct.head_dim)
-        dtype = self.direct.dtype
-        scratch = (
-            [torch.empty(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
-            [torch.empty(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
-        )
-        pos = slots[None, :].expand(n, t)
-        logits = self.direct.forward(ids, pos, slots, causal[None, None], scratch, last)
-        rows = torch.tensor([row for row, _ in wave], device=dev)
-        for cache, part in zip((*self.kv[0], *self.kv[1]), (*scratch[0], *scratch[1]), strict=True):
-            cache[:, :, :t].index_copy_(0, rows, part)  # a slice is a view: writes the cache
-        return logits.argmax(dim=-1).tolist()
+    # ------------------------------------------------------------------ engine
+    def _launch(self) -> bool:
+        """Queue one decode step of the busy rows, fed from the last step's ids on the device."""
+        busy = [i for i, r in enumerate(self._rows) if r is not None]
+        if not busy:
+            return False
+        b = next(s for s in self.buckets if s > busy[-1])
+        self.most_rows = max(self.most_rows, len(busy))
+        out = self._step(b, self._ids[:b], self._pos[:b])
+        host = _Host(out)  # queued before anything can overwrite a graph's output
+        self._ids[:b, 0].copy_(out)
+        # a finished (or free) row keeps stepping until the host knows: stay inside the row
+        self._pos[:b].add_(1).clamp_(max=self.max_seq_len - 1)
+        self.steps += 1
+        items = [(i, i, r) for i, r in enumerate(self._rows[:b]) if r is not None]
+        self._inflight.append(_Entry(host, items, self.steps))
+        return True
 
-    def _deliver(self, row: int, token: int) -> None:
-        req = self._rows[row]
-        assert req is not None
-        req._emit(token)
-        self._last[row] = token
-        full = self._full[row]
-        if full is not None:
-            full.append(token)
-        if (
+    def _deliver(self, req: Request, token: int) -> bool:
+        """Append ``token`` to ``req``; whether that ends it (EOS, budget, stop string)."""
+        req.tokens.append(token)
+        if req.full is not None:
+            req.full.append(token)
+        return (
             token in req.eos
             or len(req.tokens) >= req.max_new_tokens
-            or (full is not None and self._checks[row](full))
-        ):
-            self._release(row)
+            or (req.check is not None and req.check(req.full))
+        )
 
-    def _release(self, row: int, error: BaseException | None = None) -> None:
-        req = self._rows[row]
-        self._rows[row] = None
-        self._full[row] = None
-        self._checks[row] = None
-        if req is not None:
-            req._finish(error)
+    def _release(self, row: int, req: Request, error: BaseException | None = None) -> None:
+        if self._rows[row] is req:
+            self._rows[row] = None
+        req.finish(error)
 
-    def _admit(self) -> None:
+    def _process(self, entry: _Entry, touched: dict[int, Request]) -> None:
+        """Hand out the tokens of one finished entry (waits for its copy only)."""
+        tokens = entry.host.get()
+        for j, row, req in entry.items:
+            if req.done:  # finished at an earlier step: this token was computed in vain
+                continue
+            touched[id(req)] = req
+            if req.cancelled or self._deliver(req, tokens[j]):
+                self._release(row, req)
+
+    def _admit(self, touched: dict[int, Request]) -> None:
         """Give waiting requests the free rows and prefill them, in waves of prefill_tokens."""
         wave: list[tuple[int, Request]] = []
-        while not self._pending.empty() and None in self._rows:
-            req = self._pending.get()
+        while not self._queue.empty() and None in self._rows:
+            req = self._queue.get()
             if req.cancelled:
-                req._finish()
+                req.finish()
+                touched[id(req)] = req
                 continue
             row = self._rows.index(None)
             self._rows[row] = req
+            req.row = row
             self.requests += 1
-            self._length[row] = len(req.prompt)
-            check = self.decoder._stop_checker(req.stop_strings)
-            self._checks[row] = check
-            self._full[row] = list(req.prompt) if check is not None else None
-            longest = max([len(req.prompt), *(len(r.prompt) for _, r in wave)])
-            if wave and longest * (len(wave) + 1) > self.prefill_tokens:
-                self._prefill_wave(wave)
+            req.check = self.decoder._stop_checker(req.stop_strings)
+            req.full = list(req.prompt) if req.check is not None else None
+            padded = self.prefiller.padded
+            longest = padded(max([len(req.prompt), *(len(r.prompt) for _, r in wave)]))
+            group = self.prefiller.group
+            if wave and group == 1 and longest * (len(wave) + 1) > self.prefill_tokens:
+                self._prefill_wave(wave, touched)
                 wave = []
             wave.append((row, req))
-        if wave:
-            self._prefill_wave(wave)
+        if self.prefiller.group > 1:  # fixed groups of prompts of one padded length
+            by_length: dict[int, list[tuple[int, Request]]] = {}
+            for row, req in wave:
+                by_length.setdefault(self.prefiller.padded(len(req.prompt)), []).append((row, req))
+            group = self.prefiller.group
+            waves = [w[i : i + group] for w in by_length.values() for i in range(0, len(w), group)]
+        else:
+            waves = [wave] if wave else []
+        for w in waves:
+            self._prefill_wave(w, touched)
 
-    def _prefill_wave(self, wave: list[tuple[int, Request]]) -> None:
+    def _prefill_wave(self, wave: list[tuple[int, Request]], touched: dict[int, Request]) -> None:
         try:
-            tokens = self._prefill(wave)
+            first = self._prefill(wave)
+            host = _Host(first)
+            for j, (row, req) in enumerate(wave):  # the row's next step starts from its prompt
+                self._ids[row, 0].copy_(first[j])
+                self._pos[row, 0].fill_(len(req.prompt))
         except Exception as e:  # these requests fail; the others go on
             log.exception("batcher: prefill failed")
-            for row, _ in wave:
-                self._release(row, e)
+            for row, req in wave:
+                self._release(row, req, e)
+                touched[id(req)] = req
             return
-        for (row, _), token in zip(wave, tokens, strict=True):
-            self._deliver(row, token)
+        self.prefills += len(wave)
+        self._inflight.append(_Entry(host, [(j, row, req) for j, (row, req) in enumerate(wave)]))
 
-    def _decode_step(self) -> None:
-        busy = [i for i, r in enumerate(self._rows) if r is not None]
-        for i in busy:
-            if self._rows[i].cancelled:  # type: ignore[union-attr]
-                self._release(i)
-        busy = [i for i, r in enumerate(self._rows) if r is not None]
-        if not busy:
-            return
-        b = next(s for s in self.buckets if s > busy[-1])
-        self.most_rows = max(self.most_rows, len(busy))
-        ids = torch.tensor([[self._last[i]] for i in range(b)], dtype=torch.long)
-        # a free row decodes at slot 0 of its own row: harmless, the next prompt rewrites it
-        pos = torch.tensor(
-            [[self._length[i] if self._rows[i] is not None else 0] for i in range(b)],
-            dtype=torch.long,
-        )
-        out = self._step(b, ids.to(self.device), pos.to(self.device)).tolist()  # one sync
-        self.steps += 1
-        for i in busy:
-            self._length[i] += 1
-            self._deliver(i, int(out[i]))
+    def _cycle(self) -> None:
+        """Launch a step, hand out what is older than the newest ``depth`` steps, admit."""
+        keep = self.depth if self._launch() else 0
+        upto = len(self._inflight)
+        if keep:
+            steps = [i for i, e in enumerate(self._inflight) if e.seq]
+            upto = steps[-keep] if len(steps) >= keep else 0
+        touched: dict[int, Request] = {}
+        for _ in range(upto):
+            entry = self._inflight.popleft()
+            if touched and not entry.host.ready():  # (a burst of prefills) no token waits
+                wake(touched.values())
+                touched = {}
+            self._process(entry, touched)
+        wake(touched.values())  # once per step, as a rule: each event loop gets one call
+        touched = {}
+        self._admit(touched)
+        wake(touched.values())  # (requests cancelled before a row, or failed prefills)
+
+    def _fail_all(self, error: BaseException) -> None:
+        touched: dict[int, Request] = {}
+        for entry in self._inflight:
+            for _, _, req in entry.items:
+                touched[id(req)] = req
+        self._inflight.clear()
+        for i, r in enumerate(self._rows):
+            if r is not None:
+                touched[id(r)] = r
+                self._release(i, r, error)
+        for req in touched.values():
+            if not req.done:
+                req.finish(error)
+        wake(touched.values())
 
     def _warm(self) -> None:
-        """Compile and capture every step size, and run one prompt, before the first request."""
+        """Compile and capture every step size and prefill length before the first request."""
+        dev = self.device
         for b in self.buckets:
-            self._step(
-                b,
-                torch.zeros((b, 1), dtype=torch.long, device=self.device),
-                torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device),
-            )
-        n = max(1, min(512, self.max_seq_len // 2))
-        self._prefill([(0, Request([0] * n, 1, set(), []))])
+            last = torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=dev)
+            self._step(b, torch.zeros_like(last), last)
+        self.prefiller.warm()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         log.info("batcher: warm (steps of %s rows)", self.buckets)
 
     @torch.inference_mode()
@@ -376,89 +401,20 @@ class StepBatcher:
                 log.exception("batcher: warm-up failed")
         self.ready.set()
         while not self._closed:
-            if self.busy_rows == 0:
+            if not self._inflight and self.busy_rows == 0:
                 self._wake.clear()
-                if self._pending.empty():
+                if self._queue.empty():
                     self._wake.wait(timeout=0.5)
                     continue
             try:
-                self._admit()
-                self._decode_step()
+                self._cycle()
             except Exception as e:  # a broken step fails the requests in it, not the server
                 log.exception("batcher: decode step failed")
-                for i, r in enumerate(self._rows):
-                    if r is not None:
-                        self._release(i, e)
-        for i, r in enumerate(self._rows):
-            if r is not None:
-                self._release(i, BatchingError("the batcher closed"))
-        while not self._pending.empty():
-            self._pending.get()._finish(BatchingError("the batcher closed"))
-
-
-# --------------------------------------------------------------------------- for the Generator
-def batcher_for(
-    model: Any,
-    tokenizer: Any,
-    max_seq_len: int,
-    max_batch: int = 32,
-    warmup: bool = True,
-    invariant: bool = True,
-) -> StepBatcher:
-    """The server's batcher for a model; with ``warmup``, returns once it is warm.
-
-    A bitsandbytes 4-bit model gets dense 16-bit copies of its weights (``quantize="dense"``:
-    its own weights, cuBLAS speed at 32 rows and for prompts); a 16-bit model is used as it is.
-    ``invariant``: one step size (all ``max_batch`` rows) and one prompt per prefill, so that
-    every request runs the same kernels whatever else runs: in bf16 each batch shape rounds
-    differently, and on the H200 answers diverged between steps of 1, 8 and 32 rows and
-    batched prefills (docs/benchmarks.md). The GEMM of a fixed shape computes each row alone,
-    so a row's tokens do not depend on the other rows. False: steps of 1, 8 and ``max_batch``
-    rows and batched prefill (3 compiles). Returns only when warm: every step is compiled and
-    captured before a request touches the model.
-    """
-    from ragtune.fastweights import has_bnb_4bit
-
-    quantize = "dense" if has_bnb_4bit(model) else None
-    decoder = FastDecoder(model, tokenizer, max_seq_len=max_seq_len, quantize=quantize)
-    # each step size is one compile and CUDA graph (about a minute at 12B)
-    buckets = (max_batch,) if invariant else tuple(b for b in (1, 8) if b < max_batch)
-    batcher = StepBatcher(
-        decoder,
-        max_batch=max_batch,
-        buckets=buckets,
-        warmup=warmup,
-        prefill_tokens=1 if invariant else 16384,  # 1: each prompt alone
-    )
-    batcher.ready.wait()
-    log.info("continuous batching on: %d rows, steps of %s", max_batch, batcher.buckets)
-    return batcher
-
-
-def run_rows(
-    batcher: StepBatcher,
-    batch: Sequence[Sequence[int]],
-    max_new: int,
-    eos: Sequence[int],
-    stops: Sequence[str],
-    streamer: Any = None,
-    cancel: threading.Event | None = None,
-) -> list[list[int]]:
-    """Each prompt as one request (all queued at once); ``streamer`` (a transformers streamer)
-    gets the first row's tokens as they come, as ``generate`` would feed it."""
-    reqs = [batcher.submit(list(r), max_new, eos, stops) for r in batch]
-    if streamer is None:
-        return [r.result() for r in reqs]
-    got: list[int] = []
-    streamer.put(torch.tensor([list(batch[0])]))  # the prompt: a skip_prompt streamer drops it
-    try:
-        for tok in reqs[0]:
-            got.append(tok)
-            streamer.put(torch.tensor([tok]))
-            if cancel is not None and cancel.is_set():
-                break
-    finally:
-        for r in reqs:
-            r.cancel()  # no-op for a finished request; frees the row of an abandoned one
-    streamer.end()
-    return [got]
+                self._fail_all(e)
+        closed = BatchingError("the batcher closed")
+        self._fail_all(closed)
+        waiting = []
+        while not self._queue.empty():
+            waiting.append(self._queue.get())
+            waiting[-1].finish(closed)
+        wake(waiting)

@@ -17,8 +17,10 @@ compiled step: the same tokens, faster); without CUDA it warns and keeps the sta
 
 :meth:`Generator.start_batching` (the server: ``server.batching``) hands every greedy request
 (plain, streamed, ``n`` > 1) to one ``ragtune.batching.StepBatcher``, so concurrent requests
-share decode steps; each gets the tokens it gets alone. Sampled requests, and those that ban
-first tokens (scoring), keep the standard path and the generator's lock.
+share decode steps; each gets the tokens it gets alone. A streamed one is then a
+``ragtune.batchstream.BatchedTextStream`` (no thread of its own; ``async for`` on an event
+loop). Sampled requests, and those that ban first tokens (scoring), keep the standard path
+and the generator's lock.
 """
 
 from __future__ import annotations
@@ -200,14 +202,14 @@ class Generator:
 
         ``mode``: ``auto`` = on for the CUDA fast path (``generate.fast`` on a GPU), ``true``
         = wherever the direct decode path runs (a CPU test of the server), ``false`` = off.
-        See :func:`ragtune.batching.batcher_for`; it replaces the batch-1 fast decoder.
+        See :func:`ragtune.batchstream.batcher_for`; it replaces the batch-1 fast decoder.
         """
         mode = str(mode).lower()
         if mode not in ("auto", "true", "false"):
             raise ValueError(f"batching must be auto, true or false, got {mode!r}")
         auto_off = self._fast is None or self.device.type != "cuda"
         if self._batcher is None and mode != "false" and not (mode == "auto" and auto_off):
-            from ragtune.batching import batcher_for
+            from ragtune.batchstream import batcher_for
 
             self._fast = None  # the batcher serves every greedy request: free its copies
             self._batcher = batcher_for(
@@ -228,8 +230,13 @@ class Generator:
         """One answer for a rendered prompt (``decoding`` changes this answer's decoding)."""
         return self.generate_batch([prompt_text], batch_size=1, decoding=decoding)[0]
 
-    def stream(self, prompt_text: str, decoding: Decoding = NO_CHANGE) -> TextStream:
-        """The answer as it is generated: an iterator of text pieces (see :class:`TextStream`)."""
+    def stream(self, prompt_text: str, decoding: Decoding = NO_CHANGE) -> PieceStream:
+        """The answer as it is generated: an iterator of text pieces (see :class:`TextStream`;
+        a batched greedy answer is a ``BatchedTextStream``, also an async iterator)."""
+        if self._batched(decoding):
+            from ragtune.batchstream import BatchedTextStream
+
+            return BatchedTextStream(self, prompt_text, decoding)
         return TextStream(self, prompt_text, decoding)
 
     def stops_for(self, decoding: Decoding = NO_CHANGE) -> list[str]:
@@ -355,10 +362,12 @@ class Generator:
                 input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
                 mask[i, width - len(row) :] = 1
         if self._batched(decoding, block):
-            from ragtune.batching import run_rows
+            from ragtune.batchstream import run_rows
 
-            eos = sorted(self.eos_ids)
-            return run_rows(self._batcher, batch, max_new, eos, stops, streamer, cancel)
+            rows = run_rows(self._batcher, batch, max_new, sorted(self.eos_ids), stops)
+            if streamer is not None:  # (stream() gives a BatchedTextStream instead) all at once
+                streamer.end()
+            return rows
         greedy = self._greedy and not self.samples(decoding)
         if self._fast is not None and streamer is None and greedy and not block:
             # GPU fast path: static KV cache + compiled step; the same greedy tokens.

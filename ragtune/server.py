@@ -12,7 +12,8 @@ and in the ``x-ragtune-sources`` header (JSON), which LangChain's ``ChatOpenAI``
 Safety and load: the model answers one request at a time (an asyncio lock in front of a
 worker thread; waiting requests are cheap coroutines), or, with continuous batching
 (``server.batching``), as many at once as the batcher has rows (they share decode steps, see
-:meth:`ragtune.generate.Generator.start_batching`); more than ``max_queue`` waiting get
+:meth:`ragtune.generate.Generator.start_batching`; a streamed answer's pieces then come to
+the event loop once per step, :mod:`ragtune.batchstream`); more than ``max_queue`` waiting get
 429, bodies over ``max_body_bytes`` get 413, a missing or wrong Bearer key gets 401, an
 unknown model 404, and malformed JSON or fields (a lone UTF-16 surrogate too) 400: every
 error in OpenAI's shape. A client that disconnects mid-stream stops its generation at the
@@ -335,11 +336,12 @@ def create_app(
             try:
                 if first is not None:
                     yield event(first)
-                while True:
-                    piece = await anyio.to_thread.run_sync(next, stream, None)
-                    if piece is None:
-                        break
-                    yield event(chunk(piece))
+                if getattr(stream, "asynchronous", False):  # batched: on this loop, per step
+                    async for piece in stream:
+                        yield event(chunk(piece))
+                else:  # a worker thread per piece (generation holds the model's lock)
+                    while (piece := await anyio.to_thread.run_sync(next, stream, None)) is not None:
+                        yield event(chunk(piece))
                 ans = stream.answer
                 finish = _finish(ans.stop_reason) if ans is not None else "stop"
                 more = {"usage": _usage([ans]), "ragtune": _ragtune_fields(ans)} if ans else {}

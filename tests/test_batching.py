@@ -166,7 +166,7 @@ def test_invariant_batcher_runs_one_shape_whatever_else_runs(decoder, invariant)
     """The server's default (server.batch_invariant): every decode step has all max_batch rows
     and every prompt is prefilled alone, so in bf16 a request meets the same kernels whether it
     runs alone or among others; without it, steps shrink and prompts are prefilled together."""
-    from ragtune.batching import batcher_for
+    from ragtune.batchstream import batcher_for
 
     fd, tok = decoder
     batcher = batcher_for(fd.model, tok, 160, max_batch=4, warmup=False, invariant=invariant)
@@ -189,3 +189,201 @@ def test_invariant_batcher_runs_one_shape_whatever_else_runs(decoder, invariant)
         assert set(steps) == {4} and set(waves) == {1}
     else:
         assert 1 in steps and max(waves) > 1
+
+
+@pytest.mark.parametrize("depth", [0, 1, 2])
+def test_steps_run_ahead_of_the_tokens_they_hand_out(decoder, depth):
+    """Step k + depth is launched (from step k's ids, on the device) before step k's tokens
+    are handed out, so the host never makes the GPU wait for them; a row that finished keeps
+    stepping until the host knows, and those extra tokens are dropped: the answers stay the
+    one-at-a-time ones."""
+    fd, tok = decoder
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    budgets = [12, 3, 9, 15, 1]
+    want = [fd.generate(p, n, eos_ids=[]) for p, n in zip(prompts, budgets, strict=True)]
+    batcher = StepBatcher(fd, max_batch=4, buckets=(1, 2), depth=depth)
+    order: list[tuple[str, int]] = []
+    launch, process = batcher._launch, batcher._process
+
+    def logged_launch() -> bool:
+        ok = launch()
+        order.append(("launch" if ok else "idle", batcher.steps))
+        return ok
+
+    def logged_process(entry, touched) -> None:
+        order.append(("hand out", entry.seq))
+        process(entry, touched)
+
+    batcher._launch = logged_launch  # type: ignore[method-assign]
+    batcher._process = logged_process  # type: ignore[method-assign]
+    try:
+        reqs = [batcher.submit(p, n, eos_ids=[]) for p, n in zip(prompts, budgets, strict=True)]
+        got = [r.result(timeout=60) for r in reqs]
+    finally:
+        batcher.close()
+    assert got == want
+    handed = 0
+    for i, (what, seq) in enumerate(order):
+        if what != "hand out" or not seq:  # (a prefill's first token)
+            continue
+        handed += 1
+        last_call, launched = next(x for x in reversed(order[:i]) if x[0] != "hand out")
+        if last_call == "launch":  # (with no busy row left, what is queued is flushed)
+            assert launched >= seq + depth, order[: i + 1]
+    assert batcher.steps - depth - 1 <= handed <= batcher.steps  # (the last may be in flight)
+
+
+def _generators(decoder, max_new: int = 20):
+    from ragtune.config import GenerateConfig
+    from ragtune.generate import Generator
+    from ragtune.schema import PromptFields, get_schema
+
+    fd, tok = decoder
+    schema = get_schema("alpaca_rag")
+    qs = ["Who built the lighthouse?", "When?", "Where is the harbour of Kessa?", "Why " * 20]
+    prompts = [schema.render_prompt(PromptFields(q, "", ["Ida built it."]), tok) for q in qs]
+    gcfg = GenerateConfig(max_new_tokens=max_new)
+    plain = Generator(fd.model, tok, schema, gcfg, max_seq_length=160)
+    gen = Generator(fd.model, tok, schema, gcfg, max_seq_length=160)
+    assert gen.start_batching("true", max_batch=4)
+    return plain, gen, prompts
+
+
+def test_an_event_loop_is_woken_once_per_step_and_decodes_the_text(decoder):
+    """Streamed on an event loop (the server's way): the batcher wakes the loop with one
+    call_soon_threadsafe per step for all its requests, not one per token, and the pieces,
+    decoded there, concatenate to exactly the unbatched answer."""
+    import asyncio
+
+    plain, gen, prompts = _generators(decoder)
+    want = [plain.generate(p) for p in prompts]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = 0
+        original = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return original(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+
+        async def one(prompt):
+            stream = gen.stream(prompt)
+            return [piece async for piece in stream], stream.result
+
+        got = await asyncio.gather(*(one(p) for p in prompts))
+        return got, calls
+
+    try:
+        got, calls = asyncio.run(main())
+        stats = gen.batching_stats()
+    finally:
+        gen._batcher.close()
+    for (pieces, result), w in zip(got, want, strict=True):
+        assert "".join(pieces) == result.text == w.text and result.token_ids == w.token_ids
+    assert max(len(pieces) for pieces, _ in got) > 3  # streamed, not one piece at the end
+    tokens = sum(result.new_tokens for _, result in got)
+    assert stats["most_rows"] >= 2
+    assert calls <= stats["steps"] + stats["prefills"] + gen._batcher.depth + 1
+    assert calls < tokens / 2, (calls, tokens)
+
+
+def test_a_cancelled_async_stream_frees_its_row(decoder):
+    """A client gone mid-stream cancels its coroutine: the request stops, its row comes free."""
+    import asyncio
+    import time
+
+    from ragtune.generate import Decoding
+
+    _, gen, prompts = _generators(decoder, max_new=100)
+
+    async def main():
+        stream = gen.stream(prompts[3], Decoding(max_new_tokens=100, stop=("never",)))
+        pieces = stream.__aiter__()
+        await pieces.__anext__()
+        task = asyncio.ensure_future(pieces.__anext__())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return stream
+
+    try:
+        stream = asyncio.run(main())
+        deadline = time.time() + 30
+        while gen._batcher.busy_rows and time.time() < deadline:
+            time.sleep(0.05)
+        assert gen._batcher.busy_rows == 0 and stream._req.cancelled
+        assert len(stream._req.tokens) < 100
+    finally:
+        gen._batcher.close()
+
+
+def test_tokens_are_handed_out_before_waiting_for_more_gpu_work(decoder, monkeypatch):
+    """When the next queued entry is not done yet (a burst of prefills on a GPU), the tokens
+    already read go out first: a prompt's first token does not wait for the prompts after it."""
+    import ragtune.batching as batching
+
+    fd, tok = decoder
+    monkeypatch.setattr(batching._Host, "ready", lambda self: False)  # the GPU is always busy
+    log: list[tuple[str, bool]] = []
+    real_wake = batching.wake
+
+    def logged_wake(requests):
+        requests = list(requests)
+        if requests:
+            log.append(("wake", True))
+        return real_wake(requests)
+
+    monkeypatch.setattr(batching, "wake", logged_wake)
+    batcher = StepBatcher(fd, max_batch=4, depth=2, prefill_tokens=1)  # a prefill per prompt
+    process = batcher._process
+
+    def logged_process(entry, touched) -> None:
+        log.append(("hand out", any(not req.done for _, _, req in entry.items)))
+        process(entry, touched)
+
+    batcher._process = logged_process  # type: ignore[method-assign]
+    try:
+        prompts = [tok(t)["input_ids"] for t in PROMPTS[:4]]
+        wake_event, batcher._wake = batcher._wake, threading.Event()  # all 4 admitted at once
+        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
+        batcher._wake = wake_event
+        got = [r.result(timeout=60) for r in reqs]
+    finally:
+        batcher.close()
+    assert got == [fd.generate(p, 6, eos_ids=[]) for p in prompts]
+    assert batcher.prefills == 4
+    for before, now in zip(log, log[1:], strict=False):
+        assert not (before == ("hand out", True) and now[0] == "hand out"), log
+
+
+def test_prompts_of_one_padded_length_are_prefilled_in_fixed_groups(decoder):
+    """prefill_group: up to that many prompts of one padded length share one forward of a
+    fixed shape (missing rows are dummies into the spare row); answers stay the lone ones."""
+    fd, tok = decoder
+    texts = [PROMPTS[0], PROMPTS[2] * 2, PROMPTS[3], PROMPTS[2] + PROMPTS[0]]  # 64/128 padded
+    prompts = [tok(t)["input_ids"] for t in texts]
+    want = [fd.generate(p, 6, eos_ids=[]) for p in prompts]
+    batcher = StepBatcher(fd, max_batch=4, prefill_tokens=1, prefill_group=2)
+    shapes: list[tuple[int, ...]] = []
+    forward = batcher.prefiller.forward
+
+    def logged(ids, *args):
+        shapes.append(tuple(ids.shape))
+        return forward(ids, *args)
+
+    batcher.prefiller.forward = logged  # type: ignore[method-assign]
+    try:
+        wake_event, batcher._wake = batcher._wake, threading.Event()  # all 4 admitted at once
+        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
+        batcher._wake = wake_event
+        got = [r.result(timeout=60) for r in reqs]
+        alone = batcher.generate(prompts[1], 6, eos_ids=[])  # with one dummy row
+    finally:
+        batcher.close()
+    assert got == want and alone == want[1]
+    assert sorted(shapes) == [(2, 64), (2, 128), (2, 128)]

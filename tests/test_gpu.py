@@ -465,8 +465,10 @@ def test_tuned_int4_configs_reach_gemlite():
     assert all(c.kwargs["BLOCK_SIZE_K"] == cfg["BLOCK_SIZE_K"] for c in chosen)
 
 
-def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
-    """Continuous batching on the GPU (compiled, graphed steps), float32: same tokens."""
+@pytest.mark.parametrize("group", [1, 4])
+def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir, group):
+    """Continuous batching on the GPU (compiled, graphed steps; prompts as graphs, alone or in
+    fixed groups of 4), float32: same tokens."""
     import threading
 
     from ragtune.batching import StepBatcher
@@ -479,7 +481,7 @@ def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
     prompts = [tok(t)["input_ids"] for t in TEXTS * 2]
     budgets = [20, 7, 14, 30, 3, 11]
     want = [fd.generate(p, n, []) for p, n in zip(prompts, budgets, strict=True)]
-    batcher = StepBatcher(fd, max_batch=4, buckets=(1, 4))
+    batcher = StepBatcher(fd, max_batch=4, buckets=(1, 4), prefill_tokens=1, prefill_group=group)
     got = [None] * len(prompts)
 
     def client(i):
@@ -492,6 +494,35 @@ def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir):
         for t in threads:
             t.join(timeout=300)
     finally:
+        batcher.close()
+    assert got == want
+    # prompts ran as CUDA graphs (captured on first use while other rows decoded)
+    assert batcher.prefiller.graphs and batcher.prefills == len(prompts)
+
+
+def test_batcher_engine_never_syncs_the_stream(tokenizer_dir):
+    """The engine loop launches each step from the last step's ids on the device and reads
+    tokens through pinned copies and events: under sync debug mode "error", any stream or
+    device synchronisation in it (a .tolist() of a CUDA tensor, a pageable copy) would fail
+    the requests."""
+    from ragtune.batching import StepBatcher
+    from ragtune.fastdecode import FastDecoder
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    model, tok = _fp32_lm(tokenizer_dir)
+    fd = FastDecoder(model, tok, max_seq_len=256)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    want = [fd.generate(p, 12, []) for p in prompts]
+    batcher = StepBatcher(fd, max_batch=4, buckets=(4,), warmup=True)
+    batcher.ready.wait()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        reqs = [batcher.submit(p, 12, []) for p in prompts]
+        got = [r.result(timeout=120) for r in reqs]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
         batcher.close()
     assert got == want
 

@@ -692,3 +692,63 @@ def test_batching_server_answers_concurrent_requests_as_one_at_a_time(
         assert httpx.get(f"{base_plain}/healthz").json()["batching"] is None  # auto: off on CPU
     finally:
         assert stop_server(proc) == 0, log.read_text()[-2000:]
+
+
+def test_batched_streams_reach_the_event_loop_without_a_thread_per_piece(tiny_lm_path, monkeypatch):
+    """With batching, a streamed answer's pieces come to the server's event loop from the
+    batcher itself: one worker-thread hop per request (retrieve + render + submit), not one
+    per piece; the streamed texts are the unbatched answers."""
+    import anyio
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.config import GenerateConfig
+    from ragtune.decoding import Decoding
+    from ragtune.rag import RagPipeline
+    from ragtune.schema import get_schema
+    from ragtune.server import create_app
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    config = AutoConfig.from_pretrained(tiny_lm_path)
+    config.update({"tie_word_embeddings": False, "initializer_range": 0.2})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+    def pipeline() -> RagPipeline:
+        gcfg = GenerateConfig(max_new_tokens=16)
+        schema = get_schema("alpaca_rag")
+        return RagPipeline(model, tok, schema, None, gcfg, max_seq_length=192, name="t")
+
+    questions = ["Who built it?", "When was the lighthouse lit?", "Where is Kessa?", "Why?"]
+    plain = pipeline()
+    want = [plain.answer(q, decoding=Decoding(max_new_tokens=24)).text for q in questions]
+    pipe = pipeline()
+    assert pipe.generator.start_batching("true", max_batch=4)
+    hops = 0
+    run_sync = anyio.to_thread.run_sync
+
+    async def counted(*args, **kwargs):
+        nonlocal hops
+        hops += 1
+        return await run_sync(*args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    base, srv, thread = serve_in_thread(create_app(pipe))
+    try:
+        with ThreadPoolExecutor(len(questions)) as pool:
+            got = list(pool.map(lambda q: _answer(base, "completion_stream", q), questions))
+        events = _answer_events(base, questions[0])
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        pipe.generator._batcher.close()
+    assert got == want
+    assert len(events) > 3  # pieces, not one text at the end
+    assert hops == len(questions) + 1, hops
+
+
+def _answer_events(base: str, question: str) -> list[str]:
+    body = {"prompt": question, "max_tokens": 16, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        return [line for line in r.iter_lines() if line.startswith("data: {")]
