@@ -3,7 +3,7 @@
 all-MiniLM-L6-v2 with a one-logit head learns "this chunk holds the answer to this question"
 from a pack's training pairs (``train_plain.jsonl`` of ``bench/squad_abstain_prep.py``); a
 question's score is its best context chunk; AUROC against "answerable" on the validation and
-test packs, beside the retrieval score (docs/benchmarks.md, "Two more levers tried")::
+test packs, beside the retrieval score (docs/benchmarks.md, "More levers tried")::
 
     python bench/squad_xenc.py outputs/ab/pack/s0 --epochs 2 --lr 2e-4
 """
