@@ -41,26 +41,30 @@ PACKAGED = Path(__file__).resolve().parents[1] / "ragtune" / "int4_configs" / "n
 
 
 def candidates(n: int, k: int, group: int = 64, sms: int = 132) -> list[GemvConfig]:
-    """Settings that tile the shape with 16 or 32 bytes of words a lane a row and at least a
-    program an SM; split only where the outputs alone give fewer than two programs an SM."""
+    """Settings that tile the shape with at least a program an SM (split only where the
+    outputs alone give fewer than two programs an SM). Per-word kernel: 16 or 32 bytes of
+    words a lane a load, 8-16 group rows (the first sweep's best region); block kernel: 16-32
+    words a lane a step."""
     out = []
-    for bn in (64, 128, 256, 512):
-        for rows in (1, 2, 4, 8):
-            for warps in (2, 4, 8):
-                if rows * bn // (32 * warps) not in (4, 8):
-                    continue
-                for split in (1, 2, 4):
-                    cfg = GemvConfig(bn, rows, split, warps, 1)
-                    try:
-                        tiles, _ = plan(n, k, group, cfg)
-                    except GemvError:
+    for block in (0, 1):
+        for bn in (32, 64, 128, 256, 512):
+            for rows in (1, 2, 4, 8, 16):
+                for warps in (2, 4, 8):
+                    per_lane = rows * bn * (8 if block else 1) // (32 * warps)
+                    if block and (per_lane not in (16, 32) or rows > 8):
                         continue
-                    progs = tiles * split
-                    if progs < sms or (split > 1 and tiles >= 2 * sms) or progs > 16 * sms:
+                    if not block and (per_lane not in (4, 8) or rows < 8):
                         continue
-                    out.append(cfg)
-                    if rows <= 2:  # the loop's loads pipelined by Triton, too
-                        out.append(GemvConfig(bn, rows, split, warps, 2))
+                    for split in (1, 2, 4, 5, 8):
+                        cfg = GemvConfig(bn, rows, split, warps, 1, block)
+                        try:
+                            tiles, _ = plan(n, k, group, cfg)
+                        except GemvError:
+                            continue
+                        progs = tiles * split
+                        if progs < sms or (split > 1 and tiles >= 2 * sms) or progs > 16 * sms:
+                            continue
+                        out.append(cfg)
     return out
 
 

@@ -49,13 +49,15 @@ class GemvError(ValueError):
 @dataclass(frozen=True)
 class GemvConfig:
     """One program: ``block_n`` outputs x ``rows`` groups a step; ``split`` programs per tile
-    share K; ``stages``: Triton's software pipelining of the group loop."""
+    share K; ``stages``: Triton's software pipelining of the group loop; ``block``: which of
+    the two kernels (``int4_gemv_kernel.py``)."""
 
     block_n: int = 128
     rows: int = 4
     split: int = 1
     num_warps: int = 4
     stages: int = 1
+    block: int = 0  # 1: each step's words as one [rows, words, block_n] load (the block kernel)
 
     def as_list(self) -> list[int]:
         return list(astuple(self))
@@ -70,7 +72,7 @@ def plan(n: int, k: int, group: int, cfg: GemvConfig) -> tuple[int, int]:
     if group % 8 or k % group:
         raise GemvError(f"in_features {k} is not a multiple of the group {group} (itself of 8)")
     groups = k // group
-    if cfg.split not in (1, 2, 3, 4) or groups % cfg.split:
+    if not 1 <= cfg.split <= 8 or groups % cfg.split:
         raise GemvError(f"split {cfg.split} does not divide the {groups} groups")
     per_split = groups // cfg.split
     if per_split % cfg.rows:
@@ -169,7 +171,7 @@ def launch(
 ) -> torch.Tensor:
     """y = x @ W for one row x [..., K] and packed int4 W ([K/8, N] words, [K/g, N] meta),
     into ``out`` if given (x's dtype)."""
-    from ragtune.int4_gemv_kernel import w4a16_gemv_kernel
+    from ragtune.int4_gemv_kernel import w4a16_gemv_block_kernel, w4a16_gemv_kernel
 
     k8, n = w_q.shape
     k = k8 * 8
@@ -183,7 +185,8 @@ def launch(
     if out is None:
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     part, cnt = workspace(n, cfg, x.device) if cfg.split > 1 else (out, out)
-    w4a16_gemv_kernel[(tiles, cfg.split)](
+    kernel = w4a16_gemv_block_kernel if cfg.block else w4a16_gemv_kernel
+    kernel[(tiles, cfg.split)](
         x.contiguous(),
         w_q,
         scales,

@@ -100,6 +100,95 @@ def w4a16_gemv_kernel(
         dot = p0 + p1 * 0.0625 + p2 * 0.00390625 + p3 * 0.000244140625
         acc += dot * sc + sh * xsum
     y = tl.sum(acc, axis=0)  # [BLOCK_N]: the rows' groups, one reduction a program
+    _finish(y, offs_n, N, pid_n, pid_s, out_ptr, part_ptr, cnt_ptr, BLOCK_N, SPLIT)
+
+
+@triton.jit
+def w4a16_gemv_block_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    h_ptr,
+    out_ptr,
+    part_ptr,
+    cnt_ptr,
+    N,
+    GROUP: tl.constexpr,
+    ITERS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """The same product with each step's words read as one [ROWS, WORDS, BLOCK_N] block: one
+    load statement, so every word of the step is in flight at once (the per-word loads above
+    can wait for one another), x scaled by 16**-j up front (one accumulator a word), and the
+    group sums kept per word until the end (one reduction a program)."""
+    WORDS: tl.constexpr = GROUP // 8
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_n < N)[None, None, :]
+    rows = tl.arange(0, ROWS)
+    offs_w = tl.arange(0, WORDS)
+    acc = tl.zeros([ROWS, WORDS, BLOCK_N], dtype=tl.float32)
+    g_first = pid_s * (ITERS * ROWS)
+    for it in tl.range(0, ITERS, num_stages=STAGES):
+        g = g_first + it * ROWS + rows
+        w_row = (g * WORDS)[:, None, None] + offs_w[None, :, None]  # [ROWS, WORDS, 1]
+        w_ptrs = w_ptr + w_row.to(tl.int64) * N + offs_n[None, None, :]
+        m_off = g.to(tl.int64)[:, None, None] * N + offs_n[None, None, :]  # [ROWS, 1, BLOCK_N]
+        if EVEN_N:
+            lo = tl.load(w_ptrs, eviction_policy="evict_first")
+            sc = tl.load(s_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
+            sh = tl.load(h_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
+        else:
+            lo = tl.load(w_ptrs, mask=mask, other=0, eviction_policy="evict_first")
+            sc = tl.load(s_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(h_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+        hi = lo >> 16
+        x_word = x_ptr + (g * GROUP)[:, None, None] + offs_w[None, :, None] * 8  # [ROWS, WORDS, 1]
+        d = tl.zeros([ROWS, WORDS, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([ROWS, WORDS, 1], dtype=tl.float32)
+        for j in tl.static_range(4):
+            xa = tl.load(x_word + j).to(tl.float32)
+            xb = tl.load(x_word + (4 + j)).to(tl.float32)
+            xsum += xa + xb
+            # exact (a power of two): q * 16**j * x * 16**-j = q * x
+            if j == 1:
+                xa = xa * 0.0625
+                xb = xb * 0.0625
+            elif j == 2:
+                xa = xa * 0.00390625
+                xb = xb * 0.00390625
+            elif j == 3:
+                xa = xa * 0.000244140625
+                xb = xb * 0.000244140625
+            qa = ((lo & (15 << (4 * j))) | 0x4B000000).to(tl.float32, bitcast=True)
+            qb = ((hi & (15 << (4 * j))) | 0x4B000000).to(tl.float32, bitcast=True)
+            d += (qa - 8388608.0) * xa
+            d += (qb - 8388608.0) * xb
+        acc += d * sc + sh * xsum
+    y = tl.sum(tl.sum(acc, axis=1), axis=0)
+    _finish(y, offs_n, N, pid_n, pid_s, out_ptr, part_ptr, cnt_ptr, BLOCK_N, SPLIT)
+
+
+@triton.jit
+def _finish(
+    y,
+    offs_n,
+    N,
+    pid_n,
+    pid_s,
+    out_ptr,
+    part_ptr,
+    cnt_ptr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """Write a tile's sums, or its split's partial sums and, for the tile's last split to
+    arrive, their fixed-order total."""
     out_mask = offs_n < N
     if SPLIT == 1:
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -29,6 +29,9 @@ CASES = [
     (384, 256, GemvConfig(128, 4, 1)),
     (96, 768, GemvConfig(32, 1, 4)),
     (130, 384, GemvConfig(64, 2, 3)),
+    (200, 512, GemvConfig(64, 2, 2, block=1)),  # the block kernel: the same cases
+    (96, 768, GemvConfig(32, 1, 4, block=1)),
+    (130, 384, GemvConfig(64, 2, 3, block=1)),
 ]
 
 
@@ -84,7 +87,7 @@ def test_the_tuned_file_routes_each_shape(tmp_path, monkeypatch):
     path.write_text(json.dumps({"gemv": [entry, {**entry, "out": 6144, "use": False}]}))
     table = int4_gemv.read_table(path)
     monkeypatch.delenv(int4_gemv.GEMV_ENV, raising=False)
-    assert int4_gemv.choose(5120, 4096, 64, table) == [64, 2, 1, 4, 1]
+    assert int4_gemv.choose(5120, 4096, 64, table) == [64, 2, 1, 4, 1, 0]
     assert int4_gemv.choose(6144, 4096, 64, table) is None  # gemlite measured faster
     assert int4_gemv.choose(512, 256, 64, table) == default_config(512, 256, 64).as_list()
     monkeypatch.setenv(int4_gemv.GEMV_ENV, "on")
