@@ -40,16 +40,20 @@ from ragtune.int4_gemv import GemvConfig, GemvError, launch, plan  # noqa: E402
 PACKAGED = Path(__file__).resolve().parents[1] / "ragtune" / "int4_configs" / "nvidia_h200.json"
 
 
-def candidates(n: int, k: int, group: int = 64, sms: int = 132) -> list[GemvConfig]:
+def candidates(
+    n: int, k: int, group: int = 64, sms: int = 132, blocks: tuple[int, ...] = (0, 1)
+) -> list[GemvConfig]:
     """Settings that tile the shape with at least a program an SM (split only where the
     outputs alone give fewer than two programs an SM). Per-word kernel: 16 or 32 bytes of
     words a lane a load, 8-16 group rows (the first sweep's best region); block kernel: 16-32
     words a lane a step."""
     out = []
-    for block in (0, 1):
+    for block in blocks:
         for bn in (32, 64, 128, 256, 512):
             for rows in (1, 2, 4, 8, 16):
                 for warps in (2, 4, 8):
+                    if block and warps == 2:
+                        continue
                     per_lane = rows * bn * (8 if block else 1) // (32 * warps)
                     if block and (per_lane not in (16, 32) or rows > 8):
                         continue
@@ -148,6 +152,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--workers", type=int, default=12)
+    ap.add_argument("--kernels", default="0,1", help="which kernels: 0 per-word, 1 block")
     ap.add_argument("--compile-only", action="store_true", help="fill Triton's cache, then stop")
     ap.add_argument("--skip-compile", action="store_true", help="the cache is filled already")
     args = ap.parse_args()
@@ -172,7 +177,12 @@ def main() -> None:
     bw = copy_bandwidth()
     emit({"what": "copy_bandwidth", "gb_per_s": round(bw, 1), "sms": sms})
     shapes = [*SHAPES, HEAD]
-    cands = {s: candidates(*s, sms=sms) for s in shapes}
+    blocks = tuple(int(b) for b in args.kernels.split(","))
+    cands = {s: candidates(*s, sms=sms, blocks=blocks) for s in shapes}
+    for e in json.loads(PACKAGED.read_text()).get("gemv", []):  # the packaged settings too
+        seed = GemvConfig(**e["config"])
+        if (e["out"], e["in"]) in cands and seed not in cands[(e["out"], e["in"])]:
+            cands[(e["out"], e["in"])].append(seed)
     tasks = [(n, k, c.as_list()) for (n, k), cs in cands.items() for c in cs]
     t0 = time.perf_counter()
     errors: dict[str, str] = {}

@@ -29,16 +29,16 @@ echo "=== tests $(date +%T)"
   > "$OUT/failing.log" 2>&1; echo "exit $?" >> "$OUT/failing.log") &
 FAIL_PID=$!
 (timeout "${TESTS_S:-240}" python3 -m pytest -m gpu -v -rA -p no:cacheprovider --tb=short $T \
-  -k "int4_gemv or gemv_compiled or gemlite_keeps or fastdecode_int4 or tuned_int4 or gemlite_int4 or bnb_4bit_model_in_int4" > "$OUT/tests.log" 2>&1;
+  -k "${TEST_K:-int4_gemv or gemv_compiled or gemlite_keeps or fastdecode_int4 or tuned_int4 or gemlite_int4 or bnb_4bit_model_in_int4}" > "$OUT/tests.log" 2>&1;
   echo "exit $?" >> "$OUT/tests.log") &
 TESTS_PID=$!
-timeout "${COMPILE_S:-200}" python3 bench/int4_gemv.py --out "$OUT/nvidia_h200.json" --compile-only \
+timeout "${COMPILE_S:-200}" python3 bench/int4_gemv.py --out "$OUT/nvidia_h200.json" --compile-only --kernels "${KERNELS:-0,1}" \
   --workers "${WORKERS:-12}" --json "$OUT/gemv.jsonl" 2>&1 | tee -a "$OUT/gemv.log" | grep -v '"gemv"'
 echo "=== compiled $(date +%T); waiting for the tests"
 wait $FAIL_PID $TESTS_PID
 [ -f "$OUT/failing.log" ] && tail -5 "$OUT/failing.log"; grep -E "PASSED|FAILED|ERROR|exit" "$OUT/tests.log" | tail -20
 echo "=== sweep $(date +%T)"
-timeout "${SWEEP_S:-150}" python3 bench/int4_gemv.py --out "$OUT/nvidia_h200.json" --skip-compile \
+timeout "${SWEEP_S:-150}" python3 bench/int4_gemv.py --out "$OUT/nvidia_h200.json" --skip-compile --kernels "${KERNELS:-0,1}" \
   --json "$OUT/gemv.jsonl" 2>&1 | tee -a "$OUT/gemv.log" | grep -v '"gemv"'
 [ -f "$OUT/nvidia_h200.json" ] && export RAGTUNE_INT4_CONFIGS="$OUT/nvidia_h200.json"
 echo "=== decode $(date +%T) configs=${RAGTUNE_INT4_CONFIGS:-packaged}"
