@@ -105,6 +105,7 @@ def kind_of(kernel: str) -> str:
     """A coarse class of a kernel name, for where the time goes."""
     k = kernel.lower()
     for key, kind in (
+        ("w4a16_gemv", "ragtune int4 GEMV"),
         (
             "gemv_int",
             "gemlite GEMV",

@@ -31,6 +31,10 @@ ran slower than bf16 (docs/benchmarks.md).
   those shapes (warm-up 46 s instead of 117 at 12B). ``RAGTUNE_INT4_CONFIGS`` names another
   file, or ``off``.
 
+- One-row calls (the decode step) run ``ragtune.int4_gemv``'s Triton GEMV on the same packed
+  tensors where it is faster than gemlite's (the tuned file's "gemv" list says per shape; it
+  accumulates in float32, with no memset and no bf16 atomics); other row counts stay gemlite's.
+
 ``kernel="reference"`` computes the same dequantized weights with a plain matmul: slow, for
 CPU tests of the decode path (the tokens are the int4 model's either way). It also holds the
 packed layout gemlite keeps (``pack_int4``), so the prompt path runs the same unpacking code
@@ -173,6 +177,7 @@ def _dense_weight_of(packed: Sequence[torch.Tensor], dtype: torch.dtype) -> torc
 
 # --------------------------------------------------------------------------- tuned kernels
 _tuned: dict[tuple[int, int, int], tuple[str, dict[str, Any]]] | None = None
+_gemv_table: dict[tuple[int, int, int], Any] = {}  # the file's "gemv" list (ragtune.int4_gemv)
 _tuned_source: str | None = "auto"
 
 
@@ -214,8 +219,12 @@ def _tuned_table(device: torch.device) -> dict[tuple[int, int, int], tuple[str, 
             config_file_for(torch.cuda.get_device_name(device))
         )
     _tuned = {}
+    _gemv_table.clear()
     if source and source != "off" and Path(source).is_file():
+        from ragtune.int4_gemv import read_table
+
         _tuned = read_tuned(source)
+        _gemv_table.update(read_table(source))
         import gemlite.core as gcore
 
         # gemlite keys its cache by (rows, out, in, group, values per int32, dtype id); bf16
@@ -251,6 +260,7 @@ class Int4Linear(torch.nn.Module):
         self.dtype = scale.dtype
         self.dense_rows = int(dense_rows)  # 0: never dequantize
         self.m1_type = -1  # gemlite's choice of one-row kernel, unless a tuned file names one
+        self.gemv: list[int] | None = None  # ragtune's one-row kernel's setting, if it runs
         if kernel == "reference":
             self.register_buffer("weight", dequantize_rtn(q, scale, zero, scale.dtype))
             shift = (-zero.float() * scale.float()).to(scale.dtype)
@@ -278,6 +288,13 @@ class Int4Linear(torch.nn.Module):
             from gemlite.core import GEMLITE_MATMUL_TYPES_MAPPING
 
             self.m1_type = GEMLITE_MATMUL_TYPES_MAPPING[tuned[0]]
+        # one-row calls: ragtune's int4 GEMV where it is the faster kernel (ragtune.int4_gemv)
+        from ragtune import int4_gemv
+
+        shape = (self.out_features, self.in_features, group_size)
+        self.gemv = int4_gemv.choose(*shape, _gemv_table)
+        if self.gemv is not None:
+            int4_gemv.workspace(shape[0], int4_gemv.GemvConfig(*self.gemv), q.device)
 
     def dense_weight(self) -> torch.Tensor:
         """The weights as a dense [in, out] matrix, unpacked from the int4 copy."""
@@ -289,6 +306,8 @@ class Int4Linear(torch.nn.Module):
             return torch.matmul(x, self.dense_weight())
         if self.kernel == "reference":
             return F.linear(x, self.weight)
+        if rows == 1 and self.gemv is not None:
+            return torch.ops.ragtune.int4_gemv(x, *self._packed, self.gemv)
         targs, margs = self._args
         return self._forward(x, None, targs, margs, self.m1_type if rows == 1 else -1)
 

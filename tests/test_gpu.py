@@ -444,6 +444,7 @@ def test_tuned_int4_configs_reach_gemlite():
     lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     int4 = Int4Linear.from_linears([lin], torch.bfloat16, g, "gemlite")
     assert int4.m1_type == GEMLITE_MATMUL_TYPES_MAPPING[mtype]
+    int4.gemv = None  # gemlite's one-row kernel here, not ragtune's (tested below)
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     w = dequantize_rtn(*quantize_rtn(lin.weight.detach(), g), torch.bfloat16)
     ref = x.float() @ w.float().T
@@ -463,6 +464,77 @@ def test_tuned_int4_configs_reach_gemlite():
     assert chosen, list(tuner.cache)
     assert all(c.kwargs["BLOCK_SIZE_N"] == cfg["BLOCK_SIZE_N"] for c in chosen)
     assert all(c.kwargs["BLOCK_SIZE_K"] == cfg["BLOCK_SIZE_K"] for c in chosen)
+
+
+GEMV_CASES = [  # (out, in, setting): a 12B shape with split-K, ragged tiles, 1-8 group rows
+    (6144, 5120, (64, 4, 4, 4, 1)),
+    (5120, 14336, (128, 8, 1, 8, 2)),
+    (1000, 512, (64, 2, 2, 4, 1)),
+    (384, 768, (128, 1, 3, 4, 1)),
+    (6144, 5120, (64, 4, 5, 4, 1, 1)),  # the block kernel
+    (1000, 512, (64, 2, 2, 4, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("n,k,setting", GEMV_CASES)
+def test_int4_gemv_equals_the_float64_product(n, k, setting):
+    """ragtune's one-row int4 kernel = x @ (q * scale + shift) in float64, rounded to bf16.
+
+    The kernel sums in float32 and rounds once to bf16, so against the rounded float64 product
+    only the rare outputs whose float32 sum lands across a bf16 rounding boundary differ (one
+    bf16 step): far under 1e-4 relative; a wrong word, nibble, group or split is ~100% off,
+    gemlite's bf16 atomic adds 1.4-2.6%. Every output is written (NaN before), repeated calls are
+    bitwise equal (the split counters reset themselves).
+    """
+    from ragtune.fastweights import pack_int4, quantize_rtn, unpack_int4
+    from ragtune.int4_gemv import GemvConfig, launch
+
+    cfg = GemvConfig(*setting)
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, scale, zero = quantize_rtn(w, 64)
+    shift = (-zero.float() * scale.float()).bfloat16()
+    packed = (pack_int4(q), scale.t().contiguous(), shift.t().contiguous())  # gemlite's layout
+    dense = unpack_int4(*packed, torch.float32).double()  # [in, out], the float32 weights
+    for _ in range(3):  # fresh inputs each time
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        out = torch.full((1, 1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        launch(x, *packed, cfg, out=out)
+        ref = x.double().view(1, k) @ dense
+        err = (out.double().view(1, n) - ref.to(torch.bfloat16).double()).norm() / ref.norm()
+        assert torch.isfinite(out).all() and err < 1e-4, float(err)
+        assert torch.equal(out, launch(x, *packed, cfg))
+
+
+def test_int4_linear_runs_one_row_through_the_gemv_compiled_and_graphed():
+    """Int4Linear sends one-row calls to ragtune's kernel (the op ``ragtune::int4_gemv``), also
+    under torch.compile and CUDA graph capture, and more rows to gemlite's kernels."""
+    from ragtune.fastweights import Int4Linear, dequantize_rtn, quantize_rtn
+    from ragtune.int4_gemv import GemvConfig, launch
+
+    torch.manual_seed(0)
+    w = torch.randn(1536, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, scale, zero = quantize_rtn(w, 64)
+    lin = Int4Linear(q, scale, zero, 64, "gemlite")
+    assert lin.gemv is not None, "the default routes one-row calls to ragtune's GEMV"
+    x = torch.randn(1, 1, 1024, device="cuda", dtype=torch.bfloat16)
+    want = launch(x, *lin._packed, GemvConfig(*lin.gemv))
+    with torch.inference_mode():
+        assert torch.equal(lin(x), want)
+        step = torch.compile(lambda t: lin(t) * 2, dynamic=False)
+        static = x.clone()
+        for _ in range(2):
+            step(static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(static)
+        x2 = torch.randn_like(x)
+        static.copy_(x2)
+        graph.replay()
+        assert torch.equal(out, 2 * launch(x2, *lin._packed, GemvConfig(*lin.gemv)))
+        rows = torch.randn(3, 1024, device="cuda", dtype=torch.bfloat16)  # gemlite's GEMM
+        ref = rows.float() @ dequantize_rtn(q, scale, zero, torch.bfloat16).float().T
+        assert float((lin(rows).float() - ref).norm() / ref.norm()) < 1e-2
 
 
 @pytest.mark.parametrize("group", [1, 4])
