@@ -12,7 +12,10 @@ waves' spread on the H200).
 Then the same prompts straight into the batcher, and the requests one at a time
 (``--sequential``): their answers must equal the concurrent ones (``equal``), and their speed
 is the lone-request figure. Then the same with prompts prefilled in groups of ``--group``
-(``ragtune.batchprefill``). Last, the GPU time of one decode step and of a prefill (CUDA
+(``ragtune.batchprefill``; ``--group 1``: skipped, and so is the probe below). ``--weights``:
+the batcher's weights (``server.batch_weights``: FP8 or dense 16-bit copies); the answers of
+two runs with different weights show how far FP8 moves them (``texts`` in ``--json``). Last,
+the GPU time of one decode step and of a prefill (CUDA
 events, batcher idle), so that each wave's wall time splits into GPU work and the rest, and a
 probe of whether grouped prefills could keep answers invariant (bitwise, every padded length).
 
@@ -94,7 +97,13 @@ def one(base: str, question: str, new: int) -> dict[str, Any]:
     text, ttft, usage = "", None, {}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
-            return {"status": r.status_code, "text": "", "tokens": 0, "latency_s": 0.0}
+            return {
+                "status": r.status_code,
+                "text": "",
+                "tokens": 0,
+                "latency_s": 0.0,
+                "ttft_s": 0.0,
+            }
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -226,6 +235,7 @@ def main() -> None:
     ap.add_argument("--batching", default="auto", help="server.batching: auto|true|false")
     ap.add_argument("--max-batch", type=int, default=32, help="server.max_batch")
     ap.add_argument("--batch-invariant", default="true", help="server.batch_invariant: true|false")
+    ap.add_argument("--weights", default="auto", help="server.batch_weights: auto|fp8|dense")
     ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves per mode")
     ap.add_argument("--modes", default="threads,process,process-1ms", help="client placement")
     ap.add_argument("--group", type=int, default=4, help="then prefill groups of this (1: no)")
@@ -254,9 +264,13 @@ def main() -> None:
     pipe = build_pipeline(args)
     t0 = time.perf_counter()
     invariant = args.batch_invariant.lower() == "true"
-    on = pipe.generator.start_batching(args.batching, args.max_batch, invariant=invariant)
+    on = pipe.generator.start_batching(
+        args.batching, args.max_batch, invariant=invariant, weights=args.weights
+    )
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    emit({"what": "setup", "device": dev, "batching": on,
+    batcher = pipe.generator._batcher
+    weights = batcher.decoder.quantize if batcher is not None else None
+    emit({"what": "setup", "device": dev, "batching": on, "weights": weights,
           "warm_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -270,7 +284,6 @@ def main() -> None:
     base = f"http://127.0.0.1:{port}"
     qs = questions(pipe.tokenizer, args.clients, args.prompt)
     emit({"what": "warm wave", **wave(base, qs, args.new)})  # prefill shapes, allocator
-    batcher = pipe.generator._batcher
     waves: list[dict[str, Any]] = []
     clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
@@ -347,7 +360,8 @@ def main() -> None:
         keys = ("what", "clients_in", "wall_s", "steps", "prefills", "gpu_busy_s", "other_s")
         emit({"what": "gpu time (CUDA events)", **ms,
               "waves": [{k: w.get(k) for k in keys} for w in waves]})  # fmt: skip
-        emit({"what": "prefill invariance probe", **prefill_probe(batcher, args.prompt, group)})
+        if args.group > 1:
+            emit({"what": "prefill invariance probe", **prefill_probe(batcher, args.prompt, group)})
     srv.should_exit = True
 
 

@@ -60,6 +60,22 @@ def fp8_unsupported(device: torch.device | str | None = None) -> str | None:
     return None
 
 
+_compiled_quantize: Any = None
+
+
+def _quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_rows`` of activations. Inside the compiled decode step inductor fuses it into
+    the kernel before it; eager on CUDA (the prompts' captured graphs) it is compiled on its own
+    (any row count): one pass over the activations instead of ~7 eager kernels, ~5 ms of a
+    448-token prompt at 12B (4 projections x 40 layers)."""
+    global _compiled_quantize
+    if x.is_cuda and not torch.compiler.is_compiling():
+        if _compiled_quantize is None:
+            _compiled_quantize = torch.compile(quantize_rows, dynamic=True)
+        return _compiled_quantize(x)
+    return quantize_rows(x)
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 values, float32 scale [..., 1]) with one scale per row (last dimension):
     ``x ~= q * scale``. Used for weights (rows = output channels) and activations (tokens)."""
@@ -101,7 +117,7 @@ class Fp8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xq, sx = quantize_rows(x.reshape(-1, self.in_features))
+        xq, sx = _quantize_tokens(x.reshape(-1, self.in_features))
         if self.kernel == "scaled_mm":
             y = torch._scaled_mm(
                 xq,
