@@ -24,6 +24,7 @@ product carries a few percent of rounding (bench/serve_load.py reports how far a
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,16 @@ log = logging.getLogger(__name__)
 FP8 = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # the largest finite e4m3fn value
 KERNELS = ("auto", "scaled_mm", "reference")
+# how torch._scaled_mm runs: row-wise scales in the GEMM's epilogue (PyTorch's CUTLASS kernel),
+# or one scale of 1 (cuBLASLt) and the row and channel scales applied to its bf16 output; "_fast":
+# the tensor cores' own accumulation, not promoted to float32 every 128 products
+GEMMS = ("rowwise", "rowwise_fast", "tensor", "tensor_fast")
+DEFAULT_GEMM = "rowwise"
+GEMM_ENV = "RAGTUNE_FP8_GEMM"  # one of GEMMS: overrides DEFAULT_GEMM (bench/fp8_gemm.py)
+# inputs of fewer rows than this run on 16-bit copies of the weights (kept beside the FP8 ones):
+# FP8 for the prompts only, where a GPU's FP8 GEMM is no faster than bf16 at decode-step sizes
+DENSE_BELOW = 0
+DENSE_BELOW_ENV = "RAGTUNE_FP8_DENSE_BELOW"
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper have FP8 tensor cores
 
 
@@ -60,20 +71,63 @@ def fp8_unsupported(device: torch.device | str | None = None) -> str | None:
     return None
 
 
-_compiled_quantize: Any = None
+_compiled: dict[str, Any] = {}
+
+
+def _fused(fn: Any, *args: torch.Tensor) -> Any:
+    """``fn(*args)``; eager on CUDA (the prompts' captured graphs) compiled on its own, for any
+    row count: one pass over the activations instead of ~7 eager kernels (~5 ms of a 448-token
+    prompt at 12B, 4 projections x 40 layers). Inside the compiled decode step inductor fuses
+    it with its neighbours instead."""
+    if args[0].is_cuda and not torch.compiler.is_compiling():
+        compiled = _compiled.get(fn.__name__)
+        if compiled is None:
+            compiled = _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+        return compiled(*args)
+    return fn(*args)
 
 
 def _quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_rows`` of activations. Inside the compiled decode step inductor fuses it into
-    the kernel before it; eager on CUDA (the prompts' captured graphs) it is compiled on its own
-    (any row count): one pass over the activations instead of ~7 eager kernels, ~5 ms of a
-    448-token prompt at 12B (4 projections x 40 layers)."""
-    global _compiled_quantize
-    if x.is_cuda and not torch.compiler.is_compiling():
-        if _compiled_quantize is None:
-            _compiled_quantize = torch.compile(quantize_rows, dynamic=True)
-        return _compiled_quantize(x)
-    return quantize_rows(x)
+    return _fused(quantize_rows, x)
+
+
+def _rescale(y: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor) -> torch.Tensor:
+    """A tensor-wise GEMM's bf16 output times each row's and each channel's scale."""
+    return (y.float() * sx * sw).to(torch.bfloat16)
+
+
+def gemm_setting() -> str:
+    """The ``_scaled_mm`` variant new FP8 layers use (``RAGTUNE_FP8_GEMM``, else the default)."""
+    gemm = os.environ.get(GEMM_ENV) or DEFAULT_GEMM
+    if gemm not in GEMMS:
+        raise Fp8Error(f"{GEMM_ENV} must be one of {GEMMS}, got {gemm!r}")
+    return gemm
+
+
+def dense_below() -> int:
+    """Row count under which new FP8 layers use 16-bit copies (``RAGTUNE_FP8_DENSE_BELOW``)."""
+    return int(os.environ.get(DENSE_BELOW_ENV) or DENSE_BELOW)
+
+
+def scaled_mm(
+    xq: torch.Tensor,
+    sx: torch.Tensor,
+    w: torch.Tensor,
+    sw: torch.Tensor,
+    gemm: str,
+    one: torch.Tensor,
+) -> torch.Tensor:
+    """bf16 (xq * sx) @ (w * sw)^T on FP8 tensor cores: ``xq`` [M, K], ``w`` [N, K] e4m3,
+    ``sx`` [M, 1], ``sw`` [1, N] float32; ``one``: a float32 1 on the device (tensor-wise)."""
+    fast = gemm.endswith("_fast")
+    if gemm.startswith("rowwise"):
+        return torch._scaled_mm(
+            xq, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=fast
+        )
+    y = torch._scaled_mm(
+        xq, w.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16, use_fast_accum=fast
+    )
+    return _fused(_rescale, y, sx, sw)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +144,16 @@ class Fp8Linear(torch.nn.Module):
     """y = x @ W^T with W in e4m3 (per-output-channel scales) and x quantized per token."""
 
     def __init__(
-        self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, kernel: str = "auto"
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        dtype: torch.dtype,
+        kernel: str = "auto",
+        dense: torch.Tensor | None = None,
     ) -> None:
         """``q`` [out, in] e4m3 and ``scale`` [out, 1] float32 (``quantize_rows`` of W);
-        ``dtype``: the model's, which the output is returned in."""
+        ``dtype``: the model's, which the output is returned in; ``dense``: W in ``dtype``,
+        for inputs of fewer than ``RAGTUNE_FP8_DENSE_BELOW`` rows (none: FP8 for all)."""
         super().__init__()
         if kernel not in KERNELS:
             raise Fp8Error(f"fp8 kernel must be one of {KERNELS}, got {kernel!r}")
@@ -110,22 +170,22 @@ class Fp8Linear(torch.nn.Module):
             )
             kernel = "reference"
         self.kernel = kernel
+        self.gemm = gemm_setting()
+        self.register_buffer("one", torch.ones((), device=q.device), persistent=False)
         self.register_buffer("weight", q)  # [out, in]: its transpose is the column-major operand
         self.register_buffer("weight_scale", scale.reshape(1, -1).float().contiguous())  # [1, out]
         if kernel == "reference":  # float32 dequantized copy: no per-call conversion
             self.register_buffer("weight_ref", self.dequantized())
+        self.dense_below = dense_below() if dense is not None else 0
+        self.register_buffer("weight_dense", dense if self.dense_below else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
+        if x.numel() // self.in_features < self.dense_below:  # (a static shape: compiles)
+            return torch.nn.functional.linear(x, self.weight_dense)
         xq, sx = _quantize_tokens(x.reshape(-1, self.in_features))
         if self.kernel == "scaled_mm":
-            y = torch._scaled_mm(
-                xq,
-                self.weight.t(),
-                scale_a=sx,
-                scale_b=self.weight_scale,
-                out_dtype=torch.bfloat16,  # row-wise scales need a bf16 output
-            )
+            y = scaled_mm(xq, sx, self.weight, self.weight_scale, self.gemm, self.one)
         else:  # the same quantized values, multiplied in float32, rounded as the GEMM rounds
             y = ((xq.float() * sx) @ self.weight_ref.t()).to(torch.bfloat16)
         return y.to(self.dtype).reshape(*lead, self.out_features)
@@ -144,6 +204,9 @@ class Fp8Linear(torch.nn.Module):
         for lin in linears:
             if getattr(lin, "bias", None) is not None:
                 raise Fp8Error(f"{type(lin).__name__} has a bias; the fp8 path has none")
+        if dense_below():  # 16-bit copies for small inputs too
+            dense = torch.cat([dense_weight(lin, dtype) for lin in linears])
+            return cls(*quantize_rows(dense), dtype, kernel, dense)
         # dequantized and quantized one projection at a time: one 16-bit matrix at once
         parts = [quantize_rows(dense_weight(lin, dtype)) for lin in linears]
         q, scale = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -151,7 +214,9 @@ class Fp8Linear(torch.nn.Module):
         return cls(q, scale, dtype, kernel)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
+        gemm = f" ({self.gemm})" if self.kernel == "scaled_mm" else ""
+        dense = f", 16-bit below {self.dense_below} rows" if self.dense_below else ""
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}{gemm}{dense}"
 
 
 class Fp8Layer(torch.nn.Module):

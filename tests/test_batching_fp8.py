@@ -74,6 +74,19 @@ def test_a_row_is_quantized_and_multiplied_on_its_own():
     assert 1e-3 < rel < 0.08, rel
 
 
+def test_small_inputs_can_run_on_16_bit_copies(monkeypatch):
+    """RAGTUNE_FP8_DENSE_BELOW=n: inputs of fewer than n rows (decode steps) multiply the
+    16-bit weights, larger ones (prompts) the FP8 ones."""
+    monkeypatch.setenv("RAGTUNE_FP8_DENSE_BELOW", "4")
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    f = Fp8Linear.from_linears([lin], torch.float32, "reference")
+    x = torch.randn(4, 64)
+    assert torch.equal(f(x[:3]), lin(x[:3]).detach())
+    monkeypatch.delenv("RAGTUNE_FP8_DENSE_BELOW")
+    assert torch.equal(f(x), Fp8Linear.from_linears([lin], torch.float32, "reference")(x))
+
+
 def test_fp8_batcher_gives_concurrent_requests_their_one_at_a_time_answers(model_tok):
     """quantize="fp8" through the server's batcher (server.batch_weights=fp8, the invariant
     mode): concurrent greedy answers equal the FP8 decoder's own answers one at a time."""
