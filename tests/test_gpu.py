@@ -602,7 +602,13 @@ def test_fp8_scaled_mm_equals_the_reference_arithmetic(rows):
 def test_fastdecode_fp8_tokens_are_the_fp8_models(tokenizer_dir):
     """quantize="fp8", compiled + CUDA graph, bf16: every token is the FP8 reference model's
     argmax (HF forward over unfused FP8 layers) up to near-ties (_greedy_gaps); prints how many
-    leading tokens agree with the 16-bit model's greedy answer."""
+    leading tokens agree with the 16-bit model's greedy answer.
+
+    The bound is looser than bf16's 0.05: a rounding difference between the two paths (bf16
+    kernels, the GEMM's accumulation) can move an activation across an e4m3 rounding boundary
+    (a step of 1/16), so near-ties flip more often: the H200 gave at most 0.076 (row-wise
+    scales) and 0.133 (row-wise, fast accumulation) on this random model; a wrong layout or
+    fusion gives ~1 (tests/test_batching_fp8.py checks the fused path exactly on CPU)."""
     from ragtune.fastdecode import FastDecoder
     from ragtune.fp8weights import fp8_unsupported, reference_model
 
@@ -613,7 +619,8 @@ def test_fastdecode_fp8_tokens_are_the_fp8_models(tokenizer_dir):
     fd = FastDecoder(model, tok, max_seq_len=256, quantize="fp8")
     assert fd.compiled and fd._direct.fused[0].qkv.kernel == "scaled_mm"
     gaps = _greedy_gaps(fd, reference_model(model), tok, [*TEXTS, LONG])
-    assert max(gaps) < 0.05, gaps
+    print("fp8 greedy gaps:", gaps)
+    assert max(gaps) < 0.2, gaps
     assert fd.graph == "manual"
     dense = FastDecoder(model, tok, max_seq_len=256, quantize=None, compile=False)
     agree = []
