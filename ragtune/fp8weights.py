@@ -12,8 +12,11 @@ GEMMs at up to twice the bf16 rate (docs/benchmarks.md, issue 20.2).
 - Activations: e4m3 with one scale per token (per row of the input), computed on the fly.
   A row's product depends on that row alone, so a request's tokens do not depend on what else
   runs in the step (the batcher's invariance: the same weights and arithmetic at every size).
-- Kernel: ``torch._scaled_mm`` with row-wise scales (cuBLAS / CUTLASS FP8 GEMM, output bf16;
-  compute capability >= 8.9), which torch.compile and CUDA graphs keep as one call.
+- Kernel: ``torch._scaled_mm`` with row-wise scales (PyTorch's CUTLASS FP8 GEMM, output bf16,
+  the tensor cores' fast accumulation by default: ``GEMMS``; compute capability >= 8.9), which
+  torch.compile and CUDA graphs keep as one call. Measured on the H200 at 12B: a 32-row step
+  8.64 -> 7.45 ms (the kernel reads narrow projections' weights well under the bandwidth), a
+  448-token prompt 29.5 -> 21.1 ms (docs/benchmarks.md).
   ``kernel="reference"`` computes the same quantized values in float32 (dequantized weights
   times the dequantized activations): the CPU path, for tests of the numerics and the batcher.
 
