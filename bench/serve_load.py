@@ -12,7 +12,10 @@ waves' spread on the H200).
 Then the same prompts straight into the batcher, and the requests one at a time
 (``--sequential``): their answers must equal the concurrent ones (``equal``), and their speed
 is the lone-request figure. Then the same with prompts prefilled in groups of ``--group``
-(``ragtune.batchprefill``). Last, the GPU time of one decode step and of a prefill (CUDA
+(``ragtune.batchprefill``; ``--group 1``: skipped, and so is the probe below). ``--weights``:
+the batcher's weights (``server.batch_weights``: FP8 or dense 16-bit copies); the answers of
+two runs with different weights show how far FP8 moves them (``texts`` in ``--json``). Last,
+the GPU time of one decode step and of a prefill (CUDA
 events, batcher idle), so that each wave's wall time splits into GPU work and the rest, and a
 probe of whether grouped prefills could keep answers invariant (bitwise, every padded length).
 
@@ -25,6 +28,7 @@ probe of whether grouped prefills could keep answers invariant (bitwise, every p
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import multiprocessing
@@ -94,7 +98,13 @@ def one(base: str, question: str, new: int) -> dict[str, Any]:
     text, ttft, usage = "", None, {}
     with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
-            return {"status": r.status_code, "text": "", "tokens": 0, "latency_s": 0.0}
+            return {
+                "status": r.status_code,
+                "text": "",
+                "tokens": 0,
+                "latency_s": 0.0,
+                "ttft_s": 0.0,
+            }
         for line in r.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -226,6 +236,9 @@ def main() -> None:
     ap.add_argument("--batching", default="auto", help="server.batching: auto|true|false")
     ap.add_argument("--max-batch", type=int, default=32, help="server.max_batch")
     ap.add_argument("--batch-invariant", default="true", help="server.batch_invariant: true|false")
+    ap.add_argument(
+        "--weights", default="auto", help="server.batch_weights, or several: dense,fp8 (in turn)"
+    )
     ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves per mode")
     ap.add_argument("--modes", default="threads,process,process-1ms", help="client placement")
     ap.add_argument("--group", type=int, default=4, help="then prefill groups of this (1: no)")
@@ -244,35 +257,87 @@ def main() -> None:
     def late() -> bool:
         return time.perf_counter() - start > args.deadline_s
 
+    tag: dict[str, Any] = {}  # added to every record: the weights being measured
+
     def emit(rec: dict[str, Any]) -> None:
-        rec = {**rec, "elapsed_s": round(time.perf_counter() - start, 1)}
+        rec = {**tag, **rec, "elapsed_s": round(time.perf_counter() - start, 1)}
         print(json.dumps({k: v for k, v in rec.items() if k != "texts"}), flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     pipe = build_pipeline(args)
-    t0 = time.perf_counter()
-    invariant = args.batch_invariant.lower() == "true"
-    on = pipe.generator.start_batching(args.batching, args.max_batch, invariant=invariant)
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    emit({"what": "setup", "device": dev, "batching": on,
-          "warm_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(pipe, None, max_queue=1024)
+    answers: dict[str, list[str]] = {}
+    base = ""
+    srv: Any = None
+    choices = args.weights.split(",")
+    for k, weights in enumerate(choices):
+        if late():
+            break
+        t0 = time.perf_counter()
+        invariant = args.batch_invariant.lower() == "true"
+        mode = args.batching if k == 0 else "true"  # (auto: the batcher replaced the fast path)
+        on = pipe.generator.start_batching(
+            mode, args.max_batch, invariant=invariant, weights=weights
+        )
+        batcher = pipe.generator._batcher
+        tag["weights"] = (batcher.decoder.quantize or "model's own") if batcher else None
+        dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        emit({"what": "setup", "device": dev, "batching": on,
+              "warm_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+        if srv is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            app = create_app(pipe, None, max_queue=1024)
+            cfg = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+            srv = uvicorn.Server(cfg)
+            threading.Thread(target=srv.run, daemon=True).start()
+            while not srv.started:
+                time.sleep(0.05)
+            base = f"http://127.0.0.1:{port}"
+        texts = measure(args, pipe, base, batcher, emit, late)
+        if texts:
+            answers[str(tag["weights"])] = texts
+        if k + 1 < len(choices) and batcher is not None:  # free its copies for the next
+            batcher.close()
+            pipe.generator._batcher = batcher = None
+            gc.collect()
+            torch.cuda.empty_cache()
+    tag.pop("weights", None)
+    if len(answers) > 1:  # how far the answers move with the weights (one-at-a-time answers)
+        (first, want), *rest = answers.items()
+        for name, got in rest:
+            emit({"what": f"answers, {name} vs {first}", **agreement(pipe.tokenizer, got, want)})
+    if srv is not None:
+        srv.should_exit = True
+
+
+def agreement(tok: Any, got: list[str], want: list[str]) -> dict[str, Any]:
+    """Equal answers, and each pair's leading equal tokens (the texts re-encoded)."""
+    lead = []
+    for a, b in zip(got, want, strict=False):
+        x, y = tok.encode(a, add_special_tokens=False), tok.encode(b, add_special_tokens=False)
+        n = min(len(x), len(y))
+        lead.append(next((i for i in range(n) if x[i] != y[i]), n))
+    return {
+        "answers": len(lead),
+        "equal": sum(a == b for a, b in zip(got, want, strict=False)),
+        "leading_tokens_equal": lead,
+        "leading_tokens_equal_mean": round(sum(lead) / max(len(lead), 1), 1),
+    }
+
+
+def measure(
+    args: argparse.Namespace, pipe: Any, base: str, batcher: Any, emit: Any, late: Any
+) -> list[str]:
+    """Every measurement of one batcher (its weights); returns the one-at-a-time answers."""
     server_switch = sys.getswitchinterval()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=srv.run, daemon=True).start()
-    while not srv.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
     qs = questions(pipe.tokenizer, args.clients, args.prompt)
     emit({"what": "warm wave", **wave(base, qs, args.new)})  # prefill shapes, allocator
-    batcher = pipe.generator._batcher
     waves: list[dict[str, Any]] = []
     clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    answers: list[str] = []
 
     def measured(mode: str, label: str) -> dict[str, Any]:
         """One wave; ``mode``: threads | process[-Nms] (the GIL switch interval, else the
@@ -292,11 +357,11 @@ def main() -> None:
         sys.setswitchinterval(server_switch)
         return rec
 
-    def one_at_a_time(concurrent: dict[str, Any], label: str) -> None:
+    def one_at_a_time(concurrent: dict[str, Any], label: str) -> list[str]:
         n = len(qs) if args.sequential < 0 else min(args.sequential, len(qs))
         seq = [one(base, q, args.new) for q in qs[:n] if not late()]
         if not seq:
-            return
+            return []
         same = [s["text"] == c for s, c in zip(seq, concurrent["texts"], strict=False)]
         tokens = sum(s["tokens"] for s in seq)
         emit({
@@ -309,6 +374,7 @@ def main() -> None:
             "latency_p50_s": pct([s["latency_s"] for s in seq], 0.5),
             "texts": [s["text"] for s in seq],
         })  # fmt: skip
+        return [s["text"] for s in seq]
 
     for mode in args.modes.split(","):
         for i in range(args.waves):
@@ -323,7 +389,7 @@ def main() -> None:
         emit({"what": "batcher alone (no HTTP, no EOS/stops)", "clients": len(prompts),
               "wall_s": round(wall, 3), "aggregate_tok_s": round(n_tok / wall, 1)})  # fmt: skip
     if waves:
-        one_at_a_time(waves[-1], "one at a time")
+        answers = one_at_a_time(waves[-1], "one at a time")
     if batcher is not None and args.group > 1 and not late():  # prompts prefilled in groups
         batcher.prefiller.group = args.group  # (the batcher is idle: read at the next prompt)
         emit({"what": f"warm wave, prefill groups of {args.group}", **wave(base, qs, args.new)})
@@ -347,8 +413,9 @@ def main() -> None:
         keys = ("what", "clients_in", "wall_s", "steps", "prefills", "gpu_busy_s", "other_s")
         emit({"what": "gpu time (CUDA events)", **ms,
               "waves": [{k: w.get(k) for k in keys} for w in waves]})  # fmt: skip
-        emit({"what": "prefill invariance probe", **prefill_probe(batcher, args.prompt, group)})
-    srv.should_exit = True
+        if args.group > 1:
+            emit({"what": "prefill invariance probe", **prefill_probe(batcher, args.prompt, group)})
+    return answers
 
 
 if __name__ == "__main__":

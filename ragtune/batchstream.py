@@ -223,6 +223,36 @@ class BatchedTextStream(PieceStream):
 
 
 # --------------------------------------------------------------------------- for the Generator
+WEIGHTS = ("auto", "fp8", "dense")
+
+
+def batch_weights(model: Any, choice: str = "auto") -> str | None:
+    """The batcher's ``FastDecoder(quantize=...)`` for ``server.batch_weights``.
+
+    ``auto`` = ``"fp8"`` for a 16-bit or bitsandbytes 4-bit model (bf16/fp16) on a GPU with FP8
+    GEMMs (compute capability >= 8.9: half the weight bytes of a decode step, FP8 tensor cores
+    for prompts; docs/benchmarks.md), else as ``dense``; ``dense`` = dense 16-bit copies of a
+    bitsandbytes 4-bit model's weights (its own weights), a 16-bit model's weights as they are;
+    ``fp8`` = FP8 wherever the direct path runs (on CPU a float32 emulation, for tests).
+    """
+    import torch
+
+    from ragtune.fastweights import has_bnb_4bit
+    from ragtune.fp8weights import fp8_unsupported
+
+    choice = str(choice).lower()
+    if choice not in WEIGHTS:
+        raise ValueError(f"server.batch_weights must be one of {WEIGHTS}, got {choice!r}")
+    bnb4 = has_bnb_4bit(model)
+    if choice == "fp8":
+        return "fp8"
+    if choice == "auto":
+        embed = model.get_input_embeddings().weight  # the dtype a 4-bit model computes in too
+        if embed.dtype in (torch.bfloat16, torch.float16) and fp8_unsupported(embed.device) is None:
+            return "fp8"
+    return "dense" if bnb4 else None
+
+
 def batcher_for(
     model: Any,
     tokenizer: Any,
@@ -230,12 +260,14 @@ def batcher_for(
     max_batch: int = 32,
     warmup: bool = True,
     invariant: bool = True,
+    weights: str = "auto",
 ) -> Any:
     """The server's :class:`ragtune.batching.StepBatcher` for a model; with ``warmup``, returns
     once it is warm.
 
-    A bitsandbytes 4-bit model gets dense 16-bit copies of its weights (``quantize="dense"``:
-    its own weights, cuBLAS speed at 32 rows and for prompts); a 16-bit model is used as it is.
+    ``weights`` (``server.batch_weights``, :func:`batch_weights`): FP8 copies of the weights on
+    a GPU with FP8 GEMMs, else dense 16-bit copies of a bitsandbytes 4-bit model's weights (its
+    own weights, cuBLAS speed at 32 rows and for prompts), a 16-bit model as it is.
     ``invariant``: one step size (all ``max_batch`` rows) and one prompt per prefill, so that
     every request runs the same kernels whatever else runs: in bf16 each batch shape rounds
     differently, and on the H200 answers diverged between steps of 1, 8 and 32 rows and
@@ -246,9 +278,8 @@ def batcher_for(
     """
     from ragtune.batching import StepBatcher
     from ragtune.fastdecode import FastDecoder
-    from ragtune.fastweights import has_bnb_4bit
 
-    quantize = "dense" if has_bnb_4bit(model) else None
+    quantize = batch_weights(model, weights)
     decoder = FastDecoder(model, tokenizer, max_seq_len=max_seq_len, quantize=quantize)
     # each step size is one compile and CUDA graph (about a minute at 12B)
     buckets = (max_batch,) if invariant else tuple(b for b in (1, 8) if b < max_batch)
@@ -260,7 +291,12 @@ def batcher_for(
         prefill_tokens=1 if invariant else 16384,  # 1: each prompt alone
     )
     batcher.ready.wait()
-    log.info("continuous batching on: %d rows, steps of %s", max_batch, batcher.buckets)
+    log.info(
+        "continuous batching on: %d rows, steps of %s, weights %s",
+        max_batch,
+        batcher.buckets,
+        quantize or "the model's own",
+    )
     return batcher
 
 

@@ -148,7 +148,9 @@ def serve(cfg: DictConfig) -> None:
     # generation-only: an engine for another ragtune, which retrieves; no index opens here
     pipeline = open_pipeline(cfg, context="closed" if s.generation_only else "auto")
     # before the app exists: the batcher compiles its steps before any request arrives
-    pipeline.generator.start_batching(s.batching, s.max_batch, invariant=s.batch_invariant)
+    pipeline.generator.start_batching(
+        s.batching, s.max_batch, invariant=s.batch_invariant, weights=s.batch_weights
+    )
     app = create_app(
         pipeline,
         s.api_key,

@@ -224,6 +224,7 @@ class ServerConfig:
     batching: str
     max_batch: int
     batch_invariant: bool
+    batch_weights: str
 
 
 @defaults_from("eval/default:models")
@@ -422,6 +423,9 @@ def _check_combinations(cfg: DictConfig) -> None:
         batching = cfg.server.batching
         ok = str(batching).lower() in ("auto", "true", "false")
         need(ok, "server.batching", f"must be auto, true or false, got {batching!r}")
+        weights = OmegaConf.select(cfg, "server.batch_weights", default="auto")
+        ok = str(weights).lower() in ("auto", "fp8", "dense")
+        need(ok, "server.batch_weights", f"must be auto, fp8 or dense, got {weights!r}")
     url = OmegaConf.select(cfg, "generate.engine_url")
     if url:
         need(

@@ -20,7 +20,11 @@ tok/s in int4. This module
   ``"auto"`` (the default) = int4 for a bitsandbytes 4-bit model (what ``merged_4bit`` saves)
   when gemlite's kernels can run, else the model's own weights; ``"dense"`` = fused 16-bit
   copies (a bitsandbytes model dequantized once: its own weights, at cuBLAS speed for many
-  rows; what the server's continuous batcher uses, ``ragtune.batching``).
+  rows; what the server's continuous batcher uses, ``ragtune.batching``); ``"fp8"`` = e4m3
+  copies of the projections with per-channel scales, activations quantized per token, through
+  ``torch._scaled_mm`` (``ragtune.fp8weights``: half the bytes of ``"dense"``, FP8 tensor cores
+  for prompts; the batcher's default on GPUs of compute capability >= 8.9; on CPU a float32
+  emulation of the same arithmetic).
 
 Measured at the Mistral-Nemo-12B shape (docs/benchmarks.md): HF generate 13 tok/s on an H100,
 this path 96 tok/s in bf16 and 114 tok/s with int8 there; the H200 figures for int4 are in the
@@ -54,7 +58,7 @@ from ragtune.errors import RagtuneError
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_CHOICES = (None, "auto", "int4", "int8", "dense")
+QUANTIZE_CHOICES = (None, "auto", "int4", "int8", "dense", "fp8")
 GRAPH_CHOICES = ("manual", "trees", "none")
 MODES = ("auto", "direct", "hf")
 
@@ -126,6 +130,7 @@ class FastDecoder:
         quantize_head: bool = True,
         int4_kernel: str = "gemlite",
         int4_dense_rows: int = 128,
+        fp8_kernel: str = "auto",
     ) -> None:
         if quantize not in QUANTIZE_CHOICES:
             raise FastDecodeError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -162,6 +167,12 @@ class FastDecoder:
             # a 16-bit LM head is used as it is: a copy would only cost memory
             int4 = {"head": is_bnb_4bit(model.get_output_embeddings()), "kernel": DENSE}
         self._direct = DirectStack(model, self.max_seq_len, int4) if self.mode == "direct" else None
+        if quantize == "fp8" and self._direct is not None:
+            from ragtune.fp8weights import convert_layers
+
+            d = self._direct
+            d.fused, head = convert_layers(d.layers, d.lm_head, d.dtype, fp8_kernel)
+            d.lm_head = head or d.lm_head
         self._hf_caches: dict[int, Any] = {}
         self.compiled = self.device.type == "cuda" if compile is None else bool(compile)
         # CUDA graphs: "manual" captures the (compiled) step once per batch size; "trees" is
@@ -212,8 +223,16 @@ class FastDecoder:
                 raise FastDecodeError(
                     f"quantize='int4' needs gemlite's kernels on a CUDA GPU ({gemlite_missing})"
                 )
-        if quantize == "dense" and self.mode != "direct":
-            raise FastDecodeError("quantize='dense' needs the direct path (Llama/Mistral/Qwen2)")
+        if quantize in ("dense", "fp8") and self.mode != "direct":
+            raise FastDecodeError(
+                f"quantize={quantize!r} needs the direct path (Llama/Mistral/Qwen2)"
+            )
+        if quantize == "fp8" and self.device.type == "cuda":
+            from ragtune.fp8weights import fp8_unsupported
+
+            why = fp8_unsupported(self.device)
+            if why:
+                raise FastDecodeError(f"quantize='fp8': {why}; use quantize='dense'")
         if quantize == "int8" and bnb4:
             raise FastDecodeError("quantize='int8' needs a 16-bit model, not bitsandbytes 4-bit")
         return quantize

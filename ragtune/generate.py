@@ -196,13 +196,20 @@ class Generator:
         return self._lock
 
     def start_batching(
-        self, mode: str = "auto", max_batch: int = 32, warmup: bool = True, invariant: bool = True
+        self,
+        mode: str = "auto",
+        max_batch: int = 32,
+        warmup: bool = True,
+        invariant: bool = True,
+        weights: str = "auto",
     ) -> bool:
         """Serve greedy requests through one continuous batcher; returns whether it is on.
 
         ``mode``: ``auto`` = on for the CUDA fast path (``generate.fast`` on a GPU), ``true``
         = wherever the direct decode path runs (a CPU test of the server), ``false`` = off.
-        See :func:`ragtune.batchstream.batcher_for`; it replaces the batch-1 fast decoder.
+        ``weights``: ``server.batch_weights`` (auto | fp8 | dense, see
+        :func:`ragtune.batchstream.batch_weights`). See :func:`ragtune.batchstream.batcher_for`;
+        it replaces the batch-1 fast decoder.
         """
         mode = str(mode).lower()
         if mode not in ("auto", "true", "false"):
@@ -213,7 +220,13 @@ class Generator:
 
             self._fast = None  # the batcher serves every greedy request: free its copies
             self._batcher = batcher_for(
-                self.model, self.tokenizer, self.max_seq_length, max_batch, warmup, invariant
+                self.model,
+                self.tokenizer,
+                self.max_seq_length,
+                max_batch,
+                warmup,
+                invariant,
+                weights,
             )
         return self._batcher is not None
 

@@ -246,7 +246,12 @@ class RemoteGenerator:
         return contextlib.nullcontext()
 
     def start_batching(
-        self, mode: str = "auto", max_batch: int = 32, warmup: bool = True, invariant: bool = True
+        self,
+        mode: str = "auto",
+        max_batch: int = 32,
+        warmup: bool = True,
+        invariant: bool = True,
+        weights: str = "auto",
     ) -> bool:
         """The engine batches concurrent requests itself: the server lets ``max_batch`` of
         them through at once (``concurrency``) and nothing starts here."""

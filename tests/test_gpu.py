@@ -634,3 +634,104 @@ def test_server_batching_auto_on_the_cuda_fast_path(tokenizer_dir):
     finally:
         gen._batcher.close()
     assert got == want and gen.batching_stats()["most_rows"] >= 2
+
+
+@pytest.mark.parametrize("rows", [1, 32, 448])
+def test_fp8_scaled_mm_equals_the_reference_arithmetic(rows):
+    """torch._scaled_mm (row-wise scales, Hopper) computes the FP8 reference's product (the
+    same e4m3 values in float32) up to accumulation order and the bf16 output, eager and
+    compiled + captured as a CUDA graph, at a 12B projection's shape (q|k|v of Nemo)."""
+    from ragtune.fp8weights import Fp8Linear, fp8_unsupported, quantize_rows
+
+    if fp8_unsupported():
+        pytest.skip(fp8_unsupported())
+    torch.manual_seed(rows)
+    w = torch.randn(6144, 5120, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, scale = quantize_rows(w)
+    fast = Fp8Linear(q, scale, torch.bfloat16, "scaled_mm")
+    ref = Fp8Linear(q, scale, torch.bfloat16, "reference")
+    assert fast.kernel == "scaled_mm"
+    x = torch.randn(rows, 1, 5120, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = ref(x).float()
+        got = fast(x).float()
+        step = torch.compile(fast, dynamic=False)
+        static = x.clone()
+        for _ in range(2):
+            step(static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(static)
+        static.copy_(torch.randn_like(x))
+        graph.replay()
+        replayed, again = out.float(), ref(static).float()
+    for a, b in ((got, want), (replayed, again)):
+        err = float((a - b).norm() / b.norm())
+        assert err < 1e-2, err
+    assert got.shape == (rows, 1, 6144)
+
+
+def test_fastdecode_fp8_tokens_are_the_fp8_models(tokenizer_dir):
+    """quantize="fp8", compiled + CUDA graph, bf16: every token is the FP8 reference model's
+    argmax (HF forward over unfused FP8 layers) up to near-ties (_greedy_gaps); prints how many
+    leading tokens agree with the 16-bit model's greedy answer.
+
+    The bound is looser than bf16's 0.05: a rounding difference between the two paths (bf16
+    kernels, the GEMM's accumulation) can move an activation across an e4m3 rounding boundary
+    (a step of 1/16), so near-ties flip more often: the H200 gave at most 0.076 (row-wise
+    scales) and 0.133 (row-wise, fast accumulation) on this random model; a wrong layout or
+    fusion gives ~1 (tests/test_batching_fp8.py checks the fused path exactly on CPU)."""
+    from ragtune.fastdecode import FastDecoder
+    from ragtune.fp8weights import fp8_unsupported, reference_model
+
+    if fp8_unsupported():
+        pytest.skip(fp8_unsupported())
+    model, tok = _fp32_lm(tokenizer_dir)
+    model = model.to(torch.bfloat16)
+    fd = FastDecoder(model, tok, max_seq_len=256, quantize="fp8")
+    assert fd.compiled and fd._direct.fused[0].qkv.kernel == "scaled_mm"
+    gaps = _greedy_gaps(fd, reference_model(model), tok, [*TEXTS, LONG])
+    print("fp8 greedy gaps:", gaps)
+    assert max(gaps) < 0.2, gaps
+    assert fd.graph == "manual"
+    dense = FastDecoder(model, tok, max_seq_len=256, quantize=None, compile=False)
+    agree = []
+    for text in [*TEXTS, LONG]:
+        ids = tok(text)["input_ids"]
+        a, b = fd.generate(ids, 32, []), dense.generate(ids, 32, [])
+        agree.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), 32))
+    print("fp8 vs bf16: leading tokens equal of 32:", agree)
+
+
+def test_batcher_fp8_concurrent_equals_one_at_a_time(tokenizer_dir):
+    """The server's batcher on an FP8-capable GPU (server.batch_weights=auto, invariant mode:
+    compiled, graphed 4-row steps, prompts alone as graphs), bf16 model: FP8 weights, and
+    concurrent answers equal the same batcher's answers one at a time."""
+    import threading
+
+    from ragtune.batchstream import batcher_for
+    from ragtune.fp8weights import fp8_unsupported
+
+    if fp8_unsupported():
+        pytest.skip(fp8_unsupported())
+    model, tok = _fp32_lm(tokenizer_dir)
+    model = model.to(torch.bfloat16)
+    batcher = batcher_for(model, tok, 256, max_batch=4)
+    prompts = [tok(t)["input_ids"] for t in [*TEXTS, LONG] * 2]
+    budgets = [20, 7, 14, 30, 3, 11, 25, 9]
+    try:
+        assert batcher.decoder.quantize == "fp8" and batcher.buckets == [4]
+        want = [batcher.generate(p, n, []) for p, n in zip(prompts, budgets, strict=True)]
+        got: list = [None] * len(prompts)
+
+        def client(i: int) -> None:
+            got[i] = batcher.generate(prompts[i], budgets[i], [])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        batcher.close()
+    assert got == want and batcher.most_rows >= 2
