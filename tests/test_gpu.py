@@ -481,9 +481,10 @@ def test_int4_gemv_equals_the_float64_product(n, k, setting):
     """ragtune's one-row int4 kernel = x @ (q * scale + shift) in float64, rounded to bf16.
 
     The kernel sums in float32 and rounds once to bf16, so against the rounded float64 product
-    only the rare outputs whose float32 sum lands across a bf16 rounding boundary differ (one
-    bf16 step): far under 1e-4 relative; a wrong word, nibble, group or split is ~100% off,
-    gemlite's bf16 atomic adds 1.4-2.6%. Every output is written (NaN before), repeated calls are
+    only the outputs whose float32 sum lands across a bf16 rounding boundary differ (one bf16
+    step, ~0.4%): ~1e-4 relative over a vector (1.4e-4 seen on the H200 at 6144x5120, the
+    bound is 1e-3); a wrong word, nibble, group or split is ~100% off, gemlite's bf16 atomic
+    adds 1.4-2.6%. Every output is written (NaN before), repeated calls are
     bitwise equal (the split counters reset themselves).
     """
     from ragtune.fastweights import pack_int4, quantize_rtn, unpack_int4
@@ -502,7 +503,7 @@ def test_int4_gemv_equals_the_float64_product(n, k, setting):
         launch(x, *packed, cfg, out=out)
         ref = x.double().view(1, k) @ dense
         err = (out.double().view(1, n) - ref.to(torch.bfloat16).double()).norm() / ref.norm()
-        assert torch.isfinite(out).all() and err < 1e-4, float(err)
+        assert torch.isfinite(out).all() and err < 1e-3, float(err)
         assert torch.equal(out, launch(x, *packed, cfg))
 
 
