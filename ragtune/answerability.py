@@ -313,6 +313,8 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["validation_sources"] = list(self.validation_sources)
+        if math.isinf(self.threshold):  # "inf" / "-inf": strict JSON has no Infinity
+            d["threshold"] = str(self.threshold)
         return d
 
     @classmethod

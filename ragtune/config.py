@@ -87,6 +87,11 @@ class RaftMode(StrEnum):
     closed = "closed"  # no context (the closed-book baseline)
 
 
+class CalibrationExtremes(StrEnum):
+    apply = "apply"  # a fitted "abstain on (answer) every question" is the decision
+    ignore = "ignore"  # no decision written then: the model answers as generated
+
+
 class ChunkUnit(StrEnum):
     chars = "chars"
     tokens = "tokens"
@@ -156,6 +161,7 @@ class RaftConfig:
     unanswerable_on_topic: bool
     max_unsupported_fraction: float
     calibration_fraction: float
+    calibration_extremes: CalibrationExtremes
 
 
 @defaults_from("train/cpu:lora")

@@ -263,3 +263,23 @@ def test_calibration_fitted_on_validation_goes_into_the_manifest(tmp_path):
     yes = AnswerFeatures(-1.0, 2, -3.0, 0.2, 1.0, 0.5)
     no = AnswerFeatures(-4.0, 2, -3.0, 0.2, 1.0, 0.5)
     assert back.answers([yes, no]) == [True, False]
+
+
+@pytest.mark.parametrize("threshold", [math.inf, -math.inf])
+def test_an_extreme_decision_survives_the_manifest_as_strict_json(tmp_path, threshold):
+    """A fitted "abstain on (answer) every question" reaches serving intact: strict JSON (no
+    Infinity token for other readers) and back to the same all-or-nothing decision."""
+    import json
+
+    from ragtune.answerability import AnswerFeatures, Calibration, read_calibration
+    from ragtune.answerability import write_calibration as write
+
+    cal = Calibration(threshold=threshold, weights={"margin": 1.0}, auroc=0.55, n_validation=50)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": 1}))
+    write(tmp_path, cal)
+    json.loads((tmp_path / "manifest.json").read_text(), parse_constant=pytest.fail)
+    back = read_calibration(tmp_path)
+    assert back is not None and back.threshold == threshold
+    confident = AnswerFeatures(-0.01, 2, 9.0, 0.9, 1.0, 0.9)
+    unsure = AnswerFeatures(-9.0, 2, -9.0, 0.0, 0.0, 0.0)
+    assert back.answers([confident, unsure]) == [threshold < 0] * 2

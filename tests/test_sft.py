@@ -157,6 +157,36 @@ def test_run_sft_fits_the_decision_on_held_out_sources(outputs, tiny_lm_path, mo
     assert result.metrics["calibrated"]  # eval_after applied the decision before the manifest
 
 
+@pytest.mark.parametrize("extremes", ["apply", "ignore"])
+def test_a_fit_that_abstains_on_everything_is_the_decision_unless_ignored(
+    outputs, tiny_lm_path, monkeypatch, extremes
+):
+    """When abstaining on every held-out question scores best, the manifest says so and every
+    answer path abstains (apply); ``raft.calibration_extremes=ignore`` writes no decision."""
+    import math
+
+    import ragtune.answerability as answerability
+    from ragtune.answerability import read_calibration
+    from ragtune.training import calibration, run_sft
+
+    monkeypatch.setattr(calibration, "MIN_QUESTIONS", 6)
+    monkeypatch.setattr(calibration, "MIN_PER_CLASS", 1)
+    monkeypatch.setattr(answerability, "fit_threshold", lambda *a, **k: math.inf)
+    cfg = _cfg(
+        outputs,
+        tiny_lm_path,
+        "data.max_records=24",
+        "raft.calibration_fraction=0.25",
+        f"raft.calibration_extremes={extremes}",
+    )
+    run_sft(cfg)
+    cal = read_calibration(outputs / "run" / "model")
+    if extremes == "ignore":
+        assert cal is None
+    else:
+        assert cal is not None and cal.threshold == math.inf and cal.n_validation >= 2
+
+
 def test_closed_book_run_records_no_context(outputs, tiny_lm_path):
     from ragtune.training import run_sft
 

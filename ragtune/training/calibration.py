@@ -8,6 +8,10 @@ model (the serving path: same retriever, budget, prompt and decoding), fits the 
 and the threshold (:func:`ragtune.answerability.fit_calibration`) and returns it for the
 manifest, which is written last.
 
+When the best decision on the held-out questions is an extreme (abstain on every question, or
+answer every one), that is written too, with a warning (``raft.calibration_extremes=ignore``
+writes nothing then, and the model answers as generated).
+
 Too little to fit on (fewer than :data:`MIN_QUESTIONS` held-out questions, or fewer than
 :data:`MIN_PER_CLASS` answerable or unanswerable ones, or one source document in all) skips
 calibration with a warning and holds nothing out: the model then answers as generated.
@@ -126,12 +130,26 @@ def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: P
     )
     if math.isinf(cal.threshold):
         what = "abstaining on" if cal.threshold > 0 else "answering"
+        if str(cfg.raft.get("calibration_extremes", "apply")) == "ignore":
+            log.warning(
+                "answer-or-abstain calibration: the held-out questions are best served by %s "
+                "every question; raft.calibration_extremes=ignore: no decision written (the "
+                "model answers as generated)",
+                what,
+            )
+            return None
+        # the validation says this model's answers lose to the constant on unseen documents:
+        # a user sees that here and in the manifest, not in wrong answers at serve time
         log.warning(
             "answer-or-abstain calibration: the held-out questions are best served by %s "
-            "every question; no decision written (the model answers as generated)",
+            "every question (validation AUROC %.3f on %d questions), so the model will %s "
+            "every question; raft.calibration_extremes=ignore lets it answer as generated",
             what,
+            cal.auroc,
+            cal.n_validation,
+            "abstain on" if cal.threshold > 0 else "answer",
         )
-        return None
+        return cal
     log.info(
         "answer-or-abstain calibration: threshold %.3f, validation AUROC %.3f on %d questions",
         cal.threshold,
