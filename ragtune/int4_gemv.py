@@ -5,7 +5,7 @@ weights at 1.6-1.7 TB/s (39% of the copy bandwidth), each program covering one o
 of 8-64 inputs and adding its partial sums into the bf16 output with atomics (a memset per
 call, K/32 bf16 roundings an output: 1.4-2.6% error a projection). This kernel
 (``ragtune/int4_gemv_kernel.py``) gives each program a tile of outputs and a long K range (all
-of K, or 1/SPLIT of it, SPLIT <= 4), reads gemlite's packed words as they are stored
+of K, or 1/SPLIT of it, SPLIT <= 8), reads gemlite's packed words as they are stored
 (``fastweights.pack_int4``: contiguous along the outputs, so 16-byte coalesced loads),
 accumulates in float32 and reduces split partial sums in a fixed order (deterministic; no
 memset, no atomics on the output). The weights are the same tensors gemlite and the prompt
