@@ -156,3 +156,32 @@ def tiny_lm_path(tmp_path_factory, lm_path: str) -> str:
     model.save_pretrained(out, safe_serialization=True)
     AutoTokenizer.from_pretrained(lm_path).save_pretrained(out)
     return str(out)
+
+
+BATCH_PROMPTS = (
+    "### Instruction:\nWho built the lighthouse?\n\n### Context:\nThe harbour of Kessa",
+    "Hello",
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "Ida Varnholm designed the breakwater and the tide gauge.",
+    "1871",
+)
+
+
+@pytest.fixture(scope="session")
+def batch_prompts() -> tuple[str, ...]:
+    """Prompts of different lengths and kinds for the decode and batching tests."""
+    return BATCH_PROMPTS
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_f32(tiny_lm_path):
+    """(model, tokenizer): ``tiny_lm_path``'s architecture, freshly seeded, float32, eval mode:
+    exact enough on CPU that batched and one-at-a-time decoding must agree token for token."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    config = AutoConfig.from_pretrained(tiny_lm_path)
+    config.update({"tie_word_embeddings": False, "initializer_range": 0.2})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), tok

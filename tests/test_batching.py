@@ -5,35 +5,20 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
 from ragtune.batching import BatchingError, StepBatcher
 from ragtune.fastdecode import FastDecodeError, FastDecoder
 
-PROMPTS = [
-    "### Instruction:\nWho built the lighthouse?\n\n### Context:\nThe harbour of Kessa",
-    "Hello",
-    "The quick brown fox jumps over the lazy dog. " * 6,
-    "Ida Varnholm designed the breakwater and the tide gauge.",
-    "1871",
-]
-
 
 @pytest.fixture(scope="module")
-def decoder(tiny_lm_path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
-    config = AutoConfig.from_pretrained(tiny_lm_path)
-    config.update({"tie_word_embeddings": False, "initializer_range": 0.2})
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+def decoder(tiny_lm_f32):
+    model, tok = tiny_lm_f32
     return FastDecoder(model, tok, max_seq_len=160, compile=False), tok
 
 
-def test_concurrent_requests_get_their_one_at_a_time_answers(decoder):
+def test_concurrent_requests_get_their_one_at_a_time_answers(batch_prompts, decoder):
     fd, tok = decoder
-    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    prompts = [tok(t)["input_ids"] for t in batch_prompts]
     budgets = [24, 9, 17, 30, 5]
     want = [fd.generate(p, n, eos_ids=[]) for p, n in zip(prompts, budgets, strict=True)]
     # 5 requests, 4 rows: one waits for a free row; warmed up (every step size) first
@@ -57,9 +42,9 @@ def test_concurrent_requests_get_their_one_at_a_time_answers(decoder):
         batcher.close()
 
 
-def test_a_request_joins_while_another_decodes_and_stops_are_kept(decoder):
+def test_a_request_joins_while_another_decodes_and_stops_are_kept(batch_prompts, decoder):
     fd, tok = decoder
-    first, second = tok(PROMPTS[0])["input_ids"], tok(PROMPTS[2])["input_ids"]
+    first, second = tok(batch_prompts[0])["input_ids"], tok(batch_prompts[2])["input_ids"]
     free = fd.generate(second, 20, eos_ids=[])
     stop_id = free[6]  # pretend this id is EOS: kept, and decoding stops there
     want_first = fd.generate(first, 40, eos_ids=[])
@@ -80,11 +65,11 @@ def test_a_request_joins_while_another_decodes_and_stops_are_kept(decoder):
         batcher.close()
 
 
-def test_cancel_frees_the_row_and_limits(decoder):
+def test_cancel_frees_the_row_and_limits(batch_prompts, decoder):
     fd, tok = decoder
     batcher = StepBatcher(fd, max_batch=1)
     try:
-        ids = tok(PROMPTS[1])["input_ids"]
+        ids = tok(batch_prompts[1])["input_ids"]
         stream = batcher.stream(ids, 100, eos_ids=[])
         next(stream)
         stream.close()  # a client that went away: its row must come free
@@ -98,7 +83,7 @@ def test_cancel_frees_the_row_and_limits(decoder):
         batcher.submit(ids, 3)
 
 
-def test_dense_copies_give_the_models_own_tokens(decoder, tiny_lm_path):
+def test_dense_copies_give_the_models_own_tokens(batch_prompts, decoder, tiny_lm_path):
     """quantize="dense" (the batcher's weights for a 4-bit model): fused 16-bit copies of the
     model's own weights, so the same greedy tokens as the model's modules."""
     from ragtune.fastweights import DenseLinear
@@ -106,7 +91,7 @@ def test_dense_copies_give_the_models_own_tokens(decoder, tiny_lm_path):
     fd, tok = decoder
     dense = FastDecoder(fd.model, tok, max_seq_len=160, compile=False, quantize="dense")
     assert dense.quantize == "dense" and isinstance(dense._direct.fused[0].qkv, DenseLinear)
-    for text in PROMPTS:
+    for text in batch_prompts:
         ids = tok(text)["input_ids"]
         assert dense.generate(ids, 12, eos_ids=[]) == fd.generate(ids, 12, eos_ids=[])
 
@@ -162,7 +147,7 @@ def test_generator_sends_greedy_requests_through_one_batcher(decoder):
 
 
 @pytest.mark.parametrize("invariant", [True, False])
-def test_invariant_batcher_runs_one_shape_whatever_else_runs(decoder, invariant):
+def test_invariant_batcher_runs_one_shape_whatever_else_runs(batch_prompts, decoder, invariant):
     """The server's default (server.batch_invariant): every decode step has all max_batch rows
     and every prompt is prefilled alone, so in bf16 a request meets the same kernels whether it
     runs alone or among others; without it, steps shrink and prompts are prefilled together."""
@@ -176,7 +161,7 @@ def test_invariant_batcher_runs_one_shape_whatever_else_runs(decoder, invariant)
     batcher._step = lambda b, *a: steps.append(b) or step(b, *a)  # type: ignore[method-assign]
     batcher._prefill = lambda w: waves.append(len(w)) or prefill(w)  # type: ignore[method-assign]
     try:
-        prompts = [tok(t)["input_ids"] for t in PROMPTS[:4]]
+        prompts = [tok(t)["input_ids"] for t in batch_prompts[:4]]
         wake, batcher._wake = batcher._wake, threading.Event()  # the engine sees all 4 at once
         reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
         batcher._wake = wake
@@ -192,13 +177,13 @@ def test_invariant_batcher_runs_one_shape_whatever_else_runs(decoder, invariant)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 2])
-def test_steps_run_ahead_of_the_tokens_they_hand_out(decoder, depth):
+def test_steps_run_ahead_of_the_tokens_they_hand_out(batch_prompts, decoder, depth):
     """Step k + depth is launched (from step k's ids, on the device) before step k's tokens
     are handed out, so the host never makes the GPU wait for them; a row that finished keeps
     stepping until the host knows, and those extra tokens are dropped: the answers stay the
     one-at-a-time ones."""
     fd, tok = decoder
-    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    prompts = [tok(t)["input_ids"] for t in batch_prompts]
     budgets = [12, 3, 9, 15, 1]
     want = [fd.generate(p, n, eos_ids=[]) for p, n in zip(prompts, budgets, strict=True)]
     batcher = StepBatcher(fd, max_batch=4, buckets=(1, 2), depth=depth)
@@ -322,7 +307,9 @@ def test_a_cancelled_async_stream_frees_its_row(decoder):
         gen._batcher.close()
 
 
-def test_tokens_are_handed_out_before_waiting_for_more_gpu_work(decoder, monkeypatch):
+def test_tokens_are_handed_out_before_waiting_for_more_gpu_work(
+    batch_prompts, decoder, monkeypatch
+):
     """When the next queued entry is not done yet (a burst of prefills on a GPU), the tokens
     already read go out first: a prompt's first token does not wait for the prompts after it."""
     import ragtune.batching as batching
@@ -348,7 +335,7 @@ def test_tokens_are_handed_out_before_waiting_for_more_gpu_work(decoder, monkeyp
 
     batcher._process = logged_process  # type: ignore[method-assign]
     try:
-        prompts = [tok(t)["input_ids"] for t in PROMPTS[:4]]
+        prompts = [tok(t)["input_ids"] for t in batch_prompts[:4]]
         wake_event, batcher._wake = batcher._wake, threading.Event()  # all 4 admitted at once
         reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
         batcher._wake = wake_event
@@ -361,11 +348,16 @@ def test_tokens_are_handed_out_before_waiting_for_more_gpu_work(decoder, monkeyp
         assert not (before == ("hand out", True) and now[0] == "hand out"), log
 
 
-def test_prompts_of_one_padded_length_are_prefilled_in_fixed_groups(decoder):
+def test_prompts_of_one_padded_length_are_prefilled_in_fixed_groups(batch_prompts, decoder):
     """prefill_group: up to that many prompts of one padded length share one forward of a
     fixed shape (missing rows are dummies into the spare row); answers stay the lone ones."""
     fd, tok = decoder
-    texts = [PROMPTS[0], PROMPTS[2] * 2, PROMPTS[3], PROMPTS[2] + PROMPTS[0]]  # 64/128 padded
+    texts = [
+        batch_prompts[0],
+        batch_prompts[2] * 2,
+        batch_prompts[3],
+        batch_prompts[2] + batch_prompts[0],
+    ]  # 64/128 padded
     prompts = [tok(t)["input_ids"] for t in texts]
     want = [fd.generate(p, 6, eos_ids=[]) for p in prompts]
     batcher = StepBatcher(fd, max_batch=4, prefill_tokens=1, prefill_group=2)

@@ -16,25 +16,6 @@ from ragtune.config import ConfigError
 from ragtune.fastdecode import FastDecoder
 from ragtune.fp8weights import FP8_MAX, Fp8Linear, quantize_rows, reference_model
 
-PROMPTS = [
-    "### Instruction:\nWho built the lighthouse?\n\n### Context:\nThe harbour of Kessa",
-    "Hello",
-    "The quick brown fox jumps over the lazy dog. " * 6,
-    "Ida Varnholm designed the breakwater and the tide gauge.",
-    "1871",
-]
-
-
-@pytest.fixture(scope="module")
-def model_tok(tiny_lm_path):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
-    config = AutoConfig.from_pretrained(tiny_lm_path)
-    config.update({"tie_word_embeddings": False, "initializer_range": 0.2})
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), tok
-
 
 def test_weights_are_e4m3_with_one_scale_per_output_channel():
     torch.manual_seed(1)
@@ -87,15 +68,17 @@ def test_small_inputs_can_run_on_16_bit_copies(monkeypatch):
     assert torch.equal(f(x), Fp8Linear.from_linears([lin], torch.float32, "reference")(x))
 
 
-def test_fp8_batcher_gives_concurrent_requests_their_one_at_a_time_answers(model_tok):
+def test_fp8_batcher_gives_concurrent_requests_their_one_at_a_time_answers(
+    batch_prompts, tiny_lm_f32
+):
     """quantize="fp8" through the server's batcher (server.batch_weights=fp8, the invariant
     mode): concurrent greedy answers equal the FP8 decoder's own answers one at a time."""
     from ragtune.batchstream import batcher_for
 
-    model, tok = model_tok
+    model, tok = tiny_lm_f32
     fd8 = FastDecoder(model, tok, max_seq_len=160, compile=False, quantize="fp8")
     assert fd8.quantize == "fp8" and isinstance(fd8._direct.fused[0].qkv, Fp8Linear)
-    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    prompts = [tok(t)["input_ids"] for t in batch_prompts]
     budgets = [24, 9, 17, 30, 5]
     want = [fd8.generate(p, n, eos_ids=[]) for p, n in zip(prompts, budgets, strict=True)]
     batcher = batcher_for(model, tok, 160, max_batch=4, warmup=False, weights="fp8")
@@ -116,13 +99,13 @@ def test_fp8_batcher_gives_concurrent_requests_their_one_at_a_time_answers(model
     assert got == want and batcher.most_rows >= 2
 
 
-def test_fp8_decoder_computes_the_fp8_models_logits(model_tok):
+def test_fp8_decoder_computes_the_fp8_models_logits(batch_prompts, tiny_lm_f32):
     """The fused FP8 copies are the model's projections in the right order: the decoder's
     logits are the FP8 reference model's (HF forward, unfused layers) up to rounding, and far
     from the 16-bit model's (this wide-init model amplifies FP8's few percent per product)."""
-    model, tok = model_tok
+    model, tok = tiny_lm_f32
     fd8 = FastDecoder(model, tok, max_seq_len=160, compile=False, quantize="fp8")
-    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    ids = torch.tensor([tok(batch_prompts[0])["input_ids"]])
     with torch.inference_mode():
         got = _last_logits(fd8, ids)
         want = reference_model(model)(ids).logits[:, -1].float()
@@ -139,12 +122,12 @@ def _last_logits(fd: FastDecoder, ids: torch.Tensor) -> torch.Tensor:
     return d.forward(ids, slots[None], slots, mask, kv, kv_len=t)
 
 
-def test_the_batchers_weights_follow_server_batch_weights(model_tok, tmp_path):
+def test_the_batchers_weights_follow_server_batch_weights(tiny_lm_f32, tmp_path):
     from ragtune.batchstream import batch_weights
     from ragtune.config import compose, validate
     from ragtune.server import SERVER_TOP_LEVEL
 
-    model, _ = model_tok
+    model, _ = tiny_lm_f32
     assert batch_weights(model, "auto") is None  # CPU: no FP8 GEMMs; a 16-bit model as it is
     assert batch_weights(model, "dense") is None and batch_weights(model, "FP8") == "fp8"
     with pytest.raises(ValueError, match="server.batch_weights"):
