@@ -1,9 +1,10 @@
 """A small-M FP8 GEMM for the batcher's decode steps (``Fp8Linear`` inputs of <= 32 rows on CUDA).
 
 Why: at 32 rows PyTorch's row-wise ``torch._scaled_mm`` read the 12B step's e4m3 weights at
-0.7-3.0 TB/s on the H200 (tiles of 128 output channels, no split-K: a 5120-wide projection
-gives 40 programs for 132 SMs), so the FP8 step gained 14% where halving the weight bytes
-promised ~40% (docs/benchmarks.md, issue 20.2). This kernel (``ragtune/fp8_gemm_kernel.py``)
+1.5-3.3 TB/s on the H200 (in a CUDA graph; tiles of 128 output channels, no split-K: a
+5120-wide projection gives 40 programs for 132 SMs), so the FP8 step gained 14% where halving
+the weight bytes promised ~40%. This kernel reads them at 1.9-3.7 TB/s: a step's projections
+4.42 -> 3.48 ms, the step 7.45 -> 6.51 ms (docs/benchmarks.md, issue 20.2, helper fp8b). This kernel (``ragtune/fp8_gemm_kernel.py``)
 puts the weights on the MMA's wide side and the <= 32 tokens on its narrow side, tiles the
 outputs narrowly and splits K where the projection has too few tiles, adding split partials in
 a fixed order (deterministic; no atomics on the output). Prompts (hundreds of rows) keep
