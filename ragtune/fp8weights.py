@@ -12,10 +12,12 @@ GEMMs at up to twice the bf16 rate (docs/benchmarks.md, issue 20.2).
 - Activations: e4m3 with one scale per token (per row of the input), computed on the fly.
   A row's product depends on that row alone, so a request's tokens do not depend on what else
   runs in the step (the batcher's invariance: the same weights and arithmetic at every size).
-- Kernel: ``torch._scaled_mm`` with row-wise scales (PyTorch's CUTLASS FP8 GEMM, output bf16,
+- Kernel for inputs of <= 32 rows (decode steps): ``ragtune.fp8_gemm``'s Triton kernel where it
+  measured faster for the shape (``fp8_configs/<gpu>.json``), else, and for prompts,
+  ``torch._scaled_mm`` with row-wise scales (PyTorch's CUTLASS FP8 GEMM, output bf16,
   the tensor cores' fast accumulation by default: ``GEMMS``; compute capability >= 8.9), which
   torch.compile and CUDA graphs keep as one call. Measured on the H200 at 12B: a 32-row step
-  8.64 -> 7.45 ms (the kernel reads narrow projections' weights well under the bandwidth), a
+  8.64 -> 7.45 ms (_scaled_mm alone) -> 6.51 ms (the small-M kernel for the step), a
   448-token prompt 29.5 -> 21.1 ms (docs/benchmarks.md).
   ``kernel="reference"`` computes the same quantized values in float32 (dequantized weights
   times the dequantized activations): the CPU path, for tests of the numerics and the batcher.
@@ -33,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ragtune import fp8_gemm
 from ragtune.errors import RagtuneError
 from ragtune.fastweights import DenseLinear, dense_weight, is_bnb_4bit
 
@@ -184,13 +187,20 @@ class Fp8Linear(torch.nn.Module):
             self.register_buffer("weight_ref", self.dequantized())
         self.dense_below = dense_below() if dense is not None else 0
         self.register_buffer("weight_dense", dense if self.dense_below else None)
+        # inputs of <= SMALL_ROWS rows (decode steps): ragtune's small-M kernel where it is
+        # the faster one for this shape (ragtune.fp8_gemm), else _scaled_mm too
+        self.small: list[int] | None = None
+        if kernel == "scaled_mm":
+            self.small = fp8_gemm.setting_for(self.out_features, self.in_features, q.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         if x.numel() // self.in_features < self.dense_below:  # (a static shape: compiles)
             return torch.nn.functional.linear(x, self.weight_dense)
         xq, sx = _quantize_tokens(x.reshape(-1, self.in_features))
-        if self.kernel == "scaled_mm":
+        if self.small is not None and xq.shape[0] <= fp8_gemm.SMALL_ROWS:
+            y = torch.ops.ragtune.fp8_small_gemm(xq, sx, self.weight, self.weight_scale, self.small)
+        elif self.kernel == "scaled_mm":
             y = scaled_mm(xq, sx, self.weight, self.weight_scale, self.gemm, self.one)
         else:  # the same quantized values, multiplied in float32, rounded as the GEMM rounds
             y = ((xq.float() * sx) @ self.weight_ref.t()).to(torch.bfloat16)
@@ -221,6 +231,8 @@ class Fp8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         gemm = f" ({self.gemm})" if self.kernel == "scaled_mm" else ""
+        if self.small is not None:
+            gemm += f", small-M kernel {self.small} to {fp8_gemm.SMALL_ROWS} rows"
         dense = f", 16-bit below {self.dense_below} rows" if self.dense_below else ""
         return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}{gemm}{dense}"
 

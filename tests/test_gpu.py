@@ -672,6 +672,67 @@ def test_fp8_scaled_mm_equals_the_reference_arithmetic(rows):
     assert got.shape == (rows, 1, 6144)
 
 
+@pytest.mark.parametrize(
+    "shape,setting",
+    [
+        ((6144, 5120), None),
+        ((5120, 4096), (64, 256, 4, 4, 3)),
+        ((28672, 5120), (128, 128, 1, 4, 4)),
+    ],
+)
+def test_fp8_small_gemm_equals_the_float64_product(shape, setting, monkeypatch):
+    """ragtune's small-M FP8 kernel (ragtune/fp8_gemm.py) at 12B projection shapes, 32 rows:
+    within 1e-2 (relative norm) of the float64 product of the same e4m3 values and scales, and
+    of _scaled_mm; a row's output is bitwise the same alone, among 31 other rows, and on a
+    repeat (split partials added in a fixed order); compiled + CUDA-graphed in Fp8Linear.
+
+    The bound: the bf16 output alone is ~1.6e-3 off (relative norm of the rounding), and
+    Hopper's FP8 MMA accumulates without promotion (_scaled_mm's rowwise_fast: 0.2-0.4% at
+    these shapes, docs/benchmarks.md); a wrong tile, split partial or scale gives >= 0.3."""
+    from ragtune import fp8_gemm
+    from ragtune.fp8weights import Fp8Linear, fp8_unsupported, quantize_rows, scaled_mm
+
+    if fp8_unsupported() or fp8_gemm.small_gemm_unavailable():
+        pytest.skip(fp8_unsupported() or fp8_gemm.small_gemm_unavailable())
+    n, k = shape
+    cfg = fp8_gemm.Fp8GemmConfig(*setting) if setting else fp8_gemm.default_config(n, k)
+    torch.manual_seed(n)
+    wq, sw = quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
+    sw = sw.reshape(1, -1).contiguous()
+    xq, sx = quantize_rows(torch.randn(32, k, device="cuda", dtype=torch.bfloat16))
+    fp8_gemm.workspace(n, cfg, xq.device)
+    op = torch.ops.ragtune.fp8_small_gemm
+    y = op(xq, sx, wq, sw, cfg.as_list())
+    ref = (xq.double() * sx.double()) @ (wq.double() * sw.double().t()).t()
+    err = float((y.double() - ref).norm() / ref.norm())
+    vendor = scaled_mm(xq, sx, wq, sw, "rowwise", torch.ones((), device="cuda")).double()
+    print(f"small fp8 gemm {n}x{k} {cfg}: error vs float64 {err:.2e}")
+    assert err < 1e-2 and float((y.double() - vendor).norm() / vendor.norm()) < 1e-2
+    oq, os_ = quantize_rows(torch.randn(32, k, device="cuda", dtype=torch.bfloat16))
+    oq, os_ = torch.cat([oq[:7], xq[7:8], oq[8:]]), torch.cat([os_[:7], sx[7:8], os_[8:]])
+    among = op(oq, os_, wq, sw, cfg.as_list())  # row 7 among 31 other rows
+    alone = op(xq[7:8], sx[7:8], wq, sw, cfg.as_list())
+    assert torch.equal(among[7], y[7]) and torch.equal(alone[0], y[7])
+    assert torch.equal(op(xq, sx, wq, sw, cfg.as_list()), y)
+    # inside torch.compile + a CUDA graph, as the decode step runs it
+    monkeypatch.setenv(fp8_gemm.MODE_ENV, "on")
+    lin = Fp8Linear(wq, sw.t(), torch.bfloat16, "scaled_mm")
+    assert lin.small is not None
+    x = torch.randn(32, 1, k, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        step = torch.compile(lin, dynamic=False)
+        for _ in range(2):
+            step(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step(x)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        xq2, sx2 = quantize_rows(x.reshape(32, k))
+        want = (xq2.double() * sx2.double()) @ (wq.double() * sw.double().t()).t()
+    assert float((out.reshape(32, n).double() - want).norm() / want.norm()) < 1e-2
+
+
 def test_fastdecode_fp8_tokens_are_the_fp8_models(tokenizer_dir):
     """quantize="fp8", compiled + CUDA graph, bf16: every token is the FP8 reference model's
     argmax (HF forward over unfused FP8 layers) up to near-ties (_greedy_gaps); prints how many
