@@ -175,6 +175,86 @@ def w4a16_gemv_block_kernel(
 
 
 @triton.jit
+def w4a16_gemv_denorm_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    h_ptr,
+    out_ptr,
+    part_ptr,
+    cnt_ptr,
+    N,
+    GROUP: tl.constexpr,
+    ITERS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """The per-word kernel's loop at two instructions a weight: a code masked in place is read
+    as a float32 *denormal* (``word & (15 << 4j)`` is q * 16**j * 2**-149 exactly), so one
+    logical op and one FMA against x * 2**100 give q * x * 16**j * 2**-49 in float32 (a
+    denormal times a normal is exact before the FMA's one rounding; PTX ``fma.rn.f32`` keeps
+    denormals). No subtraction of a magic number, no shift for the low half-word. All sums
+    carry the factor 2**-49 (normal for |q x| > 2**-77); the output is scaled back once."""
+    WORDS: tl.constexpr = GROUP // 8
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_n < N)[None, :]
+    rows = tl.arange(0, ROWS)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    g_first = pid_s * (ITERS * ROWS)
+    for it in tl.range(0, ITERS, num_stages=STAGES):
+        g = g_first + it * ROWS + rows
+        w_rows = w_ptr + (g * WORDS).to(tl.int64)[:, None] * N + offs_n[None, :]
+        x_rows = x_ptr + (g * GROUP)[:, None]
+        m_off = g.to(tl.int64)[:, None] * N + offs_n[None, :]
+        if EVEN_N:
+            sc = tl.load(s_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
+            sh = tl.load(h_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
+        else:
+            sc = tl.load(s_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(h_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+        p0 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p1 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p2 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p3 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([ROWS, 1], dtype=tl.float32)
+        for w in tl.static_range(WORDS):
+            if EVEN_N:
+                lo = tl.load(w_rows + w * N, eviction_policy="evict_first")
+            else:
+                lo = tl.load(w_rows + w * N, mask=mask, other=0, eviction_policy="evict_first")
+            hi = lo.to(tl.uint32, bitcast=True) >> 16  # logical: no sign bits to mask
+            for j in tl.static_range(4):
+                # x * 2**100: exact (a power of two); |x| < 2**28 stays finite
+                xa = tl.load(x_rows + (w * 8 + j)).to(tl.float32) * 1.2676506002282294e30
+                xb = tl.load(x_rows + (w * 8 + 4 + j)).to(tl.float32) * 1.2676506002282294e30
+                qa = (lo & (15 << (4 * j))).to(tl.float32, bitcast=True)
+                qb = (hi & (15 << (4 * j))).to(tl.float32, bitcast=True)
+                if j == 0:
+                    p0 += qa * xa
+                    p0 += qb * xb
+                elif j == 1:
+                    p1 += qa * xa
+                    p1 += qb * xb
+                elif j == 2:
+                    p2 += qa * xa
+                    p2 += qb * xb
+                else:
+                    p3 += qa * xa
+                    p3 += qb * xb
+                xsum += xa + xb
+        dot = p0 + p1 * 0.0625 + p2 * 0.00390625 + p3 * 0.000244140625
+        # sum(x) * 2**100 -> * 2**-149 as the products carry: two normal power-of-two factors
+        acc += dot * sc + sh * (xsum * 7.888609052210118e-31 * 1.7763568394002505e-15)
+    y = tl.sum(acc, axis=0) * 562949953421312.0  # * 2**49
+    _finish(y, offs_n, N, pid_n, pid_s, out_ptr, part_ptr, cnt_ptr, BLOCK_N, SPLIT)
+
+
+@triton.jit
 def _finish(
     y,
     offs_n,
