@@ -192,12 +192,14 @@ def w4a16_gemv_denorm_kernel(
     EVEN_N: tl.constexpr,
     STAGES: tl.constexpr,
 ):
-    """The per-word kernel's loop at two instructions a weight: a code masked in place is read
-    as a float32 *denormal* (``word & (15 << 4j)`` is q * 16**j * 2**-149 exactly), so one
-    logical op and one FMA against x * 2**100 give q * x * 16**j * 2**-49 in float32 (a
-    denormal times a normal is exact before the FMA's one rounding; PTX ``fma.rn.f32`` keeps
-    denormals). No subtraction of a magic number, no shift for the low half-word. All sums
-    carry the factor 2**-49 (normal for |q x| > 2**-77); the output is scaled back once."""
+    """The per-word kernel's loop at ~2 instructions a weight: a code masked in place is read
+    as a float32 *denormal* (``word & (15 << 4c)`` is q * 16**c * 2**-149 exactly while the
+    code stays below bit 23), so one logical op and one FMA against x * 2**100 give
+    q * x * 16**c * 2**-49 in float32 (a denormal times a normal is exact before the FMA's one
+    rounding; PTX ``fma.rn.f32`` keeps denormals). Codes 0-4 are read in place, codes 5-7
+    after one shift a word; five sums by power of 16, combined once a group. No magic number
+    to subtract, no shift a code. All sums carry 2**-49 (normal for |q x| > 2**-77); the
+    output is scaled back once."""
     WORDS: tl.constexpr = GROUP // 8
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -221,33 +223,36 @@ def w4a16_gemv_denorm_kernel(
         p1 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         p2 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         p3 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p4 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
         xsum = tl.zeros([ROWS, 1], dtype=tl.float32)
         for w in tl.static_range(WORDS):
             if EVEN_N:
                 lo = tl.load(w_rows + w * N, eviction_policy="evict_first")
             else:
                 lo = tl.load(w_rows + w * N, mask=mask, other=0, eviction_policy="evict_first")
-            hi = lo.to(tl.uint32, bitcast=True) >> 16  # logical: no sign bits to mask
-            for j in tl.static_range(4):
-                # x * 2**100: exact (a power of two); |x| < 2**28 stays finite
-                xa = tl.load(x_rows + (w * 8 + j)).to(tl.float32) * 1.2676506002282294e30
-                xb = tl.load(x_rows + (w * 8 + 4 + j)).to(tl.float32) * 1.2676506002282294e30
-                qa = (lo & (15 << (4 * j))).to(tl.float32, bitcast=True)
-                qb = (hi & (15 << (4 * j))).to(tl.float32, bitcast=True)
-                if j == 0:
-                    p0 += qa * xa
-                    p0 += qb * xb
-                elif j == 1:
-                    p1 += qa * xa
-                    p1 += qb * xb
-                elif j == 2:
-                    p2 += qa * xa
-                    p2 += qb * xb
-                else:
-                    p3 += qa * xa
-                    p3 += qb * xb
-                xsum += xa + xb
-        dot = p0 + p1 * 0.0625 + p2 * 0.00390625 + p3 * 0.000244140625
+            # codes 0-4 (bits 0-19) are denormals in place; codes 5-7 (bits 20-31) would touch
+            # the exponent: one logical shift puts them at bits 8-19
+            up = lo.to(tl.uint32, bitcast=True) >> 12
+            # x * 2**100: exact; |x| < 2**28 stays finite
+            x0 = tl.load(x_rows + w * 8).to(tl.float32) * 1.2676506002282294e30
+            x1 = tl.load(x_rows + (w * 8 + 1)).to(tl.float32) * 1.2676506002282294e30
+            x2 = tl.load(x_rows + (w * 8 + 2)).to(tl.float32) * 1.2676506002282294e30
+            x3 = tl.load(x_rows + (w * 8 + 3)).to(tl.float32) * 1.2676506002282294e30
+            x4 = tl.load(x_rows + (w * 8 + 4)).to(tl.float32) * 1.2676506002282294e30
+            x5 = tl.load(x_rows + (w * 8 + 5)).to(tl.float32) * 1.2676506002282294e30
+            x6 = tl.load(x_rows + (w * 8 + 6)).to(tl.float32) * 1.2676506002282294e30
+            x7 = tl.load(x_rows + (w * 8 + 7)).to(tl.float32) * 1.2676506002282294e30
+            p0 += (lo & 0xF).to(tl.float32, bitcast=True) * x0
+            p1 += (lo & 0xF0).to(tl.float32, bitcast=True) * x1
+            p2 += (lo & 0xF00).to(tl.float32, bitcast=True) * x2
+            p3 += (lo & 0xF000).to(tl.float32, bitcast=True) * x3
+            p4 += (lo & 0xF0000).to(tl.float32, bitcast=True) * x4
+            p2 += (up & 0xF00).to(tl.float32, bitcast=True) * x5
+            p3 += (up & 0xF000).to(tl.float32, bitcast=True) * x6
+            p4 += (up & 0xF0000).to(tl.float32, bitcast=True) * x7
+            xsum += ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        # code at bit 4c carries 16**c: exact powers of two
+        dot = p0 + p1 * 0.0625 + p2 * 0.00390625 + p3 * 0.000244140625 + p4 * 1.52587890625e-05
         # sum(x) * 2**100 -> * 2**-149 as the products carry: two normal power-of-two factors
         acc += dot * sc + sh * (xsum * 7.888609052210118e-31 * 1.7763568394002505e-15)
     y = tl.sum(acc, axis=0) * 562949953421312.0  # * 2**49
