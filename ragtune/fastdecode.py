@@ -333,7 +333,8 @@ class FastDecoder:
         keep: torch.Tensor,
     ) -> torch.Tensor:
         """Queue decode step ``steps`` (input: the previous token, on the device)."""
-        slot = torch.tensor([longest + steps], dtype=torch.long, device=self.device)
+        # a fill on the device: torch.tensor(list, device=cuda) would wait for the queued step
+        slot = torch.full((1,), longest + steps, dtype=torch.long, device=self.device)
         fn = self._decode_fn(bsz, state)
         return fn(nxt.view(bsz, 1), next_pos + steps, slot, keep, state).clone()
 

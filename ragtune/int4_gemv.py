@@ -17,8 +17,9 @@ rounds those weights to bf16 once more (relative 2**-9 each), so against the bf1
 the output differs by ~1e-3 relative, against the float32 weights by float32 rounding.
 
 Settings per projection shape (out, in, group): the "gemv" list of the tuned-config file
-(``int4_configs/<gpu>.json``, measured by ``bench/int4_kernels.py --gemv``) says which kernel is
-faster and with what tile, else ``default_config``. ``RAGTUNE_INT4_GEMV``: ``auto`` (default:
+(``int4_configs/<gpu>.json``, measured by ``bench/int4_gemv.py``) says which kernel is
+faster and with what tile (``block``: 0 per-word, 1 block, 2 denormal), else
+``default_config`` (the denormal kernel). ``RAGTUNE_INT4_GEMV``: ``auto`` (default:
 the file's choice, this kernel for shapes it does not list), ``on`` (this kernel for every
 shape), ``off`` (gemlite's).
 

@@ -18,6 +18,11 @@ logical op and one subtraction give q * 16**j; the four positions j = 0..3 of a 
 are summed into four accumulators, scaled by 16**-j once per group (exact: powers of two).
 The upper half-word is shifted down once per word.
 
+Three kernels over that layout: per-word loads (the loop below), each step's words as one
+block load, and the *denormal* kernel (the per-word loop with codes read as float32 denormals:
+~2 instructions a weight in the loop instead of ~4; ``w4a16_gemv_denorm_kernel``), which the
+H200 sweep chose for every 12B shape (docs/benchmarks.md, issue 20, branch gemv2).
+
 SPLIT > 1: each program writes its float32 partial sums to ``part`` [SPLIT, N]; the last of a
 tile's SPLIT programs to arrive (a counter per tile, reset by that program) adds the SPLIT
 partials in a fixed order and writes the output: deterministic, no memset, no atomics on
