@@ -62,7 +62,9 @@ def candidates(
                         continue
                     if block == 2 and per_lane not in (4, 8, 16):
                         continue
-                    for split in (1, 2, 4, 5, 8):
+                    for split in (1, 2, 4, 5, 8) + (
+                        (7, 10, 14, 16, 20, 28, 32) if block == 2 else ()
+                    ):
                         cfg = GemvConfig(bn, rows, split, warps, 1, block)
                         try:
                             tiles, _ = plan(n, k, group, cfg)

@@ -5,7 +5,7 @@ weights at 1.6-1.7 TB/s (39% of the copy bandwidth), each program covering one o
 of 8-64 inputs and adding its partial sums into the bf16 output with atomics (a memset per
 call, K/32 bf16 roundings an output: 1.4-2.6% error a projection). This kernel
 (``ragtune/int4_gemv_kernel.py``) gives each program a tile of outputs and a long K range (all
-of K, or 1/SPLIT of it, SPLIT <= 8), reads gemlite's packed words as they are stored
+of K, or 1/SPLIT of it, SPLIT <= 32), reads gemlite's packed words as they are stored
 (``fastweights.pack_int4``: contiguous along the outputs, so 16-byte coalesced loads),
 accumulates in float32 and reduces split partial sums in a fixed order (deterministic; no
 memset, no atomics on the output). The weights are the same tensors gemlite and the prompt
@@ -44,6 +44,9 @@ MAGIC = 0x4B000000  # float32 2**23: a code OR-ed into its mantissa reads as 2**
 # the denormal kernel (block=2): x * 2**100, the code's bits alone q * 2**-149, so the sums carry
 # 2**-49, undone on the output (all powers of two: exact)
 DENORM_X = 2.0**100
+# splits a tile's K range may take: the tile's last program adds this many partial rows; the
+# 5-6 k output shapes want more programs than outputs / block_n (docs/benchmarks.md, gemv2)
+MAX_SPLIT = 32
 DENORM_Y = 2.0**49
 
 
@@ -81,7 +84,7 @@ def plan(n: int, k: int, group: int, cfg: GemvConfig) -> tuple[int, int]:
     if group % 8 or k % group:
         raise GemvError(f"in_features {k} is not a multiple of the group {group} (itself of 8)")
     groups = k // group
-    if not 1 <= cfg.split <= 8 or groups % cfg.split:
+    if not 1 <= cfg.split <= MAX_SPLIT or groups % cfg.split:
         raise GemvError(f"split {cfg.split} does not divide the {groups} groups")
     per_split = groups // cfg.split
     if per_split % cfg.rows:
