@@ -46,7 +46,8 @@ def candidates(
     """Settings that tile the shape with at least a program an SM (split only where the
     outputs alone give fewer than two programs an SM). Per-word kernel: 16 or 32 bytes of
     words a lane a load, 8-16 group rows (the first sweep's best region); block kernel: 16-32
-    words a lane a step."""
+    words a lane a step; denormal kernel (2): 4-16 words a lane a load, any group rows (more
+    outputs a lane spread the per-input work: x's load, conversion and sum)."""
     out = []
     for block in blocks:
         for bn in (32, 64, 128, 256, 512):
@@ -54,12 +55,16 @@ def candidates(
                 for warps in (2, 4, 8):
                     if block and warps == 2:
                         continue
-                    per_lane = rows * bn * (8 if block else 1) // (32 * warps)
-                    if block and (per_lane not in (16, 32) or rows > 8):
+                    per_lane = rows * bn * (8 if block == 1 else 1) // (32 * warps)
+                    if block == 1 and (per_lane not in (16, 32) or rows > 8):
                         continue
-                    if not block and (per_lane not in (4, 8) or rows < 8):
+                    if block == 0 and (per_lane not in (4, 8) or rows < 8):
                         continue
-                    for split in (1, 2, 4, 5, 8):
+                    if block == 2 and per_lane not in (4, 8, 16):
+                        continue
+                    for split in (1, 2, 4, 5, 8) + (
+                        (7, 10, 14, 16, 20, 28, 32) if block == 2 else ()
+                    ):
                         cfg = GemvConfig(bn, rows, split, warps, 1, block)
                         try:
                             tiles, _ = plan(n, k, group, cfg)
@@ -152,7 +157,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--layers", type=int, default=40)
     ap.add_argument("--workers", type=int, default=12)
-    ap.add_argument("--kernels", default="0,1", help="which kernels: 0 per-word, 1 block")
+    ap.add_argument(
+        "--kernels", default="0,1,2", help="which kernels: 0 per-word, 1 block, 2 denormal"
+    )
     ap.add_argument("--compile-only", action="store_true", help="fill Triton's cache, then stop")
     ap.add_argument("--skip-compile", action="store_true", help="the cache is filled already")
     args = ap.parse_args()

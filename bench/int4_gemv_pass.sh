@@ -8,7 +8,8 @@
 # Run from a copy of the repository holding .gpu/ (site.tgz, smol_tok/, bert_tok/); writes to
 # $OUT: failing.log (main's failing test with gemlite's one-row kernels: RAGTUNE_INT4_GEMV=off),
 # tests.log (the int4 GPU tests with ragtune's GEMV), gemv.log + gemv.jsonl (sweep),
-# nvidia_h200.json (packaged settings + the sweep's "gemv" list), decode.log + decode.jsonl.
+# nvidia_h200.json (packaged settings + the sweep's "gemv" list), decode.log + decode.jsonl,
+# final.log (FINAL_K: tests run alone after the decode benchmark).
 set -u
 OUT=${OUT:-/tmp/int4out}
 mkdir -p "$OUT"
@@ -45,4 +46,10 @@ echo "=== decode $(date +%T) configs=${RAGTUNE_INT4_CONFIGS:-packaged}"
 timeout "${DECODE_S:-170}" python3 bench/decode.py --random --model .gpu/smol_tok \
   --variants fast_bnb4 --batches "" --profile --repeats 3 --json "$OUT/decode.jsonl" 2>&1 |
   tee "$OUT/decode.log" | grep -E "RESULT|^variant|^fast|Error|error" | cut -c 1-1500
+if [ -n "${FINAL_K:-}" ]; then  # tests that need the GPU to themselves (after the timings)
+  echo "=== final tests $(date +%T)"
+  timeout "${FINAL_S:-150}" python3 -m pytest -m gpu -v -rA -p no:cacheprovider --tb=short $T \
+    -k "$FINAL_K" > "$OUT/final.log" 2>&1; echo "exit $?" >> "$OUT/final.log"
+  grep -E "PASSED|FAILED|ERROR|exit" "$OUT/final.log" | tail -10
+fi
 echo "=== done $(date +%T)"

@@ -178,6 +178,9 @@ class FastDecoder:
         # CUDA graphs: "manual" captures the (compiled) step once per batch size; "trees" is
         # torch.compile's reduce-overhead mode; off on CPU
         self.graph = graph if self.device.type == "cuda" else "none"
+        # queue step n+1 before reading token n (GPU): the host's EOS check and launches overlap
+        # the GPU's work instead of leaving it idle between steps
+        self.lookahead = self.device.type == "cuda"
         self._step_fn: Callable[..., torch.Tensor] = self._step
         self._graphs: dict[int, GraphedStep] = {}
         if self.compiled:
@@ -319,6 +322,22 @@ class FastDecoder:
         attn = keep[:, :t].long() if padded else None
         return self._hf_logits(ids, pos, attn, cache).argmax(dim=-1), (cache, padded)
 
+    def _launch(
+        self,
+        bsz: int,
+        state: Any,
+        nxt: torch.Tensor,
+        next_pos: torch.Tensor,
+        longest: int,
+        steps: int,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        """Queue decode step ``steps`` (input: the previous token, on the device)."""
+        # a fill on the device: torch.tensor(list, device=cuda) would wait for the queued step
+        slot = torch.full((1,), longest + steps, dtype=torch.long, device=self.device)
+        fn = self._decode_fn(bsz, state)
+        return fn(nxt.view(bsz, 1), next_pos + steps, slot, keep, state).clone()
+
     def _stop_checker(self, stop_strings: Sequence[str] | None):
         """A function(tokens) -> bool: did the last token complete a new stop string?"""
         stops = [s for s in (stop_strings or []) if s]
@@ -422,8 +441,25 @@ class FastDecoder:
         next_pos = torch.tensor(lens, dtype=torch.long, device=dev).unsqueeze(1)
         first_token_s: float | None = None
         steps = 0
+        ahead = self.lookahead
+        host_ids = torch.empty(bsz, dtype=torch.long, pin_memory=ahead and dev.type == "cuda")
         while True:
-            host = nxt.tolist()  # one sync per step: needed to stop at EOS
+            if ahead:
+                # launch the next step before reading this token, so the GPU works while the
+                # host checks for EOS and launches (a step reads only the device-side token);
+                # past the last token it is wasted: its K/V slot is rewritten before any read
+                host_ids.copy_(nxt.view(bsz), non_blocking=True)
+                copied = torch.cuda.Event() if dev.type == "cuda" else None
+                if copied is not None:
+                    copied.record()
+                after = None
+                if steps + 1 < max_new_tokens:
+                    after = self._launch(bsz, state, nxt, next_pos, longest, steps, keep)
+                if copied is not None:
+                    copied.synchronize()
+                host = host_ids.tolist()
+            else:
+                host = nxt.tolist()  # one sync per step: needed to stop at EOS
             if first_token_s is None:
                 first_token_s = time.perf_counter() - t0
             for i, t in enumerate(host):
@@ -440,10 +476,7 @@ class FastDecoder:
                     done[i] = True
             if all(done):
                 break
-            slot = torch.tensor([longest + steps], dtype=torch.long, device=dev)
-            nxt = self._decode_fn(bsz, state)(
-                nxt.view(bsz, 1), next_pos + steps, slot, keep, state
-            ).clone()
+            nxt = after if ahead else self._launch(bsz, state, nxt, next_pos, longest, steps, keep)
             steps += 1
         total = time.perf_counter() - t0
         ttft = first_token_s or 0.0

@@ -5,7 +5,7 @@ weights at 1.6-1.7 TB/s (39% of the copy bandwidth), each program covering one o
 of 8-64 inputs and adding its partial sums into the bf16 output with atomics (a memset per
 call, K/32 bf16 roundings an output: 1.4-2.6% error a projection). This kernel
 (``ragtune/int4_gemv_kernel.py``) gives each program a tile of outputs and a long K range (all
-of K, or 1/SPLIT of it, SPLIT <= 8), reads gemlite's packed words as they are stored
+of K, or 1/SPLIT of it, SPLIT <= 32), reads gemlite's packed words as they are stored
 (``fastweights.pack_int4``: contiguous along the outputs, so 16-byte coalesced loads),
 accumulates in float32 and reduces split partial sums in a fixed order (deterministic; no
 memset, no atomics on the output). The weights are the same tensors gemlite and the prompt
@@ -17,8 +17,9 @@ rounds those weights to bf16 once more (relative 2**-9 each), so against the bf1
 the output differs by ~1e-3 relative, against the float32 weights by float32 rounding.
 
 Settings per projection shape (out, in, group): the "gemv" list of the tuned-config file
-(``int4_configs/<gpu>.json``, measured by ``bench/int4_kernels.py --gemv``) says which kernel is
-faster and with what tile, else ``default_config``. ``RAGTUNE_INT4_GEMV``: ``auto`` (default:
+(``int4_configs/<gpu>.json``, measured by ``bench/int4_gemv.py``) says which kernel is
+faster and with what tile (``block``: 0 per-word, 1 block, 2 denormal), else
+``default_config`` (the denormal kernel). ``RAGTUNE_INT4_GEMV``: ``auto`` (default:
 the file's choice, this kernel for shapes it does not list), ``on`` (this kernel for every
 shape), ``off`` (gemlite's).
 
@@ -40,6 +41,13 @@ import torch
 GEMV_ENV = "RAGTUNE_INT4_GEMV"
 MODES = ("auto", "on", "off")
 MAGIC = 0x4B000000  # float32 2**23: a code OR-ed into its mantissa reads as 2**23 + code
+# the denormal kernel (block=2): x * 2**100, the code's bits alone q * 2**-149, so the sums carry
+# 2**-49, undone on the output (all powers of two: exact)
+DENORM_X = 2.0**100
+# splits a tile's K range may take: the tile's last program adds this many partial rows; the
+# 5-6 k output shapes want more programs than outputs / block_n (docs/benchmarks.md, gemv2)
+MAX_SPLIT = 32
+DENORM_Y = 2.0**49
 
 
 class GemvError(ValueError):
@@ -57,7 +65,9 @@ class GemvConfig:
     split: int = 1
     num_warps: int = 4
     stages: int = 1
-    block: int = 0  # 1: each step's words as one [rows, words, block_n] load (the block kernel)
+    # 1: each step's words as one [rows, words, block_n] load (the block kernel); 2: the
+    # per-word loop with codes read as float32 denormals (two instructions a weight)
+    block: int = 0
 
     def as_list(self) -> list[int]:
         return list(astuple(self))
@@ -65,6 +75,8 @@ class GemvConfig:
 
 def plan(n: int, k: int, group: int, cfg: GemvConfig) -> tuple[int, int]:
     """(tiles along the outputs, groups each program reads); raises if ``cfg`` cannot tile."""
+    if cfg.block not in (0, 1, 2):
+        raise GemvError(f"block={cfg.block}: the kernels are 0 (per word), 1 (block), 2 (denormal)")
     for name in ("block_n", "rows"):
         v = getattr(cfg, name)
         if v < 1 or v & (v - 1):
@@ -72,7 +84,7 @@ def plan(n: int, k: int, group: int, cfg: GemvConfig) -> tuple[int, int]:
     if group % 8 or k % group:
         raise GemvError(f"in_features {k} is not a multiple of the group {group} (itself of 8)")
     groups = k // group
-    if not 1 <= cfg.split <= 8 or groups % cfg.split:
+    if not 1 <= cfg.split <= MAX_SPLIT or groups % cfg.split:
         raise GemvError(f"split {cfg.split} does not divide the {groups} groups")
     per_split = groups // cfg.split
     if per_split % cfg.rows:
@@ -94,7 +106,8 @@ def default_config(n: int, k: int, group: int, sms: int = 132) -> GemvConfig:
     rows = 4
     while (groups // split) % rows:
         rows //= 2
-    return GemvConfig(block_n, rows, split, num_warps=4 if rows * block_n >= 256 else 2)
+    # the denormal kernel: fewest instructions a weight (bench/int4_gemv.py, docs/benchmarks.md)
+    return GemvConfig(block_n, rows, split, num_warps=4 if rows * block_n >= 256 else 2, block=2)
 
 
 # --------------------------------------------------------------------------- which kernel
@@ -171,7 +184,7 @@ def launch(
 ) -> torch.Tensor:
     """y = x @ W for one row x [..., K] and packed int4 W ([K/8, N] words, [K/g, N] meta),
     into ``out`` if given (x's dtype)."""
-    from ragtune.int4_gemv_kernel import w4a16_gemv_block_kernel, w4a16_gemv_kernel
+    from ragtune import int4_gemv_kernel as kernels
 
     k8, n = w_q.shape
     k = k8 * 8
@@ -185,7 +198,11 @@ def launch(
     if out is None:
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     part, cnt = workspace(n, cfg, x.device) if cfg.split > 1 else (out, out)
-    kernel = w4a16_gemv_block_kernel if cfg.block else w4a16_gemv_kernel
+    kernel = (
+        kernels.w4a16_gemv_kernel,
+        kernels.w4a16_gemv_block_kernel,
+        kernels.w4a16_gemv_denorm_kernel,
+    )[cfg.block]
     kernel[(tiles, cfg.split)](
         x.contiguous(),
         w_q,
@@ -255,16 +272,25 @@ def emulate(
                 words = w_flat[word_rows[..., None] * n + cols]  # [rows, words, block_n]
                 words = torch.where(inside, words, 0)
                 halves = torch.stack([words, words >> 16], 2)[:, :, :, None, :]  # lo, hi
-                q = ((halves & bits) | MAGIC).view(torch.float32) - 8388608.0  # q * 16**j
                 xg = xf[(g[:, None] * group + torch.arange(group))].view(
                     cfg.rows, words_per_group, 2, 4, 1
                 )  # x[8w + 4h + j]: lo half j = 0..3, hi half j = 4..7
+                if cfg.block == 2:  # codes as denormals q * 16**j * 2**-149, x * 2**100
+                    q = (halves & bits).view(torch.float32)
+                    xg = xg * DENORM_X
+                else:
+                    q = ((halves & bits) | MAGIC).view(torch.float32) - 8388608.0  # q * 16**j
                 p = (q * xg).sum((1, 2))  # [rows, 4 positions, block_n]
                 dot = (p * pow16).sum(1)
                 meta = g[:, None] * n + cols
                 sc = torch.where(inside, s_flat[meta], 0.0)
                 sh = torch.where(inside, h_flat[meta], 0.0)
-                acc += dot * sc + sh * xg.sum((1, 2, 3))
+                xsum = xg.sum((1, 2, 3))
+                if cfg.block == 2:
+                    xsum = xsum * (1 / DENORM_X) * (1 / DENORM_Y)  # the products' 2**-49
+                acc += dot * sc + sh * xsum
             partials[pid_s, offs_n[inside]] = acc.sum(0)[inside]
     out = partials[0] if cfg.split == 1 else partials.sum(0)
+    if cfg.block == 2:
+        out = out * DENORM_Y
     return out.to(x.dtype).view(*x.shape[:-1], n)

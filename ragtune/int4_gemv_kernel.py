@@ -18,6 +18,11 @@ logical op and one subtraction give q * 16**j; the four positions j = 0..3 of a 
 are summed into four accumulators, scaled by 16**-j once per group (exact: powers of two).
 The upper half-word is shifted down once per word.
 
+Three kernels over that layout: per-word loads (the loop below), each step's words as one
+block load, and the *denormal* kernel (the per-word loop with codes read as float32 denormals:
+~2 instructions a weight in the loop instead of ~4; ``w4a16_gemv_denorm_kernel``), which the
+H200 sweep chose for every 12B shape (docs/benchmarks.md, issue 20, branch gemv2).
+
 SPLIT > 1: each program writes its float32 partial sums to ``part`` [SPLIT, N]; the last of a
 tile's SPLIT programs to arrive (a counter per tile, reset by that program) adds the SPLIT
 partials in a fixed order and writes the output: deterministic, no memset, no atomics on
@@ -171,6 +176,91 @@ def w4a16_gemv_block_kernel(
             d += (qb - 8388608.0) * xb
         acc += d * sc + sh * xsum
     y = tl.sum(tl.sum(acc, axis=1), axis=0)
+    _finish(y, offs_n, N, pid_n, pid_s, out_ptr, part_ptr, cnt_ptr, BLOCK_N, SPLIT)
+
+
+@triton.jit
+def w4a16_gemv_denorm_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    h_ptr,
+    out_ptr,
+    part_ptr,
+    cnt_ptr,
+    N,
+    GROUP: tl.constexpr,
+    ITERS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """The per-word kernel's loop at ~2 instructions a weight: a code masked in place is read
+    as a float32 *denormal* (``word & (15 << 4c)`` is q * 16**c * 2**-149 exactly while the
+    code stays below bit 23), so one logical op and one FMA against x * 2**100 give
+    q * x * 16**c * 2**-49 in float32 (a denormal times a normal is exact before the FMA's one
+    rounding; PTX ``fma.rn.f32`` keeps denormals). Codes 0-4 are read in place, codes 5-7
+    after one shift a word; five sums by power of 16, combined once a group. No magic number
+    to subtract, no shift a code. All sums carry 2**-49 (normal for |q x| > 2**-77); the
+    output is scaled back once."""
+    WORDS: tl.constexpr = GROUP // 8
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_n < N)[None, :]
+    rows = tl.arange(0, ROWS)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    g_first = pid_s * (ITERS * ROWS)
+    for it in tl.range(0, ITERS, num_stages=STAGES):
+        g = g_first + it * ROWS + rows
+        w_rows = w_ptr + (g * WORDS).to(tl.int64)[:, None] * N + offs_n[None, :]
+        x_rows = x_ptr + (g * GROUP)[:, None]
+        m_off = g.to(tl.int64)[:, None] * N + offs_n[None, :]
+        if EVEN_N:
+            sc = tl.load(s_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
+            sh = tl.load(h_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
+        else:
+            sc = tl.load(s_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(h_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+        p0 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p1 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p2 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p3 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p4 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([ROWS, 1], dtype=tl.float32)
+        for w in tl.static_range(WORDS):
+            if EVEN_N:
+                lo = tl.load(w_rows + w * N, eviction_policy="evict_first")
+            else:
+                lo = tl.load(w_rows + w * N, mask=mask, other=0, eviction_policy="evict_first")
+            # codes 0-4 (bits 0-19) are denormals in place; codes 5-7 (bits 20-31) would touch
+            # the exponent: one logical shift puts them at bits 8-19
+            up = lo.to(tl.uint32, bitcast=True) >> 12
+            # x * 2**100: exact; |x| < 2**28 stays finite
+            x0 = tl.load(x_rows + w * 8).to(tl.float32) * 1.2676506002282294e30
+            x1 = tl.load(x_rows + (w * 8 + 1)).to(tl.float32) * 1.2676506002282294e30
+            x2 = tl.load(x_rows + (w * 8 + 2)).to(tl.float32) * 1.2676506002282294e30
+            x3 = tl.load(x_rows + (w * 8 + 3)).to(tl.float32) * 1.2676506002282294e30
+            x4 = tl.load(x_rows + (w * 8 + 4)).to(tl.float32) * 1.2676506002282294e30
+            x5 = tl.load(x_rows + (w * 8 + 5)).to(tl.float32) * 1.2676506002282294e30
+            x6 = tl.load(x_rows + (w * 8 + 6)).to(tl.float32) * 1.2676506002282294e30
+            x7 = tl.load(x_rows + (w * 8 + 7)).to(tl.float32) * 1.2676506002282294e30
+            p0 += (lo & 0xF).to(tl.float32, bitcast=True) * x0
+            p1 += (lo & 0xF0).to(tl.float32, bitcast=True) * x1
+            p2 += (lo & 0xF00).to(tl.float32, bitcast=True) * x2
+            p3 += (lo & 0xF000).to(tl.float32, bitcast=True) * x3
+            p4 += (lo & 0xF0000).to(tl.float32, bitcast=True) * x4
+            p2 += (up & 0xF00).to(tl.float32, bitcast=True) * x5
+            p3 += (up & 0xF000).to(tl.float32, bitcast=True) * x6
+            p4 += (up & 0xF0000).to(tl.float32, bitcast=True) * x7
+            xsum += ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        # code at bit 4c carries 16**c: exact powers of two
+        dot = p0 + p1 * 0.0625 + p2 * 0.00390625 + p3 * 0.000244140625 + p4 * 1.52587890625e-05
+        # sum(x) * 2**100 -> * 2**-149 as the products carry: two normal power-of-two factors
+        acc += dot * sc + sh * (xsum * 7.888609052210118e-31 * 1.7763568394002505e-15)
+    y = tl.sum(acc, axis=0) * 562949953421312.0  # * 2**49
     _finish(y, offs_n, N, pid_n, pid_s, out_ptr, part_ptr, cnt_ptr, BLOCK_N, SPLIT)
 
 

@@ -112,6 +112,32 @@ def test_batched_equals_hf_left_padded(lm, mode):
     assert [fd.generate(p, 16, [eos]) for p in prompts] == got
 
 
+def test_lookahead_loop_keeps_the_tokens(lm):
+    """The GPU's loop (step n+1 queued before token n is read; ``lookahead``), forced on CPU:
+    HF's tokens at EOS, at the token budget, with a budget ending at the cache's last slot
+    (the queued step must not run past it), and batched."""
+    model, tok = lm
+    fd = FastDecoder(model, tok, max_seq_len=64, compile=False)
+    fd.lookahead = True
+    ids = tok(PROMPTS[0])["input_ids"]
+    free = slow(model, ids, 12, None)
+    assert fd.generate(ids, 12, eos_ids=[]) == free
+    stop = free[5]
+    assert fd.generate(ids, 12, eos_ids=stop) == free[: free.index(stop) + 1]
+    long = (ids * 8)[:59]  # 5 slots left: the budget of 9 is cut to 5
+    launched = []
+    launch = fd._launch
+    fd._launch = lambda *a: launched.append(a[5]) or launch(*a)
+    assert fd.generate(long, 9, eos_ids=[]) == slow(model, long, 5, None)
+    assert launched == [0, 1, 2, 3]  # 5 tokens: the prompt's, then 4 steps, none queued past
+    del fd._launch
+    prompts = [tok(t)["input_ids"] for t in PROMPTS[:4]]
+    plain = FastDecoder(model, tok, max_seq_len=64, compile=False)
+    assert plain.lookahead is False  # CPU default
+    eos = tok.eos_token_id
+    assert fd.generate_batch(prompts, 8, [eos]) == plain.generate_batch(prompts, 8, [eos])
+
+
 def test_limits(lm):
     model, tok = lm
     fd = FastDecoder(model, tok, max_seq_len=32, compile=False)

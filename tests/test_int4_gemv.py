@@ -32,6 +32,11 @@ CASES = [
     (200, 512, GemvConfig(64, 2, 2, block=1)),  # the block kernel: the same cases
     (96, 768, GemvConfig(32, 1, 4, block=1)),
     (130, 384, GemvConfig(64, 2, 3, block=1)),
+    (200, 512, GemvConfig(64, 2, 2, block=2)),  # the denormal kernel: the same cases
+    (96, 768, GemvConfig(32, 1, 4, block=2)),
+    (130, 384, GemvConfig(64, 2, 3, block=2)),
+    (384, 256, GemvConfig(128, 4, 1, block=2)),
+    (130, 1024, GemvConfig(64, 1, 16, block=2)),  # more splits than 8 (MAX_SPLIT)
 ]
 
 
