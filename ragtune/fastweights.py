@@ -60,6 +60,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ragtune.cuda_check import cuda_unavailable_for
 from ragtune.errors import RagtuneError
 
 log = logging.getLogger(__name__)
@@ -387,13 +388,7 @@ def _out(linear: torch.nn.Module) -> int:
 
 def int4_kernel_available() -> str | None:
     """Why gemlite's kernels cannot run here, or None when they can."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    try:
-        import gemlite  # noqa: F401
-    except ImportError as e:
-        return f"gemlite does not import ({e})"
-    return None
+    return cuda_unavailable_for("gemlite")
 
 
 def convert_layers(

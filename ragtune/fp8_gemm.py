@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from ragtune.cuda_check import cuda_unavailable_for
+
 SMALL_ROWS = 32  # inputs of at most this many rows (a decode step) may take this kernel
 MODE_ENV = "RAGTUNE_FP8_SMALL"
 FILE_ENV = "RAGTUNE_FP8_SMALL_CONFIGS"
@@ -148,13 +150,7 @@ def choose(
 
 def small_gemm_unavailable() -> str | None:
     """Why the kernel cannot run here, or None."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton does not import ({e})"
-    return None
+    return cuda_unavailable_for("triton")
 
 
 def setting_for(n: int, k: int, device: torch.device) -> list[int] | None:

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from ragtune.cuda_check import cuda_unavailable_for
+
 GEMV_ENV = "RAGTUNE_INT4_GEMV"
 MODES = ("auto", "on", "off")
 MAGIC = 0x4B000000  # float32 2**23: a code OR-ed into its mantissa reads as 2**23 + code
@@ -146,13 +148,7 @@ def choose(
 
 def gemv_unavailable() -> str | None:
     """Why the kernel cannot run here, or None."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"triton does not import ({e})"
-    return None
+    return cuda_unavailable_for("triton")
 
 
 # --------------------------------------------------------------------------- the kernel
