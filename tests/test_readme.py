@@ -36,6 +36,11 @@ PLAN: list[tuple[str, str, list[str] | str]] = [
     (r"^make test$", "skip", "the test suite itself"),
     (r"^python train/sft\.py conf=nemo_rag --cfg job$", "run", []),
     (r"^python train/sft\.py conf=nemo_rag$", "skip", "GPU preset: Mistral-Nemo-12B from the hub"),
+    (
+        r"^python train/sft\.py model=gemma3$",
+        "skip",
+        "the optional .[gemma] package (253 MB): tests/test_models.py checks its tokenizer rebuild",
+    ),
     (r"^python train/sft\.py -m ", "slow", [*TRAIN, "eval.max_questions=2"]),
     (r"^python train/sft\.py$", "slow", TRAIN),
     (r"^python serve/ask\.py model_dir=null$", "run", SHORT),
