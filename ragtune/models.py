@@ -94,7 +94,7 @@ def prepare_embedded(name: str, force: bool = False) -> Path:
             (tmp / "model").mkdir()
             _convert_gguf(gguf_dir, gguf_file, tmp / "model")
             (tmp / "model" / _MARKER).write_text(
-                json.dumps({"source": gguf_file, "package": module})
+                json.dumps({"source": gguf_file, "package": module, "install": hint})
             )
             if target.exists():
                 shutil.rmtree(target)
@@ -108,8 +108,6 @@ def _gguf_folder(name: str, pkg: Path, gguf_file: str, tmp: Path) -> Path:
     """The folder holding ``gguf_file``: the package's own, or (Gemma: four chunk packages)
     a temporary one it is assembled into and checked against its SHA-256 by the package."""
     if name == GEMMA3_270M:
-        import importlib
-
         assemble = importlib.import_module(pkg.name).assemble
         try:
             assemble(output_path=tmp / "gguf" / gguf_file)
