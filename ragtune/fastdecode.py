@@ -391,12 +391,13 @@ class FastDecoder:
         return min(max_new_tokens, room)
 
     # ------------------------------------------------------------------ public API
+    @torch.inference_mode()  # the KV cache is an inference tensor: warm-ups write it in place
     def warmup(self, prompt_tokens: int = 512) -> float:
         """Compile, autotune and capture the batch-1 path now; returns the seconds it took.
 
         The first request pays this otherwise (about 2 minutes at 12B on an H200); a server
-        calls it once at start. Prompts of other lengths may still autotune their prefill
-        kernels once (int4), a second or so each.
+        calls it once at start: it also captures the step of every cache bucket and the
+        prompt graph of every padded length (batch 1).
         """
         t0 = time.perf_counter()
         n = max(1, min(prompt_tokens, self.max_seq_len - 3))
@@ -405,8 +406,8 @@ class FastDecoder:
             kv = self._direct.cache(1)
             for b in self.kv_buckets:  # a step graph per cache bucket (one compilation)
                 self._decode_fn(1, kv, b)
-            if self.prefill == "graph":  # and a prompt graph per padded length
-                self._prefillers["graph"].warm()
+        if self.prefill != "exact":  # a prompt graph per padded length (eager: one prompt)
+            self._prefillers[self.prefill].warm()
         return time.perf_counter() - t0
 
     @torch.inference_mode()

@@ -163,6 +163,9 @@ def test_cache_buckets_and_padded_prompt_keep_hf_tokens(lm):
         # each step: the bucket just above its slot
         slots = range(len(ids), len(ids) + len(seen) - 1)
         assert [s[2] for s in seen[1:]] == [(p // 8 + 1) * 8 for p in slots]
+    first = fd.generate(ids, 30, eos_ids=[eos])
+    assert fd.warmup(40) > 0  # warms the padded prompt path too, in inference mode
+    assert fd.generate(ids, 30, eos_ids=[eos]) == first
     prompts = [tok(t)["input_ids"] for t in PROMPTS]
     whole = FastDecoder(model, tok, max_seq_len=128, compile=False, kv_bucket=0)
     assert whole.kv_buckets == (128,) and whole.prefill == "exact"
