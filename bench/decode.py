@@ -156,6 +156,23 @@ def bench_fast(
             rates.append(fd.last_stats["decode_tok_s"])
         fd.lookahead = True
         no_ahead = round(sorted(rates)[len(rates) // 2], 1)
+    # before/after in one process: the same decoder and compiled step with the decode step over
+    # the whole cache and the prompt run eagerly at its own length (what decoding ran before
+    # cache buckets and prompt graphs)
+    old = None
+    if len(getattr(fd, "kv_buckets", ())) > 1 or getattr(fd, "prefill", "exact") != "exact":
+        saved = fd.kv_buckets, fd.prefill
+        fd.kv_buckets, fd.prefill = (fd.max_seq_len,), "exact"
+        fd.generate(prompt, args.new, eos_ids=[])  # captures the whole-cache graph
+        runs = []
+        for _ in range(args.repeats):
+            fd.generate(prompt, args.new, eos_ids=[])
+            runs.append(dict(fd.last_stats))
+        fd.kv_buckets, fd.prefill = saved
+        old = {
+            "decode_tok_s_runs": [round(s["decode_tok_s"], 1) for s in runs],
+            "ttft_s_runs": [round(s["ttft_s"], 4) for s in runs],
+        }
     agree = None
     if ref is not None:
         agree = next(
@@ -175,6 +192,10 @@ def bench_fast(
         "decode_tok_s": round(med["decode_tok_s"], 1),
         "decode_tok_s_runs": [round(s["decode_tok_s"], 1) for s in stats],
         "decode_tok_s_no_lookahead": no_ahead,
+        "ttft_s_runs": [round(s["ttft_s"], 4) for s in stats],
+        "kv_buckets": list(getattr(fd, "kv_buckets", ())),
+        "prefill": getattr(fd, "prefill", None),
+        "whole_cache_eager_prompt": old,
         "agree_with_slow_first_n": agree,
         "compared_tokens": len(ref) if ref is not None else None,
         **gpu_mem(),
@@ -583,6 +604,9 @@ def main() -> None:
         if r.get("profile"):
             p = r["profile"]
             note += f" wall {p['wall_ms_per_step']} ms/step, kernels {p['kernel_ms_per_step']}"
+        if r.get("whole_cache_eager_prompt"):
+            o = r["whole_cache_eager_prompt"]
+            note += f"; before (whole cache, eager prompt) {o['decode_tok_s_runs']} tok/s, ttft {o['ttft_s_runs']}"
         if r.get("int4_floor"):
             fl = r["int4_floor"]
             note += f"; int4 linears alone {fl['ms_per_token']} ms ({fl['gb_per_s']} GB/s)"

@@ -30,8 +30,18 @@ class GraphedStep:
     just a few small input copies and one graph launch per token.
     """
 
-    def __init__(self, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], state: Any):
+    def __init__(
+        self,
+        fn: Callable[..., torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        state: Any,
+        dynamic: Sequence[tuple[int, int]] = (),
+    ):
         self.inputs = [t.clone() for t in inputs]
+        # (input, dim) pairs a compiled ``fn`` should trace as symbolic sizes: one compilation
+        # serves graphs of several sizes there (the decode step's cache-length buckets)
+        for i, dim in dynamic:
+            torch._dynamo.maybe_mark_dynamic(self.inputs[i], dim)
         self.state = state
         dev = self.inputs[0].device
         # warm-up (compilation, autotuning, cuBLAS handles) off the main stream; callers pass
@@ -51,6 +61,25 @@ class GraphedStep:
             static.copy_(new)
         self.graph.replay()
         return self.out
+
+
+def kv_buckets(max_seq_len: int, step: int, most: int = 16) -> tuple[int, ...]:
+    """Cache lengths a decode step attends over: multiples of ``step`` (widened so there are at
+    most ``most``), the last one the whole cache; ``step`` <= 0: the whole cache only.
+
+    Why: a step at slot p reads only slots [0, p], so attention over the smallest bucket
+    above p reads a fraction of the cache (768 of 2,048 slots for a 512-token prompt and 128
+    new tokens) instead of all of it, masked. One CUDA graph per bucket.
+    """
+    if step <= 0 or step >= max_seq_len:
+        return (max_seq_len,)
+    step *= -(-max_seq_len // (step * most))  # at most `most` buckets
+    return (*range(step, max_seq_len, step), max_seq_len)
+
+
+def bucket_for(buckets: Sequence[int], slot: int) -> int:
+    """The smallest bucket that holds cache slot ``slot`` (buckets ascending)."""
+    return next((b for b in buckets if b > slot), buckets[-1])
 
 
 def _unwrap(model: Any) -> Any:

@@ -6,10 +6,14 @@ decodes at 8-20 tok/s on an H100 whose memory bandwidth allows ~130 tok/s in bf1
 tok/s in int4. This module
 
 - preallocates the KV cache (fixed shapes, fixed addresses),
-- compiles one decode step (all layers + argmax) with ``torch.compile`` and captures it once as
-  a CUDA graph (``graph="manual"``, the default; ``"trees"`` = torch.compile's reduce-overhead
-  CUDA graphs, ~8% slower at 12B), so a token is one graph launch,
-- runs the prompt (prefill) eagerly, since its length varies, attending over the prompt's
+- compiles one decode step (all layers + argmax) with ``torch.compile`` and captures it as
+  a CUDA graph per cache bucket (``graph="manual"``, the default; ``"trees"`` = torch.compile's
+  reduce-overhead CUDA graphs, ~8% slower at 12B), so a token is one graph launch; a step
+  attends over the smallest bucket of ``kv_bucket``-slot multiples that holds its slot, not
+  the whole cache (one compilation: the bucket is a symbolic size),
+- runs a batch-1 prompt right-padded to a multiple of 64 tokens, one CUDA graph a padded
+  length (``prefill="graph"``, the default with manual graphs: the time to first token does not
+  wait on the host's ~1,500 eager launches), batches eagerly, attending over the prompt's
   own slots only; with int4 weights a prompt of ``int4_dense_rows`` rows or more (128) runs
   through dequantized 16-bit copies of one projection at a time and cuBLAS (gemlite's int4
   GEMM ran at a quarter of the chip's bf16 matmul rate: 58 of the 72 ms to first token at 12B),
@@ -53,13 +57,15 @@ from typing import Any
 
 import torch
 
-from ragtune.decodestep import DirectStack, GraphedStep, direct_supported
+from ragtune.decodestep import DirectStack, GraphedStep, bucket_for, direct_supported, kv_buckets
 from ragtune.errors import RagtuneError
+from ragtune.fastweights import quantize_weights
 
 log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = (None, "auto", "int4", "int8", "dense", "fp8")
 GRAPH_CHOICES = ("manual", "trees", "none")
+PREFILL_CHOICES = ("auto", "graph", "padded", "exact")
 MODES = ("auto", "direct", "hf")
 
 
@@ -71,40 +77,7 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def quantize_weights(model: torch.nn.Module, kind: str = "int8") -> torch.nn.Module:
-    """Quantize every Linear but the LM head of a 16-bit CUDA model to int8 with torchao.
-
-    Per-row int8 weight-only, in place; under torch.compile the int8->bf16 conversion fuses
-    into the matmul at batch 1 (gpt-fast's recipe). The LM head stays 16-bit: its conversion
-    is not fused (131072 x 5120 at 12B: a 1.3 ms conversion kernel per token, then a GEMM).
-    """
-    if kind != "int8":
-        raise FastDecodeError(f"quantize_weights does int8 only, got {kind!r}")
-    if _model_device(model).type != "cuda":
-        raise FastDecodeError(f"quantize={kind!r} needs the model on a CUDA GPU")
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    except ImportError as e:
-        raise FastDecodeError(
-            f"quantize={kind!r} needs torchao (pip install torchao; it comes with unsloth)"
-        ) from e
-    if next(model.parameters()).dtype != torch.bfloat16:
-        model.to(torch.bfloat16)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-
-    try:  # torchao's own test (a Linear whose weight is not quantized yet)
-        from torchao.quantization.quant_api import _is_linear as quantizable
-    except ImportError:  # pragma: no cover - older/newer torchao
-
-        def quantizable(module: torch.nn.Module, *_: Any) -> bool:
-            return isinstance(module, torch.nn.Linear)
-
-    def linear(module: torch.nn.Module, fqn: str) -> bool:
-        return quantizable(module, fqn) and module is not head
-
-    quantize_(model, Int8WeightOnlyConfig(version=2), filter_fn=linear)
-    log.info("fastdecode: Linear layers in int8 weight-only (LM head kept 16-bit)")
-    return model
+__all__ = ["FastDecodeError", "FastDecoder", "quantize_weights"]
 
 
 # --------------------------------------------------------------------------- the decoder
@@ -131,6 +104,8 @@ class FastDecoder:
         int4_kernel: str = "gemlite",
         int4_dense_rows: int = 128,
         fp8_kernel: str = "auto",
+        kv_bucket: int = 256,
+        prefill: str = "auto",
     ) -> None:
         if quantize not in QUANTIZE_CHOICES:
             raise FastDecodeError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
@@ -138,6 +113,8 @@ class FastDecoder:
             raise FastDecodeError(f"graph must be one of {GRAPH_CHOICES}, got {graph!r}")
         if mode not in MODES:
             raise FastDecodeError(f"mode must be one of {MODES}, got {mode!r}")
+        if prefill not in PREFILL_CHOICES:
+            raise FastDecodeError(f"prefill must be one of {PREFILL_CHOICES}, got {prefill!r}")
         if max_seq_len < 2:
             raise FastDecodeError(f"max_seq_len must be >= 2, got {max_seq_len}")
         self.model = model.eval()
@@ -182,7 +159,24 @@ class FastDecoder:
         # the GPU's work instead of leaving it idle between steps
         self.lookahead = self.device.type == "cuda"
         self._step_fn: Callable[..., torch.Tensor] = self._step
-        self._graphs: dict[int, GraphedStep] = {}
+        self._graphs: dict[tuple[int, int], GraphedStep] = {}
+        # the decode step attends over the smallest of these cache lengths that holds its slot
+        # (the direct path; HF's StaticCache takes the whole cache's mask)
+        self.kv_buckets = kv_buckets(self.max_seq_len, kv_bucket if self._direct else 0)
+        # batch-1 prompts: right-padded to a few lengths, each a CUDA graph ("graph", the
+        # default with manual graphs: the time to first token no longer waits on ~1,500 eager
+        # launches from the host), or the same padding eagerly ("padded"), or exactly as long
+        # as the prompt, eagerly ("exact"; always for batches and the hf path)
+        if prefill == "auto":
+            prefill = "graph" if self.graph == "manual" and self._direct else "exact"
+        if prefill != "exact" and self._direct is None:
+            raise FastDecodeError(
+                f"prefill={prefill!r} needs the direct path (Llama/Mistral/Qwen2)"
+            )
+        if prefill == "graph" and self.device.type != "cuda":
+            raise FastDecodeError("prefill='graph' needs CUDA; use 'padded' or 'exact'")
+        self.prefill = prefill
+        self._prefillers: dict[str, Any] = {}
         if self.compiled:
             # one graph per (decoder, batch size): allow more than dynamo's default of 8
             dyn = torch._dynamo.config
@@ -274,35 +268,43 @@ class FastDecoder:
     ) -> torch.Tensor:
         """One decode step for the whole batch: next greedy ids [B]."""
         if self._direct is not None:
-            seen = torch.arange(self.max_seq_len, device=ids.device) <= slot
+            # keep: [B, bucket]: attend over the cache's first `bucket` slots (the rest are
+            # past this step's slot: masked anyway); a symbolic size when compiled
+            n = keep.shape[1]
+            seen = torch.arange(n, device=ids.device) <= slot
             mask = (keep & seen)[:, None, None, :]
-            logits = self._direct.forward(ids, pos, slot, mask, state)
+            logits = self._direct.forward(ids, pos, slot, mask, state, kv_len=n)
         else:
             logits = self._hf_logits(ids, pos, keep.long() if state[1] else None, state[0])
         # float32 before argmax, as HF's greedy search does (exact for bf16/fp16 logits)
         return logits.argmax(dim=-1)
 
-    def _decode_fn(self, bsz: int, state: Any) -> Callable[..., torch.Tensor]:
-        """The step to call for this batch size: a captured CUDA graph where possible."""
+    def _decode_fn(self, bsz: int, state: Any, kv_len: int | None = None) -> Callable[..., Any]:
+        """The step to call for this batch size and cache bucket: a captured CUDA graph where
+        possible."""
         if self.graph != "manual" or self._direct is None:
             return self._step_fn
-        g = self._graphs.get(bsz)
+        seq = kv_len or self.max_seq_len
+        g = self._graphs.get((bsz, seq))
         if g is None:
             try:
-                dev, seq = self.device, self.max_seq_len
-                # K/V written only at the last slot, which a request rewrites before reading
+                dev = self.device
+                # K/V written only at the bucket's last slot, which a request rewrites before
+                # reading (it is past every slot written so far: buckets grow with the slot)
                 example = (
                     torch.zeros((bsz, 1), dtype=torch.long, device=dev),
                     torch.zeros((bsz, 1), dtype=torch.long, device=dev),
                     torch.full((1,), seq - 1, dtype=torch.long, device=dev),
                     torch.ones((bsz, seq), dtype=torch.bool, device=dev),
                 )
-                g = GraphedStep(self._step_fn, example, state)
+                # one compilation for every bucket: the cache length is a symbolic size
+                dynamic = [(3, 1)] if self.compiled and len(self.kv_buckets) > 1 else []
+                g = GraphedStep(self._step_fn, example, state, dynamic)
             except Exception as e:  # capture is best effort: the compiled step still works
                 log.warning("fastdecode: CUDA graph capture failed (%s); running uncaptured", e)
                 self.graph = "none"
                 return self._step_fn
-            self._graphs[bsz] = g
+            self._graphs[(bsz, seq)] = g
         return g
 
     def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, padded: bool):
@@ -322,6 +324,19 @@ class FastDecoder:
         attn = keep[:, :t].long() if padded else None
         return self._hf_logits(ids, pos, attn, cache).argmax(dim=-1), (cache, padded)
 
+    def _prefill_padded(self, prompt: Sequence[int]) -> tuple[torch.Tensor, Any]:
+        """A batch-1 prompt right-padded to a multiple of 64 tokens (``ragtune.batchprefill``;
+        its padding writes slots the decode steps rewrite before reading them), one CUDA graph
+        a padded length with ``prefill="graph"``: (first greedy id [1], the KV cache)."""
+        from ragtune.batchprefill import Prefiller
+
+        kv = self._direct.cache(1)
+        pf = self._prefillers.get(self.prefill)
+        if pf is None:
+            pf = Prefiller(self._direct, kv, spare_row=0, graphs=self.prefill == "graph")
+            self._prefillers[self.prefill] = pf
+        return pf.run([prompt], [0]), kv
+
     def _launch(
         self,
         bsz: int,
@@ -335,8 +350,12 @@ class FastDecoder:
         """Queue decode step ``steps`` (input: the previous token, on the device)."""
         # a fill on the device: torch.tensor(list, device=cuda) would wait for the queued step
         slot = torch.full((1,), longest + steps, dtype=torch.long, device=self.device)
-        fn = self._decode_fn(bsz, state)
-        return fn(nxt.view(bsz, 1), next_pos + steps, slot, keep, state).clone()
+        n = bucket_for(self.kv_buckets, longest + steps)
+        seen = keep[:, :n]
+        if self.compiled and len(self.kv_buckets) > 1:  # uncaptured compiled step: see above
+            torch._dynamo.maybe_mark_dynamic(seen, 1)
+        fn = self._decode_fn(bsz, state, n)
+        return fn(nxt.view(bsz, 1), next_pos + steps, slot, seen, state).clone()
 
     def _stop_checker(self, stop_strings: Sequence[str] | None):
         """A function(tokens) -> bool: did the last token complete a new stop string?"""
@@ -372,16 +391,23 @@ class FastDecoder:
         return min(max_new_tokens, room)
 
     # ------------------------------------------------------------------ public API
+    @torch.inference_mode()  # the KV cache is an inference tensor: warm-ups write it in place
     def warmup(self, prompt_tokens: int = 512) -> float:
         """Compile, autotune and capture the batch-1 path now; returns the seconds it took.
 
         The first request pays this otherwise (about 2 minutes at 12B on an H200); a server
-        calls it once at start. Prompts of other lengths may still autotune their prefill
-        kernels once (int4), a second or so each.
+        calls it once at start: it also captures the step of every cache bucket and the
+        prompt graph of every padded length (batch 1).
         """
         t0 = time.perf_counter()
         n = max(1, min(prompt_tokens, self.max_seq_len - 3))
         self.generate([self.tokenizer.bos_token_id or 0] * n, 2, eos_ids=[])
+        if self._direct is not None and self.graph == "manual":
+            kv = self._direct.cache(1)
+            for b in self.kv_buckets:  # a step graph per cache bucket (one compilation)
+                self._decode_fn(1, kv, b)
+        if self.prefill != "exact":  # a prompt graph per padded length (eager: one prompt)
+            self._prefillers[self.prefill].warm()
         return time.perf_counter() - t0
 
     @torch.inference_mode()
@@ -433,7 +459,10 @@ class FastDecoder:
         pos = (keep[:, :longest].long().cumsum(-1) - 1).clamp(min=0)
 
         t0 = time.perf_counter()
-        nxt, state = self._prefill(ids, pos, keep, padded)
+        if bsz == 1 and self.prefill != "exact":
+            nxt, state = self._prefill_padded(prompts[0])
+        else:
+            nxt, state = self._prefill(ids, pos, keep, padded)
         tokens: list[list[int]] = [[] for _ in range(bsz)]
         done = [False] * bsz
         check = self._stop_checker(stop_strings)

@@ -138,6 +138,42 @@ def test_lookahead_loop_keeps_the_tokens(lm):
     assert fd.generate_batch(prompts, 8, [eos]) == plain.generate_batch(prompts, 8, [eos])
 
 
+def test_cache_buckets_and_padded_prompt_keep_hf_tokens(lm):
+    """The step attends over the smallest cache bucket holding its slot (8-slot buckets here,
+    crossed several times a request), the batch-1 prompt runs right-padded to 64 tokens (the
+    GPU's prompt graphs, eagerly): HF generate's tokens, batch 1 and batched."""
+    model, tok = lm
+    fd = FastDecoder(model, tok, max_seq_len=128, compile=False, kv_bucket=8, prefill="padded")
+    assert fd.kv_buckets == tuple(range(8, 129, 8))
+    seen = []  # (rows, tokens, attended cache length) of each forward
+    forward = fd._direct.forward
+
+    def spy(ids, pos, slots, mask, kv, last=None, kv_len=None):
+        seen.append((ids.shape[0], ids.shape[1], kv_len or kv[0][0].shape[2]))
+        return forward(ids, pos, slots, mask, kv, last, kv_len)
+
+    fd._direct.forward = spy
+    eos = tok.eos_token_id
+    for text in PROMPTS:
+        ids = tok(text)["input_ids"]
+        seen.clear()
+        got = fd.generate(ids, 30, eos_ids=[eos])
+        assert got == slow(model, ids, 30, eos), text
+        assert seen[0][:2] == (1, -(-len(ids) // 64) * 64)  # the padded prompt
+        # each step: the bucket just above its slot
+        slots = range(len(ids), len(ids) + len(seen) - 1)
+        assert [s[2] for s in seen[1:]] == [(p // 8 + 1) * 8 for p in slots]
+    first = fd.generate(ids, 30, eos_ids=[eos])
+    assert fd.warmup(40) > 0  # warms the padded prompt path too, in inference mode
+    assert fd.generate(ids, 30, eos_ids=[eos]) == first
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    whole = FastDecoder(model, tok, max_seq_len=128, compile=False, kv_bucket=0)
+    assert whole.kv_buckets == (128,) and whole.prefill == "exact"
+    assert fd.generate_batch(prompts, 16, [eos]) == whole.generate_batch(prompts, 16, [eos])
+    with pytest.raises(FastDecodeError, match="prefill"):
+        FastDecoder(model, tok, compile=False, prefill="graph")  # CUDA only
+
+
 def test_limits(lm):
     model, tok = lm
     fd = FastDecoder(model, tok, max_seq_len=32, compile=False)

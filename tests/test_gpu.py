@@ -257,6 +257,42 @@ def test_fastdecode_compiled_equals_slow_path(tokenizer_dir, graph):
     assert fd.graph == graph  # the capture did not fall back
 
 
+def test_fastdecode_cache_buckets_and_prompt_graphs_equal_slow_path(tokenizer_dir):
+    """Compiled + CUDA graphs, float32: the step over 32-slot cache buckets (one graph each,
+    one compilation) and the batch-1 prompt as a graph of its 64-token padded length give HF
+    generate's tokens, across several buckets a request."""
+    from torch._dynamo.utils import counters
+
+    from ragtune.fastdecode import FastDecoder
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    model, tok = _fp32_lm(tokenizer_dir)
+    fd = FastDecoder(model, tok, max_seq_len=256, kv_bucket=32)
+    assert fd.prefill == "graph" and len(fd.kv_buckets) == 8
+    eos = tok.eos_token_id
+    texts = ["Hello", "### Context:\nThe harbour of Kessa has a lighthouse.", "A lamp " * 30]
+    graphs_before = None
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        x = torch.tensor([ids], device="cuda")
+        with torch.inference_mode():
+            want = model.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=70,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=0,
+            )[0, len(ids) :].tolist()
+        assert fd.generate(ids, 70, [eos]) == want, text
+        graphs_before = graphs_before or counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs_before  # no recompile per bucket
+    assert len(fd._graphs) >= 3 and fd.graph == "manual"
+    assert fd._prefillers["graph"].graphs  # captured, not fallen back to eager
+    assert fd.warmup(100) > 0 and len(fd._graphs) == 8
+
+
 def test_fastdecode_int8_runs(tokenizer_dir):
     """Weight-only int8 (torchao) changes the weights: it must run and give tokens."""
     from ragtune.fastdecode import FastDecoder
