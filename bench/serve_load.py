@@ -6,9 +6,13 @@ request at once (a question of ``--prompt`` tokens, ``max_tokens=--new``). Repor
 aggregate tok/s (completion tokens of the wave / its wall time), p50/p95 latency and time to
 the first text piece. ``--modes``: where the client threads run, each for ``--waves`` waves:
 ``threads`` = in this process (they share the server's GIL: the setup of the first
-measurements), ``process`` = in a child process (as real clients), ``process-1ms`` = the same
-with this process's GIL switch interval at 1 ms instead of CPython's 5 (no effect beyond the
-waves' spread on the H200).
+measurements), ``process`` = in a child process (as real clients), ``-1ms`` = this process's
+GIL switch interval at 1 ms instead of CPython's 5 (no effect beyond the waves' spread on the
+H200), ``-pf`` = the batcher's ``prefill_first``,
+``-fresh`` = each request builds a new HTTP client inside the clock, as every
+measurement before 2026-12-02 (srv3) did; without it each client thread connects first and
+the clock starts when all are connected. Each wave also reports, in server-side seconds from
+its start, when its requests reached the batcher, were queued on the device and finished.
 Then the same prompts straight into the batcher, and the requests one at a time
 (``--sequential``): their answers must equal the concurrent ones (``equal``), and their speed
 is the lone-request figure. Then the same with prompts prefilled in groups of ``--group``
@@ -91,12 +95,20 @@ def questions(tok: Any, n: int, tokens: int) -> list[str]:
     return out
 
 
-def one(base: str, question: str, new: int) -> dict[str, Any]:
-    """One streamed completion: text, completion tokens, latency and time to first piece."""
+def one(
+    base: str, question: str, new: int, client: httpx.Client | None = None, t0: float = 0.0
+) -> dict[str, Any]:
+    """One streamed completion: text, completion tokens, latency and time to first piece.
+
+    ``client``: an open, connected client (latency counted from ``t0``); None: a new client
+    for this request, its setup inside the latency (httpx builds an SSL context per client,
+    ~20-50 ms of the client process's GIL: 32 of them spread a wave's arrivals over ~0.5-1 s)."""
     body = {"prompt": question, "max_tokens": new, "stream": True}
-    t0 = time.perf_counter()
+    t0 = t0 or time.perf_counter()
     text, ttft, usage = "", None, {}
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+    with (client or httpx).stream(
+        "POST", f"{base}/v1/completions", json=body, timeout=600
+    ) as r:  # fmt: skip
         if r.status_code != 200:
             return {
                 "status": r.status_code,
@@ -129,11 +141,27 @@ def pct(vals: list[float], q: float) -> float:
     return round(vals[min(len(vals) - 1, int(q * len(vals)))], 3) if vals else 0.0
 
 
-def wave(base: str, qs: list[str], new: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(qs)) as pool:
-        got = list(pool.map(lambda q: one(base, q, new), qs))
-    wall = time.perf_counter() - t0
+def wave(base: str, qs: list[str], new: int, fresh: bool = False) -> dict[str, Any]:
+    """All of ``qs`` at once, one thread each. By default each thread opens its client and
+    connection first and the clock starts when all are connected (the server's time, as
+    clients with open connections see it); ``fresh``: a new client per request inside the
+    clock (the measurements before 2026-12-02, helper srv3)."""
+    n = len(qs)
+    start: list[float] = []
+    ready = threading.Barrier(n, action=lambda: start.append(time.perf_counter()))
+
+    def client(q: str) -> dict[str, Any]:
+        if fresh:
+            ready.wait()
+            return one(base, q, new)
+        with httpx.Client(timeout=600) as c:
+            c.get(f"{base}/healthz")  # the connection is open before the clock starts
+            ready.wait()
+            return one(base, q, new, c, start[0])
+
+    with ThreadPoolExecutor(n) as pool:
+        got = list(pool.map(client, qs))
+    wall = time.perf_counter() - start[0]
     tokens = sum(g["tokens"] for g in got)
     return {
         "clients": len(qs),
@@ -146,6 +174,24 @@ def wave(base: str, qs: list[str], new: int) -> dict[str, Any]:
         "ttft_p95_s": pct([g["ttft_s"] for g in got], 0.95),
         "non_200": sum(g["status"] != 200 for g in got),
         "texts": [g["text"] for g in got],
+        "t_start": start[0],
+    }
+
+
+def timeline(reqs: list[Any], t0: float) -> dict[str, Any]:
+    """Where a wave's requests were, in server-side seconds from the wave's start: reaching
+    the batcher (HTTP, retrieve, render, encode), their prompts queued on the device, done."""
+    if not reqs:
+        return {}
+
+    def q(vals: list[float]) -> list[float]:  # first, median, last
+        vals = sorted(v - t0 for v in vals)
+        return [round(vals[0], 3), round(vals[len(vals) // 2], 3), round(vals[-1], 3)]
+
+    return {
+        "submit_s": q([r.t_submit for r in reqs]),
+        "admit_s": q([r.t_admit for r in reqs if r.t_admit]),
+        "done_s": q([r.t_done for r in reqs if r.t_done]),
     }
 
 
@@ -182,6 +228,38 @@ def gpu_ms(batcher: Any, prompt: int, group: int) -> dict[str, float]:
             g, a = pre.graph(n, t), args(n)
             if g is not None:
                 out[key] = round(timed(lambda g=g, a=a: g(*a), 5) / n, 2)
+    return out
+
+
+def attention_ms(batcher: Any, lengths: list[int]) -> dict[str, float]:
+    """GPU milliseconds of one decode step's attention alone (every layer, all rows, the
+    decode step's own ``_attend``: eager kernels in one CUDA graph) over the first ``L`` cache
+    slots: what reading only the filled slots (a step per cache-length bucket) would save."""
+    direct, dev, b = batcher.direct, batcher.device, batcher.max_batch
+    ks, vs = batcher.kv
+    out = {}
+    for L in lengths:
+        q = torch.randn((b, direct.n_heads, 1, direct.head_dim), device=dev, dtype=direct.dtype)
+        mask = torch.ones((b, 1, 1, L), dtype=torch.bool, device=dev)
+
+        def run(q: torch.Tensor = q, mask: torch.Tensor = mask, L: int = L) -> None:
+            for i in range(len(direct.layers)):
+                direct._attend(q, ks[i][:b, :, :L], vs[i][:b, :, :L], mask, direct.scaling[i])
+
+        with torch.inference_mode():
+            run()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            graph.replay()
+            start.record()
+            for _ in range(10):
+                graph.replay()
+            end.record()
+            end.synchronize()
+        out[f"attention_{L}_ms"] = round(start.elapsed_time(end) / 10, 3)
+        del graph
     return out
 
 
@@ -240,7 +318,11 @@ def main() -> None:
         "--weights", default="auto", help="server.batch_weights, or several: dense,fp8 (in turn)"
     )
     ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves per mode")
-    ap.add_argument("--modes", default="threads,process,process-1ms", help="client placement")
+    ap.add_argument(
+        "--modes",
+        default="process,process-fresh",
+        help="client placement, e.g. threads,process-1ms",
+    )
     ap.add_argument("--group", type=int, default=4, help="then prefill groups of this (1: no)")
     ap.add_argument("--sequential", type=int, default=-1, help="one-at-a-time requests (-1 all)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this")
@@ -261,7 +343,9 @@ def main() -> None:
 
     def emit(rec: dict[str, Any]) -> None:
         rec = {**tag, **rec, "elapsed_s": round(time.perf_counter() - start, 1)}
-        print(json.dumps({k: v for k, v in rec.items() if k != "texts"}), flush=True)
+        print(
+            json.dumps({k: v for k, v in rec.items() if k not in ("texts", "t_start")}), flush=True
+        )
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -340,17 +424,26 @@ def measure(
     answers: list[str] = []
 
     def measured(mode: str, label: str) -> dict[str, Any]:
-        """One wave; ``mode``: threads | process[-Nms] (the GIL switch interval, else the
-        server's)."""
-        ms = mode.rsplit("-", 1)[1] if "-" in mode else None
+        """One wave; ``mode``: threads | process, then ``-Nms`` (the GIL switch interval, else
+        the server's) and/or ``-fresh`` (a new client per request inside the clock)."""
+        ms = next((m for m in mode.split("-")[1:] if m.endswith("ms")), None)
+        fresh = "fresh" in mode.split("-")
+        if batcher is not None:  # (idle between waves: read at the next cycle)
+            batcher.prefill_first = "pf" in mode.split("-")
         sys.setswitchinterval(float(ms[:-2]) / 1e3 if ms else server_switch)
         before = pipe.generator.batching_stats() or {}
-        if mode == "threads":
-            got = wave(base, qs, args.new)
+        if batcher is not None:
+            batcher.trace = []
+        if mode.startswith("threads"):
+            got = wave(base, qs, args.new, fresh)
         else:
-            got = clients.submit(wave, base, qs, args.new).result()
+            got = clients.submit(wave, base, qs, args.new, fresh).result()
+        t0 = got.pop("t_start")  # (CLOCK_MONOTONIC: one clock for both processes)
         after = pipe.generator.batching_stats() or {}
         used = {k: after[k] - before.get(k, 0) for k in ("steps", "prefills") if k in after}
+        if batcher is not None:
+            used.update(timeline(batcher.trace, t0))
+            batcher.trace = None
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
         rec = {"what": label, "clients_in": mode, **got, **used}
         emit({**rec, "peak_gib": round(mem, 1)})
@@ -387,6 +480,7 @@ def measure(
             n_tok = sum(pool.map(lambda p: len(list(batcher.stream(p, args.new, [], []))), prompts))
         wall = time.perf_counter() - t0
         emit({"what": "batcher alone (no HTTP, no EOS/stops)", "clients": len(prompts),
+              "prefill_first": batcher.prefill_first,
               "wall_s": round(wall, 3), "aggregate_tok_s": round(n_tok / wall, 1)})  # fmt: skip
     if waves:
         answers = one_at_a_time(waves[-1], "one at a time")
@@ -395,7 +489,8 @@ def measure(
         emit({"what": f"warm wave, prefill groups of {args.group}", **wave(base, qs, args.new)})
         for i in range(args.waves):
             if not late():
-                waves.append(measured("process", f"wave {i + 1}, prefill groups of {args.group}"))
+                label = f"wave {i + 1}, prefill groups of {args.group}"
+                waves.append(measured(args.modes.split(",")[-1], label))
         one_at_a_time(waves[-1], f"one at a time, prefill groups of {args.group}")
     clients.shutdown()
     if waves:
@@ -411,7 +506,10 @@ def measure(
             busy = (w.get("steps", 0) * ms["step_ms"] + w.get("prefills", 0) * each) / 1e3
             w.update(gpu_busy_s=round(busy, 3), other_s=round(w["wall_s"] - busy, 3))
         keys = ("what", "clients_in", "wall_s", "steps", "prefills", "gpu_busy_s", "other_s")
-        emit({"what": "gpu time (CUDA events)", **ms,
+        longest = max(len(pipe.generator.encode(pipe.render(q))) for q in qs) + args.new
+        cut = sorted({batcher.max_seq_len, -(-longest // 128) * 128, 512})
+        ms.update(attention_ms(batcher, [n for n in cut if n <= batcher.max_seq_len]))
+        emit({"what": "gpu time (CUDA events)", **ms, "highest_slot": longest,
               "waves": [{k: w.get(k) for k in keys} for w in waves]})  # fmt: skip
         if args.group > 1:
             emit({"what": "prefill invariance probe", **prefill_probe(batcher, args.prompt, group)})

@@ -54,6 +54,10 @@ class Request:
         self.row = -1
         self.check: Any = None  # the stop-string test, or None
         self.full: list[int] | None = None  # prompt + tokens, for the stop-string test
+        # host times (perf_counter) for bench/serve_load.py's breakdown of a wave
+        self.t_submit = time.perf_counter()
+        self.t_admit = 0.0  # its prompt was queued on the device
+        self.t_done = 0.0
 
     def cancel(self) -> None:
         """Stop decoding this request at the next step (a client went away)."""
@@ -101,6 +105,7 @@ class Request:
     # ---------------------------------------------------------------- engine side
     def finish(self, error: BaseException | None = None) -> None:
         """Mark it done (its consumers learn it at the next :func:`wake`)."""
+        self.t_done = time.perf_counter()
         self.error = error
         self.done = True
 

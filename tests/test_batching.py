@@ -379,3 +379,44 @@ def test_prompts_of_one_padded_length_are_prefilled_in_fixed_groups(batch_prompt
         batcher.close()
     assert got == want and alone == want[1]
     assert sorted(shapes) == [(2, 64), (2, 128), (2, 128)]
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_prefill_first_queues_arriving_prompts_before_the_next_step(batch_prompts, decoder, first):
+    """``prefill_first``: a cycle that finds requests waiting queues their prompts and launches
+    no step, so prompts that arrive while others decode all start before the next 32-row step
+    (fewer steps carry idle rows); the answers stay the one-at-a-time ones either way."""
+    fd, tok = decoder
+    prompts = [tok(t)["input_ids"] for t in batch_prompts]
+    budgets = [30, 8, 12, 5, 9]
+    want = [fd.generate(p, n, eos_ids=[]) for p, n in zip(prompts, budgets, strict=True)]
+    batcher = StepBatcher(fd, max_batch=4, buckets=(4,), prefill_first=first)
+    order: list[str] = []
+    cycle, launch, prefill = batcher._cycle, batcher._launch, batcher._prefill_wave
+
+    def logged_launch() -> bool:
+        ok = launch()
+        order.append("step" if ok else "idle")
+        return ok
+
+    batcher._cycle = lambda: order.append("cycle") or cycle()  # type: ignore[method-assign]
+    batcher._launch = logged_launch  # type: ignore[method-assign]
+    batcher._prefill_wave = lambda w, t: order.append("prompt") or prefill(w, t)  # type: ignore[method-assign]
+    try:
+        head = batcher.submit(prompts[0], budgets[0], eos_ids=[])
+        head.wait_for(3, timeout=60)  # decoding now
+        wake, batcher._wake = batcher._wake, threading.Event()
+        reqs = [
+            batcher.submit(p, n, eos_ids=[]) for p, n in zip(prompts[1:], budgets[1:], strict=True)
+        ]
+        batcher._wake = wake
+        got = [head.result(timeout=60)] + [r.result(timeout=60) for r in reqs]
+    finally:
+        batcher.close()
+    assert got == want
+    cycles = "|".join(order).split("cycle")
+    # a prompt queued before the cycle's step: with prefill_first, no step in that cycle
+    mixed = [c for c in cycles if "prompt|step" in c and c.index("prompt") < c.index("step")]
+    assert (not mixed) if first else True, mixed
+    if first:
+        assert any(c.strip("|").startswith("prompt") and "step" not in c for c in cycles)
