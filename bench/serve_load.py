@@ -195,9 +195,10 @@ def timeline(reqs: list[Any], t0: float) -> dict[str, Any]:
     }
 
 
-def gpu_ms(batcher: Any, prompt: int, group: int) -> dict[str, float]:
+def gpu_ms(batcher: Any, prompt: int, groups: list[int]) -> dict[str, float]:
     """GPU milliseconds of one decode step (all rows) and of one prompt's prefill (``prompt``
-    tokens: eager, as a graph, and as one of ``group`` in a grouped graph), by CUDA events on
+    tokens: eager, as a graph, and as one of each of ``groups`` in a grouped graph), by CUDA
+    events on
     the idle batcher (they write only unread slots and the spare row)."""
     dev, b, pre = batcher.device, batcher.max_batch, batcher.prefiller
     ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
@@ -224,7 +225,8 @@ def gpu_ms(batcher: Any, prompt: int, group: int) -> dict[str, float]:
     with torch.inference_mode():
         out = {"step_ms": timed(lambda: batcher._step(b, ids, pos), 20)}
         out["prefill_eager_ms"] = timed(lambda: pre.forward(*args(1), pre.kv), 3)
-        for n, key in ((1, "prefill_graph_ms"), (group, f"prefill_{group}_graph_ms_each")):
+        keys = [(1, "prefill_graph_ms")] + [(g, f"prefill_{g}_graph_ms_each") for g in groups]
+        for n, key in keys:
             g, a = pre.graph(n, t), args(n)
             if g is not None:
                 out[key] = round(timed(lambda g=g, a=a: g(*a), 5) / n, 2)
@@ -265,7 +267,7 @@ def attention_ms(batcher: Any, lengths: list[int]) -> dict[str, float]:
 
 def prefill_probe(batcher: Any, prompt: int, group: int) -> dict[str, Any]:
     """Would ``group`` prompts of one padded length per forward keep answers invariant? For
-    every padded length: the bf16 logits of one prompt alone, in row 1 and in the last row of
+    every padded length: the bf16 logits of one prompt alone, in row 1 and in row 0 of
     ``group`` (same shape), bitwise."""
     direct, dev, pre = batcher.direct, batcher.device, batcher.prefiller
     unequal: dict[str, list[int]] = {"moved": [], "alone": []}
@@ -286,8 +288,8 @@ def prefill_probe(batcher: Any, prompt: int, group: int) -> dict[str, Any]:
             return direct.forward(x, slots[None].expand(rows, t), slots, causal, kv, last)
 
         with torch.inference_mode():
-            batch, moved, alone = logits(ids), logits(ids.roll(group - 2, 0)), logits(ids[1:2])
-        if not torch.equal(batch[1], moved[-1]):
+            batch, moved, alone = logits(ids), logits(ids.roll(-1, 0)), logits(ids[1:2])
+        if not torch.equal(batch[1], moved[0]):  # row 1's prompt, now in row 0
             unequal["moved"].append(t)
         if not torch.equal(batch[1], alone[0]):
             unequal["alone"].append(t)
@@ -295,7 +297,7 @@ def prefill_probe(batcher: Any, prompt: int, group: int) -> dict[str, Any]:
     return {
         "group": group,
         "lengths": len(lengths),
-        "row_1_vs_last_row_unequal_at": unequal["moved"],
+        "row_1_vs_row_0_unequal_at": unequal["moved"],
         "alone_vs_batched_unequal_at": unequal["alone"],
         "alone_vs_batched_max_diff": worst,
     }
@@ -323,7 +325,7 @@ def main() -> None:
         default="process,process-fresh",
         help="client placement, e.g. threads,process-1ms",
     )
-    ap.add_argument("--group", type=int, default=4, help="then prefill groups of this (1: no)")
+    ap.add_argument("--group", default="4", help="then prefill groups of these, e.g. 2,4 (1: no)")
     ap.add_argument("--sequential", type=int, default=-1, help="one-at-a-time requests (-1 all)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this")
     ap.add_argument("--json", default=None, help="append result lines here")
@@ -440,7 +442,8 @@ def measure(
             got = clients.submit(wave, base, qs, args.new, fresh).result()
         t0 = got.pop("t_start")  # (CLOCK_MONOTONIC: one clock for both processes)
         after = pipe.generator.batching_stats() or {}
-        used = {k: after[k] - before.get(k, 0) for k in ("steps", "prefills") if k in after}
+        counts = ("steps", "prefills", "prefill_runs")
+        used = {k: after[k] - before.get(k, 0) for k in counts if k in after}
         if batcher is not None:
             used.update(timeline(batcher.trace, t0))
             batcher.trace = None
@@ -484,34 +487,40 @@ def measure(
               "wall_s": round(wall, 3), "aggregate_tok_s": round(n_tok / wall, 1)})  # fmt: skip
     if waves:
         answers = one_at_a_time(waves[-1], "one at a time")
-    if batcher is not None and args.group > 1 and not late():  # prompts prefilled in groups
-        batcher.prefiller.group = args.group  # (the batcher is idle: read at the next prompt)
-        emit({"what": f"warm wave, prefill groups of {args.group}", **wave(base, qs, args.new)})
+    groups = [int(g) for g in str(args.group).split(",") if int(g) > 1]
+    for group in groups:  # prompts prefilled in fixed groups
+        if batcher is None or late():
+            break
+        batcher.prefiller.group = group  # (the batcher is idle: read at the next prompt)
+        emit({"what": f"warm wave, prefill groups of {group}", **wave(base, qs, args.new)})
         for i in range(args.waves):
             if not late():
-                label = f"wave {i + 1}, prefill groups of {args.group}"
-                waves.append(measured(args.modes.split(",")[-1], label))
-        one_at_a_time(waves[-1], f"one at a time, prefill groups of {args.group}")
+                label = f"wave {i + 1}, prefill groups of {group}"
+                waves.append({**measured(args.modes.split(",")[-1], label), "group": group})
+        one_at_a_time(waves[-1], f"one at a time, prefill groups of {group}")
+    if batcher is not None:
+        batcher.prefiller.group = 1
     clients.shutdown()
     if waves:
         same = sum(w["texts"] == waves[0]["texts"] for w in waves)
         emit({"what": "concurrent waves identical", "waves": len(waves), "equal": same})
     if batcher is not None and torch.cuda.is_available():  # where a wave's time goes
-        group = max(2, args.group)
-        ms = gpu_ms(batcher, args.prompt * 7 // 8, group)  # the questions' mean length
+        ms = gpu_ms(batcher, args.prompt * 7 // 8, groups)  # the questions' mean length
         for w in waves:
-            each = ms.get("prefill_graph_ms", ms["prefill_eager_ms"])
-            if "groups" in w["what"]:
-                each = ms.get(f"prefill_{group}_graph_ms_each", each)
-            busy = (w.get("steps", 0) * ms["step_ms"] + w.get("prefills", 0) * each) / 1e3
+            # a prefill forward's GPU time: one prompt alone, or a whole group (full or not)
+            lone = ms.get("prefill_graph_ms", ms["prefill_eager_ms"])
+            g = w.get("group", 1)
+            each = ms.get(f"prefill_{g}_graph_ms_each", lone) * g if g > 1 else lone
+            busy = (w.get("steps", 0) * ms["step_ms"] + w.get("prefill_runs", 0) * each) / 1e3
             w.update(gpu_busy_s=round(busy, 3), other_s=round(w["wall_s"] - busy, 3))
-        keys = ("what", "clients_in", "wall_s", "steps", "prefills", "gpu_busy_s", "other_s")
+        keys = ("what", "clients_in", "wall_s", "steps", "prefills", "prefill_runs")
+        keys += ("gpu_busy_s", "other_s")
         longest = max(len(pipe.generator.encode(pipe.render(q))) for q in qs) + args.new
         cut = sorted({batcher.max_seq_len, -(-longest // 128) * 128, 512})
         ms.update(attention_ms(batcher, [n for n in cut if n <= batcher.max_seq_len]))
         emit({"what": "gpu time (CUDA events)", **ms, "highest_slot": longest,
               "waves": [{k: w.get(k) for k in keys} for w in waves]})  # fmt: skip
-        if args.group > 1:
+        for group in groups:
             emit({"what": "prefill invariance probe", **prefill_probe(batcher, args.prompt, group)})
     return answers
 

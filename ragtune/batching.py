@@ -158,6 +158,7 @@ class StepBatcher:
         self.most_rows = 0  # the most rows one decode step carried
         self.requests = 0  # requests admitted
         self.prefills = 0  # prompts prefilled
+        self.prefill_runs = 0  # prefill forwards (a group of prompts is one)
         self.trace: list[Request] | None = None  # a list: every submitted request (benches)
         self._thread = threading.Thread(target=self._run, name="ragtune-batcher", daemon=True)
         self._thread.start()
@@ -229,6 +230,7 @@ class StepBatcher:
             "most_rows": self.most_rows,
             "requests": self.requests,
             "prefills": self.prefills,
+            "prefill_runs": self.prefill_runs,
         }
 
     @property
@@ -357,6 +359,7 @@ class StepBatcher:
                 touched[id(req)] = req
             return
         self.prefills += len(wave)
+        self.prefill_runs += 1
         now = time.perf_counter()
         for _, req in wave:
             req.t_admit = now
