@@ -8,7 +8,8 @@ the first text piece. ``--modes``: where the client threads run, each for ``--wa
 ``threads`` = in this process (they share the server's GIL: the setup of the first
 measurements), ``process`` = in a child process (as real clients), ``-1ms`` = this process's
 GIL switch interval at 1 ms instead of CPython's 5 (no effect beyond the waves' spread on the
-H200), ``-pf`` = the batcher's ``prefill_first``,
+H200), ``-pf`` = the batcher's ``prefill_first``, ``-gN`` = prompts prefilled in groups of N
+(default: the server's, ``ragtune.batchstream.prefill_group_for``),
 ``-fresh`` = each request builds a new HTTP client inside the clock, as every
 measurement before 2026-12-02 (srv3) did; without it each client thread connects first and
 the clock starts when all are connected. Each wave also reports, in server-side seconds from
@@ -370,6 +371,7 @@ def main() -> None:
         tag["weights"] = (batcher.decoder.quantize or "model's own") if batcher else None
         dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
         emit({"what": "setup", "device": dev, "batching": on,
+              "prefill_group": batcher.prefiller.group if batcher else None,
               "warm_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
         if srv is None:
             with socket.socket() as s:
@@ -419,6 +421,7 @@ def measure(
 ) -> list[str]:
     """Every measurement of one batcher (its weights); returns the one-at-a-time answers."""
     server_switch = sys.getswitchinterval()
+    default_group = batcher.prefiller.group if batcher is not None else 1
     qs = questions(pipe.tokenizer, args.clients, args.prompt)
     emit({"what": "warm wave", **wave(base, qs, args.new)})  # prefill shapes, allocator
     waves: list[dict[str, Any]] = []
@@ -429,9 +432,12 @@ def measure(
         """One wave; ``mode``: threads | process, then ``-Nms`` (the GIL switch interval, else
         the server's) and/or ``-fresh`` (a new client per request inside the clock)."""
         ms = next((m for m in mode.split("-")[1:] if m.endswith("ms")), None)
-        fresh = "fresh" in mode.split("-")
-        if batcher is not None:  # (idle between waves: read at the next cycle)
-            batcher.prefill_first = "pf" in mode.split("-")
+        tokens = mode.split("-")[1:]
+        fresh = "fresh" in tokens
+        if batcher is not None:  # (idle between waves: read at the next cycle / prompt)
+            batcher.prefill_first = "pf" in tokens
+            sizes = [int(t[1:]) for t in tokens if t[:1] == "g" and t[1:].isdigit()]
+            batcher.prefiller.group = sizes[0] if sizes else default_group
         sys.setswitchinterval(float(ms[:-2]) / 1e3 if ms else server_switch)
         before = pipe.generator.batching_stats() or {}
         if batcher is not None:
@@ -491,25 +497,26 @@ def measure(
     for group in groups:  # prompts prefilled in fixed groups
         if batcher is None or late():
             break
+        mode = f"{args.modes.split(',')[-1]}-g{group}"
         batcher.prefiller.group = group  # (the batcher is idle: read at the next prompt)
         emit({"what": f"warm wave, prefill groups of {group}", **wave(base, qs, args.new)})
         for i in range(args.waves):
             if not late():
                 label = f"wave {i + 1}, prefill groups of {group}"
-                waves.append({**measured(args.modes.split(",")[-1], label), "group": group})
+                waves.append({**measured(mode, label), "group": group})
         one_at_a_time(waves[-1], f"one at a time, prefill groups of {group}")
-    if batcher is not None:
-        batcher.prefiller.group = 1
+        batcher.prefiller.group = default_group
     clients.shutdown()
     if waves:
         same = sum(w["texts"] == waves[0]["texts"] for w in waves)
         emit({"what": "concurrent waves identical", "waves": len(waves), "equal": same})
     if batcher is not None and torch.cuda.is_available():  # where a wave's time goes
-        ms = gpu_ms(batcher, args.prompt * 7 // 8, groups)  # the questions' mean length
+        sizes = sorted({*groups, default_group} - {1})
+        ms = gpu_ms(batcher, args.prompt * 7 // 8, sizes)  # the questions' mean length
         for w in waves:
             # a prefill forward's GPU time: one prompt alone, or a whole group (full or not)
             lone = ms.get("prefill_graph_ms", ms["prefill_eager_ms"])
-            g = w.get("group", 1)
+            g = w.get("group", default_group)
             each = ms.get(f"prefill_{g}_graph_ms_each", lone) * g if g > 1 else lone
             busy = (w.get("steps", 0) * ms["step_ms"] + w.get("prefill_runs", 0) * each) / 1e3
             w.update(gpu_busy_s=round(busy, 3), other_s=round(w["wall_s"] - busy, 3))

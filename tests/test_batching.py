@@ -420,3 +420,34 @@ def test_prefill_first_queues_arriving_prompts_before_the_next_step(batch_prompt
     assert (not mixed) if first else True, mixed
     if first:
         assert any(c.strip("|").startswith("prompt") and "step" not in c for c in cycles)
+
+
+def test_the_server_batcher_pairs_prompts_for_fp8_on_a_gpu(batch_prompts, decoder):
+    """batcher_for: prompts in fixed pairs for FP8 weights on a GPU in the invariant mode (a
+    lone prompt beside a dummy), one at a time otherwise; a pair keeps the lone answers."""
+    import torch
+
+    from ragtune.batchstream import batcher_for, prefill_group_for
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert prefill_group_for("fp8", cuda) == 2
+    assert prefill_group_for("fp8", cuda, invariant=False) == 1
+    assert prefill_group_for("fp8", cpu) == prefill_group_for("dense", cuda) == 1
+    assert prefill_group_for(None, cuda) == 1
+    fd, tok = decoder
+    assert batcher_for(fd.model, tok, 160, max_batch=4, warmup=False).prefiller.group == 1
+    batcher = batcher_for(fd.model, tok, 160, max_batch=4, warmup=False, prefill_group=2)
+    runs: list[int] = []
+    prefill = batcher.prefiller.run
+    batcher.prefiller.run = lambda p, r: runs.append(len(p)) or prefill(p, r)  # type: ignore[method-assign]
+    try:
+        assert batcher.prefiller.group == 2
+        prompts = [tok(t)["input_ids"] for t in batch_prompts[:4]]
+        wake, batcher._wake = batcher._wake, threading.Event()  # the engine sees all 4 at once
+        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
+        batcher._wake = wake
+        got = [r.result(timeout=60) for r in reqs]
+    finally:
+        batcher.close()
+    assert got == [fd.generate(p, 6, eos_ids=[]) for p in prompts]
+    assert max(runs) == 2  # some prompts shared a forward
