@@ -196,20 +196,19 @@ def timeline(reqs: list[Any], t0: float) -> dict[str, Any]:
     }
 
 
-def gpu_ms(batcher: Any, prompt: int, groups: list[int]) -> dict[str, float]:
-    """GPU milliseconds of one decode step (all rows) and of one prompt's prefill (``prompt``
-    tokens: eager, as a graph, and as one of each of ``groups`` in a grouped graph), by CUDA
-    events on
-    the idle batcher (they write only unread slots and the spare row)."""
+def gpu_ms(batcher: Any, shapes: set[tuple[int, int]]) -> dict[str, Any]:
+    """GPU milliseconds of one decode step (all rows) and of one prefill forward of each
+    ``shapes`` (rows, padded length) the waves ran, as the graphs the batcher replays (eager
+    where it has none), by CUDA events on the idle batcher (they write only unread slots and
+    the spare row)."""
     dev, b, pre = batcher.device, batcher.max_batch, batcher.prefiller
     ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
     pos = torch.full((b, 1), batcher.max_seq_len - 1, dtype=torch.long, device=dev)
-    t = pre.padded(prompt)
 
-    def args(n: int) -> tuple[torch.Tensor, ...]:
+    def args(n: int, t: int) -> tuple[torch.Tensor, ...]:
         return (
-            torch.zeros((n, t), dtype=torch.long, device=dev),
-            torch.full((n,), prompt - 1, dtype=torch.long, device=dev),
+            torch.randint(1000, 30000, (n, t), device=dev),
+            torch.full((n,), t - 1, dtype=torch.long, device=dev),
             torch.full((n,), pre.spare_row, dtype=torch.long, device=dev),
         )
 
@@ -223,14 +222,16 @@ def gpu_ms(batcher: Any, prompt: int, groups: list[int]) -> dict[str, float]:
         end.synchronize()
         return round(start.elapsed_time(end) / n, 2)
 
+    prefill: dict[str, float] = {}
     with torch.inference_mode():
-        out = {"step_ms": timed(lambda: batcher._step(b, ids, pos), 20)}
-        out["prefill_eager_ms"] = timed(lambda: pre.forward(*args(1), pre.kv), 3)
-        keys = [(1, "prefill_graph_ms")] + [(g, f"prefill_{g}_graph_ms_each") for g in groups]
-        for n, key in keys:
-            g, a = pre.graph(n, t), args(n)
-            if g is not None:
-                out[key] = round(timed(lambda g=g, a=a: g(*a), 5) / n, 2)
+        out: dict[str, Any] = {"step_ms": timed(lambda: batcher._step(b, ids, pos), 20)}
+        for n, t in sorted(shapes):
+            g, a = pre.graph(n, t), args(n, t)
+            fn = (
+                (lambda g=g, a=a: g(*a)) if g is not None else (lambda a=a: pre.forward(*a, pre.kv))
+            )
+            prefill[f"{n}x{t}"] = timed(fn, 5)
+    out["prefill_ms"] = prefill  # a whole forward of n rows (n prompts, or a prompt + dummies)
     return out
 
 
@@ -442,6 +443,7 @@ def measure(
         before = pipe.generator.batching_stats() or {}
         if batcher is not None:
             batcher.trace = []
+            shapes_before = batcher.prefiller.shapes.copy()
         if mode.startswith("threads"):
             got = wave(base, qs, args.new, fresh)
         else:
@@ -450,6 +452,9 @@ def measure(
         after = pipe.generator.batching_stats() or {}
         counts = ("steps", "prefills", "prefill_runs")
         used = {k: after[k] - before.get(k, 0) for k in counts if k in after}
+        if batcher is not None:  # prefill forwards by shape (rows, padded length)
+            ran = batcher.prefiller.shapes - shapes_before
+            used["shapes"] = {f"{n}x{t}": c for (n, t), c in sorted(ran.items())}
         if batcher is not None:
             used.update(timeline(batcher.trace, t0))
             batcher.trace = None
@@ -511,14 +516,11 @@ def measure(
         same = sum(w["texts"] == waves[0]["texts"] for w in waves)
         emit({"what": "concurrent waves identical", "waves": len(waves), "equal": same})
     if batcher is not None and torch.cuda.is_available():  # where a wave's time goes
-        sizes = sorted({*groups, default_group} - {1})
-        ms = gpu_ms(batcher, args.prompt * 7 // 8, sizes)  # the questions' mean length
+        shapes = {tuple(int(x) for x in k.split("x")) for w in waves for k in w.get("shapes", {})}
+        ms = gpu_ms(batcher, shapes)
         for w in waves:
-            # a prefill forward's GPU time: one prompt alone, or a whole group (full or not)
-            lone = ms.get("prefill_graph_ms", ms["prefill_eager_ms"])
-            g = w.get("group", default_group)
-            each = ms.get(f"prefill_{g}_graph_ms_each", lone) * g if g > 1 else lone
-            busy = (w.get("steps", 0) * ms["step_ms"] + w.get("prefill_runs", 0) * each) / 1e3
+            runs = sum(ms["prefill_ms"][k] * c for k, c in w.get("shapes", {}).items())
+            busy = (w.get("steps", 0) * ms["step_ms"] + runs) / 1e3
             w.update(gpu_busy_s=round(busy, 3), other_s=round(w["wall_s"] - busy, 3))
         keys = ("what", "clients_in", "wall_s", "steps", "prefills", "prefill_runs")
         keys += ("gpu_busy_s", "other_s")
