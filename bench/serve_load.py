@@ -6,18 +6,24 @@ request at once (a question of ``--prompt`` tokens, ``max_tokens=--new``). Repor
 aggregate tok/s (completion tokens of the wave / its wall time), p50/p95 latency and time to
 the first text piece. ``--modes``: where the client threads run, each for ``--waves`` waves:
 ``threads`` = in this process (they share the server's GIL: the setup of the first
-measurements), ``process`` = in a child process (as real clients), ``process-1ms`` = the same
-with this process's GIL switch interval at 1 ms instead of CPython's 5 (no effect beyond the
-waves' spread on the H200).
+measurements), ``process`` = in a child process (as real clients), ``-1ms`` = this process's
+GIL switch interval at 1 ms instead of CPython's 5 (no effect beyond the waves' spread on the
+H200), ``-pf`` = the batcher's ``prefill_first``, ``-gN`` = prompts prefilled in groups of N
+(default: the server's, ``ragtune.batchstream.prefill_group_for``),
+``-fresh`` = each request builds a new HTTP client inside the clock, as every
+measurement before 2026-12-02 (srv3) did; without it each client thread connects first and
+the clock starts when all are connected. Each wave also reports, in server-side seconds from
+its start, when its requests reached the batcher, were queued on the device and finished.
 Then the same prompts straight into the batcher, and the requests one at a time
 (``--sequential``): their answers must equal the concurrent ones (``equal``), and their speed
 is the lone-request figure. Then the same with prompts prefilled in groups of ``--group``
 (``ragtune.batchprefill``; ``--group 1``: skipped, and so is the probe below). ``--weights``:
 the batcher's weights (``server.batch_weights``: FP8 or dense 16-bit copies); the answers of
-two runs with different weights show how far FP8 moves them (``texts`` in ``--json``). Last,
-the GPU time of one decode step and of a prefill (CUDA
-events, batcher idle), so that each wave's wall time splits into GPU work and the rest, and a
-probe of whether grouped prefills could keep answers invariant (bitwise, every padded length).
+two runs with different weights show how far FP8 moves them (``texts`` in ``--json``). Last
+(``bench/serve_gpu.py``), the GPU time of one decode step and of each prefill shape the waves
+ran (CUDA events, batcher idle), so that each wave's wall time splits into GPU work and the
+rest, the attention of a step alone at several cache lengths, and a probe of whether grouped
+prefills could keep answers invariant (bitwise, every padded length).
 
     # GPU, the Mistral-Nemo-12B shape with random weights, in NF4 as merged_4bit loads:
     python bench/serve_load.py --random --model .gpu/smol_tok --bnb4 --clients 32
@@ -91,12 +97,20 @@ def questions(tok: Any, n: int, tokens: int) -> list[str]:
     return out
 
 
-def one(base: str, question: str, new: int) -> dict[str, Any]:
-    """One streamed completion: text, completion tokens, latency and time to first piece."""
+def one(
+    base: str, question: str, new: int, client: httpx.Client | None = None, t0: float = 0.0
+) -> dict[str, Any]:
+    """One streamed completion: text, completion tokens, latency and time to first piece.
+
+    ``client``: an open, connected client (latency counted from ``t0``); None: a new client
+    for this request, its setup inside the latency (httpx builds an SSL context per client,
+    ~20-50 ms of the client process's GIL: 32 of them spread a wave's arrivals over ~0.5-1 s)."""
     body = {"prompt": question, "max_tokens": new, "stream": True}
-    t0 = time.perf_counter()
+    t0 = t0 or time.perf_counter()
     text, ttft, usage = "", None, {}
-    with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=600) as r:
+    with (client or httpx).stream(
+        "POST", f"{base}/v1/completions", json=body, timeout=600
+    ) as r:  # fmt: skip
         if r.status_code != 200:
             return {
                 "status": r.status_code,
@@ -129,11 +143,27 @@ def pct(vals: list[float], q: float) -> float:
     return round(vals[min(len(vals) - 1, int(q * len(vals)))], 3) if vals else 0.0
 
 
-def wave(base: str, qs: list[str], new: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(qs)) as pool:
-        got = list(pool.map(lambda q: one(base, q, new), qs))
-    wall = time.perf_counter() - t0
+def wave(base: str, qs: list[str], new: int, fresh: bool = False) -> dict[str, Any]:
+    """All of ``qs`` at once, one thread each. By default each thread opens its client and
+    connection first and the clock starts when all are connected (the server's time, as
+    clients with open connections see it); ``fresh``: a new client per request inside the
+    clock (the measurements before 2026-12-02, helper srv3)."""
+    n = len(qs)
+    start: list[float] = []
+    ready = threading.Barrier(n, action=lambda: start.append(time.perf_counter()))
+
+    def client(q: str) -> dict[str, Any]:
+        if fresh:
+            ready.wait()
+            return one(base, q, new)
+        with httpx.Client(timeout=600) as c:
+            c.get(f"{base}/healthz")  # the connection is open before the clock starts
+            ready.wait()
+            return one(base, q, new, c, start[0])
+
+    with ThreadPoolExecutor(n) as pool:
+        got = list(pool.map(client, qs))
+    wall = time.perf_counter() - start[0]
     tokens = sum(g["tokens"] for g in got)
     return {
         "clients": len(qs),
@@ -146,80 +176,24 @@ def wave(base: str, qs: list[str], new: int) -> dict[str, Any]:
         "ttft_p95_s": pct([g["ttft_s"] for g in got], 0.95),
         "non_200": sum(g["status"] != 200 for g in got),
         "texts": [g["text"] for g in got],
+        "t_start": start[0],
     }
 
 
-def gpu_ms(batcher: Any, prompt: int, group: int) -> dict[str, float]:
-    """GPU milliseconds of one decode step (all rows) and of one prompt's prefill (``prompt``
-    tokens: eager, as a graph, and as one of ``group`` in a grouped graph), by CUDA events on
-    the idle batcher (they write only unread slots and the spare row)."""
-    dev, b, pre = batcher.device, batcher.max_batch, batcher.prefiller
-    ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
-    pos = torch.full((b, 1), batcher.max_seq_len - 1, dtype=torch.long, device=dev)
-    t = pre.padded(prompt)
+def timeline(reqs: list[Any], t0: float) -> dict[str, Any]:
+    """Where a wave's requests were, in server-side seconds from the wave's start: reaching
+    the batcher (HTTP, retrieve, render, encode), their prompts queued on the device, done."""
+    if not reqs:
+        return {}
 
-    def args(n: int) -> tuple[torch.Tensor, ...]:
-        return (
-            torch.zeros((n, t), dtype=torch.long, device=dev),
-            torch.full((n,), prompt - 1, dtype=torch.long, device=dev),
-            torch.full((n,), pre.spare_row, dtype=torch.long, device=dev),
-        )
+    def q(vals: list[float]) -> list[float]:  # first, median, last
+        vals = sorted(v - t0 for v in vals)
+        return [round(vals[0], 3), round(vals[len(vals) // 2], 3), round(vals[-1], 3)]
 
-    def timed(fn: Any, n: int) -> float:
-        fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        return round(start.elapsed_time(end) / n, 2)
-
-    with torch.inference_mode():
-        out = {"step_ms": timed(lambda: batcher._step(b, ids, pos), 20)}
-        out["prefill_eager_ms"] = timed(lambda: pre.forward(*args(1), pre.kv), 3)
-        for n, key in ((1, "prefill_graph_ms"), (group, f"prefill_{group}_graph_ms_each")):
-            g, a = pre.graph(n, t), args(n)
-            if g is not None:
-                out[key] = round(timed(lambda g=g, a=a: g(*a), 5) / n, 2)
-    return out
-
-
-def prefill_probe(batcher: Any, prompt: int, group: int) -> dict[str, Any]:
-    """Would ``group`` prompts of one padded length per forward keep answers invariant? For
-    every padded length: the bf16 logits of one prompt alone, in row 1 and in the last row of
-    ``group`` (same shape), bitwise."""
-    direct, dev, pre = batcher.direct, batcher.device, batcher.prefiller
-    unequal: dict[str, list[int]] = {"moved": [], "alone": []}
-    lengths = sorted({pre.padded(n) for n in range(1, batcher.max_seq_len)})
-    worst = 0.0
-    for t in lengths:
-        n = max(1, min(t - 3, prompt))
-        ids = torch.randint(1000, 30000, (group, t), generator=torch.Generator().manual_seed(t))
-        ids = ids.to(dev)
-
-        def logits(x: torch.Tensor, n: int = n, t: int = t) -> torch.Tensor:
-            rows, slots = x.shape[0], torch.arange(t, device=dev)
-            shape = (rows, direct.n_kv, t, direct.head_dim)
-            kv = tuple([torch.empty(shape, dtype=direct.dtype, device=dev) for _ in direct.layers]
-                       for _ in range(2))  # fmt: skip
-            last = torch.full((rows,), n - 1, dtype=torch.long, device=dev)
-            causal = (slots[None, :] <= slots[:, None])[None, None]
-            return direct.forward(x, slots[None].expand(rows, t), slots, causal, kv, last)
-
-        with torch.inference_mode():
-            batch, moved, alone = logits(ids), logits(ids.roll(group - 2, 0)), logits(ids[1:2])
-        if not torch.equal(batch[1], moved[-1]):
-            unequal["moved"].append(t)
-        if not torch.equal(batch[1], alone[0]):
-            unequal["alone"].append(t)
-        worst = max(worst, float((batch[1] - alone[0]).abs().max()))
     return {
-        "group": group,
-        "lengths": len(lengths),
-        "row_1_vs_last_row_unequal_at": unequal["moved"],
-        "alone_vs_batched_unequal_at": unequal["alone"],
-        "alone_vs_batched_max_diff": worst,
+        "submit_s": q([r.t_submit for r in reqs]),
+        "admit_s": q([r.t_admit for r in reqs if r.t_admit]),
+        "done_s": q([r.t_done for r in reqs if r.t_done]),
     }
 
 
@@ -240,8 +214,12 @@ def main() -> None:
         "--weights", default="auto", help="server.batch_weights, or several: dense,fp8 (in turn)"
     )
     ap.add_argument("--waves", type=int, default=2, help="measured concurrent waves per mode")
-    ap.add_argument("--modes", default="threads,process,process-1ms", help="client placement")
-    ap.add_argument("--group", type=int, default=4, help="then prefill groups of this (1: no)")
+    ap.add_argument(
+        "--modes",
+        default="process,process-fresh",
+        help="client placement, e.g. threads,process-1ms",
+    )
+    ap.add_argument("--group", default="4", help="then prefill groups of these, e.g. 2,4 (1: no)")
     ap.add_argument("--sequential", type=int, default=-1, help="one-at-a-time requests (-1 all)")
     ap.add_argument("--deadline-s", type=float, default=1e9, help="skip what starts after this")
     ap.add_argument("--json", default=None, help="append result lines here")
@@ -261,7 +239,9 @@ def main() -> None:
 
     def emit(rec: dict[str, Any]) -> None:
         rec = {**tag, **rec, "elapsed_s": round(time.perf_counter() - start, 1)}
-        print(json.dumps({k: v for k, v in rec.items() if k != "texts"}), flush=True)
+        print(
+            json.dumps({k: v for k, v in rec.items() if k not in ("texts", "t_start")}), flush=True
+        )
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -284,6 +264,7 @@ def main() -> None:
         tag["weights"] = (batcher.decoder.quantize or "model's own") if batcher else None
         dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
         emit({"what": "setup", "device": dev, "batching": on,
+              "prefill_group": batcher.prefiller.group if batcher else None,
               "warm_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
         if srv is None:
             with socket.socket() as s:
@@ -333,6 +314,7 @@ def measure(
 ) -> list[str]:
     """Every measurement of one batcher (its weights); returns the one-at-a-time answers."""
     server_switch = sys.getswitchinterval()
+    default_group = batcher.prefiller.group if batcher is not None else 1
     qs = questions(pipe.tokenizer, args.clients, args.prompt)
     emit({"what": "warm wave", **wave(base, qs, args.new)})  # prefill shapes, allocator
     waves: list[dict[str, Any]] = []
@@ -340,17 +322,34 @@ def measure(
     answers: list[str] = []
 
     def measured(mode: str, label: str) -> dict[str, Any]:
-        """One wave; ``mode``: threads | process[-Nms] (the GIL switch interval, else the
-        server's)."""
-        ms = mode.rsplit("-", 1)[1] if "-" in mode else None
+        """One wave; ``mode``: threads | process, then ``-Nms`` (the GIL switch interval, else
+        the server's) and/or ``-fresh`` (a new client per request inside the clock)."""
+        ms = next((m for m in mode.split("-")[1:] if m.endswith("ms")), None)
+        tokens = mode.split("-")[1:]
+        fresh = "fresh" in tokens
+        if batcher is not None:  # (idle between waves: read at the next cycle / prompt)
+            batcher.prefill_first = "pf" in tokens
+            sizes = [int(t[1:]) for t in tokens if t[:1] == "g" and t[1:].isdigit()]
+            batcher.prefiller.group = sizes[0] if sizes else default_group
         sys.setswitchinterval(float(ms[:-2]) / 1e3 if ms else server_switch)
         before = pipe.generator.batching_stats() or {}
-        if mode == "threads":
-            got = wave(base, qs, args.new)
+        if batcher is not None:
+            batcher.trace = []
+            shapes_before = batcher.prefiller.shapes.copy()
+        if mode.startswith("threads"):
+            got = wave(base, qs, args.new, fresh)
         else:
-            got = clients.submit(wave, base, qs, args.new).result()
+            got = clients.submit(wave, base, qs, args.new, fresh).result()
+        t0 = got.pop("t_start")  # (CLOCK_MONOTONIC: one clock for both processes)
         after = pipe.generator.batching_stats() or {}
-        used = {k: after[k] - before.get(k, 0) for k in ("steps", "prefills") if k in after}
+        counts = ("steps", "prefills", "prefill_runs")
+        used = {k: after[k] - before.get(k, 0) for k in counts if k in after}
+        if batcher is not None:  # prefill forwards by shape (rows, padded length)
+            ran = batcher.prefiller.shapes - shapes_before
+            used["shapes"] = {f"{n}x{t}": c for (n, t), c in sorted(ran.items())}
+        if batcher is not None:
+            used.update(timeline(batcher.trace, t0))
+            batcher.trace = None
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
         rec = {"what": label, "clients_in": mode, **got, **used}
         emit({**rec, "peak_gib": round(mem, 1)})
@@ -387,33 +386,44 @@ def measure(
             n_tok = sum(pool.map(lambda p: len(list(batcher.stream(p, args.new, [], []))), prompts))
         wall = time.perf_counter() - t0
         emit({"what": "batcher alone (no HTTP, no EOS/stops)", "clients": len(prompts),
+              "prefill_first": batcher.prefill_first,
               "wall_s": round(wall, 3), "aggregate_tok_s": round(n_tok / wall, 1)})  # fmt: skip
     if waves:
         answers = one_at_a_time(waves[-1], "one at a time")
-    if batcher is not None and args.group > 1 and not late():  # prompts prefilled in groups
-        batcher.prefiller.group = args.group  # (the batcher is idle: read at the next prompt)
-        emit({"what": f"warm wave, prefill groups of {args.group}", **wave(base, qs, args.new)})
+    groups = [int(g) for g in str(args.group).split(",") if int(g) > 1]
+    for group in groups:  # prompts prefilled in fixed groups
+        if batcher is None or late():
+            break
+        mode = f"{args.modes.split(',')[-1]}-g{group}"
+        batcher.prefiller.group = group  # (the batcher is idle: read at the next prompt)
+        emit({"what": f"warm wave, prefill groups of {group}", **wave(base, qs, args.new)})
         for i in range(args.waves):
             if not late():
-                waves.append(measured("process", f"wave {i + 1}, prefill groups of {args.group}"))
-        one_at_a_time(waves[-1], f"one at a time, prefill groups of {args.group}")
+                label = f"wave {i + 1}, prefill groups of {group}"
+                waves.append({**measured(mode, label), "group": group})
+        one_at_a_time(waves[-1], f"one at a time, prefill groups of {group}")
+        batcher.prefiller.group = default_group
     clients.shutdown()
     if waves:
         same = sum(w["texts"] == waves[0]["texts"] for w in waves)
         emit({"what": "concurrent waves identical", "waves": len(waves), "equal": same})
     if batcher is not None and torch.cuda.is_available():  # where a wave's time goes
-        group = max(2, args.group)
-        ms = gpu_ms(batcher, args.prompt * 7 // 8, group)  # the questions' mean length
+        from bench.serve_gpu import attention_ms, gpu_ms, prefill_probe
+
+        shapes = {tuple(int(x) for x in k.split("x")) for w in waves for k in w.get("shapes", {})}
+        ms = gpu_ms(batcher, shapes)
         for w in waves:
-            each = ms.get("prefill_graph_ms", ms["prefill_eager_ms"])
-            if "groups" in w["what"]:
-                each = ms.get(f"prefill_{group}_graph_ms_each", each)
-            busy = (w.get("steps", 0) * ms["step_ms"] + w.get("prefills", 0) * each) / 1e3
+            runs = sum(ms["prefill_ms"][k] * c for k, c in w.get("shapes", {}).items())
+            busy = (w.get("steps", 0) * ms["step_ms"] + runs) / 1e3
             w.update(gpu_busy_s=round(busy, 3), other_s=round(w["wall_s"] - busy, 3))
-        keys = ("what", "clients_in", "wall_s", "steps", "prefills", "gpu_busy_s", "other_s")
-        emit({"what": "gpu time (CUDA events)", **ms,
+        keys = ("what", "clients_in", "wall_s", "steps", "prefills", "prefill_runs")
+        keys += ("gpu_busy_s", "other_s")
+        longest = max(len(pipe.generator.encode(pipe.render(q))) for q in qs) + args.new
+        cut = sorted({batcher.max_seq_len, -(-longest // 128) * 128, 512})
+        ms.update(attention_ms(batcher, [n for n in cut if n <= batcher.max_seq_len]))
+        emit({"what": "gpu time (CUDA events)", **ms, "highest_slot": longest,
               "waves": [{k: w.get(k) for k in keys} for w in waves]})  # fmt: skip
-        if args.group > 1:
+        for group in groups:
             emit({"what": "prefill invariance probe", **prefill_probe(batcher, args.prompt, group)})
     return answers
 

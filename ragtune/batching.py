@@ -39,6 +39,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -103,6 +104,7 @@ class StepBatcher:
         prefill_pad: int = 64,
         prefill_graphs: bool | None = None,
         prefill_group: int = 1,
+        prefill_first: bool = False,
     ) -> None:
         if decoder._direct is None:
             raise BatchingError(
@@ -140,6 +142,9 @@ class StepBatcher:
             self.direct, self.kv, self.max_batch, prefill_pad, prefill_group, prefill_graphs
         )
         self.depth = max(0, int(depth))
+        # a cycle that queued prompts launches no step: while requests keep arriving their
+        # prompts go first, so rows start together and fewer 32-row steps carry idle rows
+        self.prefill_first = bool(prefill_first)
         self._rows: list[Request | None] = [None] * self.max_batch
         self._inflight: collections.deque[_Entry] = collections.deque()
         self._queue: queue.Queue[Request] = queue.Queue()
@@ -153,6 +158,8 @@ class StepBatcher:
         self.most_rows = 0  # the most rows one decode step carried
         self.requests = 0  # requests admitted
         self.prefills = 0  # prompts prefilled
+        self.prefill_runs = 0  # prefill forwards (a group of prompts is one)
+        self.trace: list[Request] | None = None  # a list: every submitted request (benches)
         self._thread = threading.Thread(target=self._run, name="ragtune-batcher", daemon=True)
         self._thread.start()
 
@@ -178,6 +185,8 @@ class StepBatcher:
         eos = {eos_ids} if isinstance(eos_ids, int) else {int(e) for e in (eos_ids or [])}
         budget = min(int(max_new_tokens), self.max_seq_len - len(prompt))
         req = Request(prompt, budget, eos, stop_strings or [])
+        if self.trace is not None:
+            self.trace.append(req)
         if budget < 1:
             req.finish()
             return req
@@ -221,6 +230,7 @@ class StepBatcher:
             "most_rows": self.most_rows,
             "requests": self.requests,
             "prefills": self.prefills,
+            "prefill_runs": self.prefill_runs,
         }
 
     @property
@@ -298,8 +308,10 @@ class StepBatcher:
             if req.cancelled or self._deliver(req, tokens[j]):
                 self._release(row, req)
 
-    def _admit(self, touched: dict[int, Request]) -> None:
-        """Give waiting requests the free rows and prefill them, in waves of prefill_tokens."""
+    def _admit(self, touched: dict[int, Request]) -> int:
+        """Give waiting requests the free rows and prefill them, in waves of prefill_tokens;
+        returns the requests given a row."""
+        admitted = 0
         wave: list[tuple[int, Request]] = []
         while not self._queue.empty() and None in self._rows:
             req = self._queue.get()
@@ -311,6 +323,7 @@ class StepBatcher:
             self._rows[row] = req
             req.row = row
             self.requests += 1
+            admitted += 1
             req.check = self.decoder._stop_checker(req.stop_strings)
             req.full = list(req.prompt) if req.check is not None else None
             padded = self.prefiller.padded
@@ -330,6 +343,7 @@ class StepBatcher:
             waves = [wave] if wave else []
         for w in waves:
             self._prefill_wave(w, touched)
+        return admitted
 
     def _prefill_wave(self, wave: list[tuple[int, Request]], touched: dict[int, Request]) -> None:
         try:
@@ -345,12 +359,24 @@ class StepBatcher:
                 touched[id(req)] = req
             return
         self.prefills += len(wave)
+        self.prefill_runs += 1
+        now = time.perf_counter()
+        for _, req in wave:
+            req.t_admit = now
         self._inflight.append(_Entry(host, [(j, row, req) for j, (row, req) in enumerate(wave)]))
 
     def _cycle(self) -> None:
-        """Launch a step, hand out what is older than the newest ``depth`` steps, admit."""
-        keep = self.depth if self._launch() else 0
-        upto = len(self._inflight)
+        """Launch a step, hand out what is older than the newest ``depth`` steps, admit
+        (with ``prefill_first``: admit first, and launch no step in a cycle that admitted)."""
+        early: dict[int, Request] = {}
+        older = len(self._inflight)
+        admitted = self.prefill_first and not self._queue.empty() and self._admit(early)
+        wake(early.values())
+        launched = not admitted and self._launch()
+        # no step launched while steps are in flight: hand out only what the newest ``depth``
+        # steps leave behind, as if one had been; none in flight: what was queued before
+        keep = self.depth if launched or (admitted and any(e.seq for e in self._inflight)) else 0
+        upto = older if admitted and not keep else len(self._inflight)
         if keep:
             steps = [i for i, e in enumerate(self._inflight) if e.seq]
             upto = steps[-keep] if len(steps) >= keep else 0

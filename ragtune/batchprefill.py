@@ -19,6 +19,7 @@ which bench/serve_load.py's probe checks, bitwise, per padded length.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -70,6 +71,7 @@ class Prefiller:
         self.group = max(1, int(group))
         self.device = kv[0][0].device
         self.graphs: dict[tuple[int, int], _Graph] | None = {} if graphs else None
+        self.shapes: collections.Counter[tuple[int, int]] = collections.Counter()  # (rows, t) run
         self._pool: Any = torch.cuda.graph_pool_handle() if graphs else None
 
     def padded(self, n: int) -> int:
@@ -144,6 +146,7 @@ class Prefiller:
             ids[j, : len(p)] = torch.tensor(list(p), dtype=torch.long)
             last[j], dest[j] = len(p) - 1, row
         args = (self._dev(ids), self._dev(last), self._dev(dest))
+        self.shapes[(width, t)] += 1
         g = self.graph(width, t) if width == self.group else None
         out = g(*args) if g is not None else self.forward(*args, self.kv)
         return out[:n]

@@ -379,3 +379,75 @@ def test_prompts_of_one_padded_length_are_prefilled_in_fixed_groups(batch_prompt
         batcher.close()
     assert got == want and alone == want[1]
     assert sorted(shapes) == [(2, 64), (2, 128), (2, 128)]
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_prefill_first_queues_arriving_prompts_before_the_next_step(batch_prompts, decoder, first):
+    """``prefill_first``: a cycle that finds requests waiting queues their prompts and launches
+    no step, so prompts that arrive while others decode all start before the next 32-row step
+    (fewer steps carry idle rows); the answers stay the one-at-a-time ones either way."""
+    fd, tok = decoder
+    prompts = [tok(t)["input_ids"] for t in batch_prompts]
+    budgets = [30, 8, 12, 5, 9]
+    want = [fd.generate(p, n, eos_ids=[]) for p, n in zip(prompts, budgets, strict=True)]
+    batcher = StepBatcher(fd, max_batch=4, buckets=(4,), prefill_first=first)
+    order: list[str] = []
+    cycle, launch, prefill = batcher._cycle, batcher._launch, batcher._prefill_wave
+
+    def logged_launch() -> bool:
+        ok = launch()
+        order.append("step" if ok else "idle")
+        return ok
+
+    batcher._cycle = lambda: order.append("cycle") or cycle()  # type: ignore[method-assign]
+    batcher._launch = logged_launch  # type: ignore[method-assign]
+    batcher._prefill_wave = lambda w, t: order.append("prompt") or prefill(w, t)  # type: ignore[method-assign]
+    try:
+        head = batcher.submit(prompts[0], budgets[0], eos_ids=[])
+        head.wait_for(3, timeout=60)  # decoding now
+        wake, batcher._wake = batcher._wake, threading.Event()
+        reqs = [
+            batcher.submit(p, n, eos_ids=[]) for p, n in zip(prompts[1:], budgets[1:], strict=True)
+        ]
+        batcher._wake = wake
+        got = [head.result(timeout=60)] + [r.result(timeout=60) for r in reqs]
+    finally:
+        batcher.close()
+    assert got == want
+    cycles = "|".join(order).split("cycle")
+    # a prompt queued before the cycle's step: with prefill_first, no step in that cycle
+    mixed = [c for c in cycles if "prompt|step" in c and c.index("prompt") < c.index("step")]
+    assert (not mixed) if first else True, mixed
+    if first:
+        assert any(c.strip("|").startswith("prompt") and "step" not in c for c in cycles)
+
+
+def test_the_server_batcher_pairs_prompts_for_fp8_on_a_gpu(batch_prompts, decoder):
+    """batcher_for: prompts in fixed pairs for FP8 weights on a GPU in the invariant mode (a
+    lone prompt beside a dummy), one at a time otherwise; a pair keeps the lone answers."""
+    import torch
+
+    from ragtune.batchstream import batcher_for, prefill_group_for
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert prefill_group_for("fp8", cuda) == 2
+    assert prefill_group_for("fp8", cuda, invariant=False) == 1
+    assert prefill_group_for("fp8", cpu) == prefill_group_for("dense", cuda) == 1
+    assert prefill_group_for(None, cuda) == 1
+    fd, tok = decoder
+    assert batcher_for(fd.model, tok, 160, max_batch=4, warmup=False).prefiller.group == 1
+    batcher = batcher_for(fd.model, tok, 160, max_batch=4, warmup=False, prefill_group=2)
+    runs: list[int] = []
+    prefill = batcher.prefiller.run
+    batcher.prefiller.run = lambda p, r: runs.append(len(p)) or prefill(p, r)  # type: ignore[method-assign]
+    try:
+        assert batcher.prefiller.group == 2
+        prompts = [tok(t)["input_ids"] for t in batch_prompts[:4]]
+        wake, batcher._wake = batcher._wake, threading.Event()  # the engine sees all 4 at once
+        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
+        batcher._wake = wake
+        got = [r.result(timeout=60) for r in reqs]
+    finally:
+        batcher.close()
+    assert got == [fd.generate(p, 6, eos_ids=[]) for p in prompts]
+    assert max(runs) == 2  # some prompts shared a forward

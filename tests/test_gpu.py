@@ -837,3 +837,38 @@ def test_batcher_fp8_concurrent_equals_one_at_a_time(tokenizer_dir):
     finally:
         batcher.close()
     assert got == want and batcher.most_rows >= 2
+
+
+def test_batcher_prefill_first_and_pairs_keep_one_at_a_time_answers(tokenizer_dir):
+    """The FP8 batcher with prompts prefilled in fixed pairs (a lone prompt runs in the same
+    2-row graph beside a dummy) and prefill-first admission (bench/serve_load.py's
+    ``--group 2`` and ``-pf``): concurrent answers equal the same batcher's one at a time."""
+    import threading
+
+    from ragtune.batchstream import batcher_for
+    from ragtune.fp8weights import fp8_unsupported
+
+    if fp8_unsupported():
+        pytest.skip(fp8_unsupported())
+    model, tok = _fp32_lm(tokenizer_dir)
+    model = model.to(torch.bfloat16)
+    batcher = batcher_for(model, tok, 256, max_batch=4)
+    batcher.prefiller.group, batcher.prefill_first = 2, True
+    prompts = [tok(t)["input_ids"] for t in [*TEXTS, LONG] * 2]
+    budgets = [20, 7, 14, 30, 3, 11, 25, 9]
+    try:
+        want = [batcher.generate(p, n, []) for p, n in zip(prompts, budgets, strict=True)]
+        got: list = [None] * len(prompts)
+
+        def client(i: int) -> None:
+            got[i] = batcher.generate(prompts[i], budgets[i], [])
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    finally:
+        batcher.close()
+    assert got == want and batcher.most_rows >= 2
+    assert any(n == 2 for n, _ in batcher.prefiller.graphs)  # the prompts ran in pair graphs

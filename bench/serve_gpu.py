@@ -1,0 +1,121 @@
+"""GPU timings of the continuous batcher for bench/serve_load.py (issue 20.2).
+
+One decode step and each prefill shape a wave ran (CUDA events on the idle batcher), the
+attention of a step alone at several cache lengths, and a bitwise probe of whether prompts
+prefilled in fixed groups keep the answers they get alone. GPU only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def gpu_ms(batcher: Any, shapes: set[tuple[int, int]]) -> dict[str, Any]:
+    """GPU milliseconds of one decode step (all rows) and of one prefill forward of each
+    ``shapes`` (rows, padded length) the waves ran, as the graphs the batcher replays (eager
+    where it has none), by CUDA events on the idle batcher (they write only unread slots and
+    the spare row)."""
+    dev, b, pre = batcher.device, batcher.max_batch, batcher.prefiller
+    ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
+    pos = torch.full((b, 1), batcher.max_seq_len - 1, dtype=torch.long, device=dev)
+
+    def args(n: int, t: int) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.randint(1000, 30000, (n, t), device=dev),
+            torch.full((n,), t - 1, dtype=torch.long, device=dev),
+            torch.full((n,), pre.spare_row, dtype=torch.long, device=dev),
+        )
+
+    def timed(fn: Any, n: int) -> float:
+        fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return round(start.elapsed_time(end) / n, 2)
+
+    prefill: dict[str, float] = {}
+    with torch.inference_mode():
+        out: dict[str, Any] = {"step_ms": timed(lambda: batcher._step(b, ids, pos), 20)}
+        for n, t in sorted(shapes):
+            g, a = pre.graph(n, t), args(n, t)
+            fn = (
+                (lambda g=g, a=a: g(*a)) if g is not None else (lambda a=a: pre.forward(*a, pre.kv))
+            )
+            prefill[f"{n}x{t}"] = timed(fn, 5)
+    out["prefill_ms"] = prefill  # a whole forward of n rows (n prompts, or a prompt + dummies)
+    return out
+
+
+def attention_ms(batcher: Any, lengths: list[int]) -> dict[str, float]:
+    """GPU milliseconds of one decode step's attention alone (every layer, all rows, the
+    decode step's own ``_attend``: eager kernels in one CUDA graph) over the first ``L`` cache
+    slots: what reading only the filled slots (a step per cache-length bucket) would save."""
+    direct, dev, b = batcher.direct, batcher.device, batcher.max_batch
+    ks, vs = batcher.kv
+    out = {}
+    for L in lengths:
+        q = torch.randn((b, direct.n_heads, 1, direct.head_dim), device=dev, dtype=direct.dtype)
+        mask = torch.ones((b, 1, 1, L), dtype=torch.bool, device=dev)
+
+        def run(q: torch.Tensor = q, mask: torch.Tensor = mask, L: int = L) -> None:
+            for i in range(len(direct.layers)):
+                direct._attend(q, ks[i][:b, :, :L], vs[i][:b, :, :L], mask, direct.scaling[i])
+
+        with torch.inference_mode():
+            run()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                run()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            graph.replay()
+            start.record()
+            for _ in range(10):
+                graph.replay()
+            end.record()
+            end.synchronize()
+        out[f"attention_{L}_ms"] = round(start.elapsed_time(end) / 10, 3)
+        del graph
+    return out
+
+
+def prefill_probe(batcher: Any, prompt: int, group: int) -> dict[str, Any]:
+    """Would ``group`` prompts of one padded length per forward keep answers invariant? For
+    every padded length: the bf16 logits of one prompt alone, in row 1 and in row 0 of
+    ``group`` (same shape), bitwise."""
+    direct, dev, pre = batcher.direct, batcher.device, batcher.prefiller
+    unequal: dict[str, list[int]] = {"moved": [], "alone": []}
+    lengths = sorted({pre.padded(n) for n in range(1, batcher.max_seq_len)})
+    worst = 0.0
+    for t in lengths:
+        n = max(1, min(t - 3, prompt))
+        ids = torch.randint(1000, 30000, (group, t), generator=torch.Generator().manual_seed(t))
+        ids = ids.to(dev)
+
+        def logits(x: torch.Tensor, n: int = n, t: int = t) -> torch.Tensor:
+            rows, slots = x.shape[0], torch.arange(t, device=dev)
+            shape = (rows, direct.n_kv, t, direct.head_dim)
+            kv = tuple([torch.empty(shape, dtype=direct.dtype, device=dev) for _ in direct.layers]
+                       for _ in range(2))  # fmt: skip
+            last = torch.full((rows,), n - 1, dtype=torch.long, device=dev)
+            causal = (slots[None, :] <= slots[:, None])[None, None]
+            return direct.forward(x, slots[None].expand(rows, t), slots, causal, kv, last)
+
+        with torch.inference_mode():
+            batch, moved, alone = logits(ids), logits(ids.roll(-1, 0)), logits(ids[1:2])
+        if not torch.equal(batch[1], moved[0]):  # row 1's prompt, now in row 0
+            unequal["moved"].append(t)
+        if not torch.equal(batch[1], alone[0]):
+            unequal["alone"].append(t)
+        worst = max(worst, float((batch[1] - alone[0]).abs().max()))
+    return {
+        "group": group,
+        "lengths": len(lengths),
+        "row_1_vs_row_0_unequal_at": unequal["moved"],
+        "alone_vs_batched_unequal_at": unequal["alone"],
+        "alone_vs_batched_max_diff": worst,
+    }
