@@ -18,15 +18,10 @@ def gpu_ms(batcher: Any, shapes: set[tuple[int, int]]) -> dict[str, Any]:
     where it has none), by CUDA events on the idle batcher (they write only unread slots and
     the spare row)."""
     dev, b, pre = batcher.device, batcher.max_batch, batcher.prefiller
-    ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
-    pos = torch.full((b, 1), batcher.max_seq_len - 1, dtype=torch.long, device=dev)
 
-    def args(n: int, t: int) -> tuple[torch.Tensor, ...]:
-        return (
-            torch.randint(1000, 30000, (n, t), device=dev),
-            torch.full((n,), t - 1, dtype=torch.long, device=dev),
-            torch.full((n,), pre.spare_row, dtype=torch.long, device=dev),
-        )
+    def packed(n: int, t: int) -> torch.Tensor:  # random prompts into the spare row
+        ids = torch.randint(1000, 30000, (n, t)).tolist()
+        return pre.pack(ids, [pre.spare_row] * n, n, t)
 
     def timed(fn: Any, n: int) -> float:
         fn()
@@ -40,11 +35,15 @@ def gpu_ms(batcher: Any, shapes: set[tuple[int, int]]) -> dict[str, Any]:
 
     prefill: dict[str, float] = {}
     with torch.inference_mode():
-        out: dict[str, Any] = {"step_ms": timed(lambda: batcher._step(b, ids, pos), 20)}
+        # the step advances the (free) rows' own ids and positions, as when serving
+        out: dict[str, Any] = {"step_ms": timed(lambda: batcher._step(b), 20)}
         for n, t in sorted(shapes):
-            g, a = pre.graph(n, t), args(n, t)
+            g, a = pre.graph(n, t), packed(n, t)
+            dev_a = a.to(dev)
             fn = (
-                (lambda g=g, a=a: g(*a)) if g is not None else (lambda a=a: pre.forward(*a, pre.kv))
+                (lambda g=g, a=a: g(a))
+                if g is not None
+                else (lambda n=n, t=t, a=dev_a: pre._packed(n, t, a, pre.kv))
             )
             prefill[f"{n}x{t}"] = timed(fn, 5)
     out["prefill_ms"] = prefill  # a whole forward of n rows (n prompts, or a prompt + dummies)

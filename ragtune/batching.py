@@ -45,9 +45,8 @@ from typing import Any
 
 import torch
 
-from ragtune.batchprefill import Prefiller
+from ragtune.batchprefill import Captured, Prefiller
 from ragtune.batchstream import Request, wake
-from ragtune.decodestep import GraphedStep
 from ragtune.errors import RagtuneError
 from ragtune.fastdecode import FastDecodeError, FastDecoder
 
@@ -59,27 +58,55 @@ class BatchingError(RagtuneError):
 
 
 class _Host:
-    """A device tensor's values on their way to the host: a pinned copy and an event, so that
-    reading them waits for that copy only, not for the steps queued after it."""
+    """A device tensor's values on their way to the host: a row of a pinned ring and an event,
+    so that reading them waits for that copy only, not for the steps queued after it."""
 
-    def __init__(self, t: torch.Tensor) -> None:
-        self.event: Any = None
-        if t.device.type == "cuda":
-            self.buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.buf.copy_(t, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.buf = t.clone()
+    __slots__ = ("ring", "slot", "n")
+
+    def __init__(self, ring: _Ring, slot: tuple[torch.Tensor, Any], n: int) -> None:
+        self.ring, self.slot, self.n = ring, slot, n
 
     def ready(self) -> bool:
         """Whether the values are there (never waits)."""
-        return self.event is None or bool(self.event.query())
+        event = self.slot[1]
+        return event is None or bool(event.query())
 
     def get(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()  # releases the GIL while it waits
-        return self.buf.tolist()
+        """The values (waits for their copy only); the ring row is free again after this."""
+        buf, event = self.slot
+        if event is not None:
+            event.synchronize()  # releases the GIL while it waits
+        values = buf.tolist()[: self.n]
+        self.ring.free.append(self.slot)
+        return values
+
+
+class _Ring:
+    """Pinned host rows (and their events), reused: copying a step's ids out costs the engine
+    thread one copy and one event record, no allocation. Engine thread only."""
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        self.width, self.cuda = width, device.type == "cuda"
+        self.free: list[tuple[torch.Tensor, Any]] = []
+        self.stream: Any = None  # the engine thread's stream, read on its first copy
+
+    def put(self, t: torch.Tensor) -> _Host:
+        """Queue the copy of ``t`` ([n] ids, n <= width) to the host."""
+        if self.free:
+            slot = self.free.pop()
+        else:  # a new row (rows come back once read; an entry dropped on failure keeps its)
+            buf = torch.empty(self.width, dtype=torch.long, pin_memory=self.cuda)
+            slot = (buf, torch.cuda.Event() if self.cuda else None)
+        buf, event = slot
+        n = t.shape[0]
+        if event is None:
+            buf[:n].copy_(t)
+        else:
+            if self.stream is None:
+                self.stream = torch.cuda.current_stream(t.device)
+            buf[:n].copy_(t, non_blocking=True)
+            event.record(self.stream)
+        return _Host(self, slot, n)
 
 
 class _Entry:
@@ -129,18 +156,26 @@ class StepBatcher:
             [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
             [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.direct.layers],
         )
-        # each row's next input id and position, kept on the device: the next step reads them
-        self._ids = torch.zeros((self.max_batch, 1), dtype=torch.long, device=dev)
-        self._pos = torch.zeros((self.max_batch, 1), dtype=torch.long, device=dev)
+        # each row's next input id and position (+ the spare row), kept on the device: a step
+        # (its CUDA graph) reads and advances them, a prefill sets its rows'
+        self._ids = torch.zeros((self.max_batch + 1, 1), dtype=torch.long, device=dev)
+        self._pos = torch.zeros((self.max_batch + 1, 1), dtype=torch.long, device=dev)
         self._step_fn = self._rows_step
         if decoder.compiled:
             self._step_fn = torch.compile(self._rows_step, dynamic=False)
-        self._graphs: dict[int, GraphedStep] = {}
+        self._graphs: dict[int, Captured] = {}
         if prefill_graphs is None:
             prefill_graphs = decoder.graph == "manual"
         self.prefiller = Prefiller(
-            self.direct, self.kv, self.max_batch, prefill_pad, prefill_group, prefill_graphs
+            self.direct,
+            self.kv,
+            self.max_batch,
+            prefill_pad,
+            prefill_group,
+            prefill_graphs,
+            (self._ids, self._pos),
         )
+        self._ring = _Ring(max(self.max_batch, self.prefiller.group), dev)
         self.depth = max(0, int(depth))
         # a cycle that queued prompts launches no step: while requests keep arriving their
         # prompts go first, so rows start together and fewer 32-row steps carry idle rows
@@ -248,20 +283,39 @@ class StepBatcher:
         ks, vs = self.kv
         return ([k[:b] for k in ks], [v[:b] for v in vs])
 
-    def _step(self, b: int, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _advance(self, ids: torch.Tensor, pos: torch.Tensor, kv: Any) -> torch.Tensor:
+        """One step of rows ``ids``/``pos`` ([b, 1] views of the batcher's own), which it
+        advances in place: each row's next input is its new id, at the next position (a
+        finished or free row keeps stepping until the host knows: it stays inside its row)."""
+        out = self._step_fn(ids, pos, kv)
+        ids[:, 0].copy_(out)
+        pos.add_(1).clamp_(max=self.max_seq_len - 1)
+        return out
+
+    def _step(self, b: int) -> torch.Tensor:
+        """Queue one step of rows 0..b-1 (advancing their ids and positions); next ids [b].
+
+        On a GPU one CUDA graph replay: the graph reads and writes the batcher's own tensors,
+        so the engine thread makes no input copies (each torch call hands the GIL over)."""
         if self.decoder.graph != "manual":
-            return self._step_fn(ids, pos, self._bucket_kv(b))
-        g = self._graphs.get(b)
-        if g is None:
-            # the warm-up writes K/V at slot max_seq_len - 1 of rows that are busy now: no
-            # request reads that slot before writing it (prompt + new tokens < max_seq_len)
-            last = torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device)
-            g = GraphedStep(self._step_fn, (torch.zeros_like(last), last), self._bucket_kv(b))
-            self._graphs[b] = g
-        return g(ids, pos)
+            return self._advance(self._ids[:b], self._pos[:b], self._bucket_kv(b))
+        return (self._graphs.get(b) or self._capture(b))()
+
+    def _capture(self, b: int) -> Captured:
+        """The step of ``b`` rows as a CUDA graph. Its warm-up runs the step (not the advance)
+        on scratch inputs that write K/V at slot max_seq_len - 1 of rows that may be busy now:
+        no request reads that slot before writing it (prompt + new tokens < max_seq_len)."""
+        last = torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device)
+        kv = self._bucket_kv(b)
+        rows = [self._ids[:b], self._pos[:b]]
+        warm = (self._step_fn, (torch.zeros_like(last), last))
+        g = Captured(self._advance, rows, kv, warm=warm, runs=3)
+        self._graphs[b] = g
+        return g
 
     def _prefill(self, wave: Sequence[tuple[int, Request]]) -> torch.Tensor:
-        """Run the prompts of ``wave`` (rows, requests) into their rows; first ids [n] (device)."""
+        """Run the prompts of ``wave`` (rows, requests) into their rows (cache, next ids and
+        positions); first ids [n or more] (device)."""
         return self.prefiller.run([req.prompt for _, req in wave], [row for row, _ in wave])
 
     # ------------------------------------------------------------------ engine
@@ -272,11 +326,7 @@ class StepBatcher:
             return False
         b = next(s for s in self.buckets if s > busy[-1])
         self.most_rows = max(self.most_rows, len(busy))
-        out = self._step(b, self._ids[:b], self._pos[:b])
-        host = _Host(out)  # queued before anything can overwrite a graph's output
-        self._ids[:b, 0].copy_(out)
-        # a finished (or free) row keeps stepping until the host knows: stay inside the row
-        self._pos[:b].add_(1).clamp_(max=self.max_seq_len - 1)
+        host = self._ring.put(self._step(b))  # queued before a replay can overwrite the output
         self.steps += 1
         items = [(i, i, r) for i, r in enumerate(self._rows[:b]) if r is not None]
         self._inflight.append(_Entry(host, items, self.steps))
@@ -347,11 +397,7 @@ class StepBatcher:
 
     def _prefill_wave(self, wave: list[tuple[int, Request]], touched: dict[int, Request]) -> None:
         try:
-            first = self._prefill(wave)
-            host = _Host(first)
-            for j, (row, req) in enumerate(wave):  # the row's next step starts from its prompt
-                self._ids[row, 0].copy_(first[j])
-                self._pos[row, 0].fill_(len(req.prompt))
+            host = self._ring.put(self._prefill(wave))
         except Exception as e:  # these requests fail; the others go on
             log.exception("batcher: prefill failed")
             for row, req in wave:
@@ -411,8 +457,10 @@ class StepBatcher:
         """Compile and capture every step size and prefill length before the first request."""
         dev = self.device
         for b in self.buckets:
-            last = torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=dev)
-            self._step(b, torch.zeros_like(last), last)
+            if self.decoder.graph == "manual":
+                self._capture(b)
+            else:  # compile (free rows: nothing reads what it writes)
+                self._step(b)
         self.prefiller.warm()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
