@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import ragtune.decode_attention  # noqa: F401  (registers ragtune::decode_attention)
+
 _DIRECT_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -267,11 +269,15 @@ class DirectStack:
         kv: tuple[list[torch.Tensor], list[torch.Tensor]],
         last: torch.Tensor | None = None,  # [B]: each row's last real position (right padding)
         kv_len: int | None = None,  # attend over cache slots [0, kv_len) only (mask: [.., kv_len])
+        fused_attention: bool = False,  # one-token steps: ragtune::decode_attention
     ) -> torch.Tensor:
         """Logits of the last position (or of ``last``), float32 [B, V]; writes K/V of ``slots``.
 
         ``kv_len``: a prompt written from slot 0 sees no slot past its own length, so its
         attention need not read (and mask) the rest of the cache: 4x less at 512 of 2,048.
+        ``fused_attention``: a one-token step's attention as one kernel a layer
+        (``ragtune.decode_attention``: float32 scores and sums) instead of the two matmuls and
+        the softmax; ``mask`` must then be [B, 1, 1, S] (one mask for every head).
         """
         bsz, t = ids.shape
         h = self.embed(ids)
@@ -298,7 +304,12 @@ class DirectStack:
             kc, vc = (
                 (ks[i], vs[i]) if kv_len is None else (ks[i][:, :, :kv_len], vs[i][:, :, :kv_len])
             )
-            o = self._attend(q, kc, vc, mask, self.scaling[i])
+            if fused_attention and t == 1:
+                o = torch.ops.ragtune.decode_attention(
+                    q.reshape(bsz, -1, self.head_dim), kc, vc, mask[:, 0, 0], self.scaling[i]
+                ).view(bsz, -1, 1, self.head_dim)
+            else:
+                o = self._attend(q, kc, vc, mask, self.scaling[i])
             o = o.transpose(1, 2).reshape(bsz, t, -1)
             h = h + (att.o_proj(o) if self.fused is None else self.fused[i].o(o))
             x = _rms(h, layer.post_attention_layernorm.weight, eps_post)

@@ -158,6 +158,10 @@ class FastDecoder:
         # queue step n+1 before reading token n (GPU): the host's EOS check and launches overlap
         # the GPU's work instead of leaving it idle between steps
         self.lookahead = self.device.type == "cuda"
+        # the direct path's one-token steps attend through ragtune::decode_attention: one
+        # Triton kernel a layer on CUDA (was two cuBLAS matmuls, the softmax and a memset),
+        # the same matmul attention as before elsewhere (ragtune.decode_attention)
+        self.fused_attention = self._direct is not None
         self._step_fn: Callable[..., torch.Tensor] = self._step
         self._graphs: dict[tuple[int, int], GraphedStep] = {}
         # the decode step attends over the smallest of these cache lengths that holds its slot
@@ -273,7 +277,9 @@ class FastDecoder:
             n = keep.shape[1]
             seen = torch.arange(n, device=ids.device) <= slot
             mask = (keep & seen)[:, None, None, :]
-            logits = self._direct.forward(ids, pos, slot, mask, state, kv_len=n)
+            logits = self._direct.forward(
+                ids, pos, slot, mask, state, kv_len=n, fused_attention=self.fused_attention
+            )
         else:
             logits = self._hf_logits(ids, pos, keep.long() if state[1] else None, state[0])
         # float32 before argmax, as HF's greedy search does (exact for bf16/fp16 logits)

@@ -578,6 +578,35 @@ def test_int4_linear_runs_one_row_through_the_gemv_compiled_and_graphed():
         assert float((lin(rows).float() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_fastdecode_decode_attention_kernel_equals_float64_and_replays_in_a_graph():
+    """ragtune::decode_attention's Triton kernel on the GPU (tests/test_decode_attention.py's
+    cases, the 12B shape among them): float64 attention to float32 rounding (bf16: to the
+    output's rounding, ~2e-3), bitwise repeatable, counters reset, and the same output
+    replayed in a CUDA graph with new inputs copied in."""
+    from ragtune import decode_attention as da
+    from tests.test_decode_attention import CASES, exact, inputs
+
+    for case in CASES:
+        q, k, v, seen = (t.cuda() for t in inputs(*case, seed=2))
+        scale = case[3] ** -0.5
+        assert da.kernel_unsupported(q, k) is None
+        out = torch.ops.ragtune.decode_attention(q, k, v, seen, scale)
+        err = float((out.double() - exact(q, k, v, seen, scale)).norm() / out.double().norm())
+        assert err < (1e-5 if case[-1] == torch.float32 else 5e-3), (case, err)
+        assert torch.equal(out, da.launch(q, k, v, seen, scale)), case
+    ws = da._workspaces[("cuda:0", 8, 16, 128)]
+    assert int(ws[2].abs().sum()) == 0
+    static = [t.clone() for t in (q, k, v)]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = da.launch(*static, seen, scale)
+    q2, k2, v2, _ = (t.cuda() for t in inputs(*CASES[-1], seed=3))
+    for s, t in zip(static, (q2, k2, v2), strict=True):
+        s.copy_(t)
+    g.replay()
+    assert torch.equal(got, da.launch(q2, k2, v2, seen, scale))
+
+
 @pytest.mark.parametrize("group", [1, 4])
 def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir, group):
     """Continuous batching on the GPU (compiled, graphed steps; prompts as graphs, alone or in

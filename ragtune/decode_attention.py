@@ -1,0 +1,161 @@
+"""One decode step's grouped-query attention as one kernel a layer (``ragtune::decode_attention``).
+
+Why: at batch 1 the step's attention was three to four kernels a layer (cuBLAS Q.K^T, the
+masked softmax, cuBLAS P.V, and cuBLAS's split-K memset): ~0.38 ms a token at the 12B shape
+on an H200 for ~125 MB of cache, i.e. launch latency, not bytes (docs/benchmarks.md, issue
+20, dec3). The Triton kernel (``ragtune/decode_attention_kernel.py``) does the scores, the
+masked softmax and P.V in one launch, split over chunks of the cache's slots (a program per
+KV head and chunk, the last to arrive combines: deterministic, no memset).
+
+Arithmetic: scores, softmax and sums in float32 from the 16-bit q/K/V, one rounding of the
+output to q's dtype. The reference path (``reference``; CPU, shapes the kernel does not
+take, or ``MODE = "off"``) is the matmul attention the step ran before: 16-bit Q.K^T,
+float32 softmax, probabilities rounded to 16 bits, 16-bit P.V; the two agree to the 16-bit
+rounding of scores and probabilities (exactly the same math in float32).
+
+``MODE`` (``RAGTUNE_DECODE_ATTENTION``: ``auto`` = the kernel on CUDA where Triton imports,
+``off`` = the reference) is read at each call: a CUDA graph keeps whichever path was on when
+it was captured (``bench/decode.py`` captures both for its before/after).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import torch
+
+ENV = "RAGTUNE_DECODE_ATTENTION"
+MODE = os.environ.get(ENV, "auto").lower()
+BLOCK_S = 64  # slots a program reads per step of its loop
+MAX_CHUNKS = 16  # programs along the slots (per row and KV head): 8 x 12 at 768 slots, 12B
+
+
+def kernel_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Why the Triton kernel cannot take this call, or None."""
+    if MODE not in ("auto", "off"):
+        raise ValueError(f"{ENV}={MODE!r}: use 'auto' or 'off'")
+    if MODE == "off":
+        return f"{ENV}=off"
+    if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's interpreter: CPU tensors
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+    else:
+        from ragtune.cuda_check import cuda_unavailable_for
+
+        why = cuda_unavailable_for("triton")
+        if why or not q.is_cuda:
+            return why or "not on CUDA"
+    d = q.shape[-1]
+    if d < 16 or d & (d - 1) or k.stride(-1) != 1:
+        return f"head dim {d} (the kernel takes powers of two >= 16, rows contiguous)"
+    if q.shape[1] // k.shape[1] > 16:
+        return "more than 16 query heads a KV head"
+    return None
+
+
+def reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The matmul attention (what ``DirectStack`` ran before the kernel): q [B, H, D], K/V
+    [B, Hkv, n, D], seen [B, n] bool -> [B, H, D]. Head h uses KV head h // G, as
+    transformers' ``repeat_kv``; the G heads are folded into the query length so the cache is
+    read once per KV head."""
+    bsz, n_heads, d = q.shape
+    n_kv = k.shape[1]
+    qg = q.reshape(bsz, n_kv, n_heads // n_kv, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, n]
+    scores = scores.masked_fill(~seen[:, None, None, :], float("-inf"))
+    o = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+    return o.reshape(bsz, n_heads, d)
+
+
+_workspaces: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+
+
+def workspace(rows: int, gp: int, d: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Float32 partials of every chunk and zeroed counters, one set per (device, shape), made
+    at the first (uncaptured) call; kernels on one stream run one after another, so the
+    layers share it."""
+    key = (str(device), rows, gp, d)
+    ws = _workspaces.get(key)
+    if ws is None:
+        ws = (
+            torch.empty(rows, MAX_CHUNKS, gp, d, dtype=torch.float32, device=device),
+            torch.empty(rows, MAX_CHUNKS, 2, gp, dtype=torch.float32, device=device),
+            torch.zeros(rows, dtype=torch.int32, device=device),
+        )
+        _workspaces[key] = ws
+    return ws
+
+
+def chunking(n: int) -> tuple[int, int]:
+    """(blocks of BLOCK_S slots a program walks, programs along the slots) for ``n`` slots."""
+    blocks = -(-n // BLOCK_S)
+    per = -(-blocks // MAX_CHUNKS)
+    return per, -(-blocks // per)
+
+
+def launch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """The Triton kernel: q [B, H, D], K/V [B, Hkv, n, D] (views of the cache are fine),
+    seen [B, n] bool -> [B, H, D] in q's dtype."""
+    from ragtune.decode_attention_kernel import decode_attention_kernel
+
+    bsz, n_heads, d = q.shape
+    n_kv, n = k.shape[1], k.shape[2]
+    g = n_heads // n_kv
+    gp = 16
+    acc, ml, cnt = workspace(bsz * n_kv, gp, d, q.device)
+    per, chunks = chunking(n)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    # a view, not a conversion kernel a layer: bool and uint8 are both one byte
+    mask = seen.contiguous().view(torch.uint8)
+    decode_attention_kernel[(bsz * n_kv, chunks)](
+        q,
+        k,
+        v,
+        mask,
+        out,
+        acc,
+        ml,
+        cnt,
+        n,
+        chunks,
+        float(scale),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        HKV=n_kv,
+        G=g,
+        GP=gp,
+        D=d,
+        BLOCK_S=BLOCK_S,
+        PER=per,
+        MAX_CHUNKS=MAX_CHUNKS,
+        num_warps=4,
+    )
+    return out
+
+
+@torch.library.custom_op("ragtune::decode_attention", mutates_args=())
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of one query a head over the first n cache slots: q [B, H, D], K/V
+    [B, Hkv, n, D], seen [B, n] bool -> [B, H, D]. Opaque to torch.compile (one kernel in
+    a CUDA graph); its only side effect is the workspace, which the kernel restores."""
+    if kernel_unsupported(q, k) is None:
+        return launch(q, k, v, seen, scale)
+    return reference(q, k, v, seen, scale)
+
+
+@decode_attention.register_fake
+def _decode_attention_fake(q, k, v, seen, scale):  # noqa: ANN001, ANN202
+    return torch.empty_like(q)
