@@ -55,13 +55,30 @@ def kernel_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
     return None
 
 
+def rotate(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor):
+    """transformers' RoPE of q [B, H, D] at positions pos [B] (tables [positions, D]), in
+    float32 with one rounding to q's dtype, as the compiled step computes it."""
+    c, s = cos[pos][:, None, :].float(), sin[pos][:, None, :].float()
+    half = q.shape[-1] // 2
+    qf = q.float()
+    turned = torch.cat((-qf[..., half:], qf[..., :half]), dim=-1)
+    return (qf * c + turned * s).to(q.dtype)
+
+
 def reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seen: torch.Tensor,
+    scale: float,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The matmul attention (what ``DirectStack`` ran before the kernel): q [B, H, D], K/V
     [B, Hkv, n, D], seen [B, n] bool -> [B, H, D]. Head h uses KV head h // G, as
     transformers' ``repeat_kv``; the G heads are folded into the query length so the cache is
-    read once per KV head."""
+    read once per KV head. ``rope``: (cos, sin, pos) to rotate q with first."""
+    if rope is not None:
+        q = rotate(q, *rope)
     bsz, n_heads, d = q.shape
     n_kv = k.shape[1]
     qg = q.reshape(bsz, n_kv, n_heads // n_kv, d)
@@ -98,10 +115,16 @@ def chunking(n: int) -> tuple[int, int]:
 
 
 def launch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seen: torch.Tensor,
+    scale: float,
+    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel: q [B, H, D], K/V [B, Hkv, n, D] (views of the cache are fine),
-    seen [B, n] bool -> [B, H, D] in q's dtype."""
+    """The Triton kernel: q [B, H, D] (a view of the q|k|v output is fine), K/V
+    [B, Hkv, n, D] (views of the cache are fine), seen [B, n] bool -> [B, H, D] in q's dtype;
+    ``rope`` = (cos, sin, pos): q is rotated in the kernel."""
     from ragtune.decode_attention_kernel import decode_attention_kernel
 
     bsz, n_heads, d = q.shape
@@ -110,8 +133,12 @@ def launch(
     gp = 16
     acc, ml, cnt = workspace(bsz * n_kv, gp, d, q.device)
     per, chunks = chunking(n)
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    if q.stride(2) != 1 or q.stride(1) != d:
+        q = q.contiguous()
+    out = torch.empty(bsz, n_heads, d, dtype=q.dtype, device=q.device)
+    cos, sin, pos = rope if rope is not None else (q, q, q)  # unread without ROPE
+    if rope is not None:
+        cos, sin, pos = cos.contiguous(), sin.contiguous(), pos.reshape(-1)
     # a view, not a conversion kernel a layer: bool and uint8 are both one byte
     mask = seen.contiguous().view(torch.uint8)
     decode_attention_kernel[(bsz * n_kv, chunks)](
@@ -120,12 +147,16 @@ def launch(
         v,
         mask,
         out,
+        cos,
+        sin,
+        pos,
         acc,
         ml,
         cnt,
         n,
         chunks,
         float(scale),
+        q.stride(0),
         k.stride(0),
         k.stride(1),
         k.stride(2),
@@ -139,6 +170,7 @@ def launch(
         BLOCK_S=BLOCK_S,
         PER=per,
         MAX_CHUNKS=MAX_CHUNKS,
+        ROPE=rope is not None,
         num_warps=4,
     )
     return out
@@ -146,16 +178,26 @@ def launch(
 
 @torch.library.custom_op("ragtune::decode_attention", mutates_args=())
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seen: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seen: torch.Tensor,
+    scale: float,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    pos: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query a head over the first n cache slots: q [B, H, D], K/V
-    [B, Hkv, n, D], seen [B, n] bool -> [B, H, D]. Opaque to torch.compile (one kernel in
-    a CUDA graph); its only side effect is the workspace, which the kernel restores."""
+    [B, Hkv, n, D], seen [B, n] bool -> [B, H, D]; with RoPE tables ``cos``/``sin``
+    [positions, D] and positions ``pos`` [B], q is rotated first (in the kernel: the step's
+    q-rotation kernel goes). Opaque to torch.compile (one kernel in a CUDA graph); its only
+    side effect is the workspace, which the kernel restores."""
+    rope = (cos, sin, pos) if cos is not None and sin is not None and pos is not None else None
     if kernel_unsupported(q, k) is None:
-        return launch(q, k, v, seen, scale)
-    return reference(q, k, v, seen, scale)
+        return launch(q, k, v, seen, scale, rope)
+    return reference(q, k, v, seen, scale, rope)
 
 
 @decode_attention.register_fake
-def _decode_attention_fake(q, k, v, seen, scale):  # noqa: ANN001, ANN202
-    return torch.empty_like(q)
+def _decode_attention_fake(q, k, v, seen, scale, cos=None, sin=None, pos=None):  # noqa: ANN001, ANN202
+    return q.new_empty(q.shape)

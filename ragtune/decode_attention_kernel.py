@@ -23,17 +23,21 @@ NEG = -1.0e30  # a finite "minus infinity": a chunk with no visible slot rescale
 
 @triton.jit
 def decode_attention_kernel(
-    q_ptr,  # [B, Hkv * G, D] contiguous
+    q_ptr,  # [B, Hkv * G, D], heads and dims contiguous (rows: stride sqb)
     k_ptr,  # [B, Hkv, >= n, D], last dim contiguous
     v_ptr,  # same layout as K
     m_ptr,  # [B, n] uint8: 1 = the slot is seen
     o_ptr,  # [B, Hkv * G, D] contiguous, q's dtype
+    cos_ptr,  # [positions, D] RoPE tables (ROPE)
+    sin_ptr,
+    pos_ptr,  # [B] int64: each row's position (ROPE)
     ws_acc,  # [B * Hkv, MAX_CHUNKS, GP, D] float32
     ws_ml,  # [B * Hkv, MAX_CHUNKS, 2, GP] float32: running max, denominator
     cnt_ptr,  # [B * Hkv] int32, zero between calls
     n,  # slots attended (the bucket)
     chunks,  # programs along the slots (<= MAX_CHUNKS)
     scale,
+    sqb,
     skb,
     skh,
     sks,
@@ -47,6 +51,7 @@ def decode_attention_kernel(
     BLOCK_S: tl.constexpr,
     PER: tl.constexpr,  # blocks of BLOCK_S slots a program walks (1-2 up to 2,048 slots)
     MAX_CHUNKS: tl.constexpr,
+    ROPE: tl.constexpr,  # q comes unrotated: rotate it here (one kernel a layer fewer)
 ):
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -56,8 +61,18 @@ def decode_attention_kernel(
     d = tl.arange(0, D)
     s_off = tl.arange(0, BLOCK_S)
     heads = h * G + g
-    q_rows = (b * HKV * G + heads)[:, None] * D + d[None, :]
-    q = tl.load(q_ptr + q_rows, mask=(g < G)[:, None], other=0.0).to(tl.float32)
+    q_mask = (g < G)[:, None]
+    q_at = q_ptr + b.to(tl.int64) * sqb + heads[:, None] * D
+    q = tl.load(q_at + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    if ROPE:  # transformers' q * cos + rotate_half(q) * sin, rounded once to q's dtype
+        half: tl.constexpr = D // 2
+        p_b = tl.load(pos_ptr + b).to(tl.int64)
+        turned = tl.load(q_at + ((d + half) % D)[None, :], mask=q_mask, other=0.0)
+        turned = tl.where((d < half)[None, :], -turned.to(tl.float32), turned.to(tl.float32))
+        cs = tl.load(cos_ptr + p_b * D + d).to(tl.float32)
+        sn = tl.load(sin_ptr + p_b * D + d).to(tl.float32)
+        q = (q * cs[None, :] + turned * sn[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
+    o_rows = (b * HKV * G + heads)[:, None] * D + d[None, :]
     m_i = tl.full([GP], NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
@@ -118,5 +133,5 @@ def decode_attention_kernel(
             l_all += lj * w
             o += aj * w[:, None]
         o = o / l_all[:, None]
-        tl.store(o_ptr + q_rows, o.to(o_ptr.dtype.element_ty), mask=(g < G)[:, None])
+        tl.store(o_ptr + o_rows, o.to(o_ptr.dtype.element_ty), mask=q_mask)
         tl.atomic_xchg(cnt_ptr + bh, 0)  # ready for the next call (no memset)

@@ -275,9 +275,10 @@ class DirectStack:
 
         ``kv_len``: a prompt written from slot 0 sees no slot past its own length, so its
         attention need not read (and mask) the rest of the cache: 4x less at 512 of 2,048.
-        ``fused_attention``: a one-token step's attention as one kernel a layer
-        (``ragtune.decode_attention``: float32 scores and sums) instead of the two matmuls and
-        the softmax; ``mask`` must then be [B, 1, 1, S] (one mask for every head).
+        ``fused_attention``: a one-token step's q rotation and attention as one kernel a layer
+        (``ragtune.decode_attention``: float32 scores and sums) instead of the rotation, two
+        matmuls and the softmax; ``mask`` must then be [B, 1, 1, S] (one mask for every
+        head). The batcher's rows (``ragtune.batching``) keep the matmul attention.
         """
         bsz, t = ids.shape
         h = self.embed(ids)
@@ -293,7 +294,9 @@ class DirectStack:
             q = q.view(bsz, t, -1, self.head_dim).transpose(1, 2)
             k = k.view(bsz, t, -1, self.head_dim).transpose(1, 2)
             v = v.view(bsz, t, -1, self.head_dim).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
+            fused = fused_attention and t == 1
+            if not fused:  # the fused step rotates q inside its attention kernel
+                q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             if rows is None:
                 ks[i].index_copy_(2, slots, k)
@@ -304,9 +307,16 @@ class DirectStack:
             kc, vc = (
                 (ks[i], vs[i]) if kv_len is None else (ks[i][:, :, :kv_len], vs[i][:, :, :kv_len])
             )
-            if fused_attention and t == 1:
+            if fused:
                 o = torch.ops.ragtune.decode_attention(
-                    q.reshape(bsz, -1, self.head_dim), kc, vc, mask[:, 0, 0], self.scaling[i]
+                    q.reshape(bsz, -1, self.head_dim),
+                    kc,
+                    vc,
+                    mask[:, 0, 0],
+                    self.scaling[i],
+                    self.cos,
+                    self.sin,
+                    pos.reshape(bsz),
                 ).view(bsz, -1, 1, self.head_dim)
             else:
                 o = self._attend(q, kc, vc, mask, self.scaling[i])

@@ -42,6 +42,15 @@ def inputs(b, h, hkv, d, n, s, dtype, seed=0):
     return q, kc[:, :, :n], vc[:, :, :n], seen
 
 
+def rope_tables(b, d, s, dtype, seed=0):
+    """(cos, sin, pos): transformers-style tables over s positions, a position per row."""
+    g = torch.Generator().manual_seed(seed)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.arange(s).float()[:, None] * inv[None, :]
+    emb = torch.cat((ang, ang), -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype), torch.randint(0, s, (b,), generator=g)
+
+
 def exact(q, k, v, seen, scale):
     """Float64 attention with K/V repeated per query head (transformers' repeat_kv)."""
     g = q.shape[1] // k.shape[1]
@@ -59,6 +68,16 @@ def test_reference_is_grouped_query_attention(case):
     got = da.reference(q, k, v, seen, scale).double()
     want = exact(q, k, v, seen, scale)
     assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_reference_rope_is_the_decode_steps_rotation():
+    """The q rotation the kernel takes over = DirectStack's (transformers') RoPE, in float32."""
+    from ragtune.decodestep import _rotate_half
+
+    q, _, _, _ = inputs(*CASES[1])
+    cos, sin, pos = rope_tables(2, 16, 128, torch.float32)
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+    assert torch.equal(da.rotate(q, cos, sin, pos), q * c + _rotate_half(q) * s)
 
 
 def test_the_op_on_cpu_is_the_reference():
@@ -104,8 +123,8 @@ def test_the_kernel_in_tritons_interpreter():
         """
         import torch
         from ragtune import decode_attention as da
-        from tests.test_decode_attention import CASES, exact, inputs
-        for case in CASES:
+        from tests.test_decode_attention import CASES, exact, inputs, rope_tables
+        for i, case in enumerate(CASES):
             q, k, v, seen = inputs(*case, seed=1)
             scale = case[3] ** -0.5
             assert da.kernel_unsupported(q, k) is None
@@ -116,6 +135,15 @@ def test_the_kernel_in_tritons_interpreter():
             assert torch.equal(out, da.launch(q, k, v, seen, scale)), case
             ws = da._workspaces[(str(q.device), case[0] * case[2], 16, case[3])]
             assert int(ws[2].abs().sum()) == 0, ws[2]
+            if i in (1, 4):  # q rotated in the kernel; q a strided view (as the q|k|v output)
+                b, h, _, d = case[:4]
+                wide = torch.randn(b, h * d + 64).to(case[-1])
+                qv = wide[:, 32 : 32 + h * d].view(b, h, d)
+                cos, sin, pos = rope_tables(b, d, 4096, case[-1], seed=i)
+                out = torch.ops.ragtune.decode_attention(qv, k, v, seen, scale, cos, sin, pos)
+                want = exact(da.rotate(qv, cos, sin, pos), k, v, seen, scale)
+                err = float((out.double() - want).norm() / want.norm())
+                assert err < (1e-6 if case[-1] == torch.float32 else 8e-3), (case, err)
         print("ok")
         """
     )
