@@ -1,17 +1,21 @@
 """One decode step's grouped-query attention as one kernel a layer (``ragtune::decode_attention``).
 
-Why: at batch 1 the step's attention was three to four kernels a layer (cuBLAS Q.K^T, the
-masked softmax, cuBLAS P.V, and cuBLAS's split-K memset): ~0.38 ms a token at the 12B shape
-on an H200 for ~125 MB of cache, i.e. launch latency, not bytes (docs/benchmarks.md, issue
-20, dec3). The Triton kernel (``ragtune/decode_attention_kernel.py``) does the scores, the
-masked softmax and P.V in one launch, split over chunks of the cache's slots (a program per
-KV head and chunk, the last to arrive combines: deterministic, no memset).
+Why: at batch 1 the step's attention was three kernels a layer (cuBLAS Q.K^T, inductor's masked
+softmax, cuBLAS P.V) plus the kernels that rotate q and k and write K/V to the cache: ~0.49
+ms a token at the 12B shape on an H200 for ~125 MB of cache, i.e. launch latency, not bytes
+(docs/benchmarks.md, issue 20, dec3). ``decode_attention_write`` (the decode step's op) does the
+rotations, the cache write, the scores, the masked softmax and P.V in one Triton launch
+(``ragtune/decode_attention_kernel.py``), split over chunks of the cache's slots (a program per
+KV head and chunk; the last to arrive combines: deterministic, no memset).
+``decode_attention`` is the attention alone (q optionally rotated).
 
-Arithmetic: scores, softmax and sums in float32 from the 16-bit q/K/V, one rounding of the
-output to q's dtype. The reference path (``reference``; CPU, shapes the kernel does not
-take, or ``MODE = "off"``) is the matmul attention the step ran before: 16-bit Q.K^T,
-float32 softmax, probabilities rounded to 16 bits, 16-bit P.V; the two agree to the 16-bit
-rounding of scores and probabilities (exactly the same math in float32).
+Arithmetic: scores and sums in float32; 16-bit q/K/V go through tensor-core dots whose products
+are exact (q is rounded to 16 bits after its rotation, as the step did), the probabilities are
+rounded to V's dtype for P.V as the matmul path (and HF) round them; a float32 cache uses
+float32 products (no TF32). The reference path (``reference``; CPU, shapes the kernel does not
+take, or ``MODE = "off"``) is the matmul attention the step ran before: 16-bit Q.K^T, float32
+softmax, probabilities rounded to 16 bits, 16-bit P.V. The two differ by the 16-bit rounding
+of the scores and by where the softmax's maximum is taken (per chunk, then combined).
 
 ``MODE`` (``RAGTUNE_DECODE_ATTENTION``: ``auto`` = the kernel on CUDA where Triton imports,
 ``off`` = the reference) is read at each call: a CUDA graph keeps whichever path was on when
@@ -121,10 +125,13 @@ def launch(
     seen: torch.Tensor,
     scale: float,
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    write: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The Triton kernel: q [B, H, D] (a view of the q|k|v output is fine), K/V
     [B, Hkv, n, D] (views of the cache are fine), seen [B, n] bool -> [B, H, D] in q's dtype;
-    ``rope`` = (cos, sin, pos): q is rotated in the kernel."""
+    ``rope`` = (cos, sin, pos): q is rotated in the kernel; ``write`` = (k_new, v_new, slot):
+    this step's K (rotated in the kernel) and V rows [B, Hkv, D] go to cache slot ``slot``
+    ([1], < n) first (needs ``rope``)."""
     from ragtune.decode_attention_kernel import decode_attention_kernel
 
     bsz, n_heads, d = q.shape
@@ -139,6 +146,11 @@ def launch(
     cos, sin, pos = rope if rope is not None else (q, q, q)  # unread without ROPE
     if rope is not None:
         cos, sin, pos = cos.contiguous(), sin.contiguous(), pos.reshape(-1)
+    if write is not None and rope is None:
+        raise ValueError("decode_attention: writing K/V needs the RoPE tables")
+    kn, vn, slot = write if write is not None else (q, q, q)  # unread without WRITE
+    if write is not None:
+        kn, vn = (t if t.stride(2) == 1 and t.stride(1) == d else t.contiguous() for t in (kn, vn))
     # a view, not a conversion kernel a layer: bool and uint8 are both one byte
     mask = seen.contiguous().view(torch.uint8)
     decode_attention_kernel[(bsz * n_kv, chunks)](
@@ -150,6 +162,9 @@ def launch(
         cos,
         sin,
         pos,
+        kn,
+        vn,
+        slot,
         acc,
         ml,
         cnt,
@@ -157,6 +172,8 @@ def launch(
         chunks,
         float(scale),
         q.stride(0),
+        kn.stride(0),
+        vn.stride(0),
         k.stride(0),
         k.stride(1),
         k.stride(2),
@@ -171,6 +188,9 @@ def launch(
         PER=per,
         MAX_CHUNKS=MAX_CHUNKS,
         ROPE=rope is not None,
+        WRITE=write is not None,
+        # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly: float32 there
+        IEEE=k.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=4,
     )
     return out
@@ -200,4 +220,37 @@ def decode_attention(
 
 @decode_attention.register_fake
 def _decode_attention_fake(q, k, v, seen, scale, cos=None, sin=None, pos=None):  # noqa: ANN001, ANN202
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("ragtune::decode_attention_write", mutates_args=("k_cache", "v_cache"))
+def decode_attention_write(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+    n: int,
+    seen: torch.Tensor,
+    scale: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+) -> torch.Tensor:
+    """A decode step's layer from its q|k|v output on: q and this step's K (unrotated) and V
+    rows [B, H|Hkv, D] at positions ``pos`` [B]; K rotated and K/V written to cache slot
+    ``slot`` ([1], < n) of ``k_cache``/``v_cache`` [B, Hkv, S, D]; attention over the first
+    ``n`` slots (``seen`` [B, n]) -> [B, H, D]. In the kernel this is one launch a layer where
+    the step had three (q rotation, K rotation and cache write, attention)."""
+    k, v = k_cache[:, :, :n], v_cache[:, :, :n]
+    if kernel_unsupported(q, k) is None:
+        return launch(q, k, v, seen, scale, (cos, sin, pos), (k_new, v_new, slot))
+    k_cache.index_copy_(2, slot, rotate(k_new, cos, sin, pos)[:, :, None, :])
+    v_cache.index_copy_(2, slot, v_new[:, :, None, :])
+    return reference(q, k, v, seen, scale, (cos, sin, pos))
+
+
+@decode_attention_write.register_fake
+def _decode_attention_write_fake(q, k_new, v_new, k_cache, v_cache, slot, n, seen, *rest):  # noqa: ANN001, ANN002, ANN202
     return q.new_empty(q.shape)

@@ -8,9 +8,14 @@ The last program of a (row, KV head) to arrive (a counter, as the int4 GEMV's sp
 rescales and adds the chunks in chunk order and writes the output: one kernel a layer,
 deterministic, no memset (that program resets its counter).
 
-Scores and sums are float32: q and the K/V blocks are converted to float32 and multiplied
-with ``input_precision="ieee"`` (no TF32; the G <= 16 query heads are padded to 16 rows for
-``tl.dot``, a few kFLOP a block: the kernel's time is its launch and the cache's bytes).
+With WRITE (the decode step), the program also rotates this step's K, and the program whose
+chunk holds the step's slot writes K/V there; with ROPE it rotates q: the step's rotation and
+cache-write kernels go.
+
+Scores and sums are float32. 16-bit operands: tensor-core dots with float32 accumulation (the
+products of 16-bit values are exact); the probabilities go to V's dtype for P.V. A float32
+cache: ``input_precision="ieee"`` (no TF32). The G <= 16 query heads are padded to 16 rows for
+``tl.dot`` (a few kFLOP a block: the kernel's time is its launch and the cache's bytes).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NEG = -1.0e30  # a finite "minus infinity": a chunk with no visible slot rescales to 0, not NaN
+# a finite "minus infinity": a chunk with no visible slot rescales to 0, not NaN
+NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -31,6 +37,9 @@ def decode_attention_kernel(
     cos_ptr,  # [positions, D] RoPE tables (ROPE)
     sin_ptr,
     pos_ptr,  # [B] int64: each row's position (ROPE)
+    kn_ptr,  # [B, Hkv, D] this step's K (unrotated) and V rows (WRITE; rows: strides snb, svnb)
+    vn_ptr,
+    slot_ptr,  # [1] int64: the cache slot they go to (WRITE; < n)
     ws_acc,  # [B * Hkv, MAX_CHUNKS, GP, D] float32
     ws_ml,  # [B * Hkv, MAX_CHUNKS, 2, GP] float32: running max, denominator
     cnt_ptr,  # [B * Hkv] int32, zero between calls
@@ -38,6 +47,8 @@ def decode_attention_kernel(
     chunks,  # programs along the slots (<= MAX_CHUNKS)
     scale,
     sqb,
+    snb,
+    svnb,
     skb,
     skh,
     sks,
@@ -52,6 +63,8 @@ def decode_attention_kernel(
     PER: tl.constexpr,  # blocks of BLOCK_S slots a program walks (1-2 up to 2,048 slots)
     MAX_CHUNKS: tl.constexpr,
     ROPE: tl.constexpr,  # q comes unrotated: rotate it here (one kernel a layer fewer)
+    WRITE: tl.constexpr,  # rotate this step's K and write K/V to the cache here (ROPE too)
+    IEEE: tl.constexpr,  # a float32 cache: float32 products (else 16-bit tensor-core dots)
 ):
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -64,6 +77,8 @@ def decode_attention_kernel(
     q_mask = (g < G)[:, None]
     q_at = q_ptr + b.to(tl.int64) * sqb + heads[:, None] * D
     q = tl.load(q_at + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     if ROPE:  # transformers' q * cos + rotate_half(q) * sin, rounded once to q's dtype
         half: tl.constexpr = D // 2
         p_b = tl.load(pos_ptr + b).to(tl.int64)
@@ -72,26 +87,50 @@ def decode_attention_kernel(
         cs = tl.load(cos_ptr + p_b * D + d).to(tl.float32)
         sn = tl.load(sin_ptr + p_b * D + d).to(tl.float32)
         q = (q * cs[None, :] + turned * sn[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
+        if WRITE:  # the K/V rows of this step: rotated K rounded to the cache's dtype
+            slot = tl.load(slot_ptr)
+            kn_at = kn_ptr + b.to(tl.int64) * snb + h * D
+            kt = tl.load(kn_at + (d + half) % D).to(tl.float32)
+            kt = tl.where(d < half, -kt, kt)
+            kn = (tl.load(kn_at + d).to(tl.float32) * cs + kt * sn).to(k_ptr.dtype.element_ty)
+            vn = tl.load(vn_ptr + b.to(tl.int64) * svnb + h * D + d).to(v_ptr.dtype.element_ty)
+            # the program whose chunk holds the slot writes it (no other program reads it) and
+            # uses these values in place of what it loads there (its own store may not be
+            # visible to its other lanes yet)
+            lo = c * PER * BLOCK_S
+            own = (slot >= lo) & (slot < lo + PER * BLOCK_S)
+            tl.store(k_base + slot * sks + d, kn, mask=own & (d < D))
+            tl.store(v_base + slot * svs + d, vn, mask=own & (d < D))
     o_rows = (b * HKV * G + heads)[:, None] * D + d[None, :]
     m_i = tl.full([GP], NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
-    k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     first = c * PER * BLOCK_S
-    for it in tl.static_range(PER):
+    for it in range(0, PER):
         s = first + it * BLOCK_S + s_off  # [BLOCK_S] cache slots
         inside = s < n
         seen = tl.load(m_ptr + b * n + s, mask=inside, other=0) != 0
         kb = tl.load(k_base + s[:, None] * sks + d[None, :], mask=inside[:, None], other=0.0)
         vb = tl.load(v_base + s[:, None] * svs + d[None, :], mask=inside[:, None], other=0.0)
-        sc = tl.dot(q, tl.trans(kb.to(tl.float32)), input_precision="ieee") * scale
+        if WRITE:
+            at = (s == slot)[:, None]
+            kb = tl.where(at, kn[None, :], kb)
+            vb = tl.where(at, vn[None, :], vb)
+        if IEEE:  # float32 cache: no TF32
+            sc = tl.dot(q, tl.trans(kb.to(tl.float32)), input_precision="ieee")
+        else:  # 16-bit: q is 16-bit exactly, so the products are exact, summed in float32
+            sc = tl.dot(q.to(kb.dtype), tl.trans(kb))
+        sc = sc * scale
         sc = tl.where(seen[None, :], sc, float("-inf"))  # [GP, BLOCK_S]
         m_new = tl.maximum(m_i, tl.max(sc, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, vb.to(tl.float32), input_precision="ieee")
+        if IEEE:
+            pv = tl.dot(p, vb.to(tl.float32), input_precision="ieee")
+        else:  # the probabilities rounded to V's dtype, as the matmul path (and HF) do
+            pv = tl.dot(p.to(vb.dtype), vb)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
     # this chunk's partial result, then the (row, head)'s last program combines all chunks
     part = bh * MAX_CHUNKS + c
@@ -104,7 +143,7 @@ def decode_attention_kernel(
         # a loop of known length, chunks past `chunks` masked (Triton's interpreter takes no
         # runtime loop bounds)
         m_all = tl.full([GP], NEG, dtype=tl.float32)
-        for j in tl.static_range(MAX_CHUNKS):
+        for j in range(0, MAX_CHUNKS):
             mj = tl.load(
                 ws_ml + ((bh * MAX_CHUNKS + j) * 2) * GP + g,
                 mask=(g < GP) & (j < chunks),
@@ -114,7 +153,7 @@ def decode_attention_kernel(
             m_all = tl.maximum(m_all, mj)
         l_all = tl.zeros([GP], dtype=tl.float32)
         o = tl.zeros([GP, D], dtype=tl.float32)
-        for j in tl.static_range(MAX_CHUNKS):  # chunk order: the same sums every call
+        for j in range(0, MAX_CHUNKS):  # chunk order: the same sums every call
             pj = bh * MAX_CHUNKS + j
             ok = j < chunks
             mj = tl.load(

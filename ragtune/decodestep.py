@@ -275,10 +275,11 @@ class DirectStack:
 
         ``kv_len``: a prompt written from slot 0 sees no slot past its own length, so its
         attention need not read (and mask) the rest of the cache: 4x less at 512 of 2,048.
-        ``fused_attention``: a one-token step's q rotation and attention as one kernel a layer
-        (``ragtune.decode_attention``: float32 scores and sums) instead of the rotation, two
-        matmuls and the softmax; ``mask`` must then be [B, 1, 1, S] (one mask for every
-        head). The batcher's rows (``ragtune.batching``) keep the matmul attention.
+        ``fused_attention``: a one-token step whose rows share one slot ([T] ``slots``) runs its
+        rotations, K/V write and attention as one kernel a layer (``ragtune.decode_attention``:
+        float32 scores and sums) instead of a rotation kernel, a write kernel, two matmuls and
+        the softmax; ``mask`` must then be [B, 1, 1, S] (one mask for every head). The
+        batcher's rows (``ragtune.batching``, a slot each) keep the matmul attention.
         """
         bsz, t = ids.shape
         h = self.embed(ids)
@@ -294,24 +295,16 @@ class DirectStack:
             q = q.view(bsz, t, -1, self.head_dim).transpose(1, 2)
             k = k.view(bsz, t, -1, self.head_dim).transpose(1, 2)
             v = v.view(bsz, t, -1, self.head_dim).transpose(1, 2)
-            fused = fused_attention and t == 1
-            if not fused:  # the fused step rotates q inside its attention kernel
-                q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
-            if rows is None:
-                ks[i].index_copy_(2, slots, k)
-                vs[i].index_copy_(2, slots, v)
-            else:  # each row at its own slot (rows of a continuous batch)
-                ks[i][rows, :, slots[:, 0]] = k[:, :, 0]
-                vs[i][rows, :, slots[:, 0]] = v[:, :, 0]
-            kc, vc = (
-                (ks[i], vs[i]) if kv_len is None else (ks[i][:, :, :kv_len], vs[i][:, :, :kv_len])
-            )
-            if fused:
-                o = torch.ops.ragtune.decode_attention(
+            if fused_attention and t == 1 and rows is None:
+                # rotations, the cache write and attention in one kernel (ragtune.decode_attention)
+                o = torch.ops.ragtune.decode_attention_write(
                     q.reshape(bsz, -1, self.head_dim),
-                    kc,
-                    vc,
+                    k.reshape(bsz, -1, self.head_dim),
+                    v.reshape(bsz, -1, self.head_dim),
+                    ks[i],
+                    vs[i],
+                    slots,
+                    self.max_seq_len if kv_len is None else kv_len,
                     mask[:, 0, 0],
                     self.scaling[i],
                     self.cos,
@@ -319,6 +312,19 @@ class DirectStack:
                     pos.reshape(bsz),
                 ).view(bsz, -1, 1, self.head_dim)
             else:
+                q = (q * cos) + (_rotate_half(q) * sin)
+                k = (k * cos) + (_rotate_half(k) * sin)
+                if rows is None:
+                    ks[i].index_copy_(2, slots, k)
+                    vs[i].index_copy_(2, slots, v)
+                else:  # each row at its own slot (rows of a continuous batch)
+                    ks[i][rows, :, slots[:, 0]] = k[:, :, 0]
+                    vs[i][rows, :, slots[:, 0]] = v[:, :, 0]
+                kc, vc = (
+                    (ks[i], vs[i])
+                    if kv_len is None
+                    else (ks[i][:, :, :kv_len], vs[i][:, :, :kv_len])
+                )
                 o = self._attend(q, kc, vc, mask, self.scaling[i])
             o = o.transpose(1, 2).reshape(bsz, t, -1)
             h = h + (att.o_proj(o) if self.fused is None else self.fused[i].o(o))

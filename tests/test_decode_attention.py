@@ -144,6 +144,27 @@ def test_the_kernel_in_tritons_interpreter():
                 want = exact(da.rotate(qv, cos, sin, pos), k, v, seen, scale)
                 err = float((out.double() - want).norm() / want.norm())
                 assert err < (1e-6 if case[-1] == torch.float32 else 8e-3), (case, err)
+                # this step's K/V written by the kernel: the slot's chunk is not the first
+                kn = wide[:, : k.shape[1] * d].view(b, -1, d)
+                vn = wide[:, 64 : 64 + k.shape[1] * d].view(b, -1, d)
+                slot = torch.tensor([case[4] - 3])
+                caches = [(k._base.clone(), v._base.clone()) for _ in range(2)]
+                got = torch.ops.ragtune.decode_attention_write(
+                    qv, kn, vn, *caches[0], slot, case[4], seen, scale, cos, sin, pos
+                )
+                da.MODE = "off"  # the reference: torch's rotation, index_copy_ and matmuls
+                ref = torch.ops.ragtune.decode_attention_write(
+                    qv, kn, vn, *caches[1], slot, case[4], seen, scale, cos, sin, pos
+                )
+                da.MODE = "auto"
+                for a, r in zip(caches[0], caches[1]):
+                    assert torch.allclose(a.float(), r.float(), rtol=1e-2, atol=1e-6)
+                    assert not torch.equal(a, k._base)  # written
+                assert torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2), case
+                want = exact(da.rotate(qv, cos, sin, pos), caches[1][0][:, :, : case[4]],
+                             caches[1][1][:, :, : case[4]], seen, scale)
+                err = float((got.double() - want).norm() / want.norm())
+                assert err < (1e-6 if case[-1] == torch.float32 else 8e-3), (case, err)
         print("ok")
         """
     )
