@@ -190,11 +190,11 @@ def test_fastdecode_through_the_kernel_keeps_hf_tokens(tiny_lm_path):
         eos = tok.eos_token_id
         prompts = [tok(t)["input_ids"] for t in PROMPTS[:3]]
         for ids in prompts:
-            assert fd.generate(ids, 12, [eos]) == slow(model, ids, 12, eos)
+            assert fd.generate(ids, 10, [eos]) == slow(model, ids, 10, eos)
         assert calls and set(calls) >= {{32, 64}}, sorted(set(calls))  # kernel, two buckets
-        got = fd.generate_batch(prompts, 6, [eos])
+        got = fd.generate_batch(prompts[:2], 4, [eos])
         for ids, g in zip(prompts, got):
-            assert g == fd.generate(ids, 6, [eos])
+            assert g == fd.generate(ids, 4, [eos])
         print("ok")
         """
     )
