@@ -32,8 +32,9 @@ tok/s in int4. This module
 
 Measured at the Mistral-Nemo-12B shape (docs/benchmarks.md): HF generate 13 tok/s on an H100,
 this path 96 tok/s in bf16 and 114 tok/s with int8 there; the H200 figures for int4 are in the
-same section. The one-token decode step attends with two plain matmuls (SDPA's flash kernel
-took 1.8 ms of the ~10 ms token).
+same section. The one-token decode step's rotations, K/V write and attention are one Triton kernel a layer on
+CUDA (``ragtune.decode_attention``; the matmul attention elsewhere; SDPA's flash kernel took
+1.8 ms of the ~10 ms token).
 
 Two ways to run the layers (``FastDecoder.mode``):
 
