@@ -32,8 +32,9 @@ tok/s in int4. This module
 
 Measured at the Mistral-Nemo-12B shape (docs/benchmarks.md): HF generate 13 tok/s on an H100,
 this path 96 tok/s in bf16 and 114 tok/s with int8 there; the H200 figures for int4 are in the
-same section. The one-token decode step attends with two plain matmuls (SDPA's flash kernel
-took 1.8 ms of the ~10 ms token).
+same section. The one-token decode step's rotations, K/V write and attention are one Triton kernel a layer on
+CUDA (``ragtune.decode_attention``; the matmul attention elsewhere; SDPA's flash kernel took
+1.8 ms of the ~10 ms token).
 
 Two ways to run the layers (``FastDecoder.mode``):
 
@@ -158,6 +159,10 @@ class FastDecoder:
         # queue step n+1 before reading token n (GPU): the host's EOS check and launches overlap
         # the GPU's work instead of leaving it idle between steps
         self.lookahead = self.device.type == "cuda"
+        # the direct path's one-token steps attend through ragtune::decode_attention: one
+        # Triton kernel a layer on CUDA (was two cuBLAS matmuls, the softmax and a memset),
+        # the same matmul attention as before elsewhere (ragtune.decode_attention)
+        self.fused_attention = self._direct is not None
         self._step_fn: Callable[..., torch.Tensor] = self._step
         self._graphs: dict[tuple[int, int], GraphedStep] = {}
         # the decode step attends over the smallest of these cache lengths that holds its slot
@@ -273,7 +278,9 @@ class FastDecoder:
             n = keep.shape[1]
             seen = torch.arange(n, device=ids.device) <= slot
             mask = (keep & seen)[:, None, None, :]
-            logits = self._direct.forward(ids, pos, slot, mask, state, kv_len=n)
+            logits = self._direct.forward(
+                ids, pos, slot, mask, state, kv_len=n, fused_attention=self.fused_attention
+            )
         else:
             logits = self._hf_logits(ids, pos, keep.long() if state[1] else None, state[0])
         # float32 before argmax, as HF's greedy search does (exact for bf16/fp16 logits)
