@@ -156,22 +156,34 @@ def bench_fast(
             rates.append(fd.last_stats["decode_tok_s"])
         fd.lookahead = True
         no_ahead = round(sorted(rates)[len(rates) // 2], 1)
-    # before/after in one process: the same decoder and compiled step with the decode step over
-    # the whole cache and the prompt run eagerly at its own length (what decoding ran before
-    # cache buckets and prompt graphs)
+    # before/after in one process: the same decoder, compiled step, cache buckets and prompt
+    # graphs, with the step's attention through the matmul path inside ragtune's op
+    # (decode_attention.MODE = "off": cuBLAS Q.K^T and P.V and the softmax, eager ops inside
+    # the op, in newly captured graphs) instead of the one Triton kernel a layer
     old = None
-    if len(getattr(fd, "kv_buckets", ())) > 1 or getattr(fd, "prefill", "exact") != "exact":
-        saved = fd.kv_buckets, fd.prefill
-        fd.kv_buckets, fd.prefill = (fd.max_seq_len,), "exact"
-        fd.generate(prompt, args.new, eos_ids=[])  # captures the whole-cache graph
-        runs = []
-        for _ in range(args.repeats):
-            fd.generate(prompt, args.new, eos_ids=[])
-            runs.append(dict(fd.last_stats))
-        fd.kv_buckets, fd.prefill = saved
+    if getattr(fd, "fused_attention", False) and fd.device.type == "cuda":
+        from ragtune import decode_attention
+
+        graphs, mode = fd._graphs, decode_attention.MODE
+        fd._graphs, decode_attention.MODE = {}, "off"
+        try:
+            fd.generate(prompt, args.new, eos_ids=[])  # captures the bucket's step graph
+            runs, old_toks = [], []
+            for _ in range(args.repeats):
+                old_toks = fd.generate(prompt, args.new, eos_ids=[])
+                runs.append(dict(fd.last_stats))
+            prof = kernel_time(fd, prompt) if args.profile else None
+        finally:
+            fd._graphs, decode_attention.MODE = graphs, mode
         old = {
             "decode_tok_s_runs": [round(s["decode_tok_s"], 1) for s in runs],
             "ttft_s_runs": [round(s["ttft_s"], 4) for s in runs],
+            "profile": prof,
+            # greedy tokens of the two paths: equal up to this index (float32 vs 16-bit scores)
+            "same_tokens_first_n": next(
+                (i for i, (a, b) in enumerate(zip(toks, old_toks, strict=False)) if a != b),
+                min(len(toks), len(old_toks)),
+            ),
         }
     agree = None
     if ref is not None:
@@ -195,7 +207,7 @@ def bench_fast(
         "ttft_s_runs": [round(s["ttft_s"], 4) for s in stats],
         "kv_buckets": list(getattr(fd, "kv_buckets", ())),
         "prefill": getattr(fd, "prefill", None),
-        "whole_cache_eager_prompt": old,
+        "matmul_attention": old,
         "agree_with_slow_first_n": agree,
         "compared_tokens": len(ref) if ref is not None else None,
         **gpu_mem(),
@@ -604,9 +616,11 @@ def main() -> None:
         if r.get("profile"):
             p = r["profile"]
             note += f" wall {p['wall_ms_per_step']} ms/step, kernels {p['kernel_ms_per_step']}"
-        if r.get("whole_cache_eager_prompt"):
-            o = r["whole_cache_eager_prompt"]
-            note += f"; before (whole cache, eager prompt) {o['decode_tok_s_runs']} tok/s, ttft {o['ttft_s_runs']}"
+        if r.get("matmul_attention"):
+            o = r["matmul_attention"]
+            note += f"; before (matmul attention) {o['decode_tok_s_runs']} tok/s"
+            if o.get("profile"):
+                note += f", kernels {o['profile']['kernel_ms_per_step']} ms/step"
         if r.get("int4_floor"):
             fl = r["int4_floor"]
             note += f"; int4 linears alone {fl['ms_per_token']} ms ({fl['gb_per_s']} GB/s)"

@@ -111,6 +111,11 @@ def kind_of(kernel: str) -> str:
             "gemlite GEMV",
         ),  # gemlite's kernels: gemv_INT_*, gemm_INT_*, gemm_splitK_INT_*
         ("_int_kernel", "gemlite GEMM"),
+        ("decode_attention", "ragtune decode attention"),
+        ("rshift", "int4 -> 16-bit unpack (prompt path)"),
+        # before "fill": inductor names its kernels by their ops (the masked softmax's
+        # "..._masked_fill_..." is not a memset)
+        ("triton_", "inductor/Triton (fused ops)"),
         ("fill", "memset/fill"),
         ("memset", "memset/fill"),
         ("fmha", "attention (SDPA)"),
@@ -119,8 +124,6 @@ def kind_of(kernel: str) -> str:
         ("gemm", "cuBLAS matmul"),
         ("nvjet", "cuBLAS matmul"),
         ("xmma", "cuBLAS matmul"),
-        ("rshift", "int4 -> 16-bit unpack (prompt path)"),
-        ("triton_", "inductor/Triton (fused ops)"),
         ("at::native", "eager PyTorch ops"),
     ):
         if key in k:

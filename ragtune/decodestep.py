@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import ragtune.decode_attention  # noqa: F401  (registers ragtune::decode_attention)
+
 _DIRECT_TYPES = ("llama", "mistral", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
@@ -267,11 +269,17 @@ class DirectStack:
         kv: tuple[list[torch.Tensor], list[torch.Tensor]],
         last: torch.Tensor | None = None,  # [B]: each row's last real position (right padding)
         kv_len: int | None = None,  # attend over cache slots [0, kv_len) only (mask: [.., kv_len])
+        fused_attention: bool = False,  # one-token steps: ragtune::decode_attention
     ) -> torch.Tensor:
         """Logits of the last position (or of ``last``), float32 [B, V]; writes K/V of ``slots``.
 
         ``kv_len``: a prompt written from slot 0 sees no slot past its own length, so its
         attention need not read (and mask) the rest of the cache: 4x less at 512 of 2,048.
+        ``fused_attention``: a one-token step whose rows share one slot ([T] ``slots``) runs its
+        rotations, K/V write and attention as one kernel a layer (``ragtune.decode_attention``:
+        float32 scores and sums) instead of a rotation kernel, a write kernel, two matmuls and
+        the softmax; ``mask`` must then be [B, 1, 1, S] (one mask for every head). The
+        batcher's rows (``ragtune.batching``, a slot each) keep the matmul attention.
         """
         bsz, t = ids.shape
         h = self.embed(ids)
@@ -287,18 +295,37 @@ class DirectStack:
             q = q.view(bsz, t, -1, self.head_dim).transpose(1, 2)
             k = k.view(bsz, t, -1, self.head_dim).transpose(1, 2)
             v = v.view(bsz, t, -1, self.head_dim).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
-            if rows is None:
-                ks[i].index_copy_(2, slots, k)
-                vs[i].index_copy_(2, slots, v)
-            else:  # each row at its own slot (rows of a continuous batch)
-                ks[i][rows, :, slots[:, 0]] = k[:, :, 0]
-                vs[i][rows, :, slots[:, 0]] = v[:, :, 0]
-            kc, vc = (
-                (ks[i], vs[i]) if kv_len is None else (ks[i][:, :, :kv_len], vs[i][:, :, :kv_len])
-            )
-            o = self._attend(q, kc, vc, mask, self.scaling[i])
+            if fused_attention and t == 1 and rows is None:
+                # rotations, the cache write and attention in one kernel (ragtune.decode_attention)
+                o = torch.ops.ragtune.decode_attention_write(
+                    q.reshape(bsz, -1, self.head_dim),
+                    k.reshape(bsz, -1, self.head_dim),
+                    v.reshape(bsz, -1, self.head_dim),
+                    ks[i],
+                    vs[i],
+                    slots,
+                    self.max_seq_len if kv_len is None else kv_len,
+                    mask[:, 0, 0],
+                    self.scaling[i],
+                    self.cos,
+                    self.sin,
+                    pos.reshape(bsz),
+                ).view(bsz, -1, 1, self.head_dim)
+            else:
+                q = (q * cos) + (_rotate_half(q) * sin)
+                k = (k * cos) + (_rotate_half(k) * sin)
+                if rows is None:
+                    ks[i].index_copy_(2, slots, k)
+                    vs[i].index_copy_(2, slots, v)
+                else:  # each row at its own slot (rows of a continuous batch)
+                    ks[i][rows, :, slots[:, 0]] = k[:, :, 0]
+                    vs[i][rows, :, slots[:, 0]] = v[:, :, 0]
+                kc, vc = (
+                    (ks[i], vs[i])
+                    if kv_len is None
+                    else (ks[i][:, :, :kv_len], vs[i][:, :, :kv_len])
+                )
+                o = self._attend(q, kc, vc, mask, self.scaling[i])
             o = o.transpose(1, 2).reshape(bsz, t, -1)
             h = h + (att.o_proj(o) if self.fused is None else self.fused[i].o(o))
             x = _rms(h, layer.post_attention_layernorm.weight, eps_post)

@@ -1,39 +1,31 @@
 """Fast greedy decoding for a merged model on GPU: static KV cache + compiled decode step.
 
 Why: HF ``generate`` spends most of a batch-1 decode step in Python (logits processors,
-stopping criteria, a growing DynamicCache, hundreds of small kernel launches), so a 12B model
-decodes at 8-20 tok/s on an H100 whose memory bandwidth allows ~130 tok/s in bf16 and ~450
-tok/s in int4. This module
+stopping criteria, a growing DynamicCache, hundreds of small kernel launches), far below what
+the GPU's memory bandwidth allows. This module
 
 - preallocates the KV cache (fixed shapes, fixed addresses),
-- compiles one decode step (all layers + argmax) with ``torch.compile`` and captures it as
-  a CUDA graph per cache bucket (``graph="manual"``, the default; ``"trees"`` = torch.compile's
-  reduce-overhead CUDA graphs, ~8% slower at 12B), so a token is one graph launch; a step
-  attends over the smallest bucket of ``kv_bucket``-slot multiples that holds its slot, not
-  the whole cache (one compilation: the bucket is a symbolic size),
-- runs a batch-1 prompt right-padded to a multiple of 64 tokens, one CUDA graph a padded
-  length (``prefill="graph"``, the default with manual graphs: the time to first token does not
-  wait on the host's ~1,500 eager launches), batches eagerly, attending over the prompt's
-  own slots only; with int4 weights a prompt of ``int4_dense_rows`` rows or more (128) runs
-  through dequantized 16-bit copies of one projection at a time and cuBLAS (gemlite's int4
-  GEMM ran at a quarter of the chip's bf16 matmul rate: 58 of the 72 ms to first token at 12B),
-- optionally holds the weights in fewer bits (fewer bytes read per token; the tokens are then
-  the quantized model's): ``quantize="int4"`` = gemlite's Triton kernels over int4 copies of
-  the projections, q|k|v and gate|up fused (``ragtune.fastweights``), from a 16-bit or a
-  bitsandbytes 4-bit model; ``"int8"`` = torchao weight-only int8 of a 16-bit model;
-  ``"auto"`` (the default) = int4 for a bitsandbytes 4-bit model (what ``merged_4bit`` saves)
-  when gemlite's kernels can run, else the model's own weights; ``"dense"`` = fused 16-bit
-  copies (a bitsandbytes model dequantized once: its own weights, at cuBLAS speed for many
-  rows; what the server's continuous batcher uses, ``ragtune.batching``); ``"fp8"`` = e4m3
-  copies of the projections with per-channel scales, activations quantized per token, through
-  ``torch._scaled_mm`` (``ragtune.fp8weights``: half the bytes of ``"dense"``, FP8 tensor cores
-  for prompts; the batcher's default on GPUs of compute capability >= 8.9; on CPU a float32
-  emulation of the same arithmetic).
+- compiles one decode step (all layers + argmax) with ``torch.compile`` and captures it as a
+  CUDA graph per cache bucket (``graph="manual"``, the default; ``"trees"`` = torch.compile's
+  reduce-overhead CUDA graphs), so a token is one graph launch; a step attends over the
+  smallest bucket of ``kv_bucket``-slot multiples that holds its slot (one compilation: the
+  bucket is a symbolic size); on CUDA its rotations, K/V write and attention are one Triton
+  kernel a layer (``ragtune.decode_attention``),
+- runs a batch-1 prompt right-padded to a multiple of 64 tokens, one CUDA graph a padded length
+  (``prefill="graph"``, the default with manual graphs: the first token does not wait on the
+  host's eager launches), batches eagerly over the prompt's own slots; with int4 weights a
+  prompt of ``int4_dense_rows`` rows or more runs through dequantized 16-bit copies of one
+  projection at a time and cuBLAS (int4 GEMMs are slow at many rows),
+- optionally holds the weights in fewer bits (the tokens are then the quantized model's):
+  ``"int4"`` = int4 copies of the projections, q|k|v and gate|up fused, through ragtune's GEMV
+  or gemlite's Triton kernels (``ragtune.fastweights``), from a 16-bit or a bitsandbytes 4-bit
+  model; ``"int8"`` = torchao weight-only int8; ``"auto"`` (the default) = int4 for a
+  bitsandbytes 4-bit model (what ``merged_4bit`` saves) when the kernels can run, else the
+  model's own weights; ``"dense"`` = fused 16-bit copies (what the server's batcher uses on
+  GPUs without FP8); ``"fp8"`` = e4m3 copies with per-channel scales (``ragtune.fp8weights``;
+  the batcher's default on GPUs of compute capability >= 8.9; on CPU a float32 emulation).
 
-Measured at the Mistral-Nemo-12B shape (docs/benchmarks.md): HF generate 13 tok/s on an H100,
-this path 96 tok/s in bf16 and 114 tok/s with int8 there; the H200 figures for int4 are in the
-same section. The one-token decode step attends with two plain matmuls (SDPA's flash kernel
-took 1.8 ms of the ~10 ms token).
+The measurements behind each choice are in docs/benchmarks.md (issues 7 and 20).
 
 Two ways to run the layers (``FastDecoder.mode``):
 
@@ -158,6 +150,10 @@ class FastDecoder:
         # queue step n+1 before reading token n (GPU): the host's EOS check and launches overlap
         # the GPU's work instead of leaving it idle between steps
         self.lookahead = self.device.type == "cuda"
+        # the direct path's one-token steps attend through ragtune::decode_attention: one
+        # Triton kernel a layer on CUDA (was two cuBLAS matmuls, the softmax and a memset),
+        # the same matmul attention as before elsewhere (ragtune.decode_attention)
+        self.fused_attention = self._direct is not None
         self._step_fn: Callable[..., torch.Tensor] = self._step
         self._graphs: dict[tuple[int, int], GraphedStep] = {}
         # the decode step attends over the smallest of these cache lengths that holds its slot
@@ -273,7 +269,9 @@ class FastDecoder:
             n = keep.shape[1]
             seen = torch.arange(n, device=ids.device) <= slot
             mask = (keep & seen)[:, None, None, :]
-            logits = self._direct.forward(ids, pos, slot, mask, state, kv_len=n)
+            logits = self._direct.forward(
+                ids, pos, slot, mask, state, kv_len=n, fused_attention=self.fused_attention
+            )
         else:
             logits = self._hf_logits(ids, pos, keep.long() if state[1] else None, state[0])
         # float32 before argmax, as HF's greedy search does (exact for bf16/fp16 logits)

@@ -148,9 +148,9 @@ def test_cache_buckets_and_padded_prompt_keep_hf_tokens(lm):
     seen = []  # (rows, tokens, attended cache length) of each forward
     forward = fd._direct.forward
 
-    def spy(ids, pos, slots, mask, kv, last=None, kv_len=None):
+    def spy(ids, pos, slots, mask, kv, last=None, kv_len=None, **kw):
         seen.append((ids.shape[0], ids.shape[1], kv_len or kv[0][0].shape[2]))
-        return forward(ids, pos, slots, mask, kv, last, kv_len)
+        return forward(ids, pos, slots, mask, kv, last, kv_len, **kw)
 
     fd._direct.forward = spy
     eos = tok.eos_token_id

@@ -578,6 +578,65 @@ def test_int4_linear_runs_one_row_through_the_gemv_compiled_and_graphed():
         assert float((lin(rows).float() - ref).norm() / ref.norm()) < 1e-2
 
 
+def test_fastdecode_decode_attention_kernel_equals_float64_and_replays_in_a_graph():
+    """ragtune::decode_attention's Triton kernel on the GPU (tests/test_decode_attention.py's
+    cases, the 12B shape among them): float64 attention to float32 rounding (bf16: to the
+    output's and the probabilities' rounding, < 1e-2), bitwise repeatable, counters reset, and the same output
+    replayed in a CUDA graph with new inputs copied in."""
+    from ragtune import decode_attention as da
+    from tests.test_decode_attention import CASES, exact, inputs, rope_tables
+
+    for case in CASES:
+        q, k, v, seen = (t.cuda() for t in inputs(*case, seed=2))
+        scale = case[3] ** -0.5
+        assert da.kernel_unsupported(q, k) is None
+        out = torch.ops.ragtune.decode_attention(q, k, v, seen, scale)
+        err = float((out.double() - exact(q, k, v, seen, scale)).norm() / out.double().norm())
+        assert err < (1e-5 if case[-1] == torch.float32 else 1e-2), (case, err)
+        assert torch.equal(out, da.launch(q, k, v, seen, scale)), case
+    ws = da._workspaces[("cuda:0", 8, 16, 128)]
+    assert int(ws[2].abs().sum()) == 0
+    static = [t.clone() for t in (q, k, v)]
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = da.launch(*static, seen, scale)
+    q2, k2, v2, _ = (t.cuda() for t in inputs(*CASES[-1], seed=3))
+    for s, t in zip(static, (q2, k2, v2), strict=True):
+        s.copy_(t)
+    g.replay()
+    assert torch.equal(got, da.launch(q2, k2, v2, seen, scale))
+    # the decode step's op: q and K rotated, K/V written at the slot, then attention; against
+    # the reference (torch's rotation, index_copy_ and matmuls)
+    wide = torch.randn(1, 6144, device="cuda", dtype=torch.bfloat16)
+    qv, kn, vn = (wide[:, a:b].view(1, -1, 128) for a, b in ((0, 4096), (4096, 5120), (5120, 6144)))
+    cos, sin, pos = (t.cuda() for t in rope_tables(1, 128, 2048, torch.bfloat16, seed=4))
+    slot = torch.tensor([765], device="cuda")
+    kv = torch.randn(2, 1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    caches = [(kv[0].clone(), kv[1].clone()) for _ in range(2)]
+    outs = []
+    for mode, (kc, vc) in zip(("auto", "off"), caches, strict=True):
+        da.MODE = mode
+        try:
+            outs.append(
+                torch.ops.ragtune.decode_attention_write(
+                    qv, kn, vn, kc, vc, slot, 768, seen, scale, cos, sin, pos
+                )
+            )
+        finally:
+            da.MODE = "auto"
+    for a, r in zip(*caches, strict=True):
+        assert torch.allclose(a.float(), r.float(), rtol=1e-2, atol=1e-6)
+    want = exact(
+        da.rotate(qv, cos, sin, pos),
+        caches[1][0][:, :, :768],
+        caches[1][1][:, :, :768],
+        seen,
+        scale,
+    )
+    for out in outs:
+        assert float((out.double() - want).norm() / want.norm()) < 1e-2
+
+
 @pytest.mark.parametrize("group", [1, 4])
 def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir, group):
     """Continuous batching on the GPU (compiled, graphed steps; prompts as graphs, alone or in

@@ -1,0 +1,200 @@
+"""ragtune::decode_attention (ragtune/decode_attention.py): the reference path, the chunking,
+and the Triton kernel in Triton's interpreter on CPU tensors (skipped where Triton is not
+installed; on a GPU: tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ragtune import decode_attention as da
+
+ROOT = Path(__file__).resolve().parents[1]
+# (rows, query heads, KV heads, head dim, slots attended, cache slots, dtype): GQA groups of
+# 1-4, one and several chunks, ragged last blocks, a row whose first 70 slots are padding
+CASES = [
+    (1, 8, 2, 32, 200, 256, torch.float32),
+    (2, 4, 2, 16, 100, 128, torch.float32),
+    (3, 6, 2, 16, 5, 64, torch.float32),
+    (1, 4, 4, 64, 1100, 1152, torch.float32),  # PER = 2: two blocks a program
+    (1, 32, 8, 128, 768, 1024, torch.bfloat16),  # the 12B shape at its bucket
+]
+
+
+def inputs(b, h, hkv, d, n, s, dtype, seed=0):
+    """q [b, h, d], views K/V [b, hkv, n, d] of a longer cache, seen [b, n] (slot 0 and the
+    last always seen; row 1 left-padded)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, d, generator=g).to(dtype)
+    kc = torch.randn(b, hkv, s, d, generator=g).to(dtype)
+    vc = torch.randn(b, hkv, s, d, generator=g).to(dtype)
+    seen = torch.rand(b, n, generator=g) < 0.8
+    seen[:, -1] = True
+    seen[:, 0] = True
+    if b > 1:
+        seen[1, : min(n - 1, 70)] = False
+    return q, kc[:, :, :n], vc[:, :, :n], seen
+
+
+def rope_tables(b, d, s, dtype, seed=0):
+    """(cos, sin, pos): transformers-style tables over s positions, a position per row."""
+    g = torch.Generator().manual_seed(seed)
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.arange(s).float()[:, None] * inv[None, :]
+    emb = torch.cat((ang, ang), -1)
+    return emb.cos().to(dtype), emb.sin().to(dtype), torch.randint(0, s, (b,), generator=g)
+
+
+def exact(q, k, v, seen, scale):
+    """Float64 attention with K/V repeated per query head (transformers' repeat_kv)."""
+    g = q.shape[1] // k.shape[1]
+    kk = k.double().repeat_interleave(g, 1)
+    vv = v.double().repeat_interleave(g, 1)
+    s = torch.einsum("bhd,bhnd->bhn", q.double(), kk) * scale
+    s = s.masked_fill(~seen[:, None, :], float("-inf"))
+    return torch.einsum("bhn,bhnd->bhd", torch.softmax(s, -1), vv)
+
+
+@pytest.mark.parametrize("case", CASES[:4])
+def test_reference_is_grouped_query_attention(case):
+    q, k, v, seen = inputs(*case)
+    scale = case[3] ** -0.5
+    got = da.reference(q, k, v, seen, scale).double()
+    want = exact(q, k, v, seen, scale)
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_reference_rope_is_the_decode_steps_rotation():
+    """The q rotation the kernel takes over = DirectStack's (transformers') RoPE, in float32."""
+    from ragtune.decodestep import _rotate_half
+
+    q, _, _, _ = inputs(*CASES[1])
+    cos, sin, pos = rope_tables(2, 16, 128, torch.float32)
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]
+    assert torch.equal(da.rotate(q, cos, sin, pos), q * c + _rotate_half(q) * s)
+
+
+def test_the_op_on_cpu_is_the_reference():
+    q, k, v, seen = inputs(*CASES[0])
+    got = torch.ops.ragtune.decode_attention(q, k, v, seen, 0.25)
+    assert torch.equal(got, da.reference(q, k, v, seen, 0.25))
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 768, 1024, 1100, 2048, 4096])
+def test_chunking_covers_the_slots_without_empty_programs(n):
+    per, chunks = da.chunking(n)
+    assert 1 <= chunks <= da.MAX_CHUNKS
+    assert per * chunks * da.BLOCK_S >= n  # every slot read
+    assert (chunks - 1) * per * da.BLOCK_S < n  # the last program has a slot to read
+
+
+def test_mode_off_or_a_bad_setting(monkeypatch):
+    q, k, _, _ = inputs(*CASES[0])
+    monkeypatch.setattr(da, "MODE", "off")
+    assert da.kernel_unsupported(q, k) == f"{da.ENV}=off"
+    monkeypatch.setattr(da, "MODE", "fast")
+    with pytest.raises(ValueError, match=da.ENV):
+        da.kernel_unsupported(q, k)
+
+
+def _interpret(script: str) -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_the_kernel_in_tritons_interpreter():
+    """The kernel equals float64 attention (float32: to float32 rounding; bf16: to the output's
+    rounding), calls are bitwise repeatable, every (row, head) counter is back at zero."""
+    pytest.importorskip("triton")
+    _interpret(
+        """
+        import torch
+        from ragtune import decode_attention as da
+        from tests.test_decode_attention import CASES, exact, inputs, rope_tables
+        for i, case in enumerate(CASES):
+            q, k, v, seen = inputs(*case, seed=1)
+            scale = case[3] ** -0.5
+            assert da.kernel_unsupported(q, k) is None
+            out = torch.ops.ragtune.decode_attention(q, k, v, seen, scale)
+            want = exact(q, k, v, seen, scale)
+            err = float((out.double() - want).norm() / want.norm())
+            assert err < (1e-6 if case[-1] == torch.float32 else 8e-3), (case, err)
+            assert torch.equal(out, da.launch(q, k, v, seen, scale)), case
+            ws = da._workspaces[(str(q.device), case[0] * case[2], 16, case[3])]
+            assert int(ws[2].abs().sum()) == 0, ws[2]
+            if i in (1, 4):  # q rotated in the kernel; q a strided view (as the q|k|v output)
+                b, h, _, d = case[:4]
+                wide = torch.randn(b, h * d + 64).to(case[-1])
+                qv = wide[:, 32 : 32 + h * d].view(b, h, d)
+                cos, sin, pos = rope_tables(b, d, 4096, case[-1], seed=i)
+                out = torch.ops.ragtune.decode_attention(qv, k, v, seen, scale, cos, sin, pos)
+                want = exact(da.rotate(qv, cos, sin, pos), k, v, seen, scale)
+                err = float((out.double() - want).norm() / want.norm())
+                assert err < (1e-6 if case[-1] == torch.float32 else 8e-3), (case, err)
+                # this step's K/V written by the kernel: the slot's chunk is not the first
+                kn = wide[:, : k.shape[1] * d].view(b, -1, d)
+                vn = wide[:, 64 : 64 + k.shape[1] * d].view(b, -1, d)
+                slot = torch.tensor([case[4] - 3])
+                caches = [(k._base.clone(), v._base.clone()) for _ in range(2)]
+                got = torch.ops.ragtune.decode_attention_write(
+                    qv, kn, vn, *caches[0], slot, case[4], seen, scale, cos, sin, pos
+                )
+                da.MODE = "off"  # the reference: torch's rotation, index_copy_ and matmuls
+                ref = torch.ops.ragtune.decode_attention_write(
+                    qv, kn, vn, *caches[1], slot, case[4], seen, scale, cos, sin, pos
+                )
+                da.MODE = "auto"
+                for a, r in zip(caches[0], caches[1]):
+                    assert torch.allclose(a.float(), r.float(), rtol=1e-2, atol=1e-6)
+                    assert not torch.equal(a, k._base)  # written
+                assert torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2), case
+                want = exact(da.rotate(qv, cos, sin, pos), caches[1][0][:, :, : case[4]],
+                             caches[1][1][:, :, : case[4]], seen, scale)
+                err = float((got.double() - want).norm() / want.norm())
+                assert err < (1e-6 if case[-1] == torch.float32 else 8e-3), (case, err)
+        print("ok")
+        """
+    )
+
+
+def test_fastdecode_through_the_kernel_keeps_hf_tokens(tiny_lm_path):
+    """The fast decoder's steps through the kernel (interpreter, float32 tiny Llama): HF
+    generate's tokens at batch 1, and the batched (left-padded) rows equal batch 1."""
+    pytest.importorskip("triton")
+    _interpret(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ragtune import decode_attention as da
+        from ragtune.fastdecode import FastDecoder
+        from tests.test_fastdecode import PROMPTS, slow
+        model = AutoModelForCausalLM.from_pretrained({str(tiny_lm_path)!r}).eval()
+        tok = AutoTokenizer.from_pretrained({str(tiny_lm_path)!r})
+        fd = FastDecoder(model, tok, max_seq_len=160, kv_bucket=32)
+        calls = []
+        launch = da.launch
+        da.launch = lambda *a: calls.append(a[1].shape[2]) or launch(*a)
+        eos = tok.eos_token_id
+        prompts = [tok(t)["input_ids"] for t in PROMPTS[:3]]
+        for ids in prompts:
+            assert fd.generate(ids, 10, [eos]) == slow(model, ids, 10, eos)
+        assert calls and set(calls) >= {{32, 64}}, sorted(set(calls))  # kernel, two buckets
+        got = fd.generate_batch(prompts[:2], 4, [eos])
+        for ids, g in zip(prompts, got):
+            assert g == fd.generate(ids, 4, [eos])
+        print("ok")
+        """
+    )
