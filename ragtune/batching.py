@@ -274,9 +274,12 @@ class StepBatcher:
 
     # ------------------------------------------------------------------ GPU work
     def _rows_step(self, ids: torch.Tensor, pos: torch.Tensor, kv: Any) -> torch.Tensor:
-        """One decode step of rows 0..b-1: each writes K/V at its own position; next ids [b]."""
+        """One decode step of rows 0..b-1: each writes K/V at its own position; next ids [b].
+        The attention is one kernel a layer (``ragtune.decode_attention``, a slot per row): a
+        row's result depends on its own row only, and it reads only its filled slots."""
         seen = torch.arange(self.max_seq_len, device=ids.device)[None, :] <= pos
-        logits = self.direct.forward(ids, pos, pos, seen[:, None, None, :], kv)
+        mask = seen[:, None, None, :]
+        logits = self.direct.forward(ids, pos, pos, mask, kv, fused_attention=True)
         return logits.argmax(dim=-1)
 
     def _bucket_kv(self, b: int) -> Any:

@@ -131,7 +131,7 @@ def launch(
     [B, Hkv, n, D] (views of the cache are fine), seen [B, n] bool -> [B, H, D] in q's dtype;
     ``rope`` = (cos, sin, pos): q is rotated in the kernel; ``write`` = (k_new, v_new, slot):
     this step's K (rotated in the kernel) and V rows [B, Hkv, D] go to cache slot ``slot``
-    ([1], < n) first (needs ``rope``)."""
+    ([1]: every row's, or [B]: each row's own; < n) first (needs ``rope``)."""
     from ragtune.decode_attention_kernel import decode_attention_kernel
 
     bsz, n_heads, d = q.shape
@@ -151,6 +151,8 @@ def launch(
     kn, vn, slot = write if write is not None else (q, q, q)  # unread without WRITE
     if write is not None:
         kn, vn = (t if t.stride(2) == 1 and t.stride(1) == d else t.contiguous() for t in (kn, vn))
+        slot = slot.reshape(-1)  # [B, 1] positions are [B] rows' slots
+    per_row = int(write is not None and slot.numel() > 1)
     # a view, not a conversion kernel a layer: bool and uint8 are both one byte
     mask = seen.contiguous().view(torch.uint8)
     decode_attention_kernel[(bsz * n_kv, chunks)](
@@ -171,6 +173,7 @@ def launch(
         n,
         chunks,
         float(scale),
+        per_row,
         q.stride(0),
         kn.stride(0),
         vn.stride(0),
@@ -240,14 +243,23 @@ def decode_attention_write(
 ) -> torch.Tensor:
     """A decode step's layer from its q|k|v output on: q and this step's K (unrotated) and V
     rows [B, H|Hkv, D] at positions ``pos`` [B]; K rotated and K/V written to cache slot
-    ``slot`` ([1], < n) of ``k_cache``/``v_cache`` [B, Hkv, S, D]; attention over the first
-    ``n`` slots (``seen`` [B, n]) -> [B, H, D]. In the kernel this is one launch a layer where
-    the step had three (q rotation, K rotation and cache write, attention)."""
+    ``slot`` of ``k_cache``/``v_cache`` [B, Hkv, S, D] (``slot`` [1]: every row's, a
+    left-padded batch; [B]: each row's own, the continuous batcher's rows; < n); attention
+    over the first ``n`` slots (``seen`` [B, n]; with a slot per row, none past the row's own:
+    the kernel does not read them) -> [B, H, D]. In
+    the kernel this is one launch a layer where the step had three (q rotation, K rotation
+    and cache write, attention); a row's result depends on its own inputs only."""
     k, v = k_cache[:, :, :n], v_cache[:, :, :n]
     if kernel_unsupported(q, k) is None:
         return launch(q, k, v, seen, scale, (cos, sin, pos), (k_new, v_new, slot))
-    k_cache.index_copy_(2, slot, rotate(k_new, cos, sin, pos)[:, :, None, :])
-    v_cache.index_copy_(2, slot, v_new[:, :, None, :])
+    k_rot, slot = rotate(k_new, cos, sin, pos), slot.reshape(-1)
+    if slot.numel() == 1:
+        k_cache.index_copy_(2, slot, k_rot[:, :, None, :])
+        v_cache.index_copy_(2, slot, v_new[:, :, None, :])
+    else:  # a slot per row
+        rows = torch.arange(q.shape[0], device=q.device)
+        k_cache[rows, :, slot] = k_rot
+        v_cache[rows, :, slot] = v_new
     return reference(q, k, v, seen, scale, (cos, sin, pos))
 
 

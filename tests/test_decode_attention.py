@@ -198,3 +198,53 @@ def test_fastdecode_through_the_kernel_keeps_hf_tokens(tiny_lm_path):
         print("ok")
         """
     )
+
+
+def test_the_kernel_with_a_slot_per_row_in_tritons_interpreter():
+    """The batcher's rows: each row writes its own slot and sees slots up to it. The kernel
+    (interpreter) writes the caches as the reference path does and attends as float64 does; a
+    row's output is bitwise the same alone as beside other rows, and NaN past a row's slot
+    (slots it must not read) changes nothing."""
+    pytest.importorskip("triton")
+    _interpret(
+        """
+        import torch
+        from ragtune import decode_attention as da
+        from tests.test_decode_attention import exact, rope_tables
+        b, h, hkv, d, s = 3, 8, 2, 32, 256
+        g = torch.Generator().manual_seed(7)
+        kc, vc = (torch.randn(b, hkv, s, d, generator=g) for _ in range(2))
+        q, kn, vn = (torch.randn(b, x, d, generator=g) for x in (h, hkv, hkv))
+        cos, sin, _ = rope_tables(b, d, s, torch.float32)
+        pos = torch.tensor([5, 130, 255])  # a slot per row: one, several and all chunks
+        seen = torch.arange(s)[None, :] <= pos[:, None]
+        scale = d**-0.5
+
+        def step(rows, caches):
+            return torch.ops.ragtune.decode_attention_write(
+                q[rows], kn[rows], vn[rows], *caches, pos[rows], s, seen[rows], scale,
+                cos, sin, pos[rows])
+
+        caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+        got = step(slice(None), caches[0])
+        da.MODE = "off"
+        ref = step(slice(None), caches[1])
+        da.MODE = "auto"
+        for a, r in zip(caches[0], caches[1]):
+            assert torch.allclose(a, r, rtol=1e-5, atol=1e-6)
+            assert not torch.equal(a, kc) and not torch.equal(a, vc)
+        want = exact(da.rotate(q, cos, sin, pos), *caches[1], seen, scale)
+        err = float((got.double() - want).norm() / want.norm())
+        assert err < 1e-6, err
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+        for r in range(b):  # alone: the row's own cache row, the same program for it
+            alone = step(slice(r, r + 1), (kc[r : r + 1].clone(), vc[r : r + 1].clone()))
+            assert torch.equal(alone[0], got[r]), r
+        dirty = (kc.clone(), vc.clone())
+        for r in range(b):
+            dirty[0][r, :, pos[r] + 1 :] = float("nan")
+            dirty[1][r, :, pos[r] + 1 :] = float("nan")
+        assert torch.equal(step(slice(None), dirty), got)
+        print("ok")
+        """
+    )
