@@ -305,14 +305,17 @@ class StepBatcher:
         return (self._graphs.get(b) or self._capture(b))()
 
     def _capture(self, b: int) -> Captured:
-        """The step of ``b`` rows as a CUDA graph. Its warm-up runs the step (not the advance)
-        on scratch inputs that write K/V at slot max_seq_len - 1 of rows that may be busy now:
-        no request reads that slot before writing it (prompt + new tokens < max_seq_len)."""
-        last = torch.full((b, 1), self.max_seq_len - 1, dtype=torch.long, device=self.device)
-        kv = self._bucket_kv(b)
+        """The step of ``b`` rows as a CUDA graph, warmed (compiled) and captured on the same
+        tensors, the rows' own: for the warm-up they hold scratch values (ids 0, slot
+        max_seq_len - 1, where no request reads K/V before writing it: prompt + new tokens <
+        max_seq_len), restored after it; the warm-up runs the step, not the advance."""
         rows = [self._ids[:b], self._pos[:b]]
-        warm = (self._step_fn, (torch.zeros_like(last), last))
-        g = Captured(self._advance, rows, kv, warm=warm, runs=3)
+        saved = [t.clone() for t in rows]
+        rows[0].zero_()
+        rows[1].fill_(self.max_seq_len - 1)
+        g = Captured(self._advance, rows, self._bucket_kv(b), warm=(self._step_fn, rows), runs=3)
+        for t, before in zip(rows, saved, strict=True):
+            t.copy_(before)
         self._graphs[b] = g
         return g
 
