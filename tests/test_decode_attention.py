@@ -248,3 +248,45 @@ def test_the_kernel_with_a_slot_per_row_in_tritons_interpreter():
         print("ok")
         """
     )
+
+
+def test_the_batchers_rows_through_the_kernel_keep_one_at_a_time_tokens(tiny_lm_path):
+    """The continuous batcher's steps through the kernel, a slot per row (interpreter, float32
+    tiny Llama, invariant mode: one step size): concurrent requests get the tokens the same
+    batcher gives each alone and the fast decoder's (its own kernel calls, one shared slot)."""
+    pytest.importorskip("triton")
+    _interpret(
+        f"""
+        import threading
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ragtune import decode_attention as da
+        from ragtune.batching import StepBatcher
+        from ragtune.fastdecode import FastDecoder
+        from tests.test_fastdecode import PROMPTS
+        model = AutoModelForCausalLM.from_pretrained({str(tiny_lm_path)!r}).eval()
+        tok = AutoTokenizer.from_pretrained({str(tiny_lm_path)!r})
+        fd = FastDecoder(model, tok, max_seq_len=128, compile=False)
+        prompts = [tok(t)["input_ids"] for t in PROMPTS[:2]]
+        want = [fd.generate(p, 5, []) for p in prompts]
+        batcher = StepBatcher(fd, max_batch=2, buckets=(2,))
+        per_row = []
+        launch = da.launch
+        da.launch = lambda *a, **k: per_row.append(a[6][2].numel() > 1) or launch(*a, **k)
+        try:
+            alone = [batcher.generate(p, 5, []) for p in prompts]
+            got = [None] * len(prompts)
+            def client(i):
+                got[i] = batcher.generate(prompts[i], 5, [])
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+        finally:
+            batcher.close()
+        assert any(per_row), "the batcher's steps ran the kernel with a slot per row"
+        assert got == alone == want, (got, alone, want)
+        print("ok")
+        """
+    )
