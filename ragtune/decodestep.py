@@ -279,7 +279,9 @@ class DirectStack:
         one kernel a layer (``ragtune.decode_attention``: float32 scores and sums) instead of a
         rotation kernel, a write kernel, two matmuls and the softmax, whether its rows share one
         slot ([T] ``slots``) or each has its own ([B, 1]: the batcher's rows, which then read
-        only their filled slots); ``mask`` must then be [B, 1, 1, S] (one mask for every head).
+        only their filled slots; ``StepBatcher(fused_attention=True)``, off by default: slower
+        than the compiled matmul attention at 32 rows on the H200, docs/benchmarks.md);
+        ``mask`` must then be [B, 1, 1, S] (one mask for every head).
         """
         bsz, t = ids.shape
         h = self.embed(ids)

@@ -251,8 +251,8 @@ def test_the_kernel_with_a_slot_per_row_in_tritons_interpreter():
 
 
 def test_the_batchers_rows_through_the_kernel_keep_one_at_a_time_tokens(tiny_lm_path):
-    """The continuous batcher's steps through the kernel, a slot per row (interpreter, float32
-    tiny Llama, invariant mode: one step size): concurrent requests get the tokens the same
+    """The continuous batcher's steps through the kernel (``fused_attention``), a slot per row
+    (interpreter, float32 tiny Llama, invariant mode: one step size): concurrent requests get the tokens the same
     batcher gives each alone and the fast decoder's (its own kernel calls, one shared slot)."""
     pytest.importorskip("triton")
     _interpret(
@@ -269,7 +269,7 @@ def test_the_batchers_rows_through_the_kernel_keep_one_at_a_time_tokens(tiny_lm_
         fd = FastDecoder(model, tok, max_seq_len=128, compile=False)
         prompts = [tok(t)["input_ids"] for t in PROMPTS[:2]]
         want = [fd.generate(p, 5, []) for p in prompts]
-        batcher = StepBatcher(fd, max_batch=2, buckets=(2,))
+        batcher = StepBatcher(fd, max_batch=2, buckets=(2,), fused_attention=True)
         per_row = []
         launch = da.launch
         da.launch = lambda *a, **k: per_row.append(a[6][2].numel() > 1) or launch(*a, **k)
