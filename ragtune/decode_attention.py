@@ -34,6 +34,10 @@ ENV = "RAGTUNE_DECODE_ATTENTION"
 MODE = os.environ.get(ENV, "auto").lower()
 BLOCK_S = 64  # slots a program reads per step of its loop
 MAX_CHUNKS = 16  # programs along the slots (per row and KV head): 8 x 12 at 768 slots, 12B
+# programs a layer to aim for when each row has its own slot (the batcher's 32 rows x 8 KV
+# heads: 2 chunks of 8 blocks, not 16 of 1; at 16 each, H200: latency-bound, docs/benchmarks.md;
+# not yet measured)
+MANY_PROGRAMS = 512
 
 
 def kernel_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -111,10 +115,13 @@ def workspace(rows: int, gp: int, d: int, device: torch.device) -> tuple[torch.T
     return ws
 
 
-def chunking(n: int) -> tuple[int, int]:
-    """(blocks of BLOCK_S slots a program walks, programs along the slots) for ``n`` slots."""
+def chunking(n: int, rows: int = 0) -> tuple[int, int]:
+    """(blocks of BLOCK_S slots a program walks, programs along the slots) for ``n`` slots;
+    ``rows`` (row x KV head pairs; 0: as at batch 1): with many, fewer chunks each, so that
+    there are about ``MANY_PROGRAMS`` programs, not ``MAX_CHUNKS`` a pair."""
     blocks = -(-n // BLOCK_S)
-    per = -(-blocks // MAX_CHUNKS)
+    most = MAX_CHUNKS if rows <= 0 else max(1, min(MAX_CHUNKS, -(-MANY_PROGRAMS // rows)))
+    per = -(-blocks // most)
     return per, -(-blocks // per)
 
 
@@ -139,7 +146,8 @@ def launch(
     g = n_heads // n_kv
     gp = 16
     acc, ml, cnt = workspace(bsz * n_kv, gp, d, q.device)
-    per, chunks = chunking(n)
+    per_row = int(write is not None and write[2].numel() > 1)
+    per, chunks = chunking(n, bsz * n_kv if per_row else 0)
     if q.stride(2) != 1 or q.stride(1) != d:
         q = q.contiguous()
     out = torch.empty(bsz, n_heads, d, dtype=q.dtype, device=q.device)
@@ -152,7 +160,6 @@ def launch(
     if write is not None:
         kn, vn = (t if t.stride(2) == 1 and t.stride(1) == d else t.contiguous() for t in (kn, vn))
         slot = slot.reshape(-1)  # [B, 1] positions are [B] rows' slots
-    per_row = int(write is not None and slot.numel() > 1)
     # a view, not a conversion kernel a layer: bool and uint8 are both one byte
     mask = seen.contiguous().view(torch.uint8)
     decode_attention_kernel[(bsz * n_kv, chunks)](
