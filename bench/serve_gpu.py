@@ -18,15 +18,10 @@ def gpu_ms(batcher: Any, shapes: set[tuple[int, int]]) -> dict[str, Any]:
     where it has none), by CUDA events on the idle batcher (they write only unread slots and
     the spare row)."""
     dev, b, pre = batcher.device, batcher.max_batch, batcher.prefiller
-    ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
-    pos = torch.full((b, 1), batcher.max_seq_len - 1, dtype=torch.long, device=dev)
 
-    def args(n: int, t: int) -> tuple[torch.Tensor, ...]:
-        return (
-            torch.randint(1000, 30000, (n, t), device=dev),
-            torch.full((n,), t - 1, dtype=torch.long, device=dev),
-            torch.full((n,), pre.spare_row, dtype=torch.long, device=dev),
-        )
+    def packed(n: int, t: int) -> torch.Tensor:  # random prompts into the spare row
+        ids = torch.randint(1000, 30000, (n, t)).tolist()
+        return pre.pack(ids, [pre.spare_row] * n, n, t)
 
     def timed(fn: Any, n: int) -> float:
         fn()
@@ -40,11 +35,15 @@ def gpu_ms(batcher: Any, shapes: set[tuple[int, int]]) -> dict[str, Any]:
 
     prefill: dict[str, float] = {}
     with torch.inference_mode():
-        out: dict[str, Any] = {"step_ms": timed(lambda: batcher._step(b, ids, pos), 20)}
+        # the step advances the (free) rows' own ids and positions, as when serving
+        out: dict[str, Any] = {"step_ms": timed(lambda: batcher._step(b), 20)}
         for n, t in sorted(shapes):
-            g, a = pre.graph(n, t), args(n, t)
+            g, a = pre.graph(n, t), packed(n, t)
+            dev_a = a.to(dev)
             fn = (
-                (lambda g=g, a=a: g(*a)) if g is not None else (lambda a=a: pre.forward(*a, pre.kv))
+                (lambda g=g, a=a: g(a))
+                if g is not None
+                else (lambda n=n, t=t, a=dev_a: pre._packed(n, t, a, pre.kv))
             )
             prefill[f"{n}x{t}"] = timed(fn, 5)
     out["prefill_ms"] = prefill  # a whole forward of n rows (n prompts, or a prompt + dummies)
@@ -52,34 +51,49 @@ def gpu_ms(batcher: Any, shapes: set[tuple[int, int]]) -> dict[str, Any]:
 
 
 def attention_ms(batcher: Any, lengths: list[int]) -> dict[str, float]:
-    """GPU milliseconds of one decode step's attention alone (every layer, all rows, the
-    decode step's own ``_attend``: eager kernels in one CUDA graph) over the first ``L`` cache
-    slots: what reading only the filled slots (a step per cache-length bucket) would save."""
-    direct, dev, b = batcher.direct, batcher.device, batcher.max_batch
+    """GPU milliseconds of one decode step's attention alone (every layer, all rows, in one
+    CUDA graph) with every row at cache slot ``L`` - 1: ``attention_L_ms``, the matmul
+    attention (``_attend``, the step's before helper srv4) over the first ``L`` slots (a
+    cache-length bucket; the step read all of them); ``kernel_L_ms``, the step's kernel now
+    (``ragtune::decode_attention_write``, a slot per row, its K/V write included) over the
+    whole cache, which reads each row's slots up to its own only."""
+    direct, dev, b, n = batcher.direct, batcher.device, batcher.max_batch, batcher.max_seq_len
     ks, vs = batcher.kv
     out = {}
     for L in lengths:
         q = torch.randn((b, direct.n_heads, 1, direct.head_dim), device=dev, dtype=direct.dtype)
+        kn = torch.randn((b, direct.n_kv, direct.head_dim), device=dev, dtype=direct.dtype)
         mask = torch.ones((b, 1, 1, L), dtype=torch.bool, device=dev)
+        slot = torch.full((b,), L - 1, dtype=torch.long, device=dev)
+        seen = torch.arange(n, device=dev)[None, :] <= slot[:, None]
 
-        def run(q: torch.Tensor = q, mask: torch.Tensor = mask, L: int = L) -> None:
+        def matmul(q: torch.Tensor = q, mask: torch.Tensor = mask, L: int = L) -> None:
             for i in range(len(direct.layers)):
                 direct._attend(q, ks[i][:b, :, :L], vs[i][:b, :, :L], mask, direct.scaling[i])
 
-        with torch.inference_mode():
-            run()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+        def kernel(q: Any = q[:, :, 0], kn: Any = kn, slot: Any = slot, seen: Any = seen) -> None:
+            for i in range(len(direct.layers)):  # (free rows: the write is never read)
+                torch.ops.ragtune.decode_attention_write(
+                    q, kn, kn, ks[i][:b], vs[i][:b], slot, n, seen, direct.scaling[i],
+                    direct.cos, direct.sin, slot,
+                )  # fmt: skip
+
+        for name, run in (("attention", matmul), ("kernel", kernel)):
+            with torch.inference_mode():
                 run()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            graph.replay()
-            start.record()
-            for _ in range(10):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
                 graph.replay()
-            end.record()
-            end.synchronize()
-        out[f"attention_{L}_ms"] = round(start.elapsed_time(end) / 10, 3)
-        del graph
+                start.record()
+                for _ in range(10):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+            out[f"{name}_{L}_ms"] = round(start.elapsed_time(end) / 10, 3)
+            del graph
     return out
 
 

@@ -10,7 +10,8 @@ measurements), ``process`` = in a child process (as real clients), ``-1ms`` = th
 GIL switch interval at 1 ms instead of CPython's 5 (no effect beyond the waves' spread on the
 H200), ``-pf`` = the batcher's ``prefill_first``, ``-gN`` = prompts prefilled in groups of N
 (default: the server's, ``ragtune.batchstream.prefill_group_for``),
-``-fresh`` = each request builds a new HTTP client inside the clock, as every
+``-enc3`` = each request's intake as before 2026-12-02 (helper srv4: the prompt encoded three
+times), ``-fresh`` = each request builds a new HTTP client inside the clock, as every
 measurement before 2026-12-02 (srv3) did; without it each client thread connects first and
 the clock starts when all are connected. Each wave also reports, in server-side seconds from
 its start, when its requests reached the batcher, were queued on the device and finished.
@@ -309,6 +310,26 @@ def agreement(tok: Any, got: list[str], want: list[str]) -> dict[str, Any]:
     }
 
 
+def intake_before_srv4(pipe: Any, on: bool) -> None:
+    """``-enc3``: each request's intake as before helper srv4 (for a same-call comparison): the
+    closed-book context budget computed (a prompt rendered and encoded for nothing) and the
+    prompt encoded again for the generation (no memo in ``Generator.encode``)."""
+    from ragtune.decoding import NO_CHANGE
+    from ragtune.rag import RagPipeline
+
+    pipe.generator._recent_ids = None if on else {}
+    if not on:
+        pipe.__dict__.pop("prepare", None)
+        return
+
+    def prepare(question: str, input: str = "", decoding: Any = None, **kw: Any) -> Any:
+        budget = decoding.max_new_tokens if decoding is not None else 0
+        pipe.context_budget(question, input, budget or pipe.generator.settings.max_new_tokens)
+        return RagPipeline.prepare(pipe, question, input, decoding or NO_CHANGE, **kw)
+
+    pipe.prepare = prepare
+
+
 def measure(
     args: argparse.Namespace, pipe: Any, base: str, batcher: Any, emit: Any, late: Any
 ) -> list[str]:
@@ -327,6 +348,7 @@ def measure(
         ms = next((m for m in mode.split("-")[1:] if m.endswith("ms")), None)
         tokens = mode.split("-")[1:]
         fresh = "fresh" in tokens
+        intake_before_srv4(pipe, "enc3" in tokens)
         if batcher is not None:  # (idle between waves: read at the next cycle / prompt)
             batcher.prefill_first = "pf" in tokens
             sizes = [int(t[1:]) for t in tokens if t[:1] == "g" and t[1:].isdigit()]

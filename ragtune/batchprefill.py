@@ -20,6 +20,7 @@ which bench/serve_load.py's probe checks, bitwise, per padded length.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -29,30 +30,54 @@ import torch
 log = logging.getLogger(__name__)
 
 
-class _Graph:
-    """One prefill shape captured as a CUDA graph in the shared pool; replayed with new inputs."""
+class Captured:
+    """``fn(*args, state)`` captured once as a CUDA graph: a replay reruns it on the current
+    values of ``args`` (static tensors whose addresses the graph keeps).
 
-    def __init__(self, fn: Any, inputs: Sequence[torch.Tensor], kv: Any, pool: Any) -> None:
-        self.inputs = [t.clone() for t in inputs]
-        dev = self.inputs[0].device
-        side = torch.cuda.Stream(device=dev)  # warm-up (cuBLAS handles, kernels) off-stream
+    Warm-up (compilation, cuBLAS handles) runs off-stream first: ``runs`` calls of
+    ``warm[0](*warm[1], state)`` (default: ``fn`` on ``args``), so that a graph whose ``fn``
+    changes live state (the batcher's next ids and positions) can be warmed on scratch inputs.
+    ``pool``: a memory pool shared with graphs that replay one at a time on one stream.
+    """
+
+    def __init__(
+        self,
+        fn: Any,
+        args: Sequence[torch.Tensor],
+        state: Any,
+        warm: tuple[Any, Sequence[torch.Tensor]] | None = None,
+        runs: int = 1,
+        pool: Any = None,
+    ) -> None:
+        self.args = list(args)
+        warm_fn, warm_args = warm or (fn, self.args)
+        dev = self.args[0].device
+        side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
-            fn(*self.inputs, kv)
+            for _ in range(runs):
+                warm_fn(*warm_args, state)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = fn(*self.inputs, kv)
+            self.out = fn(*self.args, state)
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        for static, new in zip(self.inputs, args, strict=True):
-            static.copy_(new)
+    def __call__(self, *new: torch.Tensor) -> torch.Tensor:
+        """Copy ``new`` into the static inputs (pinned host tensors: without waiting), replay;
+        the output tensor is the graph's own, valid until its next replay."""
+        for static, t in zip(self.args, new, strict=False):
+            static.copy_(t, non_blocking=True)
         self.graph.replay()
         return self.out
 
 
 class Prefiller:
-    """Prompts into rows of ``kv`` (K and V lists of [rows, n_kv, max_seq_len, head_dim])."""
+    """Prompts into rows of ``kv`` (K and V lists of [rows, n_kv, max_seq_len, head_dim]).
+
+    ``state``: the batcher's next input id and position of every row ([rows, 1] each, the
+    spare row last), set on the device by the same forward (graph) that fills the cache, so
+    that a prompt costs the engine thread one input copy, one replay and its output's copy.
+    """
 
     def __init__(
         self,
@@ -62,15 +87,17 @@ class Prefiller:
         pad: int = 64,
         group: int = 1,
         graphs: bool = False,
+        state: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         self.direct = direct
         self.kv = kv
+        self.state = state
         self.max_seq_len = int(kv[0][0].shape[2])
         self.spare_row = spare_row
         self.pad = max(1, int(pad))
         self.group = max(1, int(group))
         self.device = kv[0][0].device
-        self.graphs: dict[tuple[int, int], _Graph] | None = {} if graphs else None
+        self.graphs: dict[tuple[int, int], Captured] | None = {} if graphs else None
         self.shapes: collections.Counter[tuple[int, int]] = collections.Counter()  # (rows, t) run
         self._pool: Any = torch.cuda.graph_pool_handle() if graphs else None
 
@@ -103,20 +130,44 @@ class Prefiller:
             cache[:, :, :t].index_copy_(0, rows, part)  # a slice is a view: writes the cache
         return logits.argmax(dim=-1)
 
-    def graph(self, n: int, t: int) -> _Graph | None:
+    def _packed(self, n: int, t: int, flat: torch.Tensor, kv: Any) -> torch.Tensor:
+        """:meth:`forward` on one packed input (ids [n*t], last [n], rows [n]: one host copy);
+        also sets each row's next id and position in ``state`` (dummies: the spare row)."""
+        ids, last, rows = flat[: n * t].view(n, t), flat[n * t : n * t + n], flat[n * t + n :]
+        first = self.forward(ids, last, rows, kv)
+        if self.state is not None:
+            nxt, pos = self.state
+            nxt[:, 0].index_copy_(0, rows, first)
+            pos[:, 0].index_copy_(0, rows, last + 1)  # the first new token's position
+        return first
+
+    def pack(
+        self, prompts: Sequence[Sequence[int]], rows: Sequence[int], width: int, t: int
+    ) -> torch.Tensor:
+        """The packed input of ``prompts`` (right-padded to ``t``) into cache ``rows``, the
+        rest of ``width`` dummies (the spare row), in one host tensor (pinned on a GPU)."""
+        cuda = self.device.type == "cuda"
+        host = torch.empty(width * (t + 2), dtype=torch.long, pin_memory=cuda)
+        a = host.numpy()  # filled without a torch call per value (each one a GIL hand-off)
+        ids, last, dest = a[: width * t].reshape(width, t), a[width * t : -width], a[-width:]
+        ids[:] = 0
+        last[:] = t - 1
+        dest[:] = self.spare_row
+        for j, (p, row) in enumerate(zip(prompts, rows, strict=True)):
+            ids[j, : len(p)] = p
+            last[j], dest[j] = len(p) - 1, row
+        return host
+
+    def graph(self, n: int, t: int) -> Captured | None:
         """The captured graph of ``n`` rows of ``t`` tokens (captured now if new), or None."""
         if self.graphs is None:
             return None
         g = self.graphs.get((n, t))
         if g is None:
-            dev = self.device
-            example = (
-                torch.zeros((n, t), dtype=torch.long, device=dev),
-                torch.full((n,), t - 1, dtype=torch.long, device=dev),
-                torch.full((n,), self.spare_row, dtype=torch.long, device=dev),
-            )
+            static = self.pack([], [], n, t).to(self.device, non_blocking=True)  # dummies only
+            fn = functools.partial(self._packed, n, t)
             try:
-                g = _Graph(self.forward, example, self.kv, self._pool)
+                g = Captured(fn, [static], self.kv, pool=self._pool)
             except Exception as e:  # best effort: the eager prefill gives the same tokens
                 log.warning("batcher: prefill graph capture failed (%s); prefilling eagerly", e)
                 self.graphs = None
@@ -124,14 +175,9 @@ class Prefiller:
             self.graphs[(n, t)] = g
         return g
 
-    def _dev(self, t: torch.Tensor) -> torch.Tensor:
-        """A host tensor on the device without waiting for the queued steps (pinned, async)."""
-        if self.device.type != "cuda":
-            return t.to(self.device)
-        return t.pin_memory().to(self.device, non_blocking=True)
-
     def run(self, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> torch.Tensor:
-        """Prefill ``prompts`` into cache ``rows``: their first greedy ids [n], on the device.
+        """Prefill ``prompts`` into cache ``rows``: their first greedy ids on the device, [n]
+        or more (the group's dummies after them).
 
         With ``group`` > 1 the prompts must be at most ``group``, of one padded length."""
         n = len(prompts)
@@ -139,17 +185,12 @@ class Prefiller:
         if n > width:
             raise ValueError(f"{n} prompts in a prefill group of {width}")
         t = self.padded(max(len(p) for p in prompts))
-        ids = torch.zeros((width, t), dtype=torch.long)
-        last = torch.full((width,), t - 1, dtype=torch.long)
-        dest = torch.full((width,), self.spare_row, dtype=torch.long)  # dummies: the spare row
-        for j, (p, row) in enumerate(zip(prompts, rows, strict=True)):
-            ids[j, : len(p)] = torch.tensor(list(p), dtype=torch.long)
-            last[j], dest[j] = len(p) - 1, row
-        args = (self._dev(ids), self._dev(last), self._dev(dest))
+        host = self.pack(prompts, rows, width, t)
         self.shapes[(width, t)] += 1
         g = self.graph(width, t) if width == self.group else None
-        out = g(*args) if g is not None else self.forward(*args, self.kv)
-        return out[:n]
+        if g is not None:
+            return g(host)
+        return self._packed(width, t, host.to(self.device, non_blocking=True), self.kv)
 
     def warm(self) -> None:
         """Capture every padded length now (or run the eager prefill once)."""

@@ -9,8 +9,10 @@ step (:func:`wake`): a waiting thread through its request's condition, an asynci
 through ONE ``call_soon_threadsafe`` per event loop per step. The text is decoded where it is
 consumed (:class:`BatchedTextStream`, on the server's event loop), never on the engine thread.
 
-Also the Generator's two hooks: :func:`batcher_for` (the server's batcher for a model) and
-:func:`run_rows` (non-streamed requests).
+A step's ids reach the host through :class:`HostRing` (reused pinned rows and events: one
+copy and one event record a step on the engine thread). Also the Generator's two hooks:
+:func:`batcher_for` (the server's batcher for a model) and :func:`run_rows` (non-streamed
+requests).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
+
+import torch
 
 from ragtune.decoding import NO_CHANGE, Decoding, GenerationResult, PieceStream, new_text
 from ragtune.stopping import finish_text
@@ -108,6 +112,58 @@ class Request:
         self.t_done = time.perf_counter()
         self.error = error
         self.done = True
+
+
+class HostIds:
+    """A device tensor's values on their way to the host: a row of a pinned ring and an event,
+    so that reading them waits for that copy only, not for the steps queued after it."""
+
+    __slots__ = ("ring", "slot", "n")
+
+    def __init__(self, ring: HostRing, slot: tuple[torch.Tensor, Any], n: int) -> None:
+        self.ring, self.slot, self.n = ring, slot, n
+
+    def ready(self) -> bool:
+        """Whether the values are there (never waits)."""
+        event = self.slot[1]
+        return event is None or bool(event.query())
+
+    def get(self) -> list[int]:
+        """The values (waits for their copy only); the ring row is free again after this."""
+        buf, event = self.slot
+        if event is not None:
+            event.synchronize()  # releases the GIL while it waits
+        values = buf.tolist()[: self.n]
+        self.ring.free.append(self.slot)
+        return values
+
+
+class HostRing:
+    """Pinned host rows (and their events), reused: copying a step's ids out costs the batcher's
+    engine thread one copy and one event record, no allocation. Engine thread only."""
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        self.width, self.cuda = width, device.type == "cuda"
+        self.free: list[tuple[torch.Tensor, Any]] = []
+        self.stream: Any = None  # the engine thread's stream, read on its first copy
+
+    def put(self, t: torch.Tensor) -> HostIds:
+        """Queue the copy of ``t`` ([n] ids, n <= width) to the host."""
+        if self.free:
+            slot = self.free.pop()
+        else:  # a new row (rows come back once read; an entry dropped on failure keeps its)
+            buf = torch.empty(self.width, dtype=torch.long, pin_memory=self.cuda)
+            slot = (buf, torch.cuda.Event() if self.cuda else None)
+        buf, event = slot
+        n = t.shape[0]
+        if event is None:
+            buf[:n].copy_(t)
+        else:
+            if self.stream is None:
+                self.stream = torch.cuda.current_stream(t.device)
+            buf[:n].copy_(t, non_blocking=True)
+            event.record(self.stream)
+        return HostIds(self, slot, n)
 
 
 def _set_all(events: list[asyncio.Event]) -> None:

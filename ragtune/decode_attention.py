@@ -34,6 +34,10 @@ ENV = "RAGTUNE_DECODE_ATTENTION"
 MODE = os.environ.get(ENV, "auto").lower()
 BLOCK_S = 64  # slots a program reads per step of its loop
 MAX_CHUNKS = 16  # programs along the slots (per row and KV head): 8 x 12 at 768 slots, 12B
+# programs a layer to aim for when each row has its own slot (the batcher's 32 rows x 8 KV
+# heads: 2 chunks of 8 blocks, not 16 of 1; at 16 each, H200: latency-bound, docs/benchmarks.md;
+# not yet measured)
+MANY_PROGRAMS = 512
 
 
 def kernel_unsupported(q: torch.Tensor, k: torch.Tensor) -> str | None:
@@ -111,10 +115,13 @@ def workspace(rows: int, gp: int, d: int, device: torch.device) -> tuple[torch.T
     return ws
 
 
-def chunking(n: int) -> tuple[int, int]:
-    """(blocks of BLOCK_S slots a program walks, programs along the slots) for ``n`` slots."""
+def chunking(n: int, rows: int = 0) -> tuple[int, int]:
+    """(blocks of BLOCK_S slots a program walks, programs along the slots) for ``n`` slots;
+    ``rows`` (row x KV head pairs; 0: as at batch 1): with many, fewer chunks each, so that
+    there are about ``MANY_PROGRAMS`` programs, not ``MAX_CHUNKS`` a pair."""
     blocks = -(-n // BLOCK_S)
-    per = -(-blocks // MAX_CHUNKS)
+    most = MAX_CHUNKS if rows <= 0 else max(1, min(MAX_CHUNKS, -(-MANY_PROGRAMS // rows)))
+    per = -(-blocks // most)
     return per, -(-blocks // per)
 
 
@@ -131,7 +138,7 @@ def launch(
     [B, Hkv, n, D] (views of the cache are fine), seen [B, n] bool -> [B, H, D] in q's dtype;
     ``rope`` = (cos, sin, pos): q is rotated in the kernel; ``write`` = (k_new, v_new, slot):
     this step's K (rotated in the kernel) and V rows [B, Hkv, D] go to cache slot ``slot``
-    ([1], < n) first (needs ``rope``)."""
+    ([1]: every row's, or [B]: each row's own; < n) first (needs ``rope``)."""
     from ragtune.decode_attention_kernel import decode_attention_kernel
 
     bsz, n_heads, d = q.shape
@@ -139,7 +146,8 @@ def launch(
     g = n_heads // n_kv
     gp = 16
     acc, ml, cnt = workspace(bsz * n_kv, gp, d, q.device)
-    per, chunks = chunking(n)
+    per_row = int(write is not None and write[2].numel() > 1)
+    per, chunks = chunking(n, bsz * n_kv if per_row else 0)
     if q.stride(2) != 1 or q.stride(1) != d:
         q = q.contiguous()
     out = torch.empty(bsz, n_heads, d, dtype=q.dtype, device=q.device)
@@ -151,6 +159,7 @@ def launch(
     kn, vn, slot = write if write is not None else (q, q, q)  # unread without WRITE
     if write is not None:
         kn, vn = (t if t.stride(2) == 1 and t.stride(1) == d else t.contiguous() for t in (kn, vn))
+        slot = slot.reshape(-1)  # [B, 1] positions are [B] rows' slots
     # a view, not a conversion kernel a layer: bool and uint8 are both one byte
     mask = seen.contiguous().view(torch.uint8)
     decode_attention_kernel[(bsz * n_kv, chunks)](
@@ -171,6 +180,7 @@ def launch(
         n,
         chunks,
         float(scale),
+        per_row,
         q.stride(0),
         kn.stride(0),
         vn.stride(0),
@@ -240,14 +250,23 @@ def decode_attention_write(
 ) -> torch.Tensor:
     """A decode step's layer from its q|k|v output on: q and this step's K (unrotated) and V
     rows [B, H|Hkv, D] at positions ``pos`` [B]; K rotated and K/V written to cache slot
-    ``slot`` ([1], < n) of ``k_cache``/``v_cache`` [B, Hkv, S, D]; attention over the first
-    ``n`` slots (``seen`` [B, n]) -> [B, H, D]. In the kernel this is one launch a layer where
-    the step had three (q rotation, K rotation and cache write, attention)."""
+    ``slot`` of ``k_cache``/``v_cache`` [B, Hkv, S, D] (``slot`` [1]: every row's, a
+    left-padded batch; [B]: each row's own, the continuous batcher's rows; < n); attention
+    over the first ``n`` slots (``seen`` [B, n]; with a slot per row, none past the row's own:
+    the kernel does not read them) -> [B, H, D]. In
+    the kernel this is one launch a layer where the step had three (q rotation, K rotation
+    and cache write, attention); a row's result depends on its own inputs only."""
     k, v = k_cache[:, :, :n], v_cache[:, :, :n]
     if kernel_unsupported(q, k) is None:
         return launch(q, k, v, seen, scale, (cos, sin, pos), (k_new, v_new, slot))
-    k_cache.index_copy_(2, slot, rotate(k_new, cos, sin, pos)[:, :, None, :])
-    v_cache.index_copy_(2, slot, v_new[:, :, None, :])
+    k_rot, slot = rotate(k_new, cos, sin, pos), slot.reshape(-1)
+    if slot.numel() == 1:
+        k_cache.index_copy_(2, slot, k_rot[:, :, None, :])
+        v_cache.index_copy_(2, slot, v_new[:, :, None, :])
+    else:  # a slot per row
+        rows = torch.arange(q.shape[0], device=q.device)
+        k_cache[rows, :, slot] = k_rot
+        v_cache[rows, :, slot] = v_new
     return reference(q, k, v, seen, scale, (cos, sin, pos))
 
 

@@ -10,7 +10,9 @@ deterministic, no memset (that program resets its counter).
 
 With WRITE (the decode step), the program also rotates this step's K, and the program whose
 chunk holds the step's slot writes K/V there; with ROPE it rotates q: the step's rotation and
-cache-write kernels go.
+cache-write kernels go. The slot is one for every row (a left-padded batch) or each row's own
+(the continuous batcher's rows, each at its position, seeing no slot past it): then slots past
+a row's own are not loaded, so it reads only its filled part of the cache.
 
 Scores and sums are float32. 16-bit operands: tensor-core dots with float32 accumulation (the
 products of 16-bit values are exact); the probabilities go to V's dtype for P.V. A float32
@@ -39,13 +41,14 @@ def decode_attention_kernel(
     pos_ptr,  # [B] int64: each row's position (ROPE)
     kn_ptr,  # [B, Hkv, D] this step's K (unrotated) and V rows (WRITE; rows: strides snb, svnb)
     vn_ptr,
-    slot_ptr,  # [1] int64: the cache slot they go to (WRITE; < n)
+    slot_ptr,  # int64: the cache slot they go to (WRITE; < n), [1] or [B] (a slot per row)
     ws_acc,  # [B * Hkv, MAX_CHUNKS, GP, D] float32
     ws_ml,  # [B * Hkv, MAX_CHUNKS, 2, GP] float32: running max, denominator
     cnt_ptr,  # [B * Hkv] int32, zero between calls
     n,  # slots attended (the bucket)
     chunks,  # programs along the slots (<= MAX_CHUNKS)
     scale,
+    ssl,  # slot stride: 0 = one slot for every row, 1 = a slot per row (the batcher's rows)
     sqb,
     snb,
     svnb,
@@ -88,7 +91,7 @@ def decode_attention_kernel(
         sn = tl.load(sin_ptr + p_b * D + d).to(tl.float32)
         q = (q * cs[None, :] + turned * sn[None, :]).to(q_ptr.dtype.element_ty).to(tl.float32)
         if WRITE:  # the K/V rows of this step: rotated K rounded to the cache's dtype
-            slot = tl.load(slot_ptr)
+            slot = tl.load(slot_ptr + b * ssl)
             kn_at = kn_ptr + b.to(tl.int64) * snb + h * D
             kt = tl.load(kn_at + (d + half) % D).to(tl.float32)
             kt = tl.where(d < half, -kt, kt)
@@ -109,6 +112,8 @@ def decode_attention_kernel(
     for it in range(0, PER):
         s = first + it * BLOCK_S + s_off  # [BLOCK_S] cache slots
         inside = s < n
+        if WRITE:  # a row with its own slot sees none past it: those are not read
+            inside = inside & ((s <= slot) | (ssl == 0))
         seen = tl.load(m_ptr + b * n + s, mask=inside, other=0) != 0
         kb = tl.load(k_base + s[:, None] * sks + d[None, :], mask=inside[:, None], other=0.0)
         vb = tl.load(v_base + s[:, None] * svs + d[None, :], mask=inside[:, None], other=0.0)

@@ -275,11 +275,13 @@ class DirectStack:
 
         ``kv_len``: a prompt written from slot 0 sees no slot past its own length, so its
         attention need not read (and mask) the rest of the cache: 4x less at 512 of 2,048.
-        ``fused_attention``: a one-token step whose rows share one slot ([T] ``slots``) runs its
-        rotations, K/V write and attention as one kernel a layer (``ragtune.decode_attention``:
-        float32 scores and sums) instead of a rotation kernel, a write kernel, two matmuls and
-        the softmax; ``mask`` must then be [B, 1, 1, S] (one mask for every head). The
-        batcher's rows (``ragtune.batching``, a slot each) keep the matmul attention.
+        ``fused_attention``: a one-token step runs its rotations, K/V write and attention as
+        one kernel a layer (``ragtune.decode_attention``: float32 scores and sums) instead of a
+        rotation kernel, a write kernel, two matmuls and the softmax, whether its rows share one
+        slot ([T] ``slots``) or each has its own ([B, 1]: the batcher's rows, which then read
+        only their filled slots; ``StepBatcher(fused_attention=True)``, off by default: slower
+        than the compiled matmul attention at 32 rows on the H200, docs/benchmarks.md);
+        ``mask`` must then be [B, 1, 1, S] (one mask for every head).
         """
         bsz, t = ids.shape
         h = self.embed(ids)
@@ -295,7 +297,7 @@ class DirectStack:
             q = q.view(bsz, t, -1, self.head_dim).transpose(1, 2)
             k = k.view(bsz, t, -1, self.head_dim).transpose(1, 2)
             v = v.view(bsz, t, -1, self.head_dim).transpose(1, 2)
-            if fused_attention and t == 1 and rows is None:
+            if fused_attention and t == 1:
                 # rotations, the cache write and attention in one kernel (ragtune.decode_attention)
                 o = torch.ops.ragtune.decode_attention_write(
                     q.reshape(bsz, -1, self.head_dim),
@@ -303,7 +305,7 @@ class DirectStack:
                     v.reshape(bsz, -1, self.head_dim),
                     ks[i],
                     vs[i],
-                    slots,
+                    slots.reshape(-1),  # [1] (shared) or [B] (a slot per row)
                     self.max_seq_len if kv_len is None else kv_len,
                     mask[:, 0, 0],
                     self.scaling[i],

@@ -57,6 +57,7 @@ from ragtune.schema import PromptSchema
 from ragtune.stopping import StopOnText, cleans_up, finish_text, header_stops
 
 log = logging.getLogger(__name__)
+_RECENT_PROMPTS = 128  # prompts whose ids Generator.encode keeps (> a server's rows)
 
 # Special tokens that end a turn in common model families, stopped on when the vocabulary has
 # them (SmolLM2's EOS is <|im_end|>, but it may also emit <|endoftext|>).
@@ -169,6 +170,8 @@ class Generator:
         self.settings = generate_settings(self.gcfg)
         self._lock = threading.Lock()  # one generation at a time (outside the batcher)
         self._batcher: Any = None  # ragtune.batching.StepBatcher, once start_batching ran
+        self._recent_ids: dict[str, tuple[int, ...]] = {}  # prompt text -> ids (encode)
+        self._recent_lock = threading.Lock()
         stops = [*self.schema.stop_strings, *self.extra_stop_strings, *header_stops(self.schema)]
         self.stop_strings = list(dict.fromkeys(s for s in stops if s))
         self.eos_ids = self._eos_ids()
@@ -179,8 +182,19 @@ class Generator:
 
     # ----------------------------------------------------------------- public API
     def encode(self, prompt_text: str) -> list[int]:
-        """The prompt's ids, exactly as training encoded them."""
-        return self.schema.encode_prompt(self.tokenizer, prompt_text)
+        """The prompt's ids, exactly as training encoded them; the recent prompts' are kept
+        (by exact text): ``RagPipeline.prepare`` encodes a prompt to fit it, the generation
+        asks again, and each encoding is GIL time the batcher's engine waits behind."""
+        recent = getattr(self, "_recent_ids", None)  # (absent on a RemoteGenerator)
+        if recent is not None and (ids := recent.get(prompt_text)) is not None:
+            return list(ids)  # a copy: callers may change theirs
+        ids = self.schema.encode_prompt(self.tokenizer, prompt_text)
+        if recent is not None:
+            with self._recent_lock:
+                recent[prompt_text] = tuple(ids)
+                while len(recent) > _RECENT_PROMPTS:
+                    recent.pop(next(iter(recent)))
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         # clean_up_tokenization_spaces only ever applied to WordPiece vocabularies; asking for

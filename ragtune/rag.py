@@ -287,7 +287,8 @@ class RagPipeline:
         if not question or not question.strip():
             raise PipelineError("the question is empty")
         max_new = decoding.max_new_tokens or self.generator.settings.max_new_tokens
-        budget = self.context_budget(question, input, max_new)
+        # closed book: no context to budget (rendering and encoding it would be wasted)
+        budget = 0 if self.retriever is None else self.context_budget(question, input, max_new)
         chunks, retrieval_s = self._retrieve(query or question, budget)
         limit = self.max_seq_length - max_new
         chunks, text, n = fit_prompt(

@@ -315,7 +315,7 @@ def test_tokens_are_handed_out_before_waiting_for_more_gpu_work(
     import ragtune.batching as batching
 
     fd, tok = decoder
-    monkeypatch.setattr(batching._Host, "ready", lambda self: False)  # the GPU is always busy
+    monkeypatch.setattr(batching.HostIds, "ready", lambda self: False)  # the GPU is always busy
     log: list[tuple[str, bool]] = []
     real_wake = batching.wake
 

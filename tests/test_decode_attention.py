@@ -88,10 +88,13 @@ def test_the_op_on_cpu_is_the_reference():
 
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 768, 1024, 1100, 2048, 4096])
 def test_chunking_covers_the_slots_without_empty_programs(n):
-    per, chunks = da.chunking(n)
-    assert 1 <= chunks <= da.MAX_CHUNKS
-    assert per * chunks * da.BLOCK_S >= n  # every slot read
-    assert (chunks - 1) * per * da.BLOCK_S < n  # the last program has a slot to read
+    for rows in (0, 8, 256, 4096):  # (row, KV head) pairs; 0: as at batch 1
+        per, chunks = da.chunking(n, rows)
+        assert 1 <= chunks <= da.MAX_CHUNKS
+        assert per * chunks * da.BLOCK_S >= n  # every slot read
+        assert (chunks - 1) * per * da.BLOCK_S < n  # the last program has a slot to read
+        assert rows * chunks <= max(da.MANY_PROGRAMS, rows) or chunks == da.MAX_CHUNKS
+    assert da.chunking(n, 0) == da.chunking(n)
 
 
 def test_mode_off_or_a_bad_setting(monkeypatch):
@@ -195,6 +198,103 @@ def test_fastdecode_through_the_kernel_keeps_hf_tokens(tiny_lm_path):
         got = fd.generate_batch(prompts[:2], 4, [eos])
         for ids, g in zip(prompts, got):
             assert g == fd.generate(ids, 4, [eos])
+        print("ok")
+        """
+    )
+
+
+def test_the_kernel_with_a_slot_per_row_in_tritons_interpreter():
+    """The batcher's rows: each row writes its own slot and sees slots up to it. The kernel
+    (interpreter) writes the caches as the reference path does and attends as float64 does; a
+    row's output is bitwise the same alone as beside other rows, and NaN past a row's slot
+    (slots it must not read) changes nothing; with many rows (here: few programs wanted) a
+    program walks several blocks."""
+    pytest.importorskip("triton")
+    _interpret(
+        """
+        import torch
+        from ragtune import decode_attention as da
+        from tests.test_decode_attention import exact, rope_tables
+        b, h, hkv, d, s = 3, 8, 2, 32, 256
+        g = torch.Generator().manual_seed(7)
+        kc, vc = (torch.randn(b, hkv, s, d, generator=g) for _ in range(2))
+        q, kn, vn = (torch.randn(b, x, d, generator=g) for x in (h, hkv, hkv))
+        cos, sin, _ = rope_tables(b, d, s, torch.float32)
+        pos = torch.tensor([5, 130, 255])  # a slot per row: one, several and all chunks
+        seen = torch.arange(s)[None, :] <= pos[:, None]
+        scale = d**-0.5
+
+        def step(rows, caches):
+            return torch.ops.ragtune.decode_attention_write(
+                q[rows], kn[rows], vn[rows], *caches, pos[rows], s, seen[rows], scale,
+                cos, sin, pos[rows])
+
+        for many in (512, 12):  # 4 chunks of 1 block a row and head; 2 chunks of 2 blocks
+            da.MANY_PROGRAMS = many
+            assert da.chunking(s, b * hkv) == ((1, 4) if many == 512 else (2, 2))
+            caches = [(kc.clone(), vc.clone()) for _ in range(2)]
+            got = step(slice(None), caches[0])
+            da.MODE = "off"
+            ref = step(slice(None), caches[1])
+            da.MODE = "auto"
+            for a, r in zip(caches[0], caches[1]):
+                assert torch.allclose(a, r, rtol=1e-5, atol=1e-6)
+                assert not torch.equal(a, kc) and not torch.equal(a, vc)
+            want = exact(da.rotate(q, cos, sin, pos), *caches[1], seen, scale)
+            err = float((got.double() - want).norm() / want.norm())
+            assert err < 1e-6, (many, err)
+            assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5)
+            for r in range(b):  # alone: the row's own cache row, the same program for it
+                if many == 512:  # (alone, one row and head pair wants more chunks)
+                    alone = step(slice(r, r + 1), (kc[r : r + 1].clone(), vc[r : r + 1].clone()))
+                    assert torch.equal(alone[0], got[r]), r
+            dirty = (kc.clone(), vc.clone())
+            for r in range(b):
+                dirty[0][r, :, pos[r] + 1 :] = float("nan")
+                dirty[1][r, :, pos[r] + 1 :] = float("nan")
+            assert torch.equal(step(slice(None), dirty), got), many
+        print("ok")
+        """
+    )
+
+
+def test_the_batchers_rows_through_the_kernel_keep_one_at_a_time_tokens(tiny_lm_path):
+    """The continuous batcher's steps through the kernel (``fused_attention``), a slot per row
+    (interpreter, float32 tiny Llama, invariant mode: one step size): concurrent requests get the tokens the same
+    batcher gives each alone and the fast decoder's (its own kernel calls, one shared slot)."""
+    pytest.importorskip("triton")
+    _interpret(
+        f"""
+        import threading
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from ragtune import decode_attention as da
+        from ragtune.batching import StepBatcher
+        from ragtune.fastdecode import FastDecoder
+        from tests.test_fastdecode import PROMPTS
+        model = AutoModelForCausalLM.from_pretrained({str(tiny_lm_path)!r}).eval()
+        tok = AutoTokenizer.from_pretrained({str(tiny_lm_path)!r})
+        fd = FastDecoder(model, tok, max_seq_len=128, compile=False)
+        prompts = [tok(t)["input_ids"] for t in PROMPTS[:2]]
+        want = [fd.generate(p, 5, []) for p in prompts]
+        batcher = StepBatcher(fd, max_batch=2, buckets=(2,), fused_attention=True)
+        per_row = []
+        launch = da.launch
+        da.launch = lambda *a, **k: per_row.append(a[6][2].numel() > 1) or launch(*a, **k)
+        try:
+            alone = [batcher.generate(p, 5, []) for p in prompts]
+            got = [None] * len(prompts)
+            def client(i):
+                got[i] = batcher.generate(prompts[i], 5, [])
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+        finally:
+            batcher.close()
+        assert any(per_row), "the batcher's steps ran the kernel with a slot per row"
+        assert got == alone == want, (got, alone, want)
         print("ok")
         """
     )

@@ -107,6 +107,29 @@ def _scripted(tokenizer, schema, text: str, **gen):
     return model, Generator(model, tokenizer, schema, GenerateConfig(**gen))
 
 
+def test_encode_keeps_recent_prompts_ids(tokenizer, schema, monkeypatch):
+    """A prompt encoded again (the pipeline's fit check, then the generation) costs no second
+    tokenizer call; the ids are the schema's, a caller's changes do not leak, the memo is
+    bounded."""
+    import ragtune.generate as generate
+
+    _, gen = _scripted(tokenizer, schema, "Paris")
+    prompt = _prompt(schema, tokenizer)
+    calls: list[str] = []
+    real = type(schema).encode_prompt
+    monkeypatch.setattr(
+        type(schema), "encode_prompt", lambda s, tok, t: calls.append(t) or real(s, tok, t)
+    )
+    first = gen.encode(prompt)
+    assert first == real(schema, tokenizer, prompt) and calls == [prompt]
+    first.append(-1)
+    assert gen.encode(prompt) == first[:-1] and calls == [prompt]
+    monkeypatch.setattr(generate, "_RECENT_PROMPTS", 2)
+    for q in ("a?", "b?", "c?"):
+        gen.encode(_prompt(schema, tokenizer, q))
+    assert len(gen._recent_ids) == 2 and prompt not in gen._recent_ids
+
+
 def test_stop_string_ends_generation_and_is_trimmed(tokenizer, schema):
     text = "Paris.\n\n### Instruction:\nWhat is the capital of Spain?\n\n### Response:\nMadrid"
     model, gen = _scripted(tokenizer, schema, text, max_new_tokens=60)

@@ -186,6 +186,31 @@ def test_closed_book_context(model_dir, tmp_path):
     assert "\n### Context:\n" not in ans.prompt and "\n### Instruction:\n" in ans.prompt
 
 
+def test_a_closed_book_answer_encodes_its_prompt_once(model_dir, tmp_path, monkeypatch):
+    """Closed book, the prompt is rendered and encoded once (the fit check; there is no
+    context to budget) and the generation reuses those ids: with 32 clients each encoding
+    is GIL time the batcher's engine waits behind. The answer is the one it always was."""
+    from ragtune.rag import RagPipeline
+    from ragtune.schema import PromptSchema
+
+    cfg = ask_cfg(tmp_path, "generate.max_new_tokens=3")
+    pipe = RagPipeline.from_model_dir(model_dir, cfg, context="closed")
+    want = pipe.generator.generate(pipe.prepare("Who developed Corvanite?").prompt).text
+    pipe.generator._recent_ids.clear()
+    encoded: list[str] = []
+    real = PromptSchema.encode_prompt
+
+    def counted(self, tokenizer, text):
+        encoded.append(text)
+        return real(self, tokenizer, text)
+
+    monkeypatch.setattr(PromptSchema, "encode_prompt", counted)
+    stream = pipe.stream("Who developed Corvanite?")
+    text = "".join(stream)
+    assert encoded == [stream.prompt]
+    assert stream.answer is not None and text == stream.answer.text == want
+
+
 def test_run_folder_is_accepted(model_dir, tmp_path):
     from ragtune.modelcard import model_folder
 
