@@ -9,16 +9,9 @@
 # gpu.txt, decode.log + decode.jsonl and tests.log to $OUT as each stage ends.
 set -u
 OUT=${OUT:-/tmp/dec4out}
-mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO"
-if [ ! -d /tmp/s/site ]; then mkdir -p /tmp/s && tar xzf .gpu/site.tgz -C /tmp/s; fi
-if [ -n "${WHEELS:-}" ] && [ ! -d /tmp/s/whl ]; then
-  python3 -m pip install -q --no-deps --no-index --target /tmp/s/whl "$WHEELS"/*.whl
-fi
-export PYTHONPATH="$REPO:/tmp/s/whl:/tmp/s/site" PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export RAGTUNE_GPU_TOKENIZER="$REPO/.gpu/smol_tok" RAGTUNE_GPU_BERT_TOKENIZER="$REPO/.gpu/bert_tok"
+# shellcheck source=bench/gpu_env.sh
+source "$REPO/bench/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 echo "=== decode $(date +%T)"
 timeout "${DECODE_S:-140}" python3 bench/decode.py --random --model .gpu/smol_tok \

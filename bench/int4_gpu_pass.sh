@@ -11,17 +11,9 @@
 # ragtune/int4_configs/ file is used.
 set -u
 OUT=${OUT:-/tmp/int4out}
-mkdir -p "$OUT"
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO"
-if [ ! -d /tmp/s/site ]; then mkdir -p /tmp/s && tar xzf .gpu/site.tgz -C /tmp/s; fi
-if [ -n "${WHEELS:-}" ] && [ ! -d /tmp/s/whl ]; then
-  python3 -m pip install -q --no-deps --no-index --target /tmp/s/whl "$WHEELS"/*.whl
-fi
-export PYTHONPATH="$REPO:/tmp/s/whl:/tmp/s/site" PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export RAGTUNE_GPU_TOKENIZER="$REPO/.gpu/smol_tok" RAGTUNE_GPU_BERT_TOKENIZER="$REPO/.gpu/bert_tok"
+# shellcheck source=bench/gpu_env.sh
+source "$REPO/bench/gpu_env.sh"
 TUNED="$OUT/nvidia_h200.json"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
