@@ -338,6 +338,23 @@ def test_gemlite_int4_matches_the_dequantized_weights(rows):
     assert err < 1e-2, float(err)
 
 
+def _concurrently(answer, n: int, timeout: float = 300) -> list:
+    """``answer(i)`` for i in range(n), each in its own thread, all started at once."""
+    import threading
+
+    got: list = [None] * n
+
+    def client(i: int) -> None:
+        got[i] = answer(i)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    return got
+
+
 def _int4_reference(model, group_size: int = 64):
     """The model whose Linear weights are what the int4 kernels compute with (HF generate)."""
     import copy
@@ -641,8 +658,6 @@ def test_fastdecode_decode_attention_kernel_equals_float64_and_replays_in_a_grap
 def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir, group):
     """Continuous batching on the GPU (compiled, graphed steps; prompts as graphs, alone or in
     fixed groups of 4), float32: same tokens."""
-    import threading
-
     from ragtune.batching import StepBatcher
     from ragtune.fastdecode import FastDecoder
 
@@ -654,17 +669,8 @@ def test_batcher_compiled_equals_one_at_a_time(tokenizer_dir, group):
     budgets = [20, 7, 14, 30, 3, 11]
     want = [fd.generate(p, n, []) for p, n in zip(prompts, budgets, strict=True)]
     batcher = StepBatcher(fd, max_batch=4, buckets=(1, 4), prefill_tokens=1, prefill_group=group)
-    got = [None] * len(prompts)
-
-    def client(i):
-        got[i] = batcher.generate(prompts[i], budgets[i], [])
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        got = _concurrently(lambda i: batcher.generate(prompts[i], budgets[i], []), len(prompts))
     finally:
         batcher.close()
     assert got == want
@@ -703,8 +709,6 @@ def test_server_batching_auto_on_the_cuda_fast_path(tokenizer_dir):
     """server.batching=auto on the CUDA fast path: concurrent greedy answers (compiled,
     graphed 16-row steps, the batch-invariant default), float32, equal the standard path's one
     at a time."""
-    import threading
-
     from ragtune.config import GenerateConfig
     from ragtune.generate import Generator
     from ragtune.schema import get_schema
@@ -720,17 +724,8 @@ def test_server_batching_auto_on_the_cuda_fast_path(tokenizer_dir):
         model, tok, schema, GenerateConfig(max_new_tokens=16, fast=True), max_seq_length=256
     )
     assert gen.start_batching("auto", max_batch=16) and gen._fast is None
-    got: list = [None] * len(prompts)
-
-    def client(i: int) -> None:
-        got[i] = gen.generate(prompts[i]).token_ids
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
+        got = _concurrently(lambda i: gen.generate(prompts[i]).token_ids, len(prompts), 600)
     finally:
         gen._batcher.close()
     assert got == want and gen.batching_stats()["most_rows"] >= 2
@@ -868,8 +863,6 @@ def test_batcher_fp8_concurrent_equals_one_at_a_time(tokenizer_dir):
     """The server's batcher on an FP8-capable GPU (server.batch_weights=auto, invariant mode:
     compiled, graphed 4-row steps, prompts alone as graphs), bf16 model: FP8 weights, and
     concurrent answers equal the same batcher's answers one at a time."""
-    import threading
-
     from ragtune.batchstream import batcher_for
     from ragtune.fp8weights import fp8_unsupported
 
@@ -883,16 +876,7 @@ def test_batcher_fp8_concurrent_equals_one_at_a_time(tokenizer_dir):
     try:
         assert batcher.decoder.quantize == "fp8" and batcher.buckets == [4]
         want = [batcher.generate(p, n, []) for p, n in zip(prompts, budgets, strict=True)]
-        got: list = [None] * len(prompts)
-
-        def client(i: int) -> None:
-            got[i] = batcher.generate(prompts[i], budgets[i], [])
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        got = _concurrently(lambda i: batcher.generate(prompts[i], budgets[i], []), len(prompts))
     finally:
         batcher.close()
     assert got == want and batcher.most_rows >= 2
@@ -902,8 +886,6 @@ def test_batcher_prefill_first_and_pairs_keep_one_at_a_time_answers(tokenizer_di
     """The FP8 batcher with prompts prefilled in fixed pairs (a lone prompt runs in the same
     2-row graph beside a dummy) and prefill-first admission (bench/serve_load.py's
     ``--group 2`` and ``-pf``): concurrent answers equal the same batcher's one at a time."""
-    import threading
-
     from ragtune.batchstream import batcher_for
     from ragtune.fp8weights import fp8_unsupported
 
@@ -917,16 +899,7 @@ def test_batcher_prefill_first_and_pairs_keep_one_at_a_time_answers(tokenizer_di
     budgets = [20, 7, 14, 30, 3, 11, 25, 9]
     try:
         want = [batcher.generate(p, n, []) for p, n in zip(prompts, budgets, strict=True)]
-        got: list = [None] * len(prompts)
-
-        def client(i: int) -> None:
-            got[i] = batcher.generate(prompts[i], budgets[i], [])
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=300)
+        got = _concurrently(lambda i: batcher.generate(prompts[i], budgets[i], []), len(prompts))
     finally:
         batcher.close()
     assert got == want and batcher.most_rows >= 2
