@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,6 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteriaList,
-    TextIteratorStreamer,
 )
 from transformers.generation.streamers import BaseStreamer
 
@@ -51,10 +50,10 @@ from ragtune.decoding import (
     GenerationResult,
     PieceStream,
     generate_settings,
-    new_text,
 )
 from ragtune.schema import PromptSchema
 from ragtune.stopping import StopOnText, cleans_up, finish_text, header_stops
+from ragtune.textstream import TextStream
 
 log = logging.getLogger(__name__)
 _RECENT_PROMPTS = 128  # prompts whose ids Generator.encode keeps (> a server's rows)
@@ -62,91 +61,6 @@ _RECENT_PROMPTS = 128  # prompts whose ids Generator.encode keeps (> a server's 
 # Special tokens that end a turn in common model families, stopped on when the vocabulary has
 # them (SmolLM2's EOS is <|im_end|>, but it may also emit <|endoftext|>).
 _END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<|end_of_text|>")
-
-
-class TextStream(PieceStream):
-    """Iterator over the text pieces of one streamed answer; ``.result`` once exhausted.
-
-    The pieces concatenate to exactly ``result.text``. The model runs in a worker thread
-    (transformers' ``TextIteratorStreamer`` hands its text over) that holds the generator's
-    lock only while it generates; ``close()`` (or leaving the loop and dropping the stream)
-    stops it at the next token, so an abandoned stream never keeps the model busy.
-    """
-
-    def __init__(self, generator: Generator, prompt_text: str, decoding: Decoding = NO_CHANGE):
-        self._gen = generator
-        self._prompt = prompt_text
-        self._decoding = decoding
-        self._stops = generator.stops_for(decoding)
-        self._cancel = threading.Event()
-        self._streamer = TextIteratorStreamer(
-            generator.tokenizer,
-            skip_prompt=True,
-            skip_special_tokens=True,
-            clean_up_tokenization_spaces=cleans_up(generator.tokenizer),
-        )
-        self._row: list[int] = []
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        self._it = self._run()
-        self.result: GenerationResult | None = None
-
-    def close(self) -> None:
-        """Stop generating; safe from any thread, also while another thread is iterating."""
-        self._cancel.set()
-        self._stop_iterating()
-
-    def __del__(self) -> None:
-        self._cancel.set()
-
-    def _run(self) -> Iterator[str]:
-        gen = self._gen
-        ids = gen.encode(self._prompt)
-        t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._work, args=(ids,), daemon=True)
-        self._thread.start()
-        raw = emitted = ""
-        hit = False
-        try:
-            for piece in self._streamer:
-                if hit:
-                    continue  # drain until the generation thread ends
-                raw += piece
-                visible, hit = finish_text(raw, self._stops, final=False)
-                if piece := new_text(visible, emitted):
-                    yield piece
-                    emitted = visible
-                if hit:
-                    self._cancel.set()
-        finally:
-            self._cancel.set()  # no-op when generation already ended
-        # The worker ends right after the streamer's end; joining it means no thread is left
-        # inside torch when the caller moves on (or the interpreter exits).
-        self._thread.join(timeout=60)
-        if self._error is not None:
-            raise self._error
-        # The answer is read from the ids, exactly as generate() reads them.
-        result = gen._result(self._row, time.perf_counter() - t0, len(ids), stops=self._stops)
-        if tail := new_text(result.text, emitted):
-            yield tail
-        self.result = result
-
-    def _work(self, ids: list[int]) -> None:
-        gen = self._gen
-        ended = False
-        try:
-            with gen._turn(self._decoding):
-                if self._cancel.is_set():
-                    return
-                rows = gen._generate_ids(
-                    [ids], self._decoding, streamer=self._streamer, cancel=self._cancel
-                )
-                self._row, ended = rows[0], True
-        except BaseException as e:  # re-raised in the consumer
-            self._error = e
-        finally:
-            if not ended:  # generate() ends the streamer itself when it returns
-                self._streamer.end()
 
 
 @dataclass

@@ -387,7 +387,7 @@ class RemoteGenerator:
 
 
 class RemoteTextStream(PieceStream):
-    """:class:`ragtune.generate.TextStream` over an engine's SSE stream: the same pieces (a
+    """:class:`ragtune.textstream.TextStream` over an engine's SSE stream: the same pieces (a
     tail that might become a stop string is held back), ``.result`` once exhausted, and
     ``close()`` (any thread) drops the connection so the engine stops generating."""
 
