@@ -202,6 +202,21 @@ def test_embeddings_fp16_on_gpu(tmp_path):
     assert cos.min() > 0.99, cos
 
 
+def _hf_greedy(model, ids: list[int], n: int, eos: int) -> list[int]:
+    """HF generate's greedy continuation of one prompt on the GPU (the slow path's tokens)."""
+    x = torch.tensor([ids], device="cuda")
+    with torch.inference_mode():
+        out = model.generate(
+            x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=0,
+        )
+        return out[0, len(ids) :].tolist()
+
+
 def _fp32_lm(tokenizer_dir: str):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -238,16 +253,7 @@ def test_fastdecode_compiled_equals_slow_path(tokenizer_dir, graph):
     eos = tok.eos_token_id
     for text in texts:
         ids = tok(text)["input_ids"]
-        x = torch.tensor([ids], device="cuda")
-        with torch.inference_mode():
-            want = model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=32,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=0,
-            )[0, len(ids) :].tolist()
+        want = _hf_greedy(model, ids, 32, eos)
         assert fd.generate(ids, 32, [eos]) == want
     # batched, left-padded, compiled for batch 3
     prompts = [tok(t)["input_ids"] for t in texts]
@@ -275,16 +281,7 @@ def test_fastdecode_cache_buckets_and_prompt_graphs_equal_slow_path(tokenizer_di
     graphs_before = None
     for text in texts:
         ids = tok(text)["input_ids"]
-        x = torch.tensor([ids], device="cuda")
-        with torch.inference_mode():
-            want = model.generate(
-                x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=70,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=0,
-            )[0, len(ids) :].tolist()
+        want = _hf_greedy(model, ids, 70, eos)
         assert fd.generate(ids, 70, [eos]) == want, text
         graphs_before = graphs_before or counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs_before  # no recompile per bucket
