@@ -109,7 +109,7 @@ def workspace(rows: int, gr: int, d: int, device: torch.device) -> tuple[torch.T
     """Float32 partials of every chunk (``gr`` query heads a KV head: G rounded up to a power
     of two) and zeroed counters, one set per (device, shape), made at the first (uncaptured)
     call; kernels on one stream run one after another, so the layers share it."""
-    key = (str(device), rows, gr, d)
+    key = (str(device), rows, gr, d, MAX_CHUNKS)
     ws = _workspaces.get(key)
     if ws is None:
         ws = (

@@ -142,7 +142,7 @@ def test_the_kernel_in_tritons_interpreter():
             err = float((out.double() - want).norm() / want.norm())
             assert err < (1e-6 if case[-1] == torch.float32 else 8e-3), (case, err)
             assert torch.equal(out, da.launch(q, k, v, seen, scale)), case
-            ws = da._workspaces[(str(q.device), case[0] * case[2], g_rows(case), case[3])]
+            ws = da._workspaces[(str(q.device), case[0] * case[2], g_rows(case), case[3], da.MAX_CHUNKS)]
             assert int(ws[2].abs().sum()) == 0, ws[2]
             # q rotated in the kernel; q a strided view (as the q|k|v output); case 3: two blocks
             # a program, the step's slot in its chunk's second block
