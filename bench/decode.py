@@ -159,13 +159,21 @@ def bench_fast(
     # before/after in one process: the same decoder, compiled step, cache buckets and prompt
     # graphs, with the step's attention through the matmul path inside ragtune's op
     # (decode_attention.MODE = "off": cuBLAS Q.K^T and P.V and the softmax, eager ops inside
-    # the op, in newly captured graphs) instead of the one Triton kernel a layer
+    # the op, in newly captured graphs) instead of the one Triton kernel a layer; or, with
+    # --before-kernel, through an older kernel (bench/decode_attention_before.py) in its place
     old = None
-    if getattr(fd, "fused_attention", False) and fd.device.type == "cuda":
+    before = getattr(fd, "fused_attention", False) and args.before_kernel != "none"
+    if before and fd.device.type == "cuda":
         from ragtune import decode_attention
 
-        graphs, mode = fd._graphs, decode_attention.MODE
-        fd._graphs, decode_attention.MODE = {}, "off"
+        graphs, mode, launch = fd._graphs, decode_attention.MODE, decode_attention.launch
+        fd._graphs = {}
+        if args.before_kernel:
+            from bench.decode_attention_before import launcher
+
+            decode_attention.launch = launcher(args.before_kernel)
+        else:
+            decode_attention.MODE = "off"
         try:
             fd.generate(prompt, args.new, eos_ids=[])  # captures the bucket's step graph
             runs, old_toks = [], []
@@ -174,8 +182,9 @@ def bench_fast(
                 runs.append(dict(fd.last_stats))
             prof = kernel_time(fd, prompt) if args.profile else None
         finally:
-            fd._graphs, decode_attention.MODE = graphs, mode
+            fd._graphs, decode_attention.MODE, decode_attention.launch = graphs, mode, launch
         old = {
+            "what": f"kernel {args.before_kernel}" if args.before_kernel else "matmul attention",
             "decode_tok_s_runs": [round(s["decode_tok_s"], 1) for s in runs],
             "ttft_s_runs": [round(s["ttft_s"], 4) for s in runs],
             "profile": prof,
@@ -207,7 +216,7 @@ def bench_fast(
         "ttft_s_runs": [round(s["ttft_s"], 4) for s in stats],
         "kv_buckets": list(getattr(fd, "kv_buckets", ())),
         "prefill": getattr(fd, "prefill", None),
-        "matmul_attention": old,
+        "attention_before": old,
         "agree_with_slow_first_n": agree,
         "compared_tokens": len(ref) if ref is not None else None,
         **gpu_mem(),
@@ -431,6 +440,16 @@ def main() -> None:
     ap.add_argument("--client-new", type=int, default=128, help="new tokens per client")
     ap.add_argument("--client-buckets", default="", help="batcher step sizes, e.g. 8,32")
     ap.add_argument("--profile", action="store_true", help="kernel time per step (fast variants)")
+    ap.add_argument(
+        "--attention-config",
+        default=None,
+        help="BLOCK_S x warps x MAX_CHUNKS of the decode-attention kernel, e.g. 64x4x16",
+    )
+    ap.add_argument(
+        "--before-kernel",
+        default=None,
+        help="in-process 'before': an older decode-attention kernel file, or none (default: matmul)",
+    )
     ap.add_argument("--int4-configs", default="auto", help="tuned int4 settings: auto|FILE|off")
     ap.add_argument("--int4-dense-rows", type=int, default=128, help="0: int4 GEMM prompts")
     ap.add_argument("--json", type=Path, default=None, help="append results (JSON lines)")
@@ -452,6 +471,12 @@ def main() -> None:
     fastweights.set_tuned_configs(None if args.int4_configs == "off" else args.int4_configs)
     if cuda:
         env["gpu_mem_total_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30)
+    if args.attention_config:
+        from ragtune import decode_attention
+
+        cfg = (int(x) for x in args.attention_config.split("x"))
+        decode_attention.BLOCK_S, decode_attention.NUM_WARPS, decode_attention.MAX_CHUNKS = cfg
+        env["attention_config"] = args.attention_config
     prompt = make_prompt(tok, args.prompt)
     results: list[dict] = []
     models: dict[str, Any] = {}
@@ -616,9 +641,9 @@ def main() -> None:
         if r.get("profile"):
             p = r["profile"]
             note += f" wall {p['wall_ms_per_step']} ms/step, kernels {p['kernel_ms_per_step']}"
-        if r.get("matmul_attention"):
-            o = r["matmul_attention"]
-            note += f"; before (matmul attention) {o['decode_tok_s_runs']} tok/s"
+        if r.get("attention_before"):
+            o = r["attention_before"]
+            note += f"; before ({o['what']}) {o['decode_tok_s_runs']} tok/s"
             if o.get("profile"):
                 note += f", kernels {o['profile']['kernel_ms_per_step']} ms/step"
         if r.get("int4_floor"):

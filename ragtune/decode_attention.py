@@ -33,6 +33,7 @@ import torch
 ENV = "RAGTUNE_DECODE_ATTENTION"
 MODE = os.environ.get(ENV, "auto").lower()
 BLOCK_S = 64  # slots a program reads per step of its loop
+NUM_WARPS = 4
 MAX_CHUNKS = 16  # programs along the slots (per row and KV head): 8 x 12 at 768 slots, 12B
 # programs a layer to aim for when each row has its own slot (the batcher's 32 rows x 8 KV
 # heads: 2 chunks of 8 blocks, not 16 of 1; at 16 each, H200: latency-bound, docs/benchmarks.md;
@@ -96,19 +97,24 @@ def reference(
     return o.reshape(bsz, n_heads, d)
 
 
+def _pow2(x: int) -> int:
+    """The least power of two >= x (x >= 1)."""
+    return 1 << (x - 1).bit_length()
+
+
 _workspaces: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
 
 
-def workspace(rows: int, gp: int, d: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Float32 partials of every chunk and zeroed counters, one set per (device, shape), made
-    at the first (uncaptured) call; kernels on one stream run one after another, so the
-    layers share it."""
-    key = (str(device), rows, gp, d)
+def workspace(rows: int, gr: int, d: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Float32 partials of every chunk (``gr`` query heads a KV head: G rounded up to a power
+    of two) and zeroed counters, one set per (device, shape), made at the first (uncaptured)
+    call; kernels on one stream run one after another, so the layers share it."""
+    key = (str(device), rows, gr, d, MAX_CHUNKS)
     ws = _workspaces.get(key)
     if ws is None:
         ws = (
-            torch.empty(rows, MAX_CHUNKS, gp, d, dtype=torch.float32, device=device),
-            torch.empty(rows, MAX_CHUNKS, 2, gp, dtype=torch.float32, device=device),
+            torch.empty(rows, MAX_CHUNKS, gr, d, dtype=torch.float32, device=device),
+            torch.empty(rows, 2, MAX_CHUNKS, gr, dtype=torch.float32, device=device),
             torch.zeros(rows, dtype=torch.int32, device=device),
         )
         _workspaces[key] = ws
@@ -144,8 +150,8 @@ def launch(
     bsz, n_heads, d = q.shape
     n_kv, n = k.shape[1], k.shape[2]
     g = n_heads // n_kv
-    gp = 16
-    acc, ml, cnt = workspace(bsz * n_kv, gp, d, q.device)
+    gr = _pow2(g)
+    acc, ml, cnt = workspace(bsz * n_kv, gr, d, q.device)
     per_row = int(write is not None and write[2].numel() > 1)
     per, chunks = chunking(n, bsz * n_kv if per_row else 0)
     if q.stride(2) != 1 or q.stride(1) != d:
@@ -180,7 +186,6 @@ def launch(
         n,
         chunks,
         float(scale),
-        per_row,
         q.stride(0),
         kn.stride(0),
         vn.stride(0),
@@ -192,16 +197,18 @@ def launch(
         v.stride(2),
         HKV=n_kv,
         G=g,
-        GP=gp,
+        GP=16,
+        GR=gr,
         D=d,
         BLOCK_S=BLOCK_S,
         PER=per,
         MAX_CHUNKS=MAX_CHUNKS,
         ROPE=rope is not None,
         WRITE=write is not None,
+        ROW_SLOT=bool(per_row),
         # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly: float32 there
         IEEE=k.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=4,
+        num_warps=NUM_WARPS,
     )
     return out
 

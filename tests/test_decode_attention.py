@@ -51,6 +51,12 @@ def rope_tables(b, d, s, dtype, seed=0):
     return emb.cos().to(dtype), emb.sin().to(dtype), torch.randint(0, s, (b,), generator=g)
 
 
+def g_rows(case):
+    """Rows the kernel's workspace keeps a KV head: its query heads rounded up to a power of 2."""
+    g = case[1] // case[2]
+    return 1 << (g - 1).bit_length()
+
+
 def exact(q, k, v, seen, scale):
     """Float64 attention with K/V repeated per query head (transformers' repeat_kv)."""
     g = q.shape[1] // k.shape[1]
@@ -126,7 +132,7 @@ def test_the_kernel_in_tritons_interpreter():
         """
         import torch
         from ragtune import decode_attention as da
-        from tests.test_decode_attention import CASES, exact, inputs, rope_tables
+        from tests.test_decode_attention import CASES, exact, g_rows, inputs, rope_tables
         for i, case in enumerate(CASES):
             q, k, v, seen = inputs(*case, seed=1)
             scale = case[3] ** -0.5
@@ -136,9 +142,11 @@ def test_the_kernel_in_tritons_interpreter():
             err = float((out.double() - want).norm() / want.norm())
             assert err < (1e-6 if case[-1] == torch.float32 else 8e-3), (case, err)
             assert torch.equal(out, da.launch(q, k, v, seen, scale)), case
-            ws = da._workspaces[(str(q.device), case[0] * case[2], 16, case[3])]
+            ws = da._workspaces[(str(q.device), case[0] * case[2], g_rows(case), case[3], da.MAX_CHUNKS)]
             assert int(ws[2].abs().sum()) == 0, ws[2]
-            if i in (1, 4):  # q rotated in the kernel; q a strided view (as the q|k|v output)
+            # q rotated in the kernel; q a strided view (as the q|k|v output); case 3: two blocks
+            # a program, the step's slot in its chunk's second block
+            if i in (1, 3, 4):
                 b, h, _, d = case[:4]
                 wide = torch.randn(b, h * d + 64).to(case[-1])
                 qv = wide[:, 32 : 32 + h * d].view(b, h, d)
