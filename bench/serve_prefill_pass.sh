@@ -4,7 +4,7 @@
 # default until srv5) and after (the default now: compiled) interleaved in one process, then the
 # GPU tests of the batcher and the server, the new ones first.
 #
-#   WHEELS=<gemlite wheel folder> PYX=<fastapi/uvicorn/httpx folder> SERVE_S=230 TESTS_S=120 \
+#   COMMIT=<sha> WHEELS=<gemlite wheel folder> PYX=<fastapi/uvicorn/httpx folder> SERVE_S=250 TESTS_S=110 \
 #     bash bench/serve_prefill_pass.sh
 #
 # Run from a copy of the repository holding .gpu/ (site.tgz, smol_tok/, bert_tok/); writes
@@ -16,7 +16,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 source "$REPO/bench/gpu_env.sh"
 export PYTHONPATH="$PYTHONPATH:${PYX:-}"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
-git log -1 --format=%h 2>/dev/null | tee -a "$OUT/gpu.txt"
+echo "commit ${COMMIT:-unknown}" | tee -a "$OUT/gpu.txt"
 echo "=== serve_load $(date +%T)"
 S=${SERVE_S:-230}
 timeout "$S" python3 bench/serve_load.py --random --model .gpu/smol_tok --bnb4 --clients 32 \
