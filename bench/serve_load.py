@@ -10,8 +10,8 @@ measurements), ``process`` = in a child process (as real clients), ``-1ms`` = th
 GIL switch interval at 1 ms instead of CPython's 5 (no effect beyond the waves' spread on the
 H200), ``-pf`` = the batcher's ``prefill_first``, ``-gN`` = prompts prefilled in groups of N
 (default: the server's, ``ragtune.batchstream.prefill_group_for``),
-``-ep`` = the prompts' eager forward (the batcher's before helper srv5 compiled it; both
-settings' graphs are captured before the first wave), ``-enc3`` = each request's intake as
+``-cp`` / ``-ep`` = the prompts' forward compiled / eager (``StepBatcher(prefill_compiled)``;
+the graphs of a setting other than the server's are captured before the first wave), ``-enc3`` = each request's intake as
 before 2026-12-02 (helper srv4: the prompt encoded three times), ``-fresh`` = each request
 builds a new HTTP client inside the clock, as every measurement before 2026-12-02 (srv3) did;
 without it each client thread connects first and the clock starts when all are connected.
@@ -341,13 +341,22 @@ def measure(
     server_switch = sys.getswitchinterval()
     default_group = batcher.prefiller.group if batcher is not None else 1
     compiled = batcher is not None and batcher.prefiller.compiled  # the server's setting
-    if compiled and any("ep" in m.split("-")[1:] for m in args.modes.split(",")):
-        t0 = time.perf_counter()  # the eager forward's graphs too, before any wave (idle)
+
+    def prefill_setting(tokens: list[str]) -> bool:  # -cp / -ep: compiled / eager forward
+        return "cp" in tokens or (compiled and "ep" not in tokens)
+
+    other = not compiled
+    if batcher is not None and any(
+        prefill_setting(m.split("-")[1:]) == other for m in args.modes.split(",")
+    ):
+        t0 = time.perf_counter()  # the other setting's graphs too, before any wave (idle)
         with torch.inference_mode():
-            batcher.prefiller.compiled = False
+            batcher.prefiller.compiled = other
             batcher.prefiller.warm()
-            batcher.prefiller.compiled = True
-        emit({"what": "eager prefill graphs (-ep)", "warm_s": round(time.perf_counter() - t0, 1)})
+            other = batcher.prefiller.compiled  # (False if the compiled forward failed)
+            batcher.prefiller.compiled = compiled
+        emit({"what": "prefill graphs of the other setting", "compiled": other,
+              "warm_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
     qs = questions(pipe.tokenizer, args.clients, args.prompt)
     emit({"what": "warm wave", **wave(base, qs, args.new)})  # prefill shapes, allocator
     waves: list[dict[str, Any]] = []
@@ -365,7 +374,7 @@ def measure(
             batcher.prefill_first = "pf" in tokens
             sizes = [int(t[1:]) for t in tokens if t[:1] == "g" and t[1:].isdigit()]
             batcher.prefiller.group = sizes[0] if sizes else default_group
-            batcher.prefiller.compiled = compiled and "ep" not in tokens
+            batcher.prefiller.compiled = prefill_setting(tokens)
         sys.setswitchinterval(float(ms[:-2]) / 1e3 if ms else server_switch)
         before = pipe.generator.batching_stats() or {}
         if batcher is not None:
@@ -396,13 +405,18 @@ def measure(
 
     def one_at_a_time(concurrent: dict[str, Any], label: str) -> list[str]:
         n = len(qs) if args.sequential < 0 else min(args.sequential, len(qs))
+        if batcher is not None:  # the concurrent wave's prefill setting (each rounds its own)
+            batcher.prefiller.compiled = concurrent.get("prefill") == "compiled"
         seq = [one(base, q, args.new) for q in qs[:n] if not late()]
+        if batcher is not None:
+            batcher.prefiller.compiled = compiled
         if not seq:
             return []
         same = [s["text"] == c for s, c in zip(seq, concurrent["texts"], strict=False)]
         tokens = sum(s["tokens"] for s in seq)
         emit({
             "what": label,
+            "prefill": concurrent.get("prefill"),
             "requests": len(seq),
             "equal": sum(same),
             "differ": [i for i, ok in enumerate(same) if not ok],
@@ -459,11 +473,14 @@ def measure(
 
         shapes = {tuple(int(x) for x in k.split("x")) for w in waves for k in w.get("shapes", {})}
         ms = gpu_ms(batcher, shapes)
-        tables = {"compiled" if compiled else "eager": ms["prefill_ms"]}
-        if compiled and "eager" in by_setting:  # the eager forward's graphs, same shapes
-            batcher.prefiller.compiled = False
-            tables["eager"] = ms["prefill_eager_ms"] = gpu_ms(batcher, shapes)["prefill_ms"]
-            batcher.prefiller.compiled = True
+        name = "compiled" if compiled else "eager"
+        tables = {name: ms["prefill_ms"]}
+        for setting in ("compiled", "eager"):  # the other setting's graphs, same shapes
+            if setting != name and setting in by_setting:
+                batcher.prefiller.compiled = setting == "compiled"
+                tables[setting] = gpu_ms(batcher, shapes)["prefill_ms"]
+                ms[f"prefill_{setting}_ms"] = tables[setting]
+                batcher.prefiller.compiled = compiled
         for w in waves:
             table = tables.get(w.get("prefill", ""), ms["prefill_ms"])
             runs = sum(table[k] * c for k, c in w.get("shapes", {}).items())

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call for issue 20 item 2 (srv5: the batcher's prompts through a compiled forward):
-# 32 connected streaming clients through the server, before (-ep: the eager prompt forward, the
-# default until srv5) and after (the default now: compiled) interleaved in one process, then the
-# GPU tests of the batcher and the server, the new ones first.
+# 32 connected streaming clients through the server, before (the default: the eager prompt
+# forward) and after (-cp: compiled, RAGTUNE_PREFILL_COMPILE=on) interleaved in one process (the
+# compiled graphs warmed before the first wave: "prefill graphs of the other setting" gives the
+# compile + 16 captures), then the GPU tests of the batcher and the server, the new one first.
 #
 #   COMMIT=<sha> WHEELS=<gemlite wheel folder> PYX=<fastapi/uvicorn/httpx folder> SERVE_S=250 TESTS_S=110 \
 #     bash bench/serve_prefill_pass.sh
@@ -21,7 +22,7 @@ echo "=== serve_load $(date +%T)"
 S=${SERVE_S:-230}
 timeout "$S" python3 bench/serve_load.py --random --model .gpu/smol_tok --bnb4 --clients 32 \
   --prompt 512 --new 128 --max-seq-len 1024 --sequential 8 --deadline-s $((S - 45)) \
-  --weights fp8 --modes process-ep,process,process-ep,process,process-ep,process --waves 1 \
+  --weights fp8 --modes process,process-cp,process,process-cp,process,process-cp --waves 1 \
   --group 1 --json "$OUT/serve_load.jsonl" > "$OUT/serve_load.log" 2>&1
 echo "exit $?" >> "$OUT/serve_load.log"
 python3 - "$OUT/serve_load.jsonl" <<'PY' || true

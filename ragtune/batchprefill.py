@@ -16,11 +16,12 @@ a forward (bigger GEMMs, better use of the GPU); a prompt's tokens then equal it
 only if a row's result depends neither on its position in the batch nor on the other rows,
 which bench/serve_load.py's probe checks, bitwise, per padded length.
 
-``compiled``: the forward compiled by inductor (one compilation with a symbolic length serves
-every padded length; the graphs capture its kernels): its norms, RoPE, activation and FP8
-activation scaling fuse into a few passes a layer instead of ~40 eager kernels over
-[rows x t, hidden]. Its rounding differs from the eager forward's, but every prompt takes the
-same compiled shapes, alone or not, so the invariance above holds as it did.
+``compiled`` (opt-in: not yet measured on a GPU, docs/benchmarks.md): the forward compiled by
+inductor (one compilation with a symbolic length serves every padded length; the graphs
+capture its kernels): its norms, RoPE, activation and FP8 activation scaling fuse into a few
+passes a layer instead of ~40 eager kernels over [rows x t, hidden]. Its rounding differs
+from the eager forward's, but every prompt takes the same compiled shapes, alone or not, so
+the invariance above holds as it did.
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-COMPILE_ENV = "RAGTUNE_PREFILL_COMPILE"  # "off": the batcher's prompts run the eager forward
+COMPILE_ENV = "RAGTUNE_PREFILL_COMPILE"  # "on": the batcher's prompts run a compiled forward
 
 
 def compile_by_default(compiled_decoder: bool) -> bool:
-    """Whether a batcher whose decoder compiles its steps compiles its prefill forward too."""
-    return compiled_decoder and os.environ.get(COMPILE_ENV, "on").lower() not in ("off", "0")
+    """Whether a batcher whose decoder compiles its steps compiles its prefill forward too
+    (``RAGTUNE_PREFILL_COMPILE=on``; off by default until measured on a GPU)."""
+    return compiled_decoder and os.environ.get(COMPILE_ENV, "off").lower() in ("on", "1")
 
 
 class Captured:
@@ -143,10 +145,13 @@ class Prefiller:
         body = self._body
         if self.compiled:
             if self._compiled is None:
-                self._compiled = torch.compile(self._body, dynamic=True)
+                self._compiled = torch.compile(self._body)
             # own copies: views of one packed input would make the compiled code guard on
             # their offsets (a new length = a new offset)
             body, ids, last = self._compiled, ids.clone(), last.clone()
+            # the length alone symbolic (all sizes symbolic: a 12B compile ran > 3 min); an
+            # error, not a silent recompile per length, if something specializes it
+            torch._dynamo.mark_dynamic(ids, 1)
         first, ks, vs = body(ids, last)
         t = ids.shape[1]
         for cache, part in zip((*kv[0], *kv[1]), (*ks, *vs), strict=True):
