@@ -10,11 +10,13 @@ measurements), ``process`` = in a child process (as real clients), ``-1ms`` = th
 GIL switch interval at 1 ms instead of CPython's 5 (no effect beyond the waves' spread on the
 H200), ``-pf`` = the batcher's ``prefill_first``, ``-gN`` = prompts prefilled in groups of N
 (default: the server's, ``ragtune.batchstream.prefill_group_for``),
-``-enc3`` = each request's intake as before 2026-12-02 (helper srv4: the prompt encoded three
-times), ``-fresh`` = each request builds a new HTTP client inside the clock, as every
-measurement before 2026-12-02 (srv3) did; without it each client thread connects first and
-the clock starts when all are connected. Each wave also reports, in server-side seconds from
-its start, when its requests reached the batcher, were queued on the device and finished.
+``-cp`` / ``-ep`` = the prompts' forward compiled / eager (``StepBatcher(prefill_compiled)``;
+the graphs of a setting other than the server's are captured before the first wave), ``-enc3`` = each request's intake as
+before 2026-12-02 (helper srv4: the prompt encoded three times), ``-fresh`` = each request
+builds a new HTTP client inside the clock, as every measurement before 2026-12-02 (srv3) did;
+without it each client thread connects first and the clock starts when all are connected.
+Each wave also reports, in server-side seconds from its start, when its requests reached the
+batcher, were queued on the device and finished.
 Then the same prompts straight into the batcher, and the requests one at a time
 (``--sequential``): their answers must equal the concurrent ones (``equal``), and their speed
 is the lone-request figure. Then the same with prompts prefilled in groups of ``--group``
@@ -266,6 +268,8 @@ def main() -> None:
         dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
         emit({"what": "setup", "device": dev, "batching": on,
               "prefill_group": batcher.prefiller.group if batcher else None,
+              "prefill_compiled": batcher.prefiller.compiled if batcher else None,
+              "dynamo_graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
               "warm_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
         if srv is None:
             with socket.socket() as s:
@@ -336,6 +340,23 @@ def measure(
     """Every measurement of one batcher (its weights); returns the one-at-a-time answers."""
     server_switch = sys.getswitchinterval()
     default_group = batcher.prefiller.group if batcher is not None else 1
+    compiled = batcher is not None and batcher.prefiller.compiled  # the server's setting
+
+    def prefill_setting(tokens: list[str]) -> bool:  # -cp / -ep: compiled / eager forward
+        return "cp" in tokens or (compiled and "ep" not in tokens)
+
+    other = not compiled
+    if batcher is not None and any(
+        prefill_setting(m.split("-")[1:]) == other for m in args.modes.split(",")
+    ):
+        t0 = time.perf_counter()  # the other setting's graphs too, before any wave (idle)
+        with torch.inference_mode():
+            batcher.prefiller.compiled = other
+            batcher.prefiller.warm()
+            other = batcher.prefiller.compiled  # (False if the compiled forward failed)
+            batcher.prefiller.compiled = compiled
+        emit({"what": "prefill graphs of the other setting", "compiled": other,
+              "warm_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
     qs = questions(pipe.tokenizer, args.clients, args.prompt)
     emit({"what": "warm wave", **wave(base, qs, args.new)})  # prefill shapes, allocator
     waves: list[dict[str, Any]] = []
@@ -353,6 +374,7 @@ def measure(
             batcher.prefill_first = "pf" in tokens
             sizes = [int(t[1:]) for t in tokens if t[:1] == "g" and t[1:].isdigit()]
             batcher.prefiller.group = sizes[0] if sizes else default_group
+            batcher.prefiller.compiled = prefill_setting(tokens)
         sys.setswitchinterval(float(ms[:-2]) / 1e3 if ms else server_switch)
         before = pipe.generator.batching_stats() or {}
         if batcher is not None:
@@ -374,19 +396,27 @@ def measure(
             batcher.trace = None
         mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
         rec = {"what": label, "clients_in": mode, **got, **used}
+        if batcher is not None:
+            rec["prefill"] = "compiled" if batcher.prefiller.compiled else "eager"
+            batcher.prefiller.compiled = compiled
         emit({**rec, "peak_gib": round(mem, 1)})
         sys.setswitchinterval(server_switch)
         return rec
 
     def one_at_a_time(concurrent: dict[str, Any], label: str) -> list[str]:
         n = len(qs) if args.sequential < 0 else min(args.sequential, len(qs))
+        if batcher is not None:  # the concurrent wave's prefill setting (each rounds its own)
+            batcher.prefiller.compiled = concurrent.get("prefill") == "compiled"
         seq = [one(base, q, args.new) for q in qs[:n] if not late()]
+        if batcher is not None:
+            batcher.prefiller.compiled = compiled
         if not seq:
             return []
         same = [s["text"] == c for s, c in zip(seq, concurrent["texts"], strict=False)]
         tokens = sum(s["tokens"] for s in seq)
         emit({
             "what": label,
+            "prefill": concurrent.get("prefill"),
             "requests": len(seq),
             "equal": sum(same),
             "differ": [i for i, ok in enumerate(same) if not ok],
@@ -426,19 +456,37 @@ def measure(
         one_at_a_time(waves[-1], f"one at a time, prefill groups of {group}")
         batcher.prefiller.group = default_group
     clients.shutdown()
-    if waves:
-        same = sum(w["texts"] == waves[0]["texts"] for w in waves)
-        emit({"what": "concurrent waves identical", "waves": len(waves), "equal": same})
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for w in waves:
+        by_setting.setdefault(w.get("prefill", "-"), []).append(w)
+    for name, ws in by_setting.items():  # (the eager and compiled forwards round differently)
+        same = sum(w["texts"] == ws[0]["texts"] for w in ws)
+        emit({"what": "concurrent waves identical", "prefill": name, "waves": len(ws),
+              "equal": same})  # fmt: skip
+    if len(by_setting) > 1:  # how far the prefill settings move the answers
+        (a, wa), (b, wb) = list(by_setting.items())[:2]
+        pairs = zip(wa[0]["texts"], wb[0]["texts"], strict=False)
+        emit({"what": f"answers, prefill {b} vs {a}", "answers": len(wa[0]["texts"]),
+              "equal": sum(x == y for x, y in pairs)})  # fmt: skip
     if batcher is not None and torch.cuda.is_available():  # where a wave's time goes
         from bench.serve_gpu import attention_ms, gpu_ms, prefill_probe
 
         shapes = {tuple(int(x) for x in k.split("x")) for w in waves for k in w.get("shapes", {})}
         ms = gpu_ms(batcher, shapes)
+        name = "compiled" if compiled else "eager"
+        tables = {name: ms["prefill_ms"]}
+        for setting in ("compiled", "eager"):  # the other setting's graphs, same shapes
+            if setting != name and setting in by_setting:
+                batcher.prefiller.compiled = setting == "compiled"
+                tables[setting] = gpu_ms(batcher, shapes)["prefill_ms"]
+                ms[f"prefill_{setting}_ms"] = tables[setting]
+                batcher.prefiller.compiled = compiled
         for w in waves:
-            runs = sum(ms["prefill_ms"][k] * c for k, c in w.get("shapes", {}).items())
+            table = tables.get(w.get("prefill", ""), ms["prefill_ms"])
+            runs = sum(table[k] * c for k, c in w.get("shapes", {}).items())
             busy = (w.get("steps", 0) * ms["step_ms"] + runs) / 1e3
             w.update(gpu_busy_s=round(busy, 3), other_s=round(w["wall_s"] - busy, 3))
-        keys = ("what", "clients_in", "wall_s", "steps", "prefills", "prefill_runs")
+        keys = ("what", "clients_in", "prefill", "wall_s", "steps", "prefills", "prefill_runs")
         keys += ("gpu_busy_s", "other_s")
         longest = max(len(pipe.generator.encode(pipe.render(q))) for q in qs) + args.new
         cut = sorted({batcher.max_seq_len, -(-longest // 128) * 128, 512})

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ragtune.batchprefill import Captured, Prefiller
+from ragtune.batchprefill import Captured, Prefiller, compile_by_default
 from ragtune.batchstream import HostIds, HostRing, Request, wake
 from ragtune.errors import RagtuneError
 from ragtune.fastdecode import FastDecodeError, FastDecoder
@@ -81,6 +81,7 @@ class StepBatcher:
         prefill_group: int = 1,
         prefill_first: bool = False,
         fused_attention: bool = False,
+        prefill_compiled: bool | None = None,
     ) -> None:
         if decoder._direct is None:
             raise BatchingError(
@@ -115,6 +116,8 @@ class StepBatcher:
         self._graphs: dict[int, Captured] = {}
         if prefill_graphs is None:
             prefill_graphs = decoder.graph == "manual"
+        if prefill_compiled is None:  # with compiled steps (GPU) and RAGTUNE_PREFILL_COMPILE=on
+            prefill_compiled = compile_by_default(decoder.compiled)
         self.prefiller = Prefiller(
             self.direct,
             self.kv,
@@ -123,6 +126,7 @@ class StepBatcher:
             prefill_group,
             prefill_graphs,
             (self._ids, self._pos),
+            prefill_compiled,
         )
         self._ring = HostRing(max(self.max_batch, self.prefiller.group), dev)
         self.depth = max(0, int(depth))

@@ -15,6 +15,13 @@ default): each prompt alone. ``group`` > 1: up to ``group`` prompts of one padde
 a forward (bigger GEMMs, better use of the GPU); a prompt's tokens then equal its lone ones
 only if a row's result depends neither on its position in the batch nor on the other rows,
 which bench/serve_load.py's probe checks, bitwise, per padded length.
+
+``compiled`` (opt-in: not yet measured on a GPU, docs/benchmarks.md): the forward compiled by
+inductor (one compilation with a symbolic length serves every padded length; the graphs
+capture its kernels): its norms, RoPE, activation and FP8 activation scaling fuse into a few
+passes a layer instead of ~40 eager kernels over [rows x t, hidden]. Its rounding differs
+from the eager forward's, but every prompt takes the same compiled shapes, alone or not, so
+the invariance above holds as it did.
 """
 
 from __future__ import annotations
@@ -22,12 +29,21 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
+
+COMPILE_ENV = "RAGTUNE_PREFILL_COMPILE"  # "on": the batcher's prompts run a compiled forward
+
+
+def compile_by_default(compiled_decoder: bool) -> bool:
+    """Whether a batcher whose decoder compiles its steps compiles its prefill forward too
+    (``RAGTUNE_PREFILL_COMPILE=on``; off by default until measured on a GPU)."""
+    return compiled_decoder and os.environ.get(COMPILE_ENV, "off").lower() in ("on", "1")
 
 
 class Captured:
@@ -88,6 +104,7 @@ class Prefiller:
         group: int = 1,
         graphs: bool = False,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
+        compiled: bool = False,
     ) -> None:
         self.direct = direct
         self.kv = kv
@@ -97,9 +114,19 @@ class Prefiller:
         self.pad = max(1, int(pad))
         self.group = max(1, int(group))
         self.device = kv[0][0].device
-        self.graphs: dict[tuple[int, int], Captured] | None = {} if graphs else None
+        # the forward compiled, or eager; switchable while idle (benches): graphs per setting
+        self.compiled = bool(compiled)
+        self._compiled: Any = None
+        self._graphs: dict[bool, dict[tuple[int, int], Captured]] | None = (
+            {False: {}, True: {}} if graphs else None
+        )
         self.shapes: collections.Counter[tuple[int, int]] = collections.Counter()  # (rows, t) run
         self._pool: Any = torch.cuda.graph_pool_handle() if graphs else None
+
+    @property
+    def graphs(self) -> dict[tuple[int, int], Captured] | None:
+        """The captured graphs of the current setting ((rows, t) -> graph), None: eager."""
+        return None if self._graphs is None else self._graphs[self.compiled]
 
     def padded(self, n: int) -> int:
         """The length a prompt of ``n`` tokens is prefilled at."""
@@ -115,6 +142,27 @@ class Prefiller:
         padding fills are rewritten by decode steps before any query reads them. Shapes and
         addresses only: capturable as a CUDA graph.
         """
+        body = self._body
+        if self.compiled:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._body)
+            # own copies: views of one packed input would make the compiled code guard on
+            # their offsets (a new length = a new offset)
+            body, ids, last = self._compiled, ids.clone(), last.clone()
+            # the length alone symbolic (all sizes symbolic: a 12B compile ran > 3 min); an
+            # error, not a silent recompile per length, if something specializes it
+            torch._dynamo.mark_dynamic(ids, 1)
+        first, ks, vs = body(ids, last)
+        t = ids.shape[1]
+        for cache, part in zip((*kv[0], *kv[1]), (*ks, *vs), strict=True):
+            cache[:, :, :t].index_copy_(0, rows, part)  # a slice is a view: writes the cache
+        return first
+
+    def _body(
+        self, ids: torch.Tensor, last: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """The prompts' first greedy ids [n] and their K and V [n, n_kv, t, head_dim] a layer
+        (the part of :meth:`forward` that may be compiled: it writes no input)."""
         n, t = ids.shape
         dev, direct = ids.device, self.direct
         slots = torch.arange(t, device=dev)
@@ -126,9 +174,7 @@ class Prefiller:
         )
         pos = slots[None, :].expand(n, t)
         logits = direct.forward(ids, pos, slots, causal[None, None], scratch, last)
-        for cache, part in zip((*kv[0], *kv[1]), (*scratch[0], *scratch[1]), strict=True):
-            cache[:, :, :t].index_copy_(0, rows, part)  # a slice is a view: writes the cache
-        return logits.argmax(dim=-1)
+        return logits.argmax(dim=-1), scratch[0], scratch[1]
 
     def _packed(self, n: int, t: int, flat: torch.Tensor, kv: Any) -> torch.Tensor:
         """:meth:`forward` on one packed input (ids [n*t], last [n], rows [n]: one host copy);
@@ -160,19 +206,24 @@ class Prefiller:
 
     def graph(self, n: int, t: int) -> Captured | None:
         """The captured graph of ``n`` rows of ``t`` tokens (captured now if new), or None."""
-        if self.graphs is None:
+        graphs = self.graphs
+        if graphs is None:
             return None
-        g = self.graphs.get((n, t))
+        g = graphs.get((n, t))
         if g is None:
             static = self.pack([], [], n, t).to(self.device, non_blocking=True)  # dummies only
             fn = functools.partial(self._packed, n, t)
             try:
                 g = Captured(fn, [static], self.kv, pool=self._pool)
-            except Exception as e:  # best effort: the eager prefill gives the same tokens
+            except Exception as e:  # best effort: the eager forward gives the same invariance
+                if self.compiled:
+                    log.warning("batcher: compiled prefill failed (%s); prefilling eagerly", e)
+                    self.compiled = False
+                    return self.graph(n, t)
                 log.warning("batcher: prefill graph capture failed (%s); prefilling eagerly", e)
-                self.graphs = None
+                self._graphs = None
                 return None
-            self.graphs[(n, t)] = g
+            graphs[(n, t)] = g
         return g
 
     def run(self, prompts: Sequence[Sequence[int]], rows: Sequence[int]) -> torch.Tensor:

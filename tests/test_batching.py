@@ -451,3 +451,39 @@ def test_the_server_batcher_pairs_prompts_for_fp8_on_a_gpu(batch_prompts, decode
         batcher.close()
     assert got == [fd.generate(p, 6, eos_ids=[]) for p in prompts]
     assert max(runs) == 2  # some prompts shared a forward
+
+
+def test_a_compiled_prefill_keeps_the_lone_answers_in_one_compilation(batch_prompts, decoder):
+    """``prefill_compiled`` (opt-in with compiled steps: ``RAGTUNE_PREFILL_COMPILE=on``): the
+    prompts' forward runs compiled by inductor, in fixed pairs (a lone prompt beside a dummy): answers
+    equal the eager decoder's and a prompt's own alone, and one compilation (a symbolic
+    length) serves both padded lengths (a length compiled apart would be 16 compiles at 12B)."""
+    import torch
+
+    from ragtune.batchprefill import COMPILE_ENV, compile_by_default
+
+    fd, tok = decoder
+    texts = [batch_prompts[0], batch_prompts[2] * 2, batch_prompts[3], batch_prompts[2]]
+    prompts = [tok(t)["input_ids"] for t in texts]  # padded to 64 and 128
+    want = [fd.generate(p, 6, eos_ids=[]) for p in prompts]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    batcher = StepBatcher(fd, max_batch=4, prefill_tokens=1, prefill_group=2, prefill_compiled=True)
+    try:
+        wake, batcher._wake = batcher._wake, threading.Event()  # the engine sees all 4 at once
+        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
+        batcher._wake = wake
+        got = [r.result(timeout=300) for r in reqs]
+        alone = batcher.generate(prompts[1], 6, eos_ids=[])  # with one dummy row
+    finally:
+        batcher.close()
+    assert got == want and alone == want[1]
+    assert batcher.prefiller.compiled and batcher.prefiller._compiled is not None
+    assert sorted(batcher.prefiller.shapes) == [(2, 64), (2, 128)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    eager = StepBatcher(fd, max_batch=2)
+    eager.close()
+    assert not eager.prefiller.compiled  # uncompiled steps: an eager prefill
+    assert not compile_by_default(True)  # opt-in until measured on a GPU
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(COMPILE_ENV, "on")
+        assert compile_by_default(True) and not compile_by_default(False)

@@ -137,3 +137,33 @@ def test_the_batchers_weights_follow_server_batch_weights(tiny_lm_f32, tmp_path)
     with pytest.raises(ConfigError) as err:
         validate(compose("server", [out, "server.batch_weights=int4"]), SERVER_TOP_LEVEL)
     assert str(err.value).startswith("server.batch_weights:") and "\n" not in str(err.value)
+
+
+def test_the_gpus_fp8_prompt_forward_compiles_once_for_every_length(tiny_lm_f32):
+    """The batcher's compiled prompt forward (``RAGTUNE_PREFILL_COMPILE=on``) through the FP8
+    ops a GPU runs (``_scaled_mm`` with row-wise scales; here PyTorch's CPU kernel): only the
+    length is symbolic, so one compilation serves every padded length (on the H200 a compile
+    with every size symbolic did not end the server's warm-up in 218 s: docs/benchmarks.md)."""
+    import copy
+
+    from ragtune.batchprefill import Prefiller
+
+    model, tok = tiny_lm_f32
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    fd8 = FastDecoder(
+        model, tok, max_seq_len=320, compile=False, quantize="fp8", fp8_kernel="scaled_mm"
+    )
+    qkv = fd8._direct.fused[0].qkv
+    try:
+        qkv(torch.randn(2, qkv.in_features, dtype=torch.bfloat16))
+    except (RuntimeError, NotImplementedError) as e:
+        pytest.skip(f"no _scaled_mm on this CPU build: {e}")
+    kv = fd8._direct.cache(3)
+    pre = Prefiller(fd8._direct, kv, spare_row=2, group=2, compiled=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for t in (64, 128, 256):
+            prompt = [(7 * i + t) % 1000 + 5 for i in range(t - 3)]
+            first = pre._packed(2, t, pre.pack([prompt], [0], 2, t), kv)
+            assert first.shape == (2,)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1

@@ -901,3 +901,44 @@ def test_batcher_prefill_first_and_pairs_keep_one_at_a_time_answers(tokenizer_di
         batcher.close()
     assert got == want and batcher.most_rows >= 2
     assert any(n == 2 for n, _ in batcher.prefiller.graphs)  # the prompts ran in pair graphs
+
+
+def test_batcher_compiled_prefill_rows_are_bitwise_their_lone_ones(tokenizer_dir, monkeypatch):
+    """The FP8 batcher with its prompts' forward compiled (``RAGTUNE_PREFILL_COMPILE=on``:
+    inductor, one compilation with a symbolic length) in fixed pairs: a prompt's first id and
+    its last layer's K/V are bitwise the same in row 1, in row 0 and beside a dummy (the
+    invariance the server promises) at three padded lengths, every padded length has its
+    graph, and concurrent answers equal the same batcher's one at a time."""
+    from ragtune.batchprefill import COMPILE_ENV
+    from ragtune.batchstream import batcher_for
+    from ragtune.fp8weights import fp8_unsupported
+
+    if fp8_unsupported():
+        pytest.skip(fp8_unsupported())
+    monkeypatch.setenv(COMPILE_ENV, "on")
+    model, tok = _fp32_lm(tokenizer_dir)
+    model = model.to(torch.bfloat16)
+    batcher = batcher_for(model, tok, 256, max_batch=4)
+    pre = batcher.prefiller
+    prompts = [tok(t)["input_ids"] for t in [*TEXTS, LONG] * 2]
+    budgets = [20, 7, 14, 30, 3, 11, 25, 9]
+    try:
+        lengths = sorted({pre.padded(n) for n in range(1, pre.max_seq_len)})
+        assert pre.compiled and pre.group == 2 and sorted(t for _, t in pre.graphs) == lengths
+        g = torch.Generator().manual_seed(0)
+        with torch.inference_mode():
+            for t in (64, 128, 192):
+                a, b = torch.randint(100, 30000, (2, t), generator=g).cuda()
+                dummy = torch.zeros_like(b)  # as Prefiller.pack fills a missing row
+                last = torch.tensor([t - 1, t - 1], device="cuda")
+                got = []
+                for rows, j in (((a, b), 1), ((b, a), 0), ((b, dummy), 0)):
+                    first, ks, vs = pre._compiled(torch.stack(rows), last)
+                    got.append((first[j], ks[-1][j], vs[-1][j]))
+                for other in got[1:]:
+                    assert all(torch.equal(x, y) for x, y in zip(got[0], other, strict=True)), t
+        want = [batcher.generate(p, n, []) for p, n in zip(prompts, budgets, strict=True)]
+        got = _concurrently(lambda i: batcher.generate(prompts[i], budgets[i], []), len(prompts))
+    finally:
+        batcher.close()
+    assert got == want and batcher.most_rows >= 2 and pre.compiled
