@@ -116,7 +116,7 @@ class StepBatcher:
         self._graphs: dict[int, Captured] = {}
         if prefill_graphs is None:
             prefill_graphs = decoder.graph == "manual"
-        if prefill_compiled is None:  # with compiled steps (GPU) and RAGTUNE_PREFILL_COMPILE=on
+        if prefill_compiled is None:  # with compiled steps, unless RAGTUNE_PREFILL_COMPILE=off
             prefill_compiled = compile_by_default(decoder.compiled)
         self.prefiller = Prefiller(
             self.direct,

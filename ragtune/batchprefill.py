@@ -16,7 +16,7 @@ a forward (bigger GEMMs, better use of the GPU); a prompt's tokens then equal it
 only if a row's result depends neither on its position in the batch nor on the other rows,
 which bench/serve_load.py's probe checks, bitwise, per padded length.
 
-``compiled`` (opt-in: not yet measured on a GPU, docs/benchmarks.md): the forward compiled by
+``compiled`` (the default with compiled steps; ``RAGTUNE_PREFILL_COMPILE=off``): the forward compiled by
 inductor (one compilation with a symbolic length serves every padded length; the graphs
 capture its kernels): its norms, RoPE, activation and FP8 activation scaling fuse into a few
 passes a layer instead of ~40 eager kernels over [rows x t, hidden]. Its rounding differs
@@ -37,13 +37,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-COMPILE_ENV = "RAGTUNE_PREFILL_COMPILE"  # "on": the batcher's prompts run a compiled forward
+COMPILE_ENV = "RAGTUNE_PREFILL_COMPILE"  # "off": the batcher's prompts run an eager forward
 
 
 def compile_by_default(compiled_decoder: bool) -> bool:
-    """Whether a batcher whose decoder compiles its steps compiles its prefill forward too
-    (``RAGTUNE_PREFILL_COMPILE=on``; off by default until measured on a GPU)."""
-    return compiled_decoder and os.environ.get(COMPILE_ENV, "off").lower() in ("on", "1")
+    """Whether a batcher whose decoder compiles its steps compiles its prefill forward too:
+    yes unless ``RAGTUNE_PREFILL_COMPILE=off`` (on the H200 a prompt pair takes 31 ms instead
+    of 43 for ~17 s more warm-up; docs/benchmarks.md)."""
+    return compiled_decoder and os.environ.get(COMPILE_ENV, "on").lower() not in ("off", "0")
 
 
 class Captured:

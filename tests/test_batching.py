@@ -454,7 +454,7 @@ def test_the_server_batcher_pairs_prompts_for_fp8_on_a_gpu(batch_prompts, decode
 
 
 def test_a_compiled_prefill_keeps_the_lone_answers_in_one_compilation(batch_prompts, decoder):
-    """``prefill_compiled`` (opt-in with compiled steps: ``RAGTUNE_PREFILL_COMPILE=on``): the
+    """``prefill_compiled`` (the default with compiled steps; ``RAGTUNE_PREFILL_COMPILE=off``): the
     prompts' forward runs compiled by inductor, in fixed pairs (a lone prompt beside a dummy): answers
     equal the eager decoder's and a prompt's own alone, and one compilation (a symbolic
     length) serves both padded lengths (a length compiled apart would be 16 compiles at 12B)."""
@@ -483,7 +483,8 @@ def test_a_compiled_prefill_keeps_the_lone_answers_in_one_compilation(batch_prom
     eager = StepBatcher(fd, max_batch=2)
     eager.close()
     assert not eager.prefiller.compiled  # uncompiled steps: an eager prefill
-    assert not compile_by_default(True)  # opt-in until measured on a GPU
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(COMPILE_ENV, "on")
-        assert compile_by_default(True) and not compile_by_default(False)
+        mp.delenv(COMPILE_ENV, raising=False)
+        assert compile_by_default(True) and not compile_by_default(False)  # on with compiled steps
+        mp.setenv(COMPILE_ENV, "off")
+        assert not compile_by_default(True)

@@ -140,7 +140,7 @@ def test_the_batchers_weights_follow_server_batch_weights(tiny_lm_f32, tmp_path)
 
 
 def test_the_gpus_fp8_prompt_forward_compiles_once_for_every_length(tiny_lm_f32):
-    """The batcher's compiled prompt forward (``RAGTUNE_PREFILL_COMPILE=on``) through the FP8
+    """The batcher's compiled prompt forward (the default with compiled steps) through the FP8
     ops a GPU runs (``_scaled_mm`` with row-wise scales; here PyTorch's CPU kernel): only the
     length is symbolic, so one compilation serves every padded length (on the H200 a compile
     with every size symbolic did not end the server's warm-up in 218 s: docs/benchmarks.md)."""

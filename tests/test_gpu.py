@@ -904,7 +904,7 @@ def test_batcher_prefill_first_and_pairs_keep_one_at_a_time_answers(tokenizer_di
 
 
 def test_batcher_compiled_prefill_rows_are_bitwise_their_lone_ones(tokenizer_dir, monkeypatch):
-    """The FP8 batcher with its prompts' forward compiled (``RAGTUNE_PREFILL_COMPILE=on``:
+    """The FP8 batcher with its prompts' forward compiled (the default; set explicitly here:
     inductor, one compilation with a symbolic length) in fixed pairs: a prompt's first id and
     its last layer's K/V are bitwise the same in row 1, in row 0 and beside a dummy (the
     invariance the server promises) at three padded lengths, every padded length has its
