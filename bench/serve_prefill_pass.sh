@@ -25,18 +25,7 @@ timeout "$S" python3 bench/serve_load.py --random --model .gpu/smol_tok --bnb4 -
   --weights fp8 --modes process,process-cp,process,process-cp,process,process-cp --waves 1 \
   --group 1 --json "$OUT/serve_load.jsonl" > "$OUT/serve_load.log" 2>&1
 echo "exit $?" >> "$OUT/serve_load.log"
-python3 - "$OUT/serve_load.jsonl" <<'PY' || true
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    r.pop("texts", None)
-    if str(r.get("what", "")).startswith("wave"):
-        keys = ("clients_in", "prefill", "aggregate_tok_s", "wall_s", "latency_p50_s",
-                "latency_p95_s", "ttft_p50_s", "ttft_p95_s", "non_200", "steps", "prefill_runs",
-                "shapes", "submit_s", "admit_s", "done_s")
-        r = {k: r.get(k) for k in keys}
-    print(json.dumps(r)[:1500])
-PY
+python3 bench/serve_summary.py "$OUT/serve_load.jsonl" || true
 grep -E "Error|error|Traceback|warning|exit" "$OUT/serve_load.log" | grep -v "^{" | tail -15 | cut -c 1-400
 echo "=== tests $(date +%T)"
 T=tests/test_gpu.py

@@ -25,17 +25,7 @@ serve() {  # serve NAME SECONDS [env...]: 32 connected clients, two waves, 8 one
     --weights fp8 --modes process,process --waves 1 --group 1 --json "$OUT/$name.jsonl" \
     > "$OUT/$name.log" 2>&1
   echo "exit $?" >> "$OUT/$name.log"
-  python3 - "$OUT/$name.jsonl" <<'PY' || true
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    r.pop("texts", None)
-    if str(r.get("what", "")).startswith("wave"):
-        keys = ("what", "prefill", "aggregate_tok_s", "wall_s", "latency_p50_s", "latency_p95_s",
-                "ttft_p50_s", "ttft_p95_s", "non_200", "steps", "prefill_runs", "peak_gib")
-        r = {k: r.get(k) for k in keys}
-    print(json.dumps(r)[:700])
-PY
+  python3 bench/serve_summary.py "$OUT/$name.jsonl" || true
   grep -E "Traceback|Error|exit" "$OUT/$name.log" | tail -5 | cut -c 1-300
 }
 

@@ -348,6 +348,19 @@ def test_tokens_are_handed_out_before_waiting_for_more_gpu_work(
         assert not (before == ("hand out", True) and now[0] == "hand out"), log
 
 
+def _together_then_alone(batcher: StepBatcher, prompts: list, timeout: float) -> tuple:
+    """Every prompt admitted at once (6 new tokens each), then prompts[1] alone (beside one
+    dummy row); closes the batcher. Returns (the concurrent answers, the lone one)."""
+    try:
+        wake_event, batcher._wake = batcher._wake, threading.Event()  # all admitted at once
+        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
+        batcher._wake = wake_event
+        got = [r.result(timeout=timeout) for r in reqs]
+        return got, batcher.generate(prompts[1], 6, eos_ids=[])
+    finally:
+        batcher.close()
+
+
 def test_prompts_of_one_padded_length_are_prefilled_in_fixed_groups(batch_prompts, decoder):
     """prefill_group: up to that many prompts of one padded length share one forward of a
     fixed shape (missing rows are dummies into the spare row); answers stay the lone ones."""
@@ -369,14 +382,7 @@ def test_prompts_of_one_padded_length_are_prefilled_in_fixed_groups(batch_prompt
         return forward(ids, *args)
 
     batcher.prefiller.forward = logged  # type: ignore[method-assign]
-    try:
-        wake_event, batcher._wake = batcher._wake, threading.Event()  # all 4 admitted at once
-        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
-        batcher._wake = wake_event
-        got = [r.result(timeout=60) for r in reqs]
-        alone = batcher.generate(prompts[1], 6, eos_ids=[])  # with one dummy row
-    finally:
-        batcher.close()
+    got, alone = _together_then_alone(batcher, prompts, timeout=60)
     assert got == want and alone == want[1]
     assert sorted(shapes) == [(2, 64), (2, 128), (2, 128)]
 
@@ -468,14 +474,7 @@ def test_a_compiled_prefill_keeps_the_lone_answers_in_one_compilation(batch_prom
     want = [fd.generate(p, 6, eos_ids=[]) for p in prompts]
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     batcher = StepBatcher(fd, max_batch=4, prefill_tokens=1, prefill_group=2, prefill_compiled=True)
-    try:
-        wake, batcher._wake = batcher._wake, threading.Event()  # the engine sees all 4 at once
-        reqs = [batcher.submit(p, 6, eos_ids=[]) for p in prompts]
-        batcher._wake = wake
-        got = [r.result(timeout=300) for r in reqs]
-        alone = batcher.generate(prompts[1], 6, eos_ids=[])  # with one dummy row
-    finally:
-        batcher.close()
+    got, alone = _together_then_alone(batcher, prompts, timeout=300)
     assert got == want and alone == want[1]
     assert batcher.prefiller.compiled and batcher.prefiller._compiled is not None
     assert sorted(batcher.prefiller.shapes) == [(2, 64), (2, 128)]
