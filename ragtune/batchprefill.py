@@ -43,7 +43,7 @@ COMPILE_ENV = "RAGTUNE_PREFILL_COMPILE"  # "off": the batcher's prompts run an e
 def compile_by_default(compiled_decoder: bool) -> bool:
     """Whether a batcher whose decoder compiles its steps compiles its prefill forward too:
     yes unless ``RAGTUNE_PREFILL_COMPILE=off`` (on the H200 a prompt pair takes 31 ms instead
-    of 43 for ~17 s more warm-up; docs/benchmarks.md)."""
+    of 43, for a longer warm-up: the compile; docs/benchmarks.md)."""
     return compiled_decoder and os.environ.get(COMPILE_ENV, "on").lower() not in ("off", "0")
 
 
