@@ -1,0 +1,132 @@
+"""The decode step's ``down(SiLU(gate) * up)`` as one int4 GEMV (``RAGTUNE_FUSED_DOWN=on``).
+
+Why: the unfused step runs SiLU(gate) * up as its own inductor kernel before ``down``'s GEMV
+(one kernel a layer, 40 a 12B step, each with its launch gap in the CUDA graph). Here
+``down``'s denormal GEMV (``ragtune.int4_gemv``, block=2) reads the gate|up row itself and
+computes the activation where it loads its inputs (``int4_down_kernel``). Off by default: the
+gain is not measured yet (docs/benchmarks.md, issue 20); with the switch off nothing here is
+imported and the step runs the same kernels as before.
+
+``ragtune::int4_gemv_silu_mul(gate_up, w_q, scales, shifts, config)``: on CUDA the kernel; on
+any other device ``reference`` (the reference kernel's product, for CPU tests of the decode
+path). Only one-row calls of an ``Int4Linear`` whose one-row setting is the denormal kernel
+(or the reference kernel) take it (``fused_setting``); others keep the unfused expression.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ragtune.int4_gemv import GemvConfig, GemvError, plan, workspace
+
+FUSED_DOWN_ENV = "RAGTUNE_FUSED_DOWN"
+DENORMAL = 2  # GemvConfig.block of the kernel this fusion extends
+
+
+def fused_down_enabled() -> bool:
+    """``RAGTUNE_FUSED_DOWN``: ``on`` fuses, ``off`` (default) does not."""
+    mode = os.environ.get(FUSED_DOWN_ENV, "off").lower()
+    if mode not in ("on", "off"):
+        raise GemvError(f"{FUSED_DOWN_ENV}={mode!r}: use on or off")
+    return mode == "on"
+
+
+def fused_setting(gemv: list[int] | None, kernel: str) -> list[int] | None:
+    """The op's setting for a ``down`` projection with one-row setting ``gemv`` (None: gemlite's
+    kernel) and int4 ``kernel``, or None where the fusion does not apply or is off."""
+    if not fused_down_enabled():
+        return None
+    if kernel == "reference":
+        return []  # the CPU reference product: no kernel setting
+    if gemv is None or GemvConfig(*gemv).block != DENORMAL:
+        return None
+    return list(gemv)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up of a [..., 2K] gate|up row in float32, rounded once to its dtype: the
+    vector the unfused compiled step hands ``down`` (``int4_down_kernel``'s docstring)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (gate * torch.sigmoid(gate) * up).to(gate_up.dtype)
+
+
+def reference(
+    gate_up: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, shifts: torch.Tensor
+) -> torch.Tensor:
+    """``silu_mul`` times the int4 weights rounded to the input dtype, as
+    ``Int4Linear(kernel="reference")`` multiplies (``unpack_int4`` = ``dequantize_rtn``)."""
+    from ragtune.fastweights import unpack_int4
+
+    x = silu_mul(gate_up)
+    return F.linear(x, unpack_int4(w_q, scales, shifts, x.dtype).t())
+
+
+def launch(
+    gate_up: torch.Tensor,
+    w_q: torch.Tensor,
+    scales: torch.Tensor,
+    shifts: torch.Tensor,
+    cfg: GemvConfig,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """down(SiLU(gate) * up) for one gate|up row [..., 2K] and packed int4 ``down`` weights
+    ([K/8, N] words, [K/g, N] meta) with the denormal kernel's setting ``cfg``."""
+    from ragtune.int4_down_kernel import w4a16_gemv_silu_denorm_kernel
+
+    k8, n = w_q.shape
+    k = k8 * 8
+    group = k // scales.shape[0]
+    if gate_up.numel() != 2 * k:
+        raise GemvError(f"the fused GEMV takes one gate|up row of {2 * k}, got {gate_up.shape}")
+    if cfg.block != DENORMAL:
+        raise GemvError(f"the fused GEMV extends the denormal kernel (block=2), got {cfg.block}")
+    for t in (w_q, scales, shifts):
+        if not t.is_contiguous():
+            raise GemvError("packed int4 tensors must be contiguous")
+    tiles, per_split = plan(n, k, group, cfg)
+    if out is None:
+        out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype, device=gate_up.device)
+    part, cnt = workspace(n, cfg, gate_up.device) if cfg.split > 1 else (out, out)
+    w4a16_gemv_silu_denorm_kernel[(tiles, cfg.split)](
+        gate_up.contiguous(),
+        w_q,
+        scales,
+        shifts,
+        out,
+        part,
+        cnt,
+        n,
+        GROUP=group,
+        ITERS=per_split // cfg.rows,
+        BLOCK_N=cfg.block_n,
+        ROWS=cfg.rows,
+        SPLIT=cfg.split,
+        EVEN_N=n % cfg.block_n == 0,
+        STAGES=cfg.stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.stages,
+    )
+    return out
+
+
+@torch.library.custom_op("ragtune::int4_gemv_silu_mul", mutates_args=())
+def int4_gemv_silu_mul(
+    gate_up: torch.Tensor,
+    w_q: torch.Tensor,
+    scales: torch.Tensor,
+    shifts: torch.Tensor,
+    config: list[int],
+) -> torch.Tensor:
+    """down(SiLU(gate) * up) as an op torch.compile keeps opaque and a CUDA graph captures
+    (like ``ragtune::int4_gemv``); off CUDA, ``reference``."""
+    if gate_up.is_cuda and config:  # [] (the reference kernel's layers): the reference product
+        return launch(gate_up, w_q, scales, shifts, GemvConfig(*config))
+    return reference(gate_up, w_q, scales, shifts)
+
+
+@int4_gemv_silu_mul.register_fake
+def _int4_gemv_silu_mul_fake(gate_up, w_q, scales, shifts, config):  # noqa: ANN001, ANN202
+    return gate_up.new_empty(*gate_up.shape[:-1], w_q.shape[1])

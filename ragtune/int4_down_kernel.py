@@ -1,0 +1,106 @@
+"""The Triton kernel of ``ragtune.int4_down`` (imported only where Triton is installed).
+
+``int4_gemv_kernel.w4a16_gemv_denorm_kernel`` (the denormal kernel the H200 sweep chose for
+the 12B ``down`` shape) with its input computed where it is loaded: x[k] = SiLU(gate[k]) *
+up[k] from the gate|up projection's output row [2K] (gate first, as ``gate_up`` returns it),
+so the step needs no separate SiLU-times-up kernel before ``down``. Every program recomputes
+the activations of the groups it reads (its tile's K-slice); the extra exp and reciprocal a
+value are not measured against the kernel they replace (docs/benchmarks.md, issue 20).
+
+Rounding: the unfused compiled step computes ``F.silu(gate) * up`` in one inductor kernel,
+float32 between its bf16 load and its bf16 store (inductor drops the bf16 round trip between
+the two ops unless ``emulate_precision_casts``), with ``x * tl.sigmoid(x)`` for SiLU; the
+GEMV then reads that bf16 vector. Here: the same float32 expression, rounded once to the
+input dtype and read back as float32, so x is the vector the unfused path hands ``down``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ragtune.int4_gemv_kernel import _finish
+
+
+@triton.jit
+def _silu_mul(gate_ptrs, K: tl.constexpr):
+    """SiLU(gate) * up for gate at ``gate_ptrs`` and up K further, rounded as the unfused
+    step rounds it (module docstring), as float32."""
+    g = tl.load(gate_ptrs).to(tl.float32)
+    u = tl.load(gate_ptrs + K).to(tl.float32)
+    x = (g * tl.sigmoid(g)) * u
+    return x.to(gate_ptrs.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def w4a16_gemv_silu_denorm_kernel(
+    gu_ptr,  # [2K] gate | up (bf16/fp16/fp32)
+    w_ptr,  # [K // 8, N] int32 packed codes
+    s_ptr,  # [K // GROUP, N] scales
+    h_ptr,  # [K // GROUP, N] shifts
+    out_ptr,  # [N]
+    part_ptr,  # [SPLIT, N] float32 (SPLIT > 1)
+    cnt_ptr,  # [cdiv(N, BLOCK_N)] int32 counters, zero between calls (SPLIT > 1)
+    N,
+    GROUP: tl.constexpr,
+    ITERS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """The denormal kernel's loop and arithmetic (``int4_gemv_kernel``), x from ``_silu_mul``."""
+    WORDS: tl.constexpr = GROUP // 8
+    K: tl.constexpr = SPLIT * ITERS * ROWS * GROUP  # up starts K after gate
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_n < N)[None, :]
+    rows = tl.arange(0, ROWS)
+    acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    g_first = pid_s * (ITERS * ROWS)
+    for it in tl.range(0, ITERS, num_stages=STAGES):
+        g = g_first + it * ROWS + rows
+        w_rows = w_ptr + (g * WORDS).to(tl.int64)[:, None] * N + offs_n[None, :]
+        x_rows = gu_ptr + (g * GROUP)[:, None]
+        m_off = g.to(tl.int64)[:, None] * N + offs_n[None, :]
+        if EVEN_N:
+            sc = tl.load(s_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
+            sh = tl.load(h_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
+        else:
+            sc = tl.load(s_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+            sh = tl.load(h_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+        p0 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p1 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p2 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p3 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        p4 = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        xsum = tl.zeros([ROWS, 1], dtype=tl.float32)
+        for w in tl.static_range(WORDS):
+            if EVEN_N:
+                lo = tl.load(w_rows + w * N, eviction_policy="evict_first")
+            else:
+                lo = tl.load(w_rows + w * N, mask=mask, other=0, eviction_policy="evict_first")
+            up = lo.to(tl.uint32, bitcast=True) >> 12
+            x0 = _silu_mul(x_rows + w * 8, K) * 1.2676506002282294e30  # * 2**100, exact
+            x1 = _silu_mul(x_rows + (w * 8 + 1), K) * 1.2676506002282294e30
+            x2 = _silu_mul(x_rows + (w * 8 + 2), K) * 1.2676506002282294e30
+            x3 = _silu_mul(x_rows + (w * 8 + 3), K) * 1.2676506002282294e30
+            x4 = _silu_mul(x_rows + (w * 8 + 4), K) * 1.2676506002282294e30
+            x5 = _silu_mul(x_rows + (w * 8 + 5), K) * 1.2676506002282294e30
+            x6 = _silu_mul(x_rows + (w * 8 + 6), K) * 1.2676506002282294e30
+            x7 = _silu_mul(x_rows + (w * 8 + 7), K) * 1.2676506002282294e30
+            p0 += (lo & 0xF).to(tl.float32, bitcast=True) * x0
+            p1 += (lo & 0xF0).to(tl.float32, bitcast=True) * x1
+            p2 += (lo & 0xF00).to(tl.float32, bitcast=True) * x2
+            p3 += (lo & 0xF000).to(tl.float32, bitcast=True) * x3
+            p4 += (lo & 0xF0000).to(tl.float32, bitcast=True) * x4
+            p2 += (up & 0xF00).to(tl.float32, bitcast=True) * x5
+            p3 += (up & 0xF000).to(tl.float32, bitcast=True) * x6
+            p4 += (up & 0xF0000).to(tl.float32, bitcast=True) * x7
+            xsum += ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+        dot = p0 + p1 * 0.0625 + p2 * 0.00390625 + p3 * 0.000244140625 + p4 * 1.52587890625e-05
+        acc += dot * sc + sh * (xsum * 7.888609052210118e-31 * 1.7763568394002505e-15)
+    y = tl.sum(acc, axis=0) * 562949953421312.0  # * 2**49
+    _finish(y, offs_n, N, pid_n, pid_s, out_ptr, part_ptr, cnt_ptr, BLOCK_N, SPLIT)
