@@ -592,6 +592,86 @@ def test_int4_linear_runs_one_row_through_the_gemv_compiled_and_graphed():
         assert float((lin(rows).float() - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("setting", [(64, 16, 7, 4, 1, 2), (128, 8, 1, 8, 1, 2)])
+def test_int4_fused_down_equals_float64_and_replays_in_a_graph(setting, monkeypatch):
+    """``ragtune::int4_gemv_silu_mul`` (RAGTUNE_FUSED_DOWN=on) at the 12B down shape (5120 x
+    14336; the H200 file's setting, then one without split): equal to the float64
+    down(SiLU(gate) * up) of the bf16-rounded activation (``int4_down.silu_mul``) to the
+    output's rounding (< 1e-3, as the unfused GEMV's test), within 1e-3 of the unfused GEMV fed
+    inductor's compiled SiLU(gate) * up (bitwise equal where tl.sigmoid rounds as inductor's:
+    printed), bitwise repeatable, counters reset; Int4Linear with the switch on takes it for
+    one row, also compiled and replayed in a CUDA graph with a new input copied in."""
+    import torch.nn.functional as F
+
+    from ragtune import int4_down
+    from ragtune.fastweights import Int4Linear, pack_int4, quantize_rtn, unpack_int4
+    from ragtune.int4_gemv import GemvConfig, launch, workspace
+
+    n, k = 5120, 14336
+    cfg = GemvConfig(*setting)
+    torch.manual_seed(0)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, scale, zero = quantize_rtn(w, 64)
+    shift = (-zero.float() * scale.float()).bfloat16()
+    packed = (pack_int4(q), scale.t().contiguous(), shift.t().contiguous())
+    dense = unpack_int4(*packed, torch.float32).double()  # [in, out]
+
+    def act(gu: torch.Tensor) -> torch.Tensor:  # the unfused step's expression
+        gate, up = gu.split([k, k], dim=-1)
+        return F.silu(gate) * up
+
+    compiled_act = torch.compile(act, dynamic=False)
+    for _ in range(3):
+        gu = torch.randn(1, 1, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
+        out = torch.full((1, 1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        int4_down.launch(gu, *packed, cfg, out=out)
+        ref = int4_down.silu_mul(gu).double().view(1, k) @ dense
+        err = (out.double().view(1, n) - ref).norm() / ref.norm()
+        assert torch.isfinite(out).all() and err < 1e-3, float(err)
+        unfused = launch(compiled_act(gu), *packed, cfg)
+        diff = (out.double() - unfused.double()).norm() / unfused.double().norm()
+        same = float((out == unfused).float().mean())
+        print(f"{setting}: err {float(err):.2e}, vs unfused {float(diff):.2e}, equal {same:.4f}")
+        assert diff < 1e-3, float(diff)
+        assert torch.equal(out, int4_down.launch(gu, *packed, cfg))
+        if cfg.split > 1:
+            assert int(workspace(n, cfg, gu.device)[1].abs().sum()) == 0
+    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "on")
+    lin = Int4Linear(q, scale, zero, 64, "gemlite")
+    assert lin.gemv is not None and lin.fused_act == lin.gemv, (lin.gemv, lin.fused_act)
+    fcfg = GemvConfig(*lin.fused_act)
+    with torch.inference_mode():
+        assert torch.equal(lin.silu_mul_forward(gu), int4_down.launch(gu, *lin._packed, fcfg))
+        step = torch.compile(lambda t: lin.silu_mul_forward(t) * 2, dynamic=False)
+        static = gu.clone()
+        for _ in range(2):
+            step(static)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = step(static)
+        gu2 = torch.randn_like(gu)
+        static.copy_(gu2)
+        graph.replay()
+        assert torch.equal(got, 2 * int4_down.launch(gu2, *lin._packed, fcfg))
+
+
+def test_fastdecode_int4_fused_down_keeps_the_tokens(tokenizer_dir, monkeypatch):
+    """RAGTUNE_FUSED_DOWN=on, compiled + CUDA graph: every layer's down takes the fused op and
+    greedy stays the int4 reference's up to bf16 near-ties (as the unfused test above)."""
+    from ragtune import int4_down
+    from ragtune.fastdecode import FastDecoder
+
+    model, tok = _fp32_lm(tokenizer_dir)
+    model = model.to(torch.bfloat16)
+    ref = _int4_reference(model)
+    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "on")
+    fd = FastDecoder(model, tok, max_seq_len=256, quantize="int4")
+    assert fd.compiled and fd.graph == "manual"
+    assert all(f.down.fused_act for f in fd._direct.fused), [f.down.gemv for f in fd._direct.fused]
+    gaps = _greedy_gaps(fd, ref, tok, TEXTS)
+    assert max(gaps) < 0.05, gaps
+
+
 def test_fastdecode_decode_attention_kernel_equals_float64_and_replays_in_a_graph():
     """ragtune::decode_attention's Triton kernel on the GPU (tests/test_decode_attention.py's
     cases, the 12B shape among them): float64 attention to float32 rounding (bf16: to the
