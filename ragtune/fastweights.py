@@ -307,6 +307,8 @@ class Int4Linear(torch.nn.Module):
             from ragtune import int4_down
 
             self.fused_act = int4_down.fused_setting(self.gemv, self.kernel)
+            if self.fused_act:  # the staged kernel's vector, made before any graph capture
+                int4_down.scratch(self.in_features, self.dtype, self._packed[0].device)
 
     def silu_mul_forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """self(SiLU(gate) * up) for a gate|up row [..., 2 * in]: one kernel where

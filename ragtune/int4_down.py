@@ -3,7 +3,8 @@
 Why: the unfused step runs SiLU(gate) * up as its own inductor kernel before ``down``'s GEMV
 (one kernel a layer, 40 a 12B step, each with its launch gap in the CUDA graph). Here
 ``down``'s denormal GEMV (``ragtune.int4_gemv``, block=2) reads the gate|up row itself and
-computes the activation where it loads its inputs (``int4_down_kernel``). Off by default: the
+computes the activation where it loads its inputs, or once a program through a scratch
+vector (``RAGTUNE_FUSED_DOWN=staged``; ``int4_down_kernel``). Off by default: the
 gain is not measured yet (docs/benchmarks.md, issue 20); with the switch off nothing here is
 imported and the step runs the same kernels as before.
 
@@ -23,27 +24,44 @@ import torch.nn.functional as F
 from ragtune.int4_gemv import GemvConfig, GemvError, plan, workspace
 
 FUSED_DOWN_ENV = "RAGTUNE_FUSED_DOWN"
+MODES = ("off", "on", "staged")
 DENORMAL = 2  # GemvConfig.block of the kernel this fusion extends
 
 
-def fused_down_enabled() -> bool:
-    """``RAGTUNE_FUSED_DOWN``: ``on`` fuses, ``off`` (default) does not."""
+def fused_down_mode() -> str:
+    """``RAGTUNE_FUSED_DOWN``: ``off`` (default), ``on`` (the activation computed where each
+    lane loads it) or ``staged`` (once a program, through a scratch vector; the kernel's
+    docstring)."""
     mode = os.environ.get(FUSED_DOWN_ENV, "off").lower()
-    if mode not in ("on", "off"):
-        raise GemvError(f"{FUSED_DOWN_ENV}={mode!r}: use on or off")
-    return mode == "on"
+    if mode not in MODES:
+        raise GemvError(f"{FUSED_DOWN_ENV}={mode!r}: use one of {MODES}")
+    return mode
 
 
 def fused_setting(gemv: list[int] | None, kernel: str) -> list[int] | None:
     """The op's setting for a ``down`` projection with one-row setting ``gemv`` (None: gemlite's
-    kernel) and int4 ``kernel``, or None where the fusion does not apply or is off."""
-    if not fused_down_enabled():
+    kernel) and int4 ``kernel``: ``gemv`` and 1 (staged) or 0; [] for the reference kernel;
+    None where the fusion does not apply or is off."""
+    mode = fused_down_mode()
+    if mode == "off":
         return None
     if kernel == "reference":
         return []  # the CPU reference product: no kernel setting
     if gemv is None or GemvConfig(*gemv).block != DENORMAL:
         return None
-    return list(gemv)
+    return [*gemv, int(mode == "staged")]
+
+
+_scratch: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}
+
+
+def scratch(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The staged kernel's activation vector [k], one per (device, k, dtype), shared by the
+    layers (made once: call it outside a CUDA graph capture)."""
+    key = (str(device), k, dtype)
+    if key not in _scratch:
+        _scratch[key] = torch.empty(k, dtype=dtype, device=device)
+    return _scratch[key]
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -70,10 +88,12 @@ def launch(
     scales: torch.Tensor,
     shifts: torch.Tensor,
     cfg: GemvConfig,
+    staged: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """down(SiLU(gate) * up) for one gate|up row [..., 2K] and packed int4 ``down`` weights
-    ([K/8, N] words, [K/g, N] meta) with the denormal kernel's setting ``cfg``."""
+    ([K/8, N] words, [K/g, N] meta) with the denormal kernel's setting ``cfg``, the activation
+    computed inline or ``staged``."""
     from ragtune.int4_down_kernel import w4a16_gemv_silu_denorm_kernel
 
     k8, n = w_q.shape
@@ -90,8 +110,11 @@ def launch(
     if out is None:
         out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype, device=gate_up.device)
     part, cnt = workspace(n, cfg, gate_up.device) if cfg.split > 1 else (out, out)
+    gate_up = gate_up.contiguous()
+    xs = scratch(k, gate_up.dtype, gate_up.device) if staged else gate_up
     w4a16_gemv_silu_denorm_kernel[(tiles, cfg.split)](
-        gate_up.contiguous(),
+        gate_up,
+        xs,
         w_q,
         scales,
         shifts,
@@ -106,6 +129,7 @@ def launch(
         SPLIT=cfg.split,
         EVEN_N=n % cfg.block_n == 0,
         STAGES=cfg.stages,
+        STAGED=staged,
         num_warps=cfg.num_warps,
         num_stages=cfg.stages,
     )
@@ -121,9 +145,10 @@ def int4_gemv_silu_mul(
     config: list[int],
 ) -> torch.Tensor:
     """down(SiLU(gate) * up) as an op torch.compile keeps opaque and a CUDA graph captures
-    (like ``ragtune::int4_gemv``); off CUDA, ``reference``."""
+    (like ``ragtune::int4_gemv``); off CUDA, ``reference``. Side effects: the split workspace
+    (restored by the kernel) and the staged scratch vector (written and read within a call)."""
     if gate_up.is_cuda and config:  # [] (the reference kernel's layers): the reference product
-        return launch(gate_up, w_q, scales, shifts, GemvConfig(*config))
+        return launch(gate_up, w_q, scales, shifts, GemvConfig(*config[:-1]), bool(config[-1]))
     return reference(gate_up, w_q, scales, shifts)
 
 

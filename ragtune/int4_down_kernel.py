@@ -7,6 +7,15 @@ so the step needs no separate SiLU-times-up kernel before ``down``. Every progra
 the activations of the groups it reads (its tile's K-slice); the extra exp and reciprocal a
 value are not measured against the kernel they replace (docs/benchmarks.md, issue 20).
 
+Two ways (``STAGED``): inline, each lane computes the activations it multiplies (every lane
+of a row of lanes computes the same ones: ~2 MUFU ops and ~8 others per input per lane, on top
+of the denormal loop's ~2 instructions a weight); staged, a program first computes its
+K-slice once (a 1-D layout, no lane repeats another) into a scratch vector in the input dtype,
+waits at a block barrier, then runs the unfused kernel's loop over that vector. Programs of
+different tiles write the same values to the same scratch words (identical bits; a program
+reads its own writes after the barrier, CUDA's ``__syncthreads`` rule), so the result is the
+same whichever write lands last. Which is faster is not measured (docs/benchmarks.md).
+
 Rounding: the unfused compiled step computes ``F.silu(gate) * up`` in one inductor kernel,
 float32 between its bf16 load and its bf16 store (inductor drops the bf16 round trip between
 the two ops unless ``emulate_precision_casts``), with ``x * tl.sigmoid(x)`` for SiLU; the
@@ -33,8 +42,19 @@ def _silu_mul(gate_ptrs, K: tl.constexpr):
 
 
 @triton.jit
+def _x(ptrs, K: tl.constexpr, STAGED: tl.constexpr):
+    """The float32 input at ``ptrs``: from the scratch vector, or computed here."""
+    if STAGED:  # noqa: SIM108 (a constexpr branch, as the other kernels write them)
+        x = tl.load(ptrs).to(tl.float32)
+    else:
+        x = _silu_mul(ptrs, K)
+    return x
+
+
+@triton.jit
 def w4a16_gemv_silu_denorm_kernel(
     gu_ptr,  # [2K] gate | up (bf16/fp16/fp32)
+    xs_ptr,  # [K] scratch in gu's dtype (STAGED), else unused
     w_ptr,  # [K // 8, N] int32 packed codes
     s_ptr,  # [K // GROUP, N] scales
     h_ptr,  # [K // GROUP, N] shifts
@@ -49,8 +69,10 @@ def w4a16_gemv_silu_denorm_kernel(
     SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr,
     STAGES: tl.constexpr,
+    STAGED: tl.constexpr,
 ):
-    """The denormal kernel's loop and arithmetic (``int4_gemv_kernel``), x from ``_silu_mul``."""
+    """The denormal kernel's loop and arithmetic (``int4_gemv_kernel``), x from ``_silu_mul``
+    (inline or staged: the module docstring)."""
     WORDS: tl.constexpr = GROUP // 8
     K: tl.constexpr = SPLIT * ITERS * ROWS * GROUP  # up starts K after gate
     pid_n = tl.program_id(0)
@@ -60,10 +82,18 @@ def w4a16_gemv_silu_denorm_kernel(
     rows = tl.arange(0, ROWS)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     g_first = pid_s * (ITERS * ROWS)
+    if STAGED:  # this program's K-slice of x, once, then read as the unfused kernel reads x
+        for it in tl.range(0, ITERS):
+            offs = (g_first + it * ROWS) * GROUP + tl.arange(0, ROWS * GROUP)
+            tl.store(xs_ptr + offs, _silu_mul(gu_ptr + offs, K).to(xs_ptr.dtype.element_ty))
+        tl.debug_barrier()  # every lane's values written before any lane reads them
+        x_base = xs_ptr
+    else:
+        x_base = gu_ptr
     for it in tl.range(0, ITERS, num_stages=STAGES):
         g = g_first + it * ROWS + rows
         w_rows = w_ptr + (g * WORDS).to(tl.int64)[:, None] * N + offs_n[None, :]
-        x_rows = gu_ptr + (g * GROUP)[:, None]
+        x_rows = x_base + (g * GROUP)[:, None]
         m_off = g.to(tl.int64)[:, None] * N + offs_n[None, :]
         if EVEN_N:
             sc = tl.load(s_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
@@ -83,14 +113,14 @@ def w4a16_gemv_silu_denorm_kernel(
             else:
                 lo = tl.load(w_rows + w * N, mask=mask, other=0, eviction_policy="evict_first")
             up = lo.to(tl.uint32, bitcast=True) >> 12
-            x0 = _silu_mul(x_rows + w * 8, K) * 1.2676506002282294e30  # * 2**100, exact
-            x1 = _silu_mul(x_rows + (w * 8 + 1), K) * 1.2676506002282294e30
-            x2 = _silu_mul(x_rows + (w * 8 + 2), K) * 1.2676506002282294e30
-            x3 = _silu_mul(x_rows + (w * 8 + 3), K) * 1.2676506002282294e30
-            x4 = _silu_mul(x_rows + (w * 8 + 4), K) * 1.2676506002282294e30
-            x5 = _silu_mul(x_rows + (w * 8 + 5), K) * 1.2676506002282294e30
-            x6 = _silu_mul(x_rows + (w * 8 + 6), K) * 1.2676506002282294e30
-            x7 = _silu_mul(x_rows + (w * 8 + 7), K) * 1.2676506002282294e30
+            x0 = _x(x_rows + w * 8, K, STAGED) * 1.2676506002282294e30  # * 2**100, exact
+            x1 = _x(x_rows + (w * 8 + 1), K, STAGED) * 1.2676506002282294e30
+            x2 = _x(x_rows + (w * 8 + 2), K, STAGED) * 1.2676506002282294e30
+            x3 = _x(x_rows + (w * 8 + 3), K, STAGED) * 1.2676506002282294e30
+            x4 = _x(x_rows + (w * 8 + 4), K, STAGED) * 1.2676506002282294e30
+            x5 = _x(x_rows + (w * 8 + 5), K, STAGED) * 1.2676506002282294e30
+            x6 = _x(x_rows + (w * 8 + 6), K, STAGED) * 1.2676506002282294e30
+            x7 = _x(x_rows + (w * 8 + 7), K, STAGED) * 1.2676506002282294e30
             p0 += (lo & 0xF).to(tl.float32, bitcast=True) * x0
             p1 += (lo & 0xF0).to(tl.float32, bitcast=True) * x1
             p2 += (lo & 0xF00).to(tl.float32, bitcast=True) * x2

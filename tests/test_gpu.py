@@ -592,15 +592,16 @@ def test_int4_linear_runs_one_row_through_the_gemv_compiled_and_graphed():
         assert float((lin(rows).float() - ref).norm() / ref.norm()) < 1e-2
 
 
+@pytest.mark.parametrize("staged", [False, True])
 @pytest.mark.parametrize("setting", [(64, 16, 7, 4, 1, 2), (128, 8, 1, 8, 1, 2)])
-def test_int4_fused_down_equals_float64_and_replays_in_a_graph(setting, monkeypatch):
+def test_int4_fused_down_equals_float64_and_replays_in_a_graph(setting, staged, monkeypatch):
     """``ragtune::int4_gemv_silu_mul`` (RAGTUNE_FUSED_DOWN=on) at the 12B down shape (5120 x
     14336; the H200 file's setting, then one without split): equal to the float64
     down(SiLU(gate) * up) of the bf16-rounded activation (``int4_down.silu_mul``) to the
     output's rounding (< 1e-3, as the unfused GEMV's test), within 1e-3 of the unfused GEMV fed
     inductor's compiled SiLU(gate) * up (bitwise equal where tl.sigmoid rounds as inductor's:
-    printed), bitwise repeatable, counters reset; Int4Linear with the switch on takes it for
-    one row, also compiled and replayed in a CUDA graph with a new input copied in."""
+    printed), bitwise repeatable, counters reset; Int4Linear with the switch on (or staged)
+    takes it for one row, also compiled and replayed in a CUDA graph with a new input."""
     import torch.nn.functional as F
 
     from ragtune import int4_down
@@ -624,24 +625,27 @@ def test_int4_fused_down_equals_float64_and_replays_in_a_graph(setting, monkeypa
     for _ in range(3):
         gu = torch.randn(1, 1, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
         out = torch.full((1, 1, n), float("nan"), device="cuda", dtype=torch.bfloat16)
-        int4_down.launch(gu, *packed, cfg, out=out)
+        int4_down.launch(gu, *packed, cfg, staged, out=out)
         ref = int4_down.silu_mul(gu).double().view(1, k) @ dense
         err = (out.double().view(1, n) - ref).norm() / ref.norm()
         assert torch.isfinite(out).all() and err < 1e-3, float(err)
         unfused = launch(compiled_act(gu), *packed, cfg)
         diff = (out.double() - unfused.double()).norm() / unfused.double().norm()
         same = float((out == unfused).float().mean())
-        print(f"{setting}: err {float(err):.2e}, vs unfused {float(diff):.2e}, equal {same:.4f}")
+        print(
+            f"{setting} staged={staged}: err {float(err):.2e}, vs unfused {float(diff):.2e}, equal {same:.4f}"
+        )
         assert diff < 1e-3, float(diff)
-        assert torch.equal(out, int4_down.launch(gu, *packed, cfg))
+        assert torch.equal(out, int4_down.launch(gu, *packed, cfg, staged))
         if cfg.split > 1:
             assert int(workspace(n, cfg, gu.device)[1].abs().sum()) == 0
-    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "on")
+    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "staged" if staged else "on")
     lin = Int4Linear(q, scale, zero, 64, "gemlite")
-    assert lin.gemv is not None and lin.fused_act == lin.gemv, (lin.gemv, lin.fused_act)
-    fcfg = GemvConfig(*lin.fused_act)
+    assert lin.gemv is not None and lin.fused_act == [*lin.gemv, int(staged)], lin.fused_act
+    fcfg = GemvConfig(*lin.gemv)
     with torch.inference_mode():
-        assert torch.equal(lin.silu_mul_forward(gu), int4_down.launch(gu, *lin._packed, fcfg))
+        want = int4_down.launch(gu, *lin._packed, fcfg, staged)
+        assert torch.equal(lin.silu_mul_forward(gu), want)
         step = torch.compile(lambda t: lin.silu_mul_forward(t) * 2, dynamic=False)
         static = gu.clone()
         for _ in range(2):
@@ -652,7 +656,7 @@ def test_int4_fused_down_equals_float64_and_replays_in_a_graph(setting, monkeypa
         gu2 = torch.randn_like(gu)
         static.copy_(gu2)
         graph.replay()
-        assert torch.equal(got, 2 * int4_down.launch(gu2, *lin._packed, fcfg))
+        assert torch.equal(got, 2 * int4_down.launch(gu2, *lin._packed, fcfg, staged))
 
 
 def test_fastdecode_int4_fused_down_keeps_the_tokens(tokenizer_dir, monkeypatch):

@@ -72,10 +72,12 @@ def test_the_switch_and_which_layers_take_the_fusion(monkeypatch):
     denorm = GemvConfig(64, 16, 7, block=2).as_list()
     assert int4_down.fused_setting(denorm, "gemlite") is None  # off by default
     monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "on")
-    assert int4_down.fused_setting(denorm, "gemlite") == denorm
+    assert int4_down.fused_setting(denorm, "gemlite") == [*denorm, 0]
     assert int4_down.fused_setting(GemvConfig(64, 4, 1, block=0).as_list(), "gemlite") is None
     assert int4_down.fused_setting(None, "gemlite") is None  # gemlite's one-row kernel
     assert int4_down.fused_setting(None, "reference") == []
+    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "staged")
+    assert int4_down.fused_setting(denorm, "gemlite") == [*denorm, 1]
     monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "yes")
     with pytest.raises(GemvError, match=int4_down.FUSED_DOWN_ENV):
         int4_down.fused_setting(denorm, "gemlite")
@@ -88,7 +90,8 @@ def test_the_fused_kernel_in_tritons_interpreter():
     equals the unfused kernel's on ``silu_mul``'s vector bitwise and the float64 product of
     that vector to the output's rounding. float16, not bf16: the interpreter (numpy) rounds
     bf16 by truncation, the GPU to nearest (tests/test_gpu.py checks bf16). Every output
-    written, split counters back at zero."""
+    written, split counters back at zero; the same for the staged kernel (the activation
+    once a program through a scratch vector)."""
     pytest.importorskip("triton")
     script = textwrap.dedent(
         """
@@ -96,15 +99,15 @@ def test_the_fused_kernel_in_tritons_interpreter():
         from ragtune import int4_down, int4_gemv
         from tests.test_int4_down import CASES, float64_down, gate_up_row, rel
         from tests.test_int4_gemv import packed
-        for n, k, cfg in CASES:
+        for (n, k, cfg), staged in [(c, s) for c in CASES for s in (False, True)]:
             w_q, scales, shifts, dense = packed(n, k, seed=1)
             gu = gate_up_row(k, torch.float32, seed=2)
             out = torch.full((1, 1, n), float("nan"))
-            int4_down.launch(gu, w_q, scales, shifts, cfg, out=out)
+            int4_down.launch(gu, w_q, scales, shifts, cfg, staged, out=out)
             err = rel(out, float64_down(gu, dense))
             assert err < 1e-6, (n, k, cfg, err)
             gu16 = gu.half()
-            got = int4_down.launch(gu16, w_q, scales, shifts, cfg)
+            got = int4_down.launch(gu16, w_q, scales, shifts, cfg, staged)
             x = int4_down.silu_mul(gu16)
             err16 = rel(got, x.double().view(-1) @ dense.T)
             assert err16 < 1e-3, (n, k, cfg, err16)  # the float16 output's rounding only
@@ -113,7 +116,7 @@ def test_the_fused_kernel_in_tritons_interpreter():
             if cfg.split > 1:
                 _, counters = int4_gemv.workspace(n, cfg, gu.device)
                 assert int(counters.abs().sum()) == 0, counters
-            print(n, k, err, err16)
+            print(n, k, staged, err, err16)
         print("ok")
         """
     )
