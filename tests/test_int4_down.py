@@ -103,10 +103,13 @@ def test_the_fused_kernel_in_tritons_interpreter():
             w_q, scales, shifts, dense = packed(n, k, seed=1)
             gu = gate_up_row(k, torch.float32, seed=2)
             out = torch.full((1, 1, n), float("nan"))
+            for dtype in (torch.float32, torch.float16):  # stale scratch values would show
+                int4_down.scratch(k, dtype, gu.device).fill_(float("nan"))
             int4_down.launch(gu, w_q, scales, shifts, cfg, staged, out=out)
             err = rel(out, float64_down(gu, dense))
             assert err < 1e-6, (n, k, cfg, err)
             gu16 = gu.half()
+            int4_down.scratch(k, torch.float16, gu.device).fill_(float("nan"))
             got = int4_down.launch(gu16, w_q, scales, shifts, cfg, staged)
             x = int4_down.silu_mul(gu16)
             err16 = rel(got, x.double().view(-1) @ dense.T)
