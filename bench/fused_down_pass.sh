@@ -4,14 +4,14 @@
 #     the unfused GEMV fed inductor's SiLU(gate) * up);
 #  2. the batch-1 12B decode benchmark with RAGTUNE_FUSED_DOWN=off, =on, =staged (RUNS), each
 #     in its own process (the switch is read when the int4 layers are built);
-#  3. the decoder's GPU tests: tokens with the switch on (the fused op in every layer), and
+#  3. the decoder's GPU tests: tokens with the switch on and staged (the fused op in every layer), and
 #     the unfused int4 tests as they stand.
 #
-#   WHEELS=<gemlite wheel folder> RUNS="off on staged" KTEST_S=80 DECODE_S=100 TESTS_S=100 \
+#   WHEELS=<gemlite wheel folder> RUNS="off on staged" KTEST_S=80 DECODE_S=95 TESTS_S=120 \
 #     bash bench/fused_down_pass.sh
 #
 # Run from a copy of the repository holding .gpu/ (site.tgz, smol_tok/, bert_tok/); writes
-# gpu.txt, tests_kernel.log, decode_<off|on>[_i].log/jsonl and tests.log to $OUT as each ends.
+# gpu.txt, tests_kernel.log, decode_<mode>_<i>.log/jsonl and tests.log to $OUT as each ends.
 set -u
 OUT=${OUT:-/tmp/dec6out}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,14 +29,14 @@ for mode in ${RUNS:-off on staged}; do
   i=$((i + 1))
   name="decode_${mode}_$i"
   echo "=== $name $(date +%T)"
-  RAGTUNE_FUSED_DOWN=$mode timeout "${DECODE_S:-100}" python3 bench/decode.py --random \
+  RAGTUNE_FUSED_DOWN=$mode timeout "${DECODE_S:-95}" python3 bench/decode.py --random \
     --model .gpu/smol_tok --variants fast_bnb4 --batches "" --profile --repeats 3 \
     --json "$OUT/$name.jsonl" > "$OUT/$name.log" 2>&1
   echo "exit $?" >> "$OUT/$name.log"
   grep -E "^fast|Error|error|exit" "$OUT/$name.log" | cut -c 1-800
 done
 echo "=== tests $(date +%T)"
-timeout "${TESTS_S:-100}" python3 -m pytest -m gpu -v -rA -p no:cacheprovider --tb=short \
+timeout "${TESTS_S:-120}" python3 -m pytest -m gpu -v -rA -p no:cacheprovider --tb=short \
   $T::test_fastdecode_int4_fused_down_keeps_the_tokens \
   $T::test_fastdecode_int4_equals_hf_generate_on_the_int4_weights \
   $T::test_int4_linear_runs_one_row_through_the_gemv_compiled_and_graphed \

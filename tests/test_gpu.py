@@ -659,16 +659,17 @@ def test_int4_fused_down_equals_float64_and_replays_in_a_graph(setting, staged, 
         assert torch.equal(got, 2 * int4_down.launch(gu2, *lin._packed, fcfg, staged))
 
 
-def test_fastdecode_int4_fused_down_keeps_the_tokens(tokenizer_dir, monkeypatch):
-    """RAGTUNE_FUSED_DOWN=on, compiled + CUDA graph: every layer's down takes the fused op and
-    greedy stays the int4 reference's up to bf16 near-ties (as the unfused test above)."""
+@pytest.mark.parametrize("mode", ["on", "staged"])
+def test_fastdecode_int4_fused_down_keeps_the_tokens(tokenizer_dir, monkeypatch, mode):
+    """RAGTUNE_FUSED_DOWN=on|staged, compiled + CUDA graph: every layer's down takes the fused
+    op and greedy stays the int4 reference's up to bf16 near-ties (as the unfused test)."""
     from ragtune import int4_down
     from ragtune.fastdecode import FastDecoder
 
     model, tok = _fp32_lm(tokenizer_dir)
     model = model.to(torch.bfloat16)
     ref = _int4_reference(model)
-    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "on")
+    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, mode)
     fd = FastDecoder(model, tok, max_seq_len=256, quantize="int4")
     assert fd.compiled and fd.graph == "manual"
     assert all(f.down.fused_act for f in fd._direct.fused), [f.down.gemv for f in fd._direct.fused]
