@@ -68,7 +68,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SiLU(gate) * up of a [..., 2K] gate|up row in float32, rounded once to its dtype: the
     vector the unfused compiled step hands ``down`` (``int4_down_kernel``'s docstring)."""
     gate, up = gate_up.float().chunk(2, dim=-1)
-    return (gate * torch.sigmoid(gate) * up).to(gate_up.dtype)
+    return (gate / (1 + torch.exp(-gate)) * up).to(gate_up.dtype)  # inductor's SiLU
 
 
 def reference(

@@ -18,17 +18,35 @@ same whichever write lands last. Which is faster is not measured (docs/benchmark
 
 Rounding: the unfused compiled step computes ``F.silu(gate) * up`` in one inductor kernel,
 float32 between its bf16 load and its bf16 store (inductor drops the bf16 round trip between
-the two ops unless ``emulate_precision_casts``), with ``x * tl.sigmoid(x)`` for SiLU; the
-GEMV then reads that bf16 vector. Here: the same float32 expression, rounded once to the
-input dtype and read back as float32, so x is the vector the unfused path hands ``down``.
+the two ops unless ``emulate_precision_casts``), SiLU as inductor's own decomposition
+``x / (1 + exp(-x))`` with ``libdevice.exp`` and Triton's ``/`` (torch 2.11, default config:
+no ``use_fast_math``, no ``division_rounding``); the GEMV then reads that bf16 vector. Here:
+the same float32 operations, rounded once to the input dtype and read back as float32, so x
+should be, bit for bit, the vector the unfused path hands ``down``.
 """
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ragtune.int4_gemv_kernel import _finish
+
+# Triton's interpreter (CPU tests) has no libdevice: numpy's exp stands in for inductor's there
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _exp(x):
+    """inductor's exp in its Triton kernels (``libdevice.exp``, __nv_expf), as float32."""
+    if _INTERPRET:  # noqa: SIM108 (a constexpr branch)
+        y = tl.exp(x)
+    else:
+        y = libdevice.exp(x)
+    return y
 
 
 @triton.jit
@@ -37,7 +55,7 @@ def _silu_mul(gate_ptrs, K: tl.constexpr):
     step rounds it (module docstring), as float32."""
     g = tl.load(gate_ptrs).to(tl.float32)
     u = tl.load(gate_ptrs + K).to(tl.float32)
-    x = (g * tl.sigmoid(g)) * u
+    x = (g / (1.0 + _exp(-g))) * u  # inductor's SiLU, operation for operation
     return x.to(gate_ptrs.dtype.element_ty).to(tl.float32)
 
 
