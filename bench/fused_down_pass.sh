@@ -2,12 +2,12 @@
 # One device call for issue 20 item 1, RAGTUNE_FUSED_DOWN (helper dec6: built without a GPU):
 #  1. the fused op's GPU test at the 12B down shape (prints its error and its agreement with
 #     the unfused GEMV fed inductor's SiLU(gate) * up);
-#  2. the batch-1 12B decode benchmark with RAGTUNE_FUSED_DOWN=off, =on, =staged (RUNS), each
+#  2. the batch-1 12B decode benchmark with RAGTUNE_FUSED_DOWN=off, =on (staged), =inline (RUNS), each
 #     in its own process (the switch is read when the int4 layers are built);
-#  3. the decoder's GPU tests: tokens with the switch on and staged (the fused op in every layer), and
+#  3. the decoder's GPU tests: tokens with the switch on and inline (the fused op in every layer), and
 #     the unfused int4 tests as they stand.
 #
-#   WHEELS=<gemlite wheel folder> RUNS="off on staged" KTEST_S=80 DECODE_S=95 TESTS_S=120 \
+#   WHEELS=<gemlite wheel folder> RUNS="off on inline" KTEST_S=80 DECODE_S=95 TESTS_S=120 \
 #     bash bench/fused_down_pass.sh
 #
 # Run from a copy of the repository holding .gpu/ (site.tgz, smol_tok/, bert_tok/); writes
@@ -25,7 +25,7 @@ timeout "${KTEST_S:-80}" python3 -m pytest -m gpu -v -s -rA -p no:cacheprovider 
 echo "exit $?" >> "$OUT/tests_kernel.log"
 grep -E "err |PASSED|FAILED|ERROR|exit|Error" "$OUT/tests_kernel.log" | tail -12 | cut -c 1-300
 i=0
-for mode in ${RUNS:-off on staged}; do
+for mode in ${RUNS:-off on inline}; do
   i=$((i + 1))
   name="decode_${mode}_$i"
   echo "=== $name $(date +%T)"

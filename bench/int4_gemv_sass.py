@@ -29,6 +29,13 @@ SETTINGS = [  # (kernel, block_n, rows, split, warps): the packaged settings, be
     ("w4a16_gemv_denorm_kernel", 256, 4, 4, 4),
     ("w4a16_gemv_denorm_kernel", 128, 16, 1, 8),
 ]
+# --down: the 12B down projection's setting (in 14336), unfused and fused with SiLU(gate) * up
+# (ragtune/int4_down_kernel.py: staged is RAGTUNE_FUSED_DOWN=on, inline is =inline)
+DOWN = [
+    ("w4a16_gemv_denorm_kernel", 64, 16, 7, 4),
+    ("w4a16_gemv_silu_denorm_kernel:staged", 64, 16, 7, 4),
+    ("w4a16_gemv_silu_denorm_kernel:inline", 64, 16, 7, 4),
+]
 
 
 def loop_counts(kernel: str, bn: int, rows: int, split: int, warps: int, k: int) -> dict:
@@ -36,15 +43,21 @@ def loop_counts(kernel: str, bn: int, rows: int, split: int, warps: int, k: int)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ragtune import int4_gemv_kernel as kernels
+    from ragtune import int4_down_kernel, int4_gemv_kernel
 
+    kernel, _, way = kernel.partition(":")
+    kernels = int4_down_kernel if way else int4_gemv_kernel
     names = ["x_ptr", "w_ptr", "s_ptr", "h_ptr", "out_ptr", "part_ptr", "cnt_ptr", "N"]
     types = ["*bf16", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32", "i32"]
+    if way:  # the fused kernel: gate|up and the scratch vector in place of x
+        names, types = ["gu_ptr", "xs_ptr", *names[1:]], ["*bf16", *types]
     sig = dict(zip(names, types, strict=True))
     const = dict(
         GROUP=64, ITERS=k // 64 // split // rows, BLOCK_N=bn, ROWS=rows, SPLIT=split, EVEN_N=True
     )
     const["STAGES"] = 1
+    if way:
+        const["STAGED"] = way == "staged"
     sig.update({c: "constexpr" for c in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
     src = ASTSource(fn=getattr(kernels, kernel), signature=sig, constexprs=const, attrs=attrs)
@@ -57,29 +70,47 @@ def loop_counts(kernel: str, bn: int, rows: int, split: int, warps: int, k: int)
         f.flush()
         sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True)
     lines = sass.stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(".L_x_0:"))
-    end = next(i for i, line in enumerate(lines) if "BRA `(.L_x_0)" in line)
-    ops: collections.Counter = collections.Counter()
-    for line in lines[start : end + 1]:
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
-        if m:
-            ops[m.group(2).split(".")[0]] += 1
+
+    def count(part: list[str]) -> collections.Counter:
+        ops: collections.Counter = collections.Counter()
+        for line in part:
+            m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+            if m:
+                ops[m.group(2).split(".")[0]] += 1
+        return ops
+
+    # the group loop: the last label a backward branch returns to, past the kernel's closing
+    # branch-to-itself (none where ITERS is small enough to unroll: then the whole kernel counts)
+    spans = []
+    for j, line in enumerate(lines):
+        if m := re.search(r"BRA `\((\.L_x_\d+)\)", line):
+            i = next((i for i, x in enumerate(lines) if x.startswith(m.group(1) + ":")), j)
+            if j - i > 2:
+                spans.append((i, j))
+    ops = count(lines[spans[-1][0] : spans[-1][1] + 1]) if spans else collections.Counter()
+    whole = count(lines)
     weights = rows * bn * 64 // (32 * warps)  # a thread's weights a loop step
     total = sum(ops.values())
     return {
-        "kernel": kernel,
+        "kernel": kernel + (f" ({way})" if way else ""),
         "setting": (bn, rows, split, warps),
-        "loop": total,
-        "per_weight": round(total / weights, 2),
+        "loop": total or None,
+        "per_weight": round(total / weights, 2) if total else None,
         "top": ops.most_common(6),
+        "kernel_instructions": sum(whole.values()),
+        "kernel_mufu": whole["MUFU"],
+        "kernel_local_memory": whole["STL"] + whole["LDL"],
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--in", dest="k", type=int, default=5120)
+    ap.add_argument("--down", action="store_true", help="the 12B down shape, fused or not")
     args = ap.parse_args()
-    for kernel, bn, rows, split, warps in SETTINGS:
+    if args.down:
+        args.k = 14336
+    for kernel, bn, rows, split, warps in DOWN if args.down else SETTINGS:
         print(loop_counts(kernel, bn, rows, split, warps, args.k), flush=True)
 
 

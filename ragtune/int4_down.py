@@ -3,8 +3,9 @@
 Why: the unfused step runs SiLU(gate) * up as its own inductor kernel before ``down``'s GEMV
 (one kernel a layer, 40 a 12B step, each with its launch gap in the CUDA graph). Here
 ``down``'s denormal GEMV (``ragtune.int4_gemv``, block=2) reads the gate|up row itself and
-computes the activation where it loads its inputs, or once a program through a scratch
-vector (``RAGTUNE_FUSED_DOWN=staged``; ``int4_down_kernel``). Off by default: the
+computes the activation once a program into a scratch vector before its loop
+(``RAGTUNE_FUSED_DOWN=on``) or where each lane loads it (``=inline``; ``int4_down_kernel``).
+Off by default: the
 gain is not measured yet (docs/benchmarks.md, issue 20); with the switch off nothing here is
 imported and the step runs the same kernels as before.
 
@@ -24,13 +25,13 @@ import torch.nn.functional as F
 from ragtune.int4_gemv import GemvConfig, GemvError, plan, workspace
 
 FUSED_DOWN_ENV = "RAGTUNE_FUSED_DOWN"
-MODES = ("off", "on", "staged")
+MODES = ("off", "on", "inline")
 DENORMAL = 2  # GemvConfig.block of the kernel this fusion extends
 
 
 def fused_down_mode() -> str:
-    """``RAGTUNE_FUSED_DOWN``: ``off`` (default), ``on`` (the activation computed where each
-    lane loads it) or ``staged`` (once a program, through a scratch vector; the kernel's
+    """``RAGTUNE_FUSED_DOWN``: ``off`` (default), ``on`` (the activation staged: once a program,
+    through a scratch vector) or ``inline`` (computed where each lane loads it; the kernel's
     docstring)."""
     mode = os.environ.get(FUSED_DOWN_ENV, "off").lower()
     if mode not in MODES:
@@ -49,7 +50,7 @@ def fused_setting(gemv: list[int] | None, kernel: str) -> list[int] | None:
         return []  # the CPU reference product: no kernel setting
     if gemv is None or GemvConfig(*gemv).block != DENORMAL:
         return None
-    return [*gemv, int(mode == "staged")]
+    return [*gemv, int(mode == "on")]
 
 
 _scratch: dict[tuple[str, int, torch.dtype], torch.Tensor] = {}

@@ -7,7 +7,7 @@ so the step needs no separate SiLU-times-up kernel before ``down``. Every progra
 the activations of the groups it reads (its tile's K-slice); the extra exp and reciprocal a
 value are not measured against the kernel they replace (docs/benchmarks.md, issue 20).
 
-Two ways (``STAGED``): inline, each lane computes the activations it multiplies (every lane
+Two ways (``STAGED``; ``RAGTUNE_FUSED_DOWN=inline`` / ``on``): inline, each lane computes the activations it multiplies (every lane
 of a row of lanes computes the same ones: ~2 MUFU ops and ~8 others per input per lane, on top
 of the denormal loop's ~2 instructions a weight); staged, a program first computes its
 K-slice once (a 1-D layout, no lane repeats another) into a scratch vector in the input dtype,

@@ -600,8 +600,8 @@ def test_int4_fused_down_equals_float64_and_replays_in_a_graph(setting, staged, 
     down(SiLU(gate) * up) of the bf16-rounded activation (``int4_down.silu_mul``) to the
     output's rounding (< 1e-3, as the unfused GEMV's test), within 1e-3 of the unfused GEMV fed
     inductor's compiled SiLU(gate) * up (bitwise equal where tl.sigmoid rounds as inductor's:
-    printed), bitwise repeatable, counters reset; Int4Linear with the switch on (or staged)
-    takes it for one row, also compiled and replayed in a CUDA graph with a new input."""
+    printed), bitwise repeatable, counters reset; Int4Linear with the switch on (staged) or
+    inline takes it for one row, also compiled and replayed in a CUDA graph with a new input."""
     import torch.nn.functional as F
 
     from ragtune import int4_down
@@ -639,7 +639,7 @@ def test_int4_fused_down_equals_float64_and_replays_in_a_graph(setting, staged, 
         assert torch.equal(out, int4_down.launch(gu, *packed, cfg, staged))
         if cfg.split > 1:
             assert int(workspace(n, cfg, gu.device)[1].abs().sum()) == 0
-    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "staged" if staged else "on")
+    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "on" if staged else "inline")
     lin = Int4Linear(q, scale, zero, 64, "gemlite")
     assert lin.gemv is not None and lin.fused_act == [*lin.gemv, int(staged)], lin.fused_act
     fcfg = GemvConfig(*lin.gemv)
@@ -659,9 +659,9 @@ def test_int4_fused_down_equals_float64_and_replays_in_a_graph(setting, staged, 
         assert torch.equal(got, 2 * int4_down.launch(gu2, *lin._packed, fcfg, staged))
 
 
-@pytest.mark.parametrize("mode", ["on", "staged"])
+@pytest.mark.parametrize("mode", ["on", "inline"])
 def test_fastdecode_int4_fused_down_keeps_the_tokens(tokenizer_dir, monkeypatch, mode):
-    """RAGTUNE_FUSED_DOWN=on|staged, compiled + CUDA graph: every layer's down takes the fused
+    """RAGTUNE_FUSED_DOWN=on|inline, compiled + CUDA graph: every layer's down takes the fused
     op and greedy stays the int4 reference's up to bf16 near-ties (as the unfused test)."""
     from ragtune import int4_down
     from ragtune.fastdecode import FastDecoder

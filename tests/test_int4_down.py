@@ -71,13 +71,13 @@ def test_the_switch_and_which_layers_take_the_fusion(monkeypatch):
     monkeypatch.delenv(int4_down.FUSED_DOWN_ENV, raising=False)
     denorm = GemvConfig(64, 16, 7, block=2).as_list()
     assert int4_down.fused_setting(denorm, "gemlite") is None  # off by default
-    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "on")
-    assert int4_down.fused_setting(denorm, "gemlite") == [*denorm, 0]
+    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "on")  # staged
+    assert int4_down.fused_setting(denorm, "gemlite") == [*denorm, 1]
     assert int4_down.fused_setting(GemvConfig(64, 4, 1, block=0).as_list(), "gemlite") is None
     assert int4_down.fused_setting(None, "gemlite") is None  # gemlite's one-row kernel
     assert int4_down.fused_setting(None, "reference") == []
-    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "staged")
-    assert int4_down.fused_setting(denorm, "gemlite") == [*denorm, 1]
+    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "inline")
+    assert int4_down.fused_setting(denorm, "gemlite") == [*denorm, 0]
     monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "yes")
     with pytest.raises(GemvError, match=int4_down.FUSED_DOWN_ENV):
         int4_down.fused_setting(denorm, "gemlite")
