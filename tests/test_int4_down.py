@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_int4_gemv import packed  # tests/ is on sys.path (no __init__.py)
 
 from ragtune import int4_down
 from ragtune.int4_gemv import GemvConfig, GemvError
-from tests.test_int4_gemv import packed
 
 ROOT = Path(__file__).resolve().parents[1]
 # (out, in, setting of the denormal kernel): ragged tiles, splits, 1-4 group rows
