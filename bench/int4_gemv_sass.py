@@ -2,11 +2,13 @@
 
     pip install --target /tmp/triton-cpu triton==3.6.0
     PYTHONPATH=$PWD:/tmp/triton-cpu python bench/int4_gemv_sass.py [--in 5120]
+    PYTHONPATH=$PWD:/tmp/triton-cpu python bench/int4_gemv_sass.py --down  # fused SiLU * up
 
 Compiles each kernel for sm_90 with Triton's bundled ptxas (``triton.compile`` with a
 ``GPUTarget``; pointers and N marked divisible by 16, as Triton specialises them at run time),
 disassembles the cubin with the bundled ``nvdisasm`` and counts the instructions of the group
-loop (between its label and the backward branch), per weight a thread handles a loop step.
+loop (between its label and the backward branch), per weight a thread handles a loop step,
+and the whole kernel's instructions, MUFU ops and local-memory (spill) accesses.
 The GEMV is issue-bound on the H200 when this is high (docs/benchmarks.md, issue 20, gemv2).
 """
 

@@ -262,7 +262,7 @@ class Int4Linear(torch.nn.Module):
         self.dense_rows = int(dense_rows)  # 0: never dequantize
         self.m1_type = -1  # gemlite's choice of one-row kernel, unless a tuned file names one
         self.gemv: list[int] | None = None  # ragtune's one-row kernel's setting, if it runs
-        # the setting of ragtune::int4_gemv_silu_mul (RAGTUNE_FUSED_DOWN=on), if it applies
+        # the setting of ragtune::int4_gemv_silu_mul (RAGTUNE_FUSED_DOWN=on|inline), if it applies
         self.fused_act: list[int] | None = None
         if kernel == "reference":
             self.register_buffer("weight", dequantize_rtn(q, scale, zero, scale.dtype))
