@@ -3,6 +3,7 @@
     pip install --target /tmp/triton-cpu triton==3.6.0
     PYTHONPATH=$PWD:/tmp/triton-cpu python bench/int4_gemv_sass.py [--in 5120]
     PYTHONPATH=$PWD:/tmp/triton-cpu python bench/int4_gemv_sass.py --down  # fused SiLU * up
+    PYTHONPATH=$PWD:/tmp/triton-cpu python bench/int4_gemv_sass.py --dump DIR [--src REPO]
 
 Compiles each kernel for sm_90 with Triton's bundled ptxas (``triton.compile`` with a
 ``GPUTarget``; pointers and N marked divisible by 16, as Triton specialises them at run time),
@@ -10,6 +11,12 @@ disassembles the cubin with the bundled ``nvdisasm`` and counts the instructions
 loop (between its label and the backward branch), per weight a thread handles a loop step,
 and the whole kernel's instructions, MUFU ops and local-memory (spill) accesses.
 The GEMV is issue-bound on the H200 when this is high (docs/benchmarks.md, issue 20, gemv2).
+
+``--dump DIR``: the denormal kernel's SASS (addresses dropped, encodings kept) and PTX
+instructions (no debug lines or labels) at each packaged setting of
+``ragtune/int4_configs/nvidia_h200.json``, one file each, with the kernels of ``--src`` (a
+checkout, default this one): ``diff -r`` two dumps to show a change leaves the default
+kernel's code as it was (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -32,46 +39,96 @@ SETTINGS = [  # (kernel, block_n, rows, split, warps): the packaged settings, be
     ("w4a16_gemv_denorm_kernel", 128, 16, 1, 8),
 ]
 # --down: the 12B down projection's setting (in 14336), unfused and fused with SiLU(gate) * up
-# (ragtune/int4_down_kernel.py: staged is RAGTUNE_FUSED_DOWN=on, inline is =inline)
+# (the denormal kernel's ACT: staged, 2, is RAGTUNE_FUSED_DOWN=on, inline, 1, is =inline)
 DOWN = [
     ("w4a16_gemv_denorm_kernel", 64, 16, 7, 4),
-    ("w4a16_gemv_silu_denorm_kernel:staged", 64, 16, 7, 4),
-    ("w4a16_gemv_silu_denorm_kernel:inline", 64, 16, 7, 4),
+    ("w4a16_gemv_denorm_kernel:staged", 64, 16, 7, 4),
+    ("w4a16_gemv_denorm_kernel:inline", 64, 16, 7, 4),
 ]
+ACT = {"": 0, "inline": 1, "staged": 2}
 
 
-def loop_counts(kernel: str, bn: int, rows: int, split: int, warps: int, k: int) -> dict:
+def compile_sm90(
+    kernel: str, bn: int, rows: int, split: int, warps: int, k: int, stages: int = 1
+) -> tuple[list[str], str]:
+    """(nvdisasm's SASS lines with encodings, PTX) of a kernel compiled for sm_90, N and the
+    pointers divisible by 16 and the parameters left out bound to their defaults, as a launch
+    from ``ragtune.int4_gemv.launch`` specialises them; ``kernel:inline`` / ``kernel:staged``:
+    the denormal kernel with ACT 1 / 2 (gate|up in x_ptr, the scratch vector in xs_ptr)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ragtune import int4_down_kernel, int4_gemv_kernel
+    from ragtune import int4_gemv_kernel
 
     kernel, _, way = kernel.partition(":")
-    kernels = int4_down_kernel if way else int4_gemv_kernel
+    fn = getattr(int4_gemv_kernel, kernel)
     names = ["x_ptr", "w_ptr", "s_ptr", "h_ptr", "out_ptr", "part_ptr", "cnt_ptr", "N"]
     types = ["*bf16", "*i32", "*bf16", "*bf16", "*bf16", "*fp32", "*i32", "i32"]
-    if way:  # the fused kernel: gate|up and the scratch vector in place of x
-        names, types = ["gu_ptr", "xs_ptr", *names[1:]], ["*bf16", *types]
+    if way == "staged":
+        names, types = [*names, "xs_ptr"], [*types, "*bf16"]
     sig = dict(zip(names, types, strict=True))
     const = dict(
         GROUP=64, ITERS=k // 64 // split // rows, BLOCK_N=bn, ROWS=rows, SPLIT=split, EVEN_N=True
     )
-    const["STAGES"] = 1
+    const["STAGES"] = stages
     if way:
-        const["STAGED"] = way == "staged"
+        const["ACT"] = ACT[way]
+    for p in fn.params:  # the ones a launch leaves out: their defaults (xs_ptr=None: constexpr)
+        if p.name not in sig and p.name not in const:
+            const[p.name] = p.default
     sig.update({c: "constexpr" for c in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(names))}
-    src = ASTSource(fn=getattr(kernels, kernel), signature=sig, constexprs=const, attrs=attrs)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     compiled = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1}
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
     )
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        sass = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True)
-    lines = sass.stdout.splitlines()
+        sass = subprocess.run(
+            [str(nvdisasm), "-c", "-hex", f.name], capture_output=True, text=True, check=True
+        )
+    return sass.stdout.splitlines(), compiled.asm["ptx"]
+
+
+def dump(out: Path) -> None:
+    """The denormal kernel's code at each packaged setting, names and debug info left out."""
+    import json
+
+    root = Path(int4_gemv_kernel_file()).parents[1]
+    table = json.loads((root / "ragtune" / "int4_configs" / "nvidia_h200.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for e in table["gemv"]:
+        c = e["config"]
+        if c["block"] != 2 or e["out"] % c["block_n"] or e["group"] != 64:
+            continue  # (all of them today: EVEN_N, group 64)
+        sass, ptx = compile_sm90(
+            "w4a16_gemv_denorm_kernel",
+            *(c["block_n"], c["rows"], c["split"], c["num_warps"], e["in"], c["stages"]),
+        )
+        # SASS: the instruction and its encoding, not its address
+        text = [re.sub(r"^\s*/\*[0-9a-f]{4,}\*/\s*", "", x).strip() for x in sass if "/*" in x]
+        # PTX: instructions only (no .loc/.file, debug sections, labels of debug ranges)
+        body = ptx.split(".section")[0].splitlines()
+        body = [x.strip() for x in body if not re.match(r"\s*(\.loc|\.file|//|\$L__tmp)", x)]
+        name = f"{e['out']}x{e['in']}"
+        (out / f"{name}.sass").write_text("\n".join(text) + "\n")
+        (out / f"{name}.ptx").write_text("\n".join(x for x in body if x) + "\n")
+        print(name, c, len(text), "SASS lines from", root, flush=True)
+
+
+def int4_gemv_kernel_file() -> str:
+    from ragtune import int4_gemv_kernel
+
+    return int4_gemv_kernel.__file__
+
+
+def loop_counts(kernel: str, bn: int, rows: int, split: int, warps: int, k: int) -> dict:
+    lines = compile_sm90(kernel, bn, rows, split, warps, k)[0]
+    way = kernel.partition(":")[2]
+    kernel = kernel.partition(":")[0]
 
     def count(part: list[str]) -> collections.Counter:
         ops: collections.Counter = collections.Counter()
@@ -109,7 +166,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--in", dest="k", type=int, default=5120)
     ap.add_argument("--down", action="store_true", help="the 12B down shape, fused or not")
+    ap.add_argument("--dump", type=Path, help="write the packaged settings' code here")
+    ap.add_argument("--src", type=Path, help="import ragtune from this checkout instead")
     args = ap.parse_args()
+    if args.src:
+        sys.path.insert(0, str(args.src.resolve()))
+    if args.dump:
+        dump(args.dump)
+        return
     if args.down:
         args.k = 14336
     for kernel, bn, rows, split, warps in DOWN if args.down else SETTINGS:

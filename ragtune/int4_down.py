@@ -22,7 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ragtune.int4_gemv import GemvConfig, GemvError, plan, workspace
+from ragtune import int4_gemv
+from ragtune.int4_gemv import GemvConfig, GemvError
 
 FUSED_DOWN_ENV = "RAGTUNE_FUSED_DOWN"
 MODES = ("off", "on", "inline")
@@ -94,47 +95,10 @@ def launch(
 ) -> torch.Tensor:
     """down(SiLU(gate) * up) for one gate|up row [..., 2K] and packed int4 ``down`` weights
     ([K/8, N] words, [K/g, N] meta) with the denormal kernel's setting ``cfg``, the activation
-    computed inline or ``staged``."""
-    from ragtune.int4_down_kernel import w4a16_gemv_silu_denorm_kernel
-
-    k8, n = w_q.shape
-    k = k8 * 8
-    group = k // scales.shape[0]
-    if gate_up.numel() != 2 * k:
-        raise GemvError(f"the fused GEMV takes one gate|up row of {2 * k}, got {gate_up.shape}")
-    if cfg.block != DENORMAL:
-        raise GemvError(f"the fused GEMV extends the denormal kernel (block=2), got {cfg.block}")
-    for t in (w_q, scales, shifts):
-        if not t.is_contiguous():
-            raise GemvError("packed int4 tensors must be contiguous")
-    tiles, per_split = plan(n, k, group, cfg)
-    if out is None:
-        out = torch.empty(*gate_up.shape[:-1], n, dtype=gate_up.dtype, device=gate_up.device)
-    part, cnt = workspace(n, cfg, gate_up.device) if cfg.split > 1 else (out, out)
-    gate_up = gate_up.contiguous()
-    xs = scratch(k, gate_up.dtype, gate_up.device) if staged else gate_up
-    w4a16_gemv_silu_denorm_kernel[(tiles, cfg.split)](
-        gate_up,
-        xs,
-        w_q,
-        scales,
-        shifts,
-        out,
-        part,
-        cnt,
-        n,
-        GROUP=group,
-        ITERS=per_split // cfg.rows,
-        BLOCK_N=cfg.block_n,
-        ROWS=cfg.rows,
-        SPLIT=cfg.split,
-        EVEN_N=n % cfg.block_n == 0,
-        STAGES=cfg.stages,
-        STAGED=staged,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.stages,
-    )
-    return out
+    computed inline or ``staged`` (``int4_gemv.launch``'s ``act``)."""
+    k = w_q.shape[0] * 8
+    xs = scratch(k, gate_up.dtype, gate_up.device) if staged else None
+    return int4_gemv.launch(gate_up, w_q, scales, shifts, cfg, out, act=2 if staged else 1, xs=xs)
 
 
 @torch.library.custom_op("ragtune::int4_gemv_silu_mul", mutates_args=())
