@@ -128,3 +128,30 @@ def test_the_fused_kernel_in_tritons_interpreter():
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]
+
+
+def test_the_default_kernel_keeps_its_name_and_parameters(tmp_path, monkeypatch):
+    """One body serves the plain and the fused GEMV (the denormal kernel's ``ACT``): compiled
+    for sm_90 on CPU (bench/int4_gemv_sass.py, Triton's bundled ptxas; skipped without Triton),
+    ACT 0 keeps the kernel's name and its parameters (no scratch pointer), the fused ways get
+    their own name (profiles tell ``down`` apart) and staged one pointer more. That ACT 0
+    compiles to the same SASS as before is ``bench/int4_gemv_sass.py --dump`` (docs)."""
+    pytest.importorskip("triton")
+    import importlib.util
+
+    # a fresh cache: Triton's cache key leaves out the name function (``_denorm_name``)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("sass", ROOT / "bench" / "int4_gemv_sass.py")
+    assert spec and spec.loader
+    sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass)
+
+    def entry(way: str) -> tuple[str, int]:
+        ptx = sass.compile_sm90(f"w4a16_gemv_denorm_kernel{way}", 64, 2, 2, 4, 512)[1]
+        name = ptx.split(".visible .entry ")[1].split("(")[0]
+        return name, ptx.count(f"{name}_param_")  # declared, plus one per ld.param
+
+    plain, inline, staged = entry(""), entry(":inline"), entry(":staged")
+    assert plain[0] == "w4a16_gemv_denorm_kernel"
+    assert inline[0] == staged[0] == "w4a16_gemv_silu_denorm_kernel"
+    assert staged[1] > inline[1] == plain[1]
