@@ -41,7 +41,6 @@ import argparse
 import gc
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -465,8 +464,6 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "model": args.model,
-        # down(SiLU(gate) * up) as one kernel (ragtune.int4_down), read when layers are built
-        "fused_down": os.environ.get("RAGTUNE_FUSED_DOWN", "off"),
     }
     tok = AutoTokenizer.from_pretrained(args.model)
     from ragtune import fastweights

@@ -166,8 +166,6 @@ class DirectStack:
         self.n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.act = ACT2FN[cfg.hidden_act]
-        # down(SiLU(gate) * up) as one int4 kernel where Int4Linear set it up (RAGTUNE_FUSED_DOWN)
-        self.fused_silu = cfg.hidden_act in ("silu", "swish")
         self.max_seq_len = max_seq_len
         self.eps = [
             (self._eps(L.input_layernorm, cfg), self._eps(L.post_attention_layernorm, cfg))
@@ -348,7 +346,5 @@ class DirectStack:
         if self.fused is None:
             return mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
         f = self.fused[i]
-        if self.fused_silu and getattr(f.down, "fused_act", None) is not None:
-            return f.down.silu_mul_forward(f.gate_up(x))
         gate, up = f.gate_up(x).split([f.inter, f.inter], dim=-1)
         return f.down(self.act(gate) * up)

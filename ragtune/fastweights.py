@@ -262,14 +262,11 @@ class Int4Linear(torch.nn.Module):
         self.dense_rows = int(dense_rows)  # 0: never dequantize
         self.m1_type = -1  # gemlite's choice of one-row kernel, unless a tuned file names one
         self.gemv: list[int] | None = None  # ragtune's one-row kernel's setting, if it runs
-        # the setting of ragtune::int4_gemv_silu_mul (RAGTUNE_FUSED_DOWN=on|inline), if it applies
-        self.fused_act: list[int] | None = None
         if kernel == "reference":
             self.register_buffer("weight", dequantize_rtn(q, scale, zero, scale.dtype))
             shift = (-zero.float() * scale.float()).to(scale.dtype)
             # what gemlite keeps: [in/8, out] words, [in/g, out] scales and shifts
             self._packed = (pack_int4(q), scale.t().contiguous(), shift.t().contiguous())
-            self._fused_setting()
             return
         try:
             from gemlite.core import forward_functional
@@ -299,24 +296,6 @@ class Int4Linear(torch.nn.Module):
         self.gemv = int4_gemv.choose(*shape, _gemv_table)
         if self.gemv is not None:
             int4_gemv.workspace(shape[0], int4_gemv.GemvConfig(*self.gemv), q.device)
-        self._fused_setting()
-
-    def _fused_setting(self) -> None:
-        # off (the default): ragtune.int4_down is not even imported
-        if os.environ.get("RAGTUNE_FUSED_DOWN", "off").lower() != "off":
-            from ragtune import int4_down
-
-            self.fused_act = int4_down.fused_setting(self.gemv, self.kernel)
-            if self.fused_act:  # the staged kernel's vector, made before any graph capture
-                int4_down.scratch(self.in_features, self.dtype, self._packed[0].device)
-
-    def silu_mul_forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """self(SiLU(gate) * up) for a gate|up row [..., 2 * in]: one kernel where
-        ``fused_act`` is set and the call has one row (``ragtune.int4_down``)."""
-        if self.fused_act is not None and gate_up.numel() == 2 * self.in_features:
-            return torch.ops.ragtune.int4_gemv_silu_mul(gate_up, *self._packed, self.fused_act)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self(F.silu(gate) * up)
 
     def dense_weight(self) -> torch.Tensor:
         """The weights as a dense [in, out] matrix, unpacked from the int4 copy."""

@@ -177,26 +177,16 @@ def launch(
     shifts: torch.Tensor,
     cfg: GemvConfig,
     out: torch.Tensor | None = None,
-    act: int = 0,
-    xs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x @ W for one row x [..., K] and packed int4 W ([K/8, N] words, [K/g, N] meta),
-    into ``out`` if given (x's dtype). ``act`` 1 or 2 (the denormal kernel's ``ACT``, for
-    ``ragtune.int4_down``): x is a gate|up row [..., 2K] and W's input SiLU(gate) * up,
-    computed where it is loaded (1) or staged through the scratch vector ``xs`` [K] (2)."""
+    into ``out`` if given (x's dtype)."""
     from ragtune import int4_gemv_kernel as kernels
 
     k8, n = w_q.shape
     k = k8 * 8
     group = k // scales.shape[0]
-    if x.numel() != (2 * k if act else k):
-        what = f"one gate|up row of {2 * k}" if act else f"one row of {k} inputs"
-        raise GemvError(f"the GEMV takes {what}, got {tuple(x.shape)}")
-    if act and (cfg.block != 2 or (act == 2 and xs is None)):
-        raise GemvError(
-            f"act={act} needs the denormal kernel (block=2, got {cfg.block}) and, "
-            "staged (2), a scratch vector"
-        )
+    if x.numel() != k:
+        raise GemvError(f"the GEMV takes one row of {k} inputs, got {tuple(x.shape)}")
     for t in (w_q, scales, shifts):
         if not t.is_contiguous():
             raise GemvError("packed int4 tensors must be contiguous")
@@ -225,8 +215,6 @@ def launch(
         SPLIT=cfg.split,
         EVEN_N=n % cfg.block_n == 0,
         STAGES=cfg.stages,
-        # only when fused: the plain call binds the defaults, so ACT=0 compiles as it always has
-        **({"xs_ptr": xs, "ACT": act} if act else {}),
         num_warps=cfg.num_warps,
         num_stages=cfg.stages,
     )

@@ -34,8 +34,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ragtune.int4_down_kernel import _silu_mul
-
 
 @triton.jit
 def w4a16_gemv_kernel(
@@ -181,13 +179,7 @@ def w4a16_gemv_block_kernel(
     _finish(y, offs_n, N, pid_n, pid_s, out_ptr, part_ptr, cnt_ptr, BLOCK_N, SPLIT)
 
 
-def _denorm_name(spec) -> str:  # noqa: ANN001 (Triton's specialization proxy)
-    """The fused variants (ACT > 0) under their own kernel name: profiles tell them apart."""
-    fused = spec.constants.get("ACT", 0)
-    return "w4a16_gemv_silu_denorm_kernel" if fused else "w4a16_gemv_denorm_kernel"
-
-
-@triton.jit(repr=_denorm_name)
+@triton.jit
 def w4a16_gemv_denorm_kernel(
     x_ptr,
     w_ptr,
@@ -204,8 +196,6 @@ def w4a16_gemv_denorm_kernel(
     SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr,
     STAGES: tl.constexpr,
-    xs_ptr=None,  # [K] scratch in x's dtype (ACT == 2)
-    ACT: tl.constexpr = 0,
 ):
     """The per-word kernel's loop at ~2 instructions a weight: a code masked in place is read
     as a float32 *denormal* (``word & (15 << 4c)`` is q * 16**c * 2**-149 exactly while the
@@ -214,14 +204,8 @@ def w4a16_gemv_denorm_kernel(
     rounding; PTX ``fma.rn.f32`` keeps denormals). Codes 0-4 are read in place, codes 5-7
     after one shift a word; five sums by power of 16, combined once a group. No magic number
     to subtract, no shift a code. All sums carry 2**-49 (normal for |q x| > 2**-77); the
-    output is scaled back once.
-
-    ``ACT`` (``ragtune.int4_down``; 0, the default, compiles to the same code as before it
-    existed: docs/benchmarks.md): 0, x is the input; 1, x is a gate|up row [2K] and each lane
-    computes SiLU(gate) * up where it loads it; 2, the same computed once a program into
-    ``xs`` first (``int4_down_kernel``'s docstring)."""
+    output is scaled back once."""
     WORDS: tl.constexpr = GROUP // 8
-    K: tl.constexpr = SPLIT * ITERS * ROWS * GROUP  # up starts K after gate (ACT > 0)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -229,18 +213,10 @@ def w4a16_gemv_denorm_kernel(
     rows = tl.arange(0, ROWS)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     g_first = pid_s * (ITERS * ROWS)
-    if ACT == 2:  # this program's K-slice of x, once, then read as plain x
-        for it in tl.range(0, ITERS):
-            offs = (g_first + it * ROWS) * GROUP + tl.arange(0, ROWS * GROUP)
-            tl.store(xs_ptr + offs, _silu_mul(x_ptr + offs, K).to(xs_ptr.dtype.element_ty))
-        tl.debug_barrier()  # every lane's values written before any lane reads them
-        x_base = xs_ptr
-    else:
-        x_base = x_ptr
     for it in tl.range(0, ITERS, num_stages=STAGES):
         g = g_first + it * ROWS + rows
         w_rows = w_ptr + (g * WORDS).to(tl.int64)[:, None] * N + offs_n[None, :]
-        x_rows = x_base + (g * GROUP)[:, None]
+        x_rows = x_ptr + (g * GROUP)[:, None]
         m_off = g.to(tl.int64)[:, None] * N + offs_n[None, :]
         if EVEN_N:
             sc = tl.load(s_ptr + m_off, eviction_policy="evict_first").to(tl.float32)
@@ -262,26 +238,15 @@ def w4a16_gemv_denorm_kernel(
             # codes 0-4 (bits 0-19) are denormals in place; codes 5-7 (bits 20-31) would touch
             # the exponent: one logical shift puts them at bits 8-19
             up = lo.to(tl.uint32, bitcast=True) >> 12
-            # x * 2**100: exact; |x| < 2**28 stays finite. No helper call for ACT 0: an inlined
-            # call's debug labels alone reorder ptxas's schedule (docs/benchmarks.md)
-            if ACT == 1:  # SiLU(gate) * up where it is loaded (int4_down_kernel)
-                x0 = _silu_mul(x_rows + w * 8, K) * 1.2676506002282294e30
-                x1 = _silu_mul(x_rows + (w * 8 + 1), K) * 1.2676506002282294e30
-                x2 = _silu_mul(x_rows + (w * 8 + 2), K) * 1.2676506002282294e30
-                x3 = _silu_mul(x_rows + (w * 8 + 3), K) * 1.2676506002282294e30
-                x4 = _silu_mul(x_rows + (w * 8 + 4), K) * 1.2676506002282294e30
-                x5 = _silu_mul(x_rows + (w * 8 + 5), K) * 1.2676506002282294e30
-                x6 = _silu_mul(x_rows + (w * 8 + 6), K) * 1.2676506002282294e30
-                x7 = _silu_mul(x_rows + (w * 8 + 7), K) * 1.2676506002282294e30
-            else:
-                x0 = tl.load(x_rows + w * 8).to(tl.float32) * 1.2676506002282294e30
-                x1 = tl.load(x_rows + (w * 8 + 1)).to(tl.float32) * 1.2676506002282294e30
-                x2 = tl.load(x_rows + (w * 8 + 2)).to(tl.float32) * 1.2676506002282294e30
-                x3 = tl.load(x_rows + (w * 8 + 3)).to(tl.float32) * 1.2676506002282294e30
-                x4 = tl.load(x_rows + (w * 8 + 4)).to(tl.float32) * 1.2676506002282294e30
-                x5 = tl.load(x_rows + (w * 8 + 5)).to(tl.float32) * 1.2676506002282294e30
-                x6 = tl.load(x_rows + (w * 8 + 6)).to(tl.float32) * 1.2676506002282294e30
-                x7 = tl.load(x_rows + (w * 8 + 7)).to(tl.float32) * 1.2676506002282294e30
+            # x * 2**100: exact; |x| < 2**28 stays finite
+            x0 = tl.load(x_rows + w * 8).to(tl.float32) * 1.2676506002282294e30
+            x1 = tl.load(x_rows + (w * 8 + 1)).to(tl.float32) * 1.2676506002282294e30
+            x2 = tl.load(x_rows + (w * 8 + 2)).to(tl.float32) * 1.2676506002282294e30
+            x3 = tl.load(x_rows + (w * 8 + 3)).to(tl.float32) * 1.2676506002282294e30
+            x4 = tl.load(x_rows + (w * 8 + 4)).to(tl.float32) * 1.2676506002282294e30
+            x5 = tl.load(x_rows + (w * 8 + 5)).to(tl.float32) * 1.2676506002282294e30
+            x6 = tl.load(x_rows + (w * 8 + 6)).to(tl.float32) * 1.2676506002282294e30
+            x7 = tl.load(x_rows + (w * 8 + 7)).to(tl.float32) * 1.2676506002282294e30
             p0 += (lo & 0xF).to(tl.float32, bitcast=True) * x0
             p1 += (lo & 0xF0).to(tl.float32, bitcast=True) * x1
             p2 += (lo & 0xF00).to(tl.float32, bitcast=True) * x2

@@ -283,39 +283,6 @@ def test_int4_path_equals_hf_generate_on_the_same_int4_weights(lm):
         assert fd.generate(ids, 20, [eos]) == slow(ref, ids, 20, eos), text
 
 
-def test_fused_down_switch_keeps_the_int4_tokens(lm, monkeypatch):
-    """RAGTUNE_FUSED_DOWN=on: each decode step's down(SiLU(gate) * up) runs as the one op
-    ``ragtune::int4_gemv_silu_mul`` (its CPU reference here; the Triton kernel: tests/
-    test_int4_down.py, tests/test_gpu.py), prompts keep the unfused expression, and the greedy
-    tokens are the switch-off decoder's and HF generate's on the int4 weights. Off (the
-    default): no layer takes the op."""
-    from ragtune import int4_down
-
-    model, tok = lm
-    kw = {"max_seq_len": 128, "compile": False, "quantize": "int4", "group_size": 32}
-    monkeypatch.delenv(int4_down.FUSED_DOWN_ENV, raising=False)
-    off = FastDecoder(model, tok, int4_kernel="reference", **kw)
-    assert all(f.down.fused_act is None for f in off._direct.fused)
-    monkeypatch.setenv(int4_down.FUSED_DOWN_ENV, "on")
-    on = FastDecoder(model, tok, int4_kernel="reference", **kw)
-    assert all(f.down.fused_act == [] for f in on._direct.fused)
-    calls = []
-    real = int4_down.reference
-    monkeypatch.setattr(int4_down, "reference", lambda *a: calls.append(a[0].shape) or real(*a))
-    ref = _fake_quantized(model, 32)
-    eos = tok.eos_token_id
-    layers = model.config.num_hidden_layers
-    for text in PROMPTS:
-        ids = tok(text)["input_ids"]
-        calls.clear()
-        got = on.generate(ids, 20, [eos])
-        assert got == off.generate(ids, 20, [eos]) == slow(ref, ids, 20, eos), text
-        # one call a layer for each one-row step: the decode steps (and a one-token prompt)
-        steps = len(got) - 1 + (len(ids) == 1)
-        assert len(calls) == layers * steps, (text, len(calls))
-        assert all(c[-1] == 2 * model.config.intermediate_size for c in calls)
-
-
 def test_quantize_auto_keeps_a_16bit_model_as_it_is(lm):
     model, tok = lm
     fd = FastDecoder(model, tok, max_seq_len=64, compile=False)  # quantize="auto"
