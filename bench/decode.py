@@ -41,6 +41,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -464,6 +465,8 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(0) if cuda else "cpu",
         "torch": torch.__version__,
         "model": args.model,
+        # programmatic dependent launch of the decode kernels (ragtune.pdl), read at each launch
+        "pdl": os.environ.get("RAGTUNE_PDL", "off"),
     }
     tok = AutoTokenizer.from_pretrained(args.model)
     from ragtune import fastweights

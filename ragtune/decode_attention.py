@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ragtune import pdl
+
 ENV = "RAGTUNE_DECODE_ATTENTION"
 MODE = os.environ.get(ENV, "auto").lower()
 BLOCK_S = 64  # slots a program reads per step of its loop
@@ -168,6 +170,8 @@ def launch(
         slot = slot.reshape(-1)  # [B, 1] positions are [B] rows' slots
     # a view, not a conversion kernel a layer: bool and uint8 are both one byte
     mask = seen.contiguous().view(torch.uint8)
+    # programmatic dependent launch (ragtune.pdl): the cache is read while q|k|v still runs
+    early = {"PDL": 1, "launch_pdl": True} if pdl.level(q.device) else {}
     decode_attention_kernel[(bsz * n_kv, chunks)](
         q,
         k,
@@ -209,6 +213,7 @@ def launch(
         # Triton 3.6's interpreter multiplies bf16 tl.dot operands wrongly: float32 there
         IEEE=k.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=NUM_WARPS,
+        **early,
     )
     return out
 

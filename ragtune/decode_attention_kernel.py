@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 # a finite "minus infinity": a chunk with no visible slot rescales to 0, not NaN
 NEG = tl.constexpr(-1.0e30)
@@ -98,6 +99,7 @@ def decode_attention_kernel(
     WRITE: tl.constexpr,  # rotate this step's K and write K/V to the cache here (ROPE too)
     ROW_SLOT: tl.constexpr,  # a slot per row (WRITE): slots past a row's own are not read
     IEEE: tl.constexpr,  # a float32 cache: float32 products (else 16-bit tensor-core dots)
+    PDL: tl.constexpr = 0,  # launched early (ragtune.pdl): the cache is read before the wait
 ):
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -109,17 +111,31 @@ def decode_attention_kernel(
     heads = h * G + g
     q_mask = (g < G)[:, None]
     q_at = q_ptr + b.to(tl.int64) * sqb + heads[:, None] * D
-    q = tl.load(q_at + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    if PDL:
+        gdc_launch_dependents()
+        if ROW_SLOT:  # the cache loads need the slot: nothing before the wait
+            gdc_wait()
+    else:
+        q = tl.load(q_at + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
     k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
     first = c * PER * BLOCK_S
-    if WRITE:
+    if WRITE and not PDL:
         slot = tl.load(slot_ptr + b * ROW_SLOT)
     if not ROW_SLOT:  # the first block's loads go out before the tables and the slot arrive
         s0 = first + s_off
-        seen0 = tl.load(m_ptr + b * n + s0, mask=s0 < n, other=0)
+        if not PDL:
+            seen0 = tl.load(m_ptr + b * n + s0, mask=s0 < n, other=0)
         kb0 = tl.load(k_base + s0[:, None] * sks + d[None, :], mask=(s0 < n)[:, None], other=0.0)
         vb0 = tl.load(v_base + s0[:, None] * svs + d[None, :], mask=(s0 < n)[:, None], other=0.0)
+    if PDL:  # earlier steps wrote the cache; the kernels before this one write the rest
+        if not ROW_SLOT:
+            gdc_wait()
+        q = tl.load(q_at + d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        if WRITE:
+            slot = tl.load(slot_ptr + b * ROW_SLOT)
+        if not ROW_SLOT:
+            seen0 = tl.load(m_ptr + b * n + s0, mask=s0 < n, other=0)
     if ROPE:  # transformers' q * cos + rotate_half(q) * sin, rounded once to q's dtype
         half: tl.constexpr = D // 2
         p_b = tl.load(pos_ptr + b).to(tl.int64)

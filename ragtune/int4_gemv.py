@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ragtune import pdl
 from ragtune.cuda_check import cuda_unavailable_for
 
 GEMV_ENV = "RAGTUNE_INT4_GEMV"
@@ -199,6 +200,9 @@ def launch(
         kernels.w4a16_gemv_block_kernel,
         kernels.w4a16_gemv_denorm_kernel,
     )[cfg.block]
+    # programmatic dependent launch (ragtune.pdl): the denormal kernel, the one tuned settings use
+    level = pdl.level(x.device) if cfg.block == 2 else 0
+    early = {"PDL": level, "launch_pdl": True} if level else {}
     kernel[(tiles, cfg.split)](
         x.contiguous(),
         w_q,
@@ -217,6 +221,7 @@ def launch(
         STAGES=cfg.stages,
         num_warps=cfg.num_warps,
         num_stages=cfg.stages,
+        **early,
     )
     return out
 

@@ -942,3 +942,67 @@ def test_batcher_compiled_prefill_rows_are_bitwise_their_lone_ones(tokenizer_dir
     finally:
         batcher.close()
     assert got == want and batcher.most_rows >= 2 and pre.compiled
+
+
+@pytest.mark.parametrize("mode", ["on", "prefetch"])
+def test_pdl_launches_give_the_plain_launches_bits(tokenizer_dir, monkeypatch, mode):
+    """RAGTUNE_PDL (ragtune.pdl): the int4 GEMV and the decode attention launched early give
+    the plain launches' outputs bit for bit: a captured q|k|v GEMV -> attention (K/V written)
+    -> o GEMV chain at the 12B shapes and H200 settings, replayed with new inputs (a kernel
+    reading its input before the wait reads the previous replay's), and the int4 decoder's
+    greedy tokens."""
+    from ragtune import pdl
+    from ragtune.fastdecode import FastDecoder
+    from ragtune.fastweights import pack_int4, quantize_rtn
+    from tests.test_decode_attention import rope_tables
+
+    def packed(n: int, k: int):
+        q, scale, zero = quantize_rtn(torch.randn(n, k, device="cuda") * 0.02, 64)
+        shift = (-zero.float() * scale.float()).bfloat16()
+        return pack_int4(q), scale.bfloat16().t().contiguous(), shift.t().contiguous()
+
+    torch.manual_seed(0)
+    qkv_w, o_w = packed(6144, 5120), packed(5120, 4096)
+    qkv_cfg, o_cfg = [128, 16, 5, 4, 1, 2], [32, 16, 4, 4, 1, 2]  # int4_configs/nvidia_h200.json
+    cos, sin, pos = (t.cuda() for t in rope_tables(1, 128, 2048, torch.bfloat16, seed=4))
+    slot, seen = torch.tensor([700], device="cuda"), torch.ones(1, 768, dtype=torch.bool).cuda()
+    cache = torch.randn(2, 1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    xs = [torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+
+    def chain(x, kc, vc):
+        h = torch.ops.ragtune.int4_gemv(x * 2, *qkv_w, qkv_cfg)  # an elementwise kernel first
+        qv, kn, vn = (
+            h[:, a:b].view(1, -1, 128) for a, b in ((0, 4096), (4096, 5120), (5120, 6144))
+        )
+        att = torch.ops.ragtune.decode_attention_write(
+            qv, kn, vn, kc, vc, slot, 768, seen, 128**-0.5, cos, sin, pos
+        )
+        return torch.ops.ragtune.int4_gemv(att.view(1, 4096), *o_w, o_cfg)
+
+    runs = {}
+    for m in ("off", mode):
+        monkeypatch.setenv(pdl.ENV, m)
+        assert pdl.level(torch.device("cuda")) == pdl.LEVELS[m]
+        static, kc, vc = xs[0].clone(), cache[0].clone(), cache[1].clone()
+        chain(static, kc, vc)  # workspaces made outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(static, kc, vc)
+        got = []
+        for x in xs:
+            static.copy_(x)
+            graph.replay()
+            got.append((out.clone(), kc.clone(), vc.clone()))
+        runs[m] = got
+    for plain, early in zip(runs["off"], runs[mode], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(plain, early, strict=True))
+    assert not torch.equal(runs["off"][0][0], runs["off"][1][0])  # the inputs did change
+
+    model, tok = _fp32_lm(tokenizer_dir)
+    model = model.to(torch.bfloat16)
+    tokens = {}
+    for m in ("off", mode):
+        monkeypatch.setenv(pdl.ENV, m)
+        fd = FastDecoder(model, tok, max_seq_len=256, quantize="int4")
+        tokens[m] = [fd.generate(tok(t)["input_ids"], 24, []) for t in TEXTS]
+    assert tokens["off"] == tokens[mode]

@@ -1,0 +1,34 @@
+"""ragtune.pdl: which launches go early (the bitwise GPU check is in tests/test_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ragtune import pdl
+
+
+@pytest.mark.parametrize(
+    "major,mode,want", [(9, "on", 1), (9, "prefetch", 2), (9, "off", 0), (8, "on", 0)]
+)
+def test_level_needs_hopper_and_the_switch(monkeypatch, major, mode, want):
+    monkeypatch.setenv(pdl.ENV, mode)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    assert pdl.level(torch.device("cuda", 0)) == want
+
+
+def test_off_by_default_never_on_cpu_or_in_the_interpreter(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.delenv(pdl.ENV, raising=False)
+    assert pdl.level(torch.device("cuda", 0)) == 0
+    monkeypatch.setenv(pdl.ENV, "prefetch")
+    assert pdl.level(torch.device("cpu")) == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # griddepcontrol is PTX: no interpreter
+    assert pdl.level(torch.device("cuda", 0)) == 0
+
+
+def test_a_bad_switch_is_one_line_naming_it(monkeypatch):
+    monkeypatch.setenv(pdl.ENV, "yes")
+    with pytest.raises(ValueError, match="RAGTUNE_PDL='yes'"):
+        pdl.level(torch.device("cpu"))
