@@ -171,7 +171,8 @@ def launch(
     # a view, not a conversion kernel a layer: bool and uint8 are both one byte
     mask = seen.contiguous().view(torch.uint8)
     # programmatic dependent launch (ragtune.pdl): the cache is read while q|k|v still runs
-    early = {"PDL": 1, "launch_pdl": True} if pdl.level(q.device) else {}
+    level = pdl.level(q.device, "attention")
+    early = {"PDL": level, "launch_pdl": True} if level else {}
     decode_attention_kernel[(bsz * n_kv, chunks)](
         q,
         k,

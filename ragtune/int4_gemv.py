@@ -201,7 +201,7 @@ def launch(
         kernels.w4a16_gemv_denorm_kernel,
     )[cfg.block]
     # programmatic dependent launch (ragtune.pdl): the denormal kernel, the one tuned settings use
-    level = pdl.level(x.device) if cfg.block == 2 else 0
+    level = pdl.level(x.device, "gemv") if cfg.block == 2 else 0
     early = {"PDL": level, "launch_pdl": True} if level else {}
     kernel[(tiles, cfg.split)](
         x.contiguous(),

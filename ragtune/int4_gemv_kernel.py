@@ -197,7 +197,7 @@ def w4a16_gemv_denorm_kernel(
     SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr,
     STAGES: tl.constexpr,
-    PDL: tl.constexpr = 0,  # ragtune.pdl: 1 launched early, 2 and its first step's weights to L2
+    PDL: tl.constexpr = 0,  # ragtune.pdl: 1 launched early, 2 and the next kernel at once
 ):
     """The per-word kernel's loop at ~2 instructions a weight: a code masked in place is read
     as a float32 *denormal* (``word & (15 << 4c)`` is q * 16**c * 2**-149 exactly while the
@@ -215,12 +215,9 @@ def w4a16_gemv_denorm_kernel(
     rows = tl.arange(0, ROWS)
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     g_first = pid_s * (ITERS * ROWS)
-    if PDL:
-        # launched while the kernel before still runs (programmatic dependent launch): only
-        # the weights, which no kernel writes, are touched before the wait
-        gdc_launch_dependents()
+    if PDL:  # launched while the kernel before still runs (ragtune.pdl): nothing read before
         if PDL == 2:
-            _prefetch_words(w_ptr, s_ptr, h_ptr, g_first, pid_n, N, WORDS, BLOCK_N, ROWS)
+            gdc_launch_dependents()  # the next kernel may launch now (it waits for this one)
         gdc_wait()
     for it in tl.range(0, ITERS, num_stages=STAGES):
         g = g_first + it * ROWS + rows
@@ -271,39 +268,6 @@ def w4a16_gemv_denorm_kernel(
         acc += dot * sc + sh * (xsum * 7.888609052210118e-31 * 1.7763568394002505e-15)
     y = tl.sum(acc, axis=0) * 562949953421312.0  # * 2**49
     _finish(y, offs_n, N, pid_n, pid_s, out_ptr, part_ptr, cnt_ptr, BLOCK_N, SPLIT)
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """``prefetch.global.L2`` of each address's 128-byte line (no registers, no wait)."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
-def _prefetch_words(
-    w_ptr,
-    s_ptr,
-    h_ptr,
-    g_first,
-    pid_n,
-    N,
-    WORDS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ROWS: tl.constexpr,
-):
-    """A program's first step of words, scales and shifts on their way to L2: one address a
-    128-byte line (32 words, 64 16-bit values), columns past N clamped to the last."""
-    LW: tl.constexpr = max(BLOCK_N // 32, 1)
-    LM: tl.constexpr = max(BLOCK_N // 64, 1)
-    w_rows = (g_first * WORDS + tl.arange(0, ROWS * WORDS)).to(tl.int64)[:, None] * N
-    cols = tl.minimum(pid_n * BLOCK_N + tl.arange(0, LW) * 32, N - 1)
-    _prefetch_l2(w_ptr + w_rows + cols[None, :])
-    m_rows = (g_first + tl.arange(0, ROWS)).to(tl.int64)[:, None] * N
-    m_cols = tl.minimum(pid_n * BLOCK_N + tl.arange(0, LM) * 64, N - 1)
-    _prefetch_l2(s_ptr + m_rows + m_cols[None, :])
-    _prefetch_l2(h_ptr + m_rows + m_cols[None, :])
 
 
 @triton.jit

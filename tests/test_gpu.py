@@ -944,14 +944,14 @@ def test_batcher_compiled_prefill_rows_are_bitwise_their_lone_ones(tokenizer_dir
     assert got == want and batcher.most_rows >= 2 and pre.compiled
 
 
-@pytest.mark.parametrize("mode", ["on", "prefetch"])
+@pytest.mark.parametrize("mode", ["on", "on-wait"])
 def test_pdl_launches_give_the_plain_launches_bits(tokenizer_dir, monkeypatch, mode):
     """RAGTUNE_PDL (ragtune.pdl): the int4 GEMV and the decode attention launched early give
     the plain launches' outputs bit for bit: a captured q|k|v GEMV -> attention (K/V written)
     -> o GEMV chain at the 12B shapes and H200 settings, replayed with new inputs (a kernel
     reading its input before the wait reads the previous replay's), and the int4 decoder's
     greedy tokens."""
-    from ragtune import pdl
+    from ragtune import decode_attention, int4_gemv, pdl  # noqa: F401 (their ops)
     from ragtune.fastdecode import FastDecoder
     from ragtune.fastweights import pack_int4, quantize_rtn
     from tests.test_decode_attention import rope_tables
@@ -982,7 +982,7 @@ def test_pdl_launches_give_the_plain_launches_bits(tokenizer_dir, monkeypatch, m
     runs = {}
     for m in ("off", mode):
         monkeypatch.setenv(pdl.ENV, m)
-        assert pdl.level(torch.device("cuda")) == pdl.LEVELS[m]
+        assert pdl.level(torch.device("cuda"), "attention") == pdl.MODES[m][1]
         static, kc, vc = xs[0].clone(), cache[0].clone(), cache[1].clone()
         chain(static, kc, vc)  # workspaces made outside the capture
         graph = torch.cuda.CUDAGraph()
