@@ -467,6 +467,7 @@ def main() -> None:
         "model": args.model,
         # programmatic dependent launch of the decode kernels (ragtune.pdl), read at each launch
         "pdl": os.environ.get("RAGTUNE_PDL", "off"),
+        "inductor_pdl": os.environ.get("TORCHINDUCTOR_ENABLE_PDL", "0"),
     }
     tok = AutoTokenizer.from_pretrained(args.model)
     from ragtune import fastweights
