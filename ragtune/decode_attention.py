@@ -170,9 +170,8 @@ def launch(
         slot = slot.reshape(-1)  # [B, 1] positions are [B] rows' slots
     # a view, not a conversion kernel a layer: bool and uint8 are both one byte
     mask = seen.contiguous().view(torch.uint8)
-    # programmatic dependent launch (ragtune.pdl): the cache is read while q|k|v still runs
-    level = pdl.level(q.device, "attention")
-    early = {"PDL": level, "launch_pdl": True} if level else {}
+    # the decode step's launches go early (ragtune.pdl): the cache read while q|k|v still runs
+    early = pdl.launch_options()
     decode_attention_kernel[(bsz * n_kv, chunks)](
         q,
         k,

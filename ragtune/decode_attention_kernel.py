@@ -99,7 +99,7 @@ def decode_attention_kernel(
     WRITE: tl.constexpr,  # rotate this step's K and write K/V to the cache here (ROPE too)
     ROW_SLOT: tl.constexpr,  # a slot per row (WRITE): slots past a row's own are not read
     IEEE: tl.constexpr,  # a float32 cache: float32 products (else 16-bit tensor-core dots)
-    PDL: tl.constexpr = 0,  # ragtune.pdl: 1 launched early (cache read before the wait), 2 and the next
+    PDL: tl.constexpr = False,  # launched early (ragtune.pdl): the cache read before the wait
 ):
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -112,8 +112,7 @@ def decode_attention_kernel(
     q_mask = (g < G)[:, None]
     q_at = q_ptr + b.to(tl.int64) * sqb + heads[:, None] * D
     if PDL:
-        if PDL == 2:
-            gdc_launch_dependents()  # the next kernel may launch now (it waits for this one)
+        gdc_launch_dependents()  # the next kernel may launch now (it waits for this one)
         if ROW_SLOT:  # the cache loads need the slot: nothing before the wait
             gdc_wait()
     else:

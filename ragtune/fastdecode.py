@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from ragtune import pdl
 from ragtune.decodestep import DirectStack, GraphedStep, bucket_for, direct_supported, kv_buckets
 from ragtune.errors import RagtuneError
 from ragtune.fastweights import quantize_weights
@@ -177,8 +178,11 @@ class FastDecoder:
             # one graph per (decoder, batch size): allow more than dynamo's default of 8
             dyn = torch._dynamo.config
             dyn.recompile_limit = max(getattr(dyn, "recompile_limit", 8), 64)
-            cmode = "reduce-overhead" if self.graph == "trees" else "default"
-            self._step_fn = torch.compile(self._step, mode=cmode, dynamic=False)
+            if self.graph == "trees":
+                how: dict[str, Any] = {"mode": "reduce-overhead"}
+            else:  # inductor's kernels launched early too (ragtune.pdl)
+                how = {"options": pdl.inductor_options(self.device)}
+            self._step_fn = torch.compile(self._step, dynamic=False, **how)
         self.last_stats: dict[str, float] = {}
         log.info(
             "fastdecode: %s mode%s, static cache of %d tokens, compile=%s, graph=%s, "
@@ -297,7 +301,8 @@ class FastDecoder:
                 )
                 # one compilation for every bucket: the cache length is a symbolic size
                 dynamic = [(3, 1)] if self.compiled and len(self.kv_buckets) > 1 else []
-                g = GraphedStep(self._step_fn, example, state, dynamic)
+                with pdl.decode_step(dev, self.compiled):  # early launches (ragtune.pdl)
+                    g = GraphedStep(self._step_fn, example, state, dynamic)
             except Exception as e:  # capture is best effort: the compiled step still works
                 log.warning("fastdecode: CUDA graph capture failed (%s); running uncaptured", e)
                 self.graph = "none"

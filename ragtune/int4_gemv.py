@@ -200,9 +200,8 @@ def launch(
         kernels.w4a16_gemv_block_kernel,
         kernels.w4a16_gemv_denorm_kernel,
     )[cfg.block]
-    # programmatic dependent launch (ragtune.pdl): the denormal kernel, the one tuned settings use
-    level = pdl.level(x.device, "gemv") if cfg.block == 2 else 0
-    early = {"PDL": level, "launch_pdl": True} if level else {}
+    # the decode step's launches go early (ragtune.pdl): the denormal kernel, which settings use
+    early = pdl.launch_options() if cfg.block == 2 else {}
     kernel[(tiles, cfg.split)](
         x.contiguous(),
         w_q,

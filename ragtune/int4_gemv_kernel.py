@@ -197,7 +197,7 @@ def w4a16_gemv_denorm_kernel(
     SPLIT: tl.constexpr,
     EVEN_N: tl.constexpr,
     STAGES: tl.constexpr,
-    PDL: tl.constexpr = 0,  # ragtune.pdl: 1 launched early, 2 and the next kernel at once
+    PDL: tl.constexpr = False,  # launched early (ragtune.pdl)
 ):
     """The per-word kernel's loop at ~2 instructions a weight: a code masked in place is read
     as a float32 *denormal* (``word & (15 << 4c)`` is q * 16**c * 2**-149 exactly while the
@@ -216,8 +216,7 @@ def w4a16_gemv_denorm_kernel(
     acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     g_first = pid_s * (ITERS * ROWS)
     if PDL:  # launched while the kernel before still runs (ragtune.pdl): nothing read before
-        if PDL == 2:
-            gdc_launch_dependents()  # the next kernel may launch now (it waits for this one)
+        gdc_launch_dependents()  # the next kernel may launch now (it waits for this one)
         gdc_wait()
     for it in tl.range(0, ITERS, num_stages=STAGES):
         g = g_first + it * ROWS + rows

@@ -1,47 +1,65 @@
-"""Programmatic dependent launch (PDL) for ragtune's decode kernels (Hopper and later).
+"""Programmatic dependent launch (PDL) for the batch-1 decode step (Hopper and later).
 
-Why: a batch-1 decode step is ~300 kernels of a few microseconds, each waiting for the one
-before to finish and for its own launch. Launched with PDL (``launch_pdl``, CUDA's
-programmatic stream serialization), the int4 GEMV and the decode attention start while the
-kernel before them still runs, touch only what no kernel of the step writes (the attention:
-earlier steps' KV cache), then wait (``griddepcontrol.wait``) for the kernel before to
-complete before reading its output or writing anything; at level 2 they also let the next
-kernel launch at once (``griddepcontrol.launch_dependents``).
-The results are bit for bit those of a plain launch (same arithmetic, same order).
+Why: a 12B decode step is ~300 kernels of a few microseconds each, and each waits for the one
+before to finish before it is even launched. With PDL (CUDA's programmatic stream
+serialization) a kernel is launched while the one before it still runs, does what needs no
+input (its launch, address arithmetic; the decode attention also reads earlier steps' KV
+cache), then waits (``griddepcontrol.wait``) for the kernel before to complete, and lets the
+next kernel launch at once (``griddepcontrol.launch_dependents``). Results are bit for bit
+those of plain launches. It pays only when every kernel of the step takes part: ragtune's int4
+GEMV and decode attention alone, among inductor's plain kernels, were slower (H200:
+docs/benchmarks.md, issue 20, "programmatic dependent launch"); with inductor's own PDL
+(``triton.enable_pdl``) in the same step they were faster.
 
-``RAGTUNE_PDL`` (read at each launch: a CUDA graph keeps what was on when it was captured):
-``off`` (default until measured: docs/benchmarks.md); ``on`` (both kernels, each letting the
-next launch at once); ``gemv`` (the GEMV alone); ``on-wait`` / ``gemv-wait`` (launched early,
-but the next kernel launches only when this one ends).
+``RAGTUNE_PDL``: ``auto`` (default: on for ``FastDecoder``'s decode step on a GPU of compute
+capability >= 9.0: its compiled kernels and the ragtune kernels captured in its CUDA graph)
+or ``off``. Prompts and the continuous batcher's steps launch plainly either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 ENV = "RAGTUNE_PDL"
-KERNELS = ("gemv", "attention")
-# mode -> (GEMV level, attention level); a level is the kernels' PDL constexpr: 0 a plain
-# launch, 1 launched early (waits before reading), 2 that and the next kernel launched at once
-MODES = {
-    "off": (0, 0),
-    "on": (2, 2),
-    "gemv": (2, 0),
-    "on-wait": (1, 1),
-    "gemv-wait": (1, 0),
-}
+MODES = ("auto", "off")
+# set while the decode step's kernels are launched (warm-up and CUDA graph capture)
+_in_step: contextvars.ContextVar[bool] = contextvars.ContextVar("ragtune_pdl", default=False)
 
 
-def level(device: torch.device, kernel: str) -> int:
-    """The PDL level (0, 1, 2) for ``kernel`` ("gemv" or "attention") launched on ``device``:
-    0 off CUDA, below compute capability 9.0 and in Triton's interpreter."""
-    mode = os.environ.get(ENV, "off").lower()
+def enabled(device: torch.device) -> bool:
+    """Whether the decode step on ``device`` launches with PDL (never off CUDA, below compute
+    capability 9.0, or in Triton's interpreter)."""
+    mode = os.environ.get(ENV, "auto").lower()
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: use one of {', '.join(MODES)}")
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return 0
-    if torch.cuda.get_device_capability(device)[0] < 9:
-        return 0
-    return MODES[mode][KERNELS.index(kernel)]
+    if mode == "off" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@contextlib.contextmanager
+def decode_step(device: torch.device, compiled: bool) -> Iterator[None]:
+    """ragtune's kernels launched (or captured) inside go early where ``enabled(device)`` and
+    the step is ``compiled`` with ``inductor_options`` (alone they cost more than they save)."""
+    token = _in_step.set(compiled and enabled(device))
+    try:
+        yield
+    finally:
+        _in_step.reset(token)
+
+
+def launch_options() -> dict[str, Any]:
+    """Extra Triton launch arguments for a ragtune kernel launched now: the kernels' ``PDL``
+    switch and Triton's ``launch_pdl`` inside ``decode_step``, nothing outside."""
+    return {"PDL": True, "launch_pdl": True} if _in_step.get() else {}
+
+
+def inductor_options(device: torch.device) -> dict[str, Any]:
+    """``torch.compile`` options for the decode step: inductor's kernels with PDL as well."""
+    return {"triton.enable_pdl": True} if enabled(device) else {}

@@ -944,13 +944,12 @@ def test_batcher_compiled_prefill_rows_are_bitwise_their_lone_ones(tokenizer_dir
     assert got == want and batcher.most_rows >= 2 and pre.compiled
 
 
-@pytest.mark.parametrize("mode", ["on", "on-wait"])
-def test_pdl_launches_give_the_plain_launches_bits(tokenizer_dir, monkeypatch, mode):
-    """RAGTUNE_PDL (ragtune.pdl): the int4 GEMV and the decode attention launched early give
-    the plain launches' outputs bit for bit: a captured q|k|v GEMV -> attention (K/V written)
-    -> o GEMV chain at the 12B shapes and H200 settings, replayed with new inputs (a kernel
-    reading its input before the wait reads the previous replay's), and the int4 decoder's
-    greedy tokens."""
+def test_pdl_launches_give_the_plain_launches_bits(tokenizer_dir, monkeypatch):
+    """ragtune.pdl: the int4 GEMV and the decode attention launched early give the plain
+    launches' outputs bit for bit: a captured q|k|v GEMV -> attention (K/V written) -> o GEMV
+    chain at the 12B shapes and H200 settings, replayed with new inputs (a kernel reading its
+    input before the wait reads the previous replay's); and the int4 decoder's greedy tokens
+    with RAGTUNE_PDL=auto (its compiled step's inductor kernels early too) equal =off's."""
     from ragtune import decode_attention, int4_gemv, pdl  # noqa: F401 (their ops)
     from ragtune.fastdecode import FastDecoder
     from ragtune.fastweights import pack_int4, quantize_rtn
@@ -979,30 +978,30 @@ def test_pdl_launches_give_the_plain_launches_bits(tokenizer_dir, monkeypatch, m
         )
         return torch.ops.ragtune.int4_gemv(att.view(1, 4096), *o_w, o_cfg)
 
-    runs = {}
-    for m in ("off", mode):
-        monkeypatch.setenv(pdl.ENV, m)
-        assert pdl.level(torch.device("cuda"), "attention") == pdl.MODES[m][1]
+    assert pdl.enabled(torch.device("cuda")), "an sm_90 GPU launches the decode step early"
+    runs = []
+    for early in (False, True):
         static, kc, vc = xs[0].clone(), cache[0].clone(), cache[1].clone()
         chain(static, kc, vc)  # workspaces made outside the capture
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with pdl.decode_step(torch.device("cuda"), compiled=early), torch.cuda.graph(graph):
+            assert bool(pdl.launch_options()) == early
             out = chain(static, kc, vc)
         got = []
         for x in xs:
             static.copy_(x)
             graph.replay()
             got.append((out.clone(), kc.clone(), vc.clone()))
-        runs[m] = got
-    for plain, early in zip(runs["off"], runs[mode], strict=True):
+        runs.append(got)
+    for plain, early in zip(*runs, strict=True):
         assert all(torch.equal(a, b) for a, b in zip(plain, early, strict=True))
-    assert not torch.equal(runs["off"][0][0], runs["off"][1][0])  # the inputs did change
+    assert not torch.equal(runs[0][0][0], runs[0][1][0])  # the inputs did change
 
     model, tok = _fp32_lm(tokenizer_dir)
     model = model.to(torch.bfloat16)
     tokens = {}
-    for m in ("off", mode):
-        monkeypatch.setenv(pdl.ENV, m)
+    for mode in ("off", "auto"):
+        monkeypatch.setenv(pdl.ENV, mode)
         fd = FastDecoder(model, tok, max_seq_len=256, quantize="int4")
-        tokens[m] = [fd.generate(tok(t)["input_ids"], 24, []) for t in TEXTS]
-    assert tokens["off"] == tokens[mode]
+        tokens[mode] = [fd.generate(tok(t)["input_ids"], 24, []) for t in TEXTS]
+    assert tokens["off"] == tokens["auto"]
