@@ -466,7 +466,7 @@ def main() -> None:
         "torch": torch.__version__,
         "model": args.model,
         # programmatic dependent launch of the decode kernels (ragtune.pdl), read at each launch
-        "pdl": os.environ.get("RAGTUNE_PDL", "off"),
+        "pdl": os.environ.get("RAGTUNE_PDL", "auto"),
         "inductor_pdl": os.environ.get("TORCHINDUCTOR_ENABLE_PDL", "0"),
     }
     tok = AutoTokenizer.from_pretrained(args.model)
