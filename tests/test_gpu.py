@@ -982,11 +982,12 @@ def test_pdl_launches_give_the_plain_launches_bits(tokenizer_dir, monkeypatch):
     runs = []
     for early in (False, True):
         static, kc, vc = xs[0].clone(), cache[0].clone(), cache[1].clone()
-        chain(static, kc, vc)  # workspaces made outside the capture
         graph = torch.cuda.CUDAGraph()
-        with pdl.decode_step(torch.device("cuda"), compiled=early), torch.cuda.graph(graph):
+        with pdl.decode_step(torch.device("cuda"), compiled=early):
             assert bool(pdl.launch_options()) == early
-            out = chain(static, kc, vc)
+            chain(static, kc, vc)  # kernels compiled, workspaces made: outside the capture
+            with torch.cuda.graph(graph):
+                out = chain(static, kc, vc)
         got = []
         for x in xs:
             static.copy_(x)
