@@ -31,7 +31,7 @@ if [ ! -f .gpu/site.tgz ]; then
   pydantic==2.14.3 pydantic-core==2.50.4 pydantic-settings==2.16.3 python-dotenv==1.2.4 pypdf==7.1.0 \
   rank-bm25==0.2.2 requests-toolbelt==1.0.0 sniffio==1.3.1 tenacity==9.2.1 typing-inspection==0.4.5 \
   uuid-utils==0.19.0 bcrypt==5.0.0 mmh3==5.3.1 importlib-resources==7.1.0 peft==0.21.2 \
-  typing-extensions==4.16.0"
+  typing-extensions==4.16.0 rapidfuzz==3.14.6"
   # BUNDLE=<a site.tgz that make-bundle.sh wrote with this EXTRA> skips the download.
   if [ -n "${BUNDLE:-}" ]; then cp "$BUNDLE" "$raw/site.tgz"; else
     EXTRA=$EXTRA bash ../shared/gpu/make-bundle.sh "$raw"; fi
@@ -53,9 +53,11 @@ mkdir -p .gpu/smol_tok .gpu/bert_tok
 cp "$smol"/*token* .gpu/smol_tok/
 cp "$bert"/vocab.txt "$bert"/*token* .gpu/bert_tok/
 
-# 3. gemlite (pure Python + Triton) as a wheel; the server's packages from the venv.
+# 3. gemlite (pure Python + Triton) as a wheel; the server's packages from the venv, and rapidfuzz
+# (oracle detection, imported by train/sft.py), which bundles built before 2026-12-01 lack
+# (the device's Python is 3.11, as the venv's: its compiled modules load there).
 ls .carry/gpu-whl/gemlite-*.whl >/dev/null 2>&1 || $PY -m pip wheel -q --no-deps -w .carry/gpu-whl gemlite==0.6.0.post2
-for m in fastapi starlette uvicorn anyio h11 httpx httpcore click idna certifi annotated_doc; do
+for m in fastapi starlette uvicorn anyio h11 httpx httpcore click idna certifi annotated_doc rapidfuzz; do
   cp -r "$SITE/$m" .carry/batchsrv/.pyx/
 done
 find .carry/batchsrv/.pyx -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -34,12 +34,12 @@ _convert_gguf(Path('/tmp/abgx'), '$GGUF', Path('$M'))" > $W/convert.log 2>&1 || 
 fi
 mkdir -p $W/packs && if [ -f packs.tgz ]; then tar xzf packs.tgz -C $W/packs; fi  # a later call may bring more
 t0=$SECONDS
-for run in ${RUNS:-}; do  # SPLIT:VARIANT[:EPOCHS]
-  IFS=: read -r split variant epochs <<< "$run"
-  name=$PRE${split}_${variant}${epochs:+_e$epochs}
+for run in ${RUNS:-}; do  # SPLIT:VARIANT[:EPOCHS[:LR]]
+  IFS=: read -r split variant epochs lr <<< "$run"
+  name=$PRE${split}_${variant}${epochs:+_e$epochs}${lr:+_lr$lr}
   # setsid: a run outlives this call, so a later call (RUNS="") can wait for it and collect
   setsid nohup python3 bench/squad_abstain_gpu.py --model $M --pack $W/packs/$split \
-    --variant $variant --epochs "${epochs:-2}" --tag "$split" --out $W/rows/$name.jsonl \
+    --variant $variant --epochs "${epochs:-2}" --lr "${lr:-5e-4}" --tag "$split" --out $W/rows/$name.jsonl \
     > $W/rows/$name.log 2>&1 < /dev/null &
 done
 limit=${1:-420}
