@@ -4,8 +4,10 @@
 
 Per variant and mode: the greedy answers scored as train/eval.py scores them, the AUROC of
 every answerability feature on the test split, and for each candidate score the threshold
-fitted on the validation split (ragtune.answerability.fit_threshold) applied to the test
-split: answer the candidate when its score >= the threshold, else abstain.
+fitted on the validation split (ragtune.answerability.fit_threshold, the best cut there)
+applied to the test split: answer the candidate when its score >= the threshold, else
+abstain; ``lr_all@expected`` is the shipped decision (the logistic mix cut where answering is
+worth abstaining in expectation, ragtune.answerability.expected_score_threshold).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ragtune.answerability import (  # noqa: E402
     AnswerFeatures,
     auroc,
     combine,
+    expected_score_threshold,
     fit_logistic,
     fit_threshold,
 )
@@ -108,6 +111,15 @@ def main() -> int:
             m["threshold"] = cut
             rows.append((f"{name}@val", m, a))
             curves[(tag, mode, name)] = (st, y_test)
+            if name == "lr_all":  # the shipped cut: where answering is worth abstaining
+                cut = expected_score_threshold(y_val, f1_val)
+                ans = [
+                    r["candidate"] if s >= cut else schema.abstain
+                    for r, s in zip(test, st, strict=True)
+                ]
+                m = metrics(test, ans, schema.is_abstention)
+                m["threshold"] = cut
+                rows.append(("lr_all@expected", m, a))
             if name not in ("margin", "lr_all"):
                 continue
             # gate: the greedy answer stands unless the score says abstain (no re-decoding)

@@ -234,6 +234,41 @@ def test_contrastive_construction_emits_the_pair(tokenizer):
     assert [e["kind"] for e in plain] == ["oracle", "unanswerable"]
 
 
+def test_the_cut_is_where_answering_and_abstaining_are_worth_the_same():
+    from ragtune.answerability import expected_score_threshold
+
+    # candidates worth F1 0.8 on average over the answerable questions (unanswerable ones'
+    # values do not count): answer when p * 0.8 >= 1 - p
+    cut = expected_score_threshold([True, True, False], [1.0, 0.6, 0.9])
+    p = 1.0 / (1.0 + math.exp(-cut))
+    assert p * 0.8 == pytest.approx(1.0 - p)
+    assert expected_score_threshold([True, False], [0.0, 1.0]) == math.inf  # worthless answers
+    assert expected_score_threshold([False, False], [1.0, 1.0]) == math.inf
+
+
+def test_the_shipped_decision_cuts_at_the_expected_score_not_the_best_validation_cut():
+    """The best cut on these validation questions answers only the top one; the fitted
+    log-odds say more are worth answering, and that is the cut that ships."""
+    from ragtune.answerability import (
+        AnswerFeatures,
+        combine,
+        fit_calibration,
+        fit_logistic,
+        fit_threshold,
+    )
+
+    answerable = [True, False, True, True, False, False, True, False, True, False] * 4
+    feats = [
+        AnswerFeatures(-1.0 - 0.1 * i - (1.5 if not y else 0.0), 2, -3.0, 0.2, 1.0, 0.5)
+        for i, y in enumerate(answerable)
+    ]
+    f1 = [0.5 if y else 0.0 for y in answerable]
+    cal = fit_calibration(feats, answerable, f1)
+    assert cal.threshold == pytest.approx(-math.log(0.5))
+    w, b = fit_logistic(feats, answerable)
+    assert fit_threshold(combine(feats, w, b), answerable, f1) != pytest.approx(cal.threshold)
+
+
 def test_calibration_fitted_on_validation_goes_into_the_manifest(tmp_path):
     import json
 

@@ -131,9 +131,9 @@ def test_run_sft_fits_the_decision_on_held_out_sources(outputs, tiny_lm_path, mo
 
     monkeypatch.setattr(calibration, "MIN_QUESTIONS", 6)
     monkeypatch.setattr(calibration, "MIN_PER_CLASS", 1)
-    # the tiny random model's answers are all wrong, whose best cut abstains on everything
-    # (no decision is written then); a finite cut shows the fitted decision lands
-    monkeypatch.setattr(answerability, "fit_threshold", lambda *a, **k: 0.25)
+    # the tiny random model's answers are all wrong, whose cut is +inf (abstain on everything);
+    # a finite cut shows the fitted decision lands
+    monkeypatch.setattr(answerability, "expected_score_threshold", lambda *a, **k: 0.25)
     cfg = _cfg(
         outputs,
         tiny_lm_path,
@@ -157,21 +157,21 @@ def test_run_sft_fits_the_decision_on_held_out_sources(outputs, tiny_lm_path, mo
     assert result.metrics["calibrated"]  # eval_after applied the decision before the manifest
 
 
+@pytest.mark.parametrize("cut", [float("inf"), 1e9])
 @pytest.mark.parametrize("extremes", ["apply", "ignore"])
 def test_a_fit_that_abstains_on_everything_is_the_decision_unless_ignored(
-    outputs, tiny_lm_path, monkeypatch, extremes
+    outputs, tiny_lm_path, monkeypatch, extremes, cut
 ):
-    """When abstaining on every held-out question scores best, the manifest says so and every
-    answer path abstains (apply); ``raft.calibration_extremes=ignore`` writes no decision."""
-    import math
-
+    """When the fitted decision abstains on every held-out question (worthless answers: +inf;
+    or a finite cut above all their scores), the manifest says so and every answer path
+    abstains (apply); ``raft.calibration_extremes=ignore`` writes no decision."""
     import ragtune.answerability as answerability
     from ragtune.answerability import read_calibration
     from ragtune.training import calibration, run_sft
 
     monkeypatch.setattr(calibration, "MIN_QUESTIONS", 6)
     monkeypatch.setattr(calibration, "MIN_PER_CLASS", 1)
-    monkeypatch.setattr(answerability, "fit_threshold", lambda *a, **k: math.inf)
+    monkeypatch.setattr(answerability, "expected_score_threshold", lambda *a, **k: cut)
     cfg = _cfg(
         outputs,
         tiny_lm_path,
@@ -184,7 +184,7 @@ def test_a_fit_that_abstains_on_everything_is_the_decision_unless_ignored(
     if extremes == "ignore":
         assert cal is None
     else:
-        assert cal is not None and cal.threshold == math.inf and cal.n_validation >= 2
+        assert cal is not None and cal.threshold == cut and cal.n_validation >= 2
 
 
 def test_closed_book_run_records_no_context(outputs, tiny_lm_path):

@@ -8,8 +8,8 @@ model (the serving path: same retriever, budget, prompt and decoding), fits the 
 and the threshold (:func:`ragtune.answerability.fit_calibration`) and returns it for the
 manifest, which is written last.
 
-When the best decision on the held-out questions is an extreme (abstain on every question, or
-answer every one), that is written too, with a warning (``raft.calibration_extremes=ignore``
+When the fitted decision is an extreme on the held-out questions (it abstains on every one, or
+answers every one), it is written too, with a warning (``raft.calibration_extremes=ignore``
 writes nothing then, and the model answers as generated).
 
 Too little to fit on (fewer than :data:`MIN_QUESTIONS` held-out questions, or fewer than
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -128,26 +127,27 @@ def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: P
         f1,
         [r.source or "" for r in records],
     )
-    if math.isinf(cal.threshold):
-        what = "abstaining on" if cal.threshold > 0 else "answering"
+    answered = sum(cal.answers([a.features for a in answers]))
+    if answered in (0, len(answers)):
+        what = "abstaining on" if answered == 0 else "answering"  # the cut is outside their scores
         if str(cfg.raft.get("calibration_extremes", "apply")) == "ignore":
             log.warning(
-                "answer-or-abstain calibration: the held-out questions are best served by %s "
-                "every question; raft.calibration_extremes=ignore: no decision written (the "
-                "model answers as generated)",
+                "answer-or-abstain calibration: the fitted decision ends up %s every held-out "
+                "question; raft.calibration_extremes=ignore: no decision written (the model "
+                "answers as generated)",
                 what,
             )
             return None
         # the validation says this model's answers lose to the constant on unseen documents:
         # a user sees that here and in the manifest, not in wrong answers at serve time
         log.warning(
-            "answer-or-abstain calibration: the held-out questions are best served by %s "
-            "every question (validation AUROC %.3f on %d questions), so the model will %s "
+            "answer-or-abstain calibration: the fitted decision ends up %s every held-out "
+            "question (validation AUROC %.3f on %d questions), so the model will %s nearly "
             "every question; raft.calibration_extremes=ignore lets it answer as generated",
             what,
             cal.auroc,
             cal.n_validation,
-            "abstain on" if cal.threshold > 0 else "answer",
+            "abstain on" if answered == 0 else "answer",
         )
         return cal
     log.info(
