@@ -15,8 +15,8 @@ on a validation split as the log-odds that the question is answerable, and
 :func:`expected_score_threshold` the cut where answering and abstaining are worth the same in
 expectation (:func:`fit_threshold`, the cut that scores best on the validation questions
 themselves, is kept for comparison). Higher score = answer; below the threshold the pipeline
-abstains. Which
-features carry the signal is measured in docs/benchmarks.md ("Answer or abstain").
+abstains. Which features carry the signal is measured in docs/benchmarks.md ("Answer or
+abstain").
 
 :func:`blocked_candidates` keeps the abstain answer's first token out of the first decoding
 step (``Generator.generate_batch(block_first_tokens=...)``), so that every question gets a
