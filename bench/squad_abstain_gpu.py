@@ -112,6 +112,41 @@ def decode(model, tok, schema, prompts, block: bool, bs: int = 64):  # noqa: ANN
     return [r.text for r in gen.generate_batch(prompts, bs, block_first_tokens=banned)]
 
 
+def hidden_states(model, tok, schema, prompts, answers, layers, bs: int = 16):  # noqa: ANN001, ANN201
+    """Hidden states (float16) at two positions of prompt + answer, for an answerability probe:
+    the prompt's last token (where the model chooses between answering and abstaining) and the
+    answer's last token (after it has read its own answer). Shape (2, len(layers), n, hidden)."""
+    import numpy as np
+    import torch
+
+    p_ids = [schema.encode_prompt(tok, p) for p in prompts]
+    a_ids = [
+        list(tok(a, add_special_tokens=False)["input_ids"]) or [tok.eos_token_id] for a in answers
+    ]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = np.zeros((2, len(layers), len(prompts), model.config.hidden_size), dtype=np.float16)
+    for b in range(0, len(prompts), bs):
+        seqs = [p + a for p, a in zip(p_ids[b : b + bs], a_ids[b : b + bs], strict=True)]
+        width = max(len(x) for x in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for j, x in enumerate(seqs):
+            ids[j, : len(x)] = torch.tensor(x)
+            mask[j, : len(x)] = 1
+        with torch.no_grad():
+            hs = model(
+                input_ids=ids.to(DEV), attention_mask=mask.to(DEV), output_hidden_states=True
+            ).hidden_states
+        rows = torch.arange(len(seqs))
+        last_p = torch.tensor([len(p) - 1 for p in p_ids[b : b + bs]])
+        last_a = torch.tensor([len(x) - 1 for x in seqs])
+        for k, layer in enumerate(layers):
+            h = hs[layer].float().cpu()
+            out[0, k, b : b + len(seqs)] = h[rows, last_p].numpy()
+            out[1, k, b : b + len(seqs)] = h[rows, last_a].numpy()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -124,6 +159,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--max-seq-length", type=int, default=384)
     ap.add_argument("--tag", default="")
+    ap.add_argument(
+        "--states", default="", help="hidden-state layers to save for a probe, e.g. 14,21,28"
+    )
     args = ap.parse_args()
 
     import torch
@@ -150,7 +188,7 @@ def main() -> int:
         args.variant, ["raft_rag"]
     )
     t0 = time.time()
-    rows_out = []
+    rows_out, states = [], {}
     for split in ("val", "test"):
         rows = [json.loads(x) for x in (args.pack / f"eval_{split}.jsonl").open()]
         for mode in modes:
@@ -168,6 +206,10 @@ def main() -> int:
                 [max(r["scores"] or [0.0]) if not closed else 0.0 for r in rows],
                 batch_size=16,
             )
+            if args.states and mode in ("raft_rag", "base_rag"):
+                layers = [int(x) for x in args.states.split(",")]
+                states[split] = hidden_states(model, tok, schema, prompts, cand, layers)
+                states[f"{split}_ids"] = [r["id"] for r in rows]
             for r, g, c, f in zip(rows, greedy, cand, feats, strict=True):
                 rows_out.append(
                     {
@@ -189,6 +231,10 @@ def main() -> int:
         f.write(json.dumps({"info": info}) + "\n")
         for row in rows_out:
             f.write(json.dumps(row) + "\n")
+    if states:
+        import numpy as np
+
+        np.savez(args.out.with_suffix(".states.npz"), layers=np.array(layers), **states)
     print(json.dumps(info))
     return 0
 

@@ -39,7 +39,7 @@ for run in ${RUNS:-}; do  # SPLIT:VARIANT[:EPOCHS[:LR]]
   name=$PRE${split}_${variant}${epochs:+_e$epochs}${lr:+_lr$lr}
   # setsid: a run outlives this call, so a later call (RUNS="") can wait for it and collect
   setsid nohup python3 bench/squad_abstain_gpu.py --model $M --pack $W/packs/$split \
-    --variant $variant --epochs "${epochs:-2}" --lr "${lr:-5e-4}" --tag "$split" --out $W/rows/$name.jsonl \
+    --variant $variant --epochs "${epochs:-2}" --lr "${lr:-5e-4}" --tag "$split" --out $W/rows/$name.jsonl ${STATES:+--states $STATES} \
     > $W/rows/$name.log 2>&1 < /dev/null &
 done
 limit=${1:-420}
@@ -48,4 +48,6 @@ while [ "$(running)" -gt 0 ] && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; 
 echo "waited $((SECONDS - t0)) s; running: $(running)"
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
 for f in $W/rows/*.log; do echo "== $f"; tail -3 "$f"; done
-tar czf "${OUT:-/tmp}/rows.tgz" -C $W rows
+# STATES=14,21,28: hidden states for bench/squad_state_probe.py, one file each (16 MiB a file back)
+tar czf "${OUT:-/tmp}/rows.tgz" --exclude='*.npz' -C $W rows
+for f in $W/rows/*.npz; do [ -e "$f" ] && cp "$f" "${OUT:-/tmp}/"; done
