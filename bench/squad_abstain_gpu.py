@@ -119,6 +119,8 @@ def hidden_states(model, tok, schema, prompts, answers, layers, bs: int = 16):  
     import numpy as np
     import torch
 
+    from ragtune.answerability import right_padded
+
     p_ids = [schema.encode_prompt(tok, p) for p in prompts]
     a_ids = [
         list(tok(a, add_special_tokens=False)["input_ids"]) or [tok.eos_token_id] for a in answers
@@ -127,12 +129,7 @@ def hidden_states(model, tok, schema, prompts, answers, layers, bs: int = 16):  
     out = np.zeros((2, len(layers), len(prompts), model.config.hidden_size), dtype=np.float16)
     for b in range(0, len(prompts), bs):
         seqs = [p + a for p, a in zip(p_ids[b : b + bs], a_ids[b : b + bs], strict=True)]
-        width = max(len(x) for x in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for j, x in enumerate(seqs):
-            ids[j, : len(x)] = torch.tensor(x)
-            mask[j, : len(x)] = 1
+        ids, mask = right_padded(seqs, pad)
         with torch.no_grad():
             hs = model(
                 input_ids=ids.to(DEV), attention_mask=mask.to(DEV), output_hidden_states=True

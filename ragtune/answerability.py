@@ -482,6 +482,19 @@ def _completion_ids(tokenizer: Any, text: str) -> list[int]:
     return [*ids, tokenizer.eos_token_id]
 
 
+def right_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) of token-id rows padded on the right into one batch."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(list(row))
+        mask[r, : len(row)] = 1
+    return ids, mask
+
+
 def _logprobs(
     model: Any,
     tokenizer: Any,
@@ -502,13 +515,7 @@ def _logprobs(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(completions[i]))
     for b in range(0, len(order), max(1, batch_size)):
         idx = order[b : b + batch_size]
-        rows = [[*prompts[i], *completions[i]] for i in idx]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
+        ids, mask = right_padded([[*prompts[i], *completions[i]] for i in idx], pad)
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             for r, i in enumerate(idx):  # log-softmax over the completion positions only
