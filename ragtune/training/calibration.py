@@ -127,6 +127,7 @@ def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: P
         f1,
         [r.source or "" for r in records],
     )
+    _save_held_out(Path(run_dir) / "calibration", records, answers, f1, cal)
     answered = sum(cal.answers([a.features for a in answers]))
     if answered in (0, len(answers)):
         what = "abstaining on" if answered == 0 else "answering"  # the cut is outside their scores
@@ -157,6 +158,41 @@ def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: P
         cal.n_validation,
     )
     return cal
+
+
+def _save_held_out(
+    folder: Path, records: list[Any], answers: list[Any], f1: list[float], cal: Any
+) -> None:
+    """What the decision was fitted on, for a person to look at: every held-out question with
+    its candidate, F1, features, fitted score and whether the decision answers it
+    (``answers.jsonl``), and the validation ROC of the mix and of each feature (``roc.png``)."""
+    # why: a decision that abstains on everything is explained by these rows, not by a number
+    from ragtune.answerability import FEATURES, combine, plot_roc
+
+    feats = [a.features for a in answers]
+    scores = combine(feats, cal.weights, cal.bias)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "answers.jsonl").open("w", encoding="utf-8") as f:
+        for r, a, v, s in zip(records, answers, f1, scores, strict=True):
+            row = {
+                "id": r.id,
+                "source": r.source,
+                "question": r.instruction,
+                "answerable": r.answerable,
+                "candidate": a.candidate,
+                "candidate_f1": round(v, 4),
+                "score": round(s, 4),
+                "answered": s >= cal.threshold,
+                "features": a.features.to_dict(),
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    labels = [r.answerable for r in records]
+    curves = {"fitted mix": (scores, labels)}
+    for n in FEATURES:  # each feature alone, turned the way the mix weighs it
+        sign = -1.0 if cal.weights.get(n, 0.0) < 0 else 1.0
+        name = n if sign > 0 else f"-{n}"
+        curves[name] = ([sign * float(getattr(x, n)) for x in feats], labels)
+    plot_roc(curves, folder / "roc.png")
 
 
 def _skip(records: list[Any], why: str) -> tuple[list[Any], list[Any]]:
