@@ -46,6 +46,12 @@ PLAN: list[tuple[str, str, list[str] | str]] = [
         "skip",
         "the optional .[qwen] packages (1.1 GB): tests/test_models.py checks how they are joined",
     ),
+    (
+        r"^python train/sft\.py conf=qwen_rag$",
+        "skip",
+        "the optional .[qwen] packages and a GPU: tests/test_config.py checks what the preset selects",
+    ),
+    (r"^python train/sft\.py raft=contrast$", "slow", TRAIN),
     (r"^python train/sft\.py -m ", "slow", [*TRAIN, "eval.max_questions=2"]),
     (r"^python train/sft\.py$", "slow", TRAIN),
     (r"^python serve/ask\.py model_dir=null$", "run", SHORT),
