@@ -197,6 +197,7 @@ class TrainConfig:
     report_to: Any  # a Trainer integration name or a list of them ("none" = none)
     save_steps: int
     save_total_limit: int
+    divergence_factor: float | None  # stop and rewind when the loss jumps this many times
     resume: bool
     save_method: SaveMethod
     eval_after: bool
@@ -295,6 +296,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.per_device_train_batch_size": (0, None, False, True),
     "train.gradient_accumulation_steps": (0, None, False, True),
     "train.save_steps": (0, None, False, True),
+    "train.divergence_factor": (1, None, False, True),
     "eval.batch_size": (0, None, False, True),
     "eval.max_questions": (0, None, True, True),
     "generate.max_new_tokens": (0, None, False, True),

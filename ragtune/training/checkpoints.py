@@ -31,7 +31,8 @@ COMPLETE_MARKER = "ragtune-complete.json"
 CKPT_PREFIX = "checkpoint-"
 
 
-def _checkpoint_step(path: Path) -> int:
+def checkpoint_step(path: Path) -> int:
+    """N of a `checkpoint-N` folder; -1 for any other name."""
     try:
         return int(path.name[len(CKPT_PREFIX) :])
     except ValueError:
@@ -57,7 +58,7 @@ def checkpoint_problem(path: Path) -> str | None:
             if f.stat().st_size != size:
                 return f"{name} has {f.stat().st_size} bytes, expected {size}"
         state = json.loads((path / "trainer_state.json").read_text())
-        if int(state["global_step"]) != _checkpoint_step(path):
+        if int(state["global_step"]) != checkpoint_step(path):
             return "trainer_state.json global_step does not match the folder name"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable state ({e})"
@@ -125,12 +126,8 @@ def find_resumable_run(run_dir: Path) -> Path:
         if (run / "model" / "manifest.json").exists():
             continue
         ckpts = sorted(
-            (
-                p
-                for p in (run / CHECKPOINTS_DIR).glob(f"{CKPT_PREFIX}*")
-                if _checkpoint_step(p) >= 0
-            ),
-            key=_checkpoint_step,
+            (p for p in (run / CHECKPOINTS_DIR).glob(f"{CKPT_PREFIX}*") if checkpoint_step(p) >= 0),
+            key=checkpoint_step,
             reverse=True,
         )
         if any(checkpoint_problem(c) is None for c in ckpts):

@@ -46,6 +46,7 @@ class TrainResult:
     resumed_from: str | None = None
     dataset_stats: dict[str, Any] = field(default_factory=dict)
     eval_loss: float | None = None
+    divergence: dict[str, Any] | None = None  # where the loss blew up and the step restored
 
 
 @dataclass
@@ -153,6 +154,7 @@ def _write_manifest(
         "train_steps": result.steps,
         "train_seconds": result.seconds,
         "data_seconds": round(data_seconds, 2),
+        "divergence": result.divergence,
     }
     if metrics is not None:
         manifest["eval"] = metrics
@@ -177,7 +179,15 @@ def train(
     from transformers import set_seed
 
     from ragtune.models import resolve_model
-    from ragtune.training import backends, checkpoints, data, distributed, padding, trainer
+    from ragtune.training import (
+        backends,
+        checkpoints,
+        data,
+        distributed,
+        divergence,
+        padding,
+        trainer,
+    )
 
     output_dir = Path(output_dir)
     # 1. backend and the checks that need no model
@@ -205,13 +215,14 @@ def train(
     ckpt_dir = output_dir / CHECKPOINTS_DIR
     args = trainer.sft_config(cfg, ckpt_dir, precision, cuda, backend, padding_free)
     resume_from = _resume_point(cfg, ckpt_dir, args.process_index == 0, args.world_size)
+    guard = divergence.callback(cfg.train.divergence_factor)
     sft = trainer.trainer_class()(
         model=model,
         args=args,
         train_dataset=dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=checkpoints.callbacks(ckpt_dir),
+        callbacks=[*checkpoints.callbacks(ckpt_dir), *([guard] if guard else [])],
     )
     trainer.log_tensorboard_into(sft, output_dir / TENSORBOARD_DIR)
     # the right-padding mask is dropped for Unsloth only: 6,048 -> 6,667 tok/s at 12B
@@ -220,12 +231,20 @@ def train(
 
     # 5. train, evaluate on held-out examples, save
     seconds, peak = _fit(sft, resume_from, cuda)
+    broke = guard.watch.divergence if guard else None
+    if broke is not None:  # save the model as it was before the spike, not after
+        sharded = bool(getattr(sft, "is_fsdp_enabled", False))
+        divergence.rewind(sft.model, ckpt_dir, broke, cfg, sharded=sharded)
     eval_loss = None
     if eval_dataset is not None:
         eval_loss = float(sft.evaluate()["eval_loss"])
         log.info("eval loss %.4f on %d held-out examples", eval_loss, len(eval_dataset))
     model_dir = _save(sft, cfg, tokenizer, schema, output_dir, backend, model_path)
-    return _result(sft, model_dir, backend, seconds, peak, resume_from, stats, eval_loss)
+    result = _result(sft, model_dir, backend, seconds, peak, resume_from, stats, eval_loss)
+    if broke is not None:
+        result.divergence = broke.to_dict()
+        result.final_loss = guard.watch.history[-1][1] if guard.watch.history else None
+    return result
 
 
 def _fit(sft: Any, resume_from: Path | None, cuda: bool) -> tuple[float, float | None]:

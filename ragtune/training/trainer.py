@@ -87,6 +87,9 @@ def sft_config(
         padding_free=padding_free,  # explicit: Unsloth's auto-choice applies only when unset
         completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",
+        # a NaN loss is logged as NaN (not replaced by the window's mean), so the divergence
+        # guard (ragtune.training.divergence) and the user see a run that has broken
+        logging_nan_inf_filter=False,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         # only when launched: naming a backend makes accelerate start a process group

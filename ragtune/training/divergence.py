@@ -1,0 +1,146 @@
+"""A run whose loss blows up is stopped and rewound to its last checkpoint before the spike.
+
+A LoRA at a high learning rate can diverge mid-run: on the GPU, Qwen 1.5B at 5e-4 trained
+270 steps at a loss of ~0.35, then one batch's gradient norm hit 918 and the loss went to 11.9
+and never came back (final loss 1.49, answers of repeated "the"; docs/benchmarks.md). Saved as
+it was, that model answered 2 of 135 questions. The guard watches the logged loss: a loss that
+is not finite, or ``train.divergence_factor`` times the median of the recent logged losses for
+two logs in a row (single noisy batches stay under ~2.5x), stops the run; :func:`rewind` then
+loads the newest complete checkpoint from before the spike into the model, so what is saved is
+the model as it was before it broke. ``train.divergence_factor=null`` turns the guard off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ragtune.training import TrainError
+from ragtune.training.checkpoints import CKPT_PREFIX, checkpoint_problem, checkpoint_step
+
+log = logging.getLogger(__name__)
+
+WINDOW = 10  # logged losses the median is taken over
+MIN_HISTORY = 5  # logs before a ratio is judged (the first losses fall fast)
+SPIKES_IN_A_ROW = 2
+
+
+@dataclass
+class Divergence:
+    """Where a run broke: the first bad log's step and loss, and the reference it broke from."""
+
+    step: int
+    loss: float
+    reference: float  # median of the logged losses before it
+    last_good_step: int
+    restored_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LossWatch:
+    """Feeds on logged losses; :attr:`divergence` is set once the run has broken."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = float(factor)
+        self.history: list[tuple[int, float]] = []  # (step, loss) of the good logs
+        self.spikes: list[tuple[int, float, float]] = []  # (step, loss, reference) in a row
+        self.divergence: Divergence | None = None
+
+    def add(self, step: int, loss: float) -> bool:
+        """Record a logged loss; True when the run has just been judged diverged."""
+        if self.divergence is not None:
+            return False
+        recent = [x for _, x in self.history[-WINDOW:]]
+        reference = statistics.median(recent) if recent else math.nan
+        bad = not math.isfinite(loss)
+        if not bad and len(recent) >= MIN_HISTORY and loss > self.factor * reference:
+            self.spikes.append((step, loss, reference))
+            bad = len(self.spikes) >= SPIKES_IN_A_ROW
+        elif not bad:
+            self.spikes.clear()
+            self.history.append((step, loss))
+        if not bad:
+            return False
+        first = self.spikes[0] if self.spikes else (step, loss, reference)
+        last_good = self.history[-1][0] if self.history else 0
+        self.divergence = Divergence(first[0], first[1], first[2], last_good)
+        return True
+
+
+def callback(factor: float | None) -> Any:
+    """A TrainerCallback that stops training when :class:`LossWatch` says so; None when off."""
+    if factor is None:
+        return None
+    from transformers import TrainerCallback
+
+    class StopOnDivergence(TrainerCallback):
+        def __init__(self) -> None:
+            self.watch = LossWatch(factor)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "loss" in logs and self.watch.add(state.global_step, float(logs["loss"])):
+                d = self.watch.divergence
+                log.warning(
+                    "training diverged at step %d: loss %.4g against a recent median of %.4g",
+                    d.step,
+                    d.loss,
+                    d.reference,
+                )
+                control.should_training_stop = True
+            return control
+
+    return StopOnDivergence()
+
+
+def rewind(
+    model: Any, checkpoints: Path, divergence: Divergence, cfg: Any, *, sharded: bool = False
+) -> Divergence:
+    """Load the newest complete checkpoint saved before the last good log's step into ``model``.
+
+    Strictly before: a log's loss was computed on the weights *before* its step's update, and
+    ``checkpoint-N`` holds them *after* update N, which may be the update that broke the run.
+
+    Raises a TrainError naming the settings when there is none to go back to, or when the
+    weights are sharded (FSDP), whose checkpoints this does not load.
+    """
+    if sharded:
+        raise TrainError(
+            f"training diverged at step {divergence.step} (loss {divergence.loss:.4g}) under "
+            f"FSDP: lower train.learning_rate (now {cfg.train.learning_rate}) and start again"
+        )
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    candidates = sorted(
+        (
+            p
+            for p in Path(checkpoints).glob(f"{CKPT_PREFIX}*")
+            if 0 <= checkpoint_step(p) < divergence.last_good_step
+        ),
+        key=checkpoint_step,
+        reverse=True,
+    )
+    for ckpt in candidates:
+        weights = ckpt / "adapter_model.safetensors"
+        if checkpoint_problem(ckpt) is None and weights.exists():
+            set_peft_model_state_dict(model, load_file(str(weights)))
+            divergence.restored_step = checkpoint_step(ckpt)
+            log.warning(
+                "restored %s, saved before the loss spike; train.learning_rate=%s is likely "
+                "too high for this run to reach its last step",
+                ckpt.name,
+                cfg.train.learning_rate,
+            )
+            return divergence
+    raise TrainError(
+        f"training diverged at step {divergence.step} (loss {divergence.loss:.4g}, recent median "
+        f"{divergence.reference:.4g}) and no checkpoint precedes it: lower train.learning_rate "
+        f"(now {cfg.train.learning_rate}) or train.save_steps (now {cfg.train.save_steps}); "
+        "train.divergence_factor=null keeps the diverged weights"
+    )

@@ -1,0 +1,151 @@
+"""A diverged run is stopped and saved as it was before the spike, not after."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ragtune.config import compose
+from ragtune.manifest import read_manifest
+from ragtune.training.divergence import LossWatch
+
+# Logged losses (every 5 steps) of two real runs: Qwen2.5-Coder-1.5B, LoRA at 5e-4, bfloat16,
+# the contrast recipe on SQuAD seeds 0 and 1 (H200, 2026-12-03, docs/benchmarks.md). Seed 0
+# diverged (one update's gradient norm hit 918) and never recovered; seed 1 had one bad batch
+# (5.05) and went on to score 65.5.
+DIVERGED = [
+    3.195, 1.174, 0.4152, 0.5081, 0.5758, 0.3408, 0.3382, 0.7364, 0.4598, 0.7094, 0.3878,
+    0.3875, 0.4688, 0.4019, 0.3667, 0.3783, 0.2984, 0.4943, 0.4104, 0.3368, 0.322, 0.5909,
+    0.4426, 0.4802, 0.9146, 0.2747, 0.4714, 0.3077, 0.4686, 0.5135, 0.4691, 0.4515, 0.32,
+    0.5576, 0.3384, 0.4932, 0.3338, 0.4509, 0.2237, 0.4517, 0.2464, 0.4507, 0.3525, 0.3448,
+    0.3788, 0.4507, 0.3971, 0.3574, 0.3357, 0.3336, 0.3948, 0.3543, 0.294, 3.255, 11.87,
+    9.159, 6.968, 3.768, 3.028, 1.635, 2.266, 3.72, 3.773, 3.779, 2.833, 4.02,
+]  # fmt: skip
+RECOVERED = [
+    2.519, 0.6441, 0.8944, 0.5567, 0.1906, 0.4618, 0.6299, 0.5176, 0.2726, 0.4976, 0.3858,
+    0.4384, 0.2854, 0.3781, 0.459, 0.6448, 5.051, 1.275, 1.024, 0.9365, 0.7982, 0.6127,
+    0.5466, 0.5776, 0.4935, 0.4674, 0.4584, 0.5435, 1.832, 0.5013, 0.4449, 0.5115, 0.5973,
+    0.3959, 0.5001, 0.4084, 0.3854, 0.254, 0.576, 0.3451, 0.3842, 0.5097, 0.3894, 0.5052,
+    0.4698, 0.3563, 0.7691, 0.6027, 0.4197, 0.2664, 0.2175, 0.2907, 0.1379, 0.4232, 0.3279,
+    0.2922, 0.3059, 0.2548, 0.2841, 0.2282, 0.3551, 0.1477, 0.248, 0.2089, 0.2081, 0.1607,
+    0.2194, 0.3169, 0.121, 0.2855, 0.2213, 0.1701, 0.1766, 0.1778, 0.1092, 0.1898, 0.2536,
+    0.1998, 0.1589, 0.1035, 0.1908, 0.447, 0.1975, 0.1288, 0.1015, 0.2029, 0.1629, 0.07905,
+    0.2086, 0.162, 0.1457, 0.1358, 0.1846, 0.2, 0.2458, 0.2354, 0.2167, 0.09552, 0.1541,
+]  # fmt: skip
+
+
+def _watch(losses: list[float], factor: float = 4.0) -> LossWatch:
+    watch = LossWatch(factor)
+    for i, loss in enumerate(losses):
+        if watch.add(5 * (i + 1), loss):
+            break
+    return watch
+
+
+def test_the_measured_blow_up_is_caught_where_it_began():
+    d = _watch(DIVERGED).divergence
+    assert d is not None
+    # the first bad log (step 270, loss 3.255) and the last good one before it (step 265)
+    assert (d.step, d.loss, d.last_good_step) == (270, 3.255, 265)
+    assert d.reference == pytest.approx(0.356, abs=0.001)
+
+
+def test_a_bad_batch_the_run_recovers_from_and_noise_do_not_stop_it():
+    assert _watch(RECOVERED).divergence is None
+    assert _watch(DIVERGED[:53]).divergence is None  # the seed-0 run before its spike
+
+
+def test_a_loss_that_is_not_finite_stops_at_once():
+    d = _watch([2.0, 1.5, math.nan]).divergence
+    assert d is not None and d.step == 15 and d.last_good_step == 10
+
+
+def _cfg(outputs: Path, tiny_lm_path: str, *extra: str):
+    return compose(
+        "sft",
+        [
+            f"output_dir={outputs / 'run'}",
+            f"model.name_or_path={tiny_lm_path}",
+            "model.max_seq_length=384",
+            "retriever.chunk_size=400",
+            "retriever.chunk_overlap=40",
+            "data.max_records=12",
+            "train.max_steps=14",
+            "train.per_device_train_batch_size=4",
+            "train.learning_rate=1e-4",
+            "train.logging_steps=1",
+            "train.save_steps=4",
+            "train.save_method=lora",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_run_that_breaks_is_saved_from_the_checkpoint_before_it(
+    outputs, tiny_lm_path, monkeypatch, guarded
+):
+    """After update 8 the LoRA breaks (NaN, as an overflow leaves it): the loss logged at step 9
+    is NaN. checkpoint-8 already holds the broken weights, so the guard restores checkpoint-4;
+    without the guard the broken weights are what is saved. (The tiny model's loss cannot spike
+    4x while finite; the ratio rule is checked on the measured runs above.)"""
+    from transformers import TrainerCallback
+
+    from ragtune.training import checkpoints, run_sft
+
+    class BlowUp(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            if state.global_step == 8:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if "lora_" in name:
+                            p.fill_(float("nan"))  # as a bfloat16 overflow would
+            return control
+
+    real = checkpoints.callbacks
+    monkeypatch.setattr(checkpoints, "callbacks", lambda d: [*real(d), BlowUp()])
+    extra = () if guarded else ("train.divergence_factor=null",)
+    result = run_sft(_cfg(outputs, tiny_lm_path, *extra))
+
+    manifest = read_manifest(result.model_dir)
+    saved = load_file(str(result.model_dir / "adapter_model.safetensors"))
+    broken = any(t.isnan().any() for t in saved.values())
+    if guarded:
+        ckpt4 = load_file(str(outputs / "run/checkpoints/checkpoint-4/adapter_model.safetensors"))
+        assert saved.keys() == ckpt4.keys()
+        assert all(torch.equal(saved[k], ckpt4[k]) for k in saved) and not broken
+        d = manifest["divergence"]
+        assert (d["step"], d["last_good_step"], d["restored_step"]) == (9, 8, 4)
+        assert manifest["train_steps"] == 9  # stopped at the first NaN
+        assert math.isnan(d["loss"]) and math.isfinite(manifest["final_loss"])
+        assert (outputs / "latest").resolve() == result.model_dir.resolve()
+    else:
+        assert manifest["divergence"] is None and manifest["train_steps"] == 14
+        assert broken
+
+
+def test_a_run_that_breaks_before_its_first_checkpoint_says_what_to_change(
+    outputs, tiny_lm_path, monkeypatch
+):
+    from transformers import TrainerCallback
+
+    from ragtune.training import TrainError, checkpoints, run_sft
+
+    class BlowUp(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            if state.global_step == 6:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if "lora_" in name:
+                            p.fill_(float("nan"))  # as a bfloat16 overflow would
+            return control
+
+    real = checkpoints.callbacks
+    monkeypatch.setattr(checkpoints, "callbacks", lambda d: [*real(d), BlowUp()])
+    with pytest.raises(TrainError, match=r"train\.learning_rate.*train\.save_steps"):
+        run_sft(_cfg(outputs, tiny_lm_path, "train.save_steps=50"))
+    assert not (outputs / "latest").exists()
