@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sft import _cfg  # tests/ is on sys.path (no __init__.py)
 
-from ragtune.config import compose
 from ragtune.manifest import read_manifest
 from ragtune.training.divergence import LossWatch
 
@@ -64,25 +64,30 @@ def test_a_loss_that_is_not_finite_stops_at_once():
     assert d is not None and d.step == 15 and d.last_good_step == 10
 
 
-def _cfg(outputs: Path, tiny_lm_path: str, *extra: str):
-    return compose(
-        "sft",
-        [
-            f"output_dir={outputs / 'run'}",
-            f"model.name_or_path={tiny_lm_path}",
-            "model.max_seq_length=384",
-            "retriever.chunk_size=400",
-            "retriever.chunk_overlap=40",
-            "data.max_records=12",
-            "train.max_steps=14",
-            "train.per_device_train_batch_size=4",
-            "train.learning_rate=1e-4",
-            "train.logging_steps=1",
-            "train.save_steps=4",
-            "train.save_method=lora",
-            *extra,
-        ],
-    )
+# the SFT stage's tiny run, logging every step and saving every 4 (LoRA only)
+RUN = (
+    "train.max_steps=14",
+    "train.learning_rate=1e-4",
+    "train.logging_steps=1",
+    "train.save_steps=4",
+    "train.save_method=lora",
+)
+
+
+def _break_lora_after(step: int) -> Any:
+    """A callback that turns the LoRA weights to NaN after update ``step``, as an overflow would."""
+    from transformers import TrainerCallback
+
+    class BreakLora(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            if state.global_step == step:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        if "lora_" in name:
+                            p.fill_(float("nan"))
+            return control
+
+    return BreakLora()
 
 
 @pytest.mark.parametrize("guarded", [True, False])
@@ -93,23 +98,12 @@ def test_a_run_that_breaks_is_saved_from_the_checkpoint_before_it(
     is NaN. checkpoint-8 already holds the broken weights, so the guard restores checkpoint-4;
     without the guard the broken weights are what is saved. (The tiny model's loss cannot spike
     4x while finite; the ratio rule is checked on the measured runs above.)"""
-    from transformers import TrainerCallback
-
     from ragtune.training import checkpoints, run_sft
 
-    class BlowUp(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-            if state.global_step == 8:
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        if "lora_" in name:
-                            p.fill_(float("nan"))  # as a bfloat16 overflow would
-            return control
-
     real = checkpoints.callbacks
-    monkeypatch.setattr(checkpoints, "callbacks", lambda d: [*real(d), BlowUp()])
+    monkeypatch.setattr(checkpoints, "callbacks", lambda d: [*real(d), _break_lora_after(8)])
     extra = () if guarded else ("train.divergence_factor=null",)
-    result = run_sft(_cfg(outputs, tiny_lm_path, *extra))
+    result = run_sft(_cfg(outputs, tiny_lm_path, *RUN, *extra))
 
     manifest = read_manifest(result.model_dir)
     saved = load_file(str(result.model_dir / "adapter_model.safetensors"))
@@ -131,21 +125,10 @@ def test_a_run_that_breaks_is_saved_from_the_checkpoint_before_it(
 def test_a_run_that_breaks_before_its_first_checkpoint_says_what_to_change(
     outputs, tiny_lm_path, monkeypatch
 ):
-    from transformers import TrainerCallback
-
     from ragtune.training import TrainError, checkpoints, run_sft
 
-    class BlowUp(TrainerCallback):
-        def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-            if state.global_step == 6:
-                with torch.no_grad():
-                    for name, p in model.named_parameters():
-                        if "lora_" in name:
-                            p.fill_(float("nan"))  # as a bfloat16 overflow would
-            return control
-
     real = checkpoints.callbacks
-    monkeypatch.setattr(checkpoints, "callbacks", lambda d: [*real(d), BlowUp()])
+    monkeypatch.setattr(checkpoints, "callbacks", lambda d: [*real(d), _break_lora_after(6)])
     with pytest.raises(TrainError, match=r"train\.learning_rate.*train\.save_steps"):
-        run_sft(_cfg(outputs, tiny_lm_path, "train.save_steps=50"))
+        run_sft(_cfg(outputs, tiny_lm_path, *RUN, "train.save_steps=50"))
     assert not (outputs / "latest").exists()
