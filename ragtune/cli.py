@@ -75,6 +75,7 @@ def train(cfg: DictConfig) -> StageResult:
         "metric": result.metric,
         "metrics": result.metrics or {},
         "dataset": result.dataset_stats,
+        "divergence": result.divergence,
     }
     return StageResult(metric=result.metric, details=summary)
 

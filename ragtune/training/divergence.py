@@ -40,7 +40,10 @@ class Divergence:
     restored_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """For the manifest: a loss that is not finite as "nan" / "inf" (JSON has no NaN)."""
+        d = asdict(self)
+        d["loss"] = d["loss"] if math.isfinite(d["loss"]) else str(d["loss"])
+        return d
 
 
 class LossWatch:

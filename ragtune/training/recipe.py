@@ -59,6 +59,7 @@ class SftResult:
     metrics: dict[str, Any] | None
     metric: float
     dataset_stats: dict[str, Any] = field(default_factory=dict)
+    divergence: dict[str, Any] | None = None  # TrainResult.divergence
 
 
 # --------------------------------------------------------------------------- the stage
@@ -99,7 +100,7 @@ def run_sft(cfg: DictConfig) -> SftResult:
     result = train(cfg, examples, schema, out)  # the new model is staged beside model/
     loss_metric = -result.final_loss if result.final_loss is not None else float("nan")
     final = out / MODEL_DIR
-    sft = SftResult(out, final, result.final_loss, None, loss_metric, stats)
+    sft = SftResult(out, final, result.final_loss, None, loss_metric, stats, result.divergence)
     if not is_main_process():  # rank 0 evaluates and writes the manifest
         return sft
 
