@@ -73,12 +73,29 @@ UNSLOTH_SCRIPT = textwrap.dedent(
     from ragtune.training.recipe import train
 
     model, out, method = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    break_at = int(sys.argv[4]) if len(sys.argv) > 4 else 0  # NaN LoRA after this update
     cfg = validate(compose("sft", [
         "conf=nemo_rag", f"model.name_or_path={model}", "model.max_seq_length=256",
-        "train.max_steps=4", "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "train.packing=false",
+        f"train.max_steps={12 if break_at else 4}", "train.save_steps=4",
+        "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "train.packing=false",
         "train.learning_rate=1e-3", "train.logging_steps=1", f"train.save_method={method}",
         f"output_dir={out}",
     ]), SFT_TOP_LEVEL)
+    if break_at:
+        from transformers import TrainerCallback
+        from ragtune.training import checkpoints
+
+        class BreakLora(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step == break_at:
+                    with torch.no_grad():
+                        for name, p in model.named_parameters():
+                            if "lora_" in name:
+                                p.fill_(float("nan"))
+                return control
+
+        real = checkpoints.callbacks
+        checkpoints.callbacks = lambda d: [*real(d), BreakLora()]
     schema = get_schema(cfg.prompt.name)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model)
@@ -90,23 +107,29 @@ UNSLOTH_SCRIPT = textwrap.dedent(
         examples.append({"prompt": p, "completion": c, "kind": "oracle"})
     r = train(cfg, examples, schema, out)
     info = {"backend": r.backend, "losses": r.losses, "steps": r.steps,
-            "model_dir": str(r.model_dir), "peak": r.peak_memory_gb}
+            "model_dir": str(r.model_dir), "peak": r.peak_memory_gb, "divergence": r.divergence}
     if method == "lora":
         w = load_file(str(r.model_dir / "adapter_model.safetensors"))
         b = [k for k in w if "lora_B" in k]
         info["lora_B_tensors"] = len(b)
         info["lora_B_max_abs"] = max(float(w[k].float().abs().max()) for k in b)
+        info["nan"] = any(bool(t.isnan().any()) for t in w.values())
+        ckpt = out / "checkpoints/checkpoint-4/adapter_model.safetensors"
+        if break_at and ckpt.exists():
+            c = load_file(str(ckpt))
+            info["equals_checkpoint_4"] = c.keys() == w.keys() and all(
+                torch.equal(c[k], w[k]) for k in w)
     print("RESULT " + json.dumps(info))
     """
 )
 
 
-def _run_unsloth(model: str, out: Path, method: str) -> dict:
+def _run_unsloth(model: str, out: Path, method: str, break_at: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     proc = subprocess.run(
-        [sys.executable, "-c", UNSLOTH_SCRIPT, model, str(out), method],
+        [sys.executable, "-c", UNSLOTH_SCRIPT, model, str(out), method, str(break_at)],
         capture_output=True,
         text=True,
         env=env,
@@ -126,6 +149,15 @@ def test_unsloth_trains_lora_weights_change(small_lm, tmp_path):
     # LoRA B starts at zero: any non-zero entry means the adapters were trained
     assert info["lora_B_tensors"] >= 7 * 2
     assert info["lora_B_max_abs"] > 0
+
+
+def test_unsloth_run_that_breaks_is_saved_from_the_checkpoint_before_it(small_lm, tmp_path):
+    """The divergence guard on the Unsloth backend (tests/test_divergence.py on CPU): the LoRA
+    turns NaN after update 8, the guard stops at step 9 and loads checkpoint-4's adapter."""
+    info = _run_unsloth(small_lm, tmp_path / "run-break", "lora", break_at=8)
+    d = info["divergence"]
+    assert d is not None and (d["step"], d["restored_step"]) == (9, 4), d
+    assert info["steps"] == 9 and not info["nan"] and info["equals_checkpoint_4"]
 
 
 @pytest.mark.parametrize("method", ["merged_16bit", "merged_4bit"])
