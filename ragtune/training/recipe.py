@@ -244,7 +244,9 @@ def train(
     result = _result(sft, model_dir, backend, seconds, peak, resume_from, stats, eval_loss)
     if broke is not None:
         result.divergence = broke.to_dict()
-        result.final_loss = guard.watch.history[-1][1] if guard.watch.history else None
+        # the loss logged at the restored step (or the last before it), not the broken one
+        kept = [loss for step, loss in guard.watch.history if step <= broke.restored_step]
+        result.final_loss = kept[-1] if kept else None
     return result
 
 
