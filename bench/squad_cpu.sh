@@ -47,7 +47,7 @@ step prepare "$PY" train/prepare_squad.py "$SQUAD" "$B" --test-fraction 0.25 --s
   --max-train "${MAX_TRAIN:-720}" --max-test "${MAX_TEST:-300}"
 step raft "$PY" train/sft.py "${R[@]}" "${T[@]}" "hydra.run.dir=$B/runs/raft"
 M=(eval.models.raft_rag=$B/runs/raft/model)
-if [ -z "${MODES:-}" ] || [[ $MODES == *ft_* ]]; then
+if [ -z "${MODES:-}" ] || [[ " $MODES " =~ " "(ft_closed|ft_then_rag)" " ]]; then
   step closed "$PY" train/sft.py "${R[@]}" "${T[@]}" raft.mode=closed "hydra.run.dir=$B/runs/closed"
   M+=(eval.models.ft_closed=$B/runs/closed/model)
 fi
