@@ -198,6 +198,7 @@ class TrainConfig:
     save_steps: int
     save_total_limit: int
     divergence_factor: float | None  # stop and rewind when the loss jumps this many times
+    divergence_restarts: int  # times a diverged run resumes from its checkpoint before the spike
     resume: bool
     save_method: SaveMethod
     eval_after: bool
@@ -297,6 +298,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.gradient_accumulation_steps": (0, None, False, True),
     "train.save_steps": (0, None, False, True),
     "train.divergence_factor": (1, None, False, True),
+    "train.divergence_restarts": (0, None, True, True),
     "eval.batch_size": (0, None, False, True),
     "eval.max_questions": (0, None, True, True),
     "generate.max_new_tokens": (0, None, False, True),

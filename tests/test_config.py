@@ -130,6 +130,8 @@ def test_outputs_root_is_configurable(monkeypatch, tmp_path):
         ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size"),
         ("train.lora.lora_dropout=1.0", "train.lora.lora_dropout"),
         ("model.dtype=int3", "model.dtype"),
+        ("train.divergence_factor=0.5", "train.divergence_factor"),
+        ("train.divergence_restarts=-1", "train.divergence_restarts"),
     ],
 )
 def test_bad_config_names_the_key(override, key):

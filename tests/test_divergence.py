@@ -75,13 +75,17 @@ RUN = (
 )
 
 
-def _break_lora_after(step: int) -> Any:
-    """A callback that turns the LoRA weights to NaN after update ``step``, as an overflow would."""
+def _break_lora_after(step: int, times: int = 99) -> Any:
+    """A callback that turns the LoRA weights to NaN after update ``step`` (the first ``times``
+    times the run gets there), as an overflow would."""
     from transformers import TrainerCallback
 
     class BreakLora(TrainerCallback):
+        broken = 0
+
         def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-            if state.global_step == step:
+            if state.global_step == step and self.broken < times:
+                self.broken += 1
                 with torch.no_grad():
                     for name, p in model.named_parameters():
                         if "lora_" in name:
@@ -91,44 +95,86 @@ def _break_lora_after(step: int) -> Any:
     return BreakLora()
 
 
-@pytest.mark.parametrize("guarded", [True, False])
-def test_a_run_that_breaks_is_saved_from_the_checkpoint_before_it(
-    outputs, tiny_lm_path, monkeypatch, guarded
+def _adapter(path: Any) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def _loss_logged_at(outputs: Any, step: int) -> float:
+    ckpt = outputs / f"run/checkpoints/checkpoint-{step}/trainer_state.json"
+    state = json.loads(ckpt.read_text())
+    return next(h["loss"] for h in state["log_history"] if h.get("step") == step and "loss" in h)
+
+
+@pytest.mark.parametrize("mode", ["breaks_again", "no_restart", "guard_off"])
+def test_a_run_that_keeps_breaking_is_saved_from_the_checkpoint_before_it(
+    outputs, tiny_lm_path, monkeypatch, mode
 ):
     """After update 8 the LoRA breaks (NaN, as an overflow leaves it): the loss logged at step 9
-    is NaN. checkpoint-8 already holds the broken weights, so the guard restores checkpoint-4;
-    without the guard the broken weights are what is saved. (The tiny model's loss cannot spike
-    4x while finite; the ratio rule is checked on the measured runs above.)"""
+    is NaN. checkpoint-8 already holds the broken weights, so training resumes from checkpoint-4,
+    breaks at update 8 again, and checkpoint-4 is what is saved (with no restart allowed: at the
+    first break); without the guard the broken weights are saved. (The tiny model's loss cannot
+    spike 4x while finite; the ratio rule is checked on the measured runs above.)"""
     from ragtune.training import checkpoints, run_sft
 
     real = checkpoints.callbacks
     monkeypatch.setattr(checkpoints, "callbacks", lambda d: [*real(d), _break_lora_after(8)])
-    extra = () if guarded else ("train.divergence_factor=null",)
+    extra = {
+        "breaks_again": (),
+        "no_restart": ("train.divergence_restarts=0",),
+        "guard_off": ("train.divergence_factor=null",),
+    }[mode]
     result = run_sft(_cfg(outputs, tiny_lm_path, *RUN, *extra))
 
     manifest = read_manifest(result.model_dir)
-    saved = load_file(str(result.model_dir / "adapter_model.safetensors"))
+    saved = _adapter(result.model_dir)
     broken = any(t.isnan().any() for t in saved.values())
-    if guarded:
-        ckpt4 = load_file(str(outputs / "run/checkpoints/checkpoint-4/adapter_model.safetensors"))
-        assert saved.keys() == ckpt4.keys()
-        assert all(torch.equal(saved[k], ckpt4[k]) for k in saved) and not broken
-        d = manifest["divergence"]
-        assert result.divergence == d  # what train/sft.py's status.json reports
-        assert (d["step"], d["last_good_step"], d["restored_step"]) == (9, 8, 4)
-        assert manifest["train_steps"] == 9  # stopped at the first NaN
-        assert d["loss"] == "nan"
-        # the loss logged at step 4, the step restored, not the last one before the break
-        state = json.loads(
-            (outputs / "run/checkpoints/checkpoint-4/trainer_state.json").read_text()
-        )
-        at_4 = [h["loss"] for h in state["log_history"] if h.get("step") == 4 and "loss" in h]
-        assert manifest["final_loss"] == pytest.approx(at_4[0], rel=1e-3)
-        assert (outputs / "latest").resolve() == result.model_dir.resolve()
-    else:
+    if mode == "guard_off":
         assert manifest["divergence"] is None is result.divergence
         assert manifest["train_steps"] == 14
         assert broken
+        return
+    ckpt4 = _adapter(outputs / "run/checkpoints/checkpoint-4")
+    assert saved.keys() == ckpt4.keys()
+    assert all(torch.equal(saved[k], ckpt4[k]) for k in saved) and not broken
+    breaks = manifest["divergence"]
+    assert result.divergence == breaks  # what train/sft.py's status.json reports
+    expected = [(9, 8, 4, None), (9, 8, None, 4)] if mode == "breaks_again" else [(9, 8, None, 4)]
+    got = [
+        (d["step"], d["last_good_step"], d["restarted_from"], d["restored_step"]) for d in breaks
+    ]
+    assert got == expected
+    assert all(d["loss"] == "nan" for d in breaks)
+    assert manifest["train_steps"] == 9  # stopped at the (last) first NaN
+    # the loss logged at step 4, the step restored, not the last one before the break
+    assert manifest["final_loss"] == pytest.approx(_loss_logged_at(outputs, 4), rel=1e-3)
+    assert (outputs / "latest").resolve() == result.model_dir.resolve()
+
+
+def test_a_run_that_breaks_once_resumes_and_ends_where_an_unbroken_run_ends(
+    outputs, tiny_lm_path, monkeypatch
+):
+    """The LoRA breaks once after update 8 (as a GPU's arithmetic can, and not on a rerun): the
+    run resumes from checkpoint-4 and trains to its last step, to the same weights as a run that
+    never broke (the checkpoint carries the optimizer, scheduler, RNG and data position)."""
+    from ragtune.training import checkpoints, run_sft
+
+    clean = run_sft(_cfg(outputs / "clean", tiny_lm_path, *RUN))
+    real = checkpoints.callbacks
+    monkeypatch.setattr(
+        checkpoints, "callbacks", lambda d: [*real(d), _break_lora_after(8, times=1)]
+    )
+    result = run_sft(_cfg(outputs, tiny_lm_path, *RUN))
+
+    manifest = read_manifest(result.model_dir)
+    [d] = manifest["divergence"]
+    assert (d["step"], d["restarted_from"], d["restored_step"]) == (9, 4, None)
+    assert manifest["train_steps"] == 14
+    saved, unbroken = _adapter(result.model_dir), _adapter(clean.model_dir)
+    assert saved.keys() == unbroken.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], unbroken[k])
+    assert math.isfinite(manifest["final_loss"])
+    assert manifest["final_loss"] == pytest.approx(clean.final_loss, rel=1e-4)
 
 
 def test_a_run_that_breaks_before_its_first_checkpoint_says_what_to_change(

@@ -1,14 +1,16 @@
-"""A run whose loss blows up is stopped and rewound to its last checkpoint before the spike.
+"""A run whose loss blows up restarts from its last checkpoint before the spike, or is rewound to it.
 
 A LoRA at a high learning rate can diverge mid-run: on the GPU, Qwen 1.5B at 5e-4 trained
 270 steps at a loss of ~0.35, then one batch's gradient norm hit 918 and the loss went to 11.9
 and never came back (final loss 1.49, answers that repeat one word; docs/benchmarks.md). Saved
-as it was, that model abstained on 132 of 135 answerable test questions. The guard watches the
-logged loss: a loss that is not finite, or ``train.divergence_factor`` times the median of the
-recent logged losses for two logs in a row (noise measured at most 3.3x; one bad batch, 11x,
-was followed by 2.8x), stops the run; :func:`rewind` then
-loads the newest complete checkpoint from before the spike into the model, so what is saved is
-the model as it was before it broke. ``train.divergence_factor=null`` turns the guard off.
+as it was, that model abstained on 132 of 135 answerable test questions; the same run again
+(GPU arithmetic differs run to run) did not break. The guard watches the logged loss: a loss
+that is not finite, or ``train.divergence_factor`` times the median of the recent logged losses
+for two logs in a row (noise measured at most 3.3x; one bad batch, 11x, was followed by 2.8x),
+stops the run. Training then resumes from the newest complete checkpoint from before the spike
+(``train.divergence_restarts`` times), and if it breaks again :func:`rewind` loads that
+checkpoint into the model, so what is saved is the model as it was before it broke.
+``train.divergence_factor=null`` turns the guard off.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class Divergence:
     loss: float
     reference: float  # median of the logged losses before it
     last_good_step: int
-    restored_step: int | None = None
+    restored_step: int | None = None  # the checkpoint saved in the end: the run stopped there
+    restarted_from: int | None = None  # the checkpoint training resumed from: the run went on
 
     def to_dict(self) -> dict[str, Any]:
         """For the manifest: a loss that is not finite as "nan" / "inf" (JSON has no NaN)."""
@@ -76,6 +79,12 @@ class LossWatch:
         self.divergence = Divergence(first[0], first[1], first[2], last_good)
         return True
 
+    def restart(self, step: int) -> None:
+        """Training resumes from checkpoint ``step``: forget what was logged after it."""
+        self.history = [(s, x) for s, x in self.history if s <= step]
+        self.spikes.clear()
+        self.divergence = None
+
 
 def callback(factor: float | None) -> Any:
     """A TrainerCallback that stops training when :class:`LossWatch` says so; None when off."""
@@ -102,10 +111,10 @@ def callback(factor: float | None) -> Any:
     return StopOnDivergence()
 
 
-def rewind(
-    model: Any, checkpoints: Path, divergence: Divergence, cfg: Any, *, sharded: bool = False
-) -> Divergence:
-    """Load the newest complete checkpoint saved before the last good log's step into ``model``.
+def checkpoint_before(
+    checkpoints: Path, divergence: Divergence, cfg: Any, *, sharded: bool = False
+) -> Path:
+    """The newest complete checkpoint saved before the last good log's step.
 
     Strictly before: a log's loss was computed on the weights *before* its step's update, and
     ``checkpoint-N`` holds them *after* update N, which may be the update that broke the run.
@@ -118,9 +127,6 @@ def rewind(
             f"training diverged at step {divergence.step} (loss {divergence.loss:.4g}) under "
             f"FSDP: lower train.learning_rate (now {cfg.train.learning_rate}) and start again"
         )
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     candidates = sorted(
         (
             p
@@ -131,20 +137,27 @@ def rewind(
         reverse=True,
     )
     for ckpt in candidates:
-        weights = ckpt / "adapter_model.safetensors"
-        if checkpoint_problem(ckpt) is None and weights.exists():
-            set_peft_model_state_dict(model, load_file(str(weights)))
-            divergence.restored_step = checkpoint_step(ckpt)
-            log.warning(
-                "restored %s, saved before the loss spike; train.learning_rate=%s is likely "
-                "too high for this run to reach its last step",
-                ckpt.name,
-                cfg.train.learning_rate,
-            )
-            return divergence
+        if checkpoint_problem(ckpt) is None and (ckpt / "adapter_model.safetensors").exists():
+            return ckpt
     raise TrainError(
         f"training diverged at step {divergence.step} (loss {divergence.loss:.4g}, recent median "
         f"{divergence.reference:.4g}) and no checkpoint precedes it: lower train.learning_rate "
         f"(now {cfg.train.learning_rate}) or train.save_steps (now {cfg.train.save_steps}); "
         "train.divergence_factor=null keeps the diverged weights"
     )
+
+
+def rewind(model: Any, checkpoint: Path, divergence: Divergence, cfg: Any) -> Divergence:
+    """Load ``checkpoint``'s LoRA weights (from :func:`checkpoint_before`) into ``model``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    divergence.restored_step = checkpoint_step(checkpoint)
+    log.warning(
+        "restored %s, saved before the loss spike; train.learning_rate=%s is likely "
+        "too high for this run to reach its last step",
+        checkpoint.name,
+        cfg.train.learning_rate,
+    )
+    return divergence

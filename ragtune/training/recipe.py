@@ -46,7 +46,8 @@ class TrainResult:
     resumed_from: str | None = None
     dataset_stats: dict[str, Any] = field(default_factory=dict)
     eval_loss: float | None = None
-    divergence: dict[str, Any] | None = None  # where the loss blew up and the step restored
+    divergence: list[dict[str, Any]] | None = None  # each loss blow-up: where, and the checkpoint
+    # training resumed from (restarted_from) or that was saved in the end (restored_step)
 
 
 @dataclass
@@ -59,7 +60,7 @@ class SftResult:
     metrics: dict[str, Any] | None
     metric: float
     dataset_stats: dict[str, Any] = field(default_factory=dict)
-    divergence: dict[str, Any] | None = None  # TrainResult.divergence
+    divergence: list[dict[str, Any]] | None = None  # TrainResult.divergence
 
 
 # --------------------------------------------------------------------------- the stage
@@ -230,23 +231,36 @@ def train(
     # (docs/benchmarks.md, "The attention mask"); TRL's fused loss on the hf backend needs it
     sft.drop_padding_mask = backend == "unsloth"
 
-    # 5. train, evaluate on held-out examples, save
+    # 5. train, evaluate on held-out examples, save. A run whose loss blows up resumes from
+    #    its checkpoint before the spike; breaking again, it is saved as that checkpoint.
     seconds, peak = _fit(sft, resume_from, cuda)
-    broke = guard.watch.divergence if guard else None
-    if broke is not None:  # save the model as it was before the spike, not after
+    breaks: list[divergence.Divergence] = []
+    while guard is not None and guard.watch.divergence is not None:
+        broke = guard.watch.divergence
+        breaks.append(broke)
         sharded = bool(getattr(sft, "is_fsdp_enabled", False))
-        divergence.rewind(sft.model, ckpt_dir, broke, cfg, sharded=sharded)
+        ckpt = divergence.checkpoint_before(ckpt_dir, broke, cfg, sharded=sharded)
+        if len(breaks) > int(cfg.train.divergence_restarts):
+            divergence.rewind(sft.model, ckpt, broke, cfg)
+            break
+        log.warning("training diverged at step %d; resuming from %s", broke.step, ckpt.name)
+        broke.restarted_from = checkpoints.checkpoint_step(ckpt)
+        guard.watch.restart(broke.restarted_from)
+        more_seconds, more_peak = _fit(sft, ckpt, cuda)
+        seconds += more_seconds
+        peak = max(peak or 0.0, more_peak) if more_peak is not None else peak
     eval_loss = None
     if eval_dataset is not None:
         eval_loss = float(sft.evaluate()["eval_loss"])
         log.info("eval loss %.4f on %d held-out examples", eval_loss, len(eval_dataset))
     model_dir = _save(sft, cfg, tokenizer, schema, output_dir, backend, model_path)
     result = _result(sft, model_dir, backend, seconds, peak, resume_from, stats, eval_loss)
-    if broke is not None:
-        result.divergence = broke.to_dict()
-        # the loss logged at the restored step (or the last before it), not the broken one
-        kept = [loss for step, loss in guard.watch.history if step <= broke.restored_step]
-        result.final_loss = kept[-1] if kept else None
+    if breaks:
+        result.divergence = [b.to_dict() for b in breaks]
+        restored = breaks[-1].restored_step
+        if restored is not None:  # the loss logged at the restored step, not the broken one
+            kept = [loss for step, loss in guard.watch.history if step <= restored]
+            result.final_loss = kept[-1] if kept else None
     return result
 
 
