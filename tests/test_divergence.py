@@ -177,6 +177,33 @@ def test_a_run_that_breaks_once_resumes_and_ends_where_an_unbroken_run_ends(
     assert manifest["final_loss"] == pytest.approx(clean.final_loss, rel=1e-4)
 
 
+def test_a_resume_that_fails_still_saves_the_checkpoint_before_the_break(
+    outputs, tiny_lm_path, monkeypatch
+):
+    """A backend that cannot resume in the same process must not cost the user the model: the
+    checkpoint from before the spike is saved, and the manifest says why it did not go on."""
+    from ragtune.training import checkpoints, recipe, run_sft
+
+    real_callbacks, real_fit = checkpoints.callbacks, recipe._fit
+    monkeypatch.setattr(
+        checkpoints, "callbacks", lambda d: [*real_callbacks(d), _break_lora_after(8)]
+    )
+
+    def fit(sft, resume_from, cuda):  # noqa: ANN001, ANN202
+        if resume_from is not None:
+            raise RuntimeError("this backend cannot resume here")
+        return real_fit(sft, resume_from, cuda)
+
+    monkeypatch.setattr(recipe, "_fit", fit)
+    result = run_sft(_cfg(outputs, tiny_lm_path, *RUN))
+
+    [d] = read_manifest(result.model_dir)["divergence"]
+    assert (d["restarted_from"], d["restored_step"]) == (4, 4)
+    assert d["restart_error"] == "RuntimeError: this backend cannot resume here"
+    saved, ckpt4 = _adapter(result.model_dir), _adapter(outputs / "run/checkpoints/checkpoint-4")
+    assert all(torch.equal(saved[k], ckpt4[k]) for k in saved)
+
+
 def test_a_run_that_breaks_before_its_first_checkpoint_says_what_to_change(
     outputs, tiny_lm_path, monkeypatch
 ):

@@ -42,6 +42,7 @@ class Divergence:
     last_good_step: int
     restored_step: int | None = None  # the checkpoint saved in the end: the run stopped there
     restarted_from: int | None = None  # the checkpoint training resumed from: the run went on
+    restart_error: str | None = None  # why resuming from it failed (then it was restored)
 
     def to_dict(self) -> dict[str, Any]:
         """For the manifest: a loss that is not finite as "nan" / "inf" (JSON has no NaN)."""

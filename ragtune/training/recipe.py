@@ -231,24 +231,8 @@ def train(
     # (docs/benchmarks.md, "The attention mask"); TRL's fused loss on the hf backend needs it
     sft.drop_padding_mask = backend == "unsloth"
 
-    # 5. train, evaluate on held-out examples, save. A run whose loss blows up resumes from
-    #    its checkpoint before the spike; breaking again, it is saved as that checkpoint.
-    seconds, peak = _fit(sft, resume_from, cuda)
-    breaks: list[divergence.Divergence] = []
-    while guard is not None and guard.watch.divergence is not None:
-        broke = guard.watch.divergence
-        breaks.append(broke)
-        sharded = bool(getattr(sft, "is_fsdp_enabled", False))
-        ckpt = divergence.checkpoint_before(ckpt_dir, broke, cfg, sharded=sharded)
-        if len(breaks) > int(cfg.train.divergence_restarts):
-            divergence.rewind(sft.model, ckpt, broke, cfg)
-            break
-        log.warning("training diverged at step %d; resuming from %s", broke.step, ckpt.name)
-        broke.restarted_from = checkpoints.checkpoint_step(ckpt)
-        guard.watch.restart(broke.restarted_from)
-        more_seconds, more_peak = _fit(sft, ckpt, cuda)
-        seconds += more_seconds
-        peak = max(peak or 0.0, more_peak) if more_peak is not None else peak
+    # 5. train, evaluate on held-out examples, save
+    seconds, peak, breaks = _fit_guarded(sft, guard, resume_from, ckpt_dir, cfg, cuda)
     eval_loss = None
     if eval_dataset is not None:
         eval_loss = float(sft.evaluate()["eval_loss"])
@@ -262,6 +246,39 @@ def train(
             kept = [loss for step, loss in guard.watch.history if step <= restored]
             result.final_loss = kept[-1] if kept else None
     return result
+
+
+def _fit_guarded(
+    sft: Any, guard: Any, resume_from: Path | None, ckpt_dir: Path, cfg: Any, cuda: bool
+) -> tuple[float, float | None, list[Any]]:
+    """:func:`_fit`, and when the loss blows up, resume from the checkpoint before the spike
+    (``train.divergence_restarts`` times); breaking again, or when the resume itself fails, the
+    model is rewound to that checkpoint. (seconds, peak GiB, the breaks)."""
+    from ragtune.training import checkpoints, divergence
+
+    seconds, peak = _fit(sft, resume_from, cuda)
+    breaks: list[divergence.Divergence] = []
+    while guard is not None and guard.watch.divergence is not None:
+        broke = guard.watch.divergence
+        breaks.append(broke)
+        sharded = bool(getattr(sft, "is_fsdp_enabled", False))
+        ckpt = divergence.checkpoint_before(ckpt_dir, broke, cfg, sharded=sharded)
+        if len(breaks) > int(cfg.train.divergence_restarts):
+            divergence.rewind(sft.model, ckpt, broke, cfg)
+            break
+        log.warning("training diverged at step %d; resuming from %s", broke.step, ckpt.name)
+        broke.restarted_from = checkpoints.checkpoint_step(ckpt)
+        guard.watch.restart(broke.restarted_from)
+        try:
+            more_seconds, more_peak = _fit(sft, ckpt, cuda)
+        except Exception as e:  # the checkpoint is a good model: a failed resume must not lose it
+            broke.restart_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("resuming from %s failed (%s); saving it", ckpt.name, broke.restart_error)
+            divergence.rewind(sft.model, ckpt, broke, cfg)
+            break
+        seconds += more_seconds
+        peak = max(peak or 0.0, more_peak) if more_peak is not None else peak
+    return seconds, peak, breaks
 
 
 def _fit(sft: Any, resume_from: Path | None, cuda: bool) -> tuple[float, float | None]:
