@@ -2,7 +2,7 @@
 # The CPU benchmark's command (bench/squad_cpu.sh: prepare the split, train/sft.py for the
 # co-designed model with its calibration and for the closed-book model, train/eval.py for all
 # four modes) on the GPU machine with Qwen2.5-Coder-1.5B-Instruct: ragtune's own stages
-# (Unsloth backend, bfloat16), not the study's script. Results into $OUT/s<SEED>.
+# (Unsloth backend, bfloat16), not the study's script. Results into $OUT/s<SEED>.tgz.
 #
 #   SEEDS="0 1" RECIPE=contrast bash bench/squad_product_gpu.sh [WAIT_SECONDS]  # again: collects
 #   SEEDS=0 MODES=raft_rag RECIPE=contrast bash bench/squad_product_gpu.sh 1     # raft_rag only
@@ -52,13 +52,16 @@ while pgrep -f bench/squad_cpu.sh > /dev/null && [ "$SECONDS" -lt "${1:-540}" ];
     echo "t=${SECONDS}s: $(cat /tmp/sqp/"${RECIPE:-cpu}"_s*/timing.txt 2>/dev/null | grep -c seconds=) steps done"
   fi
 done
+# One file per seed ($OUT/s<SEED>.tgz): a call brings back at most 8 files, a seed has ~10.
 for seed in $SEEDS; do
-  B=/tmp/sqp/${RECIPE:-cpu}_s$seed O=$OUT/s$seed
-  mkdir -p "$O"
+  B=/tmp/sqp/${RECIPE:-cpu}_s$seed O=/tmp/sqp/collect/s$seed
+  rm -rf "$O" && mkdir -p "$O"
   echo "== seed $seed"; cat "$B/timing.txt"
   cp "$B/timing.txt" "$O/" 2>/dev/null
   for f in raft closed eval; do [ -f "$B/$f.log" ] && tail -c 200000 "$B/$f.log" > "$O/$f.log"; done
   cp "$B/runs/raft/model/manifest.json" "$O/raft_manifest.json" 2>/dev/null
-  cp "$B"/runs/eval/{results.md,metrics.json,answers.jsonl} "$O/" 2>/dev/null
+  cp -r "$B/runs/raft/calibration" "$O/" 2>/dev/null  # the held-out answers the decision was fitted on
+  cp "$B"/runs/eval/{results.md,metrics.json,answers.jsonl,roc.png} "$O/" 2>/dev/null
+  tar czf "$OUT/s$seed.tgz" -C /tmp/sqp/collect "s$seed"
   cat "$O/results.md" 2>/dev/null || tail -20 "$B/run.log"
 done
