@@ -1,12 +1,19 @@
-"""bench/squad_cpu.sh runs the stages it is asked for: a stand-in python records every stage's
-command line, so the script's own logic (which stages, which overrides) is checked in a second."""
+"""Benchmark scripts do what they say: bench/squad_cpu.sh runs the stages it is asked for (a
+stand-in python records every stage's command line, so the script's own logic is checked in a
+second), bench/calibration_variants.py reproduces the shipped decision's numbers."""
 
+import importlib.util
+import json
 import os
+import random
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from ragtune.answerability import AnswerFeatures, auroc, combine, fit_calibration
+from ragtune.metrics import aggregate, score_answer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +68,65 @@ def test_squad_cpu_trains_the_closed_book_model_only_for_the_modes_that_need_it(
         assert not any(a.startswith("eval.modes=") for a in evaluation)
     else:
         assert eval_modes in evaluation
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _answer_row(rng: random.Random, i: int, answerable: bool) -> dict:
+    """An evaluation/calibration answer row; answerable questions abstain less likely."""
+    p = min(0.95, max(0.05, rng.gauss(0.35 if answerable else 0.6, 0.2)))
+    feats = AnswerFeatures(
+        lp_answer=rng.gauss(-3, 1),
+        n_answer=rng.randint(1, 6),
+        lp_abstain=rng.gauss(-1, 0.5),
+        p_abstain_first=p,
+        grounded=float(rng.random() < 0.8),
+        retrieval=rng.gauss(0.6, 0.1),
+    )
+    gold = [f"answer {i}"] if answerable else []
+    cand = f"answer {i}" if rng.random() < 0.5 else "something else"  # mean F1 ~0.5: cut ~0.7
+    f1 = score_answer(cand, gold).f1 if answerable else 0.0
+    return {
+        "mode": "raft_rag",
+        "answerable": answerable,
+        "gold": gold,
+        "candidate": cand,
+        "candidate_f1": f1,
+        "features": feats.to_dict(),
+        "_features": feats,
+    }
+
+
+def test_calibration_variants_reproduce_the_shipped_decision(tmp_path: Path) -> None:
+    """bench/calibration_variants.py's "shipped" row is what the evaluation reports for the
+    same answers: the decision fitted on the held-out answers, applied to the test ones, and
+    scored by the SQuAD v2 rules (an abstention is the empty answer)."""
+    rng = random.Random(0)
+    cal = [_answer_row(rng, i, i % 2 == 0) for i in range(120)]
+    test = [_answer_row(rng, i, i % 3 == 0) for i in range(90)]
+    decision = fit_calibration(
+        [r["_features"] for r in cal],
+        [r["answerable"] for r in cal],
+        [r["candidate_f1"] for r in cal],
+    )
+    scores = combine([r["_features"] for r in test], decision.weights, decision.bias)
+    finals = [
+        r["candidate"] if s >= decision.threshold else "" for r, s in zip(test, scores, strict=True)
+    ]
+    overall = aggregate([score_answer(a, r["gold"]) for a, r in zip(finals, test, strict=True)])
+    for name, rows in (("cal.jsonl", cal), ("answers.jsonl", test)):
+        lines = [json.dumps({k: v for k, v in r.items() if k != "_features"}) for r in rows]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+
+    bench = _load_bench("calibration_variants")
+    got = bench.compare(tmp_path / "cal.jsonl", tmp_path / "answers.jsonl")
+
+    assert [g[0] for g in got] == ["shipped", *bench.VARIANTS]
+    assert got[0][1] == pytest.approx(auroc(scores, [r["answerable"] for r in test]))
+    assert got[0][2] == pytest.approx(overall.overall, abs=0.005)  # aggregate rounds to 0.01
+    assert 0 < sum(1 for a in finals if a) < len(finals)  # the cut answers some, not all

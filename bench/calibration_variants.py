@@ -1,0 +1,110 @@
+"""Other answer-or-abstain mixes, fitted where the shipped one is and scored on the test split.
+
+For each finished run: the held-out answers the decision was fitted on
+(``<run>/calibration/answers.jsonl``, written by training) and the test answers of the
+evaluation (``train/eval.py``'s ``answers.jsonl``, raft_rag rows). Every variant is a logistic
+regression (``ragtune.answerability.fit_logistic``'s recipe: standardised features, L2) fitted
+on the held-out answers, cut at the shipped expected-score threshold, and scored on the test
+answers: AUROC and the SQuAD v2 overall. "shipped" is ``fit_calibration`` itself, so its row
+is what the evaluation reported. Nothing is re-run; CPU, seconds.
+
+    python bench/calibration_variants.py CAL_ANSWERS EVAL_ANSWERS [CAL_ANSWERS EVAL_ANSWERS ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ragtune.answerability import (  # noqa: E402
+    FEATURES,
+    AnswerFeatures,
+    auroc,
+    combine,
+    expected_score_threshold,
+    fit_calibration,
+)
+from ragtune.metrics import f1_score, max_over_gold  # noqa: E402
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+# Alternatives to the shipped mix (fitted by ``fit_calibration``), each a feature vector.
+VARIANTS: dict[str, Callable[[dict], list[float]]] = {
+    "logit p_abstain_first": lambda f: [
+        _logit(f[k]) if k == "p_abstain_first" else f[k] for k in FEATURES
+    ],
+    "logit p_abstain_first + retrieval": lambda f: [_logit(f["p_abstain_first"]), f["retrieval"]],
+    "shipped + lp_answer, n_answer": lambda f: [
+        *[f[k] for k in FEATURES],
+        f["lp_answer"],
+        f["n_answer"],
+    ],
+}
+
+
+def _read(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("mode", "raft_rag") == "raft_rag"]
+
+
+def _features(row: dict) -> AnswerFeatures:
+    f = row["features"]
+    return AnswerFeatures(**{k: f[k] for k in AnswerFeatures.__dataclass_fields__})
+
+
+def _overall(scores: np.ndarray, answerable: list[bool], f1: list[float], cut: float) -> float:
+    won = [
+        (v if y else 0.0) if s >= cut else float(not y)
+        for s, y, v in zip(scores, answerable, f1, strict=True)
+    ]
+    return 100.0 * sum(won) / len(won)
+
+
+def compare(cal_path: Path, eval_path: Path, l2: float = 1.0) -> list[tuple[str, float, float]]:
+    """(variant, test AUROC, test overall) for one run."""
+    cal, test = _read(cal_path), _read(eval_path)
+    y_cal = [bool(r["answerable"]) for r in cal]
+    y_test = [bool(r["answerable"]) for r in test]
+    f1_test = [max_over_gold(f1_score, r["candidate"], r["gold"]) for r in test]
+    cut = expected_score_threshold(y_cal, [r["candidate_f1"] for r in cal])
+    shipped = fit_calibration([_features(r) for r in cal], y_cal, [r["candidate_f1"] for r in cal])
+    scores = np.array(combine([_features(r) for r in test], shipped.weights, shipped.bias))
+    out = [("shipped", auroc(list(scores), y_test), _overall(scores, y_test, f1_test, cut))]
+    for name, features in VARIANTS.items():
+        x_cal = np.array([features(r["features"]) for r in cal], dtype=np.float64)
+        x_test = np.array([features(r["features"]) for r in test], dtype=np.float64)
+        mu, sd = x_cal.mean(axis=0), x_cal.std(axis=0)
+        sd[sd == 0] = 1.0
+        clf = LogisticRegression(C=1.0 / l2, max_iter=2000).fit((x_cal - mu) / sd, y_cal)
+        scores = clf.decision_function((x_test - mu) / sd)
+        out.append((name, auroc(list(scores), y_test), _overall(scores, y_test, f1_test, cut)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("paths", type=Path, nargs="+", help="CAL_ANSWERS EVAL_ANSWERS pairs")
+    args = ap.parse_args()
+    if len(args.paths) % 2:
+        ap.error("give the paths in pairs: CAL_ANSWERS EVAL_ANSWERS")
+    print("| run | variant | test AUROC | test overall |\n| --- | --- | ---: | ---: |")
+    for cal, ev in zip(args.paths[::2], args.paths[1::2], strict=True):
+        for name, area, overall in compare(cal, ev):
+            print(f"| {ev.parent.name} | {name} | {area:.3f} | {overall:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
