@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ragtune.answerability import (  # noqa: E402
     FEATURES,
     AnswerFeatures,
-    auroc,
     combine,
     expected_score_threshold,
     fit_calibration,
 )
 from ragtune.metrics import f1_score, max_over_gold  # noqa: E402
+from ragtune.roc import auroc  # noqa: E402
 
 
 def _logit(p: float) -> float:

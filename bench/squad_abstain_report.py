@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ragtune.answerability import (  # noqa: E402
     FEATURES,
     AnswerFeatures,
-    auroc,
     combine,
     expected_score_threshold,
     fit_logistic,
     fit_threshold,
 )
 from ragtune.metrics import aggregate, f1_score, max_over_gold, score_answer  # noqa: E402
+from ragtune.roc import auroc  # noqa: E402
 from ragtune.schema import get_schema  # noqa: E402
 
 SIGN = {"lp_abstain": -1.0, "p_abstain_first": -1.0}  # higher = answer
@@ -175,7 +175,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     if args.plot and curves:
-        from ragtune.answerability import plot_roc
+        from ragtune.roc import plot_roc
 
         plot_roc(
             {f"{t} {m} {n}": c for (t, m, n), c in curves.items() if n in ("margin", "lr_all")},

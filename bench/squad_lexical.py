@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS  # noqa: E402
 
-from ragtune.answerability import FEATURES, auroc, fit_logistic, fit_threshold  # noqa: E402
+from ragtune.answerability import FEATURES, fit_logistic, fit_threshold  # noqa: E402
 from ragtune.metrics import aggregate, f1_score, max_over_gold, score_answer  # noqa: E402
+from ragtune.roc import auroc  # noqa: E402
 from ragtune.schema import get_schema  # noqa: E402
 
 # --------------------------------------------------------------------------- the features

@@ -25,12 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ragtune.answerability import (  # noqa: E402
     FEATURES,
-    auroc,
     combine,
     expected_score_threshold,
     fit_logistic,
 )
 from ragtune.metrics import aggregate, f1_score, max_over_gold, score_answer  # noqa: E402
+from ragtune.roc import auroc  # noqa: E402
 from ragtune.schema import get_schema  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

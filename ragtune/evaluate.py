@@ -34,7 +34,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ragtune.answerability import rows_auroc
 from ragtune.budget import token_counter
 from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig, validate
 from ragtune.errors import RagtuneError
@@ -59,6 +58,7 @@ from ragtune.modelcard import (
 from ragtune.paths import resolve_path
 from ragtune.qa import gold_answers, load_qa, sample_records, sources_not_in
 from ragtune.rag import Answer, RagPipeline
+from ragtune.roc import rows_auroc
 from ragtune.schema import PromptSchema, get_schema
 from ragtune.types import QARecord
 
@@ -323,7 +323,7 @@ def evaluate_modes(
 
     modes = {s.name: modes[s.name] for s in specs}  # in the order asked
     if curves:
-        from ragtune.answerability import plot_roc
+        from ragtune.roc import plot_roc
 
         plot_roc({n: curves[n] for n in modes if n in curves}, out_dir / ROC_FILE)
     table = markdown_table(modes)

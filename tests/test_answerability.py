@@ -10,16 +10,15 @@ import pytest
 from ragtune.answerability import (
     abstain_first_token,
     answer_features,
-    auroc,
     blocked_candidates,
     fit_logistic,
     fit_threshold,
     grounded,
-    roc_curve,
     score_answers,
     split_by_source,
 )
 from ragtune.raft import BuildSettings, build_examples
+from ragtune.roc import auroc, roc_curve
 from ragtune.schema import PromptFields, get_schema
 from ragtune.types import Chunk, QARecord
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ragtune.answerability import AnswerFeatures, auroc, combine, fit_calibration
+from ragtune.answerability import AnswerFeatures, combine, fit_calibration
 from ragtune.metrics import aggregate, score_answer
+from ragtune.roc import auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 

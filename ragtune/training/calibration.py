@@ -167,7 +167,8 @@ def _save_held_out(
     its candidate, F1, features, fitted score and whether the decision answers it
     (``answers.jsonl``), and the validation ROC of the mix and of each feature (``roc.png``)."""
     # why: a decision that abstains on everything is explained by these rows, not by a number
-    from ragtune.answerability import FEATURES, combine, plot_roc
+    from ragtune.answerability import FEATURES, combine
+    from ragtune.roc import plot_roc
 
     feats = [a.features for a in answers]
     scores = combine(feats, cal.weights, cal.bias)
