@@ -2,10 +2,11 @@
 # The CPU benchmark's command (bench/squad_cpu.sh: prepare the split, train/sft.py for the
 # co-designed model with its calibration and for the closed-book model, train/eval.py for all
 # four modes) on the GPU machine with Qwen2.5-Coder-1.5B-Instruct: ragtune's own stages
-# (Unsloth backend, bfloat16), not the study's script. Results into $OUT/s<SEED>.tgz.
+# (Unsloth backend, bfloat16), not the study's script. Results into $OUT/<RECIPE>_s<SEED>.tgz.
 #
 #   SEEDS="0 1" RECIPE=contrast bash bench/squad_product_gpu.sh [WAIT_SECONDS]  # again: collects
 #   SEEDS=0 MODES=raft_rag RECIPE=contrast bash bench/squad_product_gpu.sh 1     # raft_rag only
+#   SEEDS=0 RECIPE=contrast TAG=hybrid EXTRA_ARGS=retriever.hybrid=true bash bench/squad_product_gpu.sh 1
 #
 # RECIPE=cpu (default) is the CPU benchmark's recipe unchanged (720 questions sampled, the
 # unanswerable share capped at 1/3); RECIPE=contrast is conf=qwen_rag's construction, the one the
@@ -31,7 +32,10 @@ fi
 export PYTHONPATH="$PWD:/tmp/pk:/tmp/s/site:$PWD/.carry/batchsrv/.pyx" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export UNSLOTH_DISABLE_STATISTICS=1 ANONYMIZED_TELEMETRY=False PYTHONUNBUFFERED=1
 export PYTHON=python3 MODEL=qwen15
-export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16"
+# EXTRA_ARGS: more keys for every stage (e.g. retriever.hybrid=true); TAG keeps such a run's
+# folders apart from the plain one's on the same machine.
+export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16 ${EXTRA_ARGS:-}"
+RUN=${RECIPE:-cpu}${TAG:+_$TAG}
 export SQUAD=${SQUAD:-$PWD/.carry/sq/squad2-public.json}
 case ${RECIPE:-cpu} in
   cpu) ;;
@@ -39,7 +43,7 @@ case ${RECIPE:-cpu} in
   *) echo "RECIPE must be cpu or contrast, got ${RECIPE}" >&2; exit 2 ;;
 esac
 for seed in $SEEDS; do
-  B=/tmp/sqp/${RECIPE:-cpu}_s$seed
+  B=/tmp/sqp/${RUN}_s$seed
   mkdir -p "$B"
   if [ ! -f "$B/started" ]; then
     touch "$B/started"
@@ -49,12 +53,12 @@ done
 while pgrep -f bench/squad_cpu.sh > /dev/null && [ "$SECONDS" -lt "${1:-540}" ]; do
   sleep 5
   if [ $((SECONDS % 60)) -lt 5 ]; then
-    echo "t=${SECONDS}s: $(cat /tmp/sqp/"${RECIPE:-cpu}"_s*/timing.txt 2>/dev/null | grep -c seconds=) steps done"
+    echo "t=${SECONDS}s: $(cat /tmp/sqp/"${RUN}"_s*/timing.txt 2>/dev/null | grep -c seconds=) steps done"
   fi
 done
-# One file per seed ($OUT/s<SEED>.tgz): a call brings back at most 8 files, a seed has ~10.
+# One file per seed ($OUT/<RUN>_s<SEED>.tgz): a call brings back at most 8 files, a seed has ~10.
 for seed in $SEEDS; do
-  B=/tmp/sqp/${RECIPE:-cpu}_s$seed O=/tmp/sqp/collect/s$seed
+  B=/tmp/sqp/${RUN}_s$seed O=/tmp/sqp/collect/${RUN}_s$seed
   rm -rf "$O" && mkdir -p "$O"
   echo "== seed $seed"; cat "$B/timing.txt"
   cp "$B/timing.txt" "$O/" 2>/dev/null
@@ -62,6 +66,6 @@ for seed in $SEEDS; do
   cp "$B/runs/raft/model/manifest.json" "$O/raft_manifest.json" 2>/dev/null
   cp -r "$B/runs/raft/calibration" "$O/" 2>/dev/null  # the held-out answers the decision was fitted on
   cp "$B"/runs/eval/{results.md,metrics.json,answers.jsonl,roc.png} "$O/" 2>/dev/null
-  tar czf "$OUT/s$seed.tgz" -C /tmp/sqp/collect "s$seed"
+  tar czf "$OUT/${RUN}_s$seed.tgz" -C /tmp/sqp/collect "${RUN}_s$seed"
   cat "$O/results.md" 2>/dev/null || tail -20 "$B/run.log"
 done
