@@ -2,7 +2,7 @@
 # The CPU benchmark's command (bench/squad_cpu.sh: prepare the split, train/sft.py for the
 # co-designed model with its calibration and for the closed-book model, train/eval.py for all
 # four modes) on the GPU machine with Qwen2.5-Coder-1.5B-Instruct: ragtune's own stages
-# (Unsloth backend, bfloat16), not the study's script. Results into $OUT/<RECIPE>_s<SEED>.tgz.
+# (Unsloth backend, bfloat16), not the study's script. Results into $OUT/<RECIPE>[_<TAG>]_s<SEED>.tgz.
 #
 #   SEEDS="0 1" RECIPE=contrast bash bench/squad_product_gpu.sh [WAIT_SECONDS]  # again: collects
 #   SEEDS=0 MODES=raft_rag RECIPE=contrast bash bench/squad_product_gpu.sh 1     # raft_rag only
