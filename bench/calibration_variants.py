@@ -32,7 +32,7 @@ from ragtune.answerability import (  # noqa: E402
     expected_score_threshold,
     fit_calibration,
 )
-from ragtune.metrics import f1_score, max_over_gold  # noqa: E402
+from ragtune.metrics import aggregate, score_answer  # noqa: E402
 from ragtune.roc import auroc  # noqa: E402
 
 
@@ -65,12 +65,13 @@ def _features(row: dict) -> AnswerFeatures:
     return AnswerFeatures(**{k: f[k] for k in AnswerFeatures.__dataclass_fields__})
 
 
-def _overall(scores: np.ndarray, answerable: list[bool], f1: list[float], cut: float) -> float:
-    won = [
-        (v if y else 0.0) if s >= cut else float(not y)
-        for s, y, v in zip(scores, answerable, f1, strict=True)
-    ]
-    return 100.0 * sum(won) / len(won)
+def _overall(scores: np.ndarray, rows: list[dict], cut: float) -> float:
+    """SQuAD v2 overall (ragtune.metrics) when each row answers its candidate at ``score >= cut``
+    and abstains (the empty answer) below it."""
+    finals = [r["candidate"] if s >= cut else "" for s, r in zip(scores, rows, strict=True)]
+    return aggregate(
+        [score_answer(a, r["gold"]) for a, r in zip(finals, rows, strict=True)]
+    ).overall
 
 
 def compare(cal_path: Path, eval_path: Path, l2: float = 1.0) -> list[tuple[str, float, float]]:
@@ -78,11 +79,10 @@ def compare(cal_path: Path, eval_path: Path, l2: float = 1.0) -> list[tuple[str,
     cal, test = _read(cal_path), _read(eval_path)
     y_cal = [bool(r["answerable"]) for r in cal]
     y_test = [bool(r["answerable"]) for r in test]
-    f1_test = [max_over_gold(f1_score, r["candidate"], r["gold"]) for r in test]
     cut = expected_score_threshold(y_cal, [r["candidate_f1"] for r in cal])
     shipped = fit_calibration([_features(r) for r in cal], y_cal, [r["candidate_f1"] for r in cal])
     scores = np.array(combine([_features(r) for r in test], shipped.weights, shipped.bias))
-    out = [("shipped", auroc(list(scores), y_test), _overall(scores, y_test, f1_test, cut))]
+    out = [("shipped", auroc(list(scores), y_test), _overall(scores, test, cut))]
     for name, features in VARIANTS.items():
         x_cal = np.array([features(r["features"]) for r in cal], dtype=np.float64)
         x_test = np.array([features(r["features"]) for r in test], dtype=np.float64)
@@ -90,7 +90,7 @@ def compare(cal_path: Path, eval_path: Path, l2: float = 1.0) -> list[tuple[str,
         sd[sd == 0] = 1.0
         clf = LogisticRegression(C=1.0 / l2, max_iter=2000).fit((x_cal - mu) / sd, y_cal)
         scores = clf.decision_function((x_test - mu) / sd)
-        out.append((name, auroc(list(scores), y_test), _overall(scores, y_test, f1_test, cut)))
+        out.append((name, auroc(list(scores), y_test), _overall(scores, test, cut)))
     return out
 
 
