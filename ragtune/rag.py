@@ -402,7 +402,7 @@ class RagPipeline:
                 [p.prompt for p in prepared],
                 [r.text for r in results],
                 [[c.text for c in p.chunks] for p in prepared],
-                [max((c.score or 0.0 for c in p.chunks), default=0.0) for p in prepared],
+                [max((c.similarity for c in p.chunks), default=0.0) for p in prepared],
                 self.calibration,
                 batch_size,
             )

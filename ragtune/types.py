@@ -13,7 +13,8 @@ class Chunk:
     ``source`` is the document's path relative to the corpus root (POSIX separators),
     ``start`` the character offset of the chunk in the decoded document, ``content_hash``
     a hash of ``text``; ``score`` is the retrieval score (higher is better; cosine
-    similarity for dense retrieval), ``None`` when the chunk was not retrieved by a query.
+    similarity for dense retrieval, the reciprocal-rank fusion score for hybrid retrieval),
+    ``None`` when the chunk was not retrieved by a query.
     """
 
     id: str
@@ -26,6 +27,15 @@ class Chunk:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def similarity(self) -> float:
+        """Cosine similarity of query and chunk, whichever ranking retrieved it (0 when unknown).
+
+        Hybrid retrieval's ``score`` is a rank fusion, near-constant at the top; the
+        answerability decision needs how close the context is to the question."""
+        s = self.metadata.get("dense_score", self.score)
+        return float(s) if s is not None else 0.0
 
 
 @dataclass(frozen=True)

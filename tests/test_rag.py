@@ -401,3 +401,21 @@ def test_generate_config_mirrors_yaml():
     """conf/generate/default.yaml and GenerateConfig agree (the defaults serving uses)."""
     cfg = compose("ask", ["paths.outputs=/tmp/unused"])
     assert set(cfg.generate) == set(GenerateConfig.__dataclass_fields__)
+
+
+def test_hybrid_retrieval_scores_answerability_by_cosine(tmp_path, tiny_lm_path):
+    """Hybrid retrieval ranks by rank fusion (scores ~1/61, near-constant at the top); the
+    answerability feature ``retrieval`` must stay the query-context cosine, as the
+    calibration was fitted on it."""
+    from ragtune.rag import RagPipeline
+
+    model_dir, _ = build_model_dir(tmp_path, tiny_lm_path, retriever_overrides={"hybrid": True})
+    cfg = ask_cfg(tmp_path, "generate.max_new_tokens=4")
+    pipe = RagPipeline.from_model_dir(model_dir, cfg)
+    pipe.scoring = True
+    (ans,) = pipe.answer_batch(["Who developed Corvanite for ship fittings?"])
+    fused = max(c.score for c in ans.chunks)
+    cosine = max(c.metadata["dense_score"] for c in ans.chunks)
+    assert fused < 0.05 < cosine
+    assert ans.features.retrieval == pytest.approx(cosine)
+    assert ans.chunks[0].similarity == pytest.approx(ans.chunks[0].metadata["dense_score"])
