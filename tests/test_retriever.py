@@ -114,7 +114,7 @@ def test_retrieve_applies_budget_with_the_token_counter(index):
 
 def test_hybrid_finds_a_rare_code_that_dense_ranks_lower(index):
     q = "QX-7731"
-    dense = Retriever.from_config(index).candidates(q, 8)
+    dense = make(index, hybrid=False).candidates(q, 8)
     hybrid = make(index, hybrid=True).retrieve(q, k=1)
     assert hybrid[0].source == "b/code.md"
     assert hybrid[0].metadata["dense_score"] == pytest.approx(
