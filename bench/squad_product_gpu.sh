@@ -6,7 +6,7 @@
 #
 #   SEEDS="0 1" RECIPE=contrast bash bench/squad_product_gpu.sh [WAIT_SECONDS]  # again: collects
 #   SEEDS=0 MODES=raft_rag RECIPE=contrast bash bench/squad_product_gpu.sh 1     # raft_rag only
-#   SEEDS=0 RECIPE=contrast TAG=hybrid EXTRA_ARGS=retriever.hybrid=true bash bench/squad_product_gpu.sh 1
+#   SEEDS=0 RECIPE=contrast TAG=dense EXTRA_ARGS=retriever.hybrid=false bash bench/squad_product_gpu.sh 1
 #
 # RECIPE=cpu (default) is the CPU benchmark's recipe unchanged (720 questions sampled, the
 # unanswerable share capped at 1/3); RECIPE=contrast is conf=qwen_rag's construction, the one the
@@ -32,7 +32,7 @@ fi
 export PYTHONPATH="$PWD:/tmp/pk:/tmp/s/site:$PWD/.carry/batchsrv/.pyx" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export UNSLOTH_DISABLE_STATISTICS=1 ANONYMIZED_TELEMETRY=False PYTHONUNBUFFERED=1
 export PYTHON=python3 MODEL=qwen15
-# EXTRA_ARGS: more keys for every stage (e.g. retriever.hybrid=true); TAG keeps such a run's
+# EXTRA_ARGS: more keys for every stage (e.g. retriever.hybrid=false: dense only); TAG keeps such a run's
 # folders apart from the plain one's on the same machine.
 export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16 ${EXTRA_ARGS:-}"
 RUN=${RECIPE:-cpu}${TAG:+_$TAG}
