@@ -9,9 +9,10 @@
 #   SEEDS=0 RECIPE=contrast TAG=dense EXTRA_ARGS=retriever.hybrid=false bash bench/squad_product_gpu.sh 1
 #
 # RECIPE=cpu (default) is the CPU benchmark's recipe unchanged (720 questions sampled, the
-# unanswerable share capped at 1/3); RECIPE=contrast is conf=qwen_rag's construction, the one the
+# unanswerable share capped at 1/3); RECIPE=contrast is conf=qwen_rag's recipe, the one the
 # GPU study measured to work (raft=contrast: every answerable example also without its oracle,
-# every unanswerable one with its own paragraph first) over every training question. The seeds
+# every unanswerable one with its own paragraph first) over every training question, with hybrid
+# retrieval (before 2026-12-03 session 16 it ran dense: TAG=dense EXTRA_ARGS=retriever.hybrid=false). The seeds
 # run side by side on the one GPU. WAIT_SECONDS counts from this script's start (the Qwen
 # conversion included), so a call's limit can be WAIT + ~20 s; progress is printed every minute.
 #
@@ -34,14 +35,17 @@ export UNSLOTH_DISABLE_STATISTICS=1 ANONYMIZED_TELEMETRY=False PYTHONUNBUFFERED=
 export PYTHON=python3 MODEL=qwen15
 # EXTRA_ARGS: more keys for every stage (e.g. retriever.hybrid=false: dense only); TAG keeps such a run's
 # folders apart from the plain one's on the same machine.
-export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16 ${EXTRA_ARGS:-}"
 RUN=${RECIPE:-cpu}${TAG:+_$TAG}
 export SQUAD=${SQUAD:-$PWD/.carry/sq/squad2-public.json}
+RECIPE_ARGS=""
 case ${RECIPE:-cpu} in
   cpu) ;;
-  contrast) export MAX_TRAIN=0 RAFT_EXTRA="raft=contrast raft.unanswerable_fraction=null" ;;
+  contrast)  # conf=qwen_rag's recipe, its hybrid retrieval included
+    export MAX_TRAIN=0 RAFT_EXTRA="raft=contrast raft.unanswerable_fraction=null"
+    RECIPE_ARGS=retriever.hybrid=true ;;
   *) echo "RECIPE must be cpu or contrast, got ${RECIPE}" >&2; exit 2 ;;
 esac
+export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16 $RECIPE_ARGS ${EXTRA_ARGS:-}"
 for seed in $SEEDS; do
   B=/tmp/sqp/${RUN}_s$seed
   mkdir -p "$B"

@@ -86,8 +86,10 @@ def test_qwen_preset_selects_the_measured_gpu_recipe():
     assert cfg.raft.contrastive and cfg.raft.unanswerable_on_topic
     assert cfg.raft.oracle_fraction == 1.0 and cfg.raft.unanswerable_fraction is None
     assert cfg.train.per_device_train_batch_size == 8 and cfg.train.learning_rate == 5e-4
-    # serving composes the same model settings, so the trained folder's manifest matches
-    assert _validate("ask", ["conf=qwen_rag"]).model.dtype == "bfloat16"
+    assert cfg.retriever.hybrid and not _validate("sft").retriever.hybrid
+    # serving composes the same model and retriever settings, so the trained folder's manifest matches
+    ask = _validate("ask", ["conf=qwen_rag"])
+    assert ask.model.dtype == "bfloat16" and ask.retriever.hybrid
 
 
 def test_the_contrast_construction_is_a_raft_option_of_its_own():
