@@ -159,6 +159,7 @@ class RaftConfig:
     num_preview: int
     contrastive: bool
     unanswerable_on_topic: bool
+    ablated_twin: bool
     max_unsupported_fraction: float
     calibration_fraction: float
     calibration_extremes: CalibrationExtremes

@@ -22,12 +22,13 @@ import re
 import string
 import unicodedata
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 from rapidfuzz import fuzz
 
+from ragtune.store import content_hash
 from ragtune.types import Chunk, QARecord
 
 HOW = ("exact", "fuzzy", "semantic", "none")
@@ -266,6 +267,26 @@ class OracleFinder:
             sem = self.semantic_scores(claim, chunks)
             out = [o or s >= self.semantic_min for o, s in zip(out, sem, strict=True)]
         return out
+
+    def without_answer(self, record: QARecord, chunk: Chunk) -> Chunk | None:
+        """``chunk`` with the sentences that hold the record's answer removed, or None when
+        what is left still supports the answer (an answer spread over sentences, a long-form
+        one) or nothing is left. The rest of the paragraph stays: the same on-topic text, one
+        fact short, which is how a context that nearly answers looks."""
+        ans = tokens(record.output)
+        parts = sentences(chunk.text)
+        kept = [
+            s
+            for s in parts
+            if not (exact_match(ans, t := tokens(s)) or fuzzy_score(ans, t) >= self.fuzzy_min)
+        ]
+        if not kept or len(kept) == len(parts):
+            return None
+        text = " ".join(kept)
+        ablated = replace(
+            chunk, id=f"{chunk.id}-ablated", text=text, content_hash=content_hash(text)
+        )
+        return None if any(self.supporting(record, [ablated])) else ablated
 
     def semantic_scores(self, claim: str, chunks: Sequence[Chunk]) -> list[float]:
         """Per chunk: mean over the claim's sentences of the best cosine to a chunk sentence."""

@@ -14,6 +14,10 @@ token budget that will answer at serve time:
 - ``contrastive``: every answerable example that keeps its oracle gets a twin, the same
   question with the oracle removed (``k`` distractors), target: abstain. The pair differs only
   in whether the context holds the answer, which is the distinction abstention needs.
+- ``ablated_twin``: a second twin, the oracle chunk itself with the sentence(s) holding the
+  answer removed, among the same distractors, target: abstain. The on-topic paragraph one fact
+  short is what SQuAD v2's unanswerable questions look like; the chunk-level twin differs in
+  the whole chunk, this one only in the fact.
 
 RAFT's reference code draws random distractors and never trains abstention; here the
 distractors are the ones our retriever actually confuses with the oracle, and the model
@@ -79,6 +83,7 @@ class BuildSettings:
     max_unsupported_fraction: float = 0.10  # above it, answers without support stop the build
     contrastive: bool = False  # oracle-kept examples also appear without the oracle -> abstain
     unanswerable_on_topic: bool = False  # unanswerable contexts lead with their own document
+    ablated_twin: bool = False  # oracle-kept examples also appear with the answer sentence cut
 
     @classmethod
     def from_config(cls, cfg: Any) -> BuildSettings:
@@ -96,6 +101,7 @@ class BuildSettings:
             max_unsupported_fraction=cfg.raft.get("max_unsupported_fraction", 0.10),
             contrastive=bool(cfg.raft.get("contrastive", False)),
             unanswerable_on_topic=bool(cfg.raft.get("unanswerable_on_topic", False)),
+            ablated_twin=bool(cfg.raft.get("ablated_twin", False)),
         )
 
 
@@ -174,6 +180,7 @@ def build_examples(
         oracle: Chunk | None = None
         match: OracleMatch | None = None
         twin: list[Chunk] | None = None  # the contrastive context: the oracle removed
+        ablated: list[Chunk] | None = None  # the oracle with its answer sentence(s) cut
         if settings.mode == "closed":
             kind = "closed" if rec.answerable else "unanswerable"
             target = rec.output if rec.answerable else schema.abstain
@@ -201,15 +208,20 @@ def build_examples(
                 if not any(finder.supporting(rec, [c for c in chosen if c.id == oracle.id])):
                     n_truncated += 1  # the budget cut the answer out: treat as dropped
                     oracle = None
-                elif settings.contrastive:
-                    twin = retriever.fit(distractors[: settings.k], budget)
+                else:
+                    if settings.contrastive:
+                        twin = retriever.fit(distractors[: settings.k], budget)
+                    cut = finder.without_answer(rec, oracle) if settings.ablated_twin else None
+                    if cut is not None:
+                        ablated = retriever.fit([cut, *distractors[: settings.k - 1]], budget)
             else:
                 oracle = None
                 chosen = retriever.fit(distractors[: settings.k], budget)
             if settings.shuffle_oracle:
                 rng.shuffle(chosen)
-                if twin is not None:
-                    rng.shuffle(twin)
+                for other in (twin, ablated):
+                    if other is not None:
+                        rng.shuffle(other)
             context = chosen
             n_ctx.append(len(chosen))
             if not rec.answerable:
@@ -222,9 +234,10 @@ def build_examples(
                 )
                 target = schema.abstain if settings.abstain_without_oracle else rec.output
         pairs = [(kind, target, context, oracle)]
-        if twin is not None:
-            n_ctx.append(len(twin))
-            pairs.append(("contrast_no_oracle", schema.abstain, twin, None))
+        for twin_kind, twin_ctx in (("contrast_no_oracle", twin), ("ablated_no_answer", ablated)):
+            if twin_ctx is not None:
+                n_ctx.append(len(twin_ctx))
+                pairs.append((twin_kind, schema.abstain, twin_ctx, None))
         for kind, target, context, oracle in pairs:
             kinds[kind] += 1
             fields = PromptFields(

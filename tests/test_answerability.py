@@ -200,7 +200,7 @@ def _c(i, text, source):
 
 def test_contrastive_construction_emits_the_pair(tokenizer):
     chunks = [
-        _c(0, "The harbor keeper was Marlowe.", "harbor.md"),
+        _c(0, "The harbor keeper was Marlowe. He lit the lamp each night.", "harbor.md"),
         _c(1, "The harbor has two piers.", "harbor.md"),
         _c(2, "The harbor light is red.", "harbor.md"),
         _c(3, "The mill grinds corn.", "mill.md"),
@@ -317,3 +317,20 @@ def test_an_extreme_decision_survives_the_manifest_as_strict_json(tmp_path, thre
     confident = AnswerFeatures(-0.01, 2, 9.0, 0.9, 1.0, 0.9)
     unsure = AnswerFeatures(-9.0, 2, -9.0, 0.0, 0.0, 0.0)
     assert back.answers([confident, unsure]) == [threshold < 0] * 2
+
+
+def test_ablated_twin_is_the_oracle_chunk_without_its_answer_sentence(tokenizer):
+    chunks = [
+        _c(0, "The harbor keeper was Marlowe. He lit the lamp each night.", "harbor.md"),
+        _c(1, "The harbor has two piers.", "harbor.md"),
+        _c(2, "The mill grinds corn.", "mill.md"),
+    ]
+    records = [QARecord("Who was the harbor keeper?", "Marlowe", source="harbor.md")]
+    schema = get_schema("alpaca_rag_short")
+    settings = BuildSettings(k=2, fetch_k=5, oracle_fraction=1.0, ablated_twin=True)
+    ex, stats = build_examples(records, _Retriever(chunks), schema, tokenizer, settings, False)
+    assert [e["kind"] for e in ex] == ["oracle", "ablated_no_answer"]
+    oracle, cut = ex
+    assert "Marlowe" in oracle["prompt"] and "He lit the lamp" in oracle["prompt"]
+    assert "Marlowe" not in cut["prompt"] and "He lit the lamp" in cut["prompt"]
+    assert cut["target"] == schema.abstain and stats["kinds"]["ablated_no_answer"] == 1

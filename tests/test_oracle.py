@@ -196,3 +196,23 @@ def test_semantic_cache_follows_the_text_not_the_id(embed):
     b = Chunk(a.id, "Nothing about harps at all: a note on tide tables.", a.source, 0, "x")
     s = finder.semantic_scores(LONG_FORM, [a, b])
     assert s[0] > 0.8 > s[1] and np.isfinite(s).all()
+
+
+def test_without_answer_cuts_the_answer_sentence_and_keeps_the_rest():
+    store = Store()
+    finder = OracleFinder(store)
+    plates = next(c for c in store.chunks if c.id == "corvanite.md#1")
+    rec = QARecord("How long were the plates in the sea?", "seven years", source="corvanite.md")
+    cut = finder.without_answer(rec, plates)
+    assert cut is not None and cut.source == plates.source and cut.id != plates.id
+    assert cut.text == "They lost almost no thickness."  # the on-topic rest, one fact short
+    assert not any(finder.supporting(rec, [cut]))
+    # an answer spread over two sentences cannot be cut out of one: no twin
+    spread = QARecord("?", "seven years. They lost", source="corvanite.md")
+    assert finder.without_answer(spread, plates) is None
+    # what is left still holds it across a sentence break: no twin
+    rejoined = Chunk("x", "It took seven years. He was seven. Years later he left.", "x.md", 0, "h")
+    assert finder.without_answer(QARecord("?", "seven years", source="x.md"), rejoined) is None
+    # every sentence holds the answer: nothing would be left
+    murrow = next(c for c in store.chunks if c.source == "murrowfin.txt")
+    assert finder.without_answer(QARecord("?", "in", source="murrowfin.txt"), murrow) is None
