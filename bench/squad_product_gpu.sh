@@ -33,7 +33,8 @@ fi
 export PYTHONPATH="$PWD:/tmp/pk:/tmp/s/site:$PWD/.carry/batchsrv/.pyx" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export UNSLOTH_DISABLE_STATISTICS=1 ANONYMIZED_TELEMETRY=False PYTHONUNBUFFERED=1
 export PYTHON=python3 MODEL=qwen15
-# EXTRA_ARGS: more keys for every stage (e.g. retriever.hybrid=false: dense only); TAG keeps such a run's
+# EXTRA_ARGS: more keys for every stage (e.g. retriever.hybrid=false: dense only; raft.* and train.*
+# keys, e.g. raft.ablated_twin=true, reach the training steps only); TAG keeps such a run's
 # folders apart from the plain one's on the same machine.
 RUN=${RECIPE:-cpu}${TAG:+_$TAG}
 export SQUAD=${SQUAD:-$PWD/.carry/sq/squad2-public.json}
@@ -45,7 +46,16 @@ case ${RECIPE:-cpu} in
     RECIPE_ARGS=retriever.hybrid=true ;;
   *) echo "RECIPE must be cpu or contrast, got ${RECIPE}" >&2; exit 2 ;;
 esac
-export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16 $RECIPE_ARGS ${EXTRA_ARGS:-}"
+# raft.* / train.* keys go to the training steps only (train/eval.py has no such groups)
+STAGE_ARGS=""
+for kv in ${EXTRA_ARGS:-}; do
+  case $kv in
+    raft.*|train.*) RAFT_EXTRA="${RAFT_EXTRA:-} $kv" ;;
+    *) STAGE_ARGS="$STAGE_ARGS $kv" ;;
+  esac
+done
+export RAFT_EXTRA
+export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16 $RECIPE_ARGS$STAGE_ARGS"
 for seed in $SEEDS; do
   B=/tmp/sqp/${RUN}_s$seed
   mkdir -p "$B"
