@@ -357,7 +357,7 @@ def _stats(
 
 
 def save_dataset(
-    examples: list[dict[str, Any]], stats: dict[str, Any], out_dir: Path, num_preview: int = 3
+    examples: list[dict[str, Any]], stats: dict[str, Any], out_dir: Path, num_preview: int = 6
 ) -> Path:
     """Write ``train.jsonl``, ``stats.json`` and ``preview.md`` (prompts a person can read)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -334,3 +334,27 @@ def test_ablated_twin_is_the_oracle_chunk_without_its_answer_sentence(tokenizer)
     assert "Marlowe" in oracle["prompt"] and "He lit the lamp" in oracle["prompt"]
     assert "Marlowe" not in cut["prompt"] and "He lit the lamp" in cut["prompt"]
     assert cut["target"] == schema.abstain and stats["kinds"]["ablated_no_answer"] == 1
+
+
+def test_the_default_preview_shows_one_example_of_every_kind(tokenizer, tmp_path):
+    from ragtune.config import compose
+    from ragtune.raft import save_dataset
+
+    chunks = [
+        _c(0, "The harbor keeper was Marlowe. He lit the lamp each night.", "harbor.md"),
+        _c(1, "The harbor has two piers.", "harbor.md"),
+        _c(2, "The mill grinds corn.", "mill.md"),
+    ]
+    records = [
+        QARecord("Who was the harbor keeper?", "Marlowe", source="harbor.md"),
+        QARecord("What colour is the mill roof?", "", source="mill.md"),
+    ]
+    settings = BuildSettings(
+        k=2, fetch_k=5, oracle_fraction=1.0, contrastive=True, ablated_twin=True
+    )
+    schema = get_schema("alpaca_rag_short")
+    ex, stats = build_examples(records, _Retriever(chunks), schema, tokenizer, settings, False)
+    save_dataset(ex, stats, tmp_path, compose("sft").raft.num_preview)
+    preview = (tmp_path / "preview.md").read_text()
+    for kind in ("oracle", "contrast_no_oracle", "ablated_no_answer", "unanswerable"):
+        assert f"## {kind}: " in preview
