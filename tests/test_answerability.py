@@ -198,17 +198,25 @@ def _c(i, text, source):
     return Chunk(f"c{i}", text, source, 0, hashlib.sha1(text.encode()).hexdigest())
 
 
-def test_contrastive_construction_emits_the_pair(tokenizer):
+def _harbor_and_mill():
+    """An answerable record whose oracle chunk has a second sentence, and an unanswerable one."""
     chunks = [
         _c(0, "The harbor keeper was Marlowe. He lit the lamp each night.", "harbor.md"),
         _c(1, "The harbor has two piers.", "harbor.md"),
-        _c(2, "The harbor light is red.", "harbor.md"),
-        _c(3, "The mill grinds corn.", "mill.md"),
-        _c(4, "The mill wheel is old.", "mill.md"),
+        _c(2, "The mill grinds corn.", "mill.md"),
     ]
     records = [
         QARecord("Who was the harbor keeper?", "Marlowe", source="harbor.md"),
         QARecord("What colour is the mill roof?", "", source="mill.md"),
+    ]
+    return chunks, records
+
+
+def test_contrastive_construction_emits_the_pair(tokenizer):
+    chunks, records = _harbor_and_mill()
+    chunks += [
+        _c(3, "The harbor light is red.", "harbor.md"),
+        _c(4, "The mill wheel is old.", "mill.md"),
     ]
     schema = get_schema("alpaca_rag_short")
     settings = BuildSettings(
@@ -320,12 +328,8 @@ def test_an_extreme_decision_survives_the_manifest_as_strict_json(tmp_path, thre
 
 
 def test_ablated_twin_is_the_oracle_chunk_without_its_answer_sentence(tokenizer):
-    chunks = [
-        _c(0, "The harbor keeper was Marlowe. He lit the lamp each night.", "harbor.md"),
-        _c(1, "The harbor has two piers.", "harbor.md"),
-        _c(2, "The mill grinds corn.", "mill.md"),
-    ]
-    records = [QARecord("Who was the harbor keeper?", "Marlowe", source="harbor.md")]
+    chunks, records = _harbor_and_mill()
+    records = records[:1]
     schema = get_schema("alpaca_rag_short")
     settings = BuildSettings(k=2, fetch_k=5, oracle_fraction=1.0, ablated_twin=True)
     ex, stats = build_examples(records, _Retriever(chunks), schema, tokenizer, settings, False)
@@ -340,15 +344,7 @@ def test_the_default_preview_shows_one_example_of_every_kind(tokenizer, tmp_path
     from ragtune.config import compose
     from ragtune.raft import save_dataset
 
-    chunks = [
-        _c(0, "The harbor keeper was Marlowe. He lit the lamp each night.", "harbor.md"),
-        _c(1, "The harbor has two piers.", "harbor.md"),
-        _c(2, "The mill grinds corn.", "mill.md"),
-    ]
-    records = [
-        QARecord("Who was the harbor keeper?", "Marlowe", source="harbor.md"),
-        QARecord("What colour is the mill roof?", "", source="mill.md"),
-    ]
+    chunks, records = _harbor_and_mill()
     settings = BuildSettings(
         k=2, fetch_k=5, oracle_fraction=1.0, contrastive=True, ablated_twin=True
     )
