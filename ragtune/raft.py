@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 UNSUPPORTED_SHOWN = 5  # record ids in the log line and the error
 UNSUPPORTED_LISTED = 100  # record ids kept in stats.json
+TWIN_KINDS = ("contrast_no_oracle", "ablated_no_answer")  # a record's extra abstain examples
 
 
 class RetrieverLike(Protocol):
@@ -234,7 +235,7 @@ def build_examples(
                 )
                 target = schema.abstain if settings.abstain_without_oracle else rec.output
         pairs = [(kind, target, context, oracle)]
-        for twin_kind, twin_ctx in (("contrast_no_oracle", twin), ("ablated_no_answer", ablated)):
+        for twin_kind, twin_ctx in zip(TWIN_KINDS, (twin, ablated), strict=True):
             if twin_ctx is not None:
                 n_ctx.append(len(twin_ctx))
                 pairs.append((twin_kind, schema.abstain, twin_ctx, None))
@@ -275,7 +276,10 @@ def _abstains_on_purpose(rec: QARecord, schema: PromptSchema) -> bool:
 
 def _oracle_stats(examples: list[dict[str, Any]], unsupported: list[str]) -> dict[str, Any]:
     """How each answer's oracle was found, and the records whose answer nothing supports."""
-    how = Counter(e["oracle_how"] for e in examples if e.get("oracle_how"))
+    # one count per record: a twin repeats its record's match
+    how = Counter(
+        e["oracle_how"] for e in examples if e.get("oracle_how") and e["kind"] not in TWIN_KINDS
+    )
     searched = sum(how.values())
     if unsupported:
         log.warning(

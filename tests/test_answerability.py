@@ -350,6 +350,8 @@ def test_the_default_preview_shows_one_example_of_every_kind(tokenizer, tmp_path
     )
     schema = get_schema("alpaca_rag_short")
     ex, stats = build_examples(records, _Retriever(chunks), schema, tokenizer, settings, False)
+    # the twins repeat their record: the oracle stats (and the unsupported share) count records
+    assert stats["oracle_how"] == {"exact": 1, "fuzzy": 0, "semantic": 0, "none": 0}
     save_dataset(ex, stats, tmp_path, compose("sft").raft.num_preview)
     preview = (tmp_path / "preview.md").read_text()
     for kind in ("oracle", "contrast_no_oracle", "ablated_no_answer", "unanswerable"):
