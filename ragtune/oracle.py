@@ -258,15 +258,17 @@ class OracleFinder:
         Distractors must not: a context said to lack the answer must really lack it.
         """
         ans = tokens(record.output)
-        out = [
-            exact_match(ans, t) or fuzzy_score(ans, t) >= self.fuzzy_min
-            for t in (tokens(c.text) for c in chunks)
-        ]
+        out = [self._holds_verbatim(ans, c.text) for c in chunks]
         claim = semantic_claim(record.output, record.instruction)
         if self.embed is not None and chunks and claim is not None:
             sem = self.semantic_scores(claim, chunks)
             out = [o or s >= self.semantic_min for o, s in zip(out, sem, strict=True)]
         return out
+
+    def _holds_verbatim(self, answer: Sequence[str], text: str) -> bool:
+        """The exact or fuzzy step: ``text`` holds the answer tokens (nearly) word for word."""
+        t = tokens(text)
+        return exact_match(answer, t) or fuzzy_score(answer, t) >= self.fuzzy_min
 
     def without_answer(self, record: QARecord, chunk: Chunk) -> Chunk | None:
         """``chunk`` with the sentences that hold the record's answer removed, or None when
@@ -275,11 +277,7 @@ class OracleFinder:
         fact short, which is how a context that nearly answers looks."""
         ans = tokens(record.output)
         parts = sentences(chunk.text)
-        kept = [
-            s
-            for s in parts
-            if not (exact_match(ans, t := tokens(s)) or fuzzy_score(ans, t) >= self.fuzzy_min)
-        ]
+        kept = [s for s in parts if not self._holds_verbatim(ans, s)]
         if not kept or len(kept) == len(parts):
             return None
         text = " ".join(kept)
