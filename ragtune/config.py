@@ -70,6 +70,13 @@ class SaveMethod(StrEnum):
     merged_4bit = "merged_4bit"
 
 
+class PreferenceLoss(StrEnum):  # CPOConfig.loss_type values
+    simpo = "simpo"
+    sigmoid = "sigmoid"
+    hinge = "hinge"
+    ipo = "ipo"
+
+
 class Sampling(StrEnum):
     random = "random"
     group_by_length = "group_by_length"
@@ -175,6 +182,18 @@ class LoraConfig:
     target_modules: Any  # "all-linear" or a list of module names
 
 
+@defaults_from("train/cpu:preference")
+class PreferenceConfig:
+    """trl.experimental.cpo.CPOConfig's own argument names (ragtune.training.preference)."""
+
+    num_train_epochs: float
+    learning_rate: float
+    loss_type: PreferenceLoss
+    beta: float
+    simpo_gamma: float
+    cpo_alpha: float
+
+
 @defaults_from("train/cpu")
 class TrainConfig:
     """SFTConfig's own argument names (see ragtune.training.trainer.SFT_ARGS) plus ragtune's."""
@@ -202,6 +221,7 @@ class TrainConfig:
     divergence_restarts: int  # times a diverged run resumes from its checkpoint before the spike
     resume: bool
     save_method: SaveMethod
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     eval_after: bool
     fsdp: str  # "" = DDP; else FSDP options, e.g. "full_shard auto_wrap" (FSDP_OPTIONS)
 
@@ -300,6 +320,10 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.save_steps": (0, None, False, True),
     "train.divergence_factor": (1, None, False, True),
     "train.divergence_restarts": (0, None, True, True),
+    "train.preference.num_train_epochs": (0, None, True, True),
+    "train.preference.learning_rate": (0, None, False, True),
+    "train.preference.beta": (0, None, False, True),
+    "train.preference.cpo_alpha": (0, None, True, True),
     "eval.batch_size": (0, None, False, True),
     "eval.max_questions": (0, None, True, True),
     "generate.max_new_tokens": (0, None, False, True),

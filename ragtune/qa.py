@@ -214,6 +214,8 @@ def record_to_json(r: QARecord) -> dict[str, Any]:
         d["id"] = r.id
     if r.answers:
         d["answers"] = list(r.answers)
+    if r.plausible:
+        d["plausible_answer"] = r.plausible
     return d
 
 
@@ -337,6 +339,10 @@ def _record(obj: Any, where: str, default_id: str, bad: _Problems) -> QARecord |
     if answers and not fields["output"].strip():
         bad(where, "'answers' given but 'output' is empty (empty output = unanswerable)")
         return None
+    plausible = obj.get("plausible_answer") or ""
+    if not isinstance(plausible, str):
+        bad(where, f"'plausible_answer' must be a string, got {type(plausible).__name__}")
+        return None
     return _make(
         instruction=instr,
         input=fields["input"],
@@ -344,6 +350,7 @@ def _record(obj: Any, where: str, default_id: str, bad: _Problems) -> QARecord |
         source=source or None,
         id=str(rid),
         answers=answers,
+        plausible="" if fields["output"].strip() else plausible.strip(),
     )
 
 
@@ -434,8 +441,12 @@ def _squad_record(qa: Any, where: str, source: str, bad: _Problems) -> QARecord 
         bad(where, f"'is_impossible' must be true or false, got {impossible!r}")
         return None
     texts = [t for t in dict.fromkeys(t.strip() for t in texts) if t]
+    plausible = ""
     if impossible:
         texts = []
+        first = (qa.get("plausible_answers") or [{}])[0]
+        plausible = first.get("text", "") if isinstance(first, dict) else ""
+        plausible = plausible.strip() if isinstance(plausible, str) else ""
     elif not texts:
         bad(where, "answerable question (is_impossible false) without a non-empty answer text")
         return None
@@ -445,6 +456,7 @@ def _squad_record(qa: Any, where: str, source: str, bad: _Problems) -> QARecord 
         source=source,
         id=qid,
         answers=texts,
+        plausible=plausible,
     )
 
 

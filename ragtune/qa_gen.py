@@ -377,7 +377,7 @@ def _record(job: Job, question: str, answer: str) -> dict[str, Any]:
     if job.kind == ANSWERABLE:
         rec |= {"output": answer, "answers": [answer]}
     else:
-        rec |= {"output": "", "answers": [], "is_impossible": True, "expected_answer": answer}
+        rec |= {"output": "", "answers": [], "is_impossible": True, "plausible_answer": answer}
     kind = "a" if job.kind == ANSWERABLE else "u"
     rec |= {"source": job.chunk.source, "id": f"gen-{kind}-{job.chunk.id}"}
     return rec | {"kind": job.kind, "chunk_id": job.chunk.id, "job": job.key}

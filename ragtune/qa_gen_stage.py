@@ -154,7 +154,7 @@ def preview(
     parts = [f"# Generated QA: {len(picks)} of {len(records)} records\n"]
     for r in picks:
         chunk = chunks.get(r["chunk_id"])
-        answer = r["output"] or f"(unanswerable; the LM expected: {r.get('expected_answer', '')})"
+        answer = r["output"] or f"(unanswerable; the LM expected: {r.get('plausible_answer', '')})"
         text = chunk.text if chunk else "(chunk no longer in the index)"
         parts.append(
             f"## {r['kind']}: {r['instruction']}\n\n**Answer:** {answer}\n\n"

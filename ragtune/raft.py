@@ -253,6 +253,7 @@ def build_examples(
                     "id": rec.id or _record_id(rec),
                     "instruction": rec.instruction,
                     "answer": rec.output,
+                    "plausible": rec.plausible,
                     "target": target,
                     "oracle_id": oracle.id if oracle else None,
                     "oracle_how": match.how if match else None,

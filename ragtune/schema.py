@@ -113,10 +113,14 @@ class PromptSchema:
         self, fields: PromptFields, response: str, tokenizer: Any
     ) -> tuple[str, str]:
         """A training example: (prompt, completion). The completion ends with EOS."""
+        return self.render_prompt(fields, tokenizer), self.render_completion(response, tokenizer)
+
+    def render_completion(self, response: str, tokenizer: Any) -> str:
+        """The completion text a response trains as: stripped, EOS last."""
         eos = getattr(tokenizer, "eos_token", None)
         if not eos:
             raise PromptError("the tokenizer has no EOS token; cannot end training completions")
-        return self.render_prompt(fields, tokenizer), response.strip() + eos
+        return response.strip() + eos
 
     def encode_prompt(self, tokenizer: Any, prompt: str) -> list[int]:
         """Token ids of a rendered prompt, with exactly one BOS where the model expects one.

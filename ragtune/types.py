@@ -45,7 +45,9 @@ class QARecord:
     ``source`` optionally names the corpus document (relative path) holding the answer,
     which helps find the oracle chunk when the answer string is short or repeated.
     ``answers`` holds every acceptable answer when there are several (SQuAD); evaluation
-    scores against the best of them (``ragtune.qa.gold_answers``).
+    scores against the best of them (``ragtune.qa.gold_answers``). ``plausible`` is, for an
+    unanswerable question, the wrong answer a careless reader would give (SQuAD v2's plausible
+    answer; JSONL key ``plausible_answer``): the preference step trains abstaining over it.
     """
 
     instruction: str
@@ -54,6 +56,7 @@ class QARecord:
     source: str | None = None
     id: str | None = None
     answers: tuple[str, ...] = ()
+    plausible: str = ""
 
     @property
     def answerable(self) -> bool:

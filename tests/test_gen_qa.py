@@ -212,7 +212,7 @@ def test_every_kept_record_passes_every_filter(world):
     assert sel.records
     for r in sel.records:
         chunk = by_id[r["chunk_id"]]
-        answer = r["output"] or r["expected_answer"]
+        answer = r["output"] or r["plausible_answer"]
         assert length_ok(r["instruction"], answer, s, answerable=r["kind"] == ANSWERABLE)
         assert language_ok(r["instruction"], chunk, [])
         assert not leaks_answer(r["instruction"], answer)

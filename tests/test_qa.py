@@ -14,6 +14,7 @@ from ragtune.qa import (
     is_squad,
     load_qa,
     prepare_squad,
+    record_to_json,
     squad_documents,
 )
 from ragtune.types import QARecord
@@ -80,10 +81,17 @@ def test_jsonl_records(tmp_path: Path) -> None:
             json.dumps({"instruction": "Q2?", "output": "", "id": "q2"}),
             json.dumps({"instruction": "Q3?"}),  # output absent = unanswerable
             json.dumps({"instruction": "Q4?", "output": "A4", "answers": ["A4", "a four"]}),
+            json.dumps({"instruction": "Q5?", "output": "", "plausible_answer": " Rollo "}),
+            json.dumps({"instruction": "Q6?", "output": "A6", "plausible_answer": "x"}),
         ],
     )
     recs = load_qa(p)
-    assert [r.instruction for r in recs] == ["Q1?", "Q2?", "Q3?", "Q4?"]
+    assert [r.instruction for r in recs] == ["Q1?", "Q2?", "Q3?", "Q4?", "Q5?", "Q6?"]
+    assert recs[4].plausible == "Rollo" and not recs[4].answerable
+    assert recs[5].plausible == ""  # only an unanswerable question has a plausible wrong answer
+    assert load_qa(write_lines(tmp_path / "rt.jsonl", [json.dumps(record_to_json(recs[4]))])) == [
+        QARecord("Q5?", id="qa:6", plausible="Rollo")
+    ]
     assert recs[0] == QARecord("Q1?", "A1", "", "x.md", "qa:1")
     assert recs[1].id == "q2" and not recs[1].answerable
     assert not recs[2].answerable and recs[2].id == "qa:4"
@@ -115,7 +123,8 @@ def test_squad_records_and_documents(tmp_path: Path) -> None:
         "squad/Article_0.txt",
     )
     assert gold_answers(r) == ("blue0", "colour is blue0")
-    assert recs[1].output == "" and not recs[1].answerable  # plausible_answers are ignored
+    assert recs[1].output == "" and not recs[1].answerable
+    assert recs[1].plausible == "decoy" and recs[0].plausible == ""  # the preference step's
     docs = squad_documents(p)
     assert [d[0] for d in docs] == ["squad/Article_0.txt", "squad/Article_1.txt"]
     assert docs[0][1] == (
@@ -154,6 +163,10 @@ BAD_JSONL = {
     "list input": ('{"instruction": "Q?", "input": ["x"]}', "line 2: 'input' must be a string"),
     "bad source": ('{"instruction": "Q?", "source": 3}', "line 2: 'source' must be a string"),
     "bad id": ('{"instruction": "Q?", "id": [1]}', "line 2: 'id' must be a string or integer"),
+    "bad plausible": (
+        '{"instruction": "Q?", "plausible_answer": ["x"]}',
+        "line 2: 'plausible_answer' must be a string",
+    ),
     "bad answers": (
         '{"instruction": "Q?", "output": "A", "answers": [1]}',
         "line 2: 'answers' must be a list of strings",

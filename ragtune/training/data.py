@@ -154,9 +154,6 @@ def tokenize_examples(
     """
     from datasets import Dataset
 
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise TrainError("the tokenizer has no EOS token id; cannot end training sequences")
     rows: dict[str, list] = {"input_ids": [], "completion_mask": []}
     lengths: list[int] = []
     completion_tokens = 0
@@ -167,9 +164,7 @@ def tokenize_examples(
                 f"training example {i} lacks 'prompt' or 'completion' (keys: {sorted(ex)})"
             )
         p_ids = schema.encode_prompt(tokenizer, ex["prompt"])
-        c_ids = list(tokenizer(ex["completion"], add_special_tokens=False)["input_ids"])
-        if not c_ids or c_ids[-1] != eos_id:
-            c_ids.append(eos_id)
+        c_ids = encode_completion(tokenizer, ex["completion"])
         if len(p_ids) + len(c_ids) > max_seq_length:
             dropped += 1
             continue
@@ -205,3 +200,14 @@ def tokenize_examples(
         "mean_tokens": float(sum(lengths) / len(lengths)),
     }
     return Dataset.from_dict(rows), stats
+
+
+def encode_completion(tokenizer: Any, completion: str) -> list[int]:
+    """A completion's token ids, EOS last (added when the text did not end with it)."""
+    eos_id = tokenizer.eos_token_id
+    if eos_id is None:
+        raise TrainError("the tokenizer has no EOS token id; cannot end training sequences")
+    ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    if not ids or ids[-1] != eos_id:
+        ids.append(eos_id)
+    return ids

@@ -3,7 +3,7 @@
 :func:`run_sft`: validate the config -> build the retrieval-augmented examples with the
 retriever serving will use (whole source documents held out for calibration) -> :func:`train`
 (resolve the backend -> load the model with LoRA -> tokenize -> Trainer -> resume -> fit ->
-save) -> fit the answer-or-abstain decision on the held-out questions
+the preference step if asked -> save) -> fit the answer-or-abstain decision on the held-out questions
 (:mod:`ragtune.training.calibration`) -> evaluate (``train.eval_after``) -> write the manifest
 last, whose presence marks the model folder complete.
 
@@ -48,6 +48,7 @@ class TrainResult:
     eval_loss: float | None = None
     divergence: list[dict[str, Any]] | None = None  # each loss blow-up: where, and the checkpoint
     # training resumed from (restarted_from) or that was saved in the end (restored_step)
+    preference: dict[str, Any] | None = None  # the preference step's PreferenceResult
 
 
 @dataclass
@@ -157,6 +158,7 @@ def _write_manifest(
         "train_seconds": result.seconds,
         "data_seconds": round(data_seconds, 2),
         "divergence": result.divergence,
+        "preference": result.preference,
     }
     if metrics is not None:
         manifest["eval"] = metrics
@@ -231,14 +233,22 @@ def train(
     # (docs/benchmarks.md, "The attention mask"); TRL's fused loss on the hf backend needs it
     sft.drop_padding_mask = backend == "unsloth"
 
-    # 5. train, evaluate on held-out examples, save
+    # 5. train, then (train.preference) the answer-vs-abstain margin, evaluate, save
     seconds, peak, breaks = _fit_guarded(sft, guard, resume_from, ckpt_dir, cfg, cuda)
+    preferred = None
+    if cfg.train.preference.num_train_epochs > 0:
+        from ragtune.training.preference import fit_preference
+
+        preferred = fit_preference(
+            cfg, sft.model, tokenizer, schema, examples, ckpt_dir / "preference", precision, cuda
+        )
     eval_loss = None
     if eval_dataset is not None:
         eval_loss = float(sft.evaluate()["eval_loss"])
         log.info("eval loss %.4f on %d held-out examples", eval_loss, len(eval_dataset))
     model_dir = _save(sft, cfg, tokenizer, schema, output_dir, backend, model_path)
     result = _result(sft, model_dir, backend, seconds, peak, resume_from, stats, eval_loss)
+    result.preference = preferred.to_dict() if preferred is not None else None
     if breaks:
         result.divergence = [b.to_dict() for b in breaks]
         restored = breaks[-1].restored_step

@@ -1,0 +1,160 @@
+"""The preference step (train.preference): pairs from the built examples, SFT's token ids, and a
+wider answer-vs-abstain margin where it matters, on the tiny model."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragtune.config import ConfigError, compose, validate
+from ragtune.schema import PromptFields, get_schema
+from ragtune.training.preference import _tokenized_row, encode_pairs, preference_pairs
+
+SCHEMA = get_schema("alpaca_rag")
+TOP = {"seed": int, "output_dir": str}
+COLOURS = ["blue", "green", "red", "amber"]
+
+
+def zorb_examples(tokenizer, n: int = 8) -> list[dict]:
+    """Each question twice: with the sentence holding its answer (target: the colour) and with
+    an unrelated one (the contrastive twin, target: abstain)."""
+    out = []
+    for i in range(n):
+        colour = COLOURS[i % len(COLOURS)]
+        q = f"What colour is the zorb {i}?"
+        for kind, ctx, target in (
+            ("oracle", f"The zorb {i} is {colour}.", colour),
+            ("contrast_no_oracle", f"The blip {i} is tall.", SCHEMA.abstain),
+        ):
+            prompt, completion = SCHEMA.render_example(
+                PromptFields(q, "", [ctx]), target, tokenizer
+            )
+            out.append({"prompt": prompt, "completion": completion, "kind": kind, "answer": colour})
+    return out
+
+
+def test_pairs_prefer_the_answer_only_where_the_context_holds_it():
+    abstain = SCHEMA.abstain
+    examples = [
+        {"prompt": "p1", "kind": "oracle", "answer": "1871"},
+        {"prompt": "p2", "kind": "contrast_no_oracle", "answer": "1871"},
+        {"prompt": "p3", "kind": "ablated_no_answer", "answer": "1871"},
+        {"prompt": "p4", "kind": "unanswerable", "answer": "", "plausible": "Rollo"},
+        {"prompt": "p5", "kind": "unanswerable", "answer": "", "plausible": ""},
+        {"prompt": "p6", "kind": "memory_no_oracle", "answer": "1871"},
+        {"prompt": "p7", "kind": "closed", "answer": "1871"},
+    ]
+    got = [(p["prompt"], p["chosen"], p["rejected"]) for p in preference_pairs(examples, abstain)]
+    assert got == [
+        ("p1", "1871", abstain),
+        ("p2", abstain, "1871"),
+        ("p3", abstain, "1871"),
+        ("p4", abstain, "Rollo"),
+    ]
+
+
+def test_pairs_carry_the_token_ids_sft_trains_on(tiny_tok):
+    from ragtune.training.data import tokenize_examples
+
+    examples = zorb_examples(tiny_tok, n=2)
+    sft, _ = tokenize_examples(examples, tiny_tok, SCHEMA, 256)
+    pairs, dropped = encode_pairs(preference_pairs(examples, SCHEMA.abstain), tiny_tok, SCHEMA, 256)
+    assert dropped == 0 and len(pairs) == len(examples)
+    for i, row in enumerate(pairs):
+        t = _tokenized_row(row)
+        assert t["chosen_input_ids"] == sft[i]["input_ids"]  # each example's target is chosen
+        n_prompt = len(t["prompt_input_ids"])
+        assert t["chosen_labels"][:n_prompt] == [-100] * n_prompt
+        assert t["chosen_labels"][n_prompt:] == sft[i]["input_ids"][n_prompt:]
+        assert t["rejected_labels"][n_prompt:][-1] == tiny_tok.eos_token_id
+
+
+def test_a_long_pair_is_dropped_not_cut(tiny_tok):
+    pairs = preference_pairs(zorb_examples(tiny_tok, n=1), SCHEMA.abstain)
+    kept, dropped = encode_pairs(pairs, tiny_tok, SCHEMA, 8)
+    assert len(kept) == 0 and dropped == 2
+
+
+def test_an_unknown_loss_type_names_the_key():
+    cfg = compose("sft", ["train.preference.loss_type=dpo", "output_dir=x"])
+    with pytest.raises(ConfigError, match=r"train\.preference\.loss_type"):
+        validate(cfg, top_level=TOP)
+
+
+# --------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_lm_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_lm_path)
+
+
+def _train(out, tiny_lm_path, examples, *extra: str):
+    from ragtune.training.recipe import train
+
+    cfg = compose(
+        "sft",
+        [
+            f"output_dir={out}",
+            f"model.name_or_path={tiny_lm_path}",
+            "model.max_seq_length=256",
+            "train.max_steps=6",
+            "train.per_device_train_batch_size=4",
+            "train.logging_steps=1",
+            "train.learning_rate=1e-2",
+            "train.warmup_steps=0",
+            "train.lr_scheduler_type=constant",
+            "train.save_method=lora",
+            "train.report_to=none",
+            *extra,
+        ],
+    )
+    return train(validate(cfg, top_level=TOP), examples, SCHEMA, out)
+
+
+def _separation(model_dir, examples) -> float:
+    """Mean answer-vs-abstain margin (the decision's feature) of the gold answer where the
+    context holds it, minus the same where it does not."""
+    from ragtune.answerability import answer_features
+    from ragtune.loading import load_model
+
+    model, tok = load_model(str(model_dir), device="cpu")
+    feats = answer_features(
+        model, tok, SCHEMA, [e["prompt"] for e in examples], [e["answer"] for e in examples]
+    )
+    held = [f.margin for f, e in zip(feats, examples, strict=True) if e["kind"] == "oracle"]
+    lacking = [f.margin for f, e in zip(feats, examples, strict=True) if e["kind"] != "oracle"]
+    return sum(held) / len(held) - sum(lacking) / len(lacking)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_lm_path, tiny_tok):
+    """The same seeded SFT twice, the second followed by the preference step."""
+    examples = zorb_examples(tiny_tok)
+    sft = _train(tmp_path_factory.mktemp("sft"), tiny_lm_path, examples)
+    pref = _train(
+        tmp_path_factory.mktemp("pref"),
+        tiny_lm_path,
+        examples,
+        "train.preference.num_train_epochs=3",
+        "train.preference.learning_rate=1e-2",
+    )
+    return examples, sft, pref
+
+
+def test_preference_step_widens_the_answer_vs_abstain_margin(runs):
+    examples, sft, pref = runs
+    assert sft.preference is None
+    assert pref.preference["pairs"] == len(examples)
+    assert pref.preference["by_kind"] == {"oracle": 8, "contrast_no_oracle": 8}
+    assert pref.preference["steps"] == 12  # 16 pairs in batches of 4, 3 epochs
+    assert sft.final_loss == pref.final_loss  # the same SFT: only the preference step differs
+    before, after = _separation(sft.model_dir, examples), _separation(pref.model_dir, examples)
+    assert after > before + 0.5, (before, after)
+
+
+def test_no_pair_at_all_is_one_line_naming_the_setting(tmp_path, tiny_lm_path, tiny_tok):
+    from ragtune.training import TrainError
+
+    closed = [dict(e, kind="closed") for e in zorb_examples(tiny_tok, n=2)]
+    with pytest.raises(TrainError, match=r"train\.preference\.num_train_epochs"):
+        _train(tmp_path, tiny_lm_path, closed, "train.preference.num_train_epochs=1")
