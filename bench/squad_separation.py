@@ -1,0 +1,82 @@
+"""How well a finished evaluation separates answerable from unanswerable questions, and what
+that separation bounds. Reads ``train/eval.py``'s ``answers.jsonl`` (raft_rag rows); nothing is
+re-run; CPU, seconds.
+
+Columns: overall and F1 as evaluated; AUROC of the shipped score (``answerability``) and of the
+``margin`` feature alone; AUROC over answerable questions whose retrieved context holds a gold
+answer only; the candidates' F1 if every answerable question were answered; and the "best test
+cut": the overall the same scores would reach with the threshold chosen on these test questions
+themselves (a bound on what any threshold rule could add, not a result).
+
+    python bench/squad_separation.py RUN/answers.jsonl [RUN/answers.jsonl ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ragtune.metrics import score_answer  # noqa: E402
+from ragtune.roc import auroc  # noqa: E402
+
+
+def _auroc(pos: list[float], neg: list[float]) -> float:
+    return auroc([*pos, *neg], [1] * len(pos) + [0] * len(neg))
+
+
+def best_cut(rows: list[dict], candidate_f1: dict[str, float]) -> float:
+    """The best overall over every threshold on ``answerability`` (answer at or above it)."""
+    total = sum(not r["answerable"] for r in rows)  # abstain on everything
+    best = total
+    for r in sorted(rows, key=lambda r: -r["answerability"]):
+        total += candidate_f1[r["id"]] if r["answerable"] else -1
+        best = max(best, total)
+    return best / len(rows)
+
+
+def separation(path: Path, mode: str = "raft_rag") -> dict[str, float]:
+    rows = [r for line in path.open() if (r := json.loads(line))["mode"] == mode]
+    ans = [r for r in rows if r["answerable"]]
+    unans = [r for r in rows if not r["answerable"]]
+    cand = {r["id"]: score_answer(r["candidate"], r["gold"]).f1 for r in ans}
+    hit = [r for r in ans if r["retrieval_hit"]]
+    return {
+        "overall": 100 * sum(r["score"] for r in rows) / len(rows),
+        "f1": 100 * sum(r["f1"] for r in ans) / len(ans),
+        "auroc": _auroc([r["answerability"] for r in ans], [r["answerability"] for r in unans]),
+        "auroc_margin": _auroc(
+            [r["features"]["margin"] for r in ans], [r["features"]["margin"] for r in unans]
+        ),
+        "auroc_retrieved": _auroc(
+            [r["answerability"] for r in hit], [r["answerability"] for r in unans]
+        ),
+        "candidate_f1": 100 * sum(cand.values()) / len(ans),
+        "best_test_cut": 100 * best_cut(rows, cand),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("answers", nargs="+", type=Path)
+    ap.add_argument("--mode", default="raft_rag")
+    args = ap.parse_args(argv)
+    print(
+        "| run | overall | F1 | AUROC | AUROC margin | AUROC retrieved | candidate F1 | best cut |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for path in args.answers:
+        s = separation(path, args.mode)
+        print(
+            f"| {path.parent.name} | {s['overall']:.1f} | {s['f1']:.1f} | {s['auroc']:.3f} | "
+            f"{s['auroc_margin']:.3f} | {s['auroc_retrieved']:.3f} | {s['candidate_f1']:.1f} | "
+            f"{s['best_test_cut']:.1f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
