@@ -9,6 +9,9 @@ answers: AUROC and the SQuAD v2 overall. "shipped" is ``fit_calibration`` itself
 is what the evaluation reported. Nothing is re-run; CPU, seconds.
 
     python bench/calibration_variants.py CAL_ANSWERS EVAL_ANSWERS [CAL_ANSWERS EVAL_ANSWERS ...]
+
+``--judge JUDGE.jsonl`` (once per pair, in order; bench/squad_judge.py's output for that run)
+adds its yes/no judge scores: the shipped mix plus each one, all of them, and each alone.
 """
 
 from __future__ import annotations
@@ -55,6 +58,34 @@ VARIANTS: dict[str, Callable[[dict], list[float]]] = {
 }
 
 
+# bench/squad_judge.py's scores (log-odds of "yes" for a yes/no question about the context)
+JUDGES = ("judge_tuned", "judge_q_tuned", "judge_base", "judge_q_base", "judge_chat_base")
+
+
+def _judge_variants(names: list[str]) -> dict[str, Callable[[dict], list[float]]]:
+    out: dict[str, Callable[[dict], list[float]]] = {}
+    for n in names:
+        out[f"shipped + {n}"] = lambda f, n=n: [*[f[k] for k in FEATURES], f[n]]
+    if len(names) > 1:
+        out["shipped + every judge"] = lambda f: [*[f[k] for k in FEATURES], *[f[n] for n in names]]
+    for n in names:
+        out[f"{n} alone"] = lambda f, n=n: [f[n]]
+    return out
+
+
+def _add_judge(rows: list[dict], judge: Path, split: str) -> list[str]:
+    """Put the judge's scores for ``split`` into each row's features; the names every row got."""
+    scores = {}
+    for line in judge.read_text().splitlines():
+        j = json.loads(line)
+        if j["split"] == split:
+            scores[j["id"]] = j
+    names = [n for n in JUDGES if all(n in scores.get(r["id"], {}) for r in rows)]
+    for r in rows:
+        r["features"] |= {n: scores[r["id"]][n] for n in names}
+    return names
+
+
 def _read(path: Path) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in rows if r.get("mode", "raft_rag") == "raft_rag"]
@@ -74,16 +105,24 @@ def _overall(scores: np.ndarray, rows: list[dict], cut: float) -> float:
     ).overall
 
 
-def compare(cal_path: Path, eval_path: Path, l2: float = 1.0) -> list[tuple[str, float, float]]:
+def compare(
+    cal_path: Path, eval_path: Path, l2: float = 1.0, judge: Path | None = None
+) -> list[tuple[str, float, float]]:
     """(variant, test AUROC, test overall) for one run."""
     cal, test = _read(cal_path), _read(eval_path)
+    variants = dict(VARIANTS)
+    if judge is not None:
+        names = sorted(
+            set(_add_judge(cal, judge, "validation")) & set(_add_judge(test, judge, "test"))
+        )
+        variants |= _judge_variants([n for n in JUDGES if n in names])
     y_cal = [bool(r["answerable"]) for r in cal]
     y_test = [bool(r["answerable"]) for r in test]
     cut = expected_score_threshold(y_cal, [r["candidate_f1"] for r in cal])
     shipped = fit_calibration([_features(r) for r in cal], y_cal, [r["candidate_f1"] for r in cal])
     scores = np.array(combine([_features(r) for r in test], shipped.weights, shipped.bias))
     out = [("shipped", auroc(list(scores), y_test), _overall(scores, test, cut))]
-    for name, features in VARIANTS.items():
+    for name, features in variants.items():
         x_cal = np.array([features(r["features"]) for r in cal], dtype=np.float64)
         x_test = np.array([features(r["features"]) for r in test], dtype=np.float64)
         mu, sd = x_cal.mean(axis=0), x_cal.std(axis=0)
@@ -97,12 +136,17 @@ def compare(cal_path: Path, eval_path: Path, l2: float = 1.0) -> list[tuple[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", type=Path, nargs="+", help="CAL_ANSWERS EVAL_ANSWERS pairs")
+    ap.add_argument("--judge", type=Path, action="append", help="one per pair, in order")
     args = ap.parse_args()
     if len(args.paths) % 2:
         ap.error("give the paths in pairs: CAL_ANSWERS EVAL_ANSWERS")
+    pairs = list(zip(args.paths[::2], args.paths[1::2], strict=True))
+    if args.judge and len(args.judge) != len(pairs):
+        ap.error(f"--judge: give one per pair ({len(pairs)}), got {len(args.judge)}")
+    judges = args.judge or [None] * len(pairs)
     print("| run | variant | test AUROC | test overall |\n| --- | --- | ---: | ---: |")
-    for cal, ev in zip(args.paths[::2], args.paths[1::2], strict=True):
-        for name, area, overall in compare(cal, ev):
+    for (cal, ev), judge in zip(pairs, judges, strict=True):
+        for name, area, overall in compare(cal, ev, judge=judge):
             print(f"| {ev.parent.name} | {name} | {area:.3f} | {overall:.1f} |")
 
 

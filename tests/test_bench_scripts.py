@@ -94,6 +94,7 @@ def _answer_row(rng: random.Random, i: int, answerable: bool) -> dict:
     f1 = score_answer(cand, gold).f1 if answerable else 0.0
     return {
         "mode": "raft_rag",
+        "id": f"q{i}",
         "answerable": answerable,
         "gold": gold,
         "candidate": cand,
@@ -131,3 +132,33 @@ def test_calibration_variants_reproduce_the_shipped_decision(tmp_path: Path) -> 
     assert got[0][1] == pytest.approx(auroc(scores, [r["answerable"] for r in test]))
     assert got[0][2] == pytest.approx(overall.overall, abs=0.005)  # aggregate rounds to 0.01
     assert 0 < sum(1 for a in finals if a) < len(finals)  # the cut answers some, not all
+
+
+def test_calibration_variants_read_the_judge_scores_of_each_split(tmp_path: Path) -> None:
+    """``--judge`` puts bench/squad_judge.py's scores into the features of the split they were
+    computed on: a judge that knows which questions are answerable separates the test
+    questions perfectly, alone and in the mix."""
+    rng = random.Random(1)
+    cal = [_answer_row(rng, i, i % 2 == 0) for i in range(120)]
+    test = [_answer_row(rng, i, i % 3 == 0) for i in range(90)]
+    # the same ids in both splits, answerable differently: scores from the wrong split are noise
+    judge = [
+        {"id": r["id"], "split": split, "judge_base": 3.0 if r["answerable"] else -3.0}
+        for split, rows in (("validation", cal), ("test", test))
+        for r in rows
+    ]
+    for name, rows in (("cal.jsonl", cal), ("answers.jsonl", test), ("judge.jsonl", judge)):
+        lines = [json.dumps({k: v for k, v in r.items() if k != "_features"}) for r in rows]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+
+    bench = _load_bench("calibration_variants")
+    got = {
+        name: area
+        for name, area, _ in bench.compare(
+            tmp_path / "cal.jsonl", tmp_path / "answers.jsonl", judge=tmp_path / "judge.jsonl"
+        )
+    }
+    assert got["judge_base alone"] == pytest.approx(1.0)
+    assert got["shipped + judge_base"] == pytest.approx(1.0)
+    assert got["shipped"] < 0.9
+    assert "judge_tuned alone" not in got  # only the scores the file has
