@@ -24,7 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import PolynomialFeatures
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -57,6 +60,17 @@ VARIANTS: dict[str, Callable[[dict], list[float]]] = {
     ],
 }
 
+# Non-linear mixes of the shipped features (the rest are logistic regressions, as shipped).
+NONLINEAR: dict[str, Callable[[], object]] = {
+    "shipped features, pairwise products": lambda: make_pipeline(
+        PolynomialFeatures(2, include_bias=False), LogisticRegression(C=0.1, max_iter=5000)
+    ),
+    "shipped features, gradient boosting": lambda: HistGradientBoostingClassifier(
+        max_depth=3, max_iter=100, learning_rate=0.05, random_state=0
+    ),
+}
+VARIANTS |= {name: lambda f: [f[k] for k in FEATURES] for name in NONLINEAR}
+
 
 # bench/squad_judge.py's scores (log-odds of "yes" for a yes/no question about the context)
 JUDGES = ("judge_tuned", "judge_q_tuned", "judge_base", "judge_q_base", "judge_chat_base")
@@ -84,6 +98,12 @@ def _add_judge(rows: list[dict], judge: Path, split: str) -> list[str]:
     for r in rows:
         r["features"] |= {n: scores[r["id"]][n] for n in names}
     return names
+
+
+def _log_odds(clf: object, x: np.ndarray) -> np.ndarray:
+    """The classifier's log-odds of "answerable" (what the shipped cut is on)."""
+    p = np.clip(clf.predict_proba(x)[:, 1], 1e-9, 1 - 1e-9)
+    return np.log(p / (1 - p))
 
 
 def _read(path: Path) -> list[dict]:
@@ -127,8 +147,9 @@ def compare(
         x_test = np.array([features(r["features"]) for r in test], dtype=np.float64)
         mu, sd = x_cal.mean(axis=0), x_cal.std(axis=0)
         sd[sd == 0] = 1.0
-        clf = LogisticRegression(C=1.0 / l2, max_iter=2000).fit((x_cal - mu) / sd, y_cal)
-        scores = clf.decision_function((x_test - mu) / sd)
+        make = NONLINEAR.get(name, lambda: LogisticRegression(C=1.0 / l2, max_iter=2000))
+        clf = make().fit((x_cal - mu) / sd, y_cal)
+        scores = _log_odds(clf, (x_test - mu) / sd)
         out.append((name, auroc(list(scores), y_test), _overall(scores, test, cut)))
     return out
 
