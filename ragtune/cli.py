@@ -233,13 +233,27 @@ def print_answer(pipeline: Any, question: str, *, stream: bool, as_json: bool = 
         return ans
     if not stream:
         print(f"Q: {question}\nA: {ans.text}")
-    print(describe_answer(ans), flush=True)
+    calibration = getattr(pipeline, "calibration", None)
+    threshold = None if calibration is None else calibration.threshold
+    print(describe_answer(ans, threshold), flush=True)
     return ans
 
 
-def describe_answer(ans: Any) -> str:
-    """Abstention, sources with offsets and scores, and timings of one answer."""
-    lines = [f"abstained: {'yes' if ans.abstained else 'no'}", "sources:"]
+def describe_answer(ans: Any, threshold: float | None = None) -> str:
+    """Abstention (with the support score against the model's threshold, and the answer it
+    held back), sources with offsets and scores, and timings of one answer."""
+    lines = [f"abstained: {'yes' if ans.abstained else 'no'}"]
+    if ans.score is not None:
+        cut = (
+            ""
+            if threshold is None
+            else f" ({'>=' if ans.score >= threshold else '<'} threshold {threshold:+.2f})"
+        )
+        lines.append(f"support: {ans.score:+.2f}{cut}")
+        if ans.abstained and ans.candidate and ans.candidate.strip() != ans.text.strip():
+            # what the decision held back: a user judging the threshold needs to see it
+            lines.append(f"held back: {ans.candidate}")
+    lines.append("sources:")
     if not ans.sources:
         lines.append("  (none: closed book)")
     for i, (src, start, score) in enumerate(ans.sources, 1):

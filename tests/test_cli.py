@@ -177,6 +177,22 @@ def test_ask_streams_and_lists_sources(model_dir, tmp_path, capsys):
     assert f"A: {answers[0].text}\n" in out
 
 
+def test_ask_shows_the_support_score_and_the_answer_it_held_back():
+    """With a calibrated model a user sees why it abstained: the score against the threshold
+    and the answer the decision held back; an uncalibrated answer shows no score."""
+    from ragtune.answer import Answer
+    from ragtune.cli import describe_answer
+
+    src = [("a.md", 0, 0.61)]
+    held = Answer("I dont know", True, src, "p", 0.1, score=-1.24, candidate="the Treaties")
+    out = describe_answer(held, threshold=0.24)
+    assert "abstained: yes\nsupport: -1.24 (< threshold +0.24)\nheld back: the Treaties\n" in out
+    given = Answer("the Treaties", False, src, "p", 0.1, score=1.5, candidate="the Treaties")
+    out = describe_answer(given, threshold=0.24)
+    assert "support: +1.50 (>= threshold +0.24)" in out and "held back" not in out
+    assert "support" not in describe_answer(Answer("x", False, src, "p", 0.1))
+
+
 def test_ask_with_a_missing_latest_says_what_to_do(tmp_path):
     from ragtune.cli import ask
     from ragtune.errors import RagtuneError
