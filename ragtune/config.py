@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ragtune.errors import RagtuneError
@@ -529,6 +529,16 @@ def compose(
         return hydra_compose(
             config_name=config_name, overrides=overrides or [], return_hydra_config=hydra_node
         )
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python (a node as dicts/lists with interpolations resolved, an
+    enum as its value): what library arguments (TRL's configs, dataclasses) accept."""
+    from enum import Enum
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value.value if isinstance(value, Enum) else value
 
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ragtune.budget import token_counter
-from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig, validate
+from ragtune.config import EVAL_MODES, ConfigError, EvalConfig, RetrieverConfig, plain, validate
 from ragtune.errors import RagtuneError
 from ragtune.metrics import (
     DEFINITIONS,
@@ -190,7 +190,7 @@ def resolve_modes(cfg: DictConfig) -> list[ModeSpec]:
             raise ConfigError(f"eval.models.{key}: {path} is not a folder")
         path = model_folder(path)  # a run folder (outputs/latest) holds its model in model/
         manifest = read_manifest(path)
-        mcfg = model_settings(_plain(cfg.model), manifest)
+        mcfg = model_settings(plain(cfg.model), manifest)
         want = "closed" if key == "ft_closed" else "rag"
         notes = []
         if trained_mode(manifest) != want:
@@ -202,7 +202,7 @@ def resolve_modes(cfg: DictConfig) -> list[ModeSpec]:
         elif mode == "ft_then_rag":
             rcfg = _rcfg(cfg.retriever, ecfg)
         else:  # the model's own retriever settings, on the evaluation's index
-            rcfg = _rcfg(retriever_settings(_plain(cfg.retriever), manifest, index="own"), ecfg)
+            rcfg = _rcfg(retriever_settings(plain(cfg.retriever), manifest, index="own"), ecfg)
         schema = trained_schema(path, cfg.prompt.name, manifest)
         specs.append(
             ModeSpec(
@@ -236,15 +236,11 @@ def _ecfg(cfg: DictConfig) -> EvalConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
 def _rcfg(node: Any, ecfg: EvalConfig) -> RetrieverConfig:
     """Retriever settings on the evaluation's own index (``eval.persist_dir`` when set)."""
     from ragtune.store import as_rcfg
 
-    rcfg = as_rcfg(_plain(node) or {})
+    rcfg = as_rcfg(plain(node) or {})
     if ecfg.persist_dir:
         rcfg = dataclasses.replace(rcfg, persist_dir=ecfg.persist_dir)
     return rcfg

@@ -135,7 +135,7 @@ def trainer_class() -> type:
 def cpo_config(cfg: Any, out_dir: Path, precision: dict[str, bool], cuda: bool) -> Any:
     import warnings
 
-    from ragtune.training.trainer import _plain
+    from ragtune.config import plain
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -143,7 +143,7 @@ def cpo_config(cfg: Any, out_dir: Path, precision: dict[str, bool], cuda: bool) 
 
     t, p = cfg.train, cfg.train.preference
     return CPOConfig(
-        **{k: _plain(p[k]) for k in CPO_ARGS},
+        **{k: plain(p[k]) for k in CPO_ARGS},
         output_dir=str(out_dir),
         per_device_train_batch_size=int(t.per_device_train_batch_size),
         gradient_accumulation_steps=int(t.gradient_accumulation_steps),
@@ -151,7 +151,7 @@ def cpo_config(cfg: Any, out_dir: Path, precision: dict[str, bool], cuda: bool) 
         lr_scheduler_type=str(t.lr_scheduler_type),
         optim=str(t.optim),
         logging_steps=int(t.logging_steps),
-        report_to=_plain(t.report_to),
+        report_to=plain(t.report_to),
         seed=int(cfg.seed),
         data_seed=int(cfg.seed),
         save_strategy="no",  # a short step on a finished SFT model: rerun rather than resume

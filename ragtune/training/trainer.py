@@ -8,10 +8,10 @@ only the fields computed from the run (precision, devices, padding, FSDP) are se
 from __future__ import annotations
 
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from ragtune.config import plain
 from ragtune.training import TrainError
 from ragtune.training.backends import unsloth_gc
 from ragtune.training.distributed import fsdp_args
@@ -64,7 +64,7 @@ def sft_config(
     from trl import SFTConfig
 
     t = cfg.train
-    passed = {k: _plain(t[k]) for k in SFT_ARGS}
+    passed = {k: plain(t[k]) for k in SFT_ARGS}
     fsdp = fsdp_args(cfg)
     # Unsloth applied its own checkpointing in get_peft_model; for hf "unsloth" means "on";
     # under FSDP it is FSDP's activation checkpointing (in fsdp_config) instead
@@ -96,14 +96,6 @@ def sft_config(
         ddp_backend="gloo" if not cuda and launched else None,
         **fsdp,
     )
-
-
-def _plain(value: Any) -> Any:
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return value.value if isinstance(value, Enum) else value
 
 
 def trainer_class() -> type:
