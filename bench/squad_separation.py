@@ -9,6 +9,12 @@ cut": the overall the same scores would reach with the threshold chosen on these
 themselves (a bound on what any threshold rule could add, not a result).
 
     python bench/squad_separation.py RUN/answers.jsonl [RUN/answers.jsonl ...]
+
+With ``--squad FILE`` (the public SQuAD v2 JSON) a second table says where the decision went
+wrong: the unanswerable questions it answered and how many of those answers are the
+question's *plausible answer* (the span SQuAD v2's writers meant to tempt; F1 >= 0.5 counts),
+and the answerable questions it abstained on, how many with a right candidate (F1 >= 0.5) and
+how many with a gold answer in the retrieved context.
 """
 
 from __future__ import annotations
@@ -59,10 +65,47 @@ def separation(path: Path, mode: str = "raft_rag") -> dict[str, float]:
     }
 
 
+def plausible_answers(squad: Path) -> dict[str, list[str]]:
+    """Question text -> its plausible answers, for the unanswerable questions of a SQuAD v2 file."""
+    out = {}
+    for article in json.loads(squad.read_text())["data"]:
+        for para in article["paragraphs"]:
+            for qa in para["qas"]:
+                if qa.get("is_impossible"):
+                    out[qa["question"].strip()] = [
+                        a["text"] for a in qa.get("plausible_answers", [])
+                    ]
+    return out
+
+
+def errors(path: Path, plausible: dict[str, list[str]], mode: str = "raft_rag") -> dict[str, int]:
+    """Counts of the decision's two kinds of error, and what was behind them."""
+    rows = [r for line in path.open() if (r := json.loads(line))["mode"] == mode]
+    unans = [r for r in rows if not r["answerable"]]
+    ans = [r for r in rows if r["answerable"]]
+
+    def tempting(r: dict) -> bool:
+        return score_answer(r["candidate"], plausible.get(r["question"].strip(), [])).f1 >= 0.5
+
+    answered = [r for r in unans if not r["abstained"]]
+    held = [r for r in ans if r["abstained"]]
+    return {
+        "unanswerable": len(unans),
+        "answered": len(answered),
+        "answered_plausible": sum(map(tempting, answered)),
+        "candidates_plausible": sum(map(tempting, unans)),
+        "answerable": len(ans),
+        "abstained": len(held),
+        "abstained_right": sum(score_answer(r["candidate"], r["gold"]).f1 >= 0.5 for r in held),
+        "abstained_retrieved": sum(bool(r["retrieval_hit"]) for r in held),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("answers", nargs="+", type=Path)
     ap.add_argument("--mode", default="raft_rag")
+    ap.add_argument("--squad", type=Path, help="the SQuAD v2 JSON: where the decision went wrong")
     args = ap.parse_args(argv)
     print(
         "| run | overall | F1 | AUROC | AUROC margin | AUROC retrieved | candidate F1 | best cut |"
@@ -75,6 +118,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['auroc_margin']:.3f} | {s['auroc_retrieved']:.3f} | {s['candidate_f1']:.1f} | "
             f"{s['best_test_cut']:.1f} |"
         )
+    if args.squad:
+        plausible = plausible_answers(args.squad)
+        print(
+            "\n| run | unans. answered | of them the plausible answer | unans. candidates = plausible "
+            "| ans. abstained | of them a right candidate | of them answer retrieved |"
+        )
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for path in args.answers:
+            e = errors(path, plausible, args.mode)
+            print(
+                f"| {path.parent.name} | {e['answered']} of {e['unanswerable']} | "
+                f"{e['answered_plausible']} | {e['candidates_plausible']} | {e['abstained']} of "
+                f"{e['answerable']} | {e['abstained_right']} | {e['abstained_retrieved']} |"
+            )
     return 0
 
 

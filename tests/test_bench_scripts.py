@@ -162,3 +162,58 @@ def test_calibration_variants_read_the_judge_scores_of_each_split(tmp_path: Path
     assert got["shipped + judge_base"] == pytest.approx(1.0)
     assert got["shipped"] < 0.9
     assert "judge_tuned alone" not in got  # only the scores the file has
+
+
+def test_squad_separation_counts_answers_that_took_the_plausible_bait(tmp_path: Path) -> None:
+    """The error table: an answered unanswerable question whose answer is SQuAD v2's plausible
+    answer counts as such, another answered one does not; an abstained answerable question
+    counts its right candidate and its retrieval hit."""
+    qas = [
+        {
+            "question": "Who won in 1999?",
+            "is_impossible": True,
+            "plausible_answers": [{"text": "the Red Team"}],
+        },
+        {
+            "question": "Who lost in 1999?",
+            "is_impossible": True,
+            "plausible_answers": [{"text": "the Blue Team"}],
+        },
+    ]
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"data": [{"paragraphs": [{"qas": qas}]}]}))
+    rows = [
+        {"question": "Who won in 1999?", "candidate": "Red Team", "abstained": False},
+        {"question": "Who lost in 1999?", "candidate": "nobody", "abstained": False},
+        {
+            "question": "When?",
+            "candidate": "in 2001",
+            "abstained": True,
+            "gold": ["2001"],
+            "retrieval_hit": True,
+        },
+        {
+            "question": "Where?",
+            "candidate": "Paris",
+            "abstained": True,
+            "gold": ["Rome"],
+            "retrieval_hit": False,
+        },
+    ]
+    for r in rows:
+        r.update(mode="raft_rag", answerable="gold" in r)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    bench = _load_bench("squad_separation")
+    got = bench.errors(answers, bench.plausible_answers(squad))
+    assert got == {
+        "unanswerable": 2,
+        "answered": 2,
+        "answered_plausible": 1,
+        "candidates_plausible": 1,
+        "answerable": 2,
+        "abstained": 2,
+        "abstained_right": 1,
+        "abstained_retrieved": 1,
+    }
