@@ -28,7 +28,7 @@ from ragtune.errors import RagtuneError
 
 class Answer:
     text, abstained, sources, latency_s, retrieval_s = "an answer", False, [], 0.0, 0.0
-    new_tokens, stop_reason = 1, "eos"
+    new_tokens, stop_reason, score, candidate = 1, "eos", None, None
 
     def to_dict(self):
         return {"answer": self.text, "abstained": False, "sources": []}
