@@ -170,13 +170,12 @@ def main() -> int:
         "judge_q_tuned": yes_no(pipe.model, pipe.tokenizer, pipe.schema, judge_q, args.batch),
     }
     if args.base:
-        del pipe.model
+        schema = pipe.schema
+        del pipe, model  # the tuned model goes before the base model comes
         model, tok = load_model(args.base, dtype="bfloat16", for_inference=True, max_seq_length=384)
-        scores["judge_base"] = yes_no(model, tok, pipe.schema, judge, args.batch)
-        scores["judge_q_base"] = yes_no(model, tok, pipe.schema, judge_q, args.batch)
-        scores["judge_chat_base"] = yes_no(
-            model, tok, pipe.schema, judge_chat, args.batch, chat=True
-        )
+        scores["judge_base"] = yes_no(model, tok, schema, judge, args.batch)
+        scores["judge_q_base"] = yes_no(model, tok, schema, judge_q, args.batch)
+        scores["judge_chat_base"] = yes_no(model, tok, schema, judge_chat, args.batch, chat=True)
     with args.out.open("w") as f:
         for i, r in enumerate(rows):
             row = {"id": r["id"], "split": r["split"]} | {k: v[i] for k, v in scores.items()}
