@@ -167,6 +167,7 @@ class RaftConfig:
     contrastive: bool
     unanswerable_on_topic: bool
     ablated_twin: bool
+    swapped_twin: bool
     max_unsupported_fraction: float
     calibration_fraction: float
     calibration_extremes: CalibrationExtremes

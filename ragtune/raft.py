@@ -18,6 +18,10 @@ token budget that will answer at serve time:
   answer removed, among the same distractors, target: abstain. The on-topic paragraph one fact
   short is what SQuAD v2's unanswerable questions look like; the chunk-level twin differs in
   the whole chunk, this one only in the fact.
+- ``swapped_twin``: a third twin, the same context with the *question* changed so that it no
+  longer answers it (a name or number swapped, or a negation: ``ragtune.counterfactual``),
+  target: abstain. The context still holds the original answer, the plausible bait a reader
+  that only matches the question's type would give.
 
 RAFT's reference code draws random distractors and never trains abstention; here the
 distractors are the ones our retriever actually confuses with the oracle, and the model
@@ -43,6 +47,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from ragtune.budget import ANSWER_RESERVE
+from ragtune.counterfactual import Counterfactual, NamePool, counterfactual
 from ragtune.errors import RagtuneError
 from ragtune.oracle import HOW, OracleFinder, OracleMatch
 from ragtune.schema import PromptFields, PromptSchema
@@ -52,7 +57,8 @@ log = logging.getLogger(__name__)
 
 UNSUPPORTED_SHOWN = 5  # record ids in the log line and the error
 UNSUPPORTED_LISTED = 100  # record ids kept in stats.json
-TWIN_KINDS = ("contrast_no_oracle", "ablated_no_answer")  # a record's extra abstain examples
+# a record's extra abstain examples
+TWIN_KINDS = ("contrast_no_oracle", "ablated_no_answer", "swapped_question")
 
 
 class RetrieverLike(Protocol):
@@ -85,6 +91,7 @@ class BuildSettings:
     contrastive: bool = False  # oracle-kept examples also appear without the oracle -> abstain
     unanswerable_on_topic: bool = False  # unanswerable contexts lead with their own document
     ablated_twin: bool = False  # oracle-kept examples also appear with the answer sentence cut
+    swapped_twin: bool = False  # ... and with the question changed so the context misses it
 
     @classmethod
     def from_config(cls, cfg: Any) -> BuildSettings:
@@ -103,6 +110,7 @@ class BuildSettings:
             contrastive=bool(cfg.raft.get("contrastive", False)),
             unanswerable_on_topic=bool(cfg.raft.get("unanswerable_on_topic", False)),
             ablated_twin=bool(cfg.raft.get("ablated_twin", False)),
+            swapped_twin=bool(cfg.raft.get("swapped_twin", False)),
         )
 
 
@@ -170,7 +178,13 @@ def build_examples(
     records = cap_unanswerable(records, settings.unanswerable_fraction, settings.seed)
     keep = _keep_oracle(records, settings.oracle_fraction, settings.seed)
     kinds: Counter[str] = Counter()
+    changes: Counter[str] = Counter()  # how the swapped twins' questions were changed
     finder = _finder(retriever) if retriever is not None else None
+    pool = None
+    if settings.swapped_twin:
+        pool = NamePool(
+            [(r.instruction, r.source) for r in records], getattr(retriever, "embed", None)
+        )
     unsupported: list[str] = []
     examples: list[dict[str, Any]] = []
     n_truncated = 0
@@ -182,6 +196,7 @@ def build_examples(
         match: OracleMatch | None = None
         twin: list[Chunk] | None = None  # the contrastive context: the oracle removed
         ablated: list[Chunk] | None = None  # the oracle with its answer sentence(s) cut
+        swapped: Counterfactual | None = None  # the question changed: the context misses it
         if settings.mode == "closed":
             kind = "closed" if rec.answerable else "unanswerable"
             target = rec.output if rec.answerable else schema.abstain
@@ -223,6 +238,10 @@ def build_examples(
                 for other in (twin, ablated):
                     if other is not None:
                         rng.shuffle(other)
+            if pool is not None and oracle is not None:
+                texts = [c.text for c in chosen]
+                swapped = counterfactual(rec.instruction, texts, pool, rec.source, rng)
+                changes[swapped.how if swapped else "none"] += 1
             context = chosen
             n_ctx.append(len(chosen))
             if not rec.answerable:
@@ -234,15 +253,18 @@ def build_examples(
                     "abstain_no_oracle" if settings.abstain_without_oracle else "memory_no_oracle"
                 )
                 target = schema.abstain if settings.abstain_without_oracle else rec.output
-        pairs = [(kind, target, context, oracle)]
-        for twin_kind, twin_ctx in zip(TWIN_KINDS, (twin, ablated), strict=True):
+        pairs = [(kind, target, context, oracle, rec.instruction)]
+        for twin_kind, twin_ctx in zip(TWIN_KINDS[:2], (twin, ablated), strict=True):
             if twin_ctx is not None:
                 n_ctx.append(len(twin_ctx))
-                pairs.append((twin_kind, schema.abstain, twin_ctx, None))
-        for kind, target, context, oracle in pairs:
+                pairs.append((twin_kind, schema.abstain, twin_ctx, None, rec.instruction))
+        if swapped is not None:  # the oracle example's very context: a minimal pair
+            n_ctx.append(len(chosen))
+            pairs.append((TWIN_KINDS[2], schema.abstain, chosen, None, swapped.question))
+        for kind, target, context, oracle, question in pairs:
             kinds[kind] += 1
             fields = PromptFields(
-                rec.instruction, rec.input, None if context is None else [c.text for c in context]
+                question, rec.input, None if context is None else [c.text for c in context]
             )
             prompt, completion = schema.render_example(fields, target, tokenizer)
             examples.append(
@@ -251,7 +273,7 @@ def build_examples(
                     "completion": completion,
                     "kind": kind,
                     "id": rec.id or _record_id(rec),
-                    "instruction": rec.instruction,
+                    "instruction": question,
                     "answer": rec.output,
                     "plausible": rec.plausible,
                     "target": target,
@@ -265,6 +287,8 @@ def build_examples(
             )
     stats = _stats(examples, kinds, tokenizer, schema, settings, n_truncated, n_ctx)
     stats["unanswerable_dropped"] = n_given - len(records)
+    if pool is not None:
+        stats["swapped_question"] = {h: changes[h] for h in ("swap", "negate", "none")}
     stats.update(_oracle_stats(examples, unsupported))
     _check_unsupported(stats, settings.max_unsupported_fraction)
     return examples, stats

@@ -356,3 +356,35 @@ def test_the_default_preview_shows_one_example_of_every_kind(tokenizer, tmp_path
     preview = (tmp_path / "preview.md").read_text()
     for kind in ("oracle", "contrast_no_oracle", "ablated_no_answer", "unanswerable"):
         assert f"## {kind}: " in preview
+
+
+def test_swapped_twin_asks_a_changed_question_of_the_oracle_example_s_very_context(tokenizer):
+    chunks, records = _harbor_and_mill()
+    chunks.append(_c(3, "Dunmore harbor has a red light.", "harbor.md"))
+    records = [
+        QARecord("Who was the harbor keeper?", "Marlowe", source="harbor.md"),
+        QARecord("Where does Dunmore harbor shine?", "", source="harbor.md"),  # a name to swap in
+    ]
+    schema = get_schema("alpaca_rag_short")
+    settings = BuildSettings(k=1, fetch_k=5, oracle_fraction=1.0, swapped_twin=True)
+    ex, stats = build_examples(records, _Retriever(chunks), schema, tokenizer, settings, False)
+    assert [e["kind"] for e in ex] == ["oracle", "swapped_question", "unanswerable"]
+    oracle, swapped, _ = ex
+    assert swapped["instruction"] == "Who wasn't the harbor keeper?"  # no name: negated
+    assert swapped["sources"] == oracle["sources"] and "Marlowe" in swapped["prompt"]
+    assert swapped["prompt"] == oracle["prompt"].replace("Who was ", "Who wasn't ")
+    assert swapped["target"] == schema.abstain and swapped["answer"] == "Marlowe"
+    assert stats["swapped_question"] == {"swap": 0, "negate": 1, "none": 0}
+    assert stats["oracle_how"]["exact"] == 1  # the twin repeats its record: counted once
+    off, stats = build_examples(
+        records,
+        _Retriever(chunks),
+        schema,
+        tokenizer,
+        BuildSettings(k=1, oracle_fraction=1.0),
+        False,
+    )
+    assert [e["kind"] for e in off] == [
+        "oracle",
+        "unanswerable",
+    ] and "swapped_question" not in stats

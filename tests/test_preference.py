@@ -42,6 +42,7 @@ def test_pairs_prefer_the_answer_only_where_the_context_holds_it():
         {"prompt": "p5", "kind": "unanswerable", "answer": "", "plausible": ""},
         {"prompt": "p6", "kind": "memory_no_oracle", "answer": "1871"},
         {"prompt": "p7", "kind": "closed", "answer": "1871"},
+        {"prompt": "p8", "kind": "swapped_question", "answer": "1871"},
     ]
     got = [(p["prompt"], p["chosen"], p["rejected"]) for p in preference_pairs(examples, abstain)]
     assert got == [
@@ -49,6 +50,7 @@ def test_pairs_prefer_the_answer_only_where_the_context_holds_it():
         ("p2", abstain, "1871"),
         ("p3", abstain, "1871"),
         ("p4", abstain, "Rollo"),
+        ("p8", abstain, "1871"),
     ]
 
 

@@ -5,7 +5,8 @@ abstain answer (``ragtune.answerability``, feature ``margin``). SFT only raises 
 likelihood; this step also lowers the competitor's, on pairs built from the same examples:
 
 - an example whose context holds the answer: the answer over the abstain answer;
-- the same question with the oracle removed or cut (``raft.contrastive``, ``raft.ablated_twin``)
+- the same question with the oracle removed or cut (``raft.contrastive``, ``raft.ablated_twin``),
+  or changed so that its context misses it (``raft.swapped_twin``),
   or without an oracle found: the abstain answer over the now unsupported answer;
 - an unanswerable question with a ``plausible_answer`` (SQuAD v2 ships one, ``gen-qa`` writes
   one): the abstain answer over that plausible-but-wrong answer.
@@ -37,7 +38,12 @@ CPO_ARGS = (
     "cpo_alpha",
 )
 ANSWER_OVER_ABSTAIN = ("oracle",)  # the context holds the answer
-ABSTAIN_OVER_ANSWER = ("contrast_no_oracle", "ablated_no_answer", "abstain_no_oracle")
+ABSTAIN_OVER_ANSWER = (
+    "contrast_no_oracle",
+    "ablated_no_answer",
+    "swapped_question",
+    "abstain_no_oracle",
+)
 
 
 @dataclass
