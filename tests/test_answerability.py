@@ -376,15 +376,7 @@ def test_swapped_twin_asks_a_changed_question_of_the_oracle_example_s_very_conte
     assert swapped["target"] == schema.abstain and swapped["answer"] == "Marlowe"
     assert stats["swapped_question"] == {"swap": 0, "negate": 1, "none": 0}
     assert stats["oracle_how"]["exact"] == 1  # the twin repeats its record: counted once
-    off, stats = build_examples(
-        records,
-        _Retriever(chunks),
-        schema,
-        tokenizer,
-        BuildSettings(k=1, oracle_fraction=1.0),
-        False,
-    )
-    assert [e["kind"] for e in off] == [
-        "oracle",
-        "unanswerable",
-    ] and "swapped_question" not in stats
+    plain = BuildSettings(k=1, oracle_fraction=1.0)
+    off, stats = build_examples(records, _Retriever(chunks), schema, tokenizer, plain, False)
+    assert [e["kind"] for e in off] == ["oracle", "unanswerable"]
+    assert "swapped_question" not in stats
