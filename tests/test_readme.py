@@ -52,6 +52,7 @@ PLAN: list[tuple[str, str, list[str] | str]] = [
         "the optional .[qwen] packages and a GPU: tests/test_config.py checks what the preset selects",
     ),
     (r"^python train/sft\.py raft=contrast$", "slow", TRAIN),
+    (r"^python train/sft\.py raft=contrast raft\.swapped_twin=true$", "slow", TRAIN),
     (r"^python train/sft\.py train\.preference\.num_train_epochs=1$", "slow", TRAIN),
     (r"^python train/sft\.py -m ", "slow", [*TRAIN, "eval.max_questions=2"]),
     (r"^python train/sft\.py$", "slow", TRAIN),
