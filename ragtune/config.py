@@ -220,6 +220,7 @@ class TrainConfig:
     save_total_limit: int
     divergence_factor: float | None  # stop and rewind when the loss jumps this many times
     divergence_restarts: int  # times a diverged run resumes from its checkpoint before the spike
+    divergence_lr_scale: float  # the resumed run's learning rates, as a share of the checkpoint's
     resume: bool
     save_method: SaveMethod
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
@@ -321,6 +322,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.save_steps": (0, None, False, True),
     "train.divergence_factor": (1, None, False, True),
     "train.divergence_restarts": (0, None, True, True),
+    "train.divergence_lr_scale": (0, 1, False, True),
     "train.preference.num_train_epochs": (0, None, True, True),
     "train.preference.learning_rate": (0, None, False, True),
     "train.preference.beta": (0, None, False, True),

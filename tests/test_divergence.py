@@ -150,31 +150,64 @@ def test_a_run_that_keeps_breaking_is_saved_from_the_checkpoint_before_it(
     assert (outputs / "latest").resolve() == result.model_dir.resolve()
 
 
-def test_a_run_that_breaks_once_resumes_and_ends_where_an_unbroken_run_ends(
-    outputs, tiny_lm_path, monkeypatch
+def _record_learning_rates(into: list[tuple[int, float]]) -> Any:
+    """A callback that appends (step, learning rate) for every logged step, resumes included."""
+    from transformers import TrainerCallback
+
+    class RecordRates(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "learning_rate" in logs:
+                into.append((state.global_step, float(logs["learning_rate"])))
+            return control
+
+    return RecordRates()
+
+
+@pytest.mark.parametrize("lr_scale", [1.0, 0.5])
+def test_a_run_that_breaks_once_resumes_from_the_checkpoint_before_it(
+    outputs, tiny_lm_path, monkeypatch, lr_scale
 ):
-    """The LoRA breaks once after update 8 (as a GPU's arithmetic can, and not on a rerun): the
-    run resumes from checkpoint-4 and trains to its last step, to the same weights as a run that
-    never broke (the checkpoint carries the optimizer, scheduler, RNG and data position)."""
+    """The LoRA breaks once after update 8: the run resumes from checkpoint-4 and trains to its
+    last step. With ``train.divergence_lr_scale=1.0`` the resume is exact (the checkpoint carries
+    the optimizer, scheduler, RNG and data position): it ends with the same weights as a run that
+    never broke. At 0.5 (the default) every step after the checkpoint trains at half the unbroken
+    run's rate, since an exact resume replays the same batches into the same spike (on the H200
+    it broke again at the same step with the same loss)."""
     from ragtune.training import checkpoints, run_sft
 
-    clean = run_sft(_cfg(outputs / "clean", tiny_lm_path, *RUN))
     real = checkpoints.callbacks
+    clean_rates: list[tuple[int, float]] = []
     monkeypatch.setattr(
-        checkpoints, "callbacks", lambda d: [*real(d), _break_lora_after(8, times=1)]
+        checkpoints, "callbacks", lambda d: [*real(d), _record_learning_rates(clean_rates)]
     )
-    result = run_sft(_cfg(outputs, tiny_lm_path, *RUN))
+    clean = run_sft(_cfg(outputs / "clean", tiny_lm_path, *RUN))
+    rates: list[tuple[int, float]] = []
+    monkeypatch.setattr(
+        checkpoints,
+        "callbacks",
+        lambda d: [*real(d), _break_lora_after(8, times=1), _record_learning_rates(rates)],
+    )
+    result = run_sft(_cfg(outputs, tiny_lm_path, *RUN, f"train.divergence_lr_scale={lr_scale}"))
 
     manifest = read_manifest(result.model_dir)
     [d] = manifest["divergence"]
     assert (d["step"], d["restarted_from"], d["restored_step"]) == (9, 4, None)
+    assert d["lr_scale"] == lr_scale
     assert manifest["train_steps"] == 14
-    saved, unbroken = _adapter(result.model_dir), _adapter(clean.model_dir)
-    assert saved.keys() == unbroken.keys()
-    for k in saved:
-        torch.testing.assert_close(saved[k], unbroken[k])
     assert math.isfinite(manifest["final_loss"])
-    assert manifest["final_loss"] == pytest.approx(clean.final_loss, rel=1e-4)
+    # the rates before the break are the clean run's; after the resume, the clean run's scaled
+    resumed_at = next(i for i in range(1, len(rates)) if rates[i][0] <= rates[i - 1][0])
+    clean_at = dict(clean_rates)
+    assert [s for s, _ in rates[resumed_at:]] == list(range(5, 15))
+    assert all(lr == pytest.approx(clean_at[s]) for s, lr in rates[:resumed_at] if s <= 8)
+    assert all(lr == pytest.approx(lr_scale * clean_at[s]) for s, lr in rates[resumed_at:])
+    assert any(lr > 0 for _, lr in rates[resumed_at:])
+    if lr_scale == 1.0:
+        saved, unbroken = _adapter(result.model_dir), _adapter(clean.model_dir)
+        assert saved.keys() == unbroken.keys()
+        for k in saved:
+            torch.testing.assert_close(saved[k], unbroken[k])
+        assert manifest["final_loss"] == pytest.approx(clean.final_loss, rel=1e-4)
 
 
 def test_a_resume_that_fails_still_saves_the_checkpoint_before_the_break(

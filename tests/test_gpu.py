@@ -94,8 +94,16 @@ UNSLOTH_SCRIPT = textwrap.dedent(
                                 p.fill_(float("nan"))
                 return control
 
+        rates = []  # (step, learning rate) as logged, the resumed run's included
+
+        class RecordRates(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "learning_rate" in logs:
+                    rates.append((state.global_step, float(logs["learning_rate"])))
+                return control
+
         real = checkpoints.callbacks
-        checkpoints.callbacks = lambda d: [*real(d), BreakLora()]
+        checkpoints.callbacks = lambda d: [*real(d), BreakLora(), RecordRates()]
     schema = get_schema(cfg.prompt.name)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model)
@@ -108,6 +116,8 @@ UNSLOTH_SCRIPT = textwrap.dedent(
     r = train(cfg, examples, schema, out)
     info = {"backend": r.backend, "losses": r.losses, "steps": r.steps,
             "model_dir": str(r.model_dir), "peak": r.peak_memory_gb, "divergence": r.divergence}
+    if break_at:
+        info["rates"] = rates
     if method == "lora":
         w = load_file(str(r.model_dir / "adapter_model.safetensors"))
         b = [k for k in w if "lora_B" in k]
@@ -154,11 +164,19 @@ def test_unsloth_trains_lora_weights_change(small_lm, tmp_path):
 def test_unsloth_run_that_breaks_is_saved_from_the_checkpoint_before_it(small_lm, tmp_path):
     """The divergence guard on the Unsloth backend (tests/test_divergence.py on CPU): the LoRA
     turns NaN after update 8, the guard stops at step 9, training resumes from checkpoint-4,
-    breaks at update 8 again, and checkpoint-4's adapter is what is saved."""
+    breaks at update 8 again, and checkpoint-4's adapter is what is saved. The resumed run
+    trains at train.divergence_lr_scale (0.5) times the first run's rate, step for step."""
     info = _run_unsloth(small_lm, tmp_path / "run-break", "lora", break_at=8)
     breaks = [(d["step"], d["restarted_from"], d["restored_step"]) for d in info["divergence"]]
     assert breaks == [(9, 4, None), (9, None, 4)], info["divergence"]
+    assert info["divergence"][0]["lr_scale"] == 0.5
     assert info["steps"] == 9 and not info["nan"] and info["equals_checkpoint_4"]
+    rates = info["rates"]
+    resumed_at = next(i for i in range(1, len(rates)) if rates[i][0] <= rates[i - 1][0])
+    first = dict(rates[:resumed_at])
+    resumed = [(s, lr) for s, lr in rates[resumed_at:] if s <= 8]
+    assert [s for s, _ in resumed] == [5, 6, 7, 8], rates
+    assert all(lr == pytest.approx(0.5 * first[s]) and lr > 0 for s, lr in resumed), rates
 
 
 @pytest.mark.parametrize("method", ["merged_16bit", "merged_4bit"])

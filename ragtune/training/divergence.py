@@ -8,9 +8,11 @@ as it was, that model abstained on 132 of 135 answerable test questions; the sam
 that is not finite, or ``train.divergence_factor`` times the median of the recent logged losses
 for two logs in a row (noise measured at most 3.3x; one bad batch, 11x, was followed by 2.8x),
 stops the run. Training then resumes from the newest complete checkpoint from before the spike
-(``train.divergence_restarts`` times), and if it breaks again :func:`rewind` loads that
-checkpoint into the model, so what is saved is the model as it was before it broke.
-``train.divergence_factor=null`` turns the guard off.
+(``train.divergence_restarts`` times) with its learning-rate schedule scaled by
+``train.divergence_lr_scale``: an exact resume replays the same batches at the same rate, and on
+the H200 it broke again at the same step with the same loss (11.23, docs/benchmarks.md). If it
+breaks again :func:`rewind` loads that checkpoint into the model, so what is saved is the model
+as it was before it broke. ``train.divergence_factor=null`` turns the guard off.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ class Divergence:
     last_good_step: int
     restored_step: int | None = None  # the checkpoint saved in the end: the run stopped there
     restarted_from: int | None = None  # the checkpoint training resumed from: the run went on
+    lr_scale: float | None = (
+        None  # the resumed run's learning rates, as a share of the checkpoint's
+    )
     restart_error: str | None = None  # why resuming from it failed (then it was restored)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,8 +92,26 @@ class LossWatch:
         self.divergence = None
 
 
+def scale_learning_rate(optimizer: Any, lr_scheduler: Any, scale: float) -> None:
+    """Scale the optimizer's current learning rates and the rest of the scheduler's schedule.
+
+    transformers' schedules are LambdaLRs (rate = base rate x a factor of the step), so scaling
+    the base rates scales every later step; ``_last_lr`` is what the Trainer logs."""
+    for group in optimizer.param_groups:
+        group["lr"] *= scale
+        if "initial_lr" in group:
+            group["initial_lr"] *= scale
+    sched = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    for name in ("base_lrs", "_last_lr"):
+        if getattr(sched, name, None) is not None:
+            setattr(sched, name, [lr * scale for lr in getattr(sched, name)])
+
+
 def callback(factor: float | None) -> Any:
-    """A TrainerCallback that stops training when :class:`LossWatch` says so; None when off."""
+    """A TrainerCallback that stops training when :class:`LossWatch` says so; None when off.
+
+    Its ``lr_scale``, when set, scales the learning rates of the next run (a resume) at its first
+    step: after the Trainer has loaded the checkpoint's optimizer and scheduler."""
     if factor is None:
         return None
     from transformers import TrainerCallback
@@ -96,6 +119,13 @@ def callback(factor: float | None) -> Any:
     class StopOnDivergence(TrainerCallback):
         def __init__(self) -> None:
             self.watch = LossWatch(factor)
+            self.lr_scale: float | None = None
+
+        def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kw):  # noqa: ANN001
+            if self.lr_scale is not None:
+                scale_learning_rate(optimizer, lr_scheduler, self.lr_scale)
+                self.lr_scale = None
+            return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
             if logs and "loss" in logs and self.watch.add(state.global_step, float(logs["loss"])):

@@ -262,8 +262,9 @@ def _fit_guarded(
     sft: Any, guard: Any, resume_from: Path | None, ckpt_dir: Path, cfg: Any, cuda: bool
 ) -> tuple[float, float | None, list[Any]]:
     """:func:`_fit`, and when the loss blows up, resume from the checkpoint before the spike
-    (``train.divergence_restarts`` times); breaking again, or when the resume itself fails, the
-    model is rewound to that checkpoint. (seconds, peak GiB, the breaks)."""
+    (``train.divergence_restarts`` times) at ``train.divergence_lr_scale`` times its learning
+    rate; breaking again, or when the resume itself fails, the model is rewound to that
+    checkpoint. (seconds, peak GiB, the breaks)."""
     from ragtune.training import checkpoints, divergence
 
     seconds, peak = _fit(sft, resume_from, cuda)
@@ -276,8 +277,15 @@ def _fit_guarded(
         if len(breaks) > int(cfg.train.divergence_restarts):
             divergence.rewind(sft.model, ckpt, broke, cfg)
             break
-        log.warning("training diverged at step %d; resuming from %s", broke.step, ckpt.name)
+        broke.lr_scale = float(cfg.train.divergence_lr_scale)
+        log.warning(
+            "training diverged at step %d; resuming from %s at %gx its learning rate",
+            broke.step,
+            ckpt.name,
+            broke.lr_scale,
+        )
         broke.restarted_from = checkpoints.checkpoint_step(ckpt)
+        guard.lr_scale = broke.lr_scale
         guard.watch.restart(broke.restarted_from)
         try:
             more_seconds, more_peak = _fit(sft, ckpt, cuda)
