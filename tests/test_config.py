@@ -87,6 +87,9 @@ def test_qwen_preset_selects_the_measured_gpu_recipe():
     assert cfg.raft.oracle_fraction == 1.0 and cfg.raft.unanswerable_fraction is None
     assert cfg.train.per_device_train_batch_size == 8 and cfg.train.learning_rate == 5e-4
     assert cfg.retriever.hybrid and not _validate("sft").retriever.hybrid
+    # counterfactual questions and the preference step on them (session 21's measured recipe)
+    assert cfg.raft.swapped_twin and cfg.train.preference.num_train_epochs == 1
+    assert not _validate("sft", ["raft=contrast"]).raft.swapped_twin
     # serving composes the same model and retriever settings, so the trained folder's manifest matches
     ask = _validate("ask", ["conf=qwen_rag"])
     assert ask.model.dtype == "bfloat16" and ask.retriever.hybrid
@@ -134,6 +137,8 @@ def test_outputs_root_is_configurable(monkeypatch, tmp_path):
         ("model.dtype=int3", "model.dtype"),
         ("train.divergence_factor=0.5", "train.divergence_factor"),
         ("train.divergence_restarts=-1", "train.divergence_restarts"),
+        ("train.divergence_lr_scale=0", "train.divergence_lr_scale"),
+        ("train.divergence_lr_scale=1.5", "train.divergence_lr_scale"),
     ],
 )
 def test_bad_config_names_the_key(override, key):
