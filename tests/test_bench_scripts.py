@@ -8,6 +8,7 @@ import os
 import random
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -217,3 +218,31 @@ def test_squad_separation_counts_answers_that_took_the_plausible_bait(tmp_path: 
         "abstained_right": 1,
         "abstained_retrieved": 1,
     }
+
+
+def test_plot_loss_splits_a_resumed_run_and_stops_at_the_preference_step(tmp_path: Path) -> None:
+    """bench/plot_loss.py: the SFT's logged losses, a new line where a resume logs its steps
+    again, and nothing of the preference step's trainer that logs after it."""
+    plot_loss = _load_bench("plot_loss")
+
+    def logged(epoch: float, loss: float) -> str:
+        return f" 10%|#| 5/50 [00:01<00:09]{{'loss': '{loss}', 'grad_norm': '1.0', 'epoch': '{epoch}'}}"
+
+    lines = [logged(0.1, 3.0), logged(0.2, 0.5), logged(0.3, 11.2)]
+    lines += ["[x][ragtune.training.recipe][WARNING] - training diverged at step 15; resuming"]
+    lines += [logged(0.2, 0.5), logged(0.3, 11.2)]
+    lines += ["[x][ragtune.training.preference][INFO] - preference step: 12 pairs {'oracle': 6}"]
+    lines += [logged(0.5, 1.7)]
+    lines += ["[x][ragtune.training.recipe][INFO] - trained 15 steps in 1.0 s, final loss 0.5"]
+    log = tmp_path / "raft.log"
+    log.write_text("\n".join(lines))
+    assert plot_loss.segments(log) == [
+        [(0.1, 3.0), (0.2, 0.5), (0.3, 11.2)],
+        [(0.2, 0.5), (0.3, 11.2)],
+    ]
+    out = tmp_path / "loss.png"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench/plot_loss.py"), f"{log}:run", "--out", str(out)],
+        check=True,
+    )
+    assert out.stat().st_size > 0

@@ -1,0 +1,80 @@
+"""Plot the logged training loss of one or more train/sft.py logs, each resume as its own line.
+
+    python bench/plot_loss.py runs21/contrast_swap2_s0/raft.log:"rerun (diverged)" \
+        runs20/contrast_swap_s0/raft.log:"session 20" --max-step 200 --out docs/img/x.png
+
+Reads the Trainer's logged dicts (``{'loss': ..., 'epoch': ...}``) from the log; a run that
+resumed from a checkpoint logs the steps after it again, so a step that goes back starts a new
+line. Steps are counted from ``logging_steps`` (``--every``, 5 in ragtune's train group). Only
+the SFT's losses: the log is read up to the preference step or the recipe's "trained N steps".
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+from pathlib import Path
+
+LOGGED = re.compile(r"\{'loss': [^}]*\}")
+# where the SFT's logs end: the preference step starts, or the recipe reports the steps trained
+SFT_DONE = re.compile(
+    r"ragtune\.training\.(preference\]\[INFO\] - preference step|recipe\]\[INFO\] - trained )"
+)
+
+
+def segments(log: Path) -> list[list[tuple[float, float]]]:
+    """(epoch, loss) per logged step, split where the epoch goes back (a resume)."""
+    runs: list[list[tuple[float, float]]] = [[]]
+    text = SFT_DONE.split(log.read_text(errors="replace"), maxsplit=1)[0]
+    for match in LOGGED.finditer(text):
+        logged = ast.literal_eval(match.group(0))
+        if "epoch" not in logged:
+            continue
+        point = (float(logged["epoch"]), float(logged["loss"]))
+        if runs[-1] and point[0] <= runs[-1][-1][0]:
+            runs.append([])
+        runs[-1].append(point)
+    return [run for run in runs if run]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("logs", nargs="+", help="LOG[:label]")
+    parser.add_argument("--every", type=int, default=5, help="train.logging_steps")
+    parser.add_argument("--max-step", type=int, default=0, help="0: every step")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for spec in args.logs:
+        path, _, label = spec.partition(":")
+        runs = segments(Path(path))
+        per_step = runs[0][0][0] / args.every  # epochs per step: the first log is at step `every`
+        name = label or Path(path).parent.name
+        for i, run in enumerate(runs):
+            points = [(round(e / per_step), x) for e, x in run]
+            points = [(s, x) for s, x in points if not args.max_step or s <= args.max_step]
+            ax.plot(
+                [s for s, _ in points],
+                [x for _, x in points],
+                "--" if i else "-",
+                label=name if i == 0 else f"{name}, resumed",
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("logged training loss")
+    ax.legend(
+        fontsize=8, loc="upper left", bbox_to_anchor=(0.07, 1.0)
+    )  # clear of step 0 and the spikes
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
