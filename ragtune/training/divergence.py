@@ -44,9 +44,7 @@ class Divergence:
     last_good_step: int
     restored_step: int | None = None  # the checkpoint saved in the end: the run stopped there
     restarted_from: int | None = None  # the checkpoint training resumed from: the run went on
-    lr_scale: float | None = (
-        None  # the resumed run's learning rates, as a share of the checkpoint's
-    )
+    lr_scale: float | None = None  # the resumed run's learning rates / the checkpoint's
     restart_error: str | None = None  # why resuming from it failed (then it was restored)
 
     def to_dict(self) -> dict[str, Any]:
