@@ -69,9 +69,8 @@ def main() -> None:
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("logged training loss")
-    ax.legend(
-        fontsize=8, loc="upper left", bbox_to_anchor=(0.07, 1.0)
-    )  # clear of step 0 and the spikes
+    # upper left, clear of the first logged loss and of the spikes
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.07, 1.0))
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
 
