@@ -15,7 +15,8 @@
 # keys to every step (e.g. MODEL_ARGS="model.dtype=bfloat16" on a GPU: bench/squad_product_gpu.sh);
 # MAX_TRAIN / MAX_TEST size the split (720 / 300; 0 = every question, the GPU recipe); MODES
 # limits the evaluation (e.g. MODES=raft_rag to re-measure one model: the closed-book fine-tune is
-# trained only when ft_closed or ft_then_rag is evaluated).
+# trained only when ft_closed or ft_then_rag is evaluated; BASELINE_ALONGSIDE=1 trains it beside
+# the co-designed one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-outputs/bench/squad}
@@ -45,11 +46,22 @@ t_all=$SECONDS
 : > "$B/timing.txt"
 step prepare "$PY" train/prepare_squad.py "$SQUAD" "$B" --test-fraction 0.25 --seed "$SEED" \
   --max-train "${MAX_TRAIN:-720}" --max-test "${MAX_TEST:-300}"
-step raft "$PY" train/sft.py "${R[@]}" "${T[@]}" "hydra.run.dir=$B/runs/raft"
 M=(eval.models.raft_rag=$B/runs/raft/model)
+closed=()
 if [ -z "${MODES:-}" ] || [[ " $MODES " =~ " "(ft_closed|ft_then_rag)" " ]]; then
-  step closed "$PY" train/sft.py "${R[@]}" "${T[@]}" raft.mode=closed "hydra.run.dir=$B/runs/closed"
+  closed=(step closed "$PY" train/sft.py "${R[@]}" "${T[@]}" raft.mode=closed "hydra.run.dir=$B/runs/closed")
   M+=(eval.models.ft_closed=$B/runs/closed/model)
+fi
+# BASELINE_ALONGSIDE=1 trains the closed-book model beside the co-designed one (a GPU has room
+# for both; on 2 CPU cores they would only slow each other)
+if [ ${#closed[@]} -gt 0 ] && [ -n "${BASELINE_ALONGSIDE:-}" ]; then
+  "${closed[@]}" &
+  pid=$!
+  step raft "$PY" train/sft.py "${R[@]}" "${T[@]}" "hydra.run.dir=$B/runs/raft"
+  wait "$pid"
+else
+  step raft "$PY" train/sft.py "${R[@]}" "${T[@]}" "hydra.run.dir=$B/runs/raft"
+  if [ ${#closed[@]} -gt 0 ]; then "${closed[@]}"; fi
 fi
 step eval "$PY" train/eval.py "${E[@]}" data.corpus=$B/corpus data.qa_eval=$B/test.jsonl \
   retriever.persist_dir=$B/index_all "${M[@]}" ${MODES:+"eval.modes=[${MODES// /,}]"} \

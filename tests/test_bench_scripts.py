@@ -21,17 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$RECORD"
+case $1 in train/sft.py) sleep "${STAGE_SLEEP:-0}"; echo "done ${*: -1}" >> "$RECORD";; esac
 for a in "$@"; do case $a in hydra.run.dir=*eval) mkdir -p "${a#*=}"; : > "${a#*=}/results.md";; esac; done
 """
 
 
-def _stages(tmp_path: Path, modes: str | None) -> list[str]:
+def _stages(tmp_path: Path, modes: str | None, **extra_env: str) -> list[str]:
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     record = tmp_path / "record.txt"
-    env = {k: v for k, v in os.environ.items() if k != "MODES"}
-    env.update(PYTHON=str(fake), RECORD=str(record), SQUAD="squad.json")
+    env = {k: v for k, v in os.environ.items() if k not in ("MODES", "BASELINE_ALONGSIDE")}
+    env.update(PYTHON=str(fake), RECORD=str(record), SQUAD="squad.json", **extra_env)
     if modes is not None:
         env["MODES"] = modes
     subprocess.run(
@@ -57,7 +58,7 @@ def _stages(tmp_path: Path, modes: str | None) -> list[str]:
 def test_squad_cpu_trains_the_closed_book_model_only_for_the_modes_that_need_it(
     tmp_path: Path, modes: str | None, closed: bool, eval_modes: str | None
 ) -> None:
-    calls = _stages(tmp_path, modes)
+    calls = [c for c in _stages(tmp_path, modes) if not c.startswith("done ")]
     scripts = [c.split()[0] for c in calls]
     assert scripts[:2] == ["train/prepare_squad.py", "train/sft.py"]
     assert scripts[-1] == "train/eval.py"
@@ -70,6 +71,20 @@ def test_squad_cpu_trains_the_closed_book_model_only_for_the_modes_that_need_it(
         assert not any(a.startswith("eval.modes=") for a in evaluation)
     else:
         assert eval_modes in evaluation
+
+
+@pytest.mark.parametrize("alongside", [False, True])
+def test_squad_cpu_trains_the_closed_book_model_beside_the_co_designed_one_when_asked(
+    tmp_path: Path, alongside: bool
+) -> None:
+    env = {"STAGE_SLEEP": "1"} | ({"BASELINE_ALONGSIDE": "1"} if alongside else {})
+    calls = _stages(tmp_path, None, **env)
+    raft_done = calls.index(f"done hydra.run.dir={tmp_path / 'b'}/runs/raft")
+    closed_start = next(i for i, c in enumerate(calls) if "raft.mode=closed" in c)
+    closed_done = calls.index(f"done hydra.run.dir={tmp_path / 'b'}/runs/closed")
+    assert (closed_start < raft_done) == alongside
+    # the evaluation waits for both models either way
+    assert calls[-1].startswith("train/eval.py") and closed_done < len(calls) - 1
 
 
 def _load_bench(name: str):
