@@ -185,7 +185,8 @@ class LoraConfig:
 
 @defaults_from("train/cpu:preference")
 class PreferenceConfig:
-    """trl.experimental.cpo.CPOConfig's own argument names (ragtune.training.preference)."""
+    """trl.experimental.cpo.CPOConfig's own argument names (ragtune.training.preference)
+    plus ragtune's ``undo_above``."""
 
     num_train_epochs: float
     learning_rate: float
@@ -193,6 +194,7 @@ class PreferenceConfig:
     beta: float
     simpo_gamma: float
     cpo_alpha: float
+    undo_above: float | None  # the step's loss rise (last / first quarter) that undoes it
 
 
 @defaults_from("train/cpu")
@@ -327,6 +329,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.preference.learning_rate": (0, None, False, True),
     "train.preference.beta": (0, None, False, True),
     "train.preference.cpo_alpha": (0, None, True, True),
+    "train.preference.undo_above": (0, None, False, True),
     "eval.batch_size": (0, None, False, True),
     "eval.max_questions": (0, None, True, True),
     "generate.max_new_tokens": (0, None, False, True),

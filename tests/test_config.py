@@ -139,6 +139,7 @@ def test_outputs_root_is_configurable(monkeypatch, tmp_path):
         ("train.divergence_restarts=-1", "train.divergence_restarts"),
         ("train.divergence_lr_scale=0", "train.divergence_lr_scale"),
         ("train.divergence_lr_scale=1.5", "train.divergence_lr_scale"),
+        ("train.preference.undo_above=0", "train.preference.undo_above"),
     ],
 )
 def test_bad_config_names_the_key(override, key):

@@ -4,10 +4,16 @@ wider answer-vs-abstain margin where it matters, on the tiny model."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ragtune.config import ConfigError, compose, validate
 from ragtune.schema import PromptFields, get_schema
-from ragtune.training.preference import _tokenized_row, encode_pairs, preference_pairs
+from ragtune.training.preference import (
+    _tokenized_row,
+    encode_pairs,
+    loss_rise,
+    preference_pairs,
+)
 
 SCHEMA = get_schema("alpaca_rag")
 TOP = {"seed": int, "output_dir": str}
@@ -130,28 +136,60 @@ def _separation(model_dir, examples) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_lm_path, tiny_tok):
-    """The same seeded SFT twice, the second followed by the preference step."""
+    """The same seeded SFT three times: alone, followed by the preference step, and followed
+    by a preference step that is undone (any loss rise at all passes undo_above=1e-9)."""
     examples = zorb_examples(tiny_tok)
     sft = _train(tmp_path_factory.mktemp("sft"), tiny_lm_path, examples)
-    pref = _train(
-        tmp_path_factory.mktemp("pref"),
-        tiny_lm_path,
-        examples,
-        "train.preference.num_train_epochs=3",
-        "train.preference.learning_rate=1e-2",
+    pref, undone = (
+        _train(
+            tmp_path_factory.mktemp(name),
+            tiny_lm_path,
+            examples,
+            "train.preference.num_train_epochs=3",
+            "train.preference.learning_rate=1e-2",
+            f"train.preference.undo_above={limit}",
+        )
+        for name, limit in (("pref", 1.25), ("undone", 1e-9))
     )
-    return examples, sft, pref
+    return examples, sft, pref, undone
 
 
 def test_preference_step_widens_the_answer_vs_abstain_margin(runs):
-    examples, sft, pref = runs
+    examples, sft, pref, _ = runs
     assert sft.preference is None
+    assert pref.preference["undone"] is False and pref.preference["loss_rise"] < 1.25
     assert pref.preference["pairs"] == len(examples)
     assert pref.preference["by_kind"] == {"oracle": 8, "contrast_no_oracle": 8}
     assert pref.preference["steps"] == 12  # 16 pairs in batches of 4, 3 epochs
     assert sft.final_loss == pref.final_loss  # the same SFT: only the preference step differs
     before, after = _separation(sft.model_dir, examples), _separation(pref.model_dir, examples)
     assert after > before + 0.5, (before, after)
+
+
+def _lora(model_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "adapter_model.safetensors"))
+
+
+def test_an_undone_preference_step_saves_the_lora_sft_left(runs):
+    _, sft, pref, undone = runs
+    assert undone.preference["undone"] is True
+    assert undone.preference["steps"] == pref.preference["steps"]  # it did train, then undid it
+    before, trained, kept = _lora(sft.model_dir), _lora(pref.model_dir), _lora(undone.model_dir)
+    assert kept.keys() == before.keys()
+    assert all(torch.equal(kept[k], before[k]) for k in before)
+    assert not all(torch.equal(trained[k], before[k]) for k in before)
+
+
+def test_loss_rise_compares_the_last_quarter_with_the_first():
+    # the H200 seed-0 step that was undone: flat, then noisy and twice as high
+    drifted = [0.7, 0.6, 0.65, 0.7, 0.9, 0.8, 1.0, 0.9, 1.8, 1.4, 1.3, 1.5]
+    assert loss_rise(drifted) == pytest.approx(1.4 / 0.65)
+    falling = [0.9, 0.5, 0.6, 0.7, 0.5, 0.4, 0.6, 0.5, 0.45, 0.4, 0.5, 0.42]
+    assert loss_rise(falling) == pytest.approx(0.42 / 0.6)
+    assert loss_rise([1.0] * 7) is None  # too few logs to judge
+    assert loss_rise([0.0] * 8) is None
 
 
 def test_no_pair_at_all_is_one_line_naming_the_setting(tmp_path, tiny_lm_path, tiny_tok):

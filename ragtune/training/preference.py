@@ -14,11 +14,18 @@ likelihood; this step also lowers the competitor's, on pairs built from the same
 TRL's CPO trainer (reference-free, so no second model; ``loss_type=simpo`` compares per-token
 mean log-probabilities, the scale of ``margin``) runs on the SFT model's LoRA, with the exact
 token ids SFT trained on. Off unless ``train.preference.num_train_epochs > 0``.
+
+The step can fail without a spike: on the H200 one seed's loss drifted from 0.66 to 1.36 over
+its epoch (gradient norms up to 687) and the model fell from ~64 to 53.2 overall. One epoch
+sees each pair once, so its logged loss is measured on pairs it had not trained on: when the
+last quarter's median is ``train.preference.undo_above`` times the first quarter's
+(:func:`loss_rise`), the step made its own objective worse and the LoRA is put back as SFT left it.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +64,8 @@ class PreferenceResult:
     first_loss: float | None
     final_loss: float | None
     final_margin: float | None  # chosen minus rejected reward in the last logged window
+    loss_rise: float | None = None  # median logged loss, last quarter / first quarter
+    undone: bool = False  # the rise passed train.preference.undo_above: the SFT LoRA was kept
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +147,19 @@ def trainer_class() -> type:
     return RagtuneCPOTrainer
 
 
+MIN_LOGS = 8  # fewer logged losses than this: too few to judge a rise
+
+
+def loss_rise(losses: list[float]) -> float | None:
+    """Median of the last quarter of ``losses`` over the median of the first quarter; None
+    with fewer than :data:`MIN_LOGS` losses or a first-quarter median that is not positive."""
+    if len(losses) < MIN_LOGS:
+        return None
+    q = len(losses) // 4
+    first, last = statistics.median(losses[:q]), statistics.median(losses[-q:])
+    return last / first if first > 0 else None
+
+
 def cpo_config(cfg: Any, out_dir: Path, precision: dict[str, bool], cuda: bool) -> Any:
     import warnings
 
@@ -201,11 +223,24 @@ def fit_preference(
     )
     args = cpo_config(cfg, out_dir, precision, cuda)
     cpo = trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    # the LoRA as SFT left it (a few MB even at 12B): what an undone step puts back
+    sft_lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     start = time.perf_counter()
     cpo.train()
     seconds = time.perf_counter() - start
     logged = [h for h in cpo.state.log_history if "loss" in h]
     margins = [h[k] for h in logged for k in h if k.endswith("rewards/margins")]
+    rise = loss_rise([float(h["loss"]) for h in logged])
+    limit = cfg.train.preference.get("undo_above")
+    undone = rise is not None and limit is not None and rise > float(limit)
+    if undone:
+        _put_back(model, sft_lora)
+        log.warning(
+            "preference step undone: its loss rose %.2fx over the epoch "
+            "(train.preference.undo_above=%s); the SFT model is kept",
+            rise,
+            limit,
+        )
     result = PreferenceResult(
         pairs=len(dataset),
         by_kind=by_kind,
@@ -214,6 +249,8 @@ def fit_preference(
         first_loss=float(logged[0]["loss"]) if logged else None,
         final_loss=float(logged[-1]["loss"]) if logged else None,
         final_margin=float(margins[-1]) if margins else None,
+        loss_rise=round(rise, 4) if rise is not None else None,
+        undone=undone,
     )
     log.info(
         "preference step: %d steps in %.1f s, loss %s -> %s, reward margin %s",
@@ -224,3 +261,12 @@ def fit_preference(
         result.final_margin,
     )
     return result
+
+
+def _put_back(model: Any, weights: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in weights:
+                param.copy_(weights[name])
