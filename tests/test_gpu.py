@@ -74,13 +74,29 @@ UNSLOTH_SCRIPT = textwrap.dedent(
 
     model, out, method = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     break_at = int(sys.argv[4]) if len(sys.argv) > 4 else 0  # NaN LoRA after this update
+    undo_above = sys.argv[5] if len(sys.argv) > 5 else ""  # then a preference step, undone above
+    extra = ["train.preference.num_train_epochs=1", f"train.preference.undo_above={undo_above}"]
     cfg = validate(compose("sft", [
         "conf=nemo_rag", f"model.name_or_path={model}", "model.max_seq_length=256",
         f"train.max_steps={12 if break_at else 4}", "train.save_steps=4",
         "train.per_device_train_batch_size=2", "train.gradient_accumulation_steps=1", "train.packing=false",
         "train.learning_rate=1e-3", "train.logging_steps=1", f"train.save_method={method}",
-        f"output_dir={out}",
+        f"output_dir={out}", *(extra if undo_above else []),
     ]), SFT_TOP_LEVEL)
+    kept = {}
+    if undo_above:  # whether the LoRA after the preference step is the one SFT left
+        from ragtune.training import preference
+
+        real_fit = preference.fit_preference
+
+        def fit_and_compare(cfg, model, *args, **kwargs):
+            sft = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+            result = real_fit(cfg, model, *args, **kwargs)
+            kept["sft_lora"] = all(
+                torch.equal(p, sft[n]) for n, p in model.named_parameters() if n in sft)
+            return result
+
+        preference.fit_preference = fit_and_compare
     if break_at:
         from transformers import TrainerCallback
         from ragtune.training import checkpoints
@@ -112,10 +128,12 @@ UNSLOTH_SCRIPT = textwrap.dedent(
         p, c = schema.render_example(
             PromptFields(f"What is item {i}?", "", [f"Item {i} is a blue lamp number {i}."]),
             f"A blue lamp number {i}.", tok)
-        examples.append({"prompt": p, "completion": c, "kind": "oracle"})
+        examples.append(
+            {"prompt": p, "completion": c, "kind": "oracle", "answer": f"A blue lamp number {i}."})
     r = train(cfg, examples, schema, out)
     info = {"backend": r.backend, "losses": r.losses, "steps": r.steps,
-            "model_dir": str(r.model_dir), "peak": r.peak_memory_gb, "divergence": r.divergence}
+            "model_dir": str(r.model_dir), "peak": r.peak_memory_gb, "divergence": r.divergence,
+            "preference": r.preference, **kept}
     if break_at:
         info["rates"] = rates
     if method == "lora":
@@ -134,12 +152,14 @@ UNSLOTH_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_unsloth(model: str, out: Path, method: str, break_at: int = 0) -> dict:
+def _run_unsloth(
+    model: str, out: Path, method: str, break_at: int = 0, undo_above: str = ""
+) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     proc = subprocess.run(
-        [sys.executable, "-c", UNSLOTH_SCRIPT, model, str(out), method, str(break_at)],
+        [sys.executable, "-c", UNSLOTH_SCRIPT, model, str(out), method, str(break_at), undo_above],
         capture_output=True,
         text=True,
         env=env,
@@ -177,6 +197,19 @@ def test_unsloth_run_that_breaks_is_saved_from_the_checkpoint_before_it(small_lm
     resumed = [(s, lr) for s, lr in rates[resumed_at:] if s <= 8]
     assert [s for s, _ in resumed] == [5, 6, 7, 8], rates
     assert all(lr == pytest.approx(0.5 * first[s]) and lr > 0 for s, lr in resumed), rates
+
+
+@pytest.mark.parametrize(("undo_above", "undone"), [("1e-9", True), ("null", False)])
+def test_unsloth_preference_step_is_undone_only_past_undo_above(
+    small_lm, tmp_path, undo_above, undone
+):
+    """The preference step on the Unsloth backend trains the LoRA; an undone one (any loss rise
+    passes 1e-9) leaves exactly the LoRA that SFT left."""
+    info = _run_unsloth(small_lm, tmp_path / "run-pref", "lora", undo_above=undo_above)
+    pref = info["preference"]
+    assert info["backend"] == "unsloth" and pref["steps"] == 8  # 16 pairs in batches of 2
+    assert pref["undone"] is undone and pref["loss_rise"] is not None
+    assert info["sft_lora"] is undone
 
 
 @pytest.mark.parametrize("method", ["merged_16bit", "merged_4bit"])
