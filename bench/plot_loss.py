@@ -5,8 +5,12 @@
 
 Reads the Trainer's logged dicts (``{'loss': ..., 'epoch': ...}``) from the log; a run that
 resumed from a checkpoint logs the steps after it again, so a step that goes back starts a new
-line. Steps are counted from ``logging_steps`` (``--every``, 5 in ragtune's train group). Only
-the SFT's losses: the log is read up to the preference step or the recipe's "trained N steps".
+line. Steps are counted from ``logging_steps`` (``--every``, 5 in ragtune's train group). The
+SFT's losses (the log up to the preference step or the recipe's "trained N steps"), or with
+``--stage preference`` the preference step's (``--smooth 9``: a running median over 9 logs):
+
+    python bench/plot_loss.py runs22/contrast_s0/raft.log:"seed 0" ... --stage preference \
+        --smooth 9 --out docs/img/preference_drift.png
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import statistics
 from pathlib import Path
 
 LOGGED = re.compile(r"\{'loss': [^}]*\}")
@@ -23,10 +28,24 @@ SFT_DONE = re.compile(
 )
 
 
-def segments(log: Path) -> list[list[tuple[float, float]]]:
-    """(epoch, loss) per logged step, split where the epoch goes back (a resume)."""
+PREFERENCE_START = re.compile(
+    r"ragtune\.training\.preference\]\[INFO\] - preference step: \d+ pairs"
+)
+PREFERENCE_DONE = re.compile(
+    r"ragtune\.training\.preference\]\[INFO\] - preference step: \d+ steps"
+)
+
+
+def segments(log: Path, stage: str = "sft") -> list[list[tuple[float, float]]]:
+    """(epoch, loss) per logged step of ``stage`` (sft or preference), split where the epoch
+    goes back (a resume)."""
     runs: list[list[tuple[float, float]]] = [[]]
-    text = SFT_DONE.split(log.read_text(errors="replace"), maxsplit=1)[0]
+    text = log.read_text(errors="replace")
+    if stage == "sft":
+        text = SFT_DONE.split(text, maxsplit=1)[0]
+    else:
+        parts = PREFERENCE_START.split(text, maxsplit=1)
+        text = PREFERENCE_DONE.split(parts[1], maxsplit=1)[0] if len(parts) == 2 else ""
     for match in LOGGED.finditer(text):
         logged = ast.literal_eval(match.group(0))
         if "epoch" not in logged:
@@ -38,11 +57,21 @@ def segments(log: Path) -> list[list[tuple[float, float]]]:
     return [run for run in runs if run]
 
 
+def smoothed(run: list[tuple[float, float]], n: int) -> list[tuple[float, float]]:
+    """The running median of the last ``n`` losses at each log (``n`` <= 1: as logged)."""
+    return [
+        (e, statistics.median(x for _, x in run[max(0, i - n + 1) : i + 1]))
+        for i, (e, _) in enumerate(run)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logs", nargs="+", help="LOG[:label]")
     parser.add_argument("--every", type=int, default=5, help="train.logging_steps")
     parser.add_argument("--max-step", type=int, default=0, help="0: every step")
+    parser.add_argument("--stage", choices=("sft", "preference"), default="sft")
+    parser.add_argument("--smooth", type=int, default=1, help="running median over N logs")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -54,11 +83,11 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for spec in args.logs:
         path, _, label = spec.partition(":")
-        runs = segments(Path(path))
+        runs = segments(Path(path), args.stage)
         per_step = runs[0][0][0] / args.every  # epochs per step: the first log is at step `every`
         name = label or Path(path).parent.name
         for i, run in enumerate(runs):
-            points = [(round(e / per_step), x) for e, x in run]
+            points = [(round(e / per_step), x) for e, x in smoothed(run, args.smooth)]
             points = [(s, x) for s, x in points if not args.max_step or s <= args.max_step]
             ax.plot(
                 [s for s, _ in points],
@@ -68,7 +97,7 @@ def main() -> None:
             )
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("logged training loss")
+    ax.set_ylabel("logged training loss" + f", running median of {args.smooth}" * (args.smooth > 1))
     # upper left, clear of the first logged loss and of the spikes
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.07, 1.0))
     fig.tight_layout()

@@ -261,3 +261,22 @@ def test_plot_loss_splits_a_resumed_run_and_stops_at_the_preference_step(tmp_pat
         check=True,
     )
     assert out.stat().st_size > 0
+
+
+def test_plot_loss_reads_the_preference_step_alone_and_smooths_it(tmp_path: Path) -> None:
+    plot_loss = _load_bench("plot_loss")
+
+    def logged(epoch: float, loss: float) -> str:
+        return f"{{'loss': '{loss}', 'grad_norm': '1.0', 'epoch': '{epoch}'}}"
+
+    lines = [logged(0.1, 3.0), logged(0.2, 0.5)]
+    lines += ["[x][ragtune.training.preference][INFO] - preference step: 12 pairs {'oracle': 6}"]
+    lines += [logged(0.25, 0.9), logged(0.5, 0.1), logged(0.75, 0.5), logged(1.0, 2.0)]
+    lines += ["[x][ragtune.training.preference][INFO] - preference step: 4 steps in 1.0 s"]
+    lines += ["[x][ragtune.training.recipe][INFO] - trained 15 steps in 1.0 s, final loss 0.5"]
+    log = tmp_path / "raft.log"
+    log.write_text("\n".join(lines))
+    pref = plot_loss.segments(log, "preference")
+    assert pref == [[(0.25, 0.9), (0.5, 0.1), (0.75, 0.5), (1.0, 2.0)]]
+    assert plot_loss.smoothed(pref[0], 3) == [(0.25, 0.9), (0.5, 0.5), (0.75, 0.5), (1.0, 0.5)]
+    assert plot_loss.smoothed(pref[0], 1) == pref[0]
