@@ -8,9 +8,11 @@ this prompt. Features per answer (:class:`AnswerFeatures`):
   their number; ``lp_abstain``: the same for the abstain answer (plus EOS);
 - ``p_abstain_first``: probability of the abstain answer's first token as the first token;
 - ``grounded``: the normalised answer occurs in the normalised context (extractive support);
-- ``retrieval``: the best retrieval score of the context (cosine; 0 when unknown).
+- ``retrieval``: the best retrieval score of the context (cosine; 0 when unknown);
+- ``abstain_logodds``: ``p_abstain_first`` as log-odds (not in the default mix).
 
-A score is a weighted sum of these (:data:`FEATURES`); :func:`fit_logistic` fits the weights
+A score is a weighted sum of these (:data:`FEATURES` by default, ``raft.calibration_features``
+names others among :data:`CHOICES`); :func:`fit_logistic` fits the weights
 on a validation split as the log-odds that the question is answerable, and
 :func:`expected_score_threshold` the cut where answering and abstaining are worth the same in
 expectation (:func:`fit_threshold`, the cut that scores best on the validation questions
@@ -34,6 +36,9 @@ from ragtune.metrics import normalize_answer
 from ragtune.roc import auroc
 
 FEATURES = ("margin", "mean_lp", "lp_abstain", "p_abstain_first", "grounded", "retrieval")
+# what a mix may weigh (raft.calibration_features): the defaults above, and the first-token
+# probability as log-odds (it saturates near 0 and 1, where a weight on the probability is flat)
+CHOICES = (*FEATURES, "abstain_logodds")
 # The default score until a model's manifest carries fitted weights: the model's own
 # log-odds of its answer against the abstain answer, per answer token.
 DEFAULT_WEIGHTS: dict[str, float] = {"margin": 1.0}
@@ -55,6 +60,12 @@ class AnswerFeatures:
         return self.lp_answer / max(1, self.n_answer)
 
     @property
+    def abstain_logodds(self) -> float:
+        """``p_abstain_first`` as log-odds, clipped at 1e-6 from 0 and 1."""
+        p = min(max(self.p_abstain_first, 1e-6), 1 - 1e-6)
+        return math.log(p / (1 - p))
+
+    @property
     def margin(self) -> float:
         """Log-odds of the answer against abstaining, length-normalised by the answer."""
         return (self.lp_answer - self.lp_abstain) / max(1, self.n_answer)
@@ -63,7 +74,12 @@ class AnswerFeatures:
         return [float(getattr(self, name)) for name in FEATURES]
 
     def to_dict(self) -> dict[str, float]:
-        return {**asdict(self), "mean_lp": self.mean_lp, "margin": self.margin}
+        return {
+            **asdict(self),
+            "mean_lp": self.mean_lp,
+            "margin": self.margin,
+            "abstain_logodds": self.abstain_logodds,
+        }
 
 
 def grounded(answer: str, contexts: Sequence[str] | None) -> float:
@@ -118,9 +134,9 @@ def combine(
 ) -> list[float]:
     """The score of each answer: ``bias + sum(weight * feature)``."""
     w = DEFAULT_WEIGHTS if weights is None else weights
-    unknown = sorted(set(w) - set(FEATURES))
+    unknown = sorted(set(w) - set(CHOICES))
     if unknown:
-        raise ValueError(f"unknown answerability feature(s) {unknown}; known: {FEATURES}")
+        raise ValueError(f"unknown answerability feature(s) {unknown}; known: {CHOICES}")
     return [bias + sum(v * float(getattr(f, k)) for k, v in w.items()) for f in features]
 
 
@@ -389,11 +405,12 @@ def fit_calibration(
     answerable: Sequence[bool],
     candidate_f1: Sequence[float],
     sources: Sequence[str] = (),
+    names: Sequence[str] = FEATURES,
 ) -> Calibration:
-    """The shipped decision, fitted on a validation split: logistic weights over every
-    feature (:func:`fit_logistic`: the log-odds of "answerable"), then the cut where answering
+    """The shipped decision, fitted on a validation split: logistic weights over the features
+    ``names`` (:func:`fit_logistic`: the log-odds of "answerable"), then the cut where answering
     is worth as much as abstaining (:func:`expected_score_threshold`)."""
-    weights, bias = fit_logistic(features, answerable)
+    weights, bias = fit_logistic(features, answerable, names)
     scores = combine(features, weights, bias)
     return Calibration(
         threshold=expected_score_threshold(answerable, candidate_f1),

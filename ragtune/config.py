@@ -99,6 +99,18 @@ class CalibrationExtremes(StrEnum):
     ignore = "ignore"  # no decision written then: the model answers as generated
 
 
+class AnswerFeature(StrEnum):
+    """What an answer-or-abstain mix may weigh: ragtune.answerability.CHOICES."""
+
+    margin = "margin"
+    mean_lp = "mean_lp"
+    lp_abstain = "lp_abstain"
+    p_abstain_first = "p_abstain_first"
+    abstain_logodds = "abstain_logodds"
+    grounded = "grounded"
+    retrieval = "retrieval"
+
+
 class ChunkUnit(StrEnum):
     chars = "chars"
     tokens = "tokens"
@@ -171,6 +183,7 @@ class RaftConfig:
     max_unsupported_fraction: float
     calibration_fraction: float
     calibration_extremes: CalibrationExtremes
+    calibration_features: list[AnswerFeature]
 
 
 @defaults_from("train/cpu:lora")
@@ -406,6 +419,12 @@ def _check_combinations(cfg: DictConfig) -> None:
             r.fetch_k >= r.k,
             "retriever.fetch_k",
             f"must be >= retriever.k ({r.k}), got {r.fetch_k}",
+        )
+    if "raft" in cfg:
+        need(
+            len(cfg.raft.calibration_features) > 0,
+            "raft.calibration_features",
+            "name at least one feature, e.g. [abstain_logodds, retrieval]",
         )
     if "model" in cfg:
         need(bool(cfg.model.name_or_path), "model.name_or_path", "must name a model")

@@ -91,6 +91,27 @@ def test_logistic_weights_apply_to_raw_features():
     assert auroc(s, labels) > 0.95
 
 
+def test_abstain_logodds_separates_where_the_probability_saturates():
+    """Near 0 a weight on the probability barely moves the score; on the log-odds it does, so
+    a mix of abstain_logodds ranks 1e-5 against 1e-3 as it ranks 0.3 against 0.7."""
+    from ragtune.answerability import CHOICES, AnswerFeatures, combine
+    from ragtune.config import AnswerFeature
+
+    assert set(CHOICES) == {f.value for f in AnswerFeature}  # the config's choices are these
+    ps = [1e-5, 1e-3, 0.3, 0.7, 1.0]
+    feats = [AnswerFeatures(-1.0, 1, -2.0, p, 1.0, 0.5) for p in ps]
+    logodds = [f.abstain_logodds for f in feats]
+    assert logodds[:4] == pytest.approx([math.log(p / (1 - p)) for p in ps[:4]])
+    assert logodds[4] == pytest.approx(math.log((1 - 1e-6) / 1e-6))  # clipped, finite
+    labels = [True, True, False, False, False]  # answerable = the model rarely starts abstaining
+    w, b = fit_logistic(feats, labels, ("abstain_logodds",))
+    assert w["abstain_logodds"] < 0 and auroc(combine(feats, w, b), labels) == 1.0
+    raw = combine(feats, {"p_abstain_first": -1.0})
+    assert abs(raw[0] - raw[1]) < 1e-2  # the probability barely tells the two answerable apart
+    scored = combine(feats, {"abstain_logodds": -1.0})
+    assert scored[0] - scored[1] > 4  # the log-odds does
+
+
 def _train_tiny(tiny_lm_path, examples, steps=60):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -90,6 +90,9 @@ def test_qwen_preset_selects_the_measured_gpu_recipe():
     # counterfactual questions and the preference step on them (session 21's measured recipe)
     assert cfg.raft.swapped_twin and cfg.train.preference.num_train_epochs == 1
     assert not _validate("sft", ["raft=contrast"]).raft.swapped_twin
+    # the two-feature decision (session 22's re-fit of the six runs with the preference step)
+    assert list(cfg.raft.calibration_features) == ["abstain_logodds", "retrieval"]
+    assert len(_validate("sft", ["raft=contrast"]).raft.calibration_features) == 6
     # serving composes the same model and retriever settings, so the trained folder's manifest matches
     ask = _validate("ask", ["conf=qwen_rag"])
     assert ask.model.dtype == "bfloat16" and ask.retriever.hybrid
@@ -140,6 +143,8 @@ def test_outputs_root_is_configurable(monkeypatch, tmp_path):
         ("train.divergence_lr_scale=0", "train.divergence_lr_scale"),
         ("train.divergence_lr_scale=1.5", "train.divergence_lr_scale"),
         ("train.preference.undo_above=0", "train.preference.undo_above"),
+        ("raft.calibration_features=[margin,retreival]", "raft.calibration_features"),
+        ("raft.calibration_features=[]", "raft.calibration_features"),
     ],
 )
 def test_bad_config_names_the_key(override, key):

@@ -125,7 +125,10 @@ def test_a_kill_while_the_manifest_is_written_leaves_the_folder_incomplete(tmp_p
         read_manifest(model_dir)
 
 
-def test_run_sft_fits_the_decision_on_held_out_sources(outputs, tiny_lm_path, monkeypatch):
+@pytest.mark.parametrize("features", [None, "abstain_logodds,retrieval"])
+def test_run_sft_fits_the_decision_on_held_out_sources(
+    outputs, tiny_lm_path, monkeypatch, features
+):
     import ragtune.answerability as answerability
     from ragtune.qa import load_qa
     from ragtune.training import calibration, run_sft
@@ -143,6 +146,7 @@ def test_run_sft_fits_the_decision_on_held_out_sources(outputs, tiny_lm_path, mo
         "train.eval_after=true",
         "data.qa_eval=data/qa/demo_eval.jsonl",
         "eval.max_questions=3",
+        *([f"raft.calibration_features=[{features}]"] if features else []),
     )
     result = run_sft(cfg)
     run = outputs / "run"
@@ -154,7 +158,10 @@ def test_run_sft_fits_the_decision_on_held_out_sources(outputs, tiny_lm_path, mo
     cal = read_manifest(run / "model")["answerability"]
     assert cal["threshold"] == 0.25 and cal["n_validation"] == len(held)
     assert set(cal["validation_sources"]) == {r.source for r in held}
-    assert set(cal["weights"]) == set(answerability.FEATURES)
+    # the mix weighs the configured features, and serving scores with exactly those
+    assert list(cal["weights"]) == (
+        features.split(",") if features else list(answerability.FEATURES)
+    )
     assert result.metrics["calibrated"]  # eval_after applied the decision before the manifest
     rows = [json.loads(x) for x in (run / "calibration/answers.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [r.id for r in held]  # every held-out question, in order

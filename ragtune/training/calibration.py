@@ -85,7 +85,7 @@ def save_validation(records: list[Any], dataset_dir: Path) -> None:
 def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: Path) -> Any:
     """Fit the decision on the held-out questions of ``run_dir``; None when there are none
     (or the fit says nothing useful). Returns a :class:`ragtune.answerability.Calibration`."""
-    from ragtune.answerability import fit_calibration
+    from ragtune.answerability import FEATURES, fit_calibration
     from ragtune.loading import load_model
     from ragtune.metrics import f1_score, max_over_gold
     from ragtune.qa import gold_answers, load_qa
@@ -126,6 +126,8 @@ def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: P
         [r.answerable for r in records],
         f1,
         [r.source or "" for r in records],
+        # a run folder from before the key (bench/refit_calibration.py) weighs the six defaults
+        [str(n) for n in cfg.raft.get("calibration_features") or FEATURES],
     )
     _save_held_out(Path(run_dir) / "calibration", records, answers, f1, cal)
     answered = sum(cal.answers([a.features for a in answers]))
@@ -189,7 +191,7 @@ def _save_held_out(
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     labels = [r.answerable for r in records]
     curves = {"fitted mix": (scores, labels)}
-    for n in FEATURES:  # each feature alone, turned the way the mix weighs it
+    for n in dict.fromkeys([*cal.weights, *FEATURES]):  # each alone, turned as the mix weighs it
         sign = -1.0 if cal.weights.get(n, 0.0) < 0 else 1.0
         name = n if sign > 0 else f"-{n}"
         curves[name] = ([sign * float(getattr(x, n)) for x in feats], labels)
