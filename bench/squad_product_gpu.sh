@@ -71,7 +71,8 @@ done
 while pgrep -f bench/squad_cpu.sh > /dev/null && [ "$SECONDS" -lt "${1:-540}" ]; do
   sleep 5
   if [ $((SECONDS % 60)) -lt 5 ]; then
-    echo "t=${SECONDS}s: $(cat /tmp/sqp/"${RUN}"_s*/timing.txt 2>/dev/null | grep -c seconds=) steps done"
+    echo "t=${SECONDS}s: $(cat /tmp/sqp/"${RUN}"_s*/timing.txt 2>/dev/null | grep -c seconds=) steps done," \
+      "GPU memory $(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null)"
   fi
 done
 # One file per seed ($OUT/<RUN>_s<SEED>.tgz): a call brings back at most 8 files, a seed has ~10.
