@@ -130,7 +130,7 @@ def test_run_sft_fits_the_decision_on_held_out_sources(
     outputs, tiny_lm_path, monkeypatch, features
 ):
     import ragtune.answerability as answerability
-    from ragtune.qa import load_qa
+    from ragtune.qa import gold_answers, load_qa
     from ragtune.training import calibration, run_sft
 
     monkeypatch.setattr(calibration, "MIN_QUESTIONS", 6)
@@ -165,6 +165,9 @@ def test_run_sft_fits_the_decision_on_held_out_sources(
     assert result.metrics["calibrated"]  # eval_after applied the decision before the manifest
     rows = [json.loads(x) for x in (run / "calibration/answers.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [r.id for r in held]  # every held-out question, in order
+    # each row carries its gold answers, so it can be re-scored alone (bench/calibration_variants.py)
+    assert [r["gold"] for r in rows] == [list(gold_answers(h)) for h in held]
+    assert any(r["gold"] for r in rows) and any(not r["gold"] for r in rows)
     fields = {f.name for f in dataclasses.fields(answerability.AnswerFeatures)}
     feats = [answerability.AnswerFeatures(**{k: r["features"][k] for k in fields}) for r in rows]
     scores = answerability.combine(feats, cal["weights"], cal["bias"])

@@ -170,6 +170,7 @@ def _save_held_out(
     (``answers.jsonl``), and the validation ROC of the mix and of each feature (``roc.png``)."""
     # why: a decision that abstains on everything is explained by these rows, not by a number
     from ragtune.answerability import FEATURES, combine
+    from ragtune.qa import gold_answers
     from ragtune.roc import plot_roc
 
     feats = [a.features for a in answers]
@@ -184,6 +185,7 @@ def _save_held_out(
                 "answerable": r.answerable,
                 "candidate": a.candidate,
                 "candidate_f1": round(v, 4),
+                "gold": list(gold_answers(r)),  # so the rows can be re-scored alone
                 "score": round(s, 4),
                 "answered": s >= cal.threshold,
                 "features": a.features.to_dict(),
