@@ -12,6 +12,14 @@ is what the evaluation reported. Nothing is re-run; CPU, seconds.
 
 ``--judge JUDGE.jsonl`` (once per pair, in order; bench/squad_judge.py's output for that run)
 adds its yes/no judge scores: the shipped mix plus each one, all of them, and each alone.
+
+``--by-source`` compares the mixes without any test answers: each run's held-out answers are
+split by article, each article in turn scored by a mix fitted on the others (a run whose
+held-out answers come from one article is skipped). Choosing between mixes this way never
+looks at the test split. Rows written by training before 2026-12-04 lack their gold answers;
+``--gold TRAIN.jsonl`` (once per file, in order: the split's training QA) supplies them.
+
+    python bench/calibration_variants.py --by-source RUN/calibration/answers.jsonl [...]
 """
 
 from __future__ import annotations
@@ -136,6 +144,40 @@ def compare(
             set(_add_judge(cal, judge, "validation")) & set(_add_judge(test, judge, "test"))
         )
         variants |= _judge_variants([n for n in JUDGES if n in names])
+    return compare_rows(cal, test, variants, l2)
+
+
+def by_source(
+    cal_path: Path, gold_path: Path | None = None, l2: float = 1.0
+) -> list[tuple[str, str, float, float]]:
+    """(held-out article, variant, AUROC, overall) for each article of one run's held-out
+    answers, every mix fitted on the run's other articles."""
+    rows = _read(cal_path)
+    if gold_path is not None:
+        gold = {}
+        for line in gold_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                gold[r["id"]] = r.get("answers") or [r["output"]]
+        for r in rows:
+            r["gold"] = gold[r["id"]] if r["answerable"] else []
+    missing = [r["id"] for r in rows if "gold" not in r]
+    if missing:
+        raise SystemExit(f"{cal_path}: rows without 'gold' (e.g. {missing[0]}): pass --gold")
+    sources = sorted({r["source"] for r in rows})
+    out = []
+    for held in sources if len(sources) > 1 else []:
+        fit = [r for r in rows if r["source"] != held]
+        test = [r for r in rows if r["source"] == held]
+        for name, area, overall in compare_rows(fit, test, dict(VARIANTS), l2):
+            out.append((held, name, area, overall))
+    return out
+
+
+def compare_rows(
+    cal: list[dict], test: list[dict], variants: dict[str, Callable[[dict], list[float]]], l2: float
+) -> list[tuple[str, float, float]]:
+    """(variant, AUROC, overall) on ``test`` of each mix fitted on ``cal``."""
     y_cal = [bool(r["answerable"]) for r in cal]
     y_test = [bool(r["answerable"]) for r in test]
     cut = expected_score_threshold(y_cal, [r["candidate_f1"] for r in cal])
@@ -158,7 +200,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("paths", type=Path, nargs="+", help="CAL_ANSWERS EVAL_ANSWERS pairs")
     ap.add_argument("--judge", type=Path, action="append", help="one per pair, in order")
+    ap.add_argument("--by-source", action="store_true", help="CAL_ANSWERS only, by article")
+    ap.add_argument("--gold", type=Path, action="append", help="with --by-source: one per file")
     args = ap.parse_args()
+    if args.by_source:
+        if args.gold and len(args.gold) != len(args.paths):
+            ap.error(f"--gold: give one per file ({len(args.paths)}), got {len(args.gold)}")
+        _print_by_source(args.paths, args.gold or [None] * len(args.paths))
+        return
     if len(args.paths) % 2:
         ap.error("give the paths in pairs: CAL_ANSWERS EVAL_ANSWERS")
     pairs = list(zip(args.paths[::2], args.paths[1::2], strict=True))
@@ -169,6 +218,34 @@ def main() -> None:
     for (cal, ev), judge in zip(pairs, judges, strict=True):
         for name, area, overall in compare(cal, ev, judge=judge):
             print(f"| {ev.parent.name} | {name} | {area:.3f} | {overall:.1f} |")
+
+
+def _print_by_source(paths: list[Path], golds: list[Path | None]) -> None:
+    """Every fold's row, then each mix against the shipped one over all folds."""
+    print(
+        "| run | held-out article | variant | AUROC | overall |\n| --- | --- | --- | ---: | ---: |"
+    )
+    folds: dict[tuple[str, str], dict[str, tuple[float, float]]] = {}
+    for path, gold in zip(paths, golds, strict=True):
+        run = path.parent.parent.name if path.parent.name == "calibration" else path.parent.name
+        for held, name, area, overall in by_source(path, gold):
+            folds.setdefault((run, held), {})[name] = (area, overall)
+            print(f"| {run} | {Path(held).stem} | {name} | {area:.3f} | {overall:.1f} |")
+    if not folds:
+        return
+    print(
+        f"\n| mean of {len(folds)} folds | variant | mean AUROC | vs shipped | better in | mean overall | vs shipped |"
+    )
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in next(iter(folds.values())):
+        d_auc = [f[name][0] - f["shipped"][0] for f in folds.values()]
+        d_all = [f[name][1] - f["shipped"][1] for f in folds.values()]
+        mean_auc = np.mean([f[name][0] for f in folds.values()])
+        mean_all = np.mean([f[name][1] for f in folds.values()])
+        print(
+            f"| | {name} | {mean_auc:.3f} | {np.mean(d_auc):+.3f} | {sum(d > 0 for d in d_auc)} "
+            f"| {mean_all:.1f} | {np.mean(d_all):+.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -280,3 +280,40 @@ def test_plot_loss_reads_the_preference_step_alone_and_smooths_it(tmp_path: Path
     assert pref == [[(0.25, 0.9), (0.5, 0.1), (0.75, 0.5), (1.0, 2.0)]]
     assert plot_loss.smoothed(pref[0], 3) == [(0.25, 0.9), (0.5, 0.5), (0.75, 0.5), (1.0, 0.5)]
     assert plot_loss.smoothed(pref[0], 1) == pref[0]
+
+
+def test_calibration_variants_by_source_fit_on_the_other_articles(tmp_path: Path) -> None:
+    """``--by-source`` scores each article's held-out answers with a mix fitted on the other
+    articles only: where the abstain probability means the opposite in the two articles, the
+    mix fitted on one ranks the other exactly backwards (AUROC 0; fitted on both it would be
+    ~0.5, on the article itself 1). Gold answers come from the rows or from ``--gold``."""
+    rng = random.Random(2)
+    rows = []
+    for i in range(160):
+        source, answerable = ("a.txt", "b.txt")[i % 2], i % 4 < 2
+        r = _answer_row(rng, i, answerable)
+        flipped = answerable if source == "a.txt" else not answerable
+        r["features"]["p_abstain_first"] = (0.2 if flipped else 0.8) + rng.uniform(-0.05, 0.05)
+        r |= {"source": source}
+        rows.append({k: v for k, v in r.items() if k != "_features"})
+    (tmp_path / "cal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "one.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if r["source"] == "a.txt")
+    )
+    bench = _load_bench("calibration_variants")
+
+    got = bench.by_source(tmp_path / "cal.jsonl")
+    assert {held for held, *_ in got} == {"a.txt", "b.txt"}
+    alone = {held: area for held, name, area, _ in got if name == "logit p_abstain_first"}
+    assert alone == {"a.txt": pytest.approx(0.0), "b.txt": pytest.approx(0.0)}
+    assert bench.by_source(tmp_path / "one.jsonl") == []  # one article: nothing to hold out
+
+    # rows written before they carried their gold: --gold (the split's training QA) supplies it
+    (tmp_path / "old.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "gold"}) + "\n" for r in rows)
+    )
+    with pytest.raises(SystemExit, match="--gold"):
+        bench.by_source(tmp_path / "old.jsonl")
+    train = [{"id": r["id"], "output": r["gold"][0] if r["gold"] else ""} for r in rows]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in train))
+    assert bench.by_source(tmp_path / "old.jsonl", tmp_path / "train.jsonl") == got
