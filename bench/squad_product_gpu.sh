@@ -24,7 +24,11 @@
 # /tmp/s/site, the Qwen GGUF's pieces in /tmp/qw (converted here into /tmp/ab/qwen by
 # bench/squad_abstain_gpu.sh), all-MiniLM-L6-v2's package in pieces in /tmp/mini; carry
 # .carry/batchsrv/.pyx (rapidfuzz) and the public SQuAD file as .carry/sq/squad2-public.json.
-# The runs start detached (setsid), so a later call can wait for them.
+# The runs start detached (setsid), so a later call can wait for them; it must come within 30 s
+# of the previous call's end (the machine goes back, and the runs with it). A seed takes ~700 s
+# (raft stage) + ~200 s (evaluation) whether two or four run side by side (session 23: 26 GiB of
+# GPU memory for two seeds' four trainings): one session's 1,800 s fits one run of up to three
+# seeds after the ~130 s of setup calls, with nothing left for a second try.
 set -u
 OUT=${OUT:-/tmp/sqp/out}
 SEEDS=${SEEDS:-${SEED:-0}}
@@ -76,15 +80,17 @@ while pgrep -f bench/squad_cpu.sh > /dev/null && [ "$SECONDS" -lt "${1:-540}" ];
   fi
 done
 # One file per seed ($OUT/<RUN>_s<SEED>.tgz): a call brings back at most 8 files, a seed has ~10.
+# What this prints stays short (the stages' seconds, the results table): the machine goes back
+# 30 s after a call ends, and a long output delayed the next call past that once (session 23).
 for seed in $SEEDS; do
   B=/tmp/sqp/${RUN}_s$seed O=/tmp/sqp/collect/${RUN}_s$seed
   rm -rf "$O" && mkdir -p "$O"
-  echo "== seed $seed"; cat "$B/timing.txt"
+  echo "== seed $seed: $(grep -h seconds= "$B/timing.txt" 2>/dev/null | tr '\n' ' ')"
   cp "$B/timing.txt" "$O/" 2>/dev/null
   for f in raft closed eval; do [ -f "$B/$f.log" ] && tail -c 200000 "$B/$f.log" > "$O/$f.log"; done
   cp "$B/runs/raft/model/manifest.json" "$O/raft_manifest.json" 2>/dev/null
   cp -r "$B/runs/raft/calibration" "$O/" 2>/dev/null  # the held-out answers the decision was fitted on
   cp "$B"/runs/eval/{results.md,metrics.json,answers.jsonl,roc.png} "$O/" 2>/dev/null
   tar czf "$OUT/${RUN}_s$seed.tgz" -C /tmp/sqp/collect "${RUN}_s$seed"
-  cat "$O/results.md" 2>/dev/null || tail -20 "$B/run.log"
+  cat "$O/results.md" 2>/dev/null || echo "(not evaluated yet; the full log is $B/run.log)"
 done
