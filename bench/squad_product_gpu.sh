@@ -26,8 +26,8 @@
 # .carry/batchsrv/.pyx (rapidfuzz) and the public SQuAD file as .carry/sq/squad2-public.json.
 # The runs start detached (setsid), so a later call can wait for them; it must come within 30 s
 # of the previous call's end (the machine goes back, and the runs with it). A seed takes ~700 s
-# (raft stage) + ~200 s (evaluation) whether two or four run side by side (session 23: 26 GiB of
-# GPU memory for two seeds' four trainings): one session's 1,800 s fits one run of up to three
+# (raft stage) + ~200 s (evaluation) whether two or four run side by side (session 23: ~25 GiB of
+# GPU memory held by two seeds' raft stages): one session's 1,800 s fits one run of up to three
 # seeds after the ~130 s of setup calls, with nothing left for a second try.
 set -u
 OUT=${OUT:-/tmp/sqp/out}
