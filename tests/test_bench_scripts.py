@@ -73,6 +73,25 @@ def test_squad_cpu_trains_the_closed_book_model_only_for_the_modes_that_need_it(
         assert eval_modes in evaluation
 
 
+def test_squad_product_gpu_stops_at_once_on_a_fresh_machine(tmp_path: Path) -> None:
+    """Without the setup calls' files (the machine went back between calls) the GPU script
+    says so in one line and exits 3 before starting or converting anything."""
+    out = tmp_path / "out"
+    env = os.environ | {"SITE": str(tmp_path / "no-bundle"), "OUT": str(out), "SEEDS": "0"}
+    res = subprocess.run(
+        ["bash", "bench/squad_product_gpu.sh", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 3
+    assert "fresh machine" in res.stderr and "setup calls" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not res.stdout
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("alongside", [False, True])
 def test_squad_cpu_trains_the_closed_book_model_beside_the_co_designed_one_when_asked(
     tmp_path: Path, alongside: bool
