@@ -47,6 +47,7 @@ from ragtune.answerability import (  # noqa: E402
     fit_calibration,
 )
 from ragtune.metrics import aggregate, score_answer  # noqa: E402
+from ragtune.qa import gold_answers, load_qa  # noqa: E402
 from ragtune.roc import auroc  # noqa: E402
 
 
@@ -154,11 +155,7 @@ def by_source(
     answers, every mix fitted on the run's other articles."""
     rows = _read(cal_path)
     if gold_path is not None:
-        gold = {}
-        for line in gold_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                gold[r["id"]] = r.get("answers") or [r["output"]]
+        gold = {q.id: list(gold_answers(q)) for q in load_qa(gold_path)}
         for r in rows:
             r["gold"] = gold[r["id"]] if r["answerable"] else []
     missing = [r["id"] for r in rows if "gold" not in r]

@@ -333,6 +333,13 @@ def test_calibration_variants_by_source_fit_on_the_other_articles(tmp_path: Path
     )
     with pytest.raises(SystemExit, match="--gold"):
         bench.by_source(tmp_path / "old.jsonl")
-    train = [{"id": r["id"], "output": r["gold"][0] if r["gold"] else ""} for r in rows]
+    train = [  # prepare_squad.py's records: an unanswerable question has an empty output
+        {
+            "instruction": f"question {r['id']}",
+            "output": r["gold"][0] if r["gold"] else "",
+            "id": r["id"],
+        }
+        for r in rows
+    ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in train))
     assert bench.by_source(tmp_path / "old.jsonl", tmp_path / "train.jsonl") == got

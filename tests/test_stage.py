@@ -116,7 +116,7 @@ def test_ctrl_c_is_one_line_exit_130_and_status_interrupted(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         # a suite started in the background by a shell without job control inherits SIGINT
-        # ignored, and Python then never raises KeyboardInterrupt: give the stage a terminal's
+        # ignored, and Python then never raises KeyboardInterrupt: give the stage Ctrl-C's default
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
