@@ -27,30 +27,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scipy.stats import bootstrap  # noqa: E402
-
 from ragtune.metrics import score_answer  # noqa: E402
-from ragtune.roc import auroc  # noqa: E402
+from ragtune.roc import auroc, auroc_interval  # noqa: E402
 
 
 def _auroc(pos: list[float], neg: list[float]) -> float:
     return auroc([*pos, *neg], [1] * len(pos) + [0] * len(neg))
-
-
-def auroc_interval(
-    pos: list[float], neg: list[float], n_resamples: int = 2000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the AUROC; each class resampled on its own, so
-    every resample keeps the split's answerable / unanswerable counts."""
-    ci = bootstrap(
-        (pos, neg),
-        _auroc,
-        n_resamples=n_resamples,
-        vectorized=False,
-        method="percentile",
-        rng=seed,
-    ).confidence_interval
-    return float(ci.low), float(ci.high)
 
 
 def best_cut(rows: list[dict], candidate_f1: dict[str, float]) -> float:
@@ -74,7 +56,7 @@ def separation(path: Path, mode: str = "raft_rag") -> dict[str, float]:
         "f1": 100 * sum(r["f1"] for r in ans) / len(ans),
         "auroc": _auroc([r["answerability"] for r in ans], [r["answerability"] for r in unans]),
         "auroc_interval": auroc_interval(
-            [r["answerability"] for r in ans], [r["answerability"] for r in unans]
+            [r["answerability"] for r in rows], [r["answerable"] for r in rows]
         ),
         "auroc_margin": _auroc(
             [r["features"]["margin"] for r in ans], [r["features"]["margin"] for r in unans]

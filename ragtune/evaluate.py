@@ -58,7 +58,7 @@ from ragtune.modelcard import (
 from ragtune.paths import resolve_path
 from ragtune.qa import gold_answers, load_qa, sample_records, sources_not_in
 from ragtune.rag import Answer, RagPipeline
-from ragtune.roc import rows_auroc
+from ragtune.roc import auroc_interval, rows_auroc
 from ragtune.schema import PromptSchema, get_schema
 from ragtune.types import QARecord
 
@@ -305,9 +305,11 @@ def evaluate_modes(
         closed = spec.rcfg is None
         rows = [_row(spec.name, r, a, closed) for r, a in zip(records, answers, strict=True)]
         agg = aggregate([r.pop("_score") for r in rows])
+        auc = rows_auroc(rows, curves, spec.name)
         modes[spec.name] = {
             **agg.to_dict(),
-            "abstention_auroc": rows_auroc(rows, curves, spec.name),
+            "abstention_auroc": auc,
+            "abstention_auroc_95": None if auc is None else auroc_interval(*curves[spec.name]),
             "calibrated": pipeline.calibration is not None,
             "seconds": round(time.perf_counter() - t0, 2),
             **spec.describe(),

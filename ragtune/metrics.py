@@ -208,7 +208,7 @@ _COLUMNS = (
     ("false_abstention_rate", "false abst. % (ans.)"),
     ("unanswerable_abstention_rate", "abst. % (unans.)"),
     ("recall_at_k", "recall@k"),
-    ("abstention_auroc", "AUROC"),
+    ("abstention_auroc", "AUROC [95%]"),
     ("latency_s", "latency s"),
 )
 
@@ -219,7 +219,8 @@ DEFINITIONS = (
     "SQuAD v2 F1 with abstention as the empty answer. recall@k: answerable questions whose "
     "retrieved context holds a gold answer from the question's source document. AUROC: "
     "chance that an answerable question's answer score beats an unanswerable one's (the "
-    "calibrated mix when the model has one, else the margin; n/a closed book). latency: "
+    "calibrated mix when the model has one, else the margin; n/a closed book), in brackets "
+    "its bootstrap 95% interval (answerable and unanswerable questions resampled apart). latency: "
     "seconds per question (retrieval + its share of a batched greedy decode)."
 )
 
@@ -234,7 +235,11 @@ def markdown_table(modes: dict[str, dict[str, Any]]) -> str:
         for key, _ in _COLUMNS:
             v = m.get(key)
             fmt = ".3f" if key in ("latency_s", "abstention_auroc") else ".1f"
-            cells.append("n/a" if v is None else f"{v:{fmt}}")
+            cell = "n/a" if v is None else f"{v:{fmt}}"
+            if key == "abstention_auroc" and v is not None and m.get("abstention_auroc_95"):
+                lo, hi = m["abstention_auroc_95"]
+                cell += f" [{lo:.3f}, {hi:.3f}]"  # how far this many questions pin it down
+            cells.append(cell)
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

@@ -18,7 +18,7 @@ from ragtune.answerability import (
     split_by_source,
 )
 from ragtune.raft import BuildSettings, build_examples
-from ragtune.roc import auroc, roc_curve
+from ragtune.roc import auroc, auroc_interval, roc_curve
 from ragtune.schema import PromptFields, get_schema
 from ragtune.types import Chunk, QARecord
 
@@ -32,6 +32,29 @@ def test_auroc_matches_reference_values():
     # 3 pos x 2 neg = 6 pairs: 0.8>0.7, 0.8>0.2, 0.4<0.7, 0.4>0.2, 0.7=0.7 (half), 0.7>0.2
     assert auroc([0.8, 0.4, 0.7, 0.7, 0.2], [1, 1, 1, 0, 0]) == pytest.approx(4.5 / 6)
     assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+
+
+def test_auroc_interval_narrows_with_more_questions():
+    """The AUROC's bootstrap interval: around the estimate (scores drawn from N(1, 1) vs
+    N(0, 1)), about half as wide for 4x the questions, a point for perfect separation, and
+    none when a class has fewer than two questions."""
+    import random
+
+    rng = random.Random(1)
+
+    def draw(n: int) -> tuple[list[float], list[int]]:
+        scores = [rng.gauss(1, 1) for _ in range(n)] + [rng.gauss(0, 1) for _ in range(n)]
+        return scores, [1] * n + [0] * n
+
+    small, large = draw(50), draw(200)
+    lo_s, hi_s = auroc_interval(*small, n_resamples=1000)
+    lo_l, hi_l = auroc_interval(*large, n_resamples=1000)
+    assert lo_s < auroc(*small) < hi_s
+    assert lo_l < auroc(*large) < hi_l
+    assert hi_l - lo_l < 0.7 * (hi_s - lo_s)
+    assert hi_l - lo_l < 0.15
+    assert auroc_interval([2.0, 3.0, 4.0, 0.0, 1.0], [1, 1, 1, 0, 0], n_resamples=200) == (1.0, 1.0)
+    assert auroc_interval([0.9, 0.8, 0.1], [1, 1, 0]) is None
 
 
 def test_roc_curve_ends_at_the_corners():

@@ -266,8 +266,15 @@ def test_scores_flow_from_answers_to_metrics(tmp_path, data, tiny_lm_path, outpu
         return out
 
     monkeypatch.setattr(Generator, "generate_batch", fake_batch)
+    got = []  # the AUROC's interval is asked for on the same scores and labels as the AUROC
+    monkeypatch.setattr(
+        "ragtune.evaluate.auroc_interval", lambda s, y: got.append((s, y)) or (0.25, 0.75)
+    )
     run_eval(_cfg(tmp_path, data, tiny_lm_path))
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())["modes"]["base_rag"]
+    assert m["abstention_auroc_95"] == [0.25, 0.75] and len(got) == 1
+    assert list(got[0][1]) == [True, True, False, True]  # answerable, in the QA file's order
+    assert "[0.250, 0.750]" in (tmp_path / "run" / "results.md").read_text()
     assert m["exact_match"] == pytest.approx(200 / 3, abs=0.01)
     assert m["f1"] == pytest.approx(200 / 3, abs=0.01)
     assert m["false_abstention_rate"] == pytest.approx(100 / 3, abs=0.01)
@@ -313,6 +320,9 @@ def test_markdown_table() -> None:
     table = markdown_table({"ft_closed": row})
     want = "| ft_closed | 61.1 | 40.0 | 30.0 | 5.0 | 80.0 | n/a | 0.712 | 0.123 |"
     assert table.splitlines()[2] == want
+    # the AUROC's bootstrap interval, when there is one, in brackets after it
+    table = markdown_table({"raft_rag": {**row, "abstention_auroc_95": [0.6512, 0.79]}})
+    assert "| 0.712 [0.651, 0.790] |" in table.splitlines()[2]
 
 
 @pytest.mark.slow
