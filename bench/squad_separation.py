@@ -4,9 +4,10 @@ re-run; CPU, seconds.
 
 Columns: overall and F1 as evaluated; AUROC of the shipped score (``answerability``) with its
 bootstrap 95% interval (answerable and unanswerable questions resampled apart, 2,000 times:
-how far one split of 300 questions pins it down) and the AUROC of the ``margin`` feature alone; AUROC over answerable questions whose retrieved context holds a gold
-answer only; the candidates' F1 if every answerable question were answered; and the "best test
-cut": the overall the same scores would reach with the threshold chosen on these test questions
+how far one split of 300 questions pins it down) and the AUROC of the ``margin`` feature
+alone; AUROC over answerable questions whose retrieved context holds a gold answer only; the
+candidates' F1 if every answerable question were answered; and the "best test cut": the
+overall the same scores would reach with the threshold chosen on these test questions
 themselves (a bound on what any threshold rule could add, not a result).
 
     python bench/squad_separation.py RUN/answers.jsonl [RUN/answers.jsonl ...]
@@ -33,6 +34,11 @@ from ragtune.roc import auroc, auroc_interval  # noqa: E402
 
 def _auroc(pos: list[float], neg: list[float]) -> float:
     return auroc([*pos, *neg], [1] * len(pos) + [0] * len(neg))
+
+
+def _bracket(interval: tuple[float, float] | None) -> str:
+    """The interval as printed; none when a class has fewer than two questions."""
+    return "[n/a]" if interval is None else f"[{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
 def best_cut(rows: list[dict], candidate_f1: dict[str, float]) -> float:
@@ -120,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         s = separation(path, args.mode)
         print(
             f"| {path.parent.name} | {s['overall']:.1f} | {s['f1']:.1f} | {s['auroc']:.3f} "
-            f"[{s['auroc_interval'][0]:.3f}, {s['auroc_interval'][1]:.3f}] | "
+            f"{_bracket(s['auroc_interval'])} | "
             f"{s['auroc_margin']:.3f} | {s['auroc_retrieved']:.3f} | {s['candidate_f1']:.1f} | "
             f"{s['best_test_cut']:.1f} |"
         )
