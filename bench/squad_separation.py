@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--squad", type=Path, help="the SQuAD v2 JSON: where the decision went wrong")
     args = ap.parse_args(argv)
     print(
-        "| run | overall | F1 | AUROC [95% bootstrap] | AUROC margin | AUROC retrieved | candidate F1 "
-        "| best cut |"
+        "| run | overall | F1 | AUROC [95% bootstrap] | AUROC margin | AUROC retrieved "
+        "| candidate F1 | best cut |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for path in args.answers:
