@@ -25,14 +25,39 @@
 # bench/squad_abstain_gpu.sh), all-MiniLM-L6-v2's package in pieces in /tmp/mini; carry
 # .carry/batchsrv/.pyx (rapidfuzz) and the public SQuAD file as .carry/sq/squad2-public.json.
 # The runs start detached (setsid), so a later call can wait for them; it must come within 30 s
-# of the previous call's end (the machine goes back, and the runs with it). A seed takes ~700 s
-# (raft stage) + ~200 s (evaluation) whether two or four run side by side (session 23: ~25 GiB of
-# GPU memory held by two seeds' raft stages): one session's 1,800 s fits one run of up to three
-# seeds after the ~130 s of setup calls, with nothing left for a second try.
+# of the previous call's end (the machine goes back, and the runs with it). A seed takes ~550 s
+# (raft stage) + ~105 s (four-mode evaluation, 32 questions a batch; ~600 + ~225 s at 8) whether
+# one or three run side by side (session 23: ~25 GiB of GPU memory held by two seeds' raft
+# stages): one session's 1,800 s fits one run of three seeds after the ~120 s of setup calls
+# (~770 s in two calls, session 25), leaving ~900 s: about one raft_rag-only run of two more
+# seeds (~600 s; session 25's stopped at once on a full disk, before the guard below).
 set -u
 OUT=${OUT:-/tmp/sqp/out}
 SEEDS=${SEEDS:-${SEED:-0}}
 SITE=${SITE:-/tmp/s/site}  # the package bundle, unpacked by the first setup call
+SQP=${SQP:-/tmp/sqp}       # the runs' folders
+RUN=${RECIPE:-cpu}${TAG:+_$TAG}
+# A second run on the same machine needs room: a seed's merged models and checkpoints take
+# ~15 GiB, and three seeds filled the 64 GiB disk so the next run's save failed ("No space left
+# on device", session 25). Runs no longer running give up their weights first (logs, manifests
+# and answers stay, so they can still be collected); if that is not enough, one line, exit 4.
+new=0
+for seed in $SEEDS; do [ -f "$SQP/${RUN}_s$seed/started" ] || new=$((new + 1)); done
+need=$((new * ${GIB_PER_SEED:-15}))
+mkdir -p "$SQP"
+free_gib() { df -P -k "$SQP" | awk 'NR == 2 {print int($4 / 1048576)}'; }
+if [ "$new" -gt 0 ] && [ "$(free_gib)" -lt "$need" ]; then
+  for b in "$SQP"/*_s*/; do
+    b=${b%/}
+    pgrep -f "squad_cpu.sh $b " > /dev/null && continue  # still training or evaluating
+    find "$b/runs" \( -name '*.safetensors' -o -name '*.bin' -o -name '*.pt' \) -delete
+  done
+  if [ "$(free_gib)" -lt "$need" ]; then
+    echo "only $(free_gib) GiB free for $new new seed(s) (~${GIB_PER_SEED:-15} GiB each) after removing" \
+      "the weights of the finished runs in $SQP: remove more there, or run fewer seeds" >&2
+    exit 4
+  fi
+fi
 # A fresh machine (the last one went back) has none of the setup calls' files: say so at once
 if [ ! -d "$SITE" ] || { [ ! -d /tmp/ab/qwen ] && ! ls /tmp/qw/piece* > /dev/null 2>&1; }; then
   echo "no package bundle in $SITE or no Qwen pieces in /tmp/qw: a fresh machine (one idle 30 s" \
@@ -51,14 +76,13 @@ export PYTHON=python3 MODEL=qwen15 BASELINE_ALONGSIDE=1  # the closed-book SFT b
 # EXTRA_ARGS: more keys for every stage (e.g. retriever.hybrid=false: dense only; raft.* and train.*
 # keys, e.g. raft.ablated_twin=true, reach the training steps only); TAG keeps such a run's
 # folders apart from the plain one's on the same machine.
-RUN=${RECIPE:-cpu}${TAG:+_$TAG}
 export SQUAD=${SQUAD:-$PWD/.carry/sq/squad2-public.json}
 RECIPE_ARGS=""
 case ${RECIPE:-cpu} in
   cpu) ;;
   contrast)  # conf=qwen_rag's recipe, its hybrid retrieval included
     export MAX_TRAIN=0 RAFT_EXTRA="raft=contrast raft.unanswerable_fraction=null raft.swapped_twin=true train.preference.num_train_epochs=1 raft.calibration_features=[abstain_logodds,retrieval]"
-    RECIPE_ARGS=retriever.hybrid=true ;;
+    RECIPE_ARGS="retriever.hybrid=true eval.batch_size=32" ;;  # 32 since session 25 (was 8)
   *) echo "RECIPE must be cpu or contrast, got ${RECIPE}" >&2; exit 2 ;;
 esac
 # raft.* / train.* keys go to the training steps only (train/eval.py has no such groups)
@@ -72,7 +96,7 @@ done
 export RAFT_EXTRA
 export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16 $RECIPE_ARGS$STAGE_ARGS"
 for seed in $SEEDS; do
-  B=/tmp/sqp/${RUN}_s$seed
+  B=$SQP/${RUN}_s$seed
   mkdir -p "$B"
   if [ ! -f "$B/started" ]; then
     touch "$B/started"
@@ -82,7 +106,7 @@ done
 while pgrep -f bench/squad_cpu.sh > /dev/null && [ "$SECONDS" -lt "${1:-540}" ]; do
   sleep 5
   if [ $((SECONDS % 60)) -lt 5 ]; then
-    echo "t=${SECONDS}s: $(cat /tmp/sqp/"${RUN}"_s*/timing.txt 2>/dev/null | grep -c seconds=) steps done," \
+    echo "t=${SECONDS}s: $(cat "$SQP/${RUN}"_s*/timing.txt 2>/dev/null | grep -c seconds=) steps done," \
       "GPU memory $(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null)"
   fi
 done
@@ -90,7 +114,7 @@ done
 # What this prints stays short (the stages' seconds, the results table): the machine goes back
 # 30 s after a call ends, and a long output delayed the next call past that once (session 23).
 for seed in $SEEDS; do
-  B=/tmp/sqp/${RUN}_s$seed O=/tmp/sqp/collect/${RUN}_s$seed
+  B=$SQP/${RUN}_s$seed O=$SQP/collect/${RUN}_s$seed
   rm -rf "$O" && mkdir -p "$O"
   echo "== seed $seed: $(grep -h seconds= "$B/timing.txt" 2>/dev/null | tr '\n' ' ')"
   cp "$B/timing.txt" "$O/" 2>/dev/null
@@ -98,6 +122,6 @@ for seed in $SEEDS; do
   cp "$B/runs/raft/model/manifest.json" "$O/raft_manifest.json" 2>/dev/null
   cp -r "$B/runs/raft/calibration" "$O/" 2>/dev/null  # the held-out answers the decision was fitted on
   cp "$B"/runs/eval/{results.md,metrics.json,answers.jsonl,roc.png} "$O/" 2>/dev/null
-  tar czf "$OUT/${RUN}_s$seed.tgz" -C /tmp/sqp/collect "${RUN}_s$seed"
+  tar czf "$OUT/${RUN}_s$seed.tgz" -C "$SQP/collect" "${RUN}_s$seed"
   cat "$O/results.md" 2>/dev/null || echo "(not evaluated yet; the full log is $B/run.log)"
 done

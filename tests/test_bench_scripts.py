@@ -92,6 +92,94 @@ def test_squad_product_gpu_stops_at_once_on_a_fresh_machine(tmp_path: Path) -> N
     assert not out.exists()
 
 
+FAKE_DF = """#!/usr/bin/env bash
+# df -P -k: 100 GiB free less 24 GiB for each weight file under $SQP
+n=$(find "$SQP" -name '*.safetensors' | wc -l)
+avail=$(((100 - 24 * n) * 1048576))
+printf 'Filesystem 1024-blocks Used Available Capacity Mounted\\nfake 1 1 %d 1%% /\\n' "$avail"
+"""
+
+
+def _run_with_a_full_disk(
+    tmp_path: Path, seeds: str, gib_per_seed: int = 15
+) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "df").write_text(FAKE_DF)
+    (bin_dir / "df").chmod(0o755)
+    env = os.environ | {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SQP": str(tmp_path / "sqp"),
+        "SITE": str(tmp_path / "no-bundle"),  # past the disk guard, stop at the fresh-machine check
+        "OUT": str(tmp_path / "out"),
+        "SEEDS": seeds,
+        "RECIPE": "contrast",
+        "GIB_PER_SEED": str(gib_per_seed),
+    }
+    return subprocess.run(
+        ["bash", "bench/squad_product_gpu.sh", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _a_finished_run(sqp: Path, name: str) -> Path:
+    run = sqp / name
+    for stage in ("raft", "closed"):
+        (run / "runs" / stage / "model").mkdir(parents=True)
+        (run / "runs" / stage / "model" / "model.safetensors").write_bytes(b"w" * 64)
+        (run / "runs" / stage / "model" / "manifest.json").write_text("{}")
+    (run / "runs" / "eval").mkdir()
+    (run / "runs" / "eval" / "answers.jsonl").write_text("{}\n")
+    (run / "started").touch()
+    return run
+
+
+def test_squad_product_gpu_frees_finished_runs_weights_before_starting_new_seeds(
+    tmp_path: Path,
+) -> None:
+    """A second run on one machine filled its disk (session 25): before new seeds start, the runs
+    no longer running lose their weights but keep what is collected (manifest, answers); a run
+    still going keeps everything; a seed already started needs no room; still full: one line."""
+    sqp = tmp_path / "sqp"
+    done = _a_finished_run(sqp, "contrast_s0")
+    going = _a_finished_run(sqp, "contrast_b32_s1")
+    fake_stage = tmp_path / "bench" / "squad_cpu.sh"  # a run still going, as the script starts it
+    fake_stage.parent.mkdir()
+    fake_stage.write_text("sleep 60\n")
+    proc = subprocess.Popen(["bash", str(fake_stage), str(going), "1"])
+    try:
+        # 4 GiB free, but seed 0 of contrast already started: nothing removed, on to the next check
+        res = _run_with_a_full_disk(tmp_path, "0")
+        assert res.returncode == 3 and (done / "runs/raft/model/model.safetensors").exists()
+
+        res = _run_with_a_full_disk(tmp_path, "0 2")  # seed 2 is new and needs room
+        assert res.returncode == 3, res.stderr  # room made; stopped at the fresh-machine check
+        assert not list(done.rglob("*.safetensors"))
+        assert (done / "runs/raft/model/manifest.json").exists()
+        assert (done / "runs/eval/answers.jsonl").exists()
+        assert (going / "runs/raft/model/model.safetensors").exists()
+        assert (going / "runs/closed/model/model.safetensors").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+
+    # 52 GiB free with the running run's weights (2 x 24 GiB) still there: not enough for a seed
+    # of 60 GiB, so say so and start nothing
+    proc = subprocess.Popen(["bash", str(fake_stage), str(going), "1"])
+    try:
+        res = _run_with_a_full_disk(tmp_path, "3", gib_per_seed=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert res.returncode == 4
+    assert len(res.stderr.strip().splitlines()) == 1 and "GiB free" in res.stderr
+    assert not (sqp / "contrast_s3").exists()
+
+
 @pytest.mark.parametrize("alongside", [False, True])
 def test_squad_cpu_trains_the_closed_book_model_beside_the_co_designed_one_when_asked(
     tmp_path: Path, alongside: bool
