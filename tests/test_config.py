@@ -96,6 +96,9 @@ def test_qwen_preset_selects_the_measured_gpu_recipe():
     # serving composes the same model and retriever settings, so the trained folder's manifest matches
     ask = _validate("ask", ["conf=qwen_rag"])
     assert ask.model.dtype == "bfloat16" and ask.retriever.hybrid
+    # a GPU decodes 32 questions at once, in the calibration pass and in train/eval.py alike
+    assert cfg.eval.batch_size == 32 == _validate("eval", ["conf=qwen_rag"]).eval.batch_size
+    assert _validate("eval").eval.batch_size == 8
 
 
 def test_the_contrast_construction_is_a_raft_option_of_its_own():
