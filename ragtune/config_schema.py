@@ -213,6 +213,8 @@ class TrainConfig:
     lr_scheduler_type: str
     weight_decay: float
     optim: str  # a transformers OptimizerNames value, checked before the model loads
+    max_grad_norm: float
+    adam_beta2: float
     packing: bool
     padding_free: Any  # "auto", true or false
     train_sampling_strategy: Sampling
@@ -320,6 +322,8 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "train.lora.r": (0, None, False, True),
     "train.lora.lora_dropout": (0, 1, True, False),
     "train.learning_rate": (0, None, False, True),
+    "train.max_grad_norm": (0, None, False, True),
+    "train.adam_beta2": (0, 1, False, False),
     "train.per_device_train_batch_size": (0, None, False, True),
     "train.gradient_accumulation_steps": (0, None, False, True),
     "train.save_steps": (0, None, False, True),

@@ -146,6 +146,8 @@ def test_outputs_root_is_configurable(monkeypatch, tmp_path):
         ("train.divergence_lr_scale=0", "train.divergence_lr_scale"),
         ("train.divergence_lr_scale=1.5", "train.divergence_lr_scale"),
         ("train.preference.undo_above=0", "train.preference.undo_above"),
+        ("train.max_grad_norm=0", "train.max_grad_norm"),
+        ("train.adam_beta2=1.0", "train.adam_beta2"),
         ("raft.calibration_features=[margin,retreival]", "raft.calibration_features"),
         ("raft.calibration_features=[]", "raft.calibration_features"),
     ],
@@ -217,3 +219,20 @@ def test_train_keys_are_the_library_argument_names():
     sft_fields = set(inspect.signature(SFTConfig).parameters)
     assert set(SFT_ARGS) <= set(cfg.train) and set(SFT_ARGS) <= sft_fields
     assert set(cfg.train.lora) <= set(inspect.signature(LoraConfig).parameters)
+
+
+def test_clipping_and_adam_beta2_reach_both_training_steps(tmp_path):
+    """train.max_grad_norm and train.adam_beta2 (a sweep's levers against a spiking run) feed the
+    SFT step's SFTConfig and the preference step's CPOConfig alike."""
+    from ragtune.training.preference import cpo_config
+    from ragtune.training.trainer import sft_config
+
+    precision = {"bf16": False, "fp16": False}
+    default = sft_config(_validate("sft"), tmp_path, precision, cuda=False)
+    assert (default.max_grad_norm, default.adam_beta2) == (1.0, 0.999)
+    cfg = _validate("sft", ["train.max_grad_norm=0.3", "train.adam_beta2=0.95"])
+    for args in (
+        sft_config(cfg, tmp_path, precision, cuda=False),
+        cpo_config(cfg, tmp_path, precision, cuda=False),
+    ):
+        assert (args.max_grad_norm, args.adam_beta2) == (0.3, 0.95)

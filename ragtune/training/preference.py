@@ -179,6 +179,8 @@ def cpo_config(cfg: Any, out_dir: Path, precision: dict[str, bool], cuda: bool) 
         warmup_steps=float(t.warmup_steps),
         lr_scheduler_type=str(t.lr_scheduler_type),
         optim=str(t.optim),
+        max_grad_norm=float(t.max_grad_norm),
+        adam_beta2=float(t.adam_beta2),
         logging_steps=int(t.logging_steps),
         report_to=plain(t.report_to),
         seed=int(cfg.seed),

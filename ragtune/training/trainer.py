@@ -28,6 +28,8 @@ SFT_ARGS = (
     "lr_scheduler_type",
     "weight_decay",
     "optim",
+    "max_grad_norm",
+    "adam_beta2",
     "logging_steps",
     "save_steps",
     "save_total_limit",
