@@ -73,18 +73,23 @@ def test_squad_cpu_trains_the_closed_book_model_only_for_the_modes_that_need_it(
         assert eval_modes in evaluation
 
 
+def _run_product_gpu(**env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "bench/squad_product_gpu.sh", "1"],
+        cwd=ROOT,
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def test_squad_product_gpu_stops_at_once_on_a_fresh_machine(tmp_path: Path) -> None:
     """Without the setup calls' files (the machine went back between calls) the GPU script
     says so in one line and exits 3 before starting or converting anything."""
     out = tmp_path / "out"
-    env = os.environ | {"SITE": str(tmp_path / "no-bundle"), "OUT": str(out), "SEEDS": "0"}
-    res = subprocess.run(
-        ["bash", "bench/squad_product_gpu.sh", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    res = _run_product_gpu(
+        SITE=str(tmp_path / "no-bundle"), OUT=str(out), SEEDS="0", SQP=str(tmp_path / "sqp")
     )
     assert res.returncode == 3
     assert "fresh machine" in res.stderr and "setup calls" in res.stderr
@@ -107,22 +112,14 @@ def _run_with_a_full_disk(
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "df").write_text(FAKE_DF)
     (bin_dir / "df").chmod(0o755)
-    env = os.environ | {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "SQP": str(tmp_path / "sqp"),
-        "SITE": str(tmp_path / "no-bundle"),  # past the disk guard, stop at the fresh-machine check
-        "OUT": str(tmp_path / "out"),
-        "SEEDS": seeds,
-        "RECIPE": "contrast",
-        "GIB_PER_SEED": str(gib_per_seed),
-    }
-    return subprocess.run(
-        ["bash", "bench/squad_product_gpu.sh", "1"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    return _run_product_gpu(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SQP=str(tmp_path / "sqp"),
+        SITE=str(tmp_path / "no-bundle"),  # past the disk guard, stop at the fresh-machine check
+        OUT=str(tmp_path / "out"),
+        SEEDS=seeds,
+        RECIPE="contrast",
+        GIB_PER_SEED=str(gib_per_seed),
     )
 
 
