@@ -5,8 +5,10 @@ For each finished run: the held-out answers the decision was fitted on
 evaluation (``train/eval.py``'s ``answers.jsonl``, raft_rag rows). Every variant is a logistic
 regression (``ragtune.answerability.fit_logistic``'s recipe: standardised features, L2) fitted
 on the held-out answers, cut at the shipped expected-score threshold, and scored on the test
-answers: AUROC and the SQuAD v2 overall. "shipped" is ``fit_calibration`` itself, so its row
-is what the evaluation reported. Nothing is re-run; CPU, seconds.
+answers: AUROC and the SQuAD v2 overall. "shipped" is ``fit_calibration`` on its six
+``FEATURES``, what training fitted by default until session 25, so for such a run its row is
+what the evaluation reported; ``raft.calibration_features``' default is now the row "logit
+p_abstain_first + retrieval". Nothing is re-run; CPU, seconds.
 
     python bench/calibration_variants.py CAL_ANSWERS EVAL_ANSWERS [CAL_ANSWERS EVAL_ANSWERS ...]
 

@@ -15,8 +15,8 @@
 # retrieval (before 2026-12-03 session 16 it ran dense: TAG=dense EXTRA_ARGS=retriever.hybrid=false),
 # counterfactual questions and the preference step (since 2026-12-04 session 21; before it:
 # EXTRA_ARGS="raft.swapped_twin=false train.preference.num_train_epochs=0"), and the two-feature
-# decision (since session 22; before it: the six defaults, EXTRA_ARGS="raft.calibration_features=[margin,
-# mean_lp,lp_abstain,p_abstain_first,grounded,retrieval]" without the line break). The seeds
+# decision (since session 22, every model's default since session 25; before it: the six,
+# EXTRA_ARGS="raft.calibration_features=[margin,mean_lp,lp_abstain,p_abstain_first,grounded,retrieval]"). The seeds
 # run side by side on the one GPU. WAIT_SECONDS counts from this script's start (the Qwen
 # conversion included), so a call's limit can be WAIT + ~20 s; progress is printed every minute.
 #
@@ -81,7 +81,7 @@ RECIPE_ARGS=""
 case ${RECIPE:-cpu} in
   cpu) ;;
   contrast)  # conf=qwen_rag's recipe, its hybrid retrieval included
-    export MAX_TRAIN=0 RAFT_EXTRA="raft=contrast raft.unanswerable_fraction=null raft.swapped_twin=true train.preference.num_train_epochs=1 raft.calibration_features=[abstain_logodds,retrieval]"
+    export MAX_TRAIN=0 RAFT_EXTRA="raft=contrast raft.unanswerable_fraction=null raft.swapped_twin=true train.preference.num_train_epochs=1"
     RECIPE_ARGS="retriever.hybrid=true eval.batch_size=32" ;;  # 32 since session 25 (was 8)
   *) echo "RECIPE must be cpu or contrast, got ${RECIPE}" >&2; exit 2 ;;
 esac

@@ -9,10 +9,11 @@ this prompt. Features per answer (:class:`AnswerFeatures`):
 - ``p_abstain_first``: probability of the abstain answer's first token as the first token;
 - ``grounded``: the normalised answer occurs in the normalised context (extractive support);
 - ``retrieval``: the best retrieval score of the context (cosine; 0 when unknown);
-- ``abstain_logodds``: ``p_abstain_first`` as log-odds (not in the default mix).
+- ``abstain_logodds``: ``p_abstain_first`` as log-odds.
 
-A score is a weighted sum of these (:data:`FEATURES` by default, ``raft.calibration_features``
-names others among :data:`CHOICES`); :func:`fit_logistic` fits the weights
+A score is a weighted sum of these: those ``raft.calibration_features`` names among
+:data:`CHOICES` (by default ``abstain_logodds`` and ``retrieval``; :data:`FEATURES`, the six
+weighed before session 25, where no names are given); :func:`fit_logistic` fits the weights
 on a validation split as the log-odds that the question is answerable, and
 :func:`expected_score_threshold` the cut where answering and abstaining are worth the same in
 expectation (:func:`fit_threshold`, the cut that scores best on the validation questions
@@ -36,7 +37,7 @@ from ragtune.metrics import normalize_answer
 from ragtune.roc import auroc
 
 FEATURES = ("margin", "mean_lp", "lp_abstain", "p_abstain_first", "grounded", "retrieval")
-# what a mix may weigh (raft.calibration_features): the defaults above, and the first-token
+# what a mix may weigh (raft.calibration_features): the six above, and the first-token
 # probability as log-odds (it saturates near 0 and 1, where a weight on the probability is flat)
 CHOICES = (*FEATURES, "abstain_logodds")
 # The default score until a model's manifest carries fitted weights: the model's own

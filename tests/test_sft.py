@@ -125,7 +125,9 @@ def test_a_kill_while_the_manifest_is_written_leaves_the_folder_incomplete(tmp_p
         read_manifest(model_dir)
 
 
-@pytest.mark.parametrize("features", [None, "abstain_logodds,retrieval"])
+@pytest.mark.parametrize(
+    "features", [None, "margin,mean_lp,lp_abstain,p_abstain_first,grounded,retrieval"]
+)
 def test_run_sft_fits_the_decision_on_held_out_sources(
     outputs, tiny_lm_path, monkeypatch, features
 ):
@@ -158,9 +160,10 @@ def test_run_sft_fits_the_decision_on_held_out_sources(
     cal = read_manifest(run / "model")["answerability"]
     assert cal["threshold"] == 0.25 and cal["n_validation"] == len(held)
     assert set(cal["validation_sources"]) == {r.source for r in held}
-    # the mix weighs the configured features, and serving scores with exactly those
+    # the mix weighs the configured features (default: the first token's abstain log-odds and
+    # the retrieval score), and serving scores with exactly those
     assert list(cal["weights"]) == (
-        features.split(",") if features else list(answerability.FEATURES)
+        features.split(",") if features else ["abstain_logodds", "retrieval"]
     )
     assert result.metrics["calibrated"]  # eval_after applied the decision before the manifest
     rows = [json.loads(x) for x in (run / "calibration/answers.jsonl").read_text().splitlines()]
