@@ -19,6 +19,9 @@
 # EXTRA_ARGS="raft.calibration_features=[margin,mean_lp,lp_abstain,p_abstain_first,grounded,retrieval]"). The seeds
 # run side by side on the one GPU. WAIT_SECONDS counts from this script's start (the Qwen
 # conversion included), so a call's limit can be WAIT + ~20 s; progress is printed every minute.
+# Several recipes side by side (TAG / EXTRA_ARGS differ): launch each but the last with WAIT 1;
+# the last one's WAIT then has to leave room for those launches (~45 s, the first converting Qwen)
+# within the call's 600 s (session 26's call ran out; the detached runs went on).
 #
 # Needs, from earlier calls (docs/benchmarks.md, "A 1.5B reader"): the package bundle in
 # /tmp/s/site, the Qwen GGUF's pieces in /tmp/qw (converted here into /tmp/ab/qwen by
@@ -28,9 +31,9 @@
 # of the previous call's end (the machine goes back, and the runs with it). A seed takes ~550 s
 # (raft stage) + ~105 s (four-mode evaluation, 32 questions a batch; ~600 + ~225 s at 8) whether
 # one or three run side by side (session 23: ~25 GiB of GPU memory held by two seeds' raft
-# stages): one session's 1,800 s fits one run of three seeds after the ~120 s of setup calls
-# (~770 s in two calls, session 25), leaving ~900 s: about one raft_rag-only run of two more
-# seeds (~600 s; session 25's stopped at once on a full disk, before the guard below).
+# stages; six raft_rag-only runs side by side: raft stage 662-703 s, evaluation 62-66 s, session
+# 26): one session's 1,800 s fits one such batch after the ~120-210 s of setup calls (and the
+# machine's start), and not a second one.
 set -u
 OUT=${OUT:-/tmp/sqp/out}
 SEEDS=${SEEDS:-${SEED:-0}}
