@@ -428,3 +428,55 @@ def test_calibration_variants_by_source_fit_on_the_other_articles(tmp_path: Path
     ]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(t) + "\n" for t in train))
     assert bench.by_source(tmp_path / "old.jsonl", tmp_path / "train.jsonl") == got
+
+
+def _separation_run(path: Path, ids: list[str], source: str, scores: list[float]) -> Path:
+    """A raft_rag answers.jsonl: even ids answerable (answered right), odd ones unanswerable
+    (abstained), each with the given answerability score."""
+    rows = []
+    for i, (qid, s) in enumerate(zip(ids, scores, strict=True)):
+        ans = i % 2 == 0
+        rows.append(
+            {
+                "mode": "raft_rag",
+                "id": qid,
+                "source": source,
+                "answerable": ans,
+                "gold": ["x"] if ans else [],
+                "candidate": "x",
+                "abstained": not ans,
+                "score": 1.0,
+                "f1": 1.0 if ans else 0.0,
+                "retrieval_hit": ans,
+                "answerability": s,
+                "features": {"margin": s},
+            }
+        )
+    path.mkdir(parents=True)
+    (path / "answers.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path / "answers.jsonl"
+
+
+def test_squad_separation_sums_up_reruns_of_a_split(tmp_path: Path, capsys) -> None:
+    """Runs over the same test questions are one split's row (mean and range of overall and
+    AUROC, always-abstain's score there); a run over other questions is its own row; with no
+    reruns there is no such table."""
+    bench = _load_bench("squad_separation")
+    a = ["q1", "q2", "q3", "q4"]
+    run1 = _separation_run(tmp_path / "r1", a, "squad/Alpha.txt", [0.9, 0.1, 0.8, 0.2])  # AUROC 1
+    run2 = _separation_run(tmp_path / "r2", a, "squad/Alpha.txt", [0.9, 0.8, 0.1, 0.2])  # 0.5
+    other = _separation_run(tmp_path / "r3", ["q5", "q6"], "squad/Beta.txt", [0.2, 0.9])  # 0
+
+    stats = {p: bench.separation(p) for p in (run1, run2, other)}
+    got = bench.by_split(stats)
+    assert [g["articles"] for g in got] == [["Alpha"], ["Beta"]]
+    assert got[0]["auroc"] == pytest.approx([1.0, 0.5]) and got[1]["auroc"] == [0.0]
+    assert got[0]["always_abstain"] == pytest.approx(50.0)
+    assert got[0]["overall"] == pytest.approx([100.0, 100.0])
+
+    assert bench.main([str(run1), str(run2), str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "| Alpha | 2 | 50.0 | 100.0 (100.0-100.0) | 0.750 (0.500-1.000) |" in out
+    assert "| Beta | 1 |" in out
+    assert bench.main([str(run1), str(other)]) == 0
+    assert "test articles" not in capsys.readouterr().out
