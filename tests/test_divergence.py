@@ -39,10 +39,22 @@ RECOVERED = [
 ]  # fmt: skip
 
 
-def _watch(losses: list[float], factor: float = 4.0) -> LossWatch:
+# The same recipe logged every step (Qwen 1.5B, seed 0, this CPU, 2026-12-04): one batch's loss
+# swings 0.002-1.5 (a batch of eight "I dont know" targets against one with answers), and steps
+# 52-53 tripped a guard that judged each log on its own.
+EVERY_STEP = [
+    2.004, 2.864, 4.005, 3.619, 2.639, 1.652, 0.9977, 0.6813, 1.067, 0.3213, 0.2781, 0.1027,
+    0.01286, 1.489, 0.6722, 0.00249, 0.9797, 0.3961, 0.2642, 0.5525, 0.1937, 0.2412, 0.2545,
+    0.7593, 0.9202, 0.1263, 0.2571, 0.5572, 1.32, 0.2524, 0.238, 0.4066, 0.3064, 0.4828, 0.2179,
+    0.5698, 0.0351, 0.502, 0.6522, 0.6374, 0.1719, 0.1603, 0.1731, 0.1763, 0.1317, 0.009799,
+    0.7675, 0.4518, 0.4083, 0.3029, 0.4221, 0.7589, 0.8725,
+]  # fmt: skip
+
+
+def _watch(losses: list[float], factor: float = 4.0, every: int = 5) -> LossWatch:
     watch = LossWatch(factor)
     for i, loss in enumerate(losses):
-        if watch.add(5 * (i + 1), loss):
+        if watch.add(every * (i + 1), loss):
             break
     return watch
 
@@ -58,6 +70,20 @@ def test_the_measured_blow_up_is_caught_where_it_began():
 def test_a_bad_batch_the_run_recovers_from_and_noise_do_not_stop_it():
     assert _watch(RECOVERED).divergence is None
     assert _watch(DIVERGED[:53]).divergence is None  # the seed-0 run before its spike
+
+
+def test_a_run_logged_every_step_is_judged_on_five_step_means():
+    assert _watch(EVERY_STEP, every=1).divergence is None
+    # the measured blow-up, logged every step, is still caught where it began
+    per_step = [x for x in DIVERGED for _ in range(5)]
+    d = _watch(per_step, every=1).divergence
+    assert d is not None and (d.step, d.last_good_step) == (270, 265)
+    assert d.loss == pytest.approx(3.255)
+
+
+def test_a_loss_that_is_not_finite_stops_at_once_at_any_logging_interval():
+    d = _watch([2.0, 1.5, 1.2, math.nan], every=1).divergence
+    assert d is not None and d.step == 4 and d.last_good_step == 3
 
 
 def test_a_loss_that_is_not_finite_stops_at_once():

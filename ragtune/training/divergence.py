@@ -7,7 +7,9 @@ as it was, that model abstained on 132 of 135 answerable test questions; the sam
 (GPU arithmetic differs run to run) did not break. The guard watches the logged loss: a loss
 that is not finite, or ``train.divergence_factor`` times the median of the recent logged losses
 for two logs in a row (noise measured at most 3.3x; one bad batch, 11x, was followed by 2.8x),
-stops the run. Training then resumes from the newest complete checkpoint from before the spike
+stops the run. Logs covering fewer than :data:`SPAN` optimizer steps (``train.logging_steps=1``)
+are pooled first: one batch's loss swings 0.002-1.5 on the SQuAD recipe, its 5-step means far
+less. Training then resumes from the newest complete checkpoint from before the spike
 (``train.divergence_restarts`` times) with its learning-rate schedule scaled by
 ``train.divergence_lr_scale``: an exact resume replays the same batches at the same rate, and on
 the H200 it broke again at the same step with the same loss (11.23, docs/benchmarks.md). If it
@@ -29,9 +31,11 @@ from ragtune.training.checkpoints import CKPT_PREFIX, checkpoint_problem, checkp
 
 log = logging.getLogger(__name__)
 
-WINDOW = 10  # logged losses the median is taken over
-MIN_HISTORY = 5  # logs before a ratio is judged (the first losses fall fast)
+WINDOW = 10  # judged losses the median is taken over
+MIN_HISTORY = 5  # judged losses before a ratio is judged (the first losses fall fast)
 SPIKES_IN_A_ROW = 2
+SPAN = 5  # optimizer steps a judged loss covers at least: the logging interval the noise was
+# measured at; logged every step, the recipe's ordinary batches tripped the guard at step 52
 
 
 @dataclass
@@ -48,9 +52,10 @@ class Divergence:
     restart_error: str | None = None  # why resuming from it failed (then it was restored)
 
     def to_dict(self) -> dict[str, Any]:
-        """For the manifest: a loss that is not finite as "nan" / "inf" (JSON has no NaN)."""
+        """For the manifest: numbers that are not finite as "nan" / "inf" (JSON has no NaN)."""
         d = asdict(self)
-        d["loss"] = d["loss"] if math.isfinite(d["loss"]) else str(d["loss"])
+        for key in ("loss", "reference"):  # no reference yet: a break before any judged loss
+            d[key] = d[key] if math.isfinite(d[key]) else str(d[key])
         return d
 
 
@@ -59,14 +64,31 @@ class LossWatch:
 
     def __init__(self, factor: float) -> None:
         self.factor = float(factor)
-        self.history: list[tuple[int, float]] = []  # (step, loss) of the good logs
+        self.history: list[tuple[int, float]] = []  # (step, loss) of the good judged losses
         self.spikes: list[tuple[int, float, float]] = []  # (step, loss, reference) in a row
         self.divergence: Divergence | None = None
+        self.pending: list[tuple[int, float, int]] = []  # (step, loss, steps it covers)
+        self.logged: list[tuple[int, float]] = []  # (step, loss) of every finite log, as logged
+        self.last_step = 0  # the step of the last log
 
     def add(self, step: int, loss: float) -> bool:
-        """Record a logged loss; True when the run has just been judged diverged."""
+        """Record a logged loss; True when the run has just been judged diverged.
+
+        A loss that is not finite is judged at once; finite ones once their logs cover
+        :data:`SPAN` steps, as their mean weighted by the steps each log covers."""
         if self.divergence is not None:
             return False
+        covers, self.last_step = max(step - self.last_step, 1), step
+        if math.isfinite(loss):
+            self.logged.append((step, loss))
+            self.pending.append((step, loss, covers))
+            if sum(n for _, _, n in self.pending) < SPAN:
+                return False
+            loss = sum(x * n for _, x, n in self.pending) / sum(n for _, _, n in self.pending)
+            self.pending.clear()
+        return self._judge(step, loss)
+
+    def _judge(self, step: int, loss: float) -> bool:
         recent = [x for _, x in self.history[-WINDOW:]]
         reference = statistics.median(recent) if recent else math.nan
         bad = not math.isfinite(loss)
@@ -79,14 +101,18 @@ class LossWatch:
         if not bad:
             return False
         first = self.spikes[0] if self.spikes else (step, loss, reference)
-        last_good = self.history[-1][0] if self.history else 0
+        # finite logs not yet judged before a non-finite one count as good
+        last_good = max([s for s, _ in self.history[-1:]] + [s for s, _, _ in self.pending] + [0])
         self.divergence = Divergence(first[0], first[1], first[2], last_good)
         return True
 
     def restart(self, step: int) -> None:
         """Training resumes from checkpoint ``step``: forget what was logged after it."""
         self.history = [(s, x) for s, x in self.history if s <= step]
+        self.logged = [(s, x) for s, x in self.logged if s <= step]
         self.spikes.clear()
+        self.pending.clear()
+        self.last_step = step
         self.divergence = None
 
 

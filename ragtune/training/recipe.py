@@ -253,7 +253,7 @@ def train(
         result.divergence = [b.to_dict() for b in breaks]
         restored = breaks[-1].restored_step
         if restored is not None:  # the loss logged at the restored step, not the broken one
-            kept = [loss for step, loss in guard.watch.history if step <= restored]
+            kept = [loss for step, loss in guard.watch.logged if step <= restored]
             result.final_loss = kept[-1] if kept else None
     return result
 
