@@ -480,3 +480,106 @@ def test_squad_separation_sums_up_reruns_of_a_split(tmp_path: Path, capsys) -> N
     assert "| Beta | 1 |" in out
     assert bench.main([str(run1), str(other)]) == 0
     assert "test articles" not in capsys.readouterr().out
+
+
+def test_spike_probe_finds_the_rows_each_training_step_trains_on(tiny_lm_path: str) -> None:
+    """The order bench/spike_probe.py reports is the one a training run of ragtune's Trainer
+    consumes: rows recorded from a real run's first steps, seeded alike, match it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from ragtune.schema import get_schema
+    from ragtune.training.data import tokenize_examples
+    from ragtune.training.trainer import trainer_class
+
+    probe = _load_bench("spike_probe")
+    examples = [
+        {"prompt": f"What is item {i}?" + " context" * (i % 5), "completion": f"item {i}"}
+        for i in range(20)
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_path)
+    schema = get_schema("alpaca_rag_short")
+    order = probe.batch_order(examples, tokenizer, schema, 256, seed=3, batch=4, epochs=2)
+    assert len(order) == 10
+    assert sorted(sum(order[:5], [])) == sorted(sum(order[5:], [])) == list(range(20))
+    assert probe.batch_order(examples, tokenizer, schema, 256, seed=4, batch=4) != order[:5]
+
+    dataset, _ = tokenize_examples(examples, tokenizer, schema, 256)
+    key = {tuple(ids): i for i, ids in enumerate(dataset["input_ids"])}
+    seen: list[list[int]] = []
+
+    class Recording(trainer_class()):
+        def training_step(self, model, inputs, *args, **kwargs):  # noqa: ANN001
+            seen.append(probe.rows_of(inputs, key))
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    args = SFTConfig(
+        output_dir=str(Path(tiny_lm_path).parent / "probe_run"),
+        per_device_train_batch_size=4,
+        max_steps=7,  # into the second epoch: its reshuffle too
+        seed=3,
+        data_seed=3,
+        use_cpu=True,
+        completion_only_loss=True,
+        max_length=256,
+        report_to=[],
+        save_strategy="no",
+    )
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
+    Recording(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    assert seen == order[:7]
+
+
+def test_spike_probe_splits_a_batch_gradient_into_its_examples(tiny_lm_path: str) -> None:
+    """The per-example gradients add up to the gradient of the Trainer's own loss on the batch
+    (completion tokens only, divided by the batch's completion tokens)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig
+
+    from ragtune.schema import get_schema
+    from ragtune.training.data import tokenize_examples
+    from ragtune.training.trainer import trainer_class
+
+    probe = _load_bench("spike_probe")
+    examples = [
+        {"prompt": f"Where is item {i}?" + " near" * i, "completion": "shelf " * (1 + i % 3)}
+        for i in range(8)
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_path)
+    schema = get_schema("alpaca_rag_short")
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm_path), lora)
+    with torch.no_grad():  # B starts at zero: give the LoRA a state whose gradients all flow
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    dataset, _ = tokenize_examples(examples, tokenizer, schema, 256)
+    key = {tuple(ids): i for i, ids in enumerate(dataset["input_ids"])}
+    args = SFTConfig(
+        output_dir=str(Path(tiny_lm_path).parent / "probe_grads"),
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        completion_only_loss=True,
+        max_length=256,
+        report_to=[],
+    )
+    trainer = trainer_class()(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    rows = probe.rows_of(batch, key)
+    found, batch_norm = probe.example_gradients(model, tokenizer, schema, examples, rows, False)
+
+    model.zero_grad()
+    tokens = int((batch["labels"][:, 1:] != -100).sum())  # the completion tokens
+    trainer.compute_loss(model, batch, num_items_in_batch=tokens).backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    expected = torch.sqrt(sum((g**2).sum() for g in grads)).item()
+    assert batch_norm == pytest.approx(expected, rel=1e-4)
+    assert len(found) == 4 and all(e["grad_norm"] > 0 for e in found)
+    assert batch_norm < sum(
+        e["grad_norm"] for e in found
+    )  # parts of one vector, not a sum of norms

@@ -1,0 +1,237 @@
+"""Which examples set off a gradient-norm spike in an SFT run: batch order and per-example grads.
+
+A run's grad-norm spikes (docs/benchmarks.md, "Where a spike comes from") fall at the same step
+on the same data order. Three steps find out what the batches there hold and which examples carry
+the gradient, on the CPU:
+
+    # 1. the training order: which dataset rows each optimizer step trains on (the Trainer's
+    #    own dataloader over the run's saved examples; the model does not matter for the order)
+    python bench/spike_probe.py order RUN --model PATH --seed 42 --batch 8 -o order.json
+    # 2. the LoRA weights after update N: resume the run from a checkpoint before N and stop there
+    python bench/spike_probe.py save-at 83 weights.pt -- <the run's train/sft.py arguments> \
+        train.resume=true train.divergence_factor=null
+    # 3. each example's completion loss and gradient norm on step N+1's batch at those weights
+    python bench/spike_probe.py grads RUN --model PATH --weights weights.pt --order order.json \
+        --steps 84 85
+
+RUN is the run folder (its ``dataset/train.jsonl``); PATH the base model folder. Gradients are
+taken as the Trainer takes them: each example's token losses summed and divided by the batch's
+completion tokens, so the per-example norms are the parts of the batch's gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def load_examples(run: Path) -> list[dict[str, Any]]:
+    with open(run / "dataset" / "train.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def batch_order(
+    examples: list[dict[str, Any]],
+    tokenizer: Any,
+    schema: Any,
+    max_len: int,
+    seed: int,
+    batch: int,
+    epochs: int = 1,
+) -> list[list[int]]:
+    """Row indices of ``examples`` per optimizer step, as ragtune's SFT Trainer draws them.
+
+    The rows are tokenized as training tokenizes them (rows too long are dropped there, so an
+    index is a position among the kept rows) and drawn through the Trainer's own dataloader
+    (its sampler, seeded with ``seed`` = the run's ``seed``); a tiny random model stands in."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig
+
+    from ragtune.training.data import tokenize_examples
+    from ragtune.training.trainer import trainer_class
+
+    dataset, _ = tokenize_examples(examples, tokenizer, schema, max_len)
+    key: dict[tuple[int, ...], int] = {}
+    for i, ids in enumerate(dataset["input_ids"]):
+        key.setdefault(tuple(ids), i)  # identical rows are one row to the probe
+    tiny = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    args = SFTConfig(
+        output_dir="/tmp/spike_probe",
+        per_device_train_batch_size=batch,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        completion_only_loss=True,
+        max_length=max_len,
+        report_to=[],
+        num_train_epochs=epochs,
+    )
+    trainer = trainer_class()(
+        model=tiny, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    loader = trainer.get_train_dataloader()
+    steps: list[list[int]] = []
+    for _ in range(epochs):  # each pass reshuffles, as the Trainer's epochs do
+        for b in loader:
+            steps.append(rows_of(b, key))
+    return steps
+
+
+def rows_of(batch: dict[str, Any], key: dict[tuple[int, ...], int]) -> list[int]:
+    """The dataset rows of one collated batch (padding dropped by the attention mask)."""
+    ids, mask = batch["input_ids"].tolist(), batch["attention_mask"].tolist()
+    return [
+        key.get(tuple(t for t, m in zip(r, mm, strict=True) if m), -1)
+        for r, mm in zip(ids, mask, strict=True)
+    ]
+
+
+def example_gradients(
+    model: Any,
+    tokenizer: Any,
+    schema: Any,
+    examples: list[dict[str, Any]],
+    rows: list[int],
+    autocast: bool = True,
+) -> tuple[list[dict[str, Any]], float]:
+    """Per example of one batch: its completion tokens, their losses, its gradient norm; and
+    the norm of their sum, the batch's gradient (bfloat16 autocast as CPU training runs)."""
+    import torch
+
+    from ragtune.training.data import encode_completion
+
+    encoded = [
+        (
+            schema.encode_prompt(tokenizer, examples[i]["prompt"]),
+            encode_completion(tokenizer, examples[i]["completion"]),
+        )
+        for i in rows
+    ]
+    total = sum(len(c) for _, c in encoded)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    summed = [torch.zeros_like(q, dtype=torch.float32) for q in params]
+    for i, (p_ids, c_ids) in zip(rows, encoded, strict=True):
+        model.zero_grad()
+        ids = torch.tensor([p_ids + c_ids])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=ids).logits.float()
+        logp = torch.log_softmax(logits[0, len(p_ids) - 1 : -1], -1)
+        nll = -logp.gather(1, torch.tensor(c_ids)[:, None])[:, 0]
+        (nll.sum() / total).backward()
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in params]
+        norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads)).item()
+        for acc, g in zip(summed, grads, strict=True):
+            acc += g.float()
+        out.append(
+            {
+                "row": i,
+                "kind": examples[i].get("kind"),
+                "tokens": [tokenizer.decode([t]) for t in c_ids],
+                "nll": [round(x, 3) for x in nll.tolist()],
+                "grad_norm": round(norm, 3),
+                "question": examples[i].get("instruction", "")[:100],
+            }
+        )
+    return out, torch.sqrt(sum((g**2).sum() for g in summed)).item()
+
+
+def _lora_model(model_path: str, weights: str, r: int, alpha: int) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    loaded = model.load_state_dict(torch.load(weights), strict=False)
+    if loaded.unexpected_keys:
+        raise SystemExit(
+            f"{weights}: keys the LoRA does not have, e.g. {loaded.unexpected_keys[0]}"
+        )
+    return model.eval()
+
+
+def _save_at(step: int, weights: str, sft_args: list[str]) -> None:
+    import torch
+    from transformers import TrainerCallback
+
+    from ragtune.cli import run_command
+    from ragtune.training import checkpoints
+
+    class SaveAt(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):  # noqa: ANN001
+            if state.global_step == step:
+                lora = {
+                    k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k
+                }
+                torch.save(lora, weights)
+                print(f"saved the LoRA weights after update {step} to {weights}", file=sys.stderr)
+                raise SystemExit(0)  # the rest of the stage (save, calibrate) is not wanted
+            return control
+
+    real = checkpoints.callbacks
+    checkpoints.callbacks = lambda d: [*real(d), SaveAt()]
+    run_command("train", sft_args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["save-at"]:
+        if len(argv) < 4 or argv[3] != "--":
+            raise SystemExit("usage: spike_probe.py save-at STEP WEIGHTS.pt -- <sft arguments>")
+        _save_at(int(argv[1]), argv[2], argv[4:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=["order", "grads"])
+    ap.add_argument("run", type=Path, help="the run folder (dataset/train.jsonl)")
+    ap.add_argument("--model", required=True, help="the base model folder")
+    ap.add_argument("--prompt", default="alpaca_rag_short")
+    ap.add_argument("--max-len", type=int, default=384)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("-o", "--out", type=Path, default=Path("order.json"))
+    ap.add_argument("--weights", help="grads: LoRA weights from save-at")
+    ap.add_argument("--order", type=Path, help="grads: the order file")
+    ap.add_argument("--steps", type=int, nargs="*", default=[])
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    a = ap.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from ragtune.schema import get_schema
+
+    examples = load_examples(a.run)
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    schema = get_schema(a.prompt)
+    if a.command == "order":
+        order = batch_order(examples, tokenizer, schema, a.max_len, a.seed, a.batch, a.epochs)
+        a.out.write_text(json.dumps(order))
+        print(f"{len(order)} steps -> {a.out}")
+        return
+    order = json.loads(a.order.read_text())
+    model = _lora_model(a.model, a.weights, a.r, a.alpha)
+    for step in a.steps:
+        rows = order[step - 1]
+        found, batch_norm = example_gradients(model, tokenizer, schema, examples, rows)
+        print(f"== step {step}: {len(rows)} examples, the batch's gradient norm {batch_norm:.2f}")
+        for e in found:
+            print(f"  row {e['row']:5d} {e['kind']!s:18} grad {e['grad_norm']:7.2f} nll {e['nll']}")
+            print(f"        {e['tokens']}  Q: {e['question']!r}")
+
+
+if __name__ == "__main__":
+    main()
