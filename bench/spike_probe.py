@@ -1,17 +1,18 @@
 """Which examples set off a gradient-norm spike in an SFT run: batch order and per-example grads.
 
-A run's grad-norm spikes (docs/benchmarks.md, "Where a spike comes from") fall at the same step
-on the same data order. Three steps find out what the batches there hold and which examples carry
-the gradient, on the CPU:
+A run's grad-norm spikes fall at the same step on the same data order (docs/benchmarks.md,
+session 27: "where the spike comes from"). Three steps find out what the batches there hold and
+which examples carry the gradient, on the CPU:
 
     # 1. the training order: which dataset rows each optimizer step trains on (the Trainer's
     #    own dataloader over the run's saved examples; the model does not matter for the order)
     python bench/spike_probe.py order RUN --model PATH --seed 42 --batch 8 -o order.json
-    # 2. the LoRA weights after update N: resume the run from a checkpoint before N and stop there
-    python bench/spike_probe.py save-at 83 weights.pt -- <the run's train/sft.py arguments> \
+    # 2. the LoRA weights after update N (or N,M,...): resume the run from a checkpoint before
+    #    N and stop after the last (several steps: {step} in the file name)
+    python bench/spike_probe.py save-at 83 w83.pt -- <the run's train/sft.py arguments> \
         train.resume=true train.divergence_factor=null
     # 3. each example's completion loss and gradient norm on step N+1's batch at those weights
-    python bench/spike_probe.py grads RUN --model PATH --weights weights.pt --order order.json \
+    python bench/spike_probe.py grads RUN --model PATH --weights w83.pt --order order.json \
         --steps 84 85
 
 RUN is the run folder (its ``dataset/train.jsonl``); PATH the base model folder. Gradients are
@@ -156,7 +157,13 @@ def _lora_model(model_path: str, weights: str, r: int, alpha: int) -> Any:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     lora = LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    loaded = model.load_state_dict(torch.load(weights), strict=False)
+    if str(weights).endswith(".safetensors"):  # a checkpoint's adapter_model.safetensors
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        loaded = set_peft_model_state_dict(model, load_file(weights))
+    else:  # save-at's state dict
+        loaded = model.load_state_dict(torch.load(weights), strict=False)
     if loaded.unexpected_keys:
         raise SystemExit(
             f"{weights}: keys the LoRA does not have, e.g. {loaded.unexpected_keys[0]}"
@@ -164,7 +171,9 @@ def _lora_model(model_path: str, weights: str, r: int, alpha: int) -> Any:
     return model.eval()
 
 
-def _save_at(step: int, weights: str, sft_args: list[str]) -> None:
+def _save_at(steps: list[int], weights: str, sft_args: list[str]) -> None:
+    """Train as ``sft_args`` say, saving the LoRA after each update in ``steps`` (``weights``
+    with ``{step}`` in it, or one file for one step); exit after the last."""
     import torch
     from transformers import TrainerCallback
 
@@ -173,13 +182,15 @@ def _save_at(step: int, weights: str, sft_args: list[str]) -> None:
 
     class SaveAt(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):  # noqa: ANN001
-            if state.global_step == step:
+            if state.global_step in steps:
+                path = weights.format(step=state.global_step)
                 lora = {
                     k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k
                 }
-                torch.save(lora, weights)
-                print(f"saved the LoRA weights after update {step} to {weights}", file=sys.stderr)
-                raise SystemExit(0)  # the rest of the stage (save, calibrate) is not wanted
+                torch.save(lora, path)
+                print(f"saved the LoRA after update {state.global_step} to {path}", file=sys.stderr)
+                if state.global_step == max(steps):
+                    raise SystemExit(0)  # the rest of the stage (save, calibrate) is not wanted
             return control
 
     real = checkpoints.callbacks
@@ -190,9 +201,12 @@ def _save_at(step: int, weights: str, sft_args: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["save-at"]:
-        if len(argv) < 4 or argv[3] != "--":
-            raise SystemExit("usage: spike_probe.py save-at STEP WEIGHTS.pt -- <sft arguments>")
-        _save_at(int(argv[1]), argv[2], argv[4:])
+        if "--" not in argv or argv.index("--") < 3:
+            raise SystemExit("usage: spike_probe.py save-at STEP[,STEP...] WEIGHTS -- <sft args>")
+        steps = [int(x) for x in argv[1].split(",")]
+        if len(steps) > 1 and "{step}" not in argv[2]:
+            raise SystemExit("save-at: several steps need {step} in the weights path")
+        _save_at(steps, argv[2], argv[argv.index("--") + 1 :])
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=["order", "grads"])
@@ -204,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("-o", "--out", type=Path, default=Path("order.json"))
-    ap.add_argument("--weights", help="grads: LoRA weights from save-at")
+    ap.add_argument("--weights", help="grads: save-at's LoRA, or an adapter_model.safetensors")
     ap.add_argument("--order", type=Path, help="grads: the order file")
     ap.add_argument("--steps", type=int, nargs="*", default=[])
     ap.add_argument("--r", type=int, default=16)
