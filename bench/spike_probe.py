@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -68,25 +69,26 @@ def batch_order(
             num_key_value_heads=2,
         )
     )
-    args = SFTConfig(
-        output_dir="/tmp/spike_probe",
-        per_device_train_batch_size=batch,
-        seed=seed,
-        data_seed=seed,
-        use_cpu=True,
-        completion_only_loss=True,
-        max_length=max_len,
-        report_to=[],
-        num_train_epochs=epochs,
-    )
-    trainer = trainer_class()(
-        model=tiny, args=args, train_dataset=dataset, processing_class=tokenizer
-    )
-    loader = trainer.get_train_dataloader()
     steps: list[list[int]] = []
-    for _ in range(epochs):  # each pass reshuffles, as the Trainer's epochs do
-        for b in loader:
-            steps.append(rows_of(b, key))
+    with tempfile.TemporaryDirectory(prefix="spike_probe_") as scratch:  # nothing is saved there
+        args = SFTConfig(
+            output_dir=scratch,
+            per_device_train_batch_size=batch,
+            seed=seed,
+            data_seed=seed,
+            use_cpu=True,
+            completion_only_loss=True,
+            max_length=max_len,
+            report_to=[],
+            num_train_epochs=epochs,
+        )
+        trainer = trainer_class()(
+            model=tiny, args=args, train_dataset=dataset, processing_class=tokenizer
+        )
+        loader = trainer.get_train_dataloader()
+        for _ in range(epochs):  # each pass reshuffles, as the Trainer's epochs do
+            for b in loader:
+                steps.append(rows_of(b, key))
     return steps
 
 
