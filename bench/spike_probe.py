@@ -14,6 +14,10 @@ which examples carry the gradient, on the CPU:
     # 3. each example's completion loss and gradient norm on step N+1's batch at those weights
     python bench/spike_probe.py grads RUN --model PATH --weights w83.pt --order order.json \
         --steps 84 85
+    # 4. the same along one update: the weights a share of the way from one save to the next
+    #    (0 = --weights, 1 = --toward); how fast the gradients grow says how sharp it is there
+    python bench/spike_probe.py grads RUN --model PATH --weights w82.pt --toward w83.pt \
+        --at 0.25 0.5 0.75 --order order.json --steps 80 84 85
 
 RUN is the run folder (its ``dataset/train.jsonl``); PATH the base model folder. Gradients are
 taken as the Trainer takes them: each example's token losses summed and divided by the batch's
@@ -159,6 +163,30 @@ def _lora_model(model_path: str, weights: str, r: int, alpha: int) -> Any:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     lora = LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    load_lora(model, weights)
+    return model.eval()
+
+
+def lora_state(model: Any) -> dict[str, Any]:
+    """A copy of the model's trainable (LoRA) parameters."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def move_between(model: Any, start: dict[str, Any], end: dict[str, Any], share: float) -> None:
+    """Set the LoRA to the point ``share`` of the way from ``start`` to ``end`` (a straight
+    line in parameter space, as an optimizer step moves; 0 = start, 1 = end)."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in start:
+                p.copy_(start[n] + share * (end[n] - start[n]))
+
+
+def load_lora(model: Any, weights: str) -> None:
+    """Load save-at's state dict or a checkpoint's adapter_model.safetensors into ``model``."""
+    import torch
+
     if str(weights).endswith(".safetensors"):  # a checkpoint's adapter_model.safetensors
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -170,7 +198,6 @@ def _lora_model(model_path: str, weights: str, r: int, alpha: int) -> Any:
         raise SystemExit(
             f"{weights}: keys the LoRA does not have, e.g. {loaded.unexpected_keys[0]}"
         )
-    return model.eval()
 
 
 def _save_at(steps: list[int], weights: str, sft_args: list[str]) -> None:
@@ -221,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("-o", "--out", type=Path, default=Path("order.json"))
     ap.add_argument("--weights", help="grads: save-at's LoRA, or an adapter_model.safetensors")
+    ap.add_argument("--toward", help="grads: a later save; measure on the line to it (--at)")
+    ap.add_argument("--at", type=float, nargs="*", default=[0.5], help="shares of the way")
     ap.add_argument("--order", type=Path, help="grads: the order file")
     ap.add_argument("--steps", type=int, nargs="*", default=[])
     ap.add_argument("--r", type=int, default=16)
@@ -240,13 +269,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     order = json.loads(a.order.read_text())
     model = _lora_model(a.model, a.weights, a.r, a.alpha)
-    for step in a.steps:
-        rows = order[step - 1]
-        found, batch_norm = example_gradients(model, tokenizer, schema, examples, rows)
-        print(f"== step {step}: {len(rows)} examples, the batch's gradient norm {batch_norm:.2f}")
-        for e in found:
-            print(f"  row {e['row']:5d} {e['kind']!s:18} grad {e['grad_norm']:7.2f} nll {e['nll']}")
-            print(f"        {e['tokens']}  Q: {e['question']!r}")
+    points: list[tuple[str, float]] = [("", 0.0)]
+    if a.toward:
+        start = lora_state(model)
+        load_lora(model, a.toward)
+        end = lora_state(model)
+        points = [(f" at {s:g} of the way to {a.toward}", s) for s in a.at]
+    for where, share in points:
+        if a.toward:
+            move_between(model, start, end, share)
+        for step in a.steps:
+            found, norm = example_gradients(model, tokenizer, schema, examples, order[step - 1])
+            print(
+                f"== step {step}{where}: {len(found)} examples, the batch's gradient norm {norm:.2f}"
+            )
+            for e in found:
+                grad, nll = e["grad_norm"], e["nll"]
+                print(f"  row {e['row']:5d} {e['kind']!s:18} grad {grad:7.2f} nll {nll}")
+                print(f"        {e['tokens']}  Q: {e['question']!r}")
 
 
 if __name__ == "__main__":

@@ -583,3 +583,54 @@ def test_spike_probe_splits_a_batch_gradient_into_its_examples(tiny_lm_path: str
     assert batch_norm < sum(
         e["grad_norm"] for e in found
     )  # parts of one vector, not a sum of norms
+
+
+def test_spike_probe_measures_on_the_line_between_two_saves(tiny_lm_path: str, tmp_path) -> None:
+    """`grads --toward` sets the LoRA a share of the way from one save to the next: the ends
+    are the two saves themselves (their gradients, not just their weights), the middle is the
+    average, and the base weights never move."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.schema import get_schema
+
+    probe = _load_bench("spike_probe")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_path)
+    schema = get_schema("alpaca_rag_short")
+    examples = [{"prompt": f"Where is item {i}?", "completion": "shelf"} for i in range(2)]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm_path), lora)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    saves = []
+    for seed in (0, 1):  # two LoRA states, saved as save-at saves them
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.3)
+        path = tmp_path / f"w{seed}.pt"
+        torch.save({k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}, path)
+        saves.append(path)
+
+    def norm_at(weights: Path) -> float:
+        probe.load_lora(model, str(weights))
+        return probe.example_gradients(model, tokenizer, schema, examples, [0, 1], False)[1]
+
+    expected = [norm_at(saves[0]), norm_at(saves[1])]
+    assert expected[0] != pytest.approx(expected[1])
+    probe.load_lora(model, str(saves[0]))
+    start = probe.lora_state(model)
+    probe.load_lora(model, str(saves[1]))
+    end = probe.lora_state(model)
+    measured = []
+    for share in (0.0, 1.0):
+        probe.move_between(model, start, end, share)
+        measured.append(probe.example_gradients(model, tokenizer, schema, examples, [0, 1], False))
+    assert [m[1] for m in measured] == pytest.approx(expected, rel=1e-5)
+    probe.move_between(model, start, end, 0.5)
+    for n, p in model.named_parameters():
+        if n in start:
+            assert torch.allclose(p, (start[n] + end[n]) / 2, atol=1e-6)
+        else:
+            assert torch.equal(p, base[n])
