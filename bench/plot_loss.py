@@ -11,6 +11,13 @@ SFT's losses (the log up to the preference step or the recipe's "trained N steps
 
     python bench/plot_loss.py runs22/contrast_s0/raft.log:"seed 0" ... --stage preference \
         --smooth 9 --out docs/img/preference_drift.png
+
+``--metric grad_norm`` plots the logged gradient norm (before clipping) instead, and ``--x epoch``
+puts runs of different batch sizes on one axis (the same data order reaches the same example at
+the same epoch):
+
+    python bench/plot_loss.py b8.log:"batch 8" b16.log:"batch 16" --every 1 --metric grad_norm \
+        --x epoch --out docs/img/x.png
 """
 
 from __future__ import annotations
@@ -36,9 +43,11 @@ PREFERENCE_DONE = re.compile(
 )
 
 
-def segments(log: Path, stage: str = "sft") -> list[list[tuple[float, float]]]:
-    """(epoch, loss) per logged step of ``stage`` (sft or preference), split where the epoch
-    goes back (a resume)."""
+def segments(
+    log: Path, stage: str = "sft", metric: str = "loss"
+) -> list[list[tuple[float, float]]]:
+    """(epoch, ``metric``) per logged step of ``stage`` (sft or preference), split where the
+    epoch goes back (a resume)."""
     runs: list[list[tuple[float, float]]] = [[]]
     text = log.read_text(errors="replace")
     if stage == "sft":
@@ -50,7 +59,7 @@ def segments(log: Path, stage: str = "sft") -> list[list[tuple[float, float]]]:
         logged = ast.literal_eval(match.group(0))
         if "epoch" not in logged:
             continue
-        point = (float(logged["epoch"]), float(logged["loss"]))
+        point = (float(logged["epoch"]), float(logged[metric]))
         if runs[-1] and point[0] <= runs[-1][-1][0]:
             runs.append([])
         runs[-1].append(point)
@@ -69,9 +78,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logs", nargs="+", help="LOG[:label]")
     parser.add_argument("--every", type=int, default=5, help="train.logging_steps")
-    parser.add_argument("--max-step", type=int, default=0, help="0: every step")
+    parser.add_argument("--max-step", type=float, default=0, help="the last x (0: all)")
     parser.add_argument("--stage", choices=("sft", "preference"), default="sft")
     parser.add_argument("--smooth", type=int, default=1, help="running median over N logs")
+    parser.add_argument("--metric", choices=("loss", "grad_norm"), default="loss")
+    parser.add_argument("--x", choices=("step", "epoch"), default="step")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -83,11 +94,15 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for spec in args.logs:
         path, _, label = spec.partition(":")
-        runs = segments(Path(path), args.stage)
+        runs = segments(Path(path), args.stage, args.metric)
         per_step = runs[0][0][0] / args.every  # epochs per step: the first log is at step `every`
+        if args.x == "epoch":
+            per_step = 1.0
         name = label or Path(path).parent.name
         for i, run in enumerate(runs):
-            points = [(round(e / per_step), x) for e, x in smoothed(run, args.smooth)]
+            points = [(e / per_step, x) for e, x in smoothed(run, args.smooth)]
+            if args.x == "step":
+                points = [(round(s), x) for s, x in points]
             points = [(s, x) for s, x in points if not args.max_step or s <= args.max_step]
             ax.plot(
                 [s for s, _ in points],
@@ -96,8 +111,9 @@ def main() -> None:
                 label=name if i == 0 else f"{name}, resumed",
             )
     ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("logged training loss" + f", running median of {args.smooth}" * (args.smooth > 1))
+    ax.set_xlabel("optimizer step" if args.x == "step" else "epoch")
+    what = "training loss" if args.metric == "loss" else "gradient norm (before clipping)"
+    ax.set_ylabel(f"logged {what}" + f", running median of {args.smooth}" * (args.smooth > 1))
     # upper left, clear of the first logged loss and of the spikes
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.07, 1.0))
     fig.tight_layout()

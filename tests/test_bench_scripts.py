@@ -345,7 +345,8 @@ def test_plot_loss_splits_a_resumed_run_and_stops_at_the_preference_step(tmp_pat
     plot_loss = _load_bench("plot_loss")
 
     def logged(epoch: float, loss: float) -> str:
-        return f" 10%|#| 5/50 [00:01<00:09]{{'loss': '{loss}', 'grad_norm': '1.0', 'epoch': '{epoch}'}}"
+        grad = 2 * loss + 1  # a grad norm of its own per log
+        return f" 10%|#| 5/50 [00:01<00:09]{{'loss': '{loss}', 'grad_norm': '{grad}', 'epoch': '{epoch}'}}"
 
     lines = [logged(0.1, 3.0), logged(0.2, 0.5), logged(0.3, 11.2)]
     lines += ["[x][ragtune.training.recipe][WARNING] - training diverged at step 15; resuming"]
@@ -359,12 +360,22 @@ def test_plot_loss_splits_a_resumed_run_and_stops_at_the_preference_step(tmp_pat
         [(0.1, 3.0), (0.2, 0.5), (0.3, 11.2)],
         [(0.2, 0.5), (0.3, 11.2)],
     ]
+    assert plot_loss.segments(log, metric="grad_norm") == [
+        [(0.1, 7.0), (0.2, 2.0), (0.3, 23.4)],
+        [(0.2, 2.0), (0.3, 23.4)],
+    ]
     out = tmp_path / "loss.png"
     subprocess.run(
         [sys.executable, str(ROOT / "bench/plot_loss.py"), f"{log}:run", "--out", str(out)],
         check=True,
     )
     assert out.stat().st_size > 0
+    grads = tmp_path / "grads.png"
+    cmd = [sys.executable, str(ROOT / "bench/plot_loss.py"), f"{log}:run", "--out", str(grads)]
+    subprocess.run(
+        [*cmd, "--metric", "grad_norm", "--x", "epoch", "--max-step", "0.25"], check=True
+    )
+    assert grads.stat().st_size > 0
 
 
 def test_plot_loss_reads_the_preference_step_alone_and_smooths_it(tmp_path: Path) -> None:
