@@ -16,7 +16,9 @@
 # counterfactual questions and the preference step (since 2026-12-04 session 21; before it:
 # EXTRA_ARGS="raft.swapped_twin=false train.preference.num_train_epochs=0"), and the two-feature
 # decision (since session 22, every model's default since session 25; before it: the six,
-# EXTRA_ARGS="raft.calibration_features=[margin,mean_lp,lp_abstain,p_abstain_first,grounded,retrieval]"). The seeds
+# EXTRA_ARGS="raft.calibration_features=[margin,mean_lp,lp_abstain,p_abstain_first,grounded,retrieval]"),
+# and the learning rate 2.5e-4 (since session 29; before it: EXTRA_ARGS=train.learning_rate=5e-4,
+# which also reaches the closed-book fine-tune, trained with the same keys). The seeds
 # run side by side on the one GPU. WAIT_SECONDS counts from this script's start (the Qwen
 # conversion included), so a call's limit can be WAIT + ~20 s; progress is printed every minute.
 # Several recipes side by side (TAG / EXTRA_ARGS differ): launch each but the last with WAIT 1;
@@ -84,7 +86,7 @@ RECIPE_ARGS=""
 case ${RECIPE:-cpu} in
   cpu) ;;
   contrast)  # conf=qwen_rag's recipe, its hybrid retrieval included
-    export MAX_TRAIN=0 RAFT_EXTRA="raft=contrast raft.unanswerable_fraction=null raft.swapped_twin=true train.preference.num_train_epochs=1"
+    export MAX_TRAIN=0 RAFT_EXTRA="raft=contrast raft.unanswerable_fraction=null raft.swapped_twin=true train.preference.num_train_epochs=1 train.learning_rate=2.5e-4"
     RECIPE_ARGS="retriever.hybrid=true eval.batch_size=32" ;;  # 32 since session 25 (was 8)
   *) echo "RECIPE must be cpu or contrast, got ${RECIPE}" >&2; exit 2 ;;
 esac

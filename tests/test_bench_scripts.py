@@ -645,3 +645,27 @@ def test_spike_probe_measures_on_the_line_between_two_saves(tiny_lm_path: str, t
             assert torch.allclose(p, (start[n] + end[n]) / 2, atol=1e-6)
         else:
             assert torch.equal(p, base[n])
+
+
+def test_the_gpu_benchmarks_contrast_recipe_trains_as_conf_qwen_rag_does() -> None:
+    """bench/squad_product_gpu.sh RECIPE=contrast spells conf=qwen_rag's recipe out as overrides
+    on bench/squad_cpu.sh's training keys (the benchmark measures the shipped preset): every
+    train and raft setting they compose to is the preset's, so a change to one (session 29's
+    learning rate) cannot leave the other behind."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from ragtune.config import compose
+
+    gpu = (ROOT / "bench" / "squad_product_gpu.sh").read_text()
+    extra = re.search(r'RAFT_EXTRA="([^"]+)"', gpu).group(1).split()
+    cpu = (ROOT / "bench" / "squad_cpu.sh").read_text()
+    training = re.search(r"^T=\((.*?)\)", cpu, re.S | re.M).group(1).split()
+    training = [kv for kv in training if "=" in kv and "$" not in kv]  # not the run's own paths
+    assert "train.learning_rate=5e-4" in training and extra  # both parsed
+
+    bench = compose("sft", ["model=qwen15", *training, *extra])
+    preset = compose("sft", ["conf=qwen_rag"])
+    for group in ("train", "raft"):
+        assert OmegaConf.to_container(bench[group]) == OmegaConf.to_container(preset[group])
