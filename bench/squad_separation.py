@@ -18,6 +18,9 @@ question's *plausible answer* (the span SQuAD v2's writers meant to tempt; F1 >=
 and the answerable questions it abstained on, how many with a right candidate (F1 >= 0.5) and
 how many with a gold answer in the retrieved context.
 
+With ``--roc FILE`` each run's ROC curve (its ``answerability`` over answerable against
+unanswerable questions, AUROC in the legend) goes into one picture.
+
 Runs of the same split (the same test questions) are also summed up together, a row per split:
 always-abstain's score there and the runs' overall and AUROC, mean and range. Reruns of one
 split moved by up to 6.6 points overall (docs/benchmarks.md, "Session 26"), so a target a few
@@ -34,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ragtune.metrics import score_answer  # noqa: E402
-from ragtune.roc import auroc, auroc_interval  # noqa: E402
+from ragtune.roc import auroc, auroc_interval, plot_roc  # noqa: E402
 
 
 def _auroc(pos: list[float], neg: list[float]) -> float:
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("answers", nargs="+", type=Path)
     ap.add_argument("--mode", default="raft_rag")
     ap.add_argument("--squad", type=Path, help="the SQuAD v2 JSON: where the decision went wrong")
+    ap.add_argument("--roc", type=Path, help="an image of every run's ROC curve")
     args = ap.parse_args(argv)
     print(
         "| run | overall | F1 | AUROC [95% bootstrap] | AUROC margin | AUROC retrieved "
@@ -190,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{e['answered_plausible']} | {e['candidates_plausible']} | {e['abstained']} of "
                 f"{e['answerable']} | {e['abstained_right']} | {e['abstained_retrieved']} |"
             )
+    if args.roc:
+        curves = {}
+        for path in args.answers:
+            rows = _rows(path, args.mode)
+            curves[path.parent.name] = (
+                [r["answerability"] for r in rows],
+                [r["answerable"] for r in rows],
+            )
+        plot_roc(curves, args.roc)
     return 0
 
 

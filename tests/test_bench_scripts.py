@@ -493,6 +493,29 @@ def test_squad_separation_sums_up_reruns_of_a_split(tmp_path: Path, capsys) -> N
     assert "test articles" not in capsys.readouterr().out
 
 
+def test_squad_separation_draws_each_runs_roc(tmp_path: Path, monkeypatch) -> None:
+    """--roc: one curve per run, named by its folder, from that run's own scores and labels;
+    the picture is written."""
+    bench = _load_bench("squad_separation")
+    a = ["q1", "q2", "q3", "q4"]
+    run1 = _separation_run(tmp_path / "r1", a, "squad/Alpha.txt", [0.9, 0.1, 0.8, 0.2])
+    run2 = _separation_run(tmp_path / "r2", a, "squad/Alpha.txt", [0.9, 0.8, 0.1, 0.2])
+    drawn = {}
+    plot = bench.plot_roc
+    monkeypatch.setattr(
+        bench, "plot_roc", lambda curves, path: drawn.update(curves) or plot(curves, path)
+    )
+
+    picture = tmp_path / "roc.png"
+    assert bench.main([str(run1), str(run2), "--roc", str(picture)]) == 0
+    assert list(drawn) == ["r1", "r2"]
+    for name, scores in (("r1", [0.9, 0.1, 0.8, 0.2]), ("r2", [0.9, 0.8, 0.1, 0.2])):
+        got_scores, labels = drawn[name]
+        assert sorted(got_scores) == sorted(scores) and sum(labels) == 2
+    assert auroc(*drawn["r1"]) == pytest.approx(1.0) and auroc(*drawn["r2"]) == pytest.approx(0.5)
+    assert picture.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_spike_probe_finds_the_rows_each_training_step_trains_on(tiny_lm_path: str) -> None:
     """The order bench/spike_probe.py reports is the one a training run of ragtune's Trainer
     consumes: rows recorded from a real run's first steps, seeded alike, match it."""
