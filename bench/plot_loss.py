@@ -74,6 +74,25 @@ def smoothed(run: list[tuple[float, float]], n: int) -> list[tuple[float, float]
     ]
 
 
+def curves(
+    runs: list[list[tuple[float, float]]],
+    x: str = "step",
+    every: int = 5,
+    smooth: int = 1,
+    max_x: float = 0,
+) -> list[list[tuple[float, float]]]:
+    """Each segment's (x, value) points as plotted: x in optimizer steps (the first log is at
+    step ``every``, which gives the epochs per step) or in epochs; smoothed; up to ``max_x``."""
+    per_x = runs[0][0][0] / every if x == "step" else 1.0
+    out = []
+    for run in runs:
+        points = [(e / per_x, v) for e, v in smoothed(run, smooth)]
+        if x == "step":
+            points = [(round(s), v) for s, v in points]
+        out.append([(s, v) for s, v in points if not max_x or s <= max_x])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logs", nargs="+", help="LOG[:label]")
@@ -95,15 +114,8 @@ def main() -> None:
     for spec in args.logs:
         path, _, label = spec.partition(":")
         runs = segments(Path(path), args.stage, args.metric)
-        per_step = runs[0][0][0] / args.every  # epochs per step: the first log is at step `every`
-        if args.x == "epoch":
-            per_step = 1.0
         name = label or Path(path).parent.name
-        for i, run in enumerate(runs):
-            points = [(e / per_step, x) for e, x in smoothed(run, args.smooth)]
-            if args.x == "step":
-                points = [(round(s), x) for s, x in points]
-            points = [(s, x) for s, x in points if not args.max_step or s <= args.max_step]
+        for i, points in enumerate(curves(runs, args.x, args.every, args.smooth, args.max_step)):
             ax.plot(
                 [s for s, _ in points],
                 [x for _, x in points],

@@ -364,6 +364,17 @@ def test_plot_loss_splits_a_resumed_run_and_stops_at_the_preference_step(tmp_pat
         [(0.1, 7.0), (0.2, 2.0), (0.3, 23.4)],
         [(0.2, 2.0), (0.3, 23.4)],
     ]
+    # as plotted: the first log is at step 5 (--every), so 0.02 epochs a step; or by epoch
+    runs = plot_loss.segments(log)
+    assert plot_loss.curves(runs, "step", every=5) == [
+        [(5, 3.0), (10, 0.5), (15, 11.2)],
+        [(10, 0.5), (15, 11.2)],
+    ]
+    assert plot_loss.curves(runs, "step", every=5, max_x=12) == [[(5, 3.0), (10, 0.5)], [(10, 0.5)]]
+    assert plot_loss.curves(runs, "epoch", every=5, max_x=0.25) == [
+        [(0.1, 3.0), (0.2, 0.5)],
+        [(0.2, 0.5)],
+    ]
     out = tmp_path / "loss.png"
     subprocess.run(
         [sys.executable, str(ROOT / "bench/plot_loss.py"), f"{log}:run", "--out", str(out)],
