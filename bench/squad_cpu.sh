@@ -16,7 +16,14 @@
 # MAX_TRAIN / MAX_TEST size the split (720 / 300; 0 = every question, the GPU recipe); MODES
 # limits the evaluation (e.g. MODES=raft_rag to re-measure one model: the closed-book fine-tune is
 # trained only when ft_closed or ft_then_rag is evaluated; BASELINE_ALONGSIDE=1 trains it beside
-# the co-designed one).
+# the co-designed one). CONF names a preset instead of this recipe, e.g. on a GPU machine with
+# `pip install -e '.[qwen]'`:
+#
+#   CONF=qwen_rag SQUAD=my-squad-v2.json bash bench/squad_cpu.sh outputs/bench/qwen 0
+#
+# Every step then gets conf=$CONF, training keeps the preset's own train and raft settings (only
+# the split's data and index are set) over every training question (MAX_TRAIN default 0), so
+# the benchmark measures the preset as users run it; RAFT_EXTRA / MODEL_ARGS still add keys.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=${1:-outputs/bench/squad}
@@ -26,12 +33,16 @@ SQUAD=${SQUAD:-../shared/data/squad2-public/squad2-public.json}
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$B"
 # shellcheck disable=SC2206
-R=(prompt=alpaca_rag_short retriever.chunk_size=300 retriever.chunk_overlap=30
+R=(${CONF:+conf=$CONF} prompt=alpaca_rag_short retriever.chunk_size=300 retriever.chunk_overlap=30
    model.max_seq_length=384 ${MODEL:+model=$MODEL} ${MODEL_ARGS:-})
+# this recipe's training keys: a preset (CONF) brings its own
+RECIPE=(raft.oracle_fraction=1.0 raft.unanswerable_fraction=0.33 train.num_train_epochs=2
+        train.per_device_train_batch_size=8 train.learning_rate=5e-4)
+max_train=720
+if [ -n "${CONF:-}" ]; then RECIPE=() max_train=0; fi
 # shellcheck disable=SC2206
-T=(raft.oracle_fraction=1.0 raft.unanswerable_fraction=0.33 train.num_train_epochs=2
-   train.per_device_train_batch_size=8 train.learning_rate=5e-4 data.corpus=$B/corpus_train
-   data.qa_train=$B/train.jsonl retriever.persist_dir=$B/index_train ${RAFT_EXTRA:-})
+T=("${RECIPE[@]}" data.corpus=$B/corpus_train data.qa_train=$B/train.jsonl
+   retriever.persist_dir=$B/index_train ${RAFT_EXTRA:-})
 E=("${R[@]}" generate.max_new_tokens=32)
 
 step() {  # step NAME CMD... : run, log, time
@@ -45,7 +56,7 @@ step() {  # step NAME CMD... : run, log, time
 t_all=$SECONDS
 : > "$B/timing.txt"
 step prepare "$PY" train/prepare_squad.py "$SQUAD" "$B" --test-fraction 0.25 --seed "$SEED" \
-  --max-train "${MAX_TRAIN:-720}" --max-test "${MAX_TEST:-300}"
+  --max-train "${MAX_TRAIN:-$max_train}" --max-test "${MAX_TEST:-300}"
 M=(eval.models.raft_rag=$B/runs/raft/model)
 closed=()
 if [ -z "${MODES:-}" ] || [[ " $MODES " =~ " "(ft_closed|ft_then_rag)" " ]]; then

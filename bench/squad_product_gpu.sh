@@ -9,9 +9,11 @@
 #   SEEDS=0 RECIPE=contrast TAG=dense EXTRA_ARGS=retriever.hybrid=false bash bench/squad_product_gpu.sh 1
 #
 # RECIPE=cpu (default) is the CPU benchmark's recipe unchanged (720 questions sampled, the
-# unanswerable share capped at 1/3); RECIPE=contrast is conf=qwen_rag's recipe, the one the
-# GPU study measured to work (raft=contrast: every answerable example also without its oracle,
-# every unanswerable one with its own paragraph first) over every training question, with hybrid
+# unanswerable share capped at 1/3); RECIPE=contrast runs conf=qwen_rag itself over every
+# training question (bench/squad_cpu.sh's CONF=qwen_rag, since session 30; before it the same
+# keys were spelled out here), so it measures what the preset ships: the construction the GPU
+# study measured to work (raft=contrast: every answerable example also without its oracle,
+# every unanswerable one with its own paragraph first), with hybrid
 # retrieval (before 2026-12-03 session 16 it ran dense: TAG=dense EXTRA_ARGS=retriever.hybrid=false),
 # counterfactual questions and the preference step (since 2026-12-04 session 21; before it:
 # EXTRA_ARGS="raft.swapped_twin=false train.preference.num_train_epochs=0"), and the two-feature
@@ -82,12 +84,10 @@ export PYTHON=python3 MODEL=qwen15 BASELINE_ALONGSIDE=1  # the closed-book SFT b
 # keys, e.g. raft.ablated_twin=true, reach the training steps only); TAG keeps such a run's
 # folders apart from the plain one's on the same machine.
 export SQUAD=${SQUAD:-$PWD/.carry/sq/squad2-public.json}
-RECIPE_ARGS=""
 case ${RECIPE:-cpu} in
   cpu) ;;
-  contrast)  # conf=qwen_rag's recipe, its hybrid retrieval included
-    export MAX_TRAIN=0 RAFT_EXTRA="raft=contrast raft.unanswerable_fraction=null raft.swapped_twin=true train.preference.num_train_epochs=1 train.learning_rate=2.5e-4"
-    RECIPE_ARGS="retriever.hybrid=true eval.batch_size=32" ;;  # 32 since session 25 (was 8)
+  contrast)  # conf=qwen_rag itself (its hybrid retrieval and eval.batch_size 32 included) over
+    export CONF=qwen_rag ;;  # every training question: bench/squad_cpu.sh's CONF
   *) echo "RECIPE must be cpu or contrast, got ${RECIPE}" >&2; exit 2 ;;
 esac
 # raft.* / train.* keys go to the training steps only (train/eval.py has no such groups)
@@ -99,7 +99,7 @@ for kv in ${EXTRA_ARGS:-}; do
   esac
 done
 export RAFT_EXTRA
-export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16 $RECIPE_ARGS$STAGE_ARGS"
+export MODEL_ARGS="model.name_or_path=/tmp/ab/qwen model.dtype=bfloat16$STAGE_ARGS"
 for seed in $SEEDS; do
   B=$SQP/${RUN}_s$seed
   mkdir -p "$B"

@@ -681,25 +681,60 @@ def test_spike_probe_measures_on_the_line_between_two_saves(tiny_lm_path: str, t
             assert torch.equal(p, base[n])
 
 
-def test_the_gpu_benchmarks_contrast_recipe_trains_as_conf_qwen_rag_does() -> None:
-    """bench/squad_product_gpu.sh RECIPE=contrast spells conf=qwen_rag's recipe out as overrides
-    on bench/squad_cpu.sh's training keys (the benchmark measures the shipped preset): every
-    train and raft setting they compose to is the preset's, so a change to one (session 29's
-    learning rate) cannot leave the other behind."""
+def test_squad_cpu_with_a_preset_trains_and_evaluates_as_the_preset_does(tmp_path: Path) -> None:
+    """CONF=qwen_rag bench/squad_cpu.sh measures the preset as users run it: every training
+    step composes to conf=qwen_rag's own train, raft, model and retriever settings (none of the
+    CPU recipe's keys override them), the evaluation runs with the preset too, and the split
+    keeps every training question. The GPU benchmark's contrast recipe is that preset."""
     import re
 
     from omegaconf import OmegaConf
 
     from ragtune.config import compose
 
-    gpu = (ROOT / "bench" / "squad_product_gpu.sh").read_text()
-    extra = re.search(r'RAFT_EXTRA="([^"]+)"', gpu).group(1).split()
-    cpu = (ROOT / "bench" / "squad_cpu.sh").read_text()
-    training = re.search(r"^T=\((.*?)\)", cpu, re.S | re.M).group(1).split()
-    training = [kv for kv in training if "=" in kv and "$" not in kv]  # not the run's own paths
-    assert "train.learning_rate=5e-4" in training and extra  # both parsed
+    calls = [c for c in _stages(tmp_path, None, CONF="qwen_rag") if not c.startswith("done ")]
+    prepare, *sft, evaluation = (c.split() for c in calls)
+    assert prepare[prepare.index("--max-train") + 1] == "0"
+    assert len(sft) == 2 and all(c[0] == "train/sft.py" for c in sft)
 
-    bench = compose("sft", ["model=qwen15", *training, *extra])
     preset = compose("sft", ["conf=qwen_rag"])
-    for group in ("train", "raft"):
-        assert OmegaConf.to_container(bench[group]) == OmegaConf.to_container(preset[group])
+    for c in sft:
+        bench = compose("sft", c[1:])
+        closed = "raft.mode=closed" in c
+        for group in ("train", "raft", "model", "retriever", "prompt", "eval"):
+            got, want = (OmegaConf.to_container(x[group]) for x in (bench, preset))
+            if group == "retriever":  # the split's own index
+                assert got.pop("persist_dir").startswith(str(tmp_path))
+                want.pop("persist_dir")
+            if group == "raft" and closed:
+                assert got.pop("mode") == "closed"
+                want.pop("mode")
+            assert got == want, (group, c)
+
+    assert evaluation[0] == "train/eval.py" and "conf=qwen_rag" in evaluation
+    bench_eval = compose("eval", evaluation[1:])
+    preset_eval = compose("eval", ["conf=qwen_rag"])
+    for group in ("model", "prompt", "eval"):
+        got, want = (OmegaConf.to_container(x[group]) for x in (bench_eval, preset_eval))
+        if group == "eval":  # the models under test
+            models, base = got.pop("models"), want.pop("models")
+            assert models == base | {
+                "raft_rag": models["raft_rag"],
+                "ft_closed": models["ft_closed"],
+            }
+        assert got == want, group
+    assert bench_eval.retriever.hybrid is True
+
+    gpu = (ROOT / "bench" / "squad_product_gpu.sh").read_text()
+    contrast = re.search(r"^  contrast\)(.*?);;", gpu, re.S | re.M).group(1)
+    assert re.search(r"\bCONF=qwen_rag\b", contrast) and not re.search(
+        r"\b(train|raft)\.", contrast
+    )
+
+
+def test_squad_cpu_keeps_its_own_recipe_without_a_preset(tmp_path: Path) -> None:
+    calls = [c for c in _stages(tmp_path, None) if not c.startswith("done ")]
+    prepare, raft = calls[0].split(), calls[1].split()
+    assert prepare[prepare.index("--max-train") + 1] == "720"
+    assert not any(a.startswith("conf=") for c in calls for a in c.split())
+    assert {"train.learning_rate=5e-4", "raft.unanswerable_fraction=0.33"} <= set(raft)

@@ -77,6 +77,12 @@ PLAN: list[tuple[str, str, list[str] | str]] = [
     (r"^python train/index\.py", "run", []),
     (r"^python train/embed_ft\.py", "skip", "tunes an embedder (minutes): tests/test_embed_ft.py"),
     (r"^python llama\.cpp/", "skip", "llama.cpp's converter is not a ragtune dependency"),
+    (
+        r"^(CONF=qwen_rag )?SQUAD=squad-v2\.json bash bench/squad_cpu\.sh ",
+        "skip",
+        "the SQuAD benchmark (~45 min on 2 cores; the preset's needs a GPU and a SQuAD file): "
+        "tests/test_bench_scripts.py checks its stages and that CONF trains as the preset does",
+    ),
 ]
 PY_PLAN = {
     "from openai import OpenAI": "server",
