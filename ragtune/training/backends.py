@@ -58,6 +58,13 @@ def unsloth_gc(value: Any) -> Any:
     return bool(value) and str(value).lower() not in ("false", "0")
 
 
+def trainer_checkpointing(t: Any, backend: str, fsdp: bool = False) -> bool:
+    """The Trainer's own ``gradient_checkpointing`` flag for SFT and the preference step alike.
+    Unsloth applied its own checkpointing in get_peft_model, and under FSDP it is FSDP's
+    activation checkpointing; on hf ``train.gradient_checkpointing`` ("unsloth" = on)."""
+    return not (backend == "unsloth" or fsdp) and unsloth_gc(t.gradient_checkpointing) is not False
+
+
 def lora_config(t: Any) -> Any:
     """``train.lora`` holds LoraConfig's own argument names; passed through as they are."""
     from omegaconf import OmegaConf

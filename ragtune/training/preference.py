@@ -161,10 +161,13 @@ def loss_rise(losses: list[float]) -> float | None:
     return last / first if first > 0 else None
 
 
-def cpo_config(cfg: Any, out_dir: Path, precision: dict[str, bool], cuda: bool) -> Any:
+def cpo_config(
+    cfg: Any, out_dir: Path, precision: dict[str, bool], cuda: bool, backend: str = "hf"
+) -> Any:
     import warnings
 
     from ragtune.config import plain
+    from ragtune.training.backends import trainer_checkpointing
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -190,7 +193,9 @@ def cpo_config(cfg: Any, out_dir: Path, precision: dict[str, bool], cuda: bool) 
         fp16=bool(precision["fp16"]),
         use_cpu=not cuda,
         max_length=int(cfg.model.max_seq_length),
-        gradient_checkpointing=False,  # Unsloth applied its own; hf trains small LoRAs without
+        # as SFT's: each pair is two sequences, so this step holds twice SFT's activations (a
+        # 1.5B model on a 24 GiB CPU ran out of memory here without it, after SFT fitted)
+        gradient_checkpointing=trainer_checkpointing(t, backend),
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
@@ -205,6 +210,7 @@ def fit_preference(
     out_dir: Path,
     precision: dict[str, bool],
     cuda: bool,
+    backend: str = "hf",
 ) -> PreferenceResult:
     """Train ``model`` (the SFT model's LoRA, in place) on the preference pairs."""
     pairs = preference_pairs(examples, schema.abstain)
@@ -224,7 +230,7 @@ def fit_preference(
         by_kind,
         f", {dropped} too long" * bool(dropped),
     )
-    args = cpo_config(cfg, out_dir, precision, cuda)
+    args = cpo_config(cfg, out_dir, precision, cuda, backend)
     cpo = trainer_class()(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     # the LoRA as SFT left it (a few MB even at 12B): what an undone step puts back
     sft_lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

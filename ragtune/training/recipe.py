@@ -240,7 +240,15 @@ def train(
         from ragtune.training.preference import fit_preference
 
         preferred = fit_preference(
-            cfg, sft.model, tokenizer, schema, examples, ckpt_dir / "preference", precision, cuda
+            cfg,
+            sft.model,
+            tokenizer,
+            schema,
+            examples,
+            ckpt_dir / "preference",
+            precision,
+            cuda,
+            backend,
         )
     eval_loss = None
     if eval_dataset is not None:

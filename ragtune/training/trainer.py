@@ -13,7 +13,7 @@ from typing import Any
 
 from ragtune.config import plain
 from ragtune.training import TrainError
-from ragtune.training.backends import unsloth_gc
+from ragtune.training.backends import trainer_checkpointing
 from ragtune.training.distributed import fsdp_args
 from ragtune.training.padding import completion_only_head, drop_redundant_mask
 
@@ -68,9 +68,7 @@ def sft_config(
     t = cfg.train
     passed = {k: plain(t[k]) for k in SFT_ARGS}
     fsdp = fsdp_args(cfg)
-    # Unsloth applied its own checkpointing in get_peft_model; for hf "unsloth" means "on";
-    # under FSDP it is FSDP's activation checkpointing (in fsdp_config) instead
-    gc = not (backend == "unsloth" or fsdp) and unsloth_gc(t.gradient_checkpointing) is not False
+    gc = trainer_checkpointing(t, backend, fsdp=bool(fsdp))
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return SFTConfig(
         **passed,
