@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -49,6 +50,14 @@ def _train(outputs: Path, extra: list[str]) -> Path:
     print("$ " + " ".join(cmd[1:]), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode < 0:  # killed: what it saved is still there, so say how to go on
+        sig = signal.Signals(-proc.returncode).name
+        why = " (most likely out of memory: train.gradient_checkpointing=true holds less)"
+        why = why if sig == "SIGKILL" else ""
+        raise SystemExit(
+            f"demo: train/sft.py was killed with {sig}{why}; its checkpoints are in {run_dir}: "
+            f"python train/sft.py {' '.join(cmd[2:-1])} train.resume=true hydra.run.dir={run_dir}"
+        )
     if proc.returncode != 0:
         raise SystemExit(f"demo: train/sft.py failed with exit status {proc.returncode}")
     model_dir = run_dir / "model"
