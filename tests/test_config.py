@@ -244,23 +244,27 @@ def test_clipping_and_adam_beta2_reach_both_training_steps(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("setting", "backend", "expected"),
+    ("setting", "backend", "extra", "expected"),
     [
-        ("false", "hf", False),
-        ("true", "hf", True),
-        ("unsloth", "hf", True),
-        ("true", "unsloth", False),
+        ("false", "hf", [], False),
+        ("true", "hf", [], True),
+        ("unsloth", "hf", [], True),
+        ("true", "unsloth", [], False),
+        ("true", "hf", ["train.fsdp=full_shard auto_wrap"], False),  # FSDP's own instead
     ],
 )
-def test_gradient_checkpointing_reaches_both_training_steps(tmp_path, setting, backend, expected):
+def test_gradient_checkpointing_reaches_both_training_steps(
+    tmp_path, setting, backend, extra, expected
+):
     """train.gradient_checkpointing (what lets a 1.5B model's preference step fit a 24 GiB CPU:
     each pair is two sequences) turns the Trainer's checkpointing on for SFT and the preference
-    step alike; Unsloth applied its own in get_peft_model, so its Trainer flag stays off."""
+    step alike; Unsloth applied its own in get_peft_model, and FSDP checkpoints through its own
+    wrapping, so their Trainer flag stays off."""
     from ragtune.training.preference import cpo_config
     from ragtune.training.trainer import sft_config
 
     precision = {"bf16": False, "fp16": False}
-    cfg = _validate("sft", [f"train.gradient_checkpointing={setting}"])
+    cfg = _validate("sft", [f"train.gradient_checkpointing={setting}", *extra])
     sft = sft_config(cfg, tmp_path, precision, cuda=False, backend=backend)
     cpo = cpo_config(cfg, tmp_path, precision, cuda=False, backend=backend)
     assert sft.gradient_checkpointing is cpo.gradient_checkpointing is expected

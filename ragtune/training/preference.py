@@ -168,6 +168,7 @@ def cpo_config(
 
     from ragtune.config import plain
     from ragtune.training.backends import trainer_checkpointing
+    from ragtune.training.distributed import fsdp_args
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -193,9 +194,9 @@ def cpo_config(
         fp16=bool(precision["fp16"]),
         use_cpu=not cuda,
         max_length=int(cfg.model.max_seq_length),
-        # as SFT's: each pair is two sequences, so this step holds twice SFT's activations (a
-        # 1.5B model on a 24 GiB CPU ran out of memory here without it, after SFT fitted)
-        gradient_checkpointing=trainer_checkpointing(t, backend),
+        # as SFT's (off under FSDP, whose own checkpointing wraps the model): each pair is two
+        # sequences, so this step holds twice SFT's activations
+        gradient_checkpointing=trainer_checkpointing(t, backend, fsdp=bool(fsdp_args(cfg))),
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
