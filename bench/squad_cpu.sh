@@ -15,7 +15,8 @@
 # keys to every step (e.g. MODEL_ARGS="model.dtype=bfloat16" on a GPU: bench/squad_product_gpu.sh);
 # MAX_TRAIN / MAX_TEST size the split (720 / 300; 0 = every question, the GPU recipe); MODES
 # limits the evaluation (e.g. MODES=raft_rag to re-measure one model: the closed-book fine-tune is
-# trained only when ft_closed or ft_then_rag is evaluated; BASELINE_ALONGSIDE=1 trains it beside
+# trained only when ft_closed or ft_then_rag is evaluated, the co-designed one only when raft_rag
+# is; BASELINE_ALONGSIDE=1 trains the closed-book one beside
 # the co-designed one). CONF names a preset instead of this recipe, e.g. on a GPU machine with
 # `pip install -e '.[qwen]'`:
 #
@@ -57,21 +58,26 @@ t_all=$SECONDS
 : > "$B/timing.txt"
 step prepare "$PY" train/prepare_squad.py "$SQUAD" "$B" --test-fraction 0.25 --seed "$SEED" \
   --max-train "${MAX_TRAIN:-$max_train}" --max-test "${MAX_TEST:-300}"
-M=(eval.models.raft_rag=$B/runs/raft/model)
-closed=()
+# each model is trained only when a mode that reads it is evaluated (MODES=ft_then_rag measures
+# the closed-book baseline alone)
+M=() raft=() closed=()
+if [ -z "${MODES:-}" ] || [[ " $MODES " =~ " raft_rag " ]]; then
+  raft=(step raft "$PY" train/sft.py "${R[@]}" "${T[@]}" "hydra.run.dir=$B/runs/raft")
+  M+=(eval.models.raft_rag=$B/runs/raft/model)
+fi
 if [ -z "${MODES:-}" ] || [[ " $MODES " =~ " "(ft_closed|ft_then_rag)" " ]]; then
   closed=(step closed "$PY" train/sft.py "${R[@]}" "${T[@]}" raft.mode=closed "hydra.run.dir=$B/runs/closed")
   M+=(eval.models.ft_closed=$B/runs/closed/model)
 fi
 # BASELINE_ALONGSIDE=1 trains the closed-book model beside the co-designed one (a GPU has room
 # for both; on 2 CPU cores they would only slow each other)
-if [ ${#closed[@]} -gt 0 ] && [ -n "${BASELINE_ALONGSIDE:-}" ]; then
+if [ ${#raft[@]} -gt 0 ] && [ ${#closed[@]} -gt 0 ] && [ -n "${BASELINE_ALONGSIDE:-}" ]; then
   "${closed[@]}" &
   pid=$!
-  step raft "$PY" train/sft.py "${R[@]}" "${T[@]}" "hydra.run.dir=$B/runs/raft"
+  "${raft[@]}"
   wait "$pid"
 else
-  step raft "$PY" train/sft.py "${R[@]}" "${T[@]}" "hydra.run.dir=$B/runs/raft"
+  if [ ${#raft[@]} -gt 0 ]; then "${raft[@]}"; fi
   if [ ${#closed[@]} -gt 0 ]; then "${closed[@]}"; fi
 fi
 step eval "$PY" train/eval.py "${E[@]}" data.corpus=$B/corpus data.qa_eval=$B/test.jsonl \

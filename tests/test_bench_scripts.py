@@ -47,26 +47,28 @@ def _stages(tmp_path: Path, modes: str | None, **extra_env: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("modes", "closed", "eval_modes"),
+    ("modes", "closed", "raft", "eval_modes"),
     [
-        (None, True, None),
-        ("raft_rag", False, "eval.modes=[raft_rag]"),
-        ("base_rag raft_rag", False, "eval.modes=[base_rag,raft_rag]"),
-        ("ft_then_rag raft_rag", True, "eval.modes=[ft_then_rag,raft_rag]"),
+        (None, True, True, None),
+        ("raft_rag", False, True, "eval.modes=[raft_rag]"),
+        ("base_rag raft_rag", False, True, "eval.modes=[base_rag,raft_rag]"),
+        ("ft_then_rag raft_rag", True, True, "eval.modes=[ft_then_rag,raft_rag]"),
+        ("ft_then_rag", True, False, "eval.modes=[ft_then_rag]"),
     ],
 )
-def test_squad_cpu_trains_the_closed_book_model_only_for_the_modes_that_need_it(
-    tmp_path: Path, modes: str | None, closed: bool, eval_modes: str | None
+def test_squad_cpu_trains_each_model_only_for_the_modes_that_need_it(
+    tmp_path: Path, modes: str | None, closed: bool, raft: bool, eval_modes: str | None
 ) -> None:
     calls = [c for c in _stages(tmp_path, modes) if not c.startswith("done ")]
     scripts = [c.split()[0] for c in calls]
     assert scripts[:2] == ["train/prepare_squad.py", "train/sft.py"]
     assert scripts[-1] == "train/eval.py"
     trained_closed = any("raft.mode=closed" in c for c in calls)
-    assert trained_closed == closed
+    trained_raft = any(c.endswith(f"hydra.run.dir={tmp_path / 'b'}/runs/raft") for c in calls)
+    assert (trained_closed, trained_raft) == (closed, raft)
     evaluation = calls[-1].split()
     assert any(a.startswith("eval.models.ft_closed=") for a in evaluation) == closed
-    assert any(a.startswith("eval.models.raft_rag=") for a in evaluation)
+    assert any(a.startswith("eval.models.raft_rag=") for a in evaluation) == raft
     if eval_modes is None:
         assert not any(a.startswith("eval.modes=") for a in evaluation)
     else:
