@@ -6,7 +6,7 @@
 #
 #   SEEDS="0 1" RECIPE=contrast bash bench/squad_product_gpu.sh [WAIT_SECONDS]  # again: collects
 #   SEEDS=0 MODES=raft_rag RECIPE=contrast bash bench/squad_product_gpu.sh 1     # raft_rag only
-#   SEEDS="0 1 6" MODES=ft_then_rag RECIPE=contrast GIB_PER_SEED=5 bash bench/squad_product_gpu.sh 1  # the baseline only
+#   SEEDS="0 1 6" MODES=ft_then_rag RECIPE=contrast TAG=closed GIB_PER_SEED=5 bash bench/squad_product_gpu.sh 1  # baseline only
 #   SEEDS=0 RECIPE=contrast TAG=dense EXTRA_ARGS=retriever.hybrid=false bash bench/squad_product_gpu.sh 1
 #
 # RECIPE=cpu (default) is the CPU benchmark's recipe unchanged (720 questions sampled, the
