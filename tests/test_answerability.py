@@ -92,6 +92,8 @@ def test_grounded_is_a_normalised_span_match():
     assert grounded("The Eiffel Tower", ["Paris has the eiffel tower, built 1889."]) == 1.0
     assert grounded("Eiffel", ["Paris has the eiffeltower."]) == 0.0
     assert grounded("1889", None) == 0.0
+    # an answer that normalises to nothing (an article, punctuation) is supported by no text
+    assert grounded("The.", ["the tower, the city"]) == 0.0
 
 
 def test_split_by_source_holds_out_whole_documents():
@@ -104,6 +106,21 @@ def test_split_by_source_holds_out_whole_documents():
         split_by_source(recs, 4)
 
 
+def test_split_by_source_draws_sources_by_seed_and_always_trains_on_one():
+    """Which documents are held out follows the seed (not their names' order); sourceless
+    records always train; a share as large as everything still leaves one source training."""
+    recs = [QARecord(f"q{i}", "a", source=f"doc{i % 6}") for i in range(30)]
+    recs += [QARecord("no source", "a")]
+    held = {frozenset(r.source for r in split_by_source(recs, 2, seed=s)[1]) for s in range(8)}
+    assert len(held) > 1  # different seeds, different held-out documents
+    train, val = split_by_source(recs, 2, seed=3)
+    assert train[-1].instruction == "no source" and all(r.source for r in val)
+    train, val = split_by_source(recs, seed=0, fraction=1.0)
+    assert len({r.source for r in val}) == 5 and len({r.source for r in train if r.source}) == 1
+    train, val = split_by_source(recs, seed=0, fraction=0.3)  # whole documents up to >= 30%
+    assert len(val) >= 0.3 * len(recs) and len({r.source for r in val}) == 2
+
+
 def test_logistic_weights_apply_to_raw_features():
     from ragtune.answerability import AnswerFeatures, combine
 
@@ -112,6 +129,31 @@ def test_logistic_weights_apply_to_raw_features():
     w, b = fit_logistic(feats, labels, ("mean_lp", "grounded"))
     s = combine(feats, w, b)
     assert auroc(s, labels) > 0.95
+
+
+def test_margin_and_mean_lp_are_per_answer_token():
+    """Long answers sum more log-probability; per token they compare with short ones."""
+    from ragtune.answerability import AnswerFeatures
+
+    f = AnswerFeatures(lp_answer=-6.0, n_answer=3, lp_abstain=-9.0, p_abstain_first=0.1, grounded=1)
+    assert f.mean_lp == pytest.approx(-2.0)
+    assert f.margin == pytest.approx(1.0)  # (-6 - -9) / 3
+
+
+def test_combine_names_an_unknown_feature():
+    from ragtune.answerability import AnswerFeatures, combine
+
+    feats = [AnswerFeatures(-1.0, 1, -2.0, 0.5, 1.0)]
+    with pytest.raises(ValueError, match="unknown answerability feature.*'margn'"):
+        combine(feats, {"margn": 1.0})
+
+
+def test_calibration_answers_at_the_threshold_and_abstains_below():
+    from ragtune.answerability import AnswerFeatures, Calibration
+
+    feats = [AnswerFeatures(-1.0, 1, -1.0, 0.5, 1.0, r) for r in (0.4, 0.5, 0.6)]
+    cal = Calibration(threshold=0.5, weights={"retrieval": 1.0})
+    assert cal.answers(feats) == [False, True, True]
 
 
 def test_abstain_logodds_separates_where_the_probability_saturates():
