@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from ragtune.oracle import OracleFinder, normalize
+from ragtune.oracle import OracleFinder, exact_match, normalize, semantic_claim, tokens
 from ragtune.raft import BuildSettings, UnsupportedAnswersError, build_examples, save_dataset
 from ragtune.schema import get_schema
 from ragtune.types import Chunk, QARecord
@@ -81,6 +81,65 @@ def test_number_words_and_digits_normalise_alike():
     assert normalize("Seven years") == normalize("7 years") == "7 years"
     assert normalize("twenty-one") == "21" and normalize("2,000 men") == "2000 men"
     assert normalize("The U.S.\nArmy") == normalize("the u.s. army")
+
+
+@pytest.mark.parametrize(
+    ("text", "normalised"),
+    [
+        ("The Eiffel Tower", "eiffel tower"),  # articles go, as in SQuAD's normalisation
+        ("resis-\n  tance to corro- \nsion", "resistance to corrosion"),  # hyphenated lines
+        ("2.5 kg", "2.5 kg"),  # a decimal stays one number
+        ("3.5 million people", "3500000 people"),  # digits then a scale word
+        ("two hundred thousand", "200000"),  # a scale under 1,000 multiplies on
+        ("one hundred and five", "105"),
+        ("bread and one egg", "bread and 1 egg"),  # "and" joins only number words
+    ],
+)
+def test_normalisation_joins_what_writing_splits(text, normalised):
+    assert normalize(text) == normalised
+
+
+def test_an_exact_match_is_whole_tokens():
+    assert exact_match(tokens("7 years"), tokens("for seven years"))
+    assert not exact_match(tokens("7 years"), tokens("for 17 years"))
+    assert not exact_match(tokens("ice"), tokens("a nice day"))
+
+
+def test_a_bare_yes_or_no_is_looked_for_as_the_question_it_answers():
+    q = "Is the Harp Moot held in Kilmory Cross?"
+    assert semantic_claim("Yes.", q) == q
+    assert semantic_claim("No, it is not", q) == f"{q} it is not"
+    assert semantic_claim("Yes", "") is None  # nothing to look for
+    assert semantic_claim("12 years", q) is None  # too short to embed on its own
+
+
+def _store_with(texts: dict[str, list[str]]) -> Store:
+    store = Store()
+    store.chunks = [
+        Chunk(f"{src}#{i}", t, src, i * 1000, hashlib.sha1(t.encode()).hexdigest())
+        for src, ts in texts.items()
+        for i, t in enumerate(ts)
+    ]
+    return store
+
+
+def test_the_search_space_is_the_source_else_what_retrieval_found():
+    store = _store_with(
+        {
+            "a.md": ["The bridge opened in 1932 to traffic."],
+            "b.md": ["Its rival bridge opened in 1932 too.", "Tolls began in 1932 as well."],
+        }
+    )
+    finder = OracleFinder(store)
+    a0, b0, b1 = store.chunks
+    rec = QARecord("When did the bridge open?", "1932", source="b.md")
+    assert finder.find(rec, [a0, b1]).chunk.id == "b.md#1"  # the source only, retrieved first
+    assert finder.find(rec, [a0]).chunk.id == "b.md#0"  # the source's own chunks in order
+    sourceless = QARecord("When did the bridge open?", "1932")
+    assert finder.find(sourceless, [b1]).chunk.id == "b.md#1"  # only what retrieval found
+    assert finder.find(sourceless, []).how == "none"
+    missing = QARecord("When did the bridge open?", "1932", source="gone.md")
+    assert finder.find(missing, [a0]).chunk.id == "a.md#0"  # a source not in the index
 
 
 def test_a_paraphrased_number_answer_finds_its_chunk():
@@ -213,6 +272,9 @@ def test_without_answer_cuts_the_answer_sentence_and_keeps_the_rest():
     # what is left still holds it across a sentence break: no twin
     rejoined = Chunk("x", "It took seven years. He was seven. Years later he left.", "x.md", 0, "h")
     assert finder.without_answer(QARecord("?", "seven years", source="x.md"), rejoined) is None
+    # a chunk that never held the answer has nothing to cut: no twin
+    harp = next(c for c in store.chunks if c.id == "harp.md#0")
+    assert finder.without_answer(rec, harp) is None
     # every sentence holds the answer: nothing would be left
     murrow = next(c for c in store.chunks if c.source == "murrowfin.txt")
     assert finder.without_answer(QARecord("?", "in", source="murrowfin.txt"), murrow) is None
