@@ -466,3 +466,83 @@ def test_swapped_twin_asks_a_changed_question_of_the_oracle_example_s_very_conte
     off, stats = build_examples(records, _Retriever(chunks), schema, tokenizer, plain, False)
     assert [e["kind"] for e in off] == ["oracle", "unanswerable"]
     assert "swapped_question" not in stats
+
+
+# --------------------------------------------------------------------------- assess
+class _Generator:
+    """What assess() reads from a generator: the schema, exclusive(), and a greedy decode
+    with the abstain answer's first token banned (recorded, to see which prompts it got)."""
+
+    def __init__(self, tokenizer, blocked: dict[str, str]):
+        import contextlib
+
+        self.schema = get_schema("alpaca_rag")
+        self.tokenizer, self.model, self.blocked, self.asked = tokenizer, None, blocked, []
+        self.exclusive = contextlib.nullcontext
+
+    def generate_batch(self, prompts, batch_size, block_first_tokens):
+        from types import SimpleNamespace
+
+        assert block_first_tokens == [abstain_first_token(self.tokenizer, self.schema)]
+        self.asked += list(prompts)
+        return [SimpleNamespace(text=self.blocked[p]) for p in prompts]
+
+
+@pytest.fixture()
+def scored_by_retrieval(monkeypatch):
+    """answer_features stand-in: each answer's retrieval feature is its prompt's number."""
+    from ragtune import answerability
+    from ragtune.answerability import AnswerFeatures
+
+    def features(model, tokenizer, schema, prompts, answers, contexts, retrieval, batch):
+        return [AnswerFeatures(-1.0, 1, -1.0, 0.5, 0.0, float(r)) for r in retrieval]
+
+    monkeypatch.setattr(answerability, "answer_features", features)
+
+
+def test_assess_scores_the_candidate_of_an_abstained_answer(tokenizer, scored_by_retrieval):
+    """An abstained answer (the schema's, or one that normalises to nothing) is scored on its
+    blocked candidate; without a calibration every answer stays as generated."""
+    from ragtune.answerability import assess, is_abstained
+
+    gen = _Generator(tokenizer, {"p2": "Kilmory", "p3": "Cross"})
+    abstain = gen.schema.abstain
+    got = assess(gen, ["p1", "p2", "p3"], ["Paris", abstain, " . "], None, [1.0, 2.0, 3.0])
+    assert is_abstained(gen.schema, " . ") and not is_abstained(gen.schema, "Paris")
+    assert gen.asked == ["p2", "p3"]  # only the abstained ones are decoded again
+    assert [a.candidate for a in got] == ["Paris", "Kilmory", "Cross"]
+    assert [a.answer for a in got] == ["Paris", abstain, " . "]
+    assert [a.score for a in got] == [0.0, 0.0, 0.0]  # the default score: margin, 0 here
+
+
+def test_assess_applies_the_calibration(tokenizer, scored_by_retrieval):
+    """With a calibration its weights and bias make the score; the candidate is given at or
+    above the threshold, the abstain answer below it or when the candidate is empty."""
+    from ragtune.answerability import Calibration, assess
+
+    gen = _Generator(tokenizer, {"p4": ""})
+    abstain = gen.schema.abstain
+    cal = Calibration(threshold=1.0, weights={"retrieval": 2.0}, bias=-1.0)
+    answers = ["Oslo", "Rome", "Bern", abstain]
+    got = assess(gen, ["p1", "p2", "p3", "p4"], answers, None, [0.9, 1.0, 2.0, 5.0], cal)
+    assert [a.score for a in got] == pytest.approx([0.8, 1.0, 3.0, 9.0])
+    assert [a.answer for a in got] == [abstain, "Rome", "Bern", abstain]
+
+
+def test_fit_calibration_weighs_only_the_named_features():
+    from ragtune.answerability import AnswerFeatures, fit_calibration
+
+    answerable = [i % 2 == 0 for i in range(20)]
+    feats = [
+        AnswerFeatures(-1.0 * i, 2, -3.0, 0.2, 1.0, float(y)) for i, y in enumerate(answerable)
+    ]
+    cal = fit_calibration(feats, answerable, [1.0] * 20, names=("retrieval",))
+    assert set(cal.weights) == {"retrieval"} and cal.auroc == 1.0
+
+
+def test_a_completion_is_encoded_as_training_encodes_it(tokenizer):
+    """The scored answer's ids: the stripped text without special tokens, then EOS."""
+    from ragtune.answerability import _completion_ids
+
+    ids = tokenizer("Kilmory Cross", add_special_tokens=False)["input_ids"]
+    assert _completion_ids(tokenizer, " Kilmory Cross\n") == [*ids, tokenizer.eos_token_id]
