@@ -179,6 +179,45 @@ def test_run_sft_fits_the_decision_on_held_out_sources(
     assert (run / "calibration/roc.png").stat().st_size > 1000
 
 
+def _held_out(mode: str = "rag", fraction: float = 0.3, unanswerable_every: int = 3, n: int = 200):
+    """calibration_split on n records over 10 documents (every k-th unanswerable)."""
+    from omegaconf import OmegaConf
+
+    from ragtune.training.calibration import calibration_split
+    from ragtune.types import QARecord
+
+    records = [
+        QARecord(f"q{i}", "" if i % unanswerable_every == 0 else "a", source=f"doc{i % 10}")
+        for i in range(n)
+    ]
+    cfg = OmegaConf.create({"seed": 0, "raft": {"mode": mode, "calibration_fraction": fraction}})
+    train, val = calibration_split(cfg, records)
+    assert len(train) + len(val) == n
+    return train, val
+
+
+def test_calibration_holds_out_whole_documents_of_the_training_qa():
+    train, val = _held_out()
+    assert len(val) >= 0.3 * 200 and not {r.source for r in val} & {r.source for r in train}
+
+
+@pytest.mark.parametrize(
+    ("why", "kwargs"),
+    [
+        ("off", {"fraction": 0.0}),
+        ("closed book: no retrieval to decide on", {"mode": "closed"}),
+        ("too few questions", {"n": 60, "fraction": 0.5}),  # 30 held out: 20 + 10
+        ("too few unanswerable ones", {"unanswerable_every": 1000}),
+    ],
+)
+def test_calibration_holds_nothing_out_when_it_cannot_fit(why, kwargs, caplog):
+    train, val = _held_out(**kwargs)
+    assert val == [] and len(train) == kwargs.get("n", 200), why
+    # turned off is no reason to warn; a fit that cannot be made says why
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warned) == (why.startswith("too few")), why
+
+
 @pytest.mark.parametrize("cut", [float("inf"), 1e9])
 @pytest.mark.parametrize("extremes", ["apply", "ignore"])
 def test_a_fit_that_abstains_on_everything_is_the_decision_unless_ignored(
