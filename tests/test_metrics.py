@@ -44,6 +44,8 @@ def test_exact_match_and_f1_single_gold() -> None:
     assert f1_score("the cat sat", "a cat sat on the mat") == pytest.approx(2 / 3)
     # repeated tokens count once per gold occurrence: [cat]x3 vs [cat]: p = 1/3, r = 1 -> 1/2
     assert f1_score("cat cat cat", "cat") == pytest.approx(0.5)
+    # [cat, cat, dog] vs [cat, cat]: both cats shared, p = 2/3, r = 1 -> 4/5
+    assert f1_score("cat cat dog", "cat cat") == pytest.approx(0.8)
     assert f1_score("dog", "cat") == 0.0
     # empty on either side: 1 only when both are empty
     assert f1_score("", "") == 1.0
@@ -60,6 +62,8 @@ def test_max_over_gold_answers() -> None:
     assert max_over_gold(exact_match, "in the 10th and 11th centuries", golds) == 1.0
     # golds that normalise to nothing are dropped; none left -> the unanswerable gold ""
     assert max_over_gold(f1_score, "", ["the", "  "]) == 1.0
+    # ... and beside a real gold, a blank one earns an empty prediction nothing
+    assert max_over_gold(exact_match, "", ["Paris", ""]) == 0.0
 
 
 def _abstains(answer: str) -> bool:
@@ -73,6 +77,9 @@ def test_score_answer_answerable_and_unanswerable() -> None:
     assert s.f1 == pytest.approx(2 / 7) and s.score == s.f1
     s = score_answer("Not in the documents.", ["Rollo"], _abstains)
     assert s.answerable and s.abstained and s.f1 == 0.0 and s.score == 0.0
+    # an abstention is the empty prediction, even when it shares words with the gold
+    s = score_answer("Not in the documents, they say", ["they say"], _abstains)
+    assert s.abstained and s.f1 == 0.0
     s = score_answer("Not in the documents.", [], _abstains)
     assert not s.answerable and s.abstained and s.score == 1.0 and s.exact == 1.0
     s = score_answer("Rollo", [], _abstains)
@@ -115,6 +122,7 @@ def test_always_abstaining_scores_the_unanswerable_share() -> None:
     scores += [score_answer("Not in the documents", [], _abstains) for _ in range(5)]
     agg = aggregate(scores)
     assert (agg.overall, agg.f1, agg.false_abstention_rate) == (50.0, 0.0, 100.0)
+    assert agg.overall_exact == 50.0  # over all questions, as overall
     assert agg.recall_at_k is None and agg.latency_s is None
 
 
