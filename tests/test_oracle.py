@@ -232,10 +232,15 @@ def _unsupported_set(n_bad: int) -> list[QARecord]:
 
 
 def test_above_the_share_the_build_stops_with_one_line_naming_the_key(build):
+    import re
+
     with pytest.raises(UnsupportedAnswersError) as err:
         build(_unsupported_set(2))  # 2 of 11 answerable records: 18% > 10%
     msg = str(err.value)
     assert "\n" not in msg and "raft.max_unsupported_fraction" in msg and "qa:20" in msg
+    # the setting it names, at the value it suggests, lets this very build go on
+    suggested = float(re.search(r"raft\.max_unsupported_fraction=([0-9.]+)", msg).group(1))
+    assert build(_unsupported_set(2), max_unsupported_fraction=suggested)[1]["unsupported"]
 
 
 def test_the_key_lets_the_build_go_on_and_lists_the_records(build, caplog):
@@ -278,3 +283,53 @@ def test_without_answer_cuts_the_answer_sentence_and_keeps_the_rest():
     # every sentence holds the answer: nothing would be left
     murrow = next(c for c in store.chunks if c.source == "murrowfin.txt")
     assert finder.without_answer(QARecord("?", "in", source="murrowfin.txt"), murrow) is None
+
+
+def _plates(n: int) -> list[QARecord]:
+    q = "How long were the plates left in the sea?"
+    return [QARecord(q, "7 years", id=f"qa:{i}", source="corvanite.md") for i in range(n)]
+
+
+def test_the_oracle_is_kept_for_round_p_times_n_records(build):
+    examples, _ = build(_plates(7), oracle_fraction=0.8)  # 5.6 -> 6
+    assert [e["kind"] for e in examples].count("oracle") == 6
+
+
+def test_a_contrastive_twin_has_as_many_chunks_and_counts_once(build):
+    from ragtune.raft import TWIN_KINDS
+
+    examples, stats = build(_plates(3), oracle_fraction=1.0, contrastive=True)
+    oracle = [e for e in examples if e["kind"] == "oracle"]
+    twins = [e for e in examples if e["kind"] == TWIN_KINDS[0]]
+    assert len(oracle) == len(twins) == 3
+    assert all(
+        len(t["sources"]) == len(o["sources"]) == 2 for o, t in zip(oracle, twins, strict=True)
+    )
+    assert all("corvanite.md#1" not in [s["id"] for s in t["sources"]] for t in twins)
+    assert stats["oracle_how"]["exact"] == 3  # one per record, not per example
+
+
+def test_an_unanswerable_context_leads_with_its_own_document(build):
+    rec = QARecord("When do Brennick harp players tune the strings?", "", source="murrowfin.txt")
+    (e,), _ = build([rec], unanswerable_on_topic=True, shuffle_oracle=False)
+    assert e["kind"] == "unanswerable" and e["sources"][0]["source"] == "murrowfin.txt"
+    (e,), _ = build([rec], shuffle_oracle=False)  # off: retrieval order (the harp first)
+    assert e["sources"][0]["source"] == "harp.md"
+
+
+def test_an_oracle_the_budget_cuts_short_trains_as_dropped(tokenizer, embed):
+    """When the context budget cuts the answer out of the oracle chunk, the example must not
+    teach answering from it: it becomes an abstain target, counted in the stats."""
+    import dataclasses
+
+    class CutStore(Store):
+        def fit(self, chunks, budget_tokens):  # a budget that keeps 60 characters a chunk
+            return [dataclasses.replace(c, text=c.text[:60]) for c in super().fit(chunks, 0)]
+
+    settings = BuildSettings(k=2, fetch_k=5, max_seq_length=512, oracle_fraction=1.0)
+    schema = get_schema("alpaca_rag")
+    examples, stats = build_examples(
+        _plates(1), CutStore(embed), schema, tokenizer, settings, progress=False
+    )
+    assert [e["kind"] for e in examples] == ["abstain_no_oracle"]
+    assert stats["oracle_truncated_by_budget"] == 1
