@@ -490,7 +490,8 @@ class _Generator:
 
 @pytest.fixture()
 def scored_by_retrieval(monkeypatch):
-    """answer_features stand-in: each answer's retrieval feature is its prompt's number."""
+    """answer_features stand-in: each answer's features are fixed but for ``retrieval``, the
+    retrieval score given for its prompt (so a calibration weighing it sets the score)."""
     from ragtune import answerability
     from ragtune.answerability import AnswerFeatures
 
