@@ -111,6 +111,7 @@ def test_rebuilt_from_manifest(pipeline, model_dir):
         assert settings[key] == manifest["retriever"][key]
     assert pipeline.schema.fingerprint == manifest["prompt"]["fingerprint"]
     assert pipeline.generator.settings.max_new_tokens == 8
+    assert pipeline.name == model_dir.parent.name  # the run's name, not "model"
 
 
 def test_answer_carries_sources_and_the_exact_prompt(pipeline):
@@ -418,4 +419,192 @@ def test_hybrid_retrieval_scores_answerability_by_cosine(tmp_path, tiny_lm_path)
     cosine = max(c.metadata["dense_score"] for c in ans.chunks)
     assert fused < 0.05 < cosine
     assert ans.features.retrieval == pytest.approx(cosine)
+    assert [s[2] for s in ans.sources] == [c.score for c in ans.chunks]  # the ranking's own score
     assert ans.chunks[0].similarity == pytest.approx(ans.chunks[0].metadata["dense_score"])
+
+
+# --------------------------------------------------------------------------- the answer path's rules
+def _copy_model_dir(model_dir: Path, dest: Path, **manifest_changes: Any) -> Path:
+    """A copy of a trained folder (weights linked) with some manifest keys changed."""
+    import shutil
+
+    from ragtune.manifest import read_manifest, write_manifest
+
+    shutil.copytree(model_dir, dest, symlinks=True)
+    manifest = read_manifest(dest)
+    for key in ("format", "created", "git_commit", "versions", "files"):
+        manifest.pop(key, None)
+    manifest.update(manifest_changes)
+    write_manifest(dest, manifest)
+    return dest
+
+
+def test_a_closed_book_model_is_served_closed_book(model_dir, tmp_path):
+    """``context=auto`` follows how the model was trained: a closed-book fine-tune gets no
+    context section it never saw, unless the user asks for one."""
+    from ragtune.rag import RagPipeline
+
+    closed = _copy_model_dir(model_dir, tmp_path / "closed" / "model", raft={"mode": "closed"})
+    cfg = ask_cfg(tmp_path, "generate.max_new_tokens=2")
+    assert RagPipeline.from_model_dir(closed, cfg).retriever is None
+    assert RagPipeline.from_model_dir(closed, cfg, context="rag").retriever is not None
+    assert RagPipeline.from_model_dir(model_dir, cfg).retriever is not None
+
+
+def test_a_trained_folder_without_its_schema_file_is_served_as_trained(model_dir, tmp_path):
+    """Only a folder with neither manifest nor schema is a plain base model; one that lost its
+    schema file keeps its manifest (retriever, calibration) and the prompt it names."""
+    from ragtune.manifest import read_manifest, write_manifest
+    from ragtune.rag import open_pipeline
+    from ragtune.schema import SCHEMA_FILE
+
+    folder = _copy_model_dir(model_dir, tmp_path / "run" / "model")
+    (folder / SCHEMA_FILE).unlink()
+    manifest = read_manifest(folder)
+    write_manifest(folder, {k: v for k, v in manifest.items() if k != "files"})
+    pipe = open_pipeline(
+        ask_cfg(tmp_path, f"model_dir={folder}", "prompt=alpaca_rag_short"), explicit=[]
+    )
+    assert pipe.manifest["base_model"] == manifest["base_model"]
+    assert pipe.schema.name == manifest["prompt"]["name"] == "alpaca_rag"
+    assert pipe.retriever.settings()["collection"] == manifest["retriever"]["collection"]
+
+
+def test_the_trained_context_budget_reaches_the_pipeline(model_dir, tmp_path):
+    """``retriever.context_tokens`` in the manifest (training's context budget) caps every
+    served context, whatever room the model's length would leave."""
+    from ragtune.rag import RagPipeline
+
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    capped = _copy_model_dir(
+        model_dir,
+        tmp_path / "capped" / "model",
+        retriever={**manifest["retriever"], "context_tokens": 40},
+    )
+    pipe = RagPipeline.from_model_dir(capped, ask_cfg(tmp_path, "generate.max_new_tokens=2"))
+    q = "On which day is the Lantern Tide festival held in Velmora?"
+    assert pipe.context_tokens == 40 and pipe.context_budget(q) == 40
+    chunks = pipe.prepare(q).chunks
+    assert chunks and sum(len(pipe.tokenizer(c.text)["input_ids"]) for c in chunks) <= 40
+
+
+def test_the_context_budget_leaves_room_for_the_configured_answer(model_dir, tmp_path):
+    """With ``generate.max_new_tokens`` above the 64 tokens training reserved, the served
+    context shrinks so that prompt + answer still fit."""
+    from ragtune.rag import RagPipeline
+
+    pipe = RagPipeline.from_model_dir(model_dir, ask_cfg(tmp_path, "generate.max_new_tokens=100"))
+    q = "Who developed Corvanite?"
+    want = pipe.schema.context_budget(pipe.tokenizer, PromptFields(q, "", []), 1024, 100)
+    assert pipe.context_budget(q) == want < pipe.context_budget(q, max_new_tokens=1)
+
+
+def test_the_prompt_and_the_answer_must_fit_exactly(model_dir, tmp_path):
+    """A prompt of n tokens leaves max_seq_length - n for the answer: that many fit, one more
+    is refused with a line naming the setting."""
+    from ragtune.decoding import Decoding
+    from ragtune.rag import PipelineError, RagPipeline
+
+    pipe = RagPipeline.from_model_dir(model_dir, ask_cfg(tmp_path), context="closed")
+    q = "Who developed Corvanite?"
+    room = pipe.max_seq_length - len(pipe.generator.encode(pipe.render(q)))
+    assert pipe.prepare(q, decoding=Decoding(max_new_tokens=room)).prompt == pipe.render(q)
+    with pytest.raises(PipelineError, match="too long.*model.max_seq_length=1024"):
+        pipe.prepare(q, decoding=Decoding(max_new_tokens=room + 1))
+
+
+def test_a_query_retrieves_for_its_own_text(pipeline):
+    """A conversation's follow-up is rendered as asked but retrieved for the standalone query."""
+    follow_up, query = "And when is it held?", "the Lantern Tide festival of Velmora"
+    by_query = [c.id for c in pipeline.retriever.retrieve(query)]
+    assert by_query != [c.id for c in pipeline.retriever.retrieve(follow_up)]  # precondition
+    prepared = pipeline.prepare(follow_up, query=query)
+    assert [c.id for c in prepared.chunks] == by_query
+    assert follow_up in prepared.prompt and query not in prepared.prompt
+
+
+def test_n_answers_come_from_one_retrieval(pipeline):
+    q = "Who developed Corvanite?"
+    answers = pipeline.answers(q, n=3)
+    assert [a.text for a in answers] == [pipeline.answer(q).text] * 3  # greedy: all the same
+    assert len({id(a.chunks) for a in answers}) == 1
+
+
+def test_latency_is_retrieval_plus_shares_of_the_batch_and_the_scoring(pipeline, monkeypatch):
+    """Each answer's latency: its retrieval, its share of the batch's decoding and its share
+    of the answer-or-abstain scoring (on a clock this test moves itself)."""
+    from types import SimpleNamespace
+
+    import ragtune.rag as rag
+    from ragtune.decoding import GenerationResult
+
+    clock = [100.0]
+    monkeypatch.setattr(rag, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def decode(prompts, batch_size, **_):
+        clock[0] += 6.0
+        return [GenerationResult("Ismay", [1], "eos", 1, 6.0, batch_rows=3) for _ in prompts]
+
+    def score(generator, prompts, texts, *_):
+        clock[0] += 3.0
+        return [SimpleNamespace(answer=t, score=1.0, candidate=t, features=None) for t in texts]
+
+    monkeypatch.setattr(pipeline.generator, "generate_batch", decode)
+    monkeypatch.setattr(rag, "assess", score)
+    monkeypatch.setattr(pipeline, "scoring", True)
+    answers = pipeline.answer_batch(["Who developed Corvanite?", "What is Velmora?", "Ember?"])
+    assert [a.retrieval_s for a in answers] == [0.0] * 3
+    assert [a.latency_s for a in answers] == [6.0 / 3 + 3.0 / 3] * 3
+
+
+def test_a_shared_context_cache_keeps_questions_and_retrievers_apart(pipeline):
+    """Evaluation's modes share one cache: each context is retrieved once, and a pipeline
+    gets what it would retrieve alone, never another question's or another k's context."""
+    import dataclasses
+
+    from ragtune.budget import token_counter
+    from ragtune.rag import RagPipeline
+    from ragtune.retriever import Retriever
+
+    top1 = Retriever.from_config(
+        dataclasses.replace(pipeline.retriever.rcfg, k=1),
+        token_counter=token_counter(pipeline.tokenizer),
+    )
+    cache: dict = {}
+
+    def make(retriever, shared):
+        return RagPipeline(
+            pipeline.model,
+            pipeline.tokenizer,
+            pipeline.schema,
+            retriever,
+            max_seq_length=pipeline.max_seq_length,
+            context_cache=cache if shared else None,
+        )
+
+    qs = ["Who developed Corvanite?", "Where is Velmora?"]
+    # the same budget, different contexts: only the question tells their entries apart
+    assert len({pipeline.context_budget(q) for q in qs}) == 1
+    for retriever in (pipeline.retriever, top1, pipeline.retriever):
+        alone, shared = make(retriever, False), make(retriever, True)
+        for q in qs:
+            assert [c.id for c in shared.prepare(q).chunks] == [
+                c.id for c in alone.prepare(q).chunks
+            ]
+    assert len(cache) == 4  # two questions x two retrievers, each retrieved once
+
+
+def test_recall_finds_each_question_a_chain_retrieved(pipeline, monkeypatch):
+    """A LangChain batch retrieves every question before it generates; the decision then needs
+    each prompt's own question and chunks back (``finish_prompt``), and none for a prompt
+    this pipeline did not build."""
+    from ragtune.answerability import Calibration
+
+    monkeypatch.setattr(pipeline, "calibration", Calibration(threshold=0.0, weights={"margin": 1}))
+    monkeypatch.setattr(pipeline, "_recent", {})
+    qs = ["Who developed Corvanite?", "Where is Velmora?", "When is the Ember Tide festival?"]
+    retrieved = [pipeline.retrieve(q) for q in qs]
+    for q, chunks in zip(qs, retrieved, strict=True):
+        found = pipeline.recall(pipeline.render(q, "", chunks))
+        assert found is not None and (found.question, found.chunks) == (q, chunks)
+    assert pipeline.recall(pipeline.render(qs[0], "", retrieved[1])) is None
