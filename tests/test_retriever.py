@@ -3,6 +3,10 @@ find, LangChain face."""
 
 from __future__ import annotations
 
+import math
+import uuid
+
+import numpy as np
 import pytest
 
 from ragtune.config import RetrieverConfig
@@ -48,6 +52,46 @@ def make(rcfg, **kw) -> Retriever:
     return Retriever.from_config(replace(rcfg, **kw))
 
 
+class TableEmbedder:
+    """Stands in for the sentence-transformer: each text's vector comes from a table."""
+
+    device = "cpu"
+
+    def __init__(self, table: dict[str, np.ndarray]):
+        self.table = table
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return 2
+
+    def encode(self, texts, **kw):
+        return np.stack([self.table[t] for t in texts])
+
+
+def toy(tmp_path, dense_order: list[tuple[str, str]], query: str, metas=None, **kw) -> Retriever:
+    """A retriever over hand-placed 2-D vectors: ``dense_order`` lists (id, text) best first
+    for ``query`` (each a further 0.1 rad away), so dense ranks are exact; BM25 sees the
+    texts. One chunk per source unless ``metas`` (id -> metadata) says otherwise; cosine
+    dedup off unless ``kw`` turns it on."""
+    import chromadb
+
+    vec = {query: np.array([1.0, 0.0], np.float32)}
+    for i, (_, text) in enumerate(dense_order):
+        vec[text] = np.array([math.cos(0.1 * (i + 1)), math.sin(0.1 * (i + 1))], np.float32)
+    coll = chromadb.EphemeralClient().create_collection(
+        f"toy-{uuid.uuid4().hex}", configuration={"hnsw": {"space": "cosine"}}
+    )
+    coll.add(
+        ids=[cid for cid, _ in dense_order],
+        documents=[text for _, text in dense_order],
+        metadatas=[
+            (metas or {}).get(cid, {"source": f"{cid}.md", "start": 0}) for cid, _ in dense_order
+        ],
+        embeddings=[vec[text] for _, text in dense_order],
+    )
+    rcfg = RetrieverConfig(persist_dir=str(tmp_path / "unused"), **{"dedup_cosine": 1.0, **kw})
+    return Retriever(rcfg, coll, TableEmbedder(vec))
+
+
 def test_exact_and_near_duplicates_are_dropped(index):
     ret = Retriever.from_config(index)
     got = ret.retrieve("Who invented the Tessaline loom?", k=3)
@@ -87,6 +131,25 @@ def test_overlapping_spans_of_one_source_are_near_duplicates(index):
     r2 = Chunk("r2", "second record", "n.jsonl", 0, "h5", metadata={"line": 2})
     r2b = Chunk("r2b", "second record!", "n.jsonl", 0, "h6", metadata={"line": 2})
     assert [c.id for c in make(index, dedup_cosine=1.0).fit([r1, r2, r2b], None)] == ["r1", "r2"]
+    # overlap is a share of the shorter span, and dedup_overlap itself counts as a duplicate
+    long = Chunk("long", "x" * 200, "s.md", 0, "h7")
+    inside = Chunk("inside", "y" * 40, "s.md", 50, "h8")
+    half = Chunk("half", "z" * 100, "t.md", 0, "h9")
+    half2 = Chunk("half2", "w" * 100, "t.md", 50, "h10")
+    less = Chunk("less", "v" * 100, "t.md", 51, "h11")
+    kept = make(index, dedup_cosine=1.0, dedup_overlap=0.5).fit([long, inside, half, half2], None)
+    assert [c.id for c in kept] == ["long", "half"]
+    assert [c.id for c in make(index, dedup_cosine=1.0).fit([half, less], None)] == ["half", "less"]
+    # the same chunk twice comes back once
+    assert [c.id for c in make(index, dedup_cosine=1.0).fit([base, base], None)] == [base.id]
+
+
+def test_fit_drops_near_duplicates_by_cosine_even_outside_the_index(index):
+    ret = Retriever.from_config(index)  # dedup_cosine 0.95
+    loom, near = (ret.find(source=s)[0] for s in ("a/loom.md", "a/loom_near.md"))
+    outside = Chunk("new", LOOM.replace("glass", "crystal"), "z/new.md", 0, "h12")
+    heron = ret.find(source="b/heron.md")[0]
+    assert [c.id for c in ret.fit([loom, near, outside, heron], None)] == [loom.id, heron.id]
 
 
 def test_budget_drops_what_does_not_fit_and_truncates_a_lone_first_chunk():
@@ -94,14 +157,18 @@ def test_budget_drops_what_does_not_fit_and_truncates_a_lone_first_chunk():
         Chunk(str(i), " ".join(["w"] * n), "s", i * 1000, str(i)) for i, n in enumerate([5, 8, 3])
     ]
     assert [c.id for c in fit_budget(chunks, 9, words)] == ["0", "2"]
+    assert [c.id for c in fit_budget(chunks, 8, words)] == ["0", "2"]  # exactly full
     assert [c.id for c in fit_budget(chunks, 100, words)] == ["0", "1", "2"]
     cut = fit_budget(chunks, 4, words)
     assert cut[0].id == "0" and words(cut[0].text) == 4 and cut[0].metadata["truncated"]
     assert cut[0].content_hash != chunks[0].content_hash
+    assert [c.id for c in cut] == ["0"]  # the cut chunk uses the budget: "2" no longer fits
     assert fit_budget(chunks, 0, words) == []
 
 
 def test_retrieve_applies_budget_with_the_token_counter(index):
+    from dataclasses import replace
+
     ret = Retriever.from_config(index, token_counter=words)
     full = ret.retrieve("railway signal cabinet code", k=3)
     small = ret.retrieve("railway signal cabinet code", k=3, budget_tokens=12)
@@ -110,6 +177,13 @@ def test_retrieve_applies_budget_with_the_token_counter(index):
     # without a counter the budget cannot be measured: returned unchanged (warned once)
     plain = Retriever.from_config(index)
     assert len(plain.retrieve("railway", k=3, budget_tokens=1)) == 3
+    # a copy with a counter budgets; the original still has none
+    counted = plain.with_token_counter(words)
+    assert sum(words(c.text) for c in counted.retrieve("railway", k=3, budget_tokens=12)) <= 12
+    assert len(plain.retrieve("railway", k=3, budget_tokens=1)) == 3
+    # context_tokens is the budget when none is passed
+    conf = Retriever.from_config(replace(index, context_tokens=12), token_counter=words)
+    assert sum(words(c.text) for c in conf.retrieve("railway signal cabinet code", k=3)) <= 12
 
 
 def test_hybrid_finds_a_rare_code_that_dense_ranks_lower(index):
@@ -123,6 +197,49 @@ def test_hybrid_finds_a_rare_code_that_dense_ranks_lower(index):
     assert bm25_tokens("月森焼 Code-7") == ["月", "森", "焼", "月森", "森焼", "code", "7"]
 
 
+KELP = [  # dense order for the query "kelp", best first; BM25 sees the words
+    ("t_dense", "reef stone sand moss"),
+    ("d1", "reef stone sand shell"),
+    ("both", "kelp reef stone sand"),
+    ("d3", "reef stone moss shell"),
+    ("d4", "kelp kelp reef stone"),
+    ("d5", "stone sand moss shell"),
+    ("d6", "reef sand moss shell"),
+    ("d7", "reef stone sand gull"),
+    ("d8", "reef gull sand moss"),
+    ("t_lex", "kelp kelp kelp reef"),
+]
+
+
+def test_hybrid_fuses_ranks_with_rrf_60_and_fetches_lexical_only_hits(tmp_path):
+    """k=5 fetches 5 per list. Dense: t_dense, d1, both, d3, d4; BM25: t_lex, d4, both (no
+    other chunk has the word). With RRF's k=60 a chunk third in both lists (2/63) beats one
+    first in a single list (1/61); t_lex comes only from BM25 and is fetched from the index
+    with its own cosine."""
+    ret = toy(tmp_path, KELP, "kelp", hybrid=True, fetch_k=3)
+    got = ret.retrieve("kelp", k=5)
+    assert [c.id for c in got] == ["both", "d4", "t_dense", "t_lex", "d1"]
+    assert got[0].score == pytest.approx(2 / 63) and got[2].score == pytest.approx(1 / 61)
+    assert got[3].metadata["dense_score"] == pytest.approx(math.cos(1.0), abs=1e-5)
+    assert got[0].metadata["dense_score"] == pytest.approx(math.cos(0.3), abs=1e-5)
+
+
+def test_hybrid_gives_no_lexical_credit_to_chunks_without_a_query_word(tmp_path):
+    got = toy(tmp_path, KELP, "kelp", hybrid=True, fetch_k=20).retrieve("kelp", k=10)
+    assert len(got) == 10
+    assert [c.id for c in got if "kelp" not in c.text] == [
+        cid for cid, text in KELP if "kelp" not in text
+    ]
+
+
+def test_k_above_fetch_k_still_returns_k_and_candidates_fetch_past_duplicates(index, tmp_path):
+    got = toy(tmp_path, KELP, "kelp", fetch_k=2).retrieve("kelp", k=5)
+    assert [c.id for c in got] == [cid for cid, _ in KELP[:5]]
+    # the three loom copies fill the top 3: fetching only 3 would leave one after dedup
+    cands = make(index, fetch_k=1).candidates("Who invented the Tessaline loom?", 3)
+    assert len(cands) == 3 and sum(c.source.startswith("a/loom") for c in cands) == 1
+
+
 def test_mmr_prefers_diversity(index):
     q = "glass"
     plain = make(index, dedup_cosine=1.0).retrieve(q, k=3)
@@ -132,6 +249,8 @@ def test_mmr_prefers_diversity(index):
     loom_mmr = sum(c.source.startswith("a/loom") for c in diverse)
     assert loom_mmr < loom_plain
     assert diverse[0].id == plain[0].id  # the most relevant is still first
+    relevance = make(index, dedup_cosine=1.0, mmr=True, mmr_lambda=1.0).retrieve(q, k=3)
+    assert [c.id for c in relevance] == [c.id for c in plain]
 
 
 def test_find_is_case_insensitive_and_filters_by_source(index):
@@ -145,6 +264,16 @@ def test_find_is_case_insensitive_and_filters_by_source(index):
     assert ret.find(contains="釉薬")[0].source == "c/ja.txt"
     assert ret.find(contains="no such text anywhere") == []
     assert len(ret.find(limit=2)) == 2
+
+
+def test_find_orders_chunks_of_a_source_by_start_offset(tmp_path):
+    rows = [("c0", "third part"), ("c1", "first part"), ("c2", "second part")]
+    metas = {
+        cid: {"source": "s.md", "start": start}
+        for cid, start in zip(["c0", "c1", "c2"], [300, 0, 150], strict=True)
+    }
+    ret = toy(tmp_path, rows, "part", metas=metas)
+    assert [c.text for c in ret.find(source="s.md")] == ["first part", "second part", "third part"]
 
 
 def test_settings_and_langchain_face(index):
@@ -166,8 +295,12 @@ def test_settings_and_langchain_face(index):
         "persist_dir",
         "collection",
         "server",
+        "dedup_overlap",
+        "corpus",
     ):
         assert key in s
+    for key in ("normalize", "k", "fetch_k", "dedup_cosine", "dedup_overlap", "mmr_lambda"):
+        assert s[key] == getattr(index, key)
     assert s["chunk_size"] == 400 and s["collection"].startswith("rt-minilm-l6-n-c400")
     from langchain_core.retrievers import BaseRetriever
 
@@ -176,6 +309,7 @@ def test_settings_and_langchain_face(index):
     docs = lc.invoke("Which ferry crosses the bay?")
     assert len(docs) == 3 and docs[0].metadata["source"] == "c/ferry.md"
     assert {"source", "start", "score", "id"} <= set(docs[0].metadata)
+    assert len(ret.as_langchain(k=1).invoke("Which ferry crosses the bay?")) == 1
     emb = ret.embed(["a", "b"])
     assert emb.shape == (2, 384) and abs(float((emb[0] ** 2).sum()) - 1) < 1e-4
 
