@@ -41,6 +41,10 @@ def test_one_writer_lock_however_the_address_is_written(tmp_path):
     a = RetrieverConfig(persist_dir=str(tmp_path), server="127.0.0.1:8000")
     b = RetrieverConfig(persist_dir=str(tmp_path), server="http://127.0.0.1:8000/")
     assert state_dir(a) == state_dir(b)
+    # the embedded index and another server are other indexes: other locks
+    local = RetrieverConfig(persist_dir=str(tmp_path))
+    other = RetrieverConfig(persist_dir=str(tmp_path), server="127.0.0.1:8001")
+    assert len({state_dir(a), state_dir(local), state_dir(other)}) == 3
 
 
 @pytest.mark.slow

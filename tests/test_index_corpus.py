@@ -82,6 +82,51 @@ def test_a_moved_corpus_gets_its_own_collection_and_the_old_one_is_kept(tmp_path
     assert [c.text for c in kept] == [A["a.md"]]
 
 
+def test_a_corpus_is_named_by_its_resolved_path_not_its_folder_name(tmp_path):
+    from ragtune.store import collection_name
+
+    rcfg = rcfg_for(tmp_path)
+    x, y = write(tmp_path / "x" / "docs", A), write(tmp_path / "y" / "docs", A)
+    assert collection_name(rcfg, x) != collection_name(rcfg, y)
+    (tmp_path / "link").symlink_to(x)
+    assert collection_name(rcfg, tmp_path / "link") == collection_name(rcfg, x)
+
+
+def test_the_writer_names_its_corpus_and_a_live_corpus_beside_it_is_no_warning(tmp_path, caplog):
+    from ragtune.store import open_client, open_collection
+
+    rcfg = rcfg_for(tmp_path)
+    client = open_client(rcfg)
+    with pytest.raises(ValueError, match="needs the corpus folder"):
+        open_collection(client, rcfg, create=True)
+    open_collection(client, rcfg, create=True, corpus=write(tmp_path / "A", A))
+    with caplog.at_level(logging.WARNING, logger="ragtune.store"):
+        open_collection(client, rcfg, create=True, corpus=write(tmp_path / "B", B))
+    assert "no longer exists" not in caplog.text
+
+
+def test_a_collection_made_before_corpora_were_recorded_is_adopted_by_its_writer(tmp_path):
+    from ragtune.store import (
+        CORPUS_KEY,
+        collection_name,
+        corpus_path,
+        index_metadata,
+        open_client,
+        open_collection,
+    )
+
+    rcfg = rcfg_for(tmp_path)
+    a = write(tmp_path / "A", A)
+    client = open_client(rcfg)
+    client.create_collection(
+        collection_name(rcfg, a), metadata=index_metadata(rcfg), embedding_function=None
+    )
+    coll = open_collection(client, rcfg, create=True, corpus=a)
+    assert coll.metadata[CORPUS_KEY] == corpus_path(a)
+    # a new collection records its corpus as it is made, not in a second step
+    assert index_metadata(rcfg, a)[CORPUS_KEY] == corpus_path(a)
+
+
 @pytest.fixture(scope="module")
 def two_corpora_model(tmp_path_factory, tiny_lm_path):
     """A model folder trained on the test corpus, and a second corpus B in the same index."""

@@ -151,6 +151,53 @@ def test_collection_name_tracks_settings_and_mismatch_is_an_error(tmp_path):
         Retriever.from_config(rcfg_for(tmp_path, collection="shared", embedding_model="x/y"))
 
 
+def test_every_setting_that_changes_chunks_or_vectors_names_and_guards_the_collection(tmp_path):
+    from dataclasses import replace
+
+    from ragtune.store import check_metadata, index_metadata
+
+    a = rcfg_for(tmp_path)
+    for other in (
+        rcfg_for(tmp_path, chunk_unit="tokens"),
+        rcfg_for(tmp_path, chunk_overlap=10),
+        rcfg_for(tmp_path, normalize=False),
+    ):
+        assert collection_name(other) != collection_name(a)
+    # two local model folders of the same name are two models
+    x, y = (rcfg_for(tmp_path, embedding_model=str(tmp_path / d / "model")) for d in "xy")
+    assert collection_name(x) != collection_name(y)
+    # a named collection records the chunk unit too, and a foreign collection is refused
+    with pytest.raises(IndexMismatchError, match=r"chunk_unit='chars'.*chunk_unit='tokens'"):
+        check_metadata("shared", index_metadata(a), replace(a, chunk_unit="tokens"))
+    with pytest.raises(IndexMismatchError, match="not made by ragtune"):
+        check_metadata("theirs", {"hnsw:space": "cosine"}, a)
+
+
+def test_a_reader_never_opens_a_collection_whose_settings_only_share_a_name_prefix(tmp_path):
+    """chunk_overlap=2's name is a prefix of chunk_overlap=20's."""
+    corpus = write_corpus(tmp_path / "corpus")
+    o2, o20 = rcfg_for(tmp_path, chunk_overlap=2), rcfg_for(tmp_path, chunk_overlap=20)
+    client = open_client(o2)
+    made = open_collection(client, o2, create=True, corpus=corpus)
+    open_collection(client, o20, create=True, corpus=corpus)
+    assert open_collection(client, o2, create=False).name == made.name
+
+
+def test_scan_sources_reads_every_page(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    rcfg = rcfg_for(tmp_path)
+    coll = open_collection(open_client(rcfg), rcfg, create=True, corpus=corpus)
+    ids = [f"c{i}" for i in range(4)]
+    coll.add(
+        ids=ids,
+        documents=ids,
+        metadatas=[{"source": f"s{i % 2}.md"} for i in range(4)],
+        embeddings=[[1.0, float(i)] for i in range(4)],
+    )
+    want = {"s0.md": {"c0", "c2"}, "s1.md": {"c1", "c3"}}
+    assert scan_sources(coll, page=2) == scan_sources(coll, page=3) == want
+
+
 def test_second_writer_is_refused_with_a_clear_message(tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     rcfg = rcfg_for(tmp_path)
