@@ -139,6 +139,7 @@ def test_modes_default_to_base_rag_plus_given_models(tmp_path, data, tiny_lm_pat
     assert list(specs) == ["base_rag", "ft_closed", "ft_then_rag", "raft_rag"]
     assert specs["ft_closed"].rcfg is None  # closed book
     assert specs["ft_then_rag"].rcfg.chunk_size == 400  # the evaluation's retriever
+    assert specs["ft_then_rag"].model == specs["ft_closed"].model != specs["raft_rag"].model
     raft = specs["raft_rag"].rcfg
     # raft_rag: the model's own retriever settings, on the evaluation's index location
     assert (raft.chunk_size, raft.k) == (150, 2)
@@ -336,3 +337,177 @@ def test_cli_reports_config_errors_in_one_line() -> None:
     )
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: eval.models.raft_rag:")
+
+
+# --------------------------------------------------------------------------- the rules of a run
+def test_modes_are_checked_and_asked_once_each(tmp_path, data, tiny_lm_path):
+    """resolve_modes checks the names itself (a library caller need not validate first), and a
+    mode named twice runs once."""
+    with pytest.raises(ConfigError, match=r"eval.modes: unknown mode\(s\) \['rag'\]"):
+        resolve_modes(_cfg(tmp_path, data, tiny_lm_path, "eval.modes=[rag]"))
+    specs = resolve_modes(_cfg(tmp_path, data, tiny_lm_path, "eval.modes=[base_rag,base_rag]"))
+    assert [s.name for s in specs] == ["base_rag"]
+
+
+def test_max_questions_samples_by_the_run_seed(tmp_path, data, tiny_lm_path):
+    from ragtune.evaluate import _records
+
+    def sample(seed: int) -> list[str]:
+        cfg = _cfg(tmp_path, data, tiny_lm_path, "eval.max_questions=2", f"seed={seed}")
+        return [r.id for r in _records(cfg, str(data["qa"]))]
+
+    assert len(sample(0)) == 2 and sample(0) == sample(0)
+    assert len({tuple(sample(seed)) for seed in range(6)}) > 1
+    assert len(_records(_cfg(tmp_path, data, tiny_lm_path), str(data["qa"]))) == len(QA)
+
+
+def test_without_qa_eval_the_training_qa_is_evaluated(tmp_path, data, tiny_lm_path, outputs):
+    cfg = _cfg(tmp_path, data, tiny_lm_path, "data.qa_eval=''", f"data.qa_train={data['qa']}")
+    run_eval(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["qa_file"] == str(data["qa"]) and metrics["n_questions"] == len(QA)
+
+
+def test_models_load_once_contexts_are_retrieved_once_results_come_as_asked(
+    tmp_path, data, tiny_lm_path, models, outputs, monkeypatch
+):
+    """Modes sharing a model run back to back (one load), modes sharing retriever settings and
+    budget share each context (one retrieval), one retriever per setting, and the results
+    keep the order asked."""
+    import ragtune.evaluate as ev
+    from ragtune.retriever import Retriever
+
+    loads: list[str] = []
+    real_load, real_retrieve, real_open = (
+        ev._load,
+        Retriever.retrieve,
+        Retriever.from_config.__func__,
+    )
+    monkeypatch.setattr(
+        ev, "_load", lambda spec, ecfg: loads.append(spec.name) or real_load(spec, ecfg)
+    )
+    retrieved: list[str] = []
+    monkeypatch.setattr(
+        Retriever,
+        "retrieve",
+        lambda self, q, *a, **kw: retrieved.append(q) or real_retrieve(self, q, *a, **kw),
+    )
+    opened: list[int] = []
+    monkeypatch.setattr(
+        Retriever,
+        "from_config",
+        classmethod(
+            lambda cls, rcfg, **kw: opened.append(rcfg.chunk_size) or real_open(cls, rcfg, **kw)
+        ),
+    )
+    asked = ["ft_closed", "base_rag", "ft_then_rag", "raft_rag"]
+    cfg = _cfg(
+        tmp_path,
+        data,
+        tiny_lm_path,
+        f"eval.modes=[{','.join(asked)}]",
+        "prompt=alpaca_rag",  # the fake trained folders' schema: the same context budget
+        f"eval.models.ft_closed={models['ft_closed']}",
+        f"eval.models.raft_rag={models['raft_rag']}",
+    )
+    results = run_eval(cfg)
+    assert list(results["modes"]) == asked
+    assert loads == ["ft_closed", "base_rag", "raft_rag"]  # ft_then_rag reuses ft_closed's
+    assert sorted(opened) == [150, 400]  # the evaluation's retriever and raft_rag's own
+    assert len(retrieved) == 2 * len(QA)  # base_rag and ft_then_rag share theirs
+
+
+def test_the_trained_context_budget_caps_raft_rag_contexts(
+    tmp_path, data, tiny_lm_path, outputs, monkeypatch
+):
+    from ragtune.manifest import read_manifest
+    from ragtune.retriever import Retriever
+
+    capped = _fake_trained(tmp_path / "capped", tiny_lm_path, "rag", 150)
+    manifest = {k: v for k, v in read_manifest(capped).items() if k != "files"}
+    manifest["retriever"]["context_tokens"] = 24
+    write_manifest(capped, manifest)
+    budgets: list[int | None] = []
+    real = Retriever.retrieve
+    monkeypatch.setattr(
+        Retriever,
+        "retrieve",
+        lambda self, q, k=None, budget_tokens=None: (
+            budgets.append(budget_tokens) or real(self, q, k, budget_tokens)
+        ),
+    )
+    run_eval(
+        _cfg(
+            tmp_path, data, tiny_lm_path, "eval.modes=[raft_rag]", f"eval.models.raft_rag={capped}"
+        )
+    )
+    assert budgets == [24] * len(QA)
+
+
+def test_eval_corpus_is_answered_from_and_hits_count_in_the_questions_own_document(
+    tmp_path, data, tiny_lm_path, outputs
+):
+    """``eval.corpus`` names the corpus to index and answer from, even in an index that holds
+    another corpus with the same settings; a gold answer found only in another document than
+    the question's is no retrieval hit."""
+    from omegaconf import OmegaConf
+
+    from ragtune.ingest import ingest
+    from ragtune.store import as_rcfg
+
+    index, other = tmp_path / "index", tmp_path / "other"
+    other.mkdir()
+    (other / "harbour.md").write_text("Harbour notes: Velmora's ferry leaves at dawn.\n")
+    qa = tmp_path / "qa.jsonl"  # the answer sits in velmora.md, the record names corvanite.md
+    qa.write_text(
+        json.dumps(
+            {
+                "instruction": "Which lake town holds the Lantern Tide festival?",
+                "output": "Velmora",
+                "source": "corvanite.md",
+                "id": "x1",
+            }
+        )
+        + "\n"
+    )
+    cfg = _cfg(
+        tmp_path,
+        data,
+        tiny_lm_path,
+        f"retriever.persist_dir={index}",
+        "data.corpus=''",
+        f"eval.corpus={data['corpus']}",
+        f"data.qa_eval={qa}",
+    )
+    ingest(other, as_rcfg(OmegaConf.to_container(cfg.retriever, resolve=True)), show_progress=False)
+    run_eval(cfg)
+    (row,) = [json.loads(x) for x in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert {r["source"] for r in row["retrieved"]} == {"velmora.md", "corvanite.md"}
+    assert row["retrieval_hit"] is False
+
+
+def test_evaluate_model_applies_the_calibration_training_passes(
+    tmp_path, data, tiny_lm_path, models, outputs
+):
+    """run_sft evaluates before it writes the calibration into the manifest: the one it
+    passes is the decision evaluated (here a threshold no answer reaches)."""
+    from ragtune.answerability import MANIFEST_KEY, Calibration
+
+    cfg = validate(
+        compose(
+            "sft",
+            [
+                f"output_dir={tmp_path / 'sft'}",
+                f"model.name_or_path={tiny_lm_path}",
+                "model.max_seq_length=320",
+                f"retriever.persist_dir={data['index']}",
+                f"data.corpus={data['corpus']}",
+                f"data.qa_eval={data['qa']}",
+            ],
+        ),
+        {"seed": int, "output_dir": str},
+    )
+    never = Calibration(threshold=1e9, weights={"margin": 1.0}).to_dict()
+    got = evaluate_model(cfg, models["raft_rag"], manifest={MANIFEST_KEY: never})
+    assert got["calibrated"] is True
+    assert got["false_abstention_rate"] == 100.0 and got["unanswerable_abstention_rate"] == 100.0
