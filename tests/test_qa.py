@@ -15,6 +15,8 @@ from ragtune.qa import (
     load_qa,
     prepare_squad,
     record_to_json,
+    sample_records,
+    sources_not_in,
     squad_documents,
 )
 from ragtune.types import QARecord
@@ -99,6 +101,38 @@ def test_jsonl_records(tmp_path: Path) -> None:
     assert gold_answers(recs[0]) == ("A1",) and gold_answers(recs[1]) == ()
 
 
+def test_jsonl_ids_and_sources_normalised(tmp_path: Path) -> None:
+    p = write_lines(
+        tmp_path / "qa.jsonl",
+        [
+            json.dumps({"instruction": "Q1?", "output": "A", "id": 7, "source": ""}),
+            json.dumps({"instruction": "Q2?", "output": "B", "answers": ["B", "b", "B", " "]}),
+        ],
+    )
+    r1, r2 = load_qa(p)
+    assert r1.id == "7" and r1.source is None
+    assert r2.answers == ("B", "b")
+
+
+def test_jsonl_line_numbers_count_blank_lines(tmp_path: Path) -> None:
+    good = json.dumps({"instruction": "Q?", "output": "A"})
+    p = write_lines(tmp_path / "qa.jsonl", ["", good, "{oops"])
+    with pytest.raises(QAFormatError, match="qa.jsonl: line 3: not valid JSON"):
+        load_qa(p)
+    assert [r.id for r in load_qa(p, on_error="skip")] == ["qa:2"]
+
+
+def test_byte_order_mark_is_ignored(tmp_path: Path) -> None:
+    p = tmp_path / "qa.jsonl"
+    p.write_bytes(("\ufeff" + json.dumps({"instruction": "Q?", "output": "A"}) + "\n").encode())
+    assert load_qa(p) == [QARecord("Q?", "A", id="qa:1")]
+
+
+def test_gold_answers_never_include_a_blank_answer() -> None:
+    """A blank gold answer would score an empty prediction as an exact match."""
+    assert gold_answers(QARecord("Q?", "A", answers=("", "A", " ", "B"))) == ("A", "B")
+
+
 def test_json_list_of_records(tmp_path: Path) -> None:
     p = write_json(tmp_path / "alpaca.json", [{"instruction": "Q?", "input": "", "output": "A"}])
     assert load_qa(p) == [QARecord("Q?", "A", "", None, "alpaca:0")]
@@ -137,6 +171,45 @@ def test_squad_records_and_documents(tmp_path: Path) -> None:
         assert all(a in texts[rec.source] for a in gold_answers(rec))
 
 
+def test_squad_answer_texts_stripped_deduplicated_and_blanks_dropped(tmp_path: Path) -> None:
+    data = tiny_squad(1)
+    data["data"][0]["paragraphs"][0]["qas"][0] = _qa(
+        "q", "  Where?  ", [" ", " Paris ", "Paris", "the city"]
+    )
+    r = load_qa(write_json(tmp_path / "s.json", data))[0]
+    assert (r.instruction, r.output, r.answers) == ("Where?", "Paris", ("Paris", "the city"))
+
+
+def test_squad_impossible_question_is_unanswerable_with_first_plausible_answer(
+    tmp_path: Path,
+) -> None:
+    data = tiny_squad(1)
+    qa = _qa("q", "Who?", ["Rollo"], impossible=True)
+    qa["plausible_answers"] = [{"text": " Rollo "}, {"text": "Richard"}]
+    data["data"][0]["paragraphs"][0]["qas"][0] = qa
+    r = load_qa(write_json(tmp_path / "s.json", data))[0]
+    assert not r.answerable and r.answers == () and gold_answers(r) == ()
+    assert r.plausible == "Rollo"
+
+
+def test_squad_v1_question_without_is_impossible(tmp_path: Path) -> None:
+    data = tiny_squad(1)
+    qas = data["data"][0]["paragraphs"][0]["qas"]
+    for qa in qas:
+        qa.pop("is_impossible")
+    answered, unanswered = load_qa(write_json(tmp_path / "s.json", data))[:2]
+    assert answered.output == "blue0" and not unanswered.answerable
+
+
+def test_squad_document_leaves_out_empty_paragraphs(tmp_path: Path) -> None:
+    data = tiny_squad(1)
+    data["data"][0]["paragraphs"].insert(1, {"context": "  ", "qas": []})
+    ((_, text),) = squad_documents(write_json(tmp_path / "s.json", data))
+    assert text == (
+        "Article 0 first paragraph. The colour is blue0.\n\nArticle 0 second paragraph about trains."
+    )
+
+
 def test_squad_titles_become_safe_unique_paths(tmp_path: Path) -> None:
     data = tiny_squad(3)
     data["data"][0]["title"] = "A/B: c?"
@@ -171,8 +244,20 @@ BAD_JSONL = {
         '{"instruction": "Q?", "output": "A", "answers": [1]}',
         "line 2: 'answers' must be a list of strings",
     ),
+    "boolean id": ('{"instruction": "Q?", "id": true}', "line 2: 'id' must be a string or"),
+    "answers without output": (
+        '{"instruction": "Q?", "answers": ["A"]}',
+        "line 2: 'answers' given but 'output' is empty",
+    ),
     "duplicate id": ('{"instruction": "Q2?", "id": "dup"}', "id 'dup': duplicate id"),
 }
+
+
+def test_one_line_jsonl_with_a_bad_record_names_the_line(tmp_path: Path) -> None:
+    """One JSON object parses as a whole document; only a .json file is then judged as SQuAD."""
+    p = write_lines(tmp_path / "qa.jsonl", ['{"question": "Q?", "output": "A"}'])
+    with pytest.raises(QAFormatError, match="line 1: 'instruction' must be a non-empty string"):
+        load_qa(p)
 
 
 @pytest.mark.parametrize("case", sorted(BAD_JSONL))
@@ -222,6 +307,10 @@ BAD_SQUAD_RECORDS = {
     "missing question": (
         lambda d: d["data"][0]["paragraphs"][1]["qas"][0].pop("question"),
         "question id 'a0q3': 'question' must be a non-empty string",
+    ),
+    "empty id": (
+        lambda d: d["data"][0]["paragraphs"][1]["qas"][0].update(id=""),
+        "article 'Article_0', paragraph 1, question 0: 'id' must be a non-empty string",
     ),
     "missing id": (
         lambda d: d["data"][0]["paragraphs"][1]["qas"][0].pop("id"),
@@ -292,6 +381,36 @@ def test_unreadable_files(tmp_path: Path) -> None:
         squad_documents(write_lines(tmp_path / "x.jsonl", ['{"instruction": "Q?"}']))
 
 
+# --------------------------------------------------------------------------- sampling, sources
+def _numbered_records(n: int, unanswerable: set[int]) -> list[QARecord]:
+    return [QARecord(f"Q{i}?", "" if i in unanswerable else "A", id=str(i)) for i in range(n)]
+
+
+def test_sample_records_rounds_the_unanswerable_share() -> None:
+    records = _numbered_records(10, {1, 5, 8})
+    sample = sample_records(records, 6, seed=0)
+    assert len(sample) == 6 and sum(not r.answerable for r in sample) == 2  # 6 * 0.3 = 1.8
+
+
+def test_sample_records_seeded_and_in_file_order() -> None:
+    records = _numbered_records(20, {0, 7, 13})
+    samples = [sample_records(records, 5, seed) for seed in range(8)]
+    assert sample_records(records, 5, 3) == samples[3]
+    assert len({tuple(r.id for r in s) for s in samples}) > 1
+    assert all(s == [r for r in records if r in s] for s in samples)
+
+
+def test_sources_not_in_counts_distinct_named_sources() -> None:
+    records = [
+        QARecord("a?", "A", source="x.md"),
+        QARecord("b?", "B", source="x.md"),
+        QARecord("c?", "C"),
+        QARecord("d?", "D", source=""),
+        QARecord("e?", "E", source="y.md"),
+    ]
+    assert sources_not_in(records, {"x.md"}) == (["y.md"], 2)
+
+
 # --------------------------------------------------------------------------- split
 def test_prepare_squad_splits_by_article(tmp_path: Path) -> None:
     src = write_json(tmp_path / "squad.json", tiny_squad(4))
@@ -341,10 +460,19 @@ def test_prepare_squad_caps_keep_unanswerable_share(tmp_path: Path) -> None:
     assert {r.source for r in load_qa(split.test)} <= set(split.test_articles)
 
 
+def test_prepare_squad_keeps_a_training_article_at_any_test_fraction(tmp_path: Path) -> None:
+    split = prepare_squad(
+        write_json(tmp_path / "s.json", tiny_squad(2)), tmp_path / "o", test_fraction=0.9
+    )
+    assert len(split.train_articles) == 1 and len(split.test_articles) == 1
+
+
 def test_prepare_squad_rejects_bad_arguments(tmp_path: Path) -> None:
     src = write_json(tmp_path / "squad.json", tiny_squad(2))
     with pytest.raises(QAFormatError, match="test_fraction"):
         prepare_squad(src, tmp_path / "o", test_fraction=1.0)
+    with pytest.raises(QAFormatError, match="max_train and max_test must be >= 0"):
+        prepare_squad(src, tmp_path / "o", max_test=-1)
     one = write_json(tmp_path / "one.json", tiny_squad(1))
     with pytest.raises(QAFormatError, match="at least 2 articles"):
         prepare_squad(one, tmp_path / "o")
