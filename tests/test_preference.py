@@ -162,6 +162,7 @@ def test_preference_step_widens_the_answer_vs_abstain_margin(runs):
     assert pref.preference["by_kind"] == {"oracle": 8, "contrast_no_oracle": 8}
     assert pref.preference["steps"] == 12  # 16 pairs in batches of 4, 3 epochs
     assert sft.final_loss == pref.final_loss  # the same SFT: only the preference step differs
+    assert pref.preference["first_loss"] > pref.preference["final_loss"]
     before, after = _separation(sft.model_dir, examples), _separation(pref.model_dir, examples)
     assert after > before + 0.5, (before, after)
 
@@ -189,6 +190,7 @@ def test_loss_rise_compares_the_last_quarter_with_the_first():
     falling = [0.9, 0.5, 0.6, 0.7, 0.5, 0.4, 0.6, 0.5, 0.45, 0.4, 0.5, 0.42]
     assert loss_rise(falling) == pytest.approx(0.42 / 0.6)
     assert loss_rise([1.0] * 7) is None  # too few logs to judge
+    assert loss_rise([1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0]) == 3.0  # eight are enough
     assert loss_rise([0.0] * 8) is None
 
 
@@ -198,3 +200,95 @@ def test_no_pair_at_all_is_one_line_naming_the_setting(tmp_path, tiny_lm_path, t
     closed = [dict(e, kind="closed") for e in zorb_examples(tiny_tok, n=2)]
     with pytest.raises(TrainError, match=r"train\.preference\.num_train_epochs"):
         _train(tmp_path, tiny_lm_path, closed, "train.preference.num_train_epochs=1")
+
+
+def test_blank_answers_give_no_pair_and_answers_are_stripped():
+    abstain = SCHEMA.abstain
+    examples = [
+        {"prompt": "p1", "kind": "oracle", "answer": "  "},
+        {"prompt": "p2", "kind": "contrast_no_oracle", "answer": ""},
+        {"prompt": "p3", "kind": "abstain_no_oracle", "answer": None},
+        {"prompt": "p4", "kind": "oracle", "answer": " 1871 "},
+        {"prompt": "p5", "kind": "abstain_no_oracle", "answer": "1871\n"},
+        {"prompt": "p6", "kind": "unanswerable", "answer": "", "plausible": " Rollo "},
+    ]
+    got = [(p["prompt"], p["chosen"], p["rejected"]) for p in preference_pairs(examples, abstain)]
+    assert got == [("p4", "1871", abstain), ("p5", abstain, "1871"), ("p6", abstain, "Rollo")]
+
+
+def test_a_pair_that_fits_exactly_is_kept(tiny_tok):
+    """The longer side decides: prompt + the longer response must fit max_seq_length."""
+    from ragtune.training.data import encode_completion
+
+    (pair,) = preference_pairs(zorb_examples(tiny_tok, n=1)[:1], SCHEMA.abstain)
+    sides = [
+        encode_completion(tiny_tok, SCHEMA.render_completion(pair[k], tiny_tok))
+        for k in ("chosen", "rejected")
+    ]
+    assert len(sides[0]) != len(sides[1])  # precondition: the two sides differ
+    need = len(SCHEMA.encode_prompt(tiny_tok, pair["prompt"])) + max(map(len, sides))
+    assert [len(encode_pairs([pair], tiny_tok, SCHEMA, n)[0]) for n in (need, need - 1)] == [1, 0]
+
+
+def test_the_preference_step_trains_with_the_sft_keys(tmp_path):
+    """CPOConfig gets train.preference's own keys and SFT's batch, schedule, optimiser, clip,
+    seed and length: the step is tuned where SFT is."""
+    from ragtune.training.preference import cpo_config
+
+    cfg = compose(
+        "sft",
+        [
+            f"output_dir={tmp_path}",
+            "seed=7",
+            "model.max_seq_length=300",
+            "train.per_device_train_batch_size=3",
+            "train.gradient_accumulation_steps=5",
+            "train.max_grad_norm=0.3",
+            "train.adam_beta2=0.95",
+            "train.warmup_steps=2",
+            "train.lr_scheduler_type=cosine",
+            "train.report_to=none",
+            "train.preference.num_train_epochs=2",
+            "train.preference.learning_rate=3e-6",
+            "train.preference.beta=0.5",
+            "train.preference.simpo_gamma=0.7",
+            "train.preference.cpo_alpha=0.2",
+        ],
+    )
+    args = cpo_config(validate(cfg, top_level=TOP), tmp_path, {"bf16": False, "fp16": False}, False)
+    got = {
+        k: getattr(args, k)
+        for k in (
+            "num_train_epochs",
+            "learning_rate",
+            "beta",
+            "simpo_gamma",
+            "cpo_alpha",
+            "loss_type",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_grad_norm",
+            "adam_beta2",
+            "warmup_steps",
+            "seed",
+            "data_seed",
+            "max_length",
+        )
+    }
+    assert got == {
+        "num_train_epochs": 2,
+        "learning_rate": 3e-6,
+        "beta": 0.5,
+        "simpo_gamma": 0.7,
+        "cpo_alpha": 0.2,
+        "loss_type": "simpo",
+        "per_device_train_batch_size": 3,
+        "gradient_accumulation_steps": 5,
+        "max_grad_norm": 0.3,
+        "adam_beta2": 0.95,
+        "warmup_steps": 2,
+        "seed": 7,
+        "data_seed": 7,
+        "max_length": 300,
+    }
+    assert args.lr_scheduler_type == "cosine" and args.save_strategy == "no"
