@@ -608,3 +608,105 @@ def test_recall_finds_each_question_a_chain_retrieved(pipeline, monkeypatch):
         found = pipeline.recall(pipeline.render(q, "", chunks))
         assert found is not None and (found.question, found.chunks) == (q, chunks)
     assert pipeline.recall(pipeline.render(qs[0], "", retrieved[1])) is None
+
+
+# --------------------------------------------------------------------------- AnswerStream
+class _Pieces:
+    """A generator's stream of fixed pieces, usable with ``for`` and ``async for``."""
+
+    def __init__(self, pieces: list[str]):
+        from ragtune.decoding import GenerationResult
+
+        self._it, self.closed = iter(pieces), False
+        self.result = None
+        self._done = GenerationResult("".join(pieces), [1], "eos", len(pieces), 0.1)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.result = self._done
+            raise
+
+    def __aiter__(self):
+        return self
+
+    def __anext__(self):
+        async def one():
+            try:
+                return next(self)
+            except StopIteration:
+                raise StopAsyncIteration from None
+
+        return one()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _stream(pieces: list[str], *, calibrated: bool = False, scoring: bool = False):
+    """An AnswerStream over a stand-in pipeline whose _finish keeps what it was given."""
+    import time
+    from types import SimpleNamespace
+
+    from ragtune.answer import Answer, AnswerStream, Prepared
+
+    def finish(prepared, result, latency):
+        return Answer(result.text, not result.text, [], prepared.prompt, latency)
+
+    stream = _Pieces(pieces)
+    pipe = SimpleNamespace(
+        generator=SimpleNamespace(stream=lambda prompt, decoding: stream),
+        calibration=object() if calibrated else None,
+        scoring=scoring or calibrated,
+        _finish=finish,
+    )
+    return AnswerStream(
+        pipe, Prepared("q", "", [], "the prompt", 0.0), time.perf_counter() - 5
+    ), stream
+
+
+def test_an_answer_stream_streams_on_the_event_loop_only_when_nothing_scores_it():
+    """Scoring runs the model, which must not block an event loop: a scored or buffered
+    answer streams in a thread (``async for`` refuses it), a plain one on the loop, and
+    either way ``.answer`` is there once the pieces are."""
+    import asyncio
+
+    async def collect(s):
+        return [p async for p in s]
+
+    plain, _ = _stream(["Ismay", " Trelawn"])
+    assert plain.asynchronous and asyncio.run(collect(plain)) == ["Ismay", " Trelawn"]
+    assert plain.answer is not None and plain.answer.text == "Ismay Trelawn"
+    assert plain.answer.latency_s >= 5  # counted from the question, not from the last piece
+    for scored in (_stream(["x"], scoring=True)[0], _stream(["x"], calibrated=True)[0]):
+        assert not scored.asynchronous
+        with pytest.raises(TypeError, match="streams in a thread"):
+            scored.__aiter__()
+
+
+def test_a_buffered_stream_gives_the_decided_text_once_and_nothing_when_empty():
+    decided, _ = _stream(["Ismay", " Trelawn"], calibrated=True)
+    assert list(decided) == ["Ismay Trelawn"]
+    empty, _ = _stream([], calibrated=True)
+    assert list(empty) == [] and empty.answer is not None and empty.answer.abstained
+
+
+def test_closing_a_stream_stops_its_generation():
+    answer, generation = _stream(["a", "b"])
+    answer.close()
+    assert generation.closed
+
+
+def test_an_answers_json_keeps_a_zero_score_and_the_prompt_only_when_asked():
+    from ragtune.answer import Answer
+
+    ans = Answer("x", False, [("a.md", 0, 0.5)], "the prompt", 0.25, score=0.0)
+    out = ans.to_dict()
+    assert out["score"] == 0.0 and "prompt" not in out
+    assert out["sources"] == [{"source": "a.md", "start": 0, "score": 0.5}]
+    assert ans.to_dict(with_prompt=True)["prompt"] == "the prompt"
+    assert "score" not in Answer("x", False, [], "p", 0.1).to_dict()
