@@ -184,10 +184,9 @@ class RagtuneLLM(LLM):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[GenerationChunk]:
-        if self._decides():  # the decision needs the whole candidate: one piece
-            text = self._call(prompt, stop, run_manager, **kwargs)
-            if text:
-                yield self._chunk(text, run_manager)
+        if self._decides():  # the decision needs the whole candidate: one piece, even an
+            # empty one (LangChain's stream() raises on a generation without any chunk)
+            yield self._chunk(self._call(prompt, stop, run_manager, **kwargs), run_manager)
             return
         stream = self.generator.stream(self.as_prompt(prompt), _decoding(stop, kwargs))
         try:

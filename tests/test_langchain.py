@@ -154,3 +154,154 @@ def test_lora_adapter_folder_behind_the_llm(tmp_path, tiny_lm_path):
     out = llm.invoke(prompt, config={"callbacks": [spy]})
     assert spy.seen == [prompt] and prompt.startswith("Answer the instruction from the context.")
     assert isinstance(out, str)
+
+
+# --------------------------------------------------------------------------- the parts' rules
+class _Generator:
+    """A stand-in generator with the schema's rendering: records what it is asked."""
+
+    def __init__(self, pieces: list[str]):
+        from ragtune.schema import get_schema
+
+        self.schema, self.tokenizer, self.pieces = get_schema("alpaca_rag"), None, pieces
+        self.settings = type("S", (), {"max_new_tokens": 8})()
+        self.asked: list[tuple[str, object]] = []
+        self.closed = 0
+
+    def _result(self):
+        from ragtune.decoding import GenerationResult
+
+        return GenerationResult("".join(self.pieces), [1], "eos", len(self.pieces), 0.1)
+
+    def generate(self, prompt, decoding):
+        self.asked.append((prompt, decoding))
+        return self._result()
+
+    def stream(self, prompt, decoding):
+        self.asked.append((prompt, decoding))
+        gen = self
+
+        class _S:
+            def __iter__(self):
+                return iter(gen.pieces)
+
+            def close(self):
+                gen.closed += 1
+
+        return _S()
+
+
+def test_the_prompt_template_takes_none_a_string_documents_or_chunks():
+    from langchain_core.documents import Document
+
+    from ragtune.lc import RagtunePrompt
+    from ragtune.schema import get_schema
+    from ragtune.types import Chunk
+
+    schema = get_schema("alpaca_rag")
+    template = RagtunePrompt(schema_=schema)
+
+    def render(context):
+        return schema.render_prompt(PromptFields(QUESTION, "", context), None)
+
+    assert template.format(question=QUESTION, context=None) == render(None)
+    assert "\n### Context:\n" not in render(None)  # closed book: no context section
+    text = "Velmora is a lake town."
+    assert template.format(question=QUESTION, context=text) == render([text])
+    chunk = Chunk("id", text, "towns/velmora.md", 0, "h")
+    for context in ([Document(page_content=text)], [chunk]):
+        assert template.format(question=QUESTION, context=context) == render([text])
+
+
+def test_the_llm_renders_a_bare_question_and_passes_decoding_keywords_on():
+    from ragtune.decoding import Decoding
+    from ragtune.lc import RagtuneLLM
+
+    gen = _Generator(["Ismay"])
+    llm = RagtuneLLM(generator=gen)
+    assert llm.invoke(QUESTION, stop=["\n\n"], max_tokens=5, temperature=0.3, top_p=0.9) == "Ismay"
+    prompt, decoding = gen.asked[-1]
+    assert prompt == gen.schema.render_prompt(PromptFields(QUESTION), None)
+    assert decoding == Decoding(max_new_tokens=5, temperature=0.3, top_p=0.9, stop=("\n\n",))
+
+
+def test_the_llm_stream_closes_its_generation_and_streams_a_decided_empty_answer():
+    """An empty decided answer still comes as one (empty) piece: LangChain's stream() raises
+    "No generation chunks were returned" on none."""
+    from types import SimpleNamespace
+
+    from ragtune.answer import Answer
+    from ragtune.lc import RagtuneLLM
+
+    gen = _Generator(["Ismay", " Trelawn"])
+    assert list(RagtuneLLM(generator=gen).stream(QUESTION)) == ["Ismay", " Trelawn"]
+    assert gen.closed == 1
+    empty = Answer("", True, [], "p", 0.1)
+    pipe = SimpleNamespace(calibration=object(), finish_prompt=lambda prompt, result: empty)
+    decided = RagtuneLLM(generator=_Generator(["Ismay"]), pipeline=pipe)
+    assert list(decided.stream(QUESTION)) == [""] and decided.invoke(QUESTION) == ""
+
+
+def test_the_retriever_documents_carry_source_start_and_score(smol_pipeline):
+    from ragtune.lc import RagtuneRetriever
+
+    docs = RagtuneRetriever(pipeline=smol_pipeline).invoke(QUESTION)
+    chunks = smol_pipeline.retrieve(QUESTION)
+    assert [(d.metadata["source"], d.metadata["start"], d.metadata["score"]) for d in docs] == [
+        (c.source, c.start, c.score) for c in chunks
+    ]
+
+
+def test_the_chat_model_retrieves_for_the_conversation_and_reports_usage(smol_pipeline):
+    """A follow-up retrieves with the conversation's query (as the server does); the reply
+    says why it stopped and how many tokens it used."""
+    from types import SimpleNamespace
+
+    from langchain_core.messages import AIMessage
+
+    from ragtune.answer import Answer
+    from ragtune.lc import RagtuneChatModel
+
+    asked: list[dict] = []
+    ans = Answer(
+        "In October.", False, [], "p", 0.1, stop_reason="length", prompt_tokens=50, new_tokens=7
+    )
+
+    class _Stream:
+        answer = ans
+
+        def __iter__(self):
+            return iter(["In October."])
+
+        def close(self):
+            pass
+
+    def answer(question, input, decoding, query=None):
+        asked.append({"question": question, "query": query})
+        return ans
+
+    def stream(question, input, decoding, query=None):
+        answer(question, input, decoding, query)
+        return _Stream()
+
+    pipe = SimpleNamespace(
+        tokenizer=smol_pipeline.tokenizer,
+        name="m",
+        schema=smol_pipeline.schema,
+        answer=answer,
+        stream=stream,
+    )
+    chat = RagtuneChatModel(pipeline=pipe)
+    messages = [
+        HumanMessage("Tell me about the Lantern Tide festival of Velmora."),
+        AIMessage("It is a lake festival."),
+        HumanMessage("When is it held?"),
+    ]
+    reply = chat.invoke(messages)
+    chunks = list(chat.stream(messages))
+    assert [a["question"] for a in asked] == ["When is it held?"] * 2
+    assert all("Velmora" in a["query"] for a in asked)
+    meta = reply.response_metadata
+    assert meta["finish_reason"] == "length"
+    assert meta["token_usage"] == {"prompt_tokens": 50, "completion_tokens": 7}
+    assert any(c.response_metadata.get("finish_reason") == "length" for c in chunks)
