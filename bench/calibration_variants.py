@@ -124,7 +124,7 @@ def _read(path: Path) -> list[dict]:
 
 def _features(row: dict) -> AnswerFeatures:
     f = row["features"]
-    return AnswerFeatures(**{k: f[k] for k in AnswerFeatures.__dataclass_fields__})
+    return AnswerFeatures(**{k: f[k] for k in AnswerFeatures.__dataclass_fields__ if k in f})
 
 
 def _overall(scores: np.ndarray, rows: list[dict], cut: float) -> float:

@@ -9,7 +9,10 @@ this prompt. Features per answer (:class:`AnswerFeatures`):
 - ``p_abstain_first``: probability of the abstain answer's first token as the first token;
 - ``grounded``: the normalised answer occurs in the normalised context (extractive support);
 - ``retrieval``: the best retrieval score of the context (cosine; 0 when unknown);
-- ``abstain_logodds``: ``p_abstain_first`` as log-odds.
+- ``abstain_logodds``: ``p_abstain_first`` as log-odds;
+- ``abstain_logodds_rotated``: ``abstain_logodds`` averaged over the context's rotations (each
+  chunk first once), computed only when a pipeline is asked to (``rotate_context``, or a
+  calibration that weighs it): a reading that does not hang on where the evidence sits.
 
 A score is a weighted sum of these: those ``raft.calibration_features`` names among
 :data:`CHOICES` (by default ``abstain_logodds`` and ``retrieval``; :data:`FEATURES`, the six
@@ -39,7 +42,9 @@ from ragtune.roc import auroc
 FEATURES = ("margin", "mean_lp", "lp_abstain", "p_abstain_first", "grounded", "retrieval")
 # what a mix may weigh (raft.calibration_features): the six above, and the first-token
 # probability as log-odds (it saturates near 0 and 1, where a weight on the probability is flat)
-CHOICES = (*FEATURES, "abstain_logodds")
+CHOICES = (*FEATURES, "abstain_logodds", "abstain_logodds_rotated")
+# the one feature that costs extra forward passes (one prompt per further rotation)
+ROTATED = "abstain_logodds_rotated"
 # The default score until a model's manifest carries fitted weights: the model's own
 # log-odds of its answer against the abstain answer, per answer token.
 DEFAULT_WEIGHTS: dict[str, float] = {"margin": 1.0}
@@ -55,6 +60,7 @@ class AnswerFeatures:
     p_abstain_first: float
     grounded: float
     retrieval: float = 0.0
+    abstain_logodds_rotated: float | None = None  # None: not computed for this answer
 
     @property
     def mean_lp(self) -> float:
@@ -63,8 +69,7 @@ class AnswerFeatures:
     @property
     def abstain_logodds(self) -> float:
         """``p_abstain_first`` as log-odds, clipped at 1e-6 from 0 and 1."""
-        p = min(max(self.p_abstain_first, 1e-6), 1 - 1e-6)
-        return math.log(p / (1 - p))
+        return logodds(self.p_abstain_first)
 
     @property
     def margin(self) -> float:
@@ -81,6 +86,19 @@ class AnswerFeatures:
             "margin": self.margin,
             "abstain_logodds": self.abstain_logodds,
         }
+
+
+def logodds(p: float) -> float:
+    """``log(p / (1 - p))`` with ``p`` clipped at 1e-6 from 0 and 1."""
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def rotations(chunks: Sequence[Any]) -> list[list[Any]]:
+    """The context's other orders that :data:`ROTATED` reads: each further chunk first once,
+    the rest following in order (``[b, c, a]``, ``[c, a, b]`` for ``[a, b, c]``)."""
+    items = list(chunks)
+    return [items[i:] + items[:i] for i in range(1, len(items))]
 
 
 def grounded(answer: str, contexts: Sequence[str] | None) -> float:
@@ -101,19 +119,37 @@ def answer_features(
     contexts: Sequence[Sequence[str] | None] | None = None,
     retrieval_scores: Sequence[float] | None = None,
     batch_size: int = 16,
+    views: Sequence[Sequence[str]] | None = None,
 ) -> list[AnswerFeatures]:
     """Features of each (prompt, answer): batched forward passes over prompt + answer and
-    prompt + abstain answer (the prompt is encoded exactly as training encoded it)."""
+    prompt + abstain answer (the prompt is encoded exactly as training encoded it).
+
+    ``views``: per prompt, the same question rendered with its context in other orders
+    (:func:`rotations`); their abstain first-token log-odds, averaged with the prompt's own,
+    give ``abstain_logodds_rotated`` (otherwise None). A prompt without views averages itself.
+    """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    if views is not None and len(views) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(views)} sets of views")
     p_ids = [schema.encode_prompt(tokenizer, p) for p in prompts]
     a_ids = [_completion_ids(tokenizer, a) for a in answers]
     abstain = _completion_ids(tokenizer, schema.abstain)
-    n = len(p_ids)  # one batched pass over both completions: on CPU ~1.5x faster than two
+    owner = [i for i, vs in enumerate(views or ()) for _ in vs]
+    v_ids = [schema.encode_prompt(tokenizer, v) for vs in views or () for v in vs]
+    n = len(p_ids)  # one batched pass over every completion: on CPU ~1.5x faster than two
     lp, firsts = _logprobs(
-        model, tokenizer, p_ids * 2, [*a_ids, *[abstain] * n], batch_size * 2, abstain[0]
+        model,
+        tokenizer,
+        [*p_ids, *p_ids, *v_ids],
+        [*a_ids, *[abstain] * n, *[abstain[:1]] * len(v_ids)],  # a view needs its first token only
+        batch_size * 2,
+        abstain[0],
     )
-    lp_ans, lp_abs, first = lp[:n], lp[n:], firsts[:n]
+    lp_ans, lp_abs, first = lp[:n], lp[n : 2 * n], firsts[:n]
+    read = [[logodds(p)] for p in first]
+    for i, p in zip(owner, firsts[2 * n :], strict=True):
+        read[i].append(logodds(p))
     out = []
     for i, answer in enumerate(answers):
         ctx = contexts[i] if contexts is not None else None
@@ -125,6 +161,7 @@ def answer_features(
                 p_abstain_first=first[i],
                 grounded=grounded(answer, ctx),
                 retrieval=float(retrieval_scores[i]) if retrieval_scores is not None else 0.0,
+                abstain_logodds_rotated=None if views is None else sum(read[i]) / len(read[i]),
             )
         )
     return out
@@ -138,7 +175,18 @@ def combine(
     unknown = sorted(set(w) - set(CHOICES))
     if unknown:
         raise ValueError(f"unknown answerability feature(s) {unknown}; known: {CHOICES}")
-    return [bias + sum(v * float(getattr(f, k)) for k, v in w.items()) for f in features]
+    return [bias + sum(v * feature(f, k) for k, v in w.items()) for f in features]
+
+
+def feature(f: AnswerFeatures, name: str) -> float:
+    """One feature's value; a clear error for one the answer was scored without."""
+    value = getattr(f, name)
+    if value is None:
+        raise ValueError(
+            f"answerability feature {name!r} was not computed for this answer "
+            "(a pipeline computes it with rotate_context=True, or when its calibration weighs it)"
+        )
+    return float(value)
 
 
 def score_answers(
@@ -250,7 +298,7 @@ def fit_logistic(
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
-    x = np.array([[float(getattr(f, n)) for n in names] for f in features], dtype=np.float64)
+    x = np.array([[feature(f, n) for n in names] for f in features], dtype=np.float64)
     y = np.array([int(bool(v)) for v in labels])
     mu, sd = x.mean(axis=0), x.std(axis=0)
     sd[sd == 0] = 1.0
@@ -363,13 +411,14 @@ def assess(
     retrieval_scores: Sequence[float] | None = None,
     calibration: Calibration | None = None,
     batch_size: int = 8,
+    views: Sequence[Sequence[str]] | None = None,
 ) -> list[Assessment]:
     """Score each generated answer and, with a calibration, apply its decision.
 
     An answer that abstained is replaced by its blocked candidate for scoring, so every
     question gets a score. Without a calibration the answers stay as generated (scores are
     still reported, for AUROC); with one, the candidate is given when its score reaches the
-    threshold, else the abstain answer.
+    threshold, else the abstain answer. ``views``: see :func:`answer_features`.
     """
     schema = generator.schema
     cands = list(answers)
@@ -388,6 +437,7 @@ def assess(
             contexts,
             retrieval_scores,
             batch_size,
+            views,
         )
     if calibration is None:
         scores = combine(feats)

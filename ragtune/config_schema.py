@@ -95,6 +95,7 @@ class AnswerFeature(StrEnum):
     lp_abstain = "lp_abstain"
     p_abstain_first = "p_abstain_first"
     abstain_logodds = "abstain_logodds"
+    abstain_logodds_rotated = "abstain_logodds_rotated"
     grounded = "grounded"
     retrieval = "retrieval"
 

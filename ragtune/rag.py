@@ -34,7 +34,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ragtune.answer import Answer, AnswerStream, Prepared
-from ragtune.answerability import MANIFEST_KEY, Calibration, assess, is_abstained
+from ragtune.answerability import (
+    MANIFEST_KEY,
+    ROTATED,
+    Calibration,
+    assess,
+    is_abstained,
+    rotations,
+)
 from ragtune.budget import context_budget, fit_prompt, token_counter, tokenizer_key
 from ragtune.decoding import NO_CHANGE, Decoding, GenerationResult
 from ragtune.errors import RagtuneError
@@ -72,6 +79,8 @@ class RagPipeline:
     modes), so each context is retrieved once. ``scoring``: compute ``Answer.score`` (None:
     when the manifest has a calibration, which also applies its decision; True without one
     scores with the uncalibrated margin and leaves the answers as generated).
+    ``rotate_context``: also read the abstain log-odds with the context in its other orders
+    (``abstain_logodds_rotated``; always on when the calibration weighs that feature).
     """
 
     def __init__(
@@ -88,6 +97,7 @@ class RagPipeline:
         manifest: dict[str, Any] | None = None,
         context_cache: dict[tuple, tuple[list[Chunk], float]] | None = None,
         scoring: bool | None = None,
+        rotate_context: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -103,6 +113,8 @@ class RagPipeline:
         found = self.manifest.get(MANIFEST_KEY)
         self.calibration: Calibration | None = Calibration.from_dict(found) if found else None
         self.scoring = self.calibration is not None if scoring is None else bool(scoring)
+        weighs = self.calibration.weights if self.calibration is not None else {}
+        self.rotate_context = bool(rotate_context) or ROTATED in weighs
         self._recent: dict[str, list[Chunk]] = {}  # question -> chunks (LangChain chains)
         self._recent_lock = threading.Lock()
 
@@ -405,6 +417,12 @@ class RagPipeline:
                 [max((c.similarity for c in p.chunks), default=0.0) for p in prepared],
                 self.calibration,
                 batch_size,
+                views=[
+                    [self.render(p.question, p.input, order) for order in rotations(p.chunks)]
+                    for p in prepared
+                ]
+                if self.rotate_context
+                else None,
             )
             extra = (time.perf_counter() - t0) / len(prepared)
         out = []

@@ -229,6 +229,62 @@ def test_score_separates_supported_from_unsupported_context(tiny_lm_path):
     assert f[0].n_answer == len(tok("Marlowe", add_special_tokens=False)["input_ids"]) + 1
 
 
+def test_rotated_logodds_is_the_mean_over_the_context_s_orders(tiny_lm_path):
+    """``abstain_logodds_rotated`` averages the first token's abstain log-odds over the prompt
+    and its views, each read as if it were the prompt itself; the other features are the
+    prompt's own, and without views the feature is not computed."""
+    from ragtune.answerability import rotations
+
+    schema = get_schema("alpaca_rag_short")
+    chunks = ["The harbor was built by Marlowe.", "Roses grow here.", "The mill is old."]
+    assert rotations(chunks) == [chunks[1:] + chunks[:1], chunks[2:] + chunks[:2]]
+    assert rotations(chunks[:1]) == []
+
+    def render(q, cs):
+        return schema.render_prompt(PromptFields(q, "", cs))
+
+    # trained a little, so that abstaining is neither certain nor impossible in any order
+    model, tok, schema = _train_tiny(
+        tiny_lm_path,
+        [
+            (render("Who built the harbor?", chunks), "Marlowe"),
+            (render("Who built the harbor?", chunks[1:]), schema.abstain),
+        ],
+        steps=20,
+    )
+
+    qs, answers = ["Who built the harbor?", "What grows here?"], ["Marlowe", "Roses"]
+    prompts = [render(q, chunks) for q in qs]
+    views = [[render(qs[0], o) for o in rotations(chunks)], []]  # the second has none
+    plain = answer_features(model, tok, schema, prompts, answers, None)
+    rotated = answer_features(model, tok, schema, prompts, answers, None, views=views)
+    assert {f.abstain_logodds_rotated for f in plain} == {None}
+    # each order read alone, as the prompt (a batch of different lengths: padding must not leak)
+    alone = [
+        answer_features(model, tok, schema, [p], [answers[0]], None)[0].abstain_logodds
+        for p in [prompts[0], *views[0]]
+    ]
+    assert max(alone) - min(alone) > 1e-4, "precondition: the orders read differently"
+    assert rotated[0].abstain_logodds_rotated == pytest.approx(sum(alone) / 3, abs=1e-4)
+    assert rotated[1].abstain_logodds_rotated == pytest.approx(rotated[1].abstain_logodds)
+    for f, g in zip(plain, rotated, strict=True):  # the views change nothing else
+        assert (f.lp_answer, f.lp_abstain, f.p_abstain_first) == pytest.approx(
+            (g.lp_answer, g.lp_abstain, g.p_abstain_first), abs=1e-4
+        )
+    with pytest.raises(ValueError, match="2 prompts but 1 sets of views"):
+        answer_features(model, tok, schema, prompts, answers, None, views=views[:1])
+
+
+def test_a_feature_not_computed_is_named_not_read_as_zero():
+    from ragtune.answerability import AnswerFeatures, combine
+
+    feats = [AnswerFeatures(-1.0, 1, -2.0, 0.5, 1.0, 0.3)] * 4
+    with pytest.raises(ValueError, match="'abstain_logodds_rotated' was not computed"):
+        combine(feats, {"abstain_logodds_rotated": 1.0})
+    with pytest.raises(ValueError, match="'abstain_logodds_rotated' was not computed"):
+        fit_logistic(feats, [1, 0, 1, 0], ["abstain_logodds_rotated"])
+
+
 def test_block_first_tokens_bans_only_the_first_step(tokenizer):
     import torch
 
@@ -495,7 +551,7 @@ def scored_by_retrieval(monkeypatch):
     from ragtune import answerability
     from ragtune.answerability import AnswerFeatures
 
-    def features(model, tokenizer, schema, prompts, answers, contexts, retrieval, batch):
+    def features(model, tokenizer, schema, prompts, answers, contexts, retrieval, batch, views):
         return [AnswerFeatures(-1.0, 1, -1.0, 0.5, 0.0, float(r)) for r in retrieval]
 
     monkeypatch.setattr(answerability, "answer_features", features)

@@ -594,6 +594,50 @@ def test_a_shared_context_cache_keeps_questions_and_retrievers_apart(pipeline):
     assert len(cache) == 4  # two questions x two retrievers, each retrieved once
 
 
+def test_a_decision_weighing_the_rotated_reading_reads_every_order_of_the_context(
+    pipeline, monkeypatch
+):
+    """A calibration that weighs ``abstain_logodds_rotated`` makes the pipeline score each answer
+    with its context in every order (the same question and chunks, rendered as the prompt is);
+    a pipeline whose decision does not weigh it spends no passes on it."""
+    from ragtune import answerability
+    from ragtune.answerability import MANIFEST_KEY, Calibration, rotations
+    from ragtune.rag import RagPipeline
+
+    seen: list = []
+    real = answerability.answer_features
+
+    def spy(*args, **kw):
+        seen.append(kw.get("views", args[8] if len(args) > 8 else None))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(answerability, "answer_features", spy)
+
+    def make(weights):
+        cal = Calibration(threshold=-1e9, weights=weights)
+        return RagPipeline(
+            pipeline.model,
+            pipeline.tokenizer,
+            pipeline.schema,
+            pipeline.retriever,
+            max_seq_length=pipeline.max_seq_length,
+            manifest={MANIFEST_KEY: cal.to_dict()},
+        )
+
+    q = "On which day is the Lantern Tide festival held in Velmora?"
+    rotated = make({"abstain_logodds_rotated": 1.0, "retrieval": 1.0})
+    ans = rotated.answer(q)
+    assert len(ans.chunks) >= 2, "precondition: a context with more than one order"
+    assert seen == [[[rotated.render(q, "", order) for order in rotations(ans.chunks)]]]
+    f = ans.features
+    assert f.abstain_logodds_rotated is not None
+    assert ans.score == pytest.approx(f.abstain_logodds_rotated + f.retrieval)
+    seen.clear()
+    plain = make({"abstain_logodds": 1.0, "retrieval": 1.0}).answer(q)
+    assert seen == [None] and plain.features.abstain_logodds_rotated is None
+    assert plain.features.abstain_logodds == pytest.approx(f.abstain_logodds, abs=1e-5)
+
+
 def test_recall_finds_each_question_a_chain_retrieved(pipeline, monkeypatch):
     """A LangChain batch retrieves every question before it generates; the decision then needs
     each prompt's own question and chunks back (``finish_prompt``), and none for a prompt

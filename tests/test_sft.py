@@ -126,7 +126,13 @@ def test_a_kill_while_the_manifest_is_written_leaves_the_folder_incomplete(tmp_p
 
 
 @pytest.mark.parametrize(
-    "features", [None, "margin,mean_lp,lp_abstain,p_abstain_first,grounded,retrieval"]
+    "features",
+    [
+        None,
+        "margin,mean_lp,lp_abstain,p_abstain_first,grounded,retrieval",
+        # computed only when asked for: by the calibration pass, then by eval_after's pipeline
+        "abstain_logodds_rotated,retrieval",
+    ],
 )
 def test_run_sft_fits_the_decision_on_held_out_sources(
     outputs, tiny_lm_path, monkeypatch, features

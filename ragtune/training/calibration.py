@@ -89,7 +89,7 @@ def save_validation(records: list[Any], dataset_dir: Path) -> None:
 def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: Path) -> Any:
     """Fit the decision on the held-out questions of ``run_dir``; None when there are none
     (or the fit says nothing useful). Returns a :class:`ragtune.answerability.Calibration`."""
-    from ragtune.answerability import FEATURES, fit_calibration
+    from ragtune.answerability import FEATURES, ROTATED, fit_calibration
     from ragtune.loading import load_model
     from ragtune.metrics import f1_score, max_over_gold
     from ragtune.qa import gold_answers, load_qa
@@ -99,6 +99,8 @@ def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: P
     if retriever is None or not path.exists():
         return None
     records = load_qa(path)
+    # a run folder from before the key (bench/refit_calibration.py) weighs the six defaults
+    names = [str(n) for n in cfg.raft.get("calibration_features") or FEATURES]
     model, tokenizer = load_model(
         str(model_dir),
         dtype=cfg.model.dtype,
@@ -116,6 +118,7 @@ def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: P
         context_tokens=cfg.retriever.context_tokens,
         name="calibration",
         scoring=True,
+        rotate_context=ROTATED in names,
     )
     batch = int(cfg.eval.batch_size) if "eval" in cfg else 8
     answers = pipeline.answer_batch(
@@ -130,8 +133,7 @@ def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: P
         [r.answerable for r in records],
         f1,
         [r.source or "" for r in records],
-        # a run folder from before the key (bench/refit_calibration.py) weighs the six defaults
-        [str(n) for n in cfg.raft.get("calibration_features") or FEATURES],
+        names,
     )
     _save_held_out(Path(run_dir) / "calibration", records, answers, f1, cal)
     answered = sum(cal.answers([a.features for a in answers]))
