@@ -33,7 +33,11 @@
 # bench/squad_abstain_gpu.sh), all-MiniLM-L6-v2's package in pieces in /tmp/mini; carry
 # .carry/batchsrv/.pyx (rapidfuzz) and the public SQuAD file as .carry/sq/squad2-public.json.
 # The runs start detached (setsid), so a later call can wait for them; it must come within 30 s
-# of the previous call's end (the machine goes back, and the runs with it). A seed takes ~550 s
+# of the previous call's end (the machine goes back, and the runs with it).
+# That call waits and collects by running this script again with a WAIT (it starts nothing
+# already started, waits while any run is going, then packs each seed): never by a hand-written
+# `while pgrep -f bench/squad_cpu.sh`, which matches the call's own command line and so waits out
+# its whole limit (session 34 lost ~700 s of device time to it). A seed takes ~550 s
 # (raft stage) + ~105 s (four-mode evaluation, 32 questions a batch; ~600 + ~225 s at 8) whether
 # one or three run side by side (session 23: ~25 GiB of GPU memory held by two seeds' raft
 # stages; six raft_rag-only runs side by side: raft stage 662-703 s, evaluation 62-66 s, session

@@ -740,3 +740,73 @@ def test_squad_cpu_keeps_its_own_recipe_without_a_preset(tmp_path: Path) -> None
     assert prepare[prepare.index("--max-train") + 1] == "720"
     assert not any(a.startswith("conf=") for c in calls for a in c.split())
     assert {"train.learning_rate=5e-4", "raft.unanswerable_fraction=0.33"} <= set(raft)
+
+
+def test_decision_features_decides_as_the_pipeline_does(tmp_path: Path) -> None:
+    """bench/decision_features.py refits a run's decision on a feature set and applies it as the
+    pipeline does: a candidate that is itself the abstain answer abstains whatever its score,
+    so a run's own feature set gives what its evaluation reported."""
+    from ragtune.answerability import is_abstained
+    from ragtune.schema import get_schema
+
+    rng = random.Random(1)
+    cal = [_answer_row(rng, i, i % 2 == 0) for i in range(120)]
+    test = [_answer_row(rng, i, i % 3 == 0) for i in range(90)]
+    sure = AnswerFeatures(-1.0, 2, -5.0, 0.01, 1.0, 0.9)  # scored far above any cut
+    for r in test[1:9]:
+        if not r["answerable"]:  # unanswerable: its right answer is to abstain
+            r.update(candidate="I dont know", features=sure.to_dict(), _features=sure)
+    for r in test:
+        r["source"] = f"doc{int(r['id'][1:]) % 2}.txt"
+    schema = get_schema("alpaca_rag_short")
+    names = ["abstain_logodds", "retrieval"]
+    decision = fit_calibration(
+        [r["_features"] for r in cal],
+        [r["answerable"] for r in cal],
+        [r["candidate_f1"] for r in cal],
+        names=names,
+    )
+    stands = decision.answers([r["_features"] for r in test])
+    finals = [
+        r["candidate"] if ok and not is_abstained(schema, r["candidate"]) else ""
+        for r, ok in zip(test, stands, strict=True)
+    ]
+    expected = aggregate([score_answer(a, r["gold"]) for a, r in zip(finals, test, strict=True)])
+    (tmp_path / "calibration").mkdir()
+    for name, rows in (("calibration/answers.jsonl", cal), ("answers.jsonl", test)):
+        lines = [json.dumps({k: v for k, v in r.items() if k != "_features"}) for r in rows]
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    (tmp_path / "raft_manifest.json").write_text('{"prompt": {"name": "alpaca_rag_short"}}')
+
+    bench = _load_bench("decision_features")
+    got = bench.decide(
+        bench.read_rows(tmp_path / "calibration/answers.jsonl"),
+        bench.read_rows(tmp_path / "answers.jsonl"),
+        names,
+        schema,
+    )
+    assert sum(1 for r in test if r["candidate"] == "I dont know") >= 3  # precondition
+    assert got["overall"] == pytest.approx(expected.overall, abs=0.005)
+    assert got["abstain_unans"] == pytest.approx(expected.unanswerable_abstention_rate)
+    assert got["auroc"] == pytest.approx(
+        auroc(
+            combine([r["_features"] for r in test], decision.weights, decision.bias),
+            [r["answerable"] for r in test],
+        )
+    )
+    assert set(got["by_article"]) == {"doc0", "doc1"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "bench/decision_features.py",
+            str(tmp_path),
+            "--features",
+            "abstain_logodds,retrieval",
+            "margin",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert out.count(f"| {tmp_path.name} |") == 2 and f"| {expected.overall:.1f} |" in out
