@@ -444,6 +444,7 @@ def test_calibration_fitted_on_validation_goes_into_the_manifest(tmp_path):
     assert data["model"] == {"x": 1}  # other fields kept
     back = read_calibration(tmp_path)
     assert isinstance(back, Calibration) and back.threshold == pytest.approx(cal.threshold)
+    assert back == cal  # weights, bias, AUROC, size and held-out documents: all of it comes back
     yes = AnswerFeatures(-1.0, 2, -3.0, 0.2, 1.0, 0.5)
     no = AnswerFeatures(-4.0, 2, -3.0, 0.2, 1.0, 0.5)
     assert back.answers([yes, no]) == [True, False]

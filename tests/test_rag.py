@@ -545,7 +545,7 @@ def test_latency_is_retrieval_plus_shares_of_the_batch_and_the_scoring(pipeline,
         clock[0] += 6.0
         return [GenerationResult("Ismay", [1], "eos", 1, 6.0, batch_rows=3) for _ in prompts]
 
-    def score(generator, prompts, texts, *_):
+    def score(generator, prompts, texts, *_, **__):
         clock[0] += 3.0
         return [SimpleNamespace(answer=t, score=1.0, candidate=t, features=None) for t in texts]
 
