@@ -218,3 +218,75 @@ def test_unanswerable_cap_sets_the_abstention_balance(corpus, tokenizer):
     assert stats["unanswerable_dropped"] == 0 and stats["examples"] == len(records)
     _, stats = _build(corpus, tokenizer, unanswerable_fraction=0.9)
     assert stats["unanswerable_dropped"] == 0
+
+
+def test_stats_count_abstain_targets_and_only_sequences_longer_than_the_model_takes(
+    corpus, tokenizer
+):
+    """``abstain_rate`` is the share of examples whose target is the abstain answer, and a
+    sequence of exactly ``max_seq_length`` tokens fits (it is not "over")."""
+    examples, stats = _build(corpus, tokenizer, oracle_fraction=0.5)
+    abstain = get_schema("alpaca_rag").abstain
+    share = sum(e["target"] == abstain for e in examples) / len(examples)
+    assert 0 < share < 1 and stats["abstain_rate"] == pytest.approx(share)
+    # a fixed context budget, so that max_seq_length changes only what counts as "over"
+    fixed = {"oracle_fraction": 0.5, "context_tokens": 400}
+    longest = _build(corpus, tokenizer, **fixed)[1]["tokens"]["max"]
+    _, at = _build(corpus, tokenizer, max_seq_length=longest, **fixed)
+    _, below = _build(corpus, tokenizer, max_seq_length=longest - 1, **fixed)
+    assert at["over_max_seq_length"] == 0 and below["over_max_seq_length"] >= 1
+
+
+def test_an_unanswerable_record_keeps_its_plausible_answer_for_the_preference_step(tokenizer):
+    """The preference step pairs "I don't know" against an unanswerable record's plausible
+    answer: the example must carry it."""
+    chunks = [_chunk(0, "The harbor keeper was Mara.", "harbor.md")]
+    rec = QARecord("Who painted the harbor?", "", source="harbor.md", plausible="Mara")
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    (example,), _ = build_examples(
+        [rec],
+        MemoryRetriever(chunks, count),
+        get_schema("alpaca_rag"),
+        tokenizer,
+        BuildSettings(k=1, fetch_k=5, max_seq_length=512),
+        progress=False,
+    )
+    assert example["kind"] == "unanswerable" and example["plausible"] == "Mara"
+
+
+def test_the_preview_says_how_each_oracle_was_found(corpus, tokenizer, tmp_path):
+    examples, stats = _build(corpus, tokenizer, oracle_fraction=1.0)
+    save_dataset(examples, stats, tmp_path, num_preview=6)
+    assert "oracle found: exact (score 1.00)" in (tmp_path / "preview.md").read_text()
+
+
+def test_settings_come_from_every_raft_key():
+    """``BuildSettings.from_config`` reads each ``raft`` key (a preset's choice must reach the
+    builder, not fall back to the dataclass default)."""
+    from ragtune.config import compose
+
+    cfg = compose(
+        "sft",
+        [
+            "conf=qwen_rag",
+            "raft.unanswerable_fraction=0.3",
+            "raft.ablated_twin=true",
+            "raft.abstain_without_oracle=false",
+            "raft.shuffle_oracle=false",
+            "raft.max_unsupported_fraction=0.5",
+            "retriever.k=4",
+            "retriever.fetch_k=12",
+            "retriever.context_tokens=300",
+            "seed=7",
+        ],
+    )
+    s = BuildSettings.from_config(cfg)
+    assert (s.contrastive, s.unanswerable_on_topic, s.swapped_twin, s.ablated_twin) == (True,) * 4
+    assert s.oracle_fraction == 1.0 and s.unanswerable_fraction == 0.3
+    assert (s.abstain_without_oracle, s.shuffle_oracle, s.max_unsupported_fraction) == (
+        False,
+        False,
+        0.5,
+    )
+    assert (s.k, s.fetch_k, s.context_tokens, s.seed, s.mode) == (4, 12, 300, 7, "rag")
+    assert s.max_seq_length == cfg.model.max_seq_length
