@@ -35,10 +35,10 @@ from ragtune.stage import INTERRUPTED_EXIT, USER_ERROR_EXIT, StageResult, config
 def index(cfg: DictConfig) -> None:
     """Bring the index up to date with ``data.corpus``; exit status 1 when files were skipped."""
     from ragtune.config import validate
-    from ragtune.ingest import ingest
+    from ragtune.ingest import ingest_corpus
 
     cfg = validate(cfg, top_level={})
-    report = ingest(cfg.data.corpus, cfg.retriever, jsonl_text_field=cfg.data.jsonl_text_field)
+    report = ingest_corpus(cfg)
     print(report.summary(), flush=True)
     if not report.ok:
         print(

@@ -432,13 +432,11 @@ def _retriever(cfg: DictConfig, ecfg: EvalConfig, rcfg: RetrieverConfig, cache: 
         return cache[key]
     corpus = ecfg.corpus or cfg.data.get("corpus")
     if ecfg.ingest:
-        from ragtune.ingest import ingest
+        from ragtune.ingest import ingest_corpus
 
         if not corpus:
             raise ConfigError("data.corpus: name the corpus folder to index (or eval.ingest=false)")
-        report = ingest(
-            resolve_path(corpus), rcfg, jsonl_text_field=cfg.data.get("jsonl_text_field", "text")
-        )
+        report = ingest_corpus(cfg, rcfg, resolve_path(corpus))
         log.info("index: %s", report.summary())
     # eval.ingest=false: the existing index with these settings (an error names each corpus
     # when several are indexed); otherwise the collection of the corpus just ingested

@@ -231,6 +231,19 @@ class _Work:
     warnings: list[str] = field(default_factory=list)
 
 
+def ingest_corpus(
+    cfg: Any, rcfg: Any = None, corpus: str | os.PathLike[str] | None = None
+) -> IngestReport:
+    """Index a stage's corpus: ``corpus`` (default ``data.corpus``) with ``rcfg`` (default
+    ``cfg.retriever``), reading JSONL text from ``data.jsonl_text_field``. Every stage that
+    ingests (index, train, eval, gen-qa, embed-ft) calls this, so they read a corpus alike."""
+    return ingest(
+        corpus if corpus is not None else cfg.data.corpus,
+        cfg.retriever if rcfg is None else rcfg,
+        jsonl_text_field=cfg.data.get("jsonl_text_field", "text"),
+    )
+
+
 def ingest(
     corpus_dir: str | os.PathLike[str],
     rcfg: Any,

@@ -64,17 +64,14 @@ def run_gen_qa(
     cfg: DictConfig, lm: TextGenerator | None = None, *, progress: bool = True
 ) -> GenQAResult:
     """Generate, filter and write the QA set for ``data.corpus``; resumable (see qa_gen)."""
-    from ragtune.ingest import ingest
+    from ragtune.ingest import ingest_corpus
     from ragtune.retriever import Retriever
 
     validate(cfg, GEN_QA_TOP_LEVEL)
     s = GenQASettings.from_config(cfg.gen_qa)
     schemas = load_schemas(s)
     out = resolve_path(s.out_dir or cfg.output_dir)
-    report = ingest(
-        resolve_path(cfg.data.corpus), cfg.retriever, jsonl_text_field=cfg.data.jsonl_text_field
-    )
-    log.info("index: %s", report)
+    log.info("index: %s", ingest_corpus(cfg))
     retriever = Retriever.from_config(cfg.retriever)
     chunks = retriever.find(limit=0)
     jobs = plan_jobs(chunks, s, cfg.seed)

@@ -292,3 +292,30 @@ def test_pipelined_embedding_equals_sentence_transformers_encode():
     np.testing.assert_allclose(got, want, atol=1e-5)
     raw = _embed_pipelined(model, texts[:5], normalize=False, batch_size=2, progress=False)
     np.testing.assert_allclose(raw, model.encode(texts[:5], batch_size=2), atol=1e-5)
+
+
+def test_every_stage_reads_a_jsonl_corpus_by_the_configured_text_field(tmp_path):
+    """``ingest_corpus`` (what index, train, eval, gen-qa and embed-ft call) takes the corpus,
+    the retriever settings and ``data.jsonl_text_field`` from the stage's config."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from ragtune.ingest import ingest_corpus
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = [{"text": "a title only", "body": "The comet Velisande returns every 83 years."}]
+    (corpus / "notes.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    rcfg = rcfg_for(tmp_path)
+    cfg = OmegaConf.create({"data": {"corpus": str(corpus), "jsonl_text_field": "body"}})
+    cfg.retriever = OmegaConf.structured(rcfg)
+    report = ingest_corpus(cfg)
+    assert report.ok
+    texts = [c.text for c in Retriever.from_config(rcfg).find(limit=0)]
+    assert texts and all("Velisande" in t and "title" not in t for t in texts)
+    # another corpus and retriever named by the caller (evaluation's eval.corpus)
+    other = write_corpus(tmp_path / "other", {"a.md": DOCS["towns/birch.txt"]})
+    rcfg2 = rcfg_for(tmp_path / "second")
+    ingest_corpus(cfg, rcfg2, other)
+    assert any("windmill" in c.text for c in Retriever.from_config(rcfg2).find(limit=0))

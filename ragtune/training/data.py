@@ -34,14 +34,11 @@ def load_tokenizer(cfg: DictConfig) -> Any:
 
 def open_retriever(cfg: DictConfig, tokenizer: Any, ingest_corpus: bool = True) -> Any:
     """Index ``data.corpus`` (incrementally) and open the shared retriever on it."""
-    from ragtune.ingest import ingest
+    from ragtune.ingest import ingest_corpus as ingest_data
     from ragtune.retriever import Retriever
 
     if ingest_corpus:
-        report = ingest(
-            resolve_path(cfg.data.corpus), cfg.retriever, jsonl_text_field=cfg.data.jsonl_text_field
-        )
-        log.info("index: %s", report)
+        log.info("index: %s", ingest_data(cfg))
     return Retriever.from_config(
         cfg.retriever, corpus=resolve_path(cfg.data.corpus), token_counter=token_counter(tokenizer)
     )

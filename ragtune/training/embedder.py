@@ -431,7 +431,7 @@ def run_embed_ft(cfg: Any) -> TuneResult:
     The tuned folder is ``embed_ft.save_dir`` or ``<run>/embedder``.
     """
     from ragtune.config import validate
-    from ragtune.ingest import ingest
+    from ragtune.ingest import ingest_corpus
     from ragtune.paths import resolve_path
     from ragtune.qa import load_qa
     from ragtune.retriever import Retriever
@@ -441,7 +441,7 @@ def run_embed_ft(cfg: Any) -> TuneResult:
     out = resolve_path(cfg.output_dir)
     save_dir = resolve_path(ecfg.save_dir) if ecfg.save_dir else out / "embedder"
     _save_target(save_dir)  # refuse before the slow steps
-    ingest(resolve_path(cfg.data.corpus), cfg.retriever, jsonl_text_field=cfg.data.jsonl_text_field)
+    ingest_corpus(cfg)
     retriever = Retriever.from_config(cfg.retriever)
     records = load_qa(resolve_path(cfg.data.qa_train))
     if cfg.data.max_records:
