@@ -53,3 +53,26 @@ def test_history_keeps_the_newest_turns_within_budget():
 def test_nothing_to_answer_is_a_clear_error(msgs, needle):
     with pytest.raises(ConversationError, match=needle):
         turn_from_messages(msgs, words)
+
+
+def test_the_history_budget_counts_each_line_with_its_label_and_line_break():
+    """``history_tokens`` is spent on the lines as written ("System: ...", "User: ...") plus a
+    line break per turn: a budget of exactly that keeps everything, one less drops the turn."""
+    msgs = [("system", "be brief"), ("user", "hi there"), ("user", "why?")]
+    need = words("System: be brief") + words("User: hi there") + 1
+    assert turn_from_messages(msgs, words, need).input == "System: be brief\nUser: hi there"
+    assert turn_from_messages(msgs, words, need - 1).input == "System: be brief"
+    assert turn_from_messages(msgs, words, 0).input == ""  # no history at all
+
+
+def test_developer_messages_are_system_text_and_blank_or_unknown_ones_are_left_out():
+    msgs = [
+        ("developer", "Cite the page."),
+        ("user", "   "),
+        ("function", "a result"),
+        ("assistant", "Earlier answer."),
+        ("user", "Next?"),
+    ]
+    t = turn_from_messages(msgs, words, history_tokens=100)
+    assert t.input == "System: Cite the page.\nAssistant: Earlier answer."
+    assert t.query == "Next?"  # a blank earlier user message is no subject to search for
