@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 
@@ -73,6 +74,8 @@ def test_fit_threshold_picks_the_cut_that_maximises_overall():
     # a wrong answer is worth nothing: with F1 0 on the 0.7 question the best cut moves above it
     cut = fit_threshold(scores, labels, [1.0, 1.0, 0.0, 0, 0, 0, 0])
     assert 0.7 < cut <= 0.8
+    # the cut sits halfway between the last answered score and the first abstained one
+    assert fit_threshold([3.0, 1.0], [True, False]) == pytest.approx(2.0)
 
 
 def test_fit_threshold_extremes():
@@ -129,6 +132,33 @@ def test_logistic_weights_apply_to_raw_features():
     w, b = fit_logistic(feats, labels, ("mean_lp", "grounded"))
     s = combine(feats, w, b)
     assert auroc(s, labels) > 0.95
+
+
+def test_the_fitted_decision_does_not_depend_on_a_feature_s_units():
+    """Features are standardised before the (L2-regularised) fit: a retrieval score in other
+    units (x1000) gives the same scores, so no feature is favoured by its scale."""
+    import random
+
+    from ragtune.answerability import AnswerFeatures, combine
+
+    rng = random.Random(0)
+    labels = [i % 2 == 0 for i in range(60)]
+    feats = [
+        AnswerFeatures(-1.0, 2, -3.0, rng.uniform(0.05, 0.6 if y else 0.95), 1.0, rng.gauss(y, 1))
+        for y in labels
+    ]
+    scaled = [dataclasses.replace(f, retrieval=1000 * f.retrieval) for f in feats]
+    names = ("abstain_logodds", "retrieval")
+    a = combine(feats, *fit_logistic(feats, labels, names))
+    b = combine(scaled, *fit_logistic(scaled, labels, names))
+    assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_an_empty_mix_is_its_bias_not_the_default_score():
+    from ragtune.answerability import AnswerFeatures, combine
+
+    f = AnswerFeatures(-1.0, 1, -5.0, 0.1, 1.0, 0.3)  # margin 4: the default score
+    assert combine([f], {}, 0.25) == [0.25] and combine([f]) == [pytest.approx(4.0)]
 
 
 def test_margin_and_mean_lp_are_per_answer_token():

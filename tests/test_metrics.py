@@ -139,3 +139,20 @@ def test_retrieval_hit() -> None:
     assert retrieval_hit([], chunks) is None  # unanswerable: no oracle
     as_dicts = [{"text": c.text, "source": c.source} for c in chunks]
     assert retrieval_hit(["France"], as_dicts, source="squad/Other.txt") is True
+
+
+def test_gold_answers_that_normalise_to_nothing_make_a_question_unanswerable():
+    """A gold list of blanks or punctuation is SQuAD's unanswerable (gold ""): abstaining
+    scores 1, answering 0."""
+    q = score_answer("", [" ", "."])
+    assert (q.answerable, q.abstained, q.score) == (False, True, 1.0)
+    assert score_answer("Paris", ["", "the"]).score == 0.0
+
+
+def test_an_unanswerable_question_never_counts_toward_retrieval_recall():
+    """There is no oracle to retrieve for an unanswerable question: its hit is None, whatever
+    the caller passed, so recall@k is over answerable questions only."""
+    una = score_answer("", [], retrieval_hit=False)
+    assert una.retrieval_hit is None
+    ans = score_answer("Paris", ["Paris"], retrieval_hit=True)
+    assert aggregate([una, ans]).recall_at_k == 100.0
