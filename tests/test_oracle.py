@@ -333,3 +333,56 @@ def test_an_oracle_the_budget_cuts_short_trains_as_dropped(tokenizer, embed):
     )
     assert [e["kind"] for e in examples] == ["abstain_no_oracle"]
     assert stats["oracle_truncated_by_budget"] == 1
+
+
+def test_full_width_digits_and_ligatures_match_their_plain_forms():
+    """NFKC first: text pasted from PDFs and CJK documents writes digits and letters apart."""
+    assert tokens("１９９０ ﬁnal") == ["1990", "final"]
+
+
+def test_a_short_answer_one_token_off_is_a_different_answer_not_a_fuzzy_match():
+    """Below FUZZY_MIN_TOKENS the fuzzy step never runs: "7 years" is not "8 years"."""
+    from ragtune.oracle import FUZZY_MIN_TOKENS, fuzzy_score
+
+    assert FUZZY_MIN_TOKENS == 3
+    assert fuzzy_score(tokens("7 years"), tokens("it lasted 8 years")) == 0.0
+    chunk = Chunk("c", "The voyage lasted 8 years.", "v.md", 0, "h")
+    assert OracleFinder(Store()).best("7 years", [chunk]).how == "none"
+
+
+def test_a_fuzzy_score_at_the_threshold_is_support():
+    """Four of five answer tokens in order score exactly FUZZY_MIN (0.8), which is enough."""
+    chunk = Chunk("c", "x alpha beta gamma delta zeta y", "g.md", 0, "h")
+    m = OracleFinder(Store()).best("alpha beta gamma delta epsilon", [chunk])
+    assert (m.how, m.score) == ("fuzzy", pytest.approx(0.8))
+
+
+def test_sentences_are_stripped_and_blank_ones_dropped():
+    from ragtune.oracle import sentences
+
+    assert sentences("\n\nA.  \n\n  \nB. C!\n") == ["A.", "B.", "C!"]
+
+
+def test_a_distractor_that_holds_the_answer_nearly_word_for_word_supports_it():
+    """Distractors are checked by the exact and the fuzzy step too: a context said to lack the
+    answer must not hold it reworded by a word."""
+    rec = QARecord("Where is the Harp Moot?", "every three years at Kilmory Cross")
+    harp, murrow = [c for c in _chunks() if c.id in ("harp.md#1", "murrowfin.txt#0")]
+    assert OracleFinder(Store()).supporting(rec, [harp, murrow]) == [True, False]
+
+
+def test_a_long_answer_scores_the_mean_over_its_sentences_of_each_best_match():
+    """Each claim sentence is embedded alone and meets its best chunk sentence; the chunk's
+    score is the mean: one sentence found (1.0) and one not (0.0) give 0.5."""
+    basis = {"Alpha is red.": 0, "Beta is blue.": 1, "Gamma is old.": 2, "Delta is new.": 3}
+
+    def embed(texts):
+        rows = np.zeros((len(texts), 5), dtype=np.float32)
+        for r, t in enumerate(texts):
+            rows[r, basis.get(t, 4)] = 1.0  # anything else (a whole text) points elsewhere
+        return rows
+
+    chunk = Chunk("c", "Alpha is red. Gamma is old.", "a.md", 0, "h")
+    finder = OracleFinder(Store(), embed)
+    assert finder.semantic_scores("Alpha is red. Beta is blue.", [chunk]) == [pytest.approx(0.5)]
+    assert finder.semantic_scores("Alpha is red. Gamma is old.", [chunk]) == [pytest.approx(1.0)]
