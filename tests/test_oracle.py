@@ -374,15 +374,24 @@ def test_a_distractor_that_holds_the_answer_nearly_word_for_word_supports_it():
 def test_a_long_answer_scores_the_mean_over_its_sentences_of_each_best_match():
     """Each claim sentence is embedded alone and meets its best chunk sentence; the chunk's
     score is the mean: one sentence found (1.0) and one not (0.0) give 0.5."""
-    basis = {"Alpha is red.": 0, "Beta is blue.": 1, "Gamma is old.": 2, "Delta is new.": 3}
+    whole = "Alpha is red. Gamma is old."
+    # the chunk as a whole means what "Omega." means, and the vectors come unnormalised
+    basis = {"Alpha is red.": 0, "Beta is blue.": 1, "Gamma is old.": 2, whole: 3, "Omega.": 3}
 
     def embed(texts):
         rows = np.zeros((len(texts), 5), dtype=np.float32)
         for r, t in enumerate(texts):
-            rows[r, basis.get(t, 4)] = 1.0  # anything else (a whole text) points elsewhere
+            rows[r, basis.get(t, 4)] = 3.0  # anything else points elsewhere
         return rows
 
-    chunk = Chunk("c", "Alpha is red. Gamma is old.", "a.md", 0, "h")
+    chunk = Chunk("c", whole, "a.md", 0, "h")
     finder = OracleFinder(Store(), embed)
     assert finder.semantic_scores("Alpha is red. Beta is blue.", [chunk]) == [pytest.approx(0.5)]
     assert finder.semantic_scores("Alpha is red. Gamma is old.", [chunk]) == [pytest.approx(1.0)]
+    # a claim may match the chunk as a whole, not any one of its sentences
+    assert finder.semantic_scores("Omega.", [chunk]) == [pytest.approx(1.0)]
+
+
+def test_an_answer_of_six_tokens_is_embedded_and_a_shorter_one_is_not():
+    assert semantic_claim("alpha beta gamma delta epsilon zeta", "q?") is not None
+    assert semantic_claim("alpha beta gamma delta epsilon", "q?") is None
