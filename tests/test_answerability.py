@@ -511,6 +511,7 @@ def test_ablated_twin_is_the_oracle_chunk_without_its_answer_sentence(tokenizer)
     assert "Marlowe" in oracle["prompt"] and "He lit the lamp" in oracle["prompt"]
     assert "Marlowe" not in cut["prompt"] and "He lit the lamp" in cut["prompt"]
     assert cut["target"] == schema.abstain and stats["kinds"]["ablated_no_answer"] == 1
+    assert len(cut["sources"]) == len(oracle["sources"]) == 2  # the cut chunk + k - 1 others
 
 
 def test_the_default_preview_shows_one_example_of_every_kind(tokenizer, tmp_path):

@@ -290,3 +290,71 @@ def test_settings_come_from_every_raft_key():
     )
     assert (s.k, s.fetch_k, s.context_tokens, s.seed, s.mode) == (4, 12, 300, 7, "rag")
     assert s.max_seq_length == cfg.model.max_seq_length
+
+
+def test_which_unanswerable_records_the_cap_drops_follows_the_seed():
+    from ragtune.raft import cap_unanswerable
+
+    records = [QARecord("a?", "x")] * 10 + [QARecord(f"u{i}?", "") for i in range(30)]
+    kept = {s: [r.instruction for r in cap_unanswerable(records, 0.5, s)] for s in (1, 1, 2, 3)}
+    assert kept[1] == [r.instruction for r in cap_unanswerable(records, 0.5, 1)]
+    assert len({tuple(v) for v in kept.values()}) == 3  # each seed its own sample
+    assert all(sum(not q.startswith("a") for q in v) == 10 for v in kept.values())
+
+
+def test_every_context_holds_k_chunks_when_the_budget_allows(corpus, tokenizer):
+    """Oracle-kept, oracle-dropped, unanswerable examples and the contrastive twins all see k
+    chunks: only whether the answer is among them differs."""
+    examples, _ = _build(corpus, tokenizer, oracle_fraction=0.5, contrastive=True)
+    assert {e["kind"] for e in examples} >= {
+        "oracle",
+        "abstain_no_oracle",
+        "unanswerable",
+        "contrast_no_oracle",
+    }
+    assert {len(e["sources"]) for e in examples} == {3}
+
+
+def test_which_records_keep_their_oracle_and_the_twins_order_are_drawn_by_the_seed(
+    corpus, tokenizer
+):
+    """The records that keep their oracle are a seeded sample, not the first ones in the file,
+    and a contrastive twin's chunks are shuffled too, not left in retrieval order."""
+    examples, _ = _build(corpus, tokenizer, oracle_fraction=0.5, contrastive=True)
+    kept = [e["kind"] == "oracle" for e in examples if e["answer"] and "contrast" not in e["kind"]]
+    assert len(kept) == 32 and sum(kept) == 16
+    assert kept != sorted(kept, reverse=True)  # not the first 16 answerable records
+    chunks, _ = corpus
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    ranked = MemoryRetriever(chunks, count)
+    twins = [e for e in examples if e["kind"] == "contrast_no_oracle"]
+    orders = [
+        [s["id"] for s in t["sources"]]
+        == [
+            c.id
+            for c in ranked.candidates(t["instruction"], 10)
+            if c.id in {s["id"] for s in t["sources"]}
+        ]
+        for t in twins
+    ]
+    assert not all(orders)
+
+
+def test_the_oracle_rate_counts_answers_from_memory_as_answerable(corpus, tokenizer):
+    _, stats = _build(corpus, tokenizer, oracle_fraction=0.5, abstain_without_oracle=False)
+    assert stats["oracle_rate"] == pytest.approx(0.5)
+
+
+def test_records_that_differ_only_in_their_input_get_different_ids(tokenizer):
+    chunks = [_chunk(0, "The harbor keeper was Mara.", "harbor.md")]
+    count = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    recs = [QARecord("Who was it?", "Mara", input=i) for i in ("the harbor", "the mill")]
+    examples, _ = build_examples(
+        recs,
+        MemoryRetriever(chunks, count),
+        get_schema("alpaca_rag"),
+        tokenizer,
+        BuildSettings(k=1, fetch_k=5, max_seq_length=512, oracle_fraction=1.0),
+        progress=False,
+    )
+    assert len({e["id"] for e in examples}) == 2
