@@ -337,3 +337,57 @@ def test_gpu_backends_train_4bit_save_and_reload(
     ids = torch.tensor([SCHEMA.encode_prompt(tok, prompt)], device=model.device)
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+
+
+def test_an_example_of_exactly_max_seq_length_trains_and_only_completions_count_as_such(
+    tiny_tok, examples
+):
+    from ragtune.training.data import tokenize_examples
+
+    ds, stats = tokenize_examples(examples, tiny_tok, SCHEMA, 256)
+    longest = max(len(r) for r in ds["input_ids"])
+    _, at = tokenize_examples(examples, tiny_tok, SCHEMA, longest)
+    assert at["examples"] == len(examples) and at["truncated"] == 0
+    assert stats["completion_tokens"] == sum(sum(m) for m in ds["completion_mask"])
+    assert stats["completion_tokens"] < stats["tokens"]
+
+
+def test_the_training_qa_file_is_named_when_unset_or_missing(tmp_path):
+    from ragtune.errors import RagtuneError
+    from ragtune.training.data import _qa_train_path
+
+    with pytest.raises(RagtuneError, match="data.qa_train is not set: generate one"):
+        _qa_train_path("")
+    with pytest.raises(RagtuneError, match=f"data.qa_train: {tmp_path} not found"):
+        _qa_train_path(str(tmp_path))  # a folder is not a QA file
+
+
+def test_a_closed_book_dataset_takes_max_records_and_opens_no_index(
+    tmp_path, tiny_lm_path, monkeypatch
+):
+    """raft.mode=closed builds from the first data.max_records records without a retriever;
+    the preview shows raft.num_preview examples; an empty QA file is one clear error."""
+    import json
+
+    from ragtune.errors import RagtuneError
+    from ragtune.training import data
+
+    monkeypatch.setattr(data, "open_retriever", lambda *a, **k: pytest.fail("opened an index"))
+    qa = tmp_path / "qa.jsonl"
+    rows = [{"instruction": f"Q{i}?", "output": f"A{i}" if i else ""} for i in range(5)]
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_cfg(
+        tmp_path / "run",
+        tiny_lm_path,
+        f"data.qa_train={qa}",
+        "data.max_records=3",
+        "raft.mode=closed",
+        "raft.num_preview=1",
+    )
+    examples, stats, _tok, retriever = data.build_dataset(cfg, tmp_path / "run")
+    assert retriever is None and [e["instruction"] for e in examples] == ["Q0?", "Q1?", "Q2?"]
+    assert {e["kind"] for e in examples} == {"unanswerable", "closed"}  # two kinds to show
+    assert (tmp_path / "run/dataset/preview.md").read_text().count("### Response:") == 1
+    qa.write_text("\n")
+    with pytest.raises(RagtuneError, match="no QA records"):
+        data.build_dataset(cfg, tmp_path / "run")
