@@ -40,10 +40,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import PolynomialFeatures
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench scripts' own helpers
+
+from decision_features import features as row_features  # noqa: E402
+from decision_features import read_rows  # noqa: E402
 
 from ragtune.answerability import (  # noqa: E402
     FEATURES,
-    AnswerFeatures,
     combine,
     expected_score_threshold,
     fit_calibration,
@@ -117,16 +120,6 @@ def _log_odds(clf: object, x: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def _read(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("mode", "raft_rag") == "raft_rag"]
-
-
-def _features(row: dict) -> AnswerFeatures:
-    f = row["features"]
-    return AnswerFeatures(**{k: f[k] for k in AnswerFeatures.__dataclass_fields__ if k in f})
-
-
 def _overall(scores: np.ndarray, rows: list[dict], cut: float) -> float:
     """SQuAD v2 overall (ragtune.metrics) when each row answers its candidate at ``score >= cut``
     and abstains (the empty answer) below it."""
@@ -140,7 +133,7 @@ def compare(
     cal_path: Path, eval_path: Path, l2: float = 1.0, judge: Path | None = None
 ) -> list[tuple[str, float, float]]:
     """(variant, test AUROC, test overall) for one run."""
-    cal, test = _read(cal_path), _read(eval_path)
+    cal, test = read_rows(cal_path), read_rows(eval_path)
     variants = dict(VARIANTS)
     if judge is not None:
         names = sorted(
@@ -155,7 +148,7 @@ def by_source(
 ) -> list[tuple[str, str, float, float]]:
     """(held-out article, variant, AUROC, overall) for each article of one run's held-out
     answers, every mix fitted on the run's other articles."""
-    rows = _read(cal_path)
+    rows = read_rows(cal_path)
     if gold_path is not None:
         gold = {q.id: list(gold_answers(q)) for q in load_qa(gold_path)}
         for r in rows:
@@ -180,8 +173,10 @@ def compare_rows(
     y_cal = [bool(r["answerable"]) for r in cal]
     y_test = [bool(r["answerable"]) for r in test]
     cut = expected_score_threshold(y_cal, [r["candidate_f1"] for r in cal])
-    shipped = fit_calibration([_features(r) for r in cal], y_cal, [r["candidate_f1"] for r in cal])
-    scores = np.array(combine([_features(r) for r in test], shipped.weights, shipped.bias))
+    shipped = fit_calibration(
+        [row_features(r) for r in cal], y_cal, [r["candidate_f1"] for r in cal]
+    )
+    scores = np.array(combine([row_features(r) for r in test], shipped.weights, shipped.bias))
     out = [("shipped", auroc(list(scores), y_test), _overall(scores, test, cut))]
     for name, features in variants.items():
         x_cal = np.array([features(r["features"]) for r in cal], dtype=np.float64)
