@@ -391,3 +391,36 @@ def test_a_closed_book_dataset_takes_max_records_and_opens_no_index(
     qa.write_text("\n")
     with pytest.raises(RagtuneError, match="no QA records"):
         data.build_dataset(cfg, tmp_path / "run")
+
+
+def test_training_sequences_need_an_eos_and_examples_need_both_halves(tiny_tok):
+    from types import SimpleNamespace
+
+    from ragtune.training import TrainError
+    from ragtune.training.data import encode_completion, tokenize_examples
+
+    no_eos = SimpleNamespace(eos_token_id=None)
+    with pytest.raises(TrainError, match="no EOS token id"):
+        encode_completion(no_eos, "Blue.")
+    with pytest.raises(TrainError, match=r"example 0 lacks 'prompt' or 'completion'.*\['prompt'\]"):
+        tokenize_examples([{"prompt": "Q"}], tiny_tok, SCHEMA, 256)
+
+
+def test_a_single_process_builds_its_own_dataset_and_keeps_its_retriever(
+    tmp_path, monkeypatch, tiny_lm_path, tiny_tok
+):
+    """Without torchrun the dataset is built here and the retriever comes back with it (the
+    calibration after training answers through it); opening the retriever without ingesting
+    leaves the index alone."""
+    from ragtune import ingest, retriever
+    from ragtune.training import data
+
+    built = ([{"prompt": "p", "completion": "c"}], {"examples": 1}, "tok", "the retriever")
+    monkeypatch.setattr(data, "init_distributed", lambda: False)
+    monkeypatch.setattr(data, "build_dataset", lambda cfg, out: built)
+    assert data.shared_dataset(None, tmp_path) == (built[0], built[1], built[3], tmp_path)
+
+    monkeypatch.setattr(ingest, "ingest_corpus", lambda *a, **k: pytest.fail("ingested"))
+    monkeypatch.setattr(retriever.Retriever, "from_config", classmethod(lambda cls, *a, **k: "R"))
+    cfg = make_cfg(tmp_path / "run", tiny_lm_path)
+    assert data.open_retriever(cfg, tiny_tok, ingest_corpus=False) == "R"
