@@ -1,0 +1,47 @@
+"""The model folder's own rules (ragtune/modelcard.py): which folder is the model, whether it is
+a trained one, and where its training facts come from; the serving overlay itself is tested
+through the pipeline (tests/test_rag.py, tests/test_tampering.py)."""
+
+from __future__ import annotations
+
+import json
+
+from ragtune.manifest import MANIFEST
+from ragtune.modelcard import (
+    TRAIN_INFO,
+    is_trained_folder,
+    model_folder,
+    read_json,
+    train_info,
+)
+from ragtune.schema import SCHEMA_FILE
+
+
+def test_a_json_file_that_is_not_an_object_reads_as_empty(tmp_path):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "bad.json").write_text("{not json")
+    assert read_json(tmp_path / "list.json") == {} == read_json(tmp_path / "bad.json")
+    assert read_json(tmp_path / "missing.json") == {}
+
+
+def test_a_run_folder_leads_to_its_model_but_a_model_folder_stays_itself(tmp_path):
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / MANIFEST).write_text("{}")
+    assert model_folder(run) == (run / "model").resolve()
+    (run / MANIFEST).write_text("{}")  # the folder given is itself a model: never descend
+    assert model_folder(run) == run.resolve()
+
+
+def test_a_folder_with_only_its_prompt_schema_is_still_a_trained_one(tmp_path):
+    assert not is_trained_folder(tmp_path)
+    (tmp_path / SCHEMA_FILE).write_text("{}")
+    assert is_trained_folder(tmp_path)
+
+
+def test_training_facts_come_from_the_train_record_before_the_manifest(tmp_path):
+    (tmp_path / TRAIN_INFO).write_text(json.dumps({"backend": "unsloth"}))
+    manifest = {"backend": "transformers", "save_method": "merged_16bit", "base_model": "b"}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    info = train_info(tmp_path)
+    assert info == {"backend": "unsloth", "save_method": "merged_16bit", "base_model": "b"}
