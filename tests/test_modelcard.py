@@ -45,3 +45,16 @@ def test_training_facts_come_from_the_train_record_before_the_manifest(tmp_path)
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     info = train_info(tmp_path)
     assert info == {"backend": "unsloth", "save_method": "merged_16bit", "base_model": "b"}
+
+
+def test_a_setting_the_user_named_or_whose_group_they_chose_wins_over_the_manifest():
+    from ragtune.modelcard import is_explicit, model_settings
+
+    assert is_explicit("retriever.k", ["retriever"]) and is_explicit("retriever.k", ["retriever.k"])
+    assert not is_explicit("retriever.k", ["retriever.fetch_k", "retrievers"])
+    trained = {"model": {"max_seq_length": 512, "dtype": "bfloat16", "trust_remote_code": True}}
+    mine = {"max_seq_length": 2048, "dtype": "float32"}
+    got = model_settings(mine, trained, explicit=["model.max_seq_length"])
+    # as trained unless named; a manifest never switches on remote code
+    assert got == {"max_seq_length": 2048, "dtype": "bfloat16", "trust_remote_code": False}
+    assert model_settings(mine, trained)["max_seq_length"] == 512
