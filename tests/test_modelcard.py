@@ -58,3 +58,20 @@ def test_a_setting_the_user_named_or_whose_group_they_chose_wins_over_the_manife
     # as trained unless named; a manifest never switches on remote code
     assert got == {"max_seq_length": 2048, "dtype": "bfloat16", "trust_remote_code": False}
     assert model_settings(mine, trained)["max_seq_length"] == 512
+
+
+def test_the_trained_retriever_settings_apply_but_not_the_training_machine_s(tmp_path):
+    """k and chunking come from the manifest; the embedder's device and batch size are the
+    serving machine's (a model trained on a GPU is served on a CPU); an unknown index mode is
+    refused."""
+    import pytest
+
+    from ragtune.config import RetrieverConfig
+    from ragtune.modelcard import retriever_settings
+
+    mine = RetrieverConfig(device="cpu", batch_size=8, persist_dir=str(tmp_path))
+    trained = {"retriever": {"device": "cuda", "batch_size": 512, "k": 7, "chunk_size": 333}}
+    got = retriever_settings(mine, trained, index="own")
+    assert (got.device, got.batch_size, got.k, got.chunk_size) == ("cpu", 8, 7, 333)
+    with pytest.raises(ValueError, match="index must be 'trained' or 'own'"):
+        retriever_settings(mine, trained, index="theirs")
