@@ -75,3 +75,22 @@ def test_the_trained_retriever_settings_apply_but_not_the_training_machine_s(tmp
     assert (got.device, got.batch_size, got.k, got.chunk_size) == ("cpu", 8, 7, 333)
     with pytest.raises(ValueError, match="index must be 'trained' or 'own'"):
         retriever_settings(mine, trained, index="theirs")
+
+
+def test_the_trained_index_is_used_while_it_exists_and_its_collection_unless_rechunked(tmp_path):
+    """Serving opens the collection and index folder the model was trained on; a folder that is
+    gone (the model copied to another machine) leaves the configured one, and chunk settings
+    the user named leave the collection to be found by those settings."""
+    from ragtune.config import RetrieverConfig
+    from ragtune.modelcard import retriever_settings
+
+    mine = RetrieverConfig(persist_dir=str(tmp_path / "mine"))
+    there = tmp_path / "trained_index"
+    there.mkdir()
+    trained = {"retriever": {"collection": "c_trained", "persist_dir": str(there)}}
+    got = retriever_settings(mine, trained)
+    assert (got.collection, got.persist_dir) == ("c_trained", str(there))
+    gone = {"retriever": {"persist_dir": str(tmp_path / "gone")}}
+    assert retriever_settings(mine, gone).persist_dir == str(tmp_path / "mine")
+    rechunked = retriever_settings(mine, trained, ["retriever.chunk_size"])
+    assert rechunked.collection == mine.collection != "c_trained"
