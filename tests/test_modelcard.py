@@ -94,3 +94,13 @@ def test_the_trained_index_is_used_while_it_exists_and_its_collection_unless_rec
     assert retriever_settings(mine, gone).persist_dir == str(tmp_path / "mine")
     rechunked = retriever_settings(mine, trained, ["retriever.chunk_size"])
     assert rechunked.collection == mine.collection != "c_trained"
+
+
+def test_a_chroma_server_the_user_names_wins_over_the_trained_one(tmp_path):
+    from ragtune.config import RetrieverConfig
+    from ragtune.modelcard import retriever_settings
+
+    mine = RetrieverConfig(server="http://127.0.0.1:8001", persist_dir=str(tmp_path))
+    trained = {"retriever": {"server": "http://10.0.0.5:8000"}}
+    assert retriever_settings(mine, trained, ["retriever.server"]).server == mine.server
+    assert retriever_settings(mine, trained).server == "http://10.0.0.5:8000"
