@@ -104,3 +104,14 @@ def test_a_chroma_server_the_user_names_wins_over_the_trained_one(tmp_path):
     trained = {"retriever": {"server": "http://10.0.0.5:8000"}}
     assert retriever_settings(mine, trained, ["retriever.server"]).server == mine.server
     assert retriever_settings(mine, trained).server == "http://10.0.0.5:8000"
+
+
+def test_a_damaged_folder_is_named_by_its_first_problem_and_how_many_more(tmp_path):
+    import pytest
+
+    from ragtune.manifest import ManifestError
+    from ragtune.modelcard import check_files
+
+    files = {"a.bin": {"bytes": 1, "sha256": "x"}, "b.bin": {"bytes": 1, "sha256": "y"}}
+    with pytest.raises(ManifestError, match=r"a\.bin is missing \(and 1 more\)$"):
+        check_files(tmp_path, {"files": files}, allow_mismatch=False)
