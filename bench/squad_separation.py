@@ -123,9 +123,23 @@ def errors(path: Path, plausible: dict[str, list[str]], mode: str = "raft_rag") 
     }
 
 
+def _pearson(x: list[float], y: list[float]) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
+
+
 def by_split(stats: dict[Path, dict[str, float]], mode: str = "raft_rag") -> list[dict]:
     """The runs grouped by split (their set of test question ids), in the order first seen:
-    the test articles, always-abstain's overall there, and each run's overall and AUROC."""
+    the test articles, always-abstain's overall there, and each run's overall and AUROC.
+
+    With reruns, two more figures say whether their misses are one training run's luck or the
+    reader's: ``auroc_of_mean``, the AUROC of each question's score averaged over the runs (an
+    ensemble of the trained models), and ``correlation``, the mean Pearson correlation of two
+    runs' scores over the same questions. Runs that rank the questions alike (correlation near
+    1) gain nothing from averaging: what they get wrong, every training run gets wrong."""
     groups: dict[frozenset[str], dict] = {}
     for path, s in stats.items():
         rows = _rows(path, mode)
@@ -136,10 +150,22 @@ def by_split(stats: dict[Path, dict[str, float]], mode: str = "raft_rag") -> lis
                 "always_abstain": 100 * sum(not r["answerable"] for r in rows) / len(rows),
                 "overall": [],
                 "auroc": [],
+                "labels": {r["id"]: r["answerable"] for r in rows},
+                "scores": [],
             },
         )
         g["overall"].append(s["overall"])
         g["auroc"].append(s["auroc"])
+        g["scores"].append({r["id"]: r["answerability"] for r in rows})
+    for g in groups.values():
+        ids = sorted(g.pop("labels").items())
+        runs = [[scores[i] for i, _ in ids] for scores in g.pop("scores")]
+        mean = [sum(col) / len(runs) for col in zip(*runs, strict=True)]
+        g["auroc_of_mean"] = auroc(mean, [ans for _, ans in ids])
+        pairs = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1 :]]
+        g["correlation"] = (
+            sum(_pearson(a, b) for a, b in pairs) / len(pairs) if pairs else float("nan")
+        )
     return list(groups.values())
 
 
@@ -172,13 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(splits) < len(stats):  # some split has reruns
         print(
             "\n| test articles | runs | always-abstain | overall: mean (range) "
-            "| AUROC: mean (range) |"
+            "| AUROC: mean (range) | AUROC of the mean score | score correlation |"
         )
-        print("| --- | ---: | ---: | ---: | ---: |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for g in splits:
             print(
                 f"| {', '.join(g['articles'])} | {len(g['overall'])} | {g['always_abstain']:.1f} | "
-                f"{_spread(g['overall'], '.1f')} | {_spread(g['auroc'], '.3f')} |"
+                f"{_spread(g['overall'], '.1f')} | {_spread(g['auroc'], '.3f')} | "
+                f"{g['auroc_of_mean']:.3f} | {g['correlation']:.2f} |"
             )
     if args.squad:
         plausible = plausible_answers(args.squad)

@@ -4,6 +4,7 @@ second), bench/calibration_variants.py reproduces the shipped decision's numbers
 
 import importlib.util
 import json
+import math
 import os
 import random
 import stat
@@ -483,8 +484,9 @@ def _separation_run(path: Path, ids: list[str], source: str, scores: list[float]
 
 def test_squad_separation_sums_up_reruns_of_a_split(tmp_path: Path, capsys) -> None:
     """Runs over the same test questions are one split's row (mean and range of overall and
-    AUROC, always-abstain's score there); a run over other questions is its own row; with no
-    reruns there is no such table."""
+    AUROC, always-abstain's score there, the AUROC of the runs' mean score per question and how
+    alike the runs score); a run over other questions is its own row; with no reruns there is
+    no such table."""
     bench = _load_bench("squad_separation")
     a = ["q1", "q2", "q3", "q4"]
     run1 = _separation_run(tmp_path / "r1", a, "squad/Alpha.txt", [0.9, 0.1, 0.8, 0.2])  # AUROC 1
@@ -497,10 +499,14 @@ def test_squad_separation_sums_up_reruns_of_a_split(tmp_path: Path, capsys) -> N
     assert got[0]["auroc"] == pytest.approx([1.0, 0.5]) and got[1]["auroc"] == [0.0]
     assert got[0]["always_abstain"] == pytest.approx(50.0)
     assert got[0]["overall"] == pytest.approx([100.0, 100.0])
+    # per question mean 0.9 / 0.45 / 0.45 / 0.2 (q1, q3 answerable): 3.5 of 4 pairs in order
+    assert got[0]["auroc_of_mean"] == pytest.approx(0.875)
+    assert got[0]["correlation"] == pytest.approx(0.02)  # 0.01 / sqrt(0.5 * 0.5)
+    assert math.isnan(got[1]["correlation"]) and got[1]["auroc_of_mean"] == 0.0
 
     assert bench.main([str(run1), str(run2), str(other)]) == 0
     out = capsys.readouterr().out
-    assert "| Alpha | 2 | 50.0 | 100.0 (100.0-100.0) | 0.750 (0.500-1.000) |" in out
+    assert "| Alpha | 2 | 50.0 | 100.0 (100.0-100.0) | 0.750 (0.500-1.000) | 0.875 | 0.02 |" in out
     assert "| Beta | 1 |" in out
     assert bench.main([str(run1), str(other)]) == 0
     assert "test articles" not in capsys.readouterr().out
