@@ -101,6 +101,8 @@ class MemoryRetriever:
         ("質問：誰が建てた？\n答え：エイダ", ("誰が建てた？", "エイダ")),
         ("Question: Who built it? Answer: Ada", ("Who built it?", "Ada")),
         ('Question: First?\n\nAnswer: The answer is: "Ada"\n\nMore.', ("First?", "Ada")),
+        ("Question: Who  built\tit?\nAnswer: Ada   Penrose", ("Who built it?", "Ada Penrose")),
+        ("Question: **\nAnswer: Ada", None),  # a label with no question after it
         ("The harbour is old and nice.", None),
         ("Answer: Ada", None),
         ("", None),
