@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -279,3 +280,116 @@ def test_user_paths_resolve_from_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(PROJECT_ROOT / "docs")  # inside the checkout: the checkout's outputs/
     monkeypatch.delenv("RAGTUNE_ROOT")
     assert current_project() == PROJECT_ROOT
+
+
+# --------------------------------------------------------------------------- ask's own rules
+class _ScriptedPipeline:
+    """Answers each question with its own text; a question starting "bad" is a user error."""
+
+    generator = SimpleNamespace(settings=SimpleNamespace(stream=False))
+    calibration = None
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def answer(self, question):
+        from ragtune.answer import Answer
+        from ragtune.rag import PipelineError
+
+        self.asked.append(question)
+        if question.startswith("bad"):
+            raise PipelineError(f"question: {question!r} is too long")
+        return Answer(f"A to {question}", False, [], "p", 0.1)
+
+    def describe(self):
+        return {"name": "scripted", "prompt": {"name": "alpaca_rag"}}
+
+
+@pytest.fixture()
+def scripted(monkeypatch) -> _ScriptedPipeline:
+    pipe = _ScriptedPipeline()
+    monkeypatch.setattr("ragtune.rag.open_pipeline", lambda cfg, *a, **k: pipe)
+    return pipe
+
+
+@pytest.mark.parametrize("key", ["json", "allow_mismatch"])
+def test_ask_refuses_a_switch_that_is_not_true_or_false(tmp_path, scripted, key):
+    from ragtune.cli import ask
+    from ragtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{key}: must be true or false, got 'maybe'"):
+        ask(_ask_cfg(tmp_path, f"{key}=maybe", "question=x"))
+    assert scripted.asked == []
+
+
+def test_a_question_hydra_reads_as_a_number_is_asked_as_text(tmp_path, scripted, capsys):
+    from ragtune.cli import ask
+
+    ask(_ask_cfg(tmp_path, "question=1984"))
+    assert scripted.asked == ["1984"] and "Q: 1984\nA: A to 1984\n" in capsys.readouterr().out
+
+
+def test_a_bad_given_question_ends_ask_but_a_bad_line_on_stdin_is_skipped(
+    tmp_path, scripted, monkeypatch, capsys
+):
+    import io
+
+    from ragtune.cli import ask
+    from ragtune.rag import PipelineError
+
+    with pytest.raises(PipelineError, match="too long"):
+        ask(_ask_cfg(tmp_path), questions=["bad one", "fine"])
+    assert scripted.asked == ["bad one"]
+    stdin = io.StringIO("bad one\nfine\n")
+    stdin.isatty = lambda: False
+    monkeypatch.setattr(sys, "stdin", stdin)
+    answers = ask(_ask_cfg(tmp_path))
+    assert [a.text for a in answers] == ["A to fine"]
+    assert "error: question: 'bad one' is too long" in capsys.readouterr().err
+
+
+def test_the_prompt_ends_at_exit_quit_or_an_empty_line(scripted, monkeypatch):
+    from ragtune.cli import typed_questions
+
+    for last in ("exit", "quit", ""):
+        typed = iter(["one", " two ", last, "never"])
+        monkeypatch.setattr("builtins.input", lambda _prompt, typed=typed: next(typed))
+        assert list(typed_questions(scripted)) == ["one", "two"]
+
+
+def test_an_answer_without_sources_says_closed_book_and_holds_nothing_back():
+    from ragtune.answer import Answer
+    from ragtune.cli import describe_answer
+
+    out = describe_answer(
+        Answer("I dont know", True, [], "p", 0.1, score=-2.0, candidate="I dont know")
+    )
+    assert "sources:\n  (none: closed book)" in out and "held back" not in out
+
+
+def test_only_a_known_info_topic_is_taken_from_the_question():
+    assert split_question(["--info", "What", "is", "it?"]) == (["--info"], "What is it?")
+    assert split_question(["--info", "config", "Why?"]) == (["--info", "config"], "Why?")
+    assert split_question(["k=1", "  "]) == (["k=1"], None)  # a blank question is no question
+
+
+@pytest.mark.parametrize("arg", ["conf=nemo_rga", "+conf=nemo_rga", "conf=qwen_rag,nemo_rga"])
+def test_an_unknown_preset_is_one_line_and_exit_2(arg, capsys):
+    from ragtune.cli import _check_presets
+
+    with pytest.raises(SystemExit) as e:
+        _check_presets(["k=1", arg])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: conf=nemo_rga: no preset") and "presets: nemo_rag, qwen_rag" in err
+    )
+    _check_presets(["conf=qwen_rag,nemo_rag", "+conf=qwen_rag"])  # known ones pass
+
+
+def test_console_version(capsys):
+    from ragtune import __version__
+    from ragtune.cli import main
+
+    assert main(["--version"]) is None
+    assert capsys.readouterr().out == f"ragtune {__version__}\n"
