@@ -319,3 +319,16 @@ def test_missing_index_is_a_clear_error(index, tmp_path):
 
     with pytest.raises(IndexNotFoundError, match="run python train/index.py"):
         Retriever.from_config(replace(index, persist_dir=str(tmp_path / "none")))
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_an_empty_index_retrieves_nothing_without_an_error(tmp_path, hybrid):
+    """A corpus folder with no documents yet: every query gets an empty context, not a
+    Chroma error about asking for 0 results."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rcfg = RetrieverConfig(persist_dir=str(tmp_path / "index"), hybrid=hybrid)
+    assert ingest(corpus, rcfg, show_progress=False).total_chunks == 0
+    ret = Retriever.from_config(rcfg)
+    assert ret.retrieve("Who developed Corvanite?") == []
+    assert ret.candidates("Who developed Corvanite?", 5) == []
