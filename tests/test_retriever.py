@@ -332,3 +332,16 @@ def test_an_empty_index_retrieves_nothing_without_an_error(tmp_path, hybrid):
     ret = Retriever.from_config(rcfg)
     assert ret.retrieve("Who developed Corvanite?") == []
     assert ret.candidates("Who developed Corvanite?", 5) == []
+
+
+def test_hybrid_retrieval_over_chunks_without_a_single_word(tmp_path):
+    """BM25 over chunks with no word tokens (rules, symbols) and a query with none: no
+    division by zero, the dense ranking alone answers."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "rules.md").write_text("*** --- +++ ***")
+    rcfg = RetrieverConfig(persist_dir=str(tmp_path / "index"), hybrid=True)
+    ingest(corpus, rcfg, show_progress=False)
+    ret = Retriever.from_config(rcfg)
+    assert [c.text for c in ret.retrieve("What is the rule?")] == ["*** --- +++ ***"]
+    assert [c.text for c in ret.retrieve("???")] == ["*** --- +++ ***"]
