@@ -64,6 +64,14 @@ def test_a_named_collection_holding_another_corpus_is_refused(tmp_path):
     with pytest.raises(IndexMismatchError, match=r"holds the chunks of corpus .*/A, not of"):
         ingest(b, rcfg, show_progress=False)
     assert [c.text for c in Retriever.from_config(rcfg).find(limit=0)] == [A["a.md"]]
+    # the folder it holds is gone (moved, renamed): still refused, and the message says why
+    # the user may not recognise it
+    (tmp_path / "A").rename(tmp_path / "A-moved")
+    with pytest.raises(
+        IndexMismatchError, match=r"/A no longer exists: moved or renamed\?\), not of"
+    ):
+        ingest(b, rcfg, show_progress=False)
+    assert [c.text for c in Retriever.from_config(rcfg).find(limit=0)] == [A["a.md"]]
 
 
 def test_a_moved_corpus_gets_its_own_collection_and_the_old_one_is_kept(tmp_path, caplog):
