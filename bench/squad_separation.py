@@ -37,6 +37,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ragtune.metrics import score_answer  # noqa: E402
@@ -126,14 +128,6 @@ def errors(path: Path, plausible: dict[str, list[str]], mode: str = "raft_rag") 
     }
 
 
-def _pearson(x: list[float], y: list[float]) -> float:
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
-
-
 def by_split(stats: dict[Path, dict[str, float]], mode: str = "raft_rag") -> list[dict]:
     """The runs grouped by split (their set of test question ids), in the order first seen:
     the test articles, always-abstain's overall there, and each run's overall and AUROC.
@@ -165,10 +159,9 @@ def by_split(stats: dict[Path, dict[str, float]], mode: str = "raft_rag") -> lis
         runs = [[scores[i] for i, _ in ids] for scores in g.pop("scores")]
         mean = [sum(col) / len(runs) for col in zip(*runs, strict=True)]
         g["auroc_of_mean"] = auroc(mean, [ans for _, ans in ids])
-        pairs = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1 :]]
-        g["correlation"] = (
-            sum(_pearson(a, b) for a, b in pairs) / len(pairs) if pairs else float("nan")
-        )
+        # the mean Pearson correlation over pairs of runs (NaN for a single run)
+        pairs = np.corrcoef(runs)[np.triu_indices(len(runs), k=1)] if len(runs) > 1 else []
+        g["correlation"] = float(np.mean(pairs)) if len(pairs) else float("nan")
     return list(groups.values())
 
 
