@@ -184,6 +184,7 @@ def test_closed_book_context(model_dir, tmp_path):
     pipe = RagPipeline.from_model_dir(model_dir, cfg, context="closed")
     ans = pipe.answer("Who developed Corvanite?")
     assert pipe.retriever is None and ans.sources == []
+    assert ans.retrieval_s == 0.0  # nothing was retrieved, so no retrieval time is reported
     assert "\n### Context:\n" not in ans.prompt and "\n### Instruction:\n" in ans.prompt
 
 
@@ -527,6 +528,7 @@ def test_n_answers_come_from_one_retrieval(pipeline):
     q = "Who developed Corvanite?"
     answers = pipeline.answers(q, n=3)
     assert [a.text for a in answers] == [pipeline.answer(q).text] * 3  # greedy: all the same
+    assert len(pipeline.answers(q)) == 1  # one unless asked for more
     assert len({id(a.chunks) for a in answers}) == 1
 
 
@@ -652,6 +654,45 @@ def test_recall_finds_each_question_a_chain_retrieved(pipeline, monkeypatch):
         found = pipeline.recall(pipeline.render(q, "", chunks))
         assert found is not None and (found.question, found.chunks) == (q, chunks)
     assert pipeline.recall(pipeline.render(qs[0], "", retrieved[1])) is None
+
+
+def test_recall_remembers_the_last_64_retrievals(pipeline, monkeypatch):
+    """A chain's prompts are recalled for the last ``_RECENT`` questions retrieved, so a batch
+    of 64 is decided whole; older ones are forgotten (the memory stays bounded)."""
+    import ragtune.rag as rag
+    from ragtune.answerability import Calibration
+
+    monkeypatch.setattr(pipeline, "calibration", Calibration(threshold=0.0, weights={"margin": 1}))
+    monkeypatch.setattr(pipeline, "_recent", {})
+    monkeypatch.setattr(pipeline, "_retrieve", lambda query, budget: ([], 0.0))
+    qs = [f"Question number {i}?" for i in range(rag._RECENT + 1)]
+    for q in qs:
+        pipeline.retrieve(q)
+    assert rag._RECENT == 64 and len(pipeline._recent) == 64
+    assert pipeline.recall(pipeline.render(qs[0], "", [])) is None
+    assert pipeline.recall(pipeline.render(qs[1], "", [])) is not None
+
+
+def test_a_batch_needs_one_input_per_question_and_is_quiet_unless_asked(pipeline, capfd):
+    """Inputs that do not pair with the questions are refused, never silently cut short;
+    without ``progress`` no bar is drawn (eval draws them, ask and the server do not)."""
+    with pytest.raises(ValueError):
+        pipeline.answer_batch(["Who developed Corvanite?", "Where is Velmora?"], [""])
+    capfd.readouterr()
+    pipeline.answer_batch(["Who developed Corvanite?"])
+    assert capfd.readouterr().err == ""
+
+
+def test_a_plain_model_folder_is_served_as_a_base_model(tiny_lm_path, tmp_path):
+    """``model_dir`` naming a plain Hugging Face folder (no manifest, no schema) serves it as
+    the base model, with the config's prompt; asked closed book, it has no retriever."""
+    from ragtune.rag import open_pipeline
+
+    cfg = ask_cfg(tmp_path, f"model_dir={tiny_lm_path}", "generate.max_new_tokens=2")
+    pipe = open_pipeline(cfg, [], context="closed")
+    assert pipe.name == str(Path(tiny_lm_path).resolve()) and pipe.retriever is None
+    assert pipe.manifest == {} and pipe.schema.name == cfg.prompt.name
+    assert pipe.answer("Who developed Corvanite?").sources == []
 
 
 # --------------------------------------------------------------------------- AnswerStream
