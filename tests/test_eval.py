@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,30 @@ def test_mode_errors_name_the_key(tmp_path, data, tiny_lm_path, models):
     assert raft.notes == ["eval.models.raft_rag was trained with raft.mode=closed"]
 
 
+def test_run_eval_refuses_an_unknown_key_before_anything_runs(tmp_path, data, tiny_lm_path):
+    cfg = _cfg(tmp_path, data, tiny_lm_path, "+max_question=3")
+    with pytest.raises(ConfigError, match="unknown config key 'max_question'"):
+        run_eval(cfg)
+
+
+def test_the_headline_is_raft_rag_when_it_ran_else_the_first_mode_asked(
+    tmp_path, data, tiny_lm_path, models, monkeypatch
+):
+    """A sweep ranks runs by the headline mode's overall score."""
+    import ragtune.evaluate as ev
+
+    monkeypatch.setattr(
+        ev, "evaluate_modes", lambda cfg, specs, *a, **kw: {"modes": {s.name: {} for s in specs}}
+    )
+    trained = [f"eval.models.{k}={models[k]}" for k in ("ft_closed", "raft_rag")]
+    for asked, headline in (
+        ("ft_then_rag,base_rag", "ft_then_rag"),
+        ("base_rag,raft_rag,ft_closed", "raft_rag"),
+    ):
+        cfg = _cfg(tmp_path, data, tiny_lm_path, f"eval.modes=[{asked}]", *trained)
+        assert run_eval(cfg)["headline"] == headline
+
+
 def test_run_eval_names_a_missing_qa_file(tmp_path, data, tiny_lm_path, outputs):
     cfg = _cfg(tmp_path, data, tiny_lm_path, f"data.qa_eval={tmp_path / 'missing.jsonl'}")
     with pytest.raises(Exception, match="QA file not found"):
@@ -284,6 +310,18 @@ def test_scores_flow_from_answers_to_metrics(tmp_path, data, tiny_lm_path, outpu
     assert m["recall_at_k"] == 100.0  # each answer sits in the one chunk of its document
 
 
+def test_answers_and_metrics_keep_non_ascii_text_readable(tmp_path, data, tiny_lm_path, outputs):
+    """People read answers.jsonl and metrics.json in an editor or with grep: a Japanese
+    question or a file name with an accent is written as itself, not as escapes."""
+    qa = tmp_path / "qa-é.jsonl"
+    qa.write_text(json.dumps({**QA[1], "instruction": "コルバナイトを開発したのは誰ですか?"}))
+    run_eval(
+        _cfg(tmp_path, data, tiny_lm_path, f"data.qa_eval='{qa}'", "generate.max_new_tokens=2")
+    )
+    assert "コルバナイトを開発したのは誰ですか" in (tmp_path / "run" / "answers.jsonl").read_text()
+    assert "qa-é.jsonl" in (tmp_path / "run" / "metrics.json").read_text(encoding="utf-8")
+
+
 def test_evaluate_model_for_sweeps(tmp_path, data, tiny_lm_path, models, outputs):
     """What run_sft calls with train.eval_after=true: the run's own settings, eval/ folder."""
     base = [
@@ -378,14 +416,25 @@ def test_models_load_once_contexts_are_retrieved_once_results_come_as_asked(
     from ragtune.retriever import Retriever
 
     loads: list[str] = []
+    alive_at_load: list[bool] = []
+    earlier: list[weakref.ref] = []
     real_load, real_retrieve, real_open = (
         ev._load,
         Retriever.retrieve,
         Retriever.from_config.__func__,
     )
-    monkeypatch.setattr(
-        ev, "_load", lambda spec, ecfg: loads.append(spec.name) or real_load(spec, ecfg)
-    )
+
+    def load(spec, ecfg):
+        # at 12B two models do not fit: the previous one must be gone before the next loads
+        alive_at_load.append(any(ref() is not None for ref in earlier))
+        loads.append(spec.name)
+        model, tokenizer = real_load(spec, ecfg)
+        cycle: list = [model]
+        cycle.append(cycle)  # a reference cycle holding the model, as hooks and caches make
+        earlier.append(weakref.ref(model))
+        return model, tokenizer
+
+    monkeypatch.setattr(ev, "_load", load)
     retrieved: list[str] = []
     monkeypatch.setattr(
         Retriever,
@@ -410,9 +459,14 @@ def test_models_load_once_contexts_are_retrieved_once_results_come_as_asked(
         f"eval.models.ft_closed={models['ft_closed']}",
         f"eval.models.raft_rag={models['raft_rag']}",
     )
-    results = run_eval(cfg)
+    gc.disable()  # only evaluation's own collection may free a model in a cycle
+    try:
+        results = run_eval(cfg)
+    finally:
+        gc.enable()
     assert list(results["modes"]) == asked
     assert loads == ["ft_closed", "base_rag", "raft_rag"]  # ft_then_rag reuses ft_closed's
+    assert alive_at_load == [False, False, False]
     assert sorted(opened) == [150, 400]  # the evaluation's retriever and raft_rag's own
     assert len(retrieved) == 2 * len(QA)  # base_rag and ft_then_rag share theirs
 
