@@ -236,7 +236,7 @@ CASES: list[Case] = [
         "broken-symlink",
         lambda r: link(r, "gone.txt", "missing.txt"),
         "gone.txt",
-        ("skip", "broken symlink"),
+        ("skip", "broken symlink or symlink loop"),
     ),
     (
         "symlink-out-of-root-file",
@@ -353,8 +353,14 @@ def test_bad_input_case(tmp_path, build, rel, expect):
     (tmp_path / "outside.md").write_text("secret outside the corpus")
     put(root, "good.md", EN)  # the rest of the corpus always still loads
     build(root)
+    # ... including what comes after the case in its own folder and in the root
+    after = sorted({"zz.md", str(Path(rel).parent / "zz.md")} - {"./zz.md"})
+    for a in after:
+        if (root / a).parent.is_dir() and not (root / a).parent.is_symlink():
+            put(root, a, EN)
     got = scan(root)
     assert got["good.md"][0] == "ok"
+    assert all(got[a][0] == "ok" for a in after if (root / a).exists()), got
     kind, want = expect
     if kind == "ignored":
         assert rel not in got
@@ -402,7 +408,7 @@ def test_unreadable_file_and_folder_are_reported(tmp_path, monkeypatch):
         os.chmod(root / "locked", 0o755)
     assert got["good.md"][0] == "ok"
     assert got["secret.md"] == ("skip", "unreadable (permission denied)")
-    assert got["locked"][0] == "skip" and "Permission denied" in got["locked"][1]
+    assert got["locked"] == ("skip", "cannot list folder: Permission denied")
 
 
 @pytest.mark.parametrize("rel", ["../etc/passwd", "a/../../b.txt", "/abs/path.md", "a//b.md", ""])
@@ -415,6 +421,43 @@ def test_decode_prefers_japanese_over_korean_and_latin1_over_baltic():
     short = "月森焼の青い釉薬"  # charset-normalizer alone calls short Shift_JIS cp949
     assert decode_bytes(short.encode("cp932")) == (short, "cp932")
     assert decode_bytes("déjà".encode("latin-1"))[0] == "déjà"
+
+
+def test_a_refused_guess_names_the_most_confident_encoding():
+    """The message says which encoding came closest, and how close, so a user knows what
+    to re-save from; a guess only charset-normalizer makes (cp1252 cannot decode 0x81) counts."""
+    with pytest.raises(SkipFile, match=r"the best guess, cp1252, .* \(0\.25 < 0\.8\)"):
+        decode_bytes(b"Valid start \xff\xfe\xfa then \xc3\x28 broken")
+    with pytest.raises(SkipFile, match=r"the best guess, \S+, is below the confidence bar"):
+        decode_bytes(b"Valid start \xff\xfe\xfa then \x81 broken")
+
+
+def test_decoding_edges():
+    # a big-endian UTF-16 byte-order mark
+    assert decode_bytes(b"\xfe\xff" + JA.encode("utf-16-be")) == (JA, "utf-16-be")
+    # a few stray control characters (4%: escape codes) do not make text binary
+    text = "a" * 96 + "\x1b" * 4
+    assert decode_bytes(text.encode()) == (text, "utf-8")
+    with pytest.raises(SkipFile, match="mostly control characters"):
+        decode_bytes(("a" * 94 + "\x1b" * 6).encode())
+    # a three-letter UTF-8 line next to a Latin-1 one: mixed, and where the bad byte is
+    with pytest.raises(SkipFile, match=r"mixed encodings: .*first invalid byte at offset 8\)"):
+        decode_bytes("née\n".encode() + b"caf\xe9 au lait\n")
+    # a Latin-1 text exactly at the confidence bar is taken (only below it is refused)
+    at_bar = "café résumé naïve déjà façade über ÿþ"  # 8 of 10 accented letters in place
+    assert loaders.guess_confidence(at_bar) == loaders.GUESS_CONFIDENCE == 0.8
+    assert decode_bytes(at_bar.encode("cp1252")) == (at_bar, "cp1252")
+    # a document half in another script is that script, not mojibake
+    assert loaders.guess_confidence("ab вг") == 1.0
+
+
+def test_a_jsonl_record_with_empty_text_is_warned_about_and_the_next_one_loads():
+    data = b'{"text": " "}\n{"text": "Corvanite is an alloy.", "id": 7}\n'
+    got = load_file(Path("notes.jsonl"), "notes.jsonl", data)
+    assert got.warnings == ["line 1: 'text' is empty"]
+    assert [(d.text, d.metadata) for d in got.docs] == [
+        ("Corvanite is an alloy.", {"line": 2, "id": 7})
+    ]
 
 
 def test_all_cases_together_through_the_real_ingest(tmp_path):
