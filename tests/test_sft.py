@@ -185,15 +185,102 @@ def test_run_sft_fits_the_decision_on_held_out_sources(
     assert (run / "calibration/roc.png").stat().st_size > 1000
 
 
-def _held_out(mode: str = "rag", fraction: float = 0.3, unanswerable_every: int = 3, n: int = 200):
-    """calibration_split on n records over 10 documents (every k-th unanswerable)."""
+def test_calibrate_scores_each_candidate_against_its_gold_with_the_model_as_served(
+    tmp_path, monkeypatch
+):
+    """The decision's cut weighs what answering earns: each held-out candidate's F1 against
+    its own gold answers (the candidate, not the possibly abstaining text). The model answers
+    loaded for inference (eval mode, adapter merged), as serving loads it."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    import ragtune.answerability as answerability
+    import ragtune.loading as loading
+    import ragtune.rag as rag
+    import ragtune.roc as roc
+    from ragtune.training.calibration import calibrate, save_validation
+    from ragtune.types import QARecord
+
+    held = [
+        QARecord("Who developed Corvanite?", "Ismay Trelawn", source="a.md"),
+        QARecord("Where is Velmora?", "in Ardent", source="a.md"),
+        QARecord("Who is the mayor of Velmöra?", "", source="b.md"),
+    ]
+    save_validation(held, tmp_path / "dataset")
+    candidates = {held[0].instruction: "Ismay Trelawn", held[1].instruction: "Ardent"}
+    loaded: list[dict] = []
+
+    def load_model(folder, **kwargs):
+        loaded.append(kwargs)
+        return object(), object()
+
+    class Pipeline:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def answer_batch(self, questions, inputs, batch_size):
+            # the model is sure it must abstain only where the context lacks the answer
+            return [
+                SimpleNamespace(
+                    candidate=candidates.get(q, "no idea"),
+                    features=answerability.AnswerFeatures(
+                        0.0, 1, 0.0, 0.1 if q in candidates else 0.9, 0.0
+                    ),
+                )
+                for q in questions
+            ]
+
+    fitted: list[list[float]] = []
+    plotted: dict[str, tuple] = {}
+    real_fit = answerability.fit_calibration
+    monkeypatch.setattr(roc, "plot_roc", lambda curves, path: plotted.update(curves))
+    monkeypatch.setattr(loading, "load_model", load_model)
+    monkeypatch.setattr(rag, "RagPipeline", Pipeline)
+    monkeypatch.setattr(
+        answerability,
+        "fit_calibration",
+        lambda feats, labels, f1, *a, **kw: (
+            fitted.append(list(f1)) or real_fit(feats, labels, f1, *a, **kw)
+        ),
+    )
+    cfg = OmegaConf.create(
+        {
+            "raft": {"calibration_features": ["abstain_logodds"]},
+            "model": {"dtype": "float32", "trust_remote_code": False, "max_seq_length": 256},
+            "retriever": {"context_tokens": 0},
+            "eval": {"batch_size": 2},
+        }
+    )
+    cal = calibrate(cfg, None, tmp_path / "model", object(), tmp_path)
+    assert fitted == [[1.0, pytest.approx(2 / 3), 0.0]]  # "Ardent" vs "in Ardent": F1 2/3
+    assert [kw["for_inference"] for kw in loaded] == [True]
+    # a decision that answers some questions and not others is the one returned
+    feats = [answerability.AnswerFeatures(0.0, 1, 0.0, p, 0.0) for p in (0.1, 0.1, 0.9)]
+    assert cal is not None and cal.answers(feats) == [True, True, False]
+    # what it was fitted on, for a person: each question as written, and each feature's ROC
+    # turned the way the mix weighs it (abstaining is the unanswerable sign: negated)
+    assert "Velmöra" in (tmp_path / "calibration" / "answers.jsonl").read_text(encoding="utf-8")
+    assert cal.weights["abstain_logodds"] < 0 and "abstain_logodds" not in plotted
+    assert plotted["-abstain_logodds"][0] == [-f.abstain_logodds for f in feats]
+    assert plotted["margin"][0] == [f.margin for f in feats]  # not weighed: as it is
+
+
+def _held_out(
+    mode: str = "rag",
+    fraction: float = 0.3,
+    unanswerable_every: int = 3,
+    n: int = 200,
+    docs: int = 10,
+):
+    """calibration_split on n records over ``docs`` documents (every k-th unanswerable)."""
     from omegaconf import OmegaConf
 
     from ragtune.training.calibration import calibration_split
     from ragtune.types import QARecord
 
     records = [
-        QARecord(f"q{i}", "" if i % unanswerable_every == 0 else "a", source=f"doc{i % 10}")
+        QARecord(f"q{i}", "" if i % unanswerable_every == 0 else "a", source=f"doc{i % docs}")
         for i in range(n)
     ]
     cfg = OmegaConf.create({"seed": 0, "raft": {"mode": mode, "calibration_fraction": fraction}})
@@ -207,6 +294,26 @@ def test_calibration_holds_out_whole_documents_of_the_training_qa():
     assert len(val) >= 0.3 * 200 and not {r.source for r in val} & {r.source for r in train}
 
 
+def test_calibration_fits_on_exactly_the_minimum_it_needs(caplog):
+    from ragtune.training.calibration import MIN_PER_CLASS, MIN_QUESTIONS
+
+    caplog.set_level("INFO", logger="ragtune.training.calibration")
+    train, val = _held_out(n=100, fraction=0.4)  # four documents of ten questions
+    unanswerable = sum(not r.answerable for r in val)
+    assert len(val) == MIN_QUESTIONS == 40 and unanswerable >= MIN_PER_CLASS and len(train) == 60
+    assert "40% of the QA; raft.calibration_fraction=0.4) from 4 held-out" in caplog.text
+
+
+def test_the_held_out_questions_are_saved_readable_and_forgotten_when_none(tmp_path):
+    from ragtune.training.calibration import VALIDATION_FILE, save_validation
+    from ragtune.types import QARecord
+
+    save_validation([QARecord("月森焼はどこで作られますか?", "月森村", source="ja.md")], tmp_path)
+    assert "月森焼はどこで作られますか" in (tmp_path / VALIDATION_FILE).read_text(encoding="utf-8")
+    save_validation([], tmp_path)  # a rerun without calibration leaves no stale questions
+    assert not (tmp_path / VALIDATION_FILE).exists()
+
+
 @pytest.mark.parametrize(
     ("why", "kwargs"),
     [
@@ -214,6 +321,7 @@ def test_calibration_holds_out_whole_documents_of_the_training_qa():
         ("closed book: no retrieval to decide on", {"mode": "closed"}),
         ("too few questions", {"n": 60, "fraction": 0.5}),  # 30 held out: 20 + 10
         ("too few unanswerable ones", {"unanswerable_every": 1000}),
+        ("too few source documents: one in all", {"docs": 1}),
     ],
 )
 def test_calibration_holds_nothing_out_when_it_cannot_fit(why, kwargs, caplog):
@@ -227,7 +335,7 @@ def test_calibration_holds_nothing_out_when_it_cannot_fit(why, kwargs, caplog):
 @pytest.mark.parametrize("cut", [float("inf"), 1e9])
 @pytest.mark.parametrize("extremes", ["apply", "ignore"])
 def test_a_fit_that_abstains_on_everything_is_the_decision_unless_ignored(
-    outputs, tiny_lm_path, monkeypatch, extremes, cut
+    outputs, tiny_lm_path, monkeypatch, extremes, cut, caplog
 ):
     """When the fitted decision abstains on every held-out question (worthless answers: +inf;
     or a finite cut above all their scores), the manifest says so and every answer path
@@ -248,6 +356,7 @@ def test_a_fit_that_abstains_on_everything_is_the_decision_unless_ignored(
     )
     run_sft(cfg)
     cal = read_calibration(outputs / "run" / "model")
+    assert "the fitted decision ends up abstaining on every held-out question" in caplog.text
     if extremes == "ignore":
         assert cal is None
     else:
