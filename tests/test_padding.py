@@ -42,6 +42,7 @@ def test_padding_waste_counts_pad_tokens():
     assert padding_waste([512] * 10, 2) == 0.0
     assert padding_waste([100, 300], 2) == pytest.approx(1 - 400 / 600)
     assert padding_waste([100, 300, 50], 1) == 0.0  # batch 1 never pads
+    assert padding_waste([], 2) == 0.0  # nothing to train on pads nothing
 
 
 def test_grouping_by_length_pads_far_less_than_random_batches():
@@ -61,6 +62,17 @@ def test_micro_batches_from_steps_or_epochs():
         micro_batches(tcfg(max_steps=-1, per_device_train_batch_size=4, num_train_epochs=2.0), 10)
         == 6
     )  # ceil(10/4)*2
+    # max_steps 0, like -1, leaves the count to the epochs (transformers: only > 0 overrides)
+    epochs = tcfg(max_steps=0, per_device_train_batch_size=4, num_train_epochs=2.0)
+    assert micro_batches(epochs, 10) == 6
+
+
+def test_a_batch_without_labels_keeps_every_position():
+    """Nothing to score (a generation or evaluation batch): the model's head runs as usual."""
+    from ragtune.training.padding import completion_only_head
+
+    inputs = {"input_ids": [[1, 2, 3]]}
+    assert completion_only_head(inputs) == inputs
 
 
 # --------------------------------------------------------------------------- the choice
