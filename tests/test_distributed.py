@@ -261,3 +261,138 @@ def test_fsdp_with_merged_4bit_is_refused_before_any_model_loads(tmp_path, no_mo
     with pytest.raises(TrainError, match="train.fsdp"):
         train(cfg, [], None, tmp_path)
     assert no_model_loads == []
+
+
+# --------------------------------------------------------------------------- the process group
+_GROUP_WORKER = r"""
+import json, os, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from ragtune.training import distributed as d
+
+out = Path(sys.argv[1])
+rank = int(os.environ["RANK"])
+assert not dist.is_initialized()
+started = d.init_distributed()
+again = d.init_distributed()  # a second call finds the group running
+world = d.world_size()
+# each rank proposes its own path: rank 0's is the one every rank gets
+chosen = d.broadcast_path(Path(f"/ckpt/from-rank-{rank}"), world)
+nothing = d.broadcast_path(None if rank == 0 else Path("/ckpt/rank-1-only"), world)
+if rank == 0:
+    time.sleep(1.0)  # rank 1 reaches the barrier first and must wait for this file
+    (out / "before-barrier").write_text("rank 0")
+d.barrier(world)
+saw = (out / "before-barrier").exists()
+(out / f"group{rank}.json").write_text(json.dumps({
+    "started": started, "again": again, "world": world, "backend": dist.get_backend(),
+    "rank": dist.get_rank(), "chosen": str(chosen), "nothing": None if nothing is None else str(nothing),
+    "saw_rank0_file": saw, "main": d.is_main_process(),
+}))
+dist.destroy_process_group()
+"""
+
+
+def test_two_processes_share_one_group_rank_zeros_path_and_a_barrier(tmp_path):
+    """torchrun, 2 CPU processes, no model: the group, rank 0's decision and the barrier."""
+    here = Path(__file__).resolve().parent
+    script = tmp_path / "group.py"
+    script.write_text(_GROUP_WORKER)
+    env = {**os.environ, "PYTHONPATH": str(here.parent), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    res = subprocess.run(
+        [*cmd, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"group{r}.json").read_text()) for r in (0, 1)]
+    for r, got in enumerate(ranks):
+        assert got["started"] is True and got["again"] is True
+        assert got["world"] == 2 and got["backend"] == "gloo" and got["rank"] == r
+        assert got["chosen"] == "/ckpt/from-rank-0"  # rank 0 decides
+        assert got["nothing"] is None  # rank 0's "no checkpoint" reaches every rank
+        assert got["saw_rank0_file"] is True  # the barrier held rank 1 until rank 0 came
+    assert [got["main"] for got in ranks] == [True, False]
+
+
+def test_a_plain_run_starts_no_group_and_keeps_its_path(monkeypatch):
+    import torch.distributed as dist
+
+    from ragtune.training import distributed as d
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert d.world_size() == 1 and d.is_main_process()
+    assert d.init_distributed() is False and not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node 1 starts no group either
+    assert d.init_distributed() is False and not dist.is_initialized()
+    path = Path("/ckpt/checkpoint-7")
+    assert d.broadcast_path(path, 1) is path and d.broadcast_path(None, 1) is None
+    d.barrier(1)  # no group, nothing to wait for
+
+
+def test_the_group_waits_as_long_as_transformers_would():
+    from transformers import TrainingArguments
+
+    from ragtune.training.distributed import DDP_TIMEOUT_S
+
+    assert TrainingArguments.__dataclass_fields__["ddp_timeout"].default == DDP_TIMEOUT_S
+
+
+# --------------------------------------------------------------------------- FSDP gather
+class _FakeAccelerator:
+    def __init__(self, state):
+        self.state = state
+        self.gathered = 0
+
+    def get_state_dict(self, model):
+        self.gathered += 1
+        return self.state
+
+
+class _FakeTrainer:
+    def __init__(self, state, rank0: bool):
+        self.accelerator = _FakeAccelerator(state)
+        self.model = object()
+        self.rank0 = rank0
+
+    def is_world_process_zero(self) -> bool:
+        return self.rank0
+
+
+def _lora_state(cfg, model_path):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ragtune.training.backends import lora_config
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_path), lora_config(cfg.train))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_fsdp_gather_rebuilds_the_trained_lora_model_on_rank_zero(tmp_path, tiny_lm_path):
+    import torch
+
+    from ragtune.config import compose, validate
+    from ragtune.training import TrainError
+    from ragtune.training.distributed import gather_fsdp_model
+
+    cfg = compose("sft", [f"output_dir={tmp_path}", f"model.name_or_path={tiny_lm_path}"])
+    cfg = validate(cfg, top_level=SFT_TOP_LEVEL)
+    state = _lora_state(cfg, tiny_lm_path)
+    lora_b = next(k for k in state if "lora_B" in k)
+    state[lora_b] = torch.full_like(state[lora_b], 0.25)  # what training changed
+
+    trainer = _FakeTrainer(state, rank0=False)
+    assert gather_fsdp_model(trainer, cfg, tiny_lm_path) is None
+    assert trainer.accelerator.gathered == 1  # every rank joins the collective gather
+
+    model = gather_fsdp_model(_FakeTrainer(state, rank0=True), cfg, tiny_lm_path)
+    assert model is not None
+    assert torch.equal(model.state_dict()[lora_b], state[lora_b])
+
+    missing = {k: v for k, v in state.items() if k != lora_b}
+    with pytest.raises(TrainError, match="1 LoRA weights missing"):
+        gather_fsdp_model(_FakeTrainer(missing, rank0=True), cfg, tiny_lm_path)
+    extra = {**state, "not.a.weight": torch.zeros(1)}
+    with pytest.raises(TrainError, match="1 unexpected"):
+        gather_fsdp_model(_FakeTrainer(extra, rank0=True), cfg, tiny_lm_path)
