@@ -18,9 +18,12 @@ from ragtune.training.embedder import (
     EmbedTuneError,
     Triplet,
     as_embed_ft_config,
+    mine_triplets,
+    recall_summary,
     run_embed_ft,
     split_by_source,
     training_columns,
+    training_prompts,
 )
 from ragtune.types import Chunk
 
@@ -222,6 +225,12 @@ def test_validation_is_held_out_by_source():
     assert len({r.source for r in val}) == 2 and len(train) + len(val) == 20
     with pytest.raises(EmbedTuneError, match="at least 2"):
         split_by_source([row(i, "one") for i in range(4)], 0.2, seed=1)
+    # two sources are enough: one trains, one validates, whatever the fraction asks
+    two = [row(i, f"s{i % 2}") for i in range(6)]
+    for fraction in (0.1, 0.9):
+        train, val = split_by_source(two, fraction, seed=1)
+        assert len({r.source for r in train}) == len({r.source for r in val}) == 1
+        assert len(train) == len(val) == 3
     cols = training_columns(rows, negatives=1)
     assert list(cols) == ["anchor", "positive", "negative_1"]
 
@@ -241,3 +250,87 @@ def test_resolve_embedder_takes_a_model_folder_and_refuses_an_empty_one(tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="holds no model"):
         resolve_embedder(str(tmp_path / "empty"))
+
+
+def test_mining_skips_what_cannot_train_and_keeps_only_negatives_without_the_answer(tuned, towns):
+    from ragtune.types import QARecord
+
+    retriever = Retriever.from_config(base_rcfg(towns))
+    src = "towns/cadogan.txt"
+    records = [
+        QARecord("Who runs the council in Arvel?", "", source="towns/arvel.txt"),  # unanswerable
+        QARecord("What is Cadogan's motto?", "Onward together", source=src),  # not in the corpus
+        QARecord("Which water passes Cadogan?", "Fennick", source=src),
+        QARecord("When do traders gather in Holm?", "October", source="towns/holm.txt"),
+    ]
+    rows = mine_triplets(records, retriever, negatives=3, fetch_k=8, progress=False)
+    assert [r.query for r in rows] == [records[2].instruction, records[3].instruction]
+    fennick = rows[0]
+    assert "Fennick" in fennick.positive.text and fennick.source == src
+    assert fennick.answer == "Fennick" and len(fennick.negatives) == 3
+    assert not any("Fennick" in c.text for c in fennick.negatives)
+    assert fennick.positive.id not in {c.id for c in fennick.negatives}
+
+
+def test_recall_summary_renames_the_evaluators_keys_and_rounds_to_four_places():
+    metrics = {
+        "val_cosine_accuracy@1": 0.123456,
+        "val_cosine_accuracy@10": 1.0,
+        "val_cosine_mrr@10": 0.5,
+        "val_cosine_ndcg@10": 0.3,  # not reported
+    }
+    assert recall_summary(metrics, "val_") == {"mrr@10": 0.5, "recall@1": 0.1235, "recall@10": 1.0}
+
+
+class _PromptedModel:
+    def __init__(self, prompts):
+        self.prompts = prompts
+
+
+def test_training_prompts_use_the_models_own_query_and_passage_prompts():
+    cols = ["anchor", "positive", "negative_1"]
+    e5 = _PromptedModel({"query": "query: ", "passage": "passage: ", "other": "x"})
+    assert training_prompts(e5, cols) == {
+        "anchor": "query: ",
+        "positive": "passage: ",
+        "negative_1": "passage: ",
+    }
+    assert training_prompts(_PromptedModel({"query": "q: "}), cols) == {"anchor": "q: "}
+    assert training_prompts(_PromptedModel({"document": "d: "}), cols) == {
+        "positive": "d: ",
+        "negative_1": "d: ",
+    }
+    assert training_prompts(_PromptedModel({}), cols) == {}
+
+
+def test_run_embed_ft_refuses_a_used_folder_before_indexing_and_caps_the_records(
+    towns, tmp_path, monkeypatch
+):
+    import ragtune.ingest
+    import ragtune.training.embedder as embedder
+
+    indexed, tuned_on = [], []
+    monkeypatch.setattr(ragtune.ingest, "ingest_corpus", lambda cfg: indexed.append(cfg))
+    monkeypatch.setattr(Retriever, "from_config", classmethod(lambda cls, rcfg: "retriever"))
+
+    def fake_tune(records, retriever, ecfg, **kw):
+        tuned_on.append((records, retriever, kw))
+        return "result"
+
+    monkeypatch.setattr(embedder, "tune_embedder", fake_tune)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("a file already there")
+    cfg = compose(
+        "embed_ft", [*overrides(towns), f"output_dir={tmp_path}", f"embed_ft.save_dir={used}"]
+    )
+    with pytest.raises(EmbedTuneError, match="written once"):
+        run_embed_ft(cfg)
+    assert indexed == [] and (used / "keep.txt").exists()  # refused before the slow steps
+
+    cfg = compose("embed_ft", [*overrides(towns), f"output_dir={tmp_path}", "data.max_records=4"])
+    assert run_embed_ft(cfg) == "result" and len(indexed) == 1
+    records, retriever, kw = tuned_on[0]
+    assert len(records) == 4 and retriever == "retriever"
+    assert kw["save_dir"] == tmp_path / "embedder"
+    assert kw["work_dir"] == tmp_path / "embed_checkpoints"

@@ -203,6 +203,18 @@ def model_prompts(model: Any) -> tuple[str | None, str | None]:
     return query, passage
 
 
+def training_prompts(model: Any, columns: Sequence[str]) -> dict[str, str]:
+    """Each training column's prompt: the query prompt for the anchor, the passage prompt for
+    the positive and the negatives ({} for a model without prompts, e.g. MiniLM)."""
+    qp, pp = model_prompts(model)
+    prompts = {}
+    if qp:
+        prompts["anchor"] = model.prompts[qp]
+    if pp:
+        prompts.update({c: model.prompts[pp] for c in columns if c != "anchor"})
+    return prompts
+
+
 def recall_evaluator(val: Sequence[Triplet], retriever: Any, model: Any, name: str = "val") -> Any:
     """sentence-transformers' IR evaluator over every chunk of the index.
 
@@ -324,11 +336,7 @@ def tune_embedder(
     if ecfg.max_seq_length:
         model.max_seq_length = ecfg.max_seq_length
     qp, pp = model_prompts(model)
-    prompts = {}
-    if qp:
-        prompts["anchor"] = model.prompts[qp]
-    if pp:
-        prompts.update({c: model.prompts[pp] for c in cols if c != "anchor"})
+    prompts = training_prompts(model, cols)
 
     evaluator = recall_evaluator(val_rows, retriever, model)
     key = _metric_key(evaluator, model, ecfg.recall_k)
