@@ -82,6 +82,175 @@ def test_backend_selection_on_cpu():
         select_backend("unsloth")
 
 
+@pytest.mark.parametrize(
+    ("cuda", "unsloth", "auto", "unsloth_asked"),
+    [
+        (True, True, "unsloth", "unsloth"),
+        (True, False, "hf", "does not import"),
+        (False, True, "hf", "needs a CUDA GPU"),
+    ],
+)
+def test_backend_selection_follows_cuda_and_unsloth(
+    monkeypatch, cuda, unsloth, auto, unsloth_asked
+):
+    import ragtune.training.backends as backends
+    from ragtune.training import TrainError
+
+    monkeypatch.setattr(backends, "cuda_available", lambda: cuda)
+    monkeypatch.setattr(backends, "unsloth_importable", lambda: unsloth)
+    assert backends.select_backend("auto") == auto
+    assert backends.select_backend("hf") == "hf"
+    if unsloth_asked == "unsloth":
+        assert backends.select_backend("unsloth") == "unsloth"
+    else:
+        with pytest.raises(TrainError, match=unsloth_asked):
+            backends.select_backend("unsloth")
+    with pytest.raises(TrainError, match="must be auto, hf or unsloth"):
+        backends.select_backend("Unsloth")
+
+
+def test_gradient_checkpointing_flag_and_lora_settings_pass_through():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from ragtune.training.backends import lora_config, unsloth_gc
+
+    assert unsloth_gc("unsloth") == "unsloth"  # Unsloth's offloaded checkpointing
+    assert [unsloth_gc(v) for v in (True, "true", 1, False, "false", "False", "0", 0, None)] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+        False,
+        False,
+        False,
+    ]
+    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj"]}
+    for node in (lora, OmegaConf.create(lora)):  # a plain dict or the composed config
+        got = lora_config(SimpleNamespace(lora=node))
+        assert (got.r, got.lora_alpha, got.target_modules) == (4, 8, {"q_proj"})
+        assert got.bias == "none" and got.task_type == "CAUSAL_LM"
+
+
+def test_auto_dtype_is_bf16_on_a_bf16_gpu_fp16_on_an_older_one_and_fp32_on_cpu(monkeypatch):
+    from ragtune.training.backends import _torch_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _torch_dtype("auto", cuda=True) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert _torch_dtype("auto", cuda=True) is torch.float16
+    assert _torch_dtype("auto", cuda=False) is torch.float32
+    assert _torch_dtype("float16", cuda=False) is torch.float16
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cuda", "load_in_4bit", "weights", "precision"),
+    [
+        ("bfloat16", True, False, torch.bfloat16, {"bf16": True, "fp16": False}),
+        ("float16", True, False, torch.float16, {"bf16": False, "fp16": True}),
+        ("float32", True, False, torch.float32, {"bf16": False, "fp16": False}),
+        # 4-bit needs CUDA: on CPU the model loads unquantized, float32 master weights
+        ("bfloat16", False, True, torch.float32, {"bf16": True, "fp16": False}),
+        ("float32", False, True, torch.float32, {"bf16": False, "fp16": False}),
+    ],
+)
+def test_hf_loading_sets_the_weights_dtype_and_the_trainers_precision(
+    tmp_path, tiny_lm_path, dtype, cuda, load_in_4bit, weights, precision
+):
+    """``cuda=True`` without 4-bit only picks dtypes and precision flags (nothing moves to a
+    GPU), so the GPU's choices are checked on this CPU."""
+    from ragtune.training.backends import _load_hf
+
+    cfg = make_cfg(
+        tmp_path, tiny_lm_path, f"model.dtype={dtype}", f"model.load_in_4bit={load_in_4bit}"
+    )
+    model, tokenizer, got = _load_hf(cfg, tiny_lm_path, cuda)
+    assert got == precision
+    assert model.get_base_model().dtype == weights
+    assert not getattr(model.get_base_model(), "is_loaded_in_4bit", False)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_cpu_loading_warns_about_emulated_bf16_and_unquantized_4bit(
+    tmp_path, tiny_lm_path, monkeypatch, caplog, native_bf16
+):
+    import ragtune.training.backends as backends
+
+    monkeypatch.setattr(backends, "_cpu_has_bf16", lambda: native_bf16)
+    cfg = make_cfg(tmp_path, tiny_lm_path, "model.dtype=bfloat16", "model.load_in_4bit=true")
+    with caplog.at_level("WARNING", logger="ragtune.training.backends"):
+        backends._load_hf(cfg, tiny_lm_path, cuda=False)
+    said = caplog.text
+    assert "loading unquantized on CPU" in said
+    assert ("bf16 matmuls are emulated" in said) is not native_bf16
+
+
+class _FakeFastLanguageModel:
+    """Unsloth's loader as seen by ragtune (CUDA only): records what it is asked for."""
+
+    calls: dict = {}
+    embed_dtype = torch.bfloat16
+
+    @classmethod
+    def from_pretrained(cls, **kw):
+        cls.calls["load"] = kw
+        model = torch.nn.Module()
+        model.embed = torch.nn.Embedding(2, 2).to(cls.embed_dtype)
+        model.get_input_embeddings = lambda: model.embed
+        return model, "tokenizer"
+
+    @classmethod
+    def get_peft_model(cls, model, **kw):
+        cls.calls["peft"] = kw
+        return model
+
+
+@pytest.mark.parametrize(
+    ("dtype", "embed", "bf16_gpu", "precision"),
+    [
+        ("auto", torch.bfloat16, True, {"bf16": True, "fp16": False}),
+        ("auto", torch.float16, False, {"bf16": False, "fp16": True}),
+        ("auto", torch.float32, True, {"bf16": True, "fp16": False}),  # autocast to bf16
+        ("float32", torch.float32, True, {"bf16": False, "fp16": False}),  # asked for fp32
+    ],
+)
+def test_unsloth_loading_expands_all_linear_and_reads_precision_from_the_weights(
+    tmp_path, tiny_lm_path, monkeypatch, dtype, embed, bf16_gpu, precision
+):
+    import sys
+    import types
+
+    import ragtune.training.backends as backends
+
+    fake = types.ModuleType("unsloth")
+    fake.FastLanguageModel = _FakeFastLanguageModel
+    monkeypatch.setitem(sys.modules, "unsloth", fake)
+    monkeypatch.setattr(_FakeFastLanguageModel, "calls", {})
+    monkeypatch.setattr(_FakeFastLanguageModel, "embed_dtype", embed)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_gpu)
+    cfg = make_cfg(
+        tmp_path,
+        tiny_lm_path,
+        f"model.dtype={dtype}",
+        "train.lora.target_modules=all-linear",
+        "train.gradient_checkpointing=unsloth",
+    )
+    _, tokenizer, got = backends._load_unsloth(cfg, tiny_lm_path)
+    assert got == precision and tokenizer == "tokenizer"
+    calls = _FakeFastLanguageModel.calls
+    assert calls["load"]["dtype"] is (None if dtype == "auto" else torch.float32)
+    assert calls["load"]["use_gradient_checkpointing"] == "unsloth"
+    assert calls["peft"]["target_modules"] == backends.LLAMA_LINEAR
+    assert calls["peft"]["r"] == cfg.train.lora.r and calls["peft"]["bias"] == "none"
+    cfg.train.lora.target_modules = ["q_proj", "v_proj"]
+    backends._load_unsloth(cfg, tiny_lm_path)
+    assert sorted(_FakeFastLanguageModel.calls["peft"]["target_modules"]) == ["q_proj", "v_proj"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
 def test_merged_4bit_on_cpu_is_refused_before_loading(
     tmp_path, tiny_lm_path, examples, no_model_loads
