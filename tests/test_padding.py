@@ -262,7 +262,7 @@ def test_the_loss_of_a_right_padded_batch_needs_no_mask(tiny_lm_path):
     assert unmasked == pytest.approx(float(masked), rel=1e-5)
 
 
-@pytest.mark.parametrize("drop", [True, False])
+@pytest.mark.parametrize("drop", [True, False, None])  # None: not told, the class's default
 def test_the_trainer_drops_the_mask_only_when_told(tmp_path, tiny_lm_path, varied_examples, drop):
     """train() tells it for Unsloth only: TRL's fused GPU loss (hf backend) reads the mask."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -284,9 +284,10 @@ def test_the_trainer_drops_the_mask_only_when_told(tmp_path, tiny_lm_path, varie
     args = _sft_config(cfg, tmp_path / "ck", {"bf16": False, "fp16": False}, False)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_path)
     trainer = Recording(model=model, args=args, train_dataset=ds, processing_class=tok)
-    trainer.drop_padding_mask = drop
+    if drop is not None:
+        trainer.drop_padding_mask = drop
     trainer.train()
-    assert seen and all(("attention_mask" in keys) is not drop for keys in seen)
+    assert seen and all(("attention_mask" in keys) is not bool(drop) for keys in seen)
 
 
 # --------------------------------------------------------------------------- the optimizer
