@@ -162,8 +162,10 @@ def test_resume_without_checkpoints_starts_fresh(tmp_path, tiny_lm_path, example
 def test_resume_finds_the_newest_unfinished_run_without_a_run_dir(reference, tmp_path):
     import shutil
 
-    from ragtune.training.checkpoints import find_resumable_run
+    from ragtune.training.checkpoints import checkpoint_step, find_resumable_run
 
+    assert checkpoint_step(Path("checkpoint-120")) == 120
+    assert checkpoint_step(Path("checkpoint-final")) == checkpoint_step(Path("runs")) == -1
     src = reference.model_dir.parent / "checkpoints"
     runs = tmp_path / "runs" / "sft"
     old, finished, damaged, new = (runs / n for n in ("01-old", "02-done", "03-cut", "04-new"))
@@ -177,6 +179,13 @@ def test_resume_finds_the_newest_unfinished_run_without_a_run_dir(reference, tmp
     new.mkdir()
     assert find_resumable_run(new) == old
     assert find_resumable_run(old) == old  # a run with its own checkpoints continues itself
+    newer = runs / "05-newer"
+    shutil.copytree(src, newer / "checkpoints")
+    later = (old / "checkpoints").stat().st_mtime + 60
+    os.utime(newer / "checkpoints", (later, later))  # copytree copied the source's times
+    assert find_resumable_run(new) == newer  # the newest unfinished run
+    assert find_resumable_run(old) == old  # its own checkpoints, even with a newer run beside it
+    shutil.rmtree(newer)
     shutil.rmtree(old)
     assert find_resumable_run(new) == new  # nothing to continue: a fresh start
     assert {p.name for p in runs.iterdir()} == {"02-done", "03-cut", "04-new"}  # none removed
@@ -264,3 +273,29 @@ def test_sigkilled_training_resumes_to_the_same_final_loss(tmp_path, tiny_lm_pat
         got = json.loads((out / "result.json").read_text())
         assert got["steps"] == steps and got["resumed_from"], got
         assert got["final_loss"] == pytest.approx(ref["final_loss"], abs=1e-4), (trial, got)
+
+
+def test_the_completion_marker_is_on_disk_with_every_size_before_it_is_named(tmp_path, monkeypatch):
+    import ragtune.training.checkpoints as ck
+
+    ckpt = tmp_path / "checkpoint-4"
+    (ckpt / "sub").mkdir(parents=True)
+    (ckpt / "adapter_model.safetensors").write_bytes(b"w" * 10)
+    (ckpt / "sub" / "rng_state_0.pth").write_bytes(b"r" * 3)
+    synced: list[tuple[str, int]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(ck.os, "fsync", recording_fsync)
+    ck.write_marker(ckpt)
+    marker = ckpt / ck.COMPLETE_MARKER
+    assert json.loads(marker.read_text()) == {
+        "files": {"adapter_model.safetensors": 10, "sub/rng_state_0.pth": 3}
+    }
+    # synced under its temporary name, whole, then renamed: a crash never leaves half a marker
+    [(path, size)] = synced
+    assert Path(path).parent == ckpt and Path(path).name != ck.COMPLETE_MARKER
+    assert size == marker.stat().st_size
