@@ -292,3 +292,29 @@ def test_the_preference_step_trains_with_the_sft_keys(tmp_path):
         "max_length": 300,
     }
     assert args.lr_scheduler_type == "cosine" and args.save_strategy == "no"
+
+
+def test_trl_experimental_notice_is_not_shown_to_users(tmp_path, monkeypatch):
+    """CPO lives in trl.experimental, whose import warns on every run: ragtune silences it
+    where it imports it (the class and the config), as the user did not choose that import."""
+    import sys
+    import warnings
+
+    import trl
+
+    from ragtune.training.preference import cpo_config, trainer_class
+
+    monkeypatch.delenv("TRL_EXPERIMENTAL_SILENCE", raising=False)
+    if "experimental" in vars(trl):  # the package attribute comes back with the modules
+        monkeypatch.setattr(trl, "experimental", vars(trl)["experimental"])
+    cfg = validate(compose("sft", [f"output_dir={tmp_path}"]), top_level=TOP)
+    for make in (
+        trainer_class,
+        lambda: cpo_config(cfg, tmp_path, {"bf16": False, "fp16": False}, False),
+    ):
+        for name in [m for m in sys.modules if m.startswith("trl.experimental")]:
+            monkeypatch.delitem(sys.modules, name)  # imported afresh, so its notice would fire
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            make()
+        assert not [w for w in seen if "trl.experimental" in str(w.message)]
