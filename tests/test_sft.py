@@ -403,3 +403,37 @@ def test_bad_config_stops_before_any_model_loads(outputs):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error: retriever.chunk_overlap")
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("eval_after", [True, False])
+def test_a_sweep_ranks_by_eval_overall_when_asked_else_by_the_loss(
+    outputs, tmp_path, monkeypatch, eval_after
+):
+    """The metric Hydra's sweeper optimises: the evaluation's overall score with
+    train.eval_after, minus the final loss without it (the stages around it stubbed)."""
+    import ragtune.evaluate
+    import ragtune.training.calibration as calibration
+    import ragtune.training.data as data
+    import ragtune.training.recipe as recipe
+    import ragtune.training.saving as saving
+
+    cfg = compose("sft", [f"output_dir={tmp_path / 'run'}", f"train.eval_after={eval_after}"])
+    staged = tmp_path / "run" / ".new-model"
+    monkeypatch.setattr(data, "shared_dataset", lambda c, o: ([], {}, None, o))
+    monkeypatch.setattr(recipe, "train", lambda *a, **k: recipe.TrainResult(staged, 0.25))
+    monkeypatch.setattr(calibration, "calibrate", lambda *a, **k: None)
+    evaluated = []
+
+    def evaluate_model(cfg, model_dir, manifest):
+        evaluated.append(model_dir)
+        return {"overall": 71.5, "f1": 60.0}
+
+    monkeypatch.setattr(ragtune.evaluate, "evaluate_model", evaluate_model)
+    monkeypatch.setattr(recipe, "_write_manifest", lambda *a: None)
+    monkeypatch.setattr(saving, "publish_model", lambda staged, final: final)
+    sft = recipe.run_sft(cfg)
+    if eval_after:
+        assert evaluated == [staged]  # the staged model, before it replaces model/
+        assert sft.metric == 71.5 and sft.metrics == {"overall": 71.5, "f1": 60.0}
+    else:
+        assert evaluated == [] and sft.metric == -0.25 and sft.metrics is None
