@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,39 @@ def test_unsloth_loading_expands_all_linear_and_reads_precision_from_the_weights
     cfg.train.lora.target_modules = ["q_proj", "v_proj"]
     backends._load_unsloth(cfg, tiny_lm_path)
     assert sorted(_FakeFastLanguageModel.calls["peft"]["target_modules"]) == ["q_proj", "v_proj"]
+
+
+def test_a_prequantized_base_cannot_be_merged_in_16_bits_by_the_hf_backend(
+    tmp_path, tiny_lm_path, examples, monkeypatch
+):
+    """A 4-bit checkpoint (e.g. unsloth/...-bnb-4bit) has no 16-bit weights for the hf
+    backend to merge the LoRA into: refused before any model loads, naming the way out."""
+    import ragtune.training.backends as backends
+    from ragtune.training import TrainError
+    from ragtune.training.backends import is_prequantized
+    from ragtune.training.recipe import _check_save_method, train
+
+    loads = []
+    monkeypatch.setattr(backends, "load", lambda *a: loads.append(a))  # the model's path is
+    # resolved first (the check reads its config), but the model itself must not load
+
+    q4 = tmp_path / "base-bnb-4bit"
+    q4.mkdir()
+    config = json.loads((Path(tiny_lm_path) / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (q4 / "config.json").write_text(json.dumps(config))
+    assert is_prequantized(str(q4)) and not is_prequantized(tiny_lm_path)
+    assert not is_prequantized(str(tmp_path / "missing"))  # the load itself reports that
+
+    cfg = make_cfg(tmp_path, str(q4), "train.save_method=merged_16bit", "train.backend=hf")
+    with pytest.raises(TrainError, match="pre-quantized .*train.save_method=lora"):
+        train(cfg, examples, SCHEMA, tmp_path)
+    assert loads == []
+    for ok in (("lora", "hf"), ("merged_16bit", "unsloth")):  # these need no 16-bit weights here
+        cfg.train.save_method = ok[0]
+        _check_save_method(cfg, ok[1], str(q4))
+    cfg.train.save_method = "merged_16bit"
+    _check_save_method(cfg, "hf", tiny_lm_path)  # a 16-bit base merges
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
