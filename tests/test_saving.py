@@ -123,6 +123,20 @@ def test_sigkill_while_resuming_into_a_finished_run_keeps_its_model(finished_run
 
 
 # --------------------------------------------------------------------------- the save itself
+@pytest.fixture()
+def synced(monkeypatch) -> list[str]:
+    """The paths os.fsync is called on during the test, in order."""
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return paths
+
+
 class _Recorder:
     """Stands in for a model, tokenizer or schema: records what it was asked to save."""
 
@@ -153,18 +167,10 @@ class _Recorder:
     ],
 )
 def test_the_unsloth_backend_saves_through_unsloth_and_syncs_every_file(
-    tmp_path, monkeypatch, save_method, call, unsloth_method
+    tmp_path, synced, save_method, call, unsloth_method
 ):
     import ragtune.training.saving as saving
 
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(saving.os, "fsync", recording_fsync)
     calls: list = []
     model_dir = tmp_path / "run" / "model"
     staged = saving.save_model(
@@ -194,19 +200,9 @@ def test_the_unsloth_backend_saves_through_unsloth_and_syncs_every_file(
     assert len(files) == 4 and files <= set(synced)  # every file on disk before the swap
 
 
-def test_publishing_swaps_the_new_model_in_and_syncs_the_folder_that_names_it(
-    tmp_path, monkeypatch
-):
+def test_publishing_swaps_the_new_model_in_and_syncs_the_folder_that_names_it(tmp_path, synced):
     import ragtune.training.saving as saving
 
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(saving.os, "fsync", recording_fsync)
     model = tmp_path / "run" / "model"
     staged = saving.staging_dir(model)
     for folder, tag in ((model, "old"), (staged, "new")):
