@@ -318,7 +318,9 @@ def test_answers_and_metrics_keep_non_ascii_text_readable(tmp_path, data, tiny_l
     run_eval(
         _cfg(tmp_path, data, tiny_lm_path, f"data.qa_eval='{qa}'", "generate.max_new_tokens=2")
     )
-    assert "コルバナイトを開発したのは誰ですか" in (tmp_path / "run" / "answers.jsonl").read_text()
+    assert "コルバナイトを開発したのは誰ですか" in (tmp_path / "run" / "answers.jsonl").read_text(
+        encoding="utf-8"
+    )
     assert "qa-é.jsonl" in (tmp_path / "run" / "metrics.json").read_text(encoding="utf-8")
 
 
