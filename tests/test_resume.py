@@ -299,3 +299,31 @@ def test_the_completion_marker_is_on_disk_with_every_size_before_it_is_named(tmp
     [(path, size)] = synced
     assert Path(path).parent == ckpt and Path(path).name != ck.COMPLETE_MARKER
     assert size == marker.stat().st_size
+
+
+def test_resume_point_says_which_checkpoint_or_that_it_starts_fresh(tmp_path, monkeypatch, caplog):
+    import ragtune.training.checkpoints as ck
+    from ragtune.config import compose
+    from ragtune.training.recipe import _resume_point
+
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt = ckpt_dir / "checkpoint-4"
+    cfg = compose("sft", [f"output_dir={tmp_path}", "train.resume=true"])
+    monkeypatch.setattr(ck, "find_resume_checkpoint", lambda d: ckpt)
+    with caplog.at_level("INFO", logger="ragtune.training.recipe"):
+        assert _resume_point(cfg, ckpt_dir, True, 1) == ckpt
+    assert f"resuming from {ckpt}" in caplog.text and "starting fresh" not in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(ck, "find_resume_checkpoint", lambda d: None)
+    with caplog.at_level("INFO", logger="ragtune.training.recipe"):
+        assert _resume_point(cfg, ckpt_dir, True, 1) is None
+    assert "no complete checkpoint" in caplog.text and "resuming from" not in caplog.text
+
+    # not asked to resume: a fresh start, and rank 0 says what the old checkpoints are for
+    ckpt.mkdir(parents=True)
+    cfg.train.resume = False
+    for is_main, said in ((True, "train.resume=true continues"), (False, None)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="ragtune.training.recipe"):
+            assert _resume_point(cfg, ckpt_dir, is_main, 1) is None
+        assert (said in caplog.text) if said else caplog.text == ""
