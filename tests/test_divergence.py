@@ -81,6 +81,16 @@ def test_a_run_logged_every_step_is_judged_on_five_step_means():
     assert d.loss == pytest.approx(3.255)
 
 
+def test_spikes_count_from_the_fifth_judged_loss_and_two_in_a_row_break_the_run():
+    # five judged losses make a reference; a spike at the sixth already counts
+    d = _watch([1.0] * 5 + [5.0, 5.0]).divergence
+    assert d is not None and (d.step, d.loss, d.reference, d.last_good_step) == (30, 5.0, 1.0, 25)
+    # with only four before them, the first high loss becomes history, and nothing breaks
+    assert _watch([1.0] * 4 + [5.0, 5.0]).divergence is None
+    # one spike between ordinary losses is forgiven (a bad batch)
+    assert _watch([1.0] * 5 + [5.0, 1.0, 5.0, 1.0]).divergence is None
+
+
 def test_a_loss_that_is_not_finite_stops_at_once_at_any_logging_interval():
     d = _watch([2.0, 1.5, 1.2, math.nan], every=1).divergence
     assert d is not None and d.step == 4 and d.last_good_step == 3
