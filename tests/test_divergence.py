@@ -91,6 +91,19 @@ def test_spikes_count_from_the_fifth_judged_loss_and_two_in_a_row_break_the_run(
     assert _watch([1.0] * 5 + [5.0, 1.0, 5.0, 1.0]).divergence is None
 
 
+def test_a_restart_forgets_what_was_logged_after_its_checkpoint():
+    watch = _watch([1.0, 1.1, 0.9, 1.0, 1.2, 1.0, 5.0])  # a spike at step 35
+    assert watch.add(36, 3.0) is False and watch.pending  # one step: not judged yet
+    assert watch.add(37, math.nan) is True and watch.divergence is not None
+    watch.restart(20)  # resumed from checkpoint-20
+    assert [s for s, _ in watch.history] == [5, 10, 15, 20]  # the checkpoint's own log kept
+    assert [s for s, _ in watch.logged] == [5, 10, 15, 20]
+    assert watch.spikes == [] and watch.pending == [] and watch.divergence is None
+    # the next log covers the 5 steps since the checkpoint, so it is judged at once
+    assert watch.add(25, 1.0) is False
+    assert watch.history[-1] == (25, 1.0) and watch.pending == []
+
+
 def test_a_loss_that_is_not_finite_stops_at_once_at_any_logging_interval():
     d = _watch([2.0, 1.5, 1.2, math.nan], every=1).divergence
     assert d is not None and d.step == 4 and d.last_good_step == 3
