@@ -104,6 +104,36 @@ def test_a_restart_forgets_what_was_logged_after_its_checkpoint():
     assert watch.history[-1] == (25, 1.0) and watch.pending == []
 
 
+def test_scaling_the_learning_rate_scales_the_rest_of_the_schedule():
+    from transformers import get_linear_schedule_with_warmup
+
+    from ragtune.training.divergence import scale_learning_rate
+
+    def schedule():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=2, num_training_steps=10)
+        for _ in range(3):
+            opt.step()
+            sched.step()
+        return opt, sched
+
+    ref_opt, ref = schedule()
+    opt, sched = schedule()
+    scale_learning_rate(opt, sched, 0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * ref_opt.param_groups[0]["lr"])
+    assert opt.param_groups[0]["initial_lr"] == 0.5 and sched.get_last_lr() == [
+        pytest.approx(0.5 * ref.get_last_lr()[0])
+    ]
+    for _ in range(4):  # every later step at half the rate
+        for o, s in ((ref_opt, ref), (opt, sched)):
+            o.step()
+            s.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * ref_opt.param_groups[0]["lr"])
+    plain = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)  # no schedule yet
+    scale_learning_rate(plain, None, 0.5)
+    assert plain.param_groups[0]["lr"] == 0.5 and "initial_lr" not in plain.param_groups[0]
+
+
 def test_a_loss_that_is_not_finite_stops_at_once_at_any_logging_interval():
     d = _watch([2.0, 1.5, 1.2, math.nan], every=1).divergence
     assert d is not None and d.step == 4 and d.last_good_step == 3
