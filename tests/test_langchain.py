@@ -305,3 +305,61 @@ def test_the_chat_model_retrieves_for_the_conversation_and_reports_usage(smol_pi
     assert meta["finish_reason"] == "length"
     assert meta["token_usage"] == {"prompt_tokens": 50, "completion_tokens": 7}
     assert any(c.response_metadata.get("finish_reason") == "length" for c in chunks)
+
+
+class _Tokens(BaseCallbackHandler):
+    """Records the streamed tokens and the model type LangChain reports to callbacks."""
+
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+        self.types: list[str] = []
+
+    def on_llm_start(self, serialized, prompts, **kwargs) -> None:
+        self.types.append(kwargs["invocation_params"]["_type"])
+
+    def on_chat_model_start(self, serialized, messages, **kwargs) -> None:
+        self.types.append(kwargs["invocation_params"]["_type"])
+
+    def on_llm_new_token(self, token, **kwargs) -> None:
+        self.tokens.append(token)
+
+
+def test_callbacks_see_every_streamed_token_and_the_model_type(smol_pipeline):
+    """Streaming handlers (a UI, a tracer) get each piece as it is decoded, from the LLM and
+    the chat model alike, and see which kind of model answered; the prompt names its type."""
+    from types import SimpleNamespace
+
+    from ragtune.answer import Answer
+    from ragtune.lc import RagtuneChatModel, RagtuneLLM
+
+    spy = _Tokens()
+    llm = RagtuneLLM(generator=_Generator(["Ismay", " Trelawn"]))
+    assert list(llm.stream(QUESTION, config={"callbacks": [spy]})) == ["Ismay", " Trelawn"]
+    assert spy.tokens == ["Ismay", " Trelawn"] and spy.types == ["ragtune"]
+    assert llm.prompt().dict()["_type"] == "ragtune"
+
+    class _Stream:
+        answer = Answer("In October.", False, [], "p", 0.1)
+
+        def __iter__(self):
+            return iter(["In", " October."])
+
+        def close(self):
+            pass
+
+    pipe = SimpleNamespace(
+        tokenizer=smol_pipeline.tokenizer,
+        name="m",
+        schema=smol_pipeline.schema,
+        stream=lambda *a, **k: _Stream(),
+    )
+    # LangChain's v3 event stream hands the chat model's own stream the run manager: the
+    # pieces reach callbacks only if that stream reports them (chat.stream() reports itself)
+    spy = _Tokens()
+    chat = RagtuneChatModel(pipeline=pipe)
+    events = list(
+        chat.stream_events(
+            [HumanMessage("When is it held?")], config={"callbacks": [spy]}, version="v3"
+        )
+    )
+    assert events and spy.tokens == ["In", " October."] and spy.types == ["ragtune-chat"]
