@@ -93,3 +93,23 @@ def test_the_changed_question_never_names_something_the_context_holds(seed):
         "Who was the keeper of Dunmore?", [KEEPER], pool, "harbor.md", random.Random(seed)
     )
     assert cf is not None and cf.new not in KEEPER
+
+
+def test_a_question_of_another_document_or_none_draws_the_swap_from_every_question():
+    pool = NamePool(QUESTIONS)
+    for source in (None, "elsewhere.md"):
+        cf = counterfactual(
+            "Who was the keeper of Dunmore?", [KEEPER], pool, source, random.Random(0)
+        )
+        # Kilrush and Glasgow: the names of all questions that the context lacks
+        assert cf is not None and cf.how == "swap" and cf.new in {"Kilrush", "Glasgow"}
+
+
+def test_a_capitalised_word_opening_a_question_is_never_swapped_in():
+    # "Name" is capitalised only because it starts the question: not a name to trust
+    pool = NamePool([("Name the keeper of Kilrush?", "harbor.md")])
+    for seed in range(5):
+        cf = counterfactual(
+            "Who was the keeper of Dunmore?", [KEEPER], pool, "harbor.md", random.Random(seed)
+        )
+        assert cf is not None and cf.new == "Kilrush"
