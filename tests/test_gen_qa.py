@@ -206,6 +206,16 @@ def test_near_duplicates_length_leaks_and_round_trip():
     assert reasons[("a", "What does the passage say about Velmora glass?")] == "not_standalone"
 
 
+def test_the_language_check_tells_scripts_apart_by_their_letters_alone():
+    english = _chunk(DOCS["harbour.md"], "harbour.md")
+    # Cyrillic and Latin letters are both "small letters": still two scripts
+    assert not language_ok("Кто построил гавань Velmora?", english, [])
+    assert language_ok("Кто построил гавань?", english, ["cyrillic"])
+    # digits, spaces and punctuation are no script: a question full of years is still English
+    assert language_ok("Was it 1821, 1822, 1823 or 1824?", english, [])
+    assert not language_ok("Was it 1821, 1822, 1823 or 1824?", english, ["cyrillic"])
+
+
 def test_every_kept_record_passes_every_filter(world):
     chunks, retriever = world
     by_id = {c.id: c for c in chunks}
