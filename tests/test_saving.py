@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -260,3 +261,24 @@ def test_latest_points_at_the_new_model_past_a_stale_link_of_a_killed_run(tmp_pa
     point_latest(new, outputs)
     assert (outputs / "latest").resolve() == new.resolve()
     assert sorted(p.name for p in outputs.iterdir()) == ["latest"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_the_manifest_returns_its_path_and_records_the_commit_trained_from(tmp_path, monkeypatch):
+    import ragtune.manifest as manifest
+
+    repo, model = tmp_path / "repo", tmp_path / "model"
+    repo.mkdir()
+    model.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True)
+    monkeypatch.setattr(manifest, "PROJECT_ROOT", repo)
+    assert manifest.write_manifest(model, {}) == model / "manifest.json"
+    assert manifest.read_manifest(model)["git_commit"] == head.stdout.strip()
+    # an installed copy (no checkout) records no commit rather than failing
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.setattr(manifest, "PROJECT_ROOT", model)
+    manifest.write_manifest(model, {})
+    assert manifest.read_manifest(model)["git_commit"] is None
