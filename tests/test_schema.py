@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
-from ragtune.paths import PROJECT_ROOT
+from ragtune.paths import PROJECT_ROOT, PROMPTS_DIR
 from ragtune.schema import PromptError, PromptFields, PromptSchema, available, get_schema
 
 FIELDS = PromptFields(
@@ -190,3 +193,38 @@ def test_context_budget_leaves_room_for_prompt_and_answer(tokenizer):
     )
     assert budget == 512 - len(empty) - 32
     assert schema.context_budget(tokenizer, fields, max_seq_length=10) == 0
+
+
+def test_markdown_heading_hashes_in_retrieved_text_are_dropped():
+    # a "## ..." line of a chunk would read as a section header of the template
+    schema = get_schema("alpaca_rag")
+    assert schema.neutralise("## Notes\n  #### Deep\nbody") == "Notes\nDeep\nbody"
+
+
+@pytest.mark.parametrize("name", ["alpaca_rag", "chat_rag"])
+def test_the_skeleton_shows_the_template_with_placeholders(name):
+    skeleton = get_schema(name).skeleton()
+    for placeholder in ("{instruction}", "{input}", "{context}"):
+        assert placeholder in skeleton
+    if name == "chat_rag":
+        assert [m["role"] for m in json.loads(skeleton)] == ["system", "user"]
+    else:
+        assert skeleton.endswith("### Response:\n")
+
+
+def test_a_tokenizer_without_eos_is_a_clear_error_for_training():
+    with pytest.raises(PromptError, match="no EOS token"):
+        get_schema("alpaca_rag").render_completion("Mara Ostend", SimpleNamespace(eos_token=None))
+
+
+def test_loading_from_a_folder_without_a_saved_schema_is_a_clear_error(tmp_path):
+    with pytest.raises(PromptError, match="not found"):
+        PromptSchema.load(tmp_path)
+
+
+def test_a_misspelt_field_in_a_variant_is_a_clear_error(tmp_path):
+    shutil.copy(PROMPTS_DIR / "schema.yaml", tmp_path)
+    text = (PROMPTS_DIR / "alpaca_rag_short.yaml").read_text()
+    (tmp_path / "typo.yaml").write_text(text + "abstian: nope\n")
+    with pytest.raises(PromptError, match="unknown field.*abstian"):
+        get_schema("typo", tmp_path)
