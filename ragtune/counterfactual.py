@@ -40,6 +40,7 @@ _NAME = re.compile(
     r"(?:\s+(?:(?:of|the|de|du|von|van|la|le)\s+)*(?:[A-Z][\w'’.-]*|\d[\d,.]*\d|\d))*"
 )
 _POSSESSIVE = re.compile(r"['’]s?$")
+_FULL_STOP = re.compile(r"(?<=[^\W\d_]{2})\.$")
 _NUMBER = re.compile(r"\d[\d,.]*")
 # capitalised only because a sentence starts with them
 _OPENERS = frozenset(
@@ -81,7 +82,8 @@ def names(question: str, initial: bool = True) -> list[str]:
     """
     found = []
     for m in _NAME.finditer(question):
-        text = _POSSESSIVE.sub("", m.group(0).strip())
+        # a sentence's full stop is not the name's ("of Kilrush."); an abbreviation's is ("U.S.")
+        text = _FULL_STOP.sub("", _POSSESSIVE.sub("", m.group(0).strip()))
         if m.start() == 0:
             first, _, rest = text.partition(" ")
             if first.lower() in _OPENERS:
