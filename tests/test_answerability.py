@@ -62,6 +62,31 @@ def test_roc_curve_ends_at_the_corners():
     pts = roc_curve([0.9, 0.8, 0.3, 0.1], [1, 0, 1, 0])
     assert pts[0] == (0.0, 0.0) and pts[-1] == (1.0, 1.0)
     assert pts[1] == (0.0, 0.5)
+    # one negative (or one positive) is a whole class: the curve still reaches the corner
+    assert roc_curve([0.9, 0.8, 0.1], [1, 1, 0]) == [(0.0, 0.0), (0.0, 0.5), (0.0, 1.0), (1.0, 1.0)]
+    assert roc_curve([0.9, 0.8, 0.1], [1, 0, 0])[-1] == (1.0, 1.0)
+
+
+def test_rows_auroc_scores_the_scored_rows_and_keeps_their_curve(tmp_path):
+    """Evaluation rows without a score (an undecided mode) are left out; no scored row or one
+    class only gives no AUROC; the kept curve is what roc.png draws, returned by plot_roc."""
+    from ragtune.roc import plot_roc, rows_auroc
+
+    rows = [
+        {"answerability": 0.9, "answerable": True},
+        {"answerability": None, "answerable": False},
+        {"answerability": 0.2, "answerable": False},
+        {"answerability": 0.6, "answerable": True},
+        {"answerability": 0.7, "answerable": False},
+    ]
+    curves: dict = {}
+    assert rows_auroc(rows, curves, "raft_rag") == 0.75
+    assert curves == {"raft_rag": ([0.9, 0.2, 0.6, 0.7], [True, False, True, False])}
+    assert rows_auroc([{"answerability": None, "answerable": True}], curves, "base") is None
+    assert rows_auroc(rows[:1], curves, "one_class") is None and "base" not in curves
+    png = tmp_path / "roc.png"
+    assert plot_roc({"raft_rag": curves["raft_rag"]}, png) == png
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --------------------------------------------------------------------------- threshold
