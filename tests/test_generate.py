@@ -20,6 +20,31 @@ STOPS = ["### Instruction:", "### Response:", "\n###"]
 def test_cut_stop_takes_the_earliest_stop():
     assert cut_stop("a ### Response: b ### Instruction: c", STOPS) == ("a ", True)
     assert cut_stop("plain answer", STOPS) == ("plain answer", False)
+    # a model that opens a new section at once has answered nothing
+    assert cut_stop("### Instruction: more", STOPS) == ("", True)
+
+
+def test_a_possible_stop_string_is_held_back_whole_while_streaming():
+    """With a stop whose start repeats ("###"), the longest tail that could still become it
+    is held back, not only its last character."""
+    assert finish_text("Paris ##", ["###"], final=False) == ("Paris", False)
+
+
+def test_stop_criteria_end_only_the_rows_that_wrote_a_stop(lm_path):
+    from transformers import AutoTokenizer
+
+    from ragtune.stopping import StopOnText
+
+    tok = AutoTokenizer.from_pretrained(lm_path)
+    rows = [tok("Q? Paris.\n### Instruction:")["input_ids"], tok("Q? Paris is the")["input_ids"]]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.eos_token_id] * (width - len(r)) for r in rows])
+    assert StopOnText(tok, STOPS, prompt_len=2)(ids, None).tolist() == [True, False]
+    # no stop strings (a schema without markup): nothing stops a row but EOS and the limit
+    assert StopOnText(tok, [], prompt_len=2)(ids, None).tolist() == [False, False]
+    cancel = threading.Event()
+    cancel.set()
+    assert StopOnText(tok, [], prompt_len=2, cancel=cancel)(ids, None).tolist() == [True, True]
 
 
 @pytest.mark.parametrize(
