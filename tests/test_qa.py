@@ -443,6 +443,17 @@ def test_prepare_squad_splits_by_article(tmp_path: Path) -> None:
     assert split.test.read_text() == again.test.read_text()
 
 
+def test_prepare_squad_writes_non_ascii_text_readably(tmp_path: Path) -> None:
+    """train/test JSONL hold the questions as UTF-8 text (greppable), not \\u escapes."""
+    data = tiny_squad(2)
+    for art in data["data"]:
+        art["paragraphs"][0]["qas"][0]["question"] = "東京の人口は?"
+    split = prepare_squad(write_json(tmp_path / "squad.json", data), tmp_path / "o")
+    for path in (split.train, split.test):
+        text = path.read_text(encoding="utf-8")
+        assert "東京の人口は?" in text and "\\u" not in text
+
+
 def test_prepare_squad_caps_keep_unanswerable_share(tmp_path: Path) -> None:
     data = tiny_squad(4)
     for art in data["data"]:  # 9 questions per article: 3 unanswerable, 6 answerable
