@@ -6,6 +6,7 @@ see exactly what a user sees: exit status, stderr, status.json.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -180,6 +181,64 @@ def test_results_a_stage_may_return(tmp_path, monkeypatch):
     other = tmp_path / "other"
     run_stage(lambda c: 1, OmegaConf.create({"output_dir": str(other)}))
     assert not (other / "status.json").exists()
+
+
+def test_a_stage_that_exits_keeps_its_exit_status_and_is_recorded_failed(tmp_path):
+    cfg = OmegaConf.create({"output_dir": str(tmp_path)})
+    with pytest.raises(SystemExit) as e:
+        run_stage(lambda c: sys.exit(3), cfg)
+    assert e.value.code == 3
+    st = read_status(tmp_path)
+    assert (st["status"], st["error"]) == ("failed", "exit status 3")
+
+
+def test_a_failed_multirun_job_logs_its_error(tmp_path, monkeypatch, caplog):
+    """The sweep goes on, so the log is where a user sees which job failed and why."""
+    import ragtune.stage
+
+    monkeypatch.setattr(ragtune.stage, "is_multirun", lambda: True)
+
+    def fail(cfg):
+        raise RagtuneError("retriever.k: must be > 0")
+
+    with caplog.at_level(logging.ERROR, logger="ragtune.stage"):
+        run_stage(fail, OmegaConf.create({"output_dir": str(tmp_path)}))
+    assert "run failed: RagtuneError: retriever.k: must be > 0" in caplog.text
+
+
+def test_a_running_stage_refreshes_its_status(tmp_path, monkeypatch):
+    """The heartbeat is how a reader on another host tells a live run from a dead one."""
+    import ragtune.stage
+
+    monkeypatch.setattr(ragtune.stage, "HEARTBEAT_S", 0.02)
+    seen = []
+
+    def task(cfg):
+        for _ in range(20):
+            time.sleep(0.02)
+            seen.append(read_status(tmp_path)["seconds"])
+
+    run_stage(task, OmegaConf.create({"output_dir": str(tmp_path)}))
+    assert max(seen) > 0.1  # the first "running" said 0 seconds
+
+
+def test_the_final_status_is_not_overwritten_by_a_late_heartbeat(tmp_path, monkeypatch):
+    import ragtune.stage
+
+    monkeypatch.setattr(ragtune.stage, "HEARTBEAT_S", 0.01)
+    run_stage(lambda c: time.sleep(0.05), OmegaConf.create({"output_dir": str(tmp_path)}))
+    time.sleep(0.1)  # several heartbeat periods
+    assert read_status(tmp_path)["status"] == "ok"
+
+
+def test_idle_openmp_threads_sleep_unless_the_user_chose_a_policy(monkeypatch):
+    """Spinning OpenMP threads made a shared CPU several times slower; the user's setting wins."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    run_stage(lambda c: None, OmegaConf.create({}))
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    run_stage(lambda c: None, OmegaConf.create({}))
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_logs_go_to_stderr(tmp_path):
