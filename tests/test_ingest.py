@@ -294,6 +294,48 @@ def test_pipelined_embedding_equals_sentence_transformers_encode():
     np.testing.assert_allclose(raw, model.encode(texts[:5], batch_size=2), atol=1e-5)
 
 
+def test_pipelined_embedding_lifts_tokenizer_parallelism_only_while_it_runs(monkeypatch):
+    """Entry points turn the Rust tokenizer's threads off (forked workers must not inherit a
+    busy pool); embedding may use them, then the setting is as it was."""
+    from ragtune.embedding import _embed_pipelined, load_embedder
+
+    model = load_embedder("minilm-l6", "cpu")
+    texts = ["the harbour keeper", "the windmill grinds flour", "a comet returns"]
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    _embed_pipelined(model, texts, normalize=True, batch_size=2, progress=False)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    _embed_pipelined(model, texts, normalize=True, batch_size=2, progress=False)
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+
+
+def test_pipelined_embedding_progress_counts_chunks(capsys):
+    from ragtune.embedding import _embed_pipelined, load_embedder
+
+    model = load_embedder("minilm-l6", "cpu")
+    texts = [f"chunk {i} about the harbour" for i in range(5)]
+    _embed_pipelined(model, texts, normalize=True, batch_size=2, progress=True)
+    assert "5/5" in capsys.readouterr().err
+
+
+def test_pipelined_embedding_normalises_a_model_without_a_normalize_layer():
+    """normalize=True gives unit rows (cosine = dot product in the index) for any model, e.g. an
+    embed-ft model whose modules end at pooling."""
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from ragtune.embedding import _embed_pipelined, load_embedder
+
+    minilm = load_embedder("minilm-l6", "cpu")
+    pooled = SentenceTransformer(modules=[minilm[0], minilm[1]], device="cpu")  # no Normalize
+    texts = ["the harbour keeper logs the tide", "the windmill grinds flour", "a comet"]
+    raw = _embed_pipelined(pooled, texts, normalize=False, batch_size=2, progress=False)
+    norms = np.linalg.norm(raw, axis=1, keepdims=True)
+    assert not np.allclose(norms, 1.0, atol=1e-3)  # the fixture really is unnormalised
+    got = _embed_pipelined(pooled, texts, normalize=True, batch_size=2, progress=False)
+    np.testing.assert_allclose(got, raw / norms, atol=1e-5)
+
+
 def test_every_stage_reads_a_jsonl_corpus_by_the_configured_text_field(tmp_path):
     """``ingest_corpus`` (what index, train, eval, gen-qa and embed-ft call) takes the corpus,
     the retriever settings and ``data.jsonl_text_field`` from the stage's config."""
