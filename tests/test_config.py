@@ -205,6 +205,41 @@ def test_defaults_live_in_the_yaml_and_the_dataclasses_read_them():
     assert RetrieverConfig().persist_dir == ""  # an interpolation: resolved only when composed
 
 
+# What a user may type for each choice key (docs and conf/ comments); a lost choice would reject
+# a config that worked before.
+CHOICES = {
+    "train.backend": ["auto", "hf", "unsloth"],
+    "train.save_method": ["lora", "merged_16bit", "merged_4bit"],
+    "train.preference.loss_type": ["simpo", "sigmoid", "hinge", "ipo"],
+    "train.train_sampling_strategy": ["random", "group_by_length"],
+    "model.dtype": ["auto", "float32", "bfloat16", "float16"],
+    "raft.mode": ["rag", "closed"],
+    "raft.calibration_extremes": ["apply", "ignore"],
+    "retriever.chunk_unit": ["chars", "tokens"],
+}
+FEATURES = [
+    "margin",
+    "mean_lp",
+    "lp_abstain",
+    "p_abstain_first",
+    "abstain_logodds",
+    "abstain_logodds_rotated",
+    "grounded",
+    "retrieval",
+]
+
+
+def test_every_choice_a_user_may_type_is_accepted():
+    from omegaconf import OmegaConf
+
+    for i in range(max(len(v) for v in CHOICES.values())):  # one config per column of choices
+        picked = {key: values[i] for key, values in CHOICES.items() if i < len(values)}
+        cfg = _validate("sft", [f"{key}={value}" for key, value in picked.items()])
+        assert {key: OmegaConf.select(cfg, key) for key in picked} == picked
+    cfg = _validate("sft", [f"raft.calibration_features=[{','.join(FEATURES)}]"])
+    assert list(cfg.raft.calibration_features) == FEATURES
+
+
 def test_a_bad_choice_lists_the_choices_on_one_line():
     with pytest.raises(ConfigError) as err:
         _validate("sft", ["train.backend=tpu"])
