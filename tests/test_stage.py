@@ -233,7 +233,8 @@ def test_the_final_status_is_not_overwritten_by_a_late_heartbeat(tmp_path, monke
 
 def test_idle_openmp_threads_sleep_unless_the_user_chose_a_policy(monkeypatch):
     """Spinning OpenMP threads made a shared CPU several times slower; the user's setting wins."""
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "")  # so teardown restores what run_stage sets
+    monkeypatch.delenv("OMP_WAIT_POLICY")
     run_stage(lambda c: None, OmegaConf.create({}))
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
