@@ -217,6 +217,61 @@ def test_tiny_model_generate_respects_limits(tiny, schema):
     assert gen.generate(prompt).token_ids == res.token_ids
 
 
+def test_a_model_left_in_training_mode_answers_without_dropout(tiny_lm_path, schema):
+    """A model straight from a trainer (training mode, dropout on) answers the same way twice:
+    the generator switches it to inference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_lm_path, use_safetensors=True, attention_dropout=0.5
+    ).train()
+    tok = AutoTokenizer.from_pretrained(tiny_lm_path)
+    gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=8))
+    prompts = [_prompt(schema, tok, q) for q in ("Short?", "Where is the lake town?", "Why?")]
+    assert not model.training
+    assert [r.token_ids for r in gen.generate_batch(prompts, batch_size=3)] == [
+        r.token_ids for r in gen.generate_batch(prompts, batch_size=3)
+    ]
+
+
+def test_batched_generation_reports_each_finished_batch_for_progress(tiny, schema):
+    model, tok = tiny
+    gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=2))
+    prompts = [_prompt(schema, tok, "Q" * n + "?") for n in range(1, 6)]
+    done: list[int] = []
+    assert len(gen.generate_batch(prompts, batch_size=2, on_batch=done.append)) == 5
+    assert done == [2, 2, 1]
+
+
+def test_a_tokenizer_without_an_end_token_is_refused(tiny_lm_path, schema):
+    """Generation would never stop: say so before any answer is attempted."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ragtune.models import embedder_dir
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_path, use_safetensors=True)
+    model.generation_config.eos_token_id = None
+    bert = AutoTokenizer.from_pretrained(embedder_dir())  # [SEP], no end-of-text token
+    with pytest.raises(ValueError, match="no EOS token"):
+        Generator(model, bert, schema, GenerateConfig(max_new_tokens=2))
+
+
+def test_a_row_ends_at_its_first_end_token(tiny, schema):
+    """In a batch a row that ended early is padded after its end token: the padding is
+    neither text nor counted (the end token itself counts as generated)."""
+    model, tok = tiny
+    gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=8))
+    words = tok("Paris", add_special_tokens=False)["input_ids"]
+    end = min(gen.eos_ids)
+    res = gen._result([*words, end, *words, end], seconds=1.0, prompt_tokens=3)
+    assert (res.text, res.token_ids, res.new_tokens, res.stop_reason) == (
+        "Paris",
+        words,
+        len(words) + 1,
+        "eos",
+    )
+
+
 def test_batch_matches_single_greedy(tiny, schema):
     model, tok = tiny
     gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=8))
