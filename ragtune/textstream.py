@@ -41,8 +41,7 @@ class TextStream(PieceStream):
             skip_special_tokens=True,
             clean_up_tokenization_spaces=cleans_up(generator.tokenizer),
         )
-        self._row: list[int] = []
-        self._error: BaseException | None = None
+        self._out: dict = {"row": [], "error": None}  # what the worker thread hands back
         self._thread: threading.Thread | None = None
         self._it = self._run()
         self.result: GenerationResult | None = None
@@ -59,7 +58,13 @@ class TextStream(PieceStream):
         gen = self._gen
         ids = gen.encode(self._prompt)
         t0 = time.perf_counter()
-        self._thread = threading.Thread(target=self._work, args=(ids,), daemon=True)
+        # The worker holds no reference to this stream: a dropped stream is collected, and its
+        # finaliser (or its generator's) cancels the generation at the next token.
+        self._thread = threading.Thread(
+            target=_generate_into,
+            args=(gen, ids, self._decoding, self._streamer, self._cancel, self._out),
+            daemon=True,
+        )
         self._thread.start()
         raw = emitted = ""
         hit = False
@@ -79,27 +84,34 @@ class TextStream(PieceStream):
         # The worker ends right after the streamer's end; joining it means no thread is left
         # inside torch when the caller moves on (or the interpreter exits).
         self._thread.join(timeout=60)
-        if self._error is not None:
-            raise self._error
+        if self._out["error"] is not None:
+            raise self._out["error"]
         # The answer is read from the ids, exactly as generate() reads them.
-        result = gen._result(self._row, time.perf_counter() - t0, len(ids), stops=self._stops)
+        row = self._out["row"]
+        result = gen._result(row, time.perf_counter() - t0, len(ids), stops=self._stops)
         if tail := new_text(result.text, emitted):
             yield tail
         self.result = result
 
-    def _work(self, ids: list[int]) -> None:
-        gen = self._gen
-        ended = False
-        try:
-            with gen._turn(self._decoding):
-                if self._cancel.is_set():
-                    return
-                rows = gen._generate_ids(
-                    [ids], self._decoding, streamer=self._streamer, cancel=self._cancel
-                )
-                self._row, ended = rows[0], True
-        except BaseException as e:  # re-raised in the consumer
-            self._error = e
-        finally:
-            if not ended:  # generate() ends the streamer itself when it returns
-                self._streamer.end()
+
+def _generate_into(
+    gen: Generator,
+    ids: list[int],
+    decoding: Decoding,
+    streamer: TextIteratorStreamer,
+    cancel: threading.Event,
+    out: dict,
+) -> None:
+    """The worker: one row generated into ``streamer``; the row or the error goes to ``out``."""
+    ended = False
+    try:
+        with gen._turn(decoding):
+            if cancel.is_set():
+                return
+            rows = gen._generate_ids([ids], decoding, streamer=streamer, cancel=cancel)
+            out["row"], ended = rows[0], True
+    except BaseException as e:  # re-raised in the consumer
+        out["error"] = e
+    finally:
+        if not ended:  # generate() ends the streamer itself when it returns
+            streamer.end()

@@ -272,6 +272,30 @@ def test_a_row_ends_at_its_first_end_token(tiny, schema):
     )
 
 
+def test_a_dropped_stream_stops_its_generation(tiny, schema):
+    """A caller that stops reading and lets go of a stream (no close()) does not keep the
+    model busy: the generation ends at the next token, not at the token limit."""
+    import gc
+
+    model, tok = tiny
+    gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=100_000))
+    steps: list[int] = []
+    hook = model.register_forward_hook(lambda *a: steps.append(1))
+    try:
+        before = set(threading.enumerate())
+        stream = gen.stream(_prompt(schema, tok, "Tell me a long story?"))
+        first = next(iter(stream))
+        (worker,) = set(threading.enumerate()) - before
+        at_drop = len(steps)
+        del stream
+        gc.collect()
+        worker.join(timeout=120)
+    finally:
+        hook.remove()
+    # a model step or two may be under way when the stream goes; unstopped, it runs hundreds
+    assert first and not worker.is_alive() and len(steps) - at_drop <= 3
+
+
 def test_batch_matches_single_greedy(tiny, schema):
     model, tok = tiny
     gen = Generator(model, tok, schema, GenerateConfig(max_new_tokens=8))
