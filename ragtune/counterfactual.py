@@ -82,8 +82,11 @@ def names(question: str, initial: bool = True) -> list[str]:
     """
     found = []
     for m in _NAME.finditer(question):
-        # a sentence's full stop is not the name's ("of Kilrush."); an abbreviation's is ("U.S.")
-        text = _FULL_STOP.sub("", _POSSESSIVE.sub("", m.group(0).strip()))
+        text = _POSSESSIVE.sub("", m.group(0).strip())
+        # a request's closing full stop ("... of Kilrush.") is not the name's; an abbreviation
+        # keeps its own ("U.S.", "Michigan Inc. started")
+        if m.end() == len(question.rstrip()):
+            text = _FULL_STOP.sub("", text)
         if m.start() == 0:
             first, _, rest = text.partition(" ")
             if first.lower() in _OPENERS:

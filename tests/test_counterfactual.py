@@ -26,6 +26,7 @@ def test_names_are_the_capitalised_runs_and_numbers_not_the_question_word():
     # a request ends in a full stop, which is not part of the name; an abbreviation keeps its own
     assert names("Name the keeper of Kilrush.", initial=False) == ["Kilrush"]
     assert names("Which army did the U.S. send?") == ["U.S."]
+    assert names("What did Michigan Inc. start?") == ["Michigan Inc."]
 
 
 def test_a_name_the_context_mentions_is_swapped_for_an_on_topic_one_it_does_not():
