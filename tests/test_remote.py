@@ -230,3 +230,96 @@ def test_engine_settings_are_checked_early(tmp_path, overrides, needle):
     )
     with pytest.raises(ConfigError, match="generate.engine_url: is for ask and serve only"):
         validate(cfg, EVAL_TOP_LEVEL)
+
+
+# ---------------------------------------------------------------- requests, on a fake engine
+class _FakeEngine:
+    """An Engine's interface answering from memory; records what it was asked."""
+
+    url = "http://fake-engine/v1"
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        self.scored: list[int] = []
+
+    def complete(self, body: dict) -> dict:
+        self.bodies.append(body)
+        if "logit_bias" in body:  # the first token, blocked ids banned: a byte-level piece
+            return {"choices": [{"text": "\ufffd", "finish_reason": "length"}]}
+        return {"choices": [{"text": " rest", "finish_reason": "stop"}], "usage": {}}
+
+    def completion_logprobs(self, prompts, completions, batch_size, first_token):
+        # the likeliest continuation is the last one asked about
+        self.scored = [c[0] for c in completions]
+        sums = [float(i) for i in range(len(completions))]
+        return sums, [0.0] * len(prompts)
+
+
+def _fake_remote(tokenizer):
+    from ragtune.schema import get_schema
+
+    engine = _FakeEngine()
+    return engine, RemoteGenerator(engine, tokenizer, get_schema("alpaca_rag_short"))
+
+
+def test_sampled_requests_carry_a_seed_per_row_and_top_p_greedy_ones_neither(tokenizer):
+    engine, gen = _fake_remote(tokenizer)
+    gen.generate_batch(["a", "b", "c"], decoding=Decoding(temperature=0.7, top_p=0.9, seed=5))
+    assert sorted(b["seed"] for b in engine.bodies) == [5, 6, 7]  # n samples must differ
+    assert all(b["top_p"] == 0.9 and b["temperature"] == 0.7 for b in engine.bodies)
+    engine.bodies.clear()
+    gen.generate_batch(["a"], decoding=Decoding(temperature=0.7))
+    assert "seed" not in engine.bodies[0]  # no seed asked: the engine samples freely
+    engine.bodies.clear()
+    gen.generate_batch(["a"], decoding=Decoding(temperature=0.0, seed=5))
+    assert "seed" not in engine.bodies[0] and "top_p" not in engine.bodies[0]
+
+
+def test_a_first_token_several_vocabulary_entries_decode_to_is_the_engines_likeliest(tokenizer):
+    """The engine answers the blocked first step with text, not an id; where several entries
+    decode to that text (byte pieces all decode to U+FFFD), the rest of the answer continues
+    from the one the engine scores likeliest, never a blocked one."""
+    engine, gen = _fake_remote(tokenizer)
+    byte_piece = next(
+        i for i in range(len(tokenizer)) if tokenizer.decode([i]) == "\ufffd"
+    )  # precondition: a vocabulary entry the engine's text could be
+    got = gen.generate_batch(["a question"], block_first_tokens=[byte_piece])[0]
+    first, rest = engine.bodies
+    assert first["logit_bias"] == {str(byte_piece): -100}
+    assert len(engine.scored) > 1 and byte_piece not in engine.scored
+    assert all(tokenizer.decode([i]) == "\ufffd" for i in engine.scored)
+    assert rest["prompt"] == [*gen.encode("a question"), engine.scored[-1]]
+    assert got.text == "\ufffd rest"
+
+
+@pytest.mark.parametrize(
+    "body, shown",
+    [
+        ({"error": {"message": "The model 'm' does not exist.", "type": "NotFound"}}, "The model"),
+        ({"error": "overloaded"}, "overloaded"),
+        ({"detail": "Not Found"}, "Not Found"),
+    ],
+)
+def test_an_engines_refusal_shows_its_own_message(monkeypatch, body, shown):
+    """OpenAI's error object, a bare error string or FastAPI's detail: the line a user reads
+    carries the engine's words, not the JSON around them."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        return httpx.Response(404, json=body)
+
+    client = httpx.Client
+    monkeypatch.setattr(
+        httpx, "Client", lambda **kw: client(transport=httpx.MockTransport(answer), **kw)
+    )
+    engine = Engine("http://engine:8000")
+    with pytest.raises(EngineError) as e:
+        engine.complete({"prompt": [1], "max_tokens": 1})
+    assert str(e.value) == f"engine http://engine:8000/v1/completions answered 404: {_words(body)}"
+    assert shown in str(e.value) and "{" not in str(e.value)
+
+
+def _words(body: dict) -> str:
+    err = body.get("error")
+    return err["message"] if isinstance(err, dict) else err or body["detail"]
