@@ -124,12 +124,31 @@ def validate(cfg: DictConfig, top_level: dict[str, type] | None = None) -> DictC
                 cfg[key] = merged
         elif key not in top_level:
             raise ConfigError(f"unknown config key '{key}'")
+        else:
+            _check_type(str(key), cfg[key], top_level[key])
     for key, bounds in RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is not None:
             _check_range(key, value, *bounds)
     _check_combinations(cfg)
     return cfg
+
+
+def _check_type(key: str, value: Any, want: type) -> None:
+    """An entry point's own key: ``seed=soon`` is refused here, not deep inside a library."""
+    if value is None:
+        return
+    if want is str:  # Hydra reads question=2024 as a number: any single value is text
+        ok = not isinstance(value, DictConfig | ListConfig)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want is dict:
+        ok = isinstance(value, DictConfig)
+    else:
+        ok = isinstance(value, want)
+    if not ok:
+        name = {str: "text", int: "an integer", bool: "true or false", dict: "a mapping"}
+        raise ConfigError(f"{key}: must be {name.get(want, want.__name__)}, got {value!r}")
 
 
 def _check_range(

@@ -164,6 +164,39 @@ def test_bad_config_names_the_key(override, key):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("stage", "top_level", "override", "message"),
+    [
+        ("sft", "ragtune.training.recipe:SFT_TOP_LEVEL", "seed=soon", "seed: must be an integer"),
+        ("sft", "ragtune.training.recipe:SFT_TOP_LEVEL", "seed=true", "seed: must be an integer"),
+        ("eval", "ragtune.evaluate:EVAL_TOP_LEVEL", "output_dir=[a,b]", "output_dir: must be text"),
+        ("ask", "ragtune.rag:ASK_TOP_LEVEL", "json=yes", "json: must be true or false"),
+        (
+            "gen_qa",
+            "ragtune.qa_gen_stage:GEN_QA_TOP_LEVEL",
+            "gen_qa=3",
+            "gen_qa: must be a mapping",
+        ),
+    ],
+)
+def test_an_entry_points_own_key_of_the_wrong_type_is_named(stage, top_level, override, message):
+    """Before a library meets it (``seed=soon`` reached the trainer's set_seed)."""
+    import importlib
+
+    module, name = top_level.split(":")
+    with pytest.raises(ConfigError, match=message) as err:
+        needs_dir = stage != "ask" and "output_dir" not in override
+        overrides = [override, *(["output_dir=/tmp/x"] if needs_dir else [])]
+        validate(compose(stage, overrides), getattr(importlib.import_module(module), name))
+    assert "\n" not in str(err.value)
+
+
+def test_a_question_hydra_reads_as_a_number_is_still_a_question():
+    from ragtune.rag import ASK_TOP_LEVEL
+
+    assert validate(compose("ask", ["question=2024"]), ASK_TOP_LEVEL).question == 2024
+
+
 def test_entry_point_prints_the_composed_nemo_preset():
     out = subprocess.run(
         [sys.executable, "train/sft.py", "conf=nemo_rag", "--cfg", "job"],
