@@ -24,6 +24,7 @@ from ragtune.qa_filters import (
 )
 from ragtune.qa_gen import (
     ANSWERABLE,
+    FILTERS,
     UNANSWERABLE,
     GenQASettings,
     Job,
@@ -351,6 +352,13 @@ def test_end_to_end_on_three_documents(tmp_path, corpus3, tokenizer):
     assert rep["records"] == 2 and rep["unanswerable"] == 1
     assert rep["by_kind"][ANSWERABLE]["removed"]["unsupported"] == 1
     assert rep["by_kind"][ANSWERABLE]["removed"]["unparsable"] == 1
+    # each kind's own filters are listed; the cross-kind steps only where they removed some
+    assert list(rep["by_kind"][ANSWERABLE]["removed"]) == list(FILTERS[ANSWERABLE])
+    # every removed pair is kept with its reason, for the user to read why
+    rejected = [json.loads(x) for x in (result.qa_path.parent / "rejected.jsonl").open()]
+    removed = sum(sum(k["removed"].values()) for k in rep["by_kind"].values())
+    assert len(rejected) == removed >= 2
+    assert {"unsupported", "unparsable"} <= {r["reason"] for r in rejected}
     assert "2 records (1 answerable, 1 unanswerable)" in result.summary
     preview = (result.qa_path.parent / "preview.md").read_text()
     assert DOCS["harbour.md"] in preview and "How deep is the Velmora harbour?" in preview
@@ -432,6 +440,23 @@ def test_bad_gen_qa_value_names_the_key(tmp_path, corpus3):
         run_gen_qa(_cfg(tmp_path, corpus3, "gen_qa.unanswerable_fraction=1.5"))
     with pytest.raises(ConfigError, match="gen_qa.prompt: prompt variant 'chat_rag'"):
         run_gen_qa(_cfg(tmp_path, corpus3, "gen_qa.prompt=chat_rag"))
+
+
+def test_a_bad_top_level_value_is_refused_before_the_corpus_is_indexed(tmp_path, corpus3):
+    from ragtune.config import ConfigError
+    from ragtune.qa_gen_stage import run_gen_qa
+
+    with pytest.raises(ConfigError, match="seed"):
+        run_gen_qa(_cfg(tmp_path, corpus3, "seed=soon"))
+    assert not (tmp_path / "index").exists()
+
+
+def test_the_preview_says_when_a_records_chunk_left_the_index():
+    from ragtune.qa_gen_stage import preview
+
+    record = {"chunk_id": "gone", "kind": ANSWERABLE, "instruction": "Who?", "output": "Ada"}
+    text = preview([{**record, "source": "a.md"}], chunks={}, n=1)
+    assert "## answerable: Who?" in text and "(chunk no longer in the index)" in text
 
 
 def test_resuming_with_another_model_is_refused(tmp_path, corpus3, tokenizer):
