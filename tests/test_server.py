@@ -177,6 +177,10 @@ def test_models_ask_and_health(server):
     assert set(body) >= {"answer", "abstained", "sources", "latency_s"}
     assert body["sources"][0]["source"] == "materials/corvanite.md"
     assert isinstance(body["sources"][0]["start"], int)
+    assert "prompt" not in body  # the prompt only when asked for
+    ask = {"question": "Who developed Corvanite?", "max_tokens": 1, "with_prompt": True}
+    body = httpx.post(f"{base}/ask", json=ask, headers=auth).json()
+    assert body["new_tokens"] == 1 and "Corvanite" in body["prompt"]
     health = httpx.get(f"{base}/healthz").json()  # no key needed for health checks
     assert health["status"] == "ok" and health["served"] >= 1
 
@@ -207,7 +211,20 @@ def test_models_ask_and_health(server):
             "role",
         ),
         ("/v1/chat/completions", b"[1, 2]", 400, "malformed"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "x \\ud800"}]}]}',
+            400,
+            "surrogate",
+        ),
+        (
+            "/v1/chat/completions",
+            json.dumps({"messages": [{"role": "user", "content": "x"}], "stop": list("abcde")}),
+            400,
+            "at most 4 stop sequences",
+        ),
         ("/ask", b'{"question": ""}', 400, "question"),
+        ("/ask", b'{"question": "x", "max_tokens": 0}', 400, "max_tokens"),
         ("/ask", b'{"question": "x", "surprise": 1}', 400, "surprise"),
         ("/ask", json.dumps({"question": "why " * 1000}).encode(), 400, "too long"),
         ("/ask", b"\xff\xfe\x00garbage", 400, "malformed"),
