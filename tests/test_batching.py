@@ -487,3 +487,108 @@ def test_a_compiled_prefill_keeps_the_lone_answers_in_one_compilation(batch_prom
         assert compile_by_default(True) and not compile_by_default(False)  # on with compiled steps
         mp.setenv(COMPILE_ENV, "off")
         assert not compile_by_default(True)
+
+
+def test_without_buckets_a_lone_request_steps_alone(batch_prompts, decoder):
+    """The default step sizes: a lone request runs 1-row steps, a few share 8 rows, more all."""
+    fd, tok = decoder
+    wide = StepBatcher(fd, max_batch=32)
+    wide.close()
+    assert wide.buckets == [1, 8, 32]
+    batcher = StepBatcher(fd, max_batch=4)
+    steps: list[int] = []
+    step = batcher._step
+    batcher._step = lambda b, *a: steps.append(b) or step(b, *a)  # type: ignore[method-assign]
+    try:
+        ids = tok(batch_prompts[0])["input_ids"]
+        assert batcher.generate(ids, 4, eos_ids=[]) == fd.generate(ids, 4, eos_ids=[])
+    finally:
+        batcher.close()
+    assert batcher.buckets == [1, 4] and set(steps) == {1}
+
+
+def test_compiled_steps_compile_the_prefill_by_default(decoder, monkeypatch):
+    """With a compiled decoder the prompts' forward is compiled too, unless
+    RAGTUNE_PREFILL_COMPILE=off (nothing is compiled here: no request runs)."""
+    from ragtune.batchprefill import COMPILE_ENV
+
+    fd, tok = decoder
+    compiled = FastDecoder(fd.model, tok, max_seq_len=160, compile=True)
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    batcher = StepBatcher(compiled, max_batch=2)
+    batcher.close()
+    assert batcher.prefiller.compiled
+    monkeypatch.setenv(COMPILE_ENV, "off")
+    batcher = StepBatcher(compiled, max_batch=2)
+    batcher.close()
+    assert not batcher.prefiller.compiled
+
+
+def test_a_trace_lists_every_submitted_request(batch_prompts, decoder):
+    """``trace`` (the benches' breakdown): every request submitted, one with no budget too."""
+    fd, tok = decoder
+    batcher = StepBatcher(fd, max_batch=2)
+    try:
+        ids = tok(batch_prompts[1])["input_ids"]
+        batcher.submit(ids, 2, eos_ids=[]).result(timeout=60)  # not traced: no list yet
+        batcher.trace = []
+        reqs = [batcher.submit(ids, 2, eos_ids=[]), batcher.submit(ids, 0)]
+        assert reqs[0].result(timeout=60) == fd.generate(ids, 2, eos_ids=[])
+    finally:
+        batcher.close()
+    assert batcher.trace == reqs
+
+
+def test_a_request_cancelled_while_waiting_never_takes_a_row(batch_prompts, decoder):
+    """A client gone before its request got a row: the request ends, and the row it would have
+    had stays free for the next one."""
+    fd, tok = decoder
+    ids = tok(batch_prompts[1])["input_ids"]
+    batcher = StepBatcher(fd, max_batch=1)
+    gate, cycle = threading.Event(), batcher._cycle
+    gate.set()
+    batcher._cycle = lambda: gate.wait(60) and cycle()  # type: ignore[method-assign]
+    try:
+        stream = batcher.stream(ids, 100, eos_ids=[])
+        next(stream)  # the only row is busy
+        gate.clear()  # (the engine stops at its next cycle, the row still busy)
+        waiting = batcher.submit(ids, 5, eos_ids=[])
+        waiting.cancel()
+        stream.close()
+        gate.set()
+        assert waiting.result(timeout=60) == []
+        assert batcher.submit(ids, 3, eos_ids=[]).result(timeout=20) == fd.generate(
+            ids, 3, eos_ids=[]
+        )
+        assert batcher.requests == 2 and batcher.busy_rows == 0
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_a_failed_warm_up_is_logged_and_requests_still_run(batch_prompts, decoder, monkeypatch):
+    """A warm-up that fails is logged; the batcher still comes ready and answers (each request
+    pays the compile instead)."""
+    import logging
+
+    fd, tok = decoder
+
+    def broken(self) -> None:
+        raise RuntimeError("no graphs today")
+
+    monkeypatch.setattr(StepBatcher, "_warm", broken)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ragtune.batching")
+    logger.addHandler(handler)
+    batcher = StepBatcher(fd, max_batch=2, warmup=True)
+    try:
+        assert batcher.ready.wait(timeout=30)
+        ids = tok(batch_prompts[1])["input_ids"]
+        assert batcher.generate(ids, 3, eos_ids=[]) == fd.generate(ids, 3, eos_ids=[])
+    finally:
+        batcher.close()
+        logger.removeHandler(handler)
+    failed = [r for r in records if "warm-up failed" in r.getMessage()]
+    assert failed and failed[0].exc_info and "no graphs today" in str(failed[0].exc_info[1])
