@@ -592,3 +592,100 @@ def test_a_failed_warm_up_is_logged_and_requests_still_run(batch_prompts, decode
         logger.removeHandler(handler)
     failed = [r for r in records if "warm-up failed" in r.getMessage()]
     assert failed and failed[0].exc_info and "no graphs today" in str(failed[0].exc_info[1])
+
+
+def test_a_failed_request_raises_to_a_consumer_iterating_its_ids():
+    """The ids decoded before a failure come out first, then the failure (not a short answer)."""
+    from ragtune.batchstream import Request
+
+    req = Request([1, 2], 5, set(), [])
+    req.tokens.extend([7, 8])
+    req.finish(RuntimeError("the step broke"))
+    got: list[int] = []
+    with pytest.raises(RuntimeError, match="the step broke"):
+        for token in req:
+            got.append(token)
+    assert got == [7, 8]
+
+
+def test_a_batched_stream_comes_in_pieces_and_closing_it_unread_frees_its_row(decoder):
+    """Iterated in a thread, a batched answer comes in pieces as its tokens are decoded; a
+    stream closed before it was read cancels its request, so its row comes free at once."""
+    import time
+
+    from ragtune.generate import Decoding
+
+    plain, gen, prompts = _generators(decoder)
+    try:
+        stream = gen.stream(prompts[0])
+        pieces = list(stream)
+        assert len(pieces) > 3 and all(pieces)  # pieces, not the whole text at the end
+        assert "".join(pieces) == stream.result.text == plain.generate(prompts[0]).text
+        unread = gen.stream(prompts[3], Decoding(max_new_tokens=100, stop=("never",)))
+        unread.close()
+        assert unread._req.cancelled
+        deadline = time.time() + 30
+        while gen._batcher.busy_rows and time.time() < deadline:
+            time.sleep(0.05)
+        assert gen._batcher.busy_rows == 0 and len(unread._req.tokens) < 100
+    finally:
+        gen._batcher.close()
+
+
+def test_text_held_back_as_a_possible_stop_string_ends_the_stream(decoder):
+    """An answer that ends with the start of a stop string: that text is held back while the
+    answer may still complete the stop, and comes out as the stream's last piece."""
+    from ragtune.generate import Decoding
+
+    plain, gen, prompts = _generators(decoder)
+    answer = plain.generate(prompts[1]).text
+    held = answer[-2:]
+    decoding = Decoding(stop=(held + "~never~",))
+    try:
+        stream = gen.stream(prompts[1], decoding)
+        pieces = list(stream)
+    finally:
+        gen._batcher.close()
+    assert stream.result.text == answer == plain.generate(prompts[1], decoding).text
+    assert "".join(pieces) == answer and all(pieces) and pieces[-1].endswith(held)
+
+
+def test_a_stream_decodes_new_tokens_only_and_none_after_its_stop():
+    """The text is decoded where it is consumed (the server's event loop), so a wake-up that
+    brought no token decodes nothing, nor do the tokens still in flight after a stop string."""
+    from ragtune.batchstream import BatchedTextStream, Request
+
+    words = {1: "one ", 2: "two ", 3: "ST", 4: "OP", 5: "three "}
+
+    class FakeGenerator:
+        eos_ids = {0}
+
+        def __init__(self) -> None:
+            self._batcher, self.decoded = self, []
+
+        def stops_for(self, decoding):
+            return ["STOP"]
+
+        def encode(self, text):
+            return [1]
+
+        def max_new_for(self, prompt_tokens, decoding):
+            return 10
+
+        def submit(self, ids, max_new, eos, stops):
+            self.req = Request(ids, max_new, set(eos), stops)
+            return self.req
+
+        def decode(self, ids):
+            self.decoded.append(list(ids))
+            return "".join(words[t] for t in ids)
+
+    gen = FakeGenerator()
+    stream = BatchedTextStream(gen, "q")
+    gen.req.tokens.append(1)
+    assert stream._advance() == "one" and stream._advance() == ""
+    gen.req.tokens.extend([2, 3, 4])
+    assert stream._advance() == " two" and gen.req.cancelled  # the stop string ended it
+    gen.req.tokens.append(5)  # a step that was in flight
+    assert stream._advance() == ""
+    assert gen.decoded == [[1], [1, 2, 3, 4]]

@@ -167,3 +167,15 @@ def test_the_gpus_fp8_prompt_forward_compiles_once_for_every_length(tiny_lm_f32)
             first = pre._packed(2, t, pre.pack([prompt], [0], 2, t), kv)
             assert first.shape == (2,)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+
+
+def test_a_4bit_model_batches_on_dense_copies_of_its_weights(tiny_lm_f32, monkeypatch):
+    """server.batch_weights for a bitsandbytes 4-bit model without FP8 GEMMs (here: CPU):
+    dense 16-bit copies, whether asked for or chosen by auto; fp8 where asked for."""
+    import ragtune.fastweights
+    from ragtune.batchstream import batch_weights
+
+    model, _ = tiny_lm_f32
+    monkeypatch.setattr(ragtune.fastweights, "has_bnb_4bit", lambda m: m is model)
+    assert batch_weights(model, "dense") == batch_weights(model, "auto") == "dense"
+    assert batch_weights(model, "fp8") == "fp8"
