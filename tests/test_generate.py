@@ -428,3 +428,43 @@ def test_fast_flag_on_cuda_matches_the_standard_path(tiny_lm_path, schema):
     assert fast._fast is not None
     want = [r.token_ids for r in slow.generate_batch(prompts)]
     assert [fast.generate(p).token_ids for p in prompts] == want
+
+
+def test_text_held_back_as_a_possible_stop_string_is_the_streams_last_piece(tokenizer, schema):
+    """An answer that ends with the start of a stop string (the "#" of "C#", "### Instruction:"
+    may follow): held back while the answer may still complete the stop, it is the last piece."""
+    text = "The festival opens with an overture in C#"
+    _, gen = _scripted(tokenizer, schema, text, max_new_tokens=60)
+    prompt = _prompt(schema, tokenizer)
+    stream = gen.stream(prompt)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.result.text == gen.generate(prompt).text
+    assert all(pieces) and pieces[-1] == "#" and stream.result.stop_reason == "eos"
+
+
+class BrokenLM(ScriptedLM):
+    def generate(self, *args, **kwargs):
+        raise RuntimeError("the model broke")
+
+
+def test_a_failed_streamed_generation_raises_to_its_reader(tokenizer, schema):
+    """An error in the worker thread reaches the thread reading the stream (it neither hangs
+    nor gets an empty answer), and the generator is free for the next request."""
+    model = BrokenLM([], tokenizer.eos_token_id)
+    gen = Generator(model, tokenizer, schema, GenerateConfig(max_new_tokens=8))
+    stream = gen.stream(_prompt(schema, tokenizer))
+    caught: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            list(stream)
+        except RuntimeError as e:
+            caught.append(e)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the reader hangs: the streamer was never ended"
+    assert [str(e) for e in caught] == ["the model broke"] and stream.result is None
+    assert gen._lock.acquire(timeout=5)
+    gen._lock.release()
