@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -473,6 +474,94 @@ def test_load_model_errors_name_the_folder(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "/no/such/base"}')
     with pytest.raises(LoadError, match="base model"):
         load_model(str(tmp_path))
+
+
+def test_a_peft_adapter_without_ragtune_train_json_loads_the_base_its_adapter_config_names(
+    lora_run, tmp_path
+):
+    """An adapter saved by PEFT alone (no ragtune_train.json, no manifest) names its base only
+    in adapter_config.json; that base is loaded and the adapter merged into it."""
+    import shutil
+
+    from ragtune.loading import load_model
+    from ragtune.modelcard import TRAIN_INFO
+
+    folder = tmp_path / "peft-adapter"
+    shutil.copytree(lora_run.model_dir, folder)
+    (folder / TRAIN_INFO).unlink()
+    assert not (folder / "manifest.json").exists()
+    model, _ = load_model(str(folder))
+    trained, _ = load_model(str(lora_run.model_dir))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[name], trained.state_dict()[name])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_cuda_asked_for_without_a_gpu_is_refused_before_any_model_loads(
+    tiny_lm_path, no_model_loads
+):
+    from ragtune.loading import LoadError, load_model
+
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(LoadError, match=f"device='{device}' was asked for but no CUDA GPU"):
+            load_model(tiny_lm_path, device=device)
+    assert no_model_loads == []
+
+
+def _copy_model(src: str, dest: Path, **save) -> Path:
+    """A model folder saved from ``src``; ``save`` sets the weights' dtype or drops the
+    tokenizer's pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=save.get("dtype", torch.float32))
+    model.save_pretrained(dest)
+    tok = AutoTokenizer.from_pretrained(src)
+    if save.get("no_pad"):
+        tok.pad_token = None
+    tok.save_pretrained(dest)
+    return dest
+
+
+def test_weights_load_as_float32_on_cpu_unless_a_dtype_is_asked_for(tiny_lm_path, tmp_path):
+    """dtype=auto on CPU is float32 whatever the folder holds (merged_16bit saves bfloat16:
+    emulated on CPU); a named dtype is the weights' dtype."""
+    from ragtune.loading import LoadError, load_model
+
+    folder = _copy_model(tiny_lm_path, tmp_path / "bf16", dtype=torch.bfloat16)
+    for dtype, want in [
+        ("auto", torch.float32),
+        ("float32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("float16", torch.float16),
+    ]:
+        model, _ = load_model(str(folder), device="cpu", dtype=dtype)
+        assert {p.dtype for p in model.parameters()} == {want}, dtype
+    with pytest.raises(LoadError, match="dtype must be auto, float32, bfloat16 or float16"):
+        load_model(str(folder), device="cpu", dtype="float64")
+
+
+def test_a_damaged_model_folder_is_one_line_naming_it(tiny_lm_path, tmp_path):
+    from ragtune.loading import LoadError, load_model
+
+    folder = _copy_model(tiny_lm_path, tmp_path / "damaged")
+    (folder / "model.safetensors").write_bytes(b"half a model")
+    with pytest.raises(LoadError) as e:
+        load_model(str(folder), device="cpu")
+    msg = str(e.value)
+    assert msg.startswith(f"cannot load a model from {folder}: ") and "\n" not in msg
+    # the library's error: its type and its first line
+    assert re.search(r": \w+(Error|Exception): \S", msg), msg
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token(tiny_lm_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ragtune.loading import load_model
+
+    folder = _copy_model(tiny_lm_path, tmp_path / "no-pad", no_pad=True)
+    assert AutoTokenizer.from_pretrained(folder).pad_token is None
+    _, tok = load_model(str(folder), device="cpu")
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
 
 
 def test_completion_only_head_gives_the_full_models_loss(tiny_lm_path):
