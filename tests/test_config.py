@@ -336,3 +336,26 @@ def test_gradient_checkpointing_reaches_both_training_steps(
     sft = sft_config(cfg, tmp_path, precision, cuda=False, backend=backend)
     cpo = cpo_config(cfg, tmp_path, precision, cuda=False, backend=backend)
     assert sft.gradient_checkpointing is cpo.gradient_checkpointing is expected
+
+
+def test_an_interpolation_that_cannot_resolve_is_one_line_naming_it():
+    with pytest.raises(ConfigError) as err:
+        _validate("sft", ["retriever.persist_dir=${no_such.key}"])
+    assert "no_such.key" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_value_where_a_list_belongs_names_the_key():
+    with pytest.raises(ConfigError) as err:
+        _validate("sft", ["raft.calibration_features=margin"])
+    msg = str(err.value)
+    assert msg.startswith("raft.calibration_features: ") and "\n" not in msg
+
+
+def test_a_validated_config_still_refuses_keys_it_does_not_have():
+    """validate unlocks the config to put the typed groups in, then locks it again: code that
+    writes a misspelt key fails instead of adding one."""
+    from omegaconf.errors import ConfigAttributeError
+
+    cfg = _validate("sft")
+    with pytest.raises(ConfigAttributeError):
+        cfg.retreiver = {"k": 3}
