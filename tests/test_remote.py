@@ -323,3 +323,47 @@ def test_an_engines_refusal_shows_its_own_message(monkeypatch, body, shown):
 def _words(body: dict) -> str:
     err = body.get("error")
     return err["message"] if isinstance(err, dict) else err or body["detail"]
+
+
+def test_a_generation_only_stream_ends_as_a_whole_answer_does_then_done(engine, local):
+    """The streamed continuation's last event carries what the whole answer's choice does
+    (finish_reason, the stop string that ended it) and its usage; then ``[DONE]``."""
+    url = f"{engine}/v1/completions"
+    ids = local.generator.encode(local.prepare(QUESTIONS[0]).prompt)
+    plain = {"prompt": ids, "max_tokens": 8, "temperature": 0}
+    stop = httpx.post(url, json=plain).json()["choices"][0]["text"].split()[-1]
+    for body in (plain, {**plain, "stop": [stop]}):
+        want = httpx.post(url, json=body).json()
+        with httpx.stream("POST", url, json={**body, "stream": True}) as r:
+            data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        events = [json.loads(d) for d in data[:-1]]
+        assert len(events) > 2  # it did stream
+        last = events[-1]["choices"][0]
+        ending = {k: want["choices"][0][k] for k in ("finish_reason", "stop_reason")}
+        assert {k: last[k] for k in ending} == ending
+        assert events[-1]["usage"] == want["usage"]
+        assert want["usage"]["prompt_tokens"] == len(ids)
+    assert ending["stop_reason"] == stop  # the second body's: a stop string ended it
+
+
+def test_a_stream_that_cannot_start_is_answered_as_an_error_and_frees_the_model(
+    engine, local, monkeypatch
+):
+    """An error starting a streamed continuation is the request's answer (a ragtune error:
+    400 naming it), and the model's turn is given back for the next request."""
+    from ragtune.batching import BatchingError
+    from ragtune.generate import Generator
+
+    def refuse(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        raise BatchingError("the batcher has stopped")
+
+    url = f"{engine}/v1/completions"
+    ids = local.generator.encode(local.prepare(QUESTIONS[0]).prompt)
+    body = {"prompt": ids, "max_tokens": 2, "stream": True}
+    with monkeypatch.context() as mp:
+        mp.setattr(Generator, "stream", refuse)
+        r = httpx.post(url, json=body)
+    assert r.status_code == 400 and "the batcher has stopped" in r.json()["error"]["message"]
+    r = httpx.post(url, json=body, timeout=60)
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
