@@ -111,7 +111,7 @@ def validate(cfg: DictConfig, top_level: dict[str, type] | None = None) -> DictC
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
+        raise ConfigError(_one_line(_first_unresolvable(cfg) or e)) from None
     for key in cfg:
         if key == "hydra":
             continue
@@ -276,6 +276,19 @@ def _check_model_name(name: str) -> None:
         _resolve_other(name, "model")
     except ModelNotFoundError as e:
         raise ConfigError(f"model.name_or_path: {e}") from None
+
+
+def _first_unresolvable(node: DictConfig | ListConfig) -> OmegaConfBaseException | None:
+    """The error of the first value that cannot resolve, read where it sits: resolving the
+    whole config says which interpolation failed but not which key holds it."""
+    for key in node.keys() if isinstance(node, DictConfig) else range(len(node)):
+        try:
+            value = node[key]
+        except OmegaConfBaseException as e:
+            return e
+        if isinstance(value, DictConfig | ListConfig) and (found := _first_unresolvable(value)):
+            return found
+    return None
 
 
 def _one_line(e: OmegaConfBaseException, prefix: str = "") -> str:

@@ -341,6 +341,7 @@ def test_gradient_checkpointing_reaches_both_training_steps(
 def test_an_interpolation_that_cannot_resolve_is_one_line_naming_it():
     with pytest.raises(ConfigError) as err:
         _validate("sft", ["retriever.persist_dir=${no_such.key}"])
+    assert str(err.value).startswith("retriever.persist_dir: ")  # the key that holds it
     assert "no_such.key" in str(err.value) and "\n" not in str(err.value)
 
 
