@@ -12,7 +12,10 @@ this prompt. Features per answer (:class:`AnswerFeatures`):
 - ``abstain_logodds``: ``p_abstain_first`` as log-odds;
 - ``abstain_logodds_rotated``: ``abstain_logodds`` averaged over the context's rotations (each
   chunk first once), computed only when a pipeline is asked to (``rotate_context``, or a
-  calibration that weighs it): a reading that does not hang on where the evidence sits.
+  calibration that weighs it): a reading that does not hang on where the evidence sits;
+- ``abstain_logodds_chunk``: the lowest abstain log-odds of the context's chunks, each read
+  alone as the whole context (the chunk that most looks like it holds the answer), computed
+  only when a pipeline is asked to (``read_chunks``, or a calibration that weighs it).
 
 A score is a weighted sum of these: those ``raft.calibration_features`` names among
 :data:`CHOICES` (by default ``abstain_logodds`` and ``retrieval``; :data:`FEATURES`, the six
@@ -42,9 +45,10 @@ from ragtune.roc import auroc
 FEATURES = ("margin", "mean_lp", "lp_abstain", "p_abstain_first", "grounded", "retrieval")
 # what a mix may weigh (raft.calibration_features): the six above, and the first-token
 # probability as log-odds (it saturates near 0 and 1, where a weight on the probability is flat)
-CHOICES = (*FEATURES, "abstain_logodds", "abstain_logodds_rotated")
-# the one feature that costs extra forward passes (one prompt per further rotation)
+CHOICES = (*FEATURES, "abstain_logodds", "abstain_logodds_rotated", "abstain_logodds_chunk")
+# the features that cost extra forward passes (one prompt per further rotation / per chunk)
 ROTATED = "abstain_logodds_rotated"
+CHUNK = "abstain_logodds_chunk"
 # The default score until a model's manifest carries fitted weights: the model's own
 # log-odds of its answer against the abstain answer, per answer token.
 DEFAULT_WEIGHTS: dict[str, float] = {"margin": 1.0}
@@ -61,6 +65,7 @@ class AnswerFeatures:
     grounded: float
     retrieval: float = 0.0
     abstain_logodds_rotated: float | None = None  # None: not computed for this answer
+    abstain_logodds_chunk: float | None = None  # None: not computed for this answer
 
     @property
     def mean_lp(self) -> float:
@@ -120,6 +125,7 @@ def answer_features(
     retrieval_scores: Sequence[float] | None = None,
     batch_size: int = 16,
     views: Sequence[Sequence[str]] | None = None,
+    chunk_views: Sequence[Sequence[str]] | None = None,
 ) -> list[AnswerFeatures]:
     """Features of each (prompt, answer): batched forward passes over prompt + answer and
     prompt + abstain answer (the prompt is encoded exactly as training encoded it).
@@ -127,16 +133,22 @@ def answer_features(
     ``views``: per prompt, the same question rendered with its context in other orders
     (:func:`rotations`); their abstain first-token log-odds, averaged with the prompt's own,
     give ``abstain_logodds_rotated`` (otherwise None). A prompt without views averages itself.
+    ``chunk_views``: per prompt, the same question rendered with each chunk of its context
+    alone; the lowest of their abstain log-odds is ``abstain_logodds_chunk`` (otherwise None;
+    a prompt without chunk views reads as itself).
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    if views is not None and len(views) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(views)} sets of views")
+    for name, extra in (("views", views), ("chunk views", chunk_views)):
+        if extra is not None and len(extra) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(extra)} sets of {name}")
     p_ids = [schema.encode_prompt(tokenizer, p) for p in prompts]
     a_ids = [_completion_ids(tokenizer, a) for a in answers]
     abstain = _completion_ids(tokenizer, schema.abstain)
     owner = [i for i, vs in enumerate(views or ()) for _ in vs]
+    c_owner = [i for i, vs in enumerate(chunk_views or ()) for _ in vs]
     v_ids = [schema.encode_prompt(tokenizer, v) for vs in views or () for v in vs]
+    v_ids += [schema.encode_prompt(tokenizer, v) for vs in chunk_views or () for v in vs]
     n = len(p_ids)  # one batched pass over every completion: on CPU ~1.5x faster than two
     lp, firsts = _logprobs(
         model,
@@ -148,8 +160,11 @@ def answer_features(
     )
     lp_ans, lp_abs, first = lp[:n], lp[n : 2 * n], firsts[:n]
     read = [[logodds(p)] for p in first]
-    for i, p in zip(owner, firsts[2 * n :], strict=True):
+    for i, p in zip(owner, firsts[2 * n : 2 * n + len(owner)], strict=True):
         read[i].append(logodds(p))
+    alone: list[list[float]] = [[] for _ in range(n)]
+    for i, p in zip(c_owner, firsts[2 * n + len(owner) :], strict=True):
+        alone[i].append(logodds(p))
     out = []
     for i, answer in enumerate(answers):
         ctx = contexts[i] if contexts is not None else None
@@ -162,9 +177,25 @@ def answer_features(
                 grounded=grounded(answer, ctx),
                 retrieval=float(retrieval_scores[i]) if retrieval_scores is not None else 0.0,
                 abstain_logodds_rotated=None if views is None else sum(read[i]) / len(read[i]),
+                abstain_logodds_chunk=None
+                if chunk_views is None
+                else min(alone[i], default=read[i][0]),
             )
         )
     return out
+
+
+def abstain_readings(
+    model: Any, tokenizer: Any, schema: Any, prompts: Sequence[str], batch_size: int = 16
+) -> list[float]:
+    """The abstain answer's first-token log-odds after each prompt: how surely the model would
+    abstain (the reading a reranker orders chunks by, each rendered alone as the context)."""
+    if not prompts:
+        return []
+    abstain = _completion_ids(tokenizer, schema.abstain)[:1]
+    ids = [schema.encode_prompt(tokenizer, p) for p in prompts]
+    _, firsts = _logprobs(model, tokenizer, ids, [abstain] * len(ids), batch_size, abstain[0])
+    return [logodds(p) for p in firsts]
 
 
 def combine(
@@ -184,7 +215,8 @@ def feature(f: AnswerFeatures, name: str) -> float:
     if value is None:
         raise ValueError(
             f"answerability feature {name!r} was not computed for this answer "
-            "(a pipeline computes it with rotate_context=True, or when its calibration weighs it)"
+            "(a pipeline computes it with rotate_context=True / read_chunks=True, or when its "
+            "calibration weighs it)"
         )
     return float(value)
 
@@ -412,13 +444,14 @@ def assess(
     calibration: Calibration | None = None,
     batch_size: int = 8,
     views: Sequence[Sequence[str]] | None = None,
+    chunk_views: Sequence[Sequence[str]] | None = None,
 ) -> list[Assessment]:
     """Score each generated answer and, with a calibration, apply its decision.
 
     An answer that abstained is replaced by its blocked candidate for scoring, so every
     question gets a score. Without a calibration the answers stay as generated (scores are
     still reported, for AUROC); with one, the candidate is given when its score reaches the
-    threshold, else the abstain answer. ``views``: see :func:`answer_features`.
+    threshold, else the abstain answer. ``views``, ``chunk_views``: see :func:`answer_features`.
     """
     schema = generator.schema
     cands = list(answers)
@@ -438,6 +471,7 @@ def assess(
             retrieval_scores,
             batch_size,
             views,
+            chunk_views,
         )
     if calibration is None:
         scores = combine(feats)

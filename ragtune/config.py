@@ -184,6 +184,11 @@ def _check_combinations(cfg: DictConfig) -> None:
             "retriever.fetch_k",
             f"must be >= retriever.k ({r.k}), got {r.fetch_k}",
         )
+        need(
+            r.reader_rerank == 0 or r.reader_rerank > r.k,
+            "retriever.reader_rerank",
+            f"must be 0 (off) or more than retriever.k ({r.k}), got {r.reader_rerank}",
+        )
     if "raft" in cfg:
         need(
             len(cfg.raft.calibration_features) > 0,

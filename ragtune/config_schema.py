@@ -96,6 +96,7 @@ class AnswerFeature(StrEnum):
     p_abstain_first = "p_abstain_first"
     abstain_logodds = "abstain_logodds"
     abstain_logodds_rotated = "abstain_logodds_rotated"
+    abstain_logodds_chunk = "abstain_logodds_chunk"
     grounded = "grounded"
     retrieval = "retrieval"
 
@@ -131,6 +132,7 @@ class RetrieverConfig:
     chunk_unit: ChunkUnit
     k: int
     fetch_k: int
+    reader_rerank: int
     dedup_cosine: float
     dedup_overlap: float
     hybrid: bool

@@ -35,9 +35,11 @@ from tqdm.auto import tqdm
 
 from ragtune.answer import Answer, AnswerStream, Prepared
 from ragtune.answerability import (
+    CHUNK,
     MANIFEST_KEY,
     ROTATED,
     Calibration,
+    abstain_readings,
     assess,
     is_abstained,
     rotations,
@@ -81,6 +83,10 @@ class RagPipeline:
     scores with the uncalibrated margin and leaves the answers as generated).
     ``rotate_context``: also read the abstain log-odds with the context in its other orders
     (``abstain_logodds_rotated``; always on when the calibration weighs that feature).
+    ``read_chunks``: also read it with each chunk of the context alone
+    (``abstain_logodds_chunk``; always on when the calibration weighs that feature).
+    With ``retriever.reader_rerank`` = n > k, the context is the k of the top n candidates
+    that this model, reading each alone, is least sure to abstain on (in retrieval order).
     """
 
     def __init__(
@@ -98,6 +104,7 @@ class RagPipeline:
         context_cache: dict[tuple, tuple[list[Chunk], float]] | None = None,
         scoring: bool | None = None,
         rotate_context: bool = False,
+        read_chunks: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -115,6 +122,7 @@ class RagPipeline:
         self.scoring = self.calibration is not None if scoring is None else bool(scoring)
         weighs = self.calibration.weights if self.calibration is not None else {}
         self.rotate_context = bool(rotate_context) or ROTATED in weighs
+        self.read_chunks = bool(read_chunks) or CHUNK in weighs
         self._recent: dict[str, list[Chunk]] = {}  # question -> chunks (LangChain chains)
         self._recent_lock = threading.Lock()
 
@@ -270,16 +278,38 @@ class RagPipeline:
         if self.context_cache is not None:
             if self._cache_key is None:
                 settings = json.dumps(self.retriever.settings(), sort_keys=True, default=str)
-                self._cache_key = (settings, tokenizer_key(self.tokenizer))
+                # a reranked context is this model's reading too, not only the index's
+                reader = self.name if self._rerank_n() else ""
+                self._cache_key = (settings, tokenizer_key(self.tokenizer), reader)
             key = (*self._cache_key, query, budget)
             if key in self.context_cache:
                 return self.context_cache[key]
         t0 = time.perf_counter()
-        chunks = self.retriever.retrieve(query, budget_tokens=budget)
+        n = self._rerank_n()
+        if n:
+            chunks = self.retriever.fit(self._reranked(query, n), budget)
+        else:
+            chunks = self.retriever.retrieve(query, budget_tokens=budget)
         got = (chunks, time.perf_counter() - t0)
         if key is not None:
             self.context_cache[key] = got  # type: ignore[index]
         return got
+
+    def _rerank_n(self) -> int:
+        """How many candidates the model reads for each context (0: the retriever's top k)."""
+        rcfg = getattr(self.retriever, "rcfg", None)
+        n = int(getattr(rcfg, "reader_rerank", 0) or 0)
+        return n if n > int(getattr(rcfg, "k", 0) or 0) else 0
+
+    def _reranked(self, query: str, n: int) -> list[Chunk]:
+        """The retriever's k of its top ``n`` candidates that this model, reading each chunk
+        alone as the context, is least sure to abstain on; kept in retrieval order."""
+        cands = self.retriever.candidates(query, n)
+        prompts = [self.render(query, "", [c]) for c in cands]
+        with self.generator.exclusive():  # a server's other threads wait, as for a generation
+            readings = abstain_readings(self.model, self.tokenizer, self.schema, prompts)
+        keep = sorted(range(len(cands)), key=lambda i: readings[i])[: self.retriever.rcfg.k]
+        return [cands[i] for i in sorted(keep)]
 
     def render(self, question: str, input: str = "", chunks: Sequence[Chunk] | None = None) -> str:
         """The exact prompt text for a question and its context."""
@@ -422,6 +452,11 @@ class RagPipeline:
                     for p in prepared
                 ]
                 if self.rotate_context
+                else None,
+                chunk_views=[
+                    [self.render(p.question, p.input, [c]) for c in p.chunks] for p in prepared
+                ]
+                if self.read_chunks
                 else None,
             )
             extra = (time.perf_counter() - t0) / len(prepared)

@@ -126,6 +126,7 @@ class Retriever:
             "chunk_unit": r.chunk_unit,
             "k": r.k,
             "fetch_k": r.fetch_k,
+            "reader_rerank": r.reader_rerank,
             "dedup_cosine": r.dedup_cosine,
             "dedup_overlap": r.dedup_overlap,
             "hybrid": r.hybrid,

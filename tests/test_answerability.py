@@ -330,6 +330,49 @@ def test_rotated_logodds_is_the_mean_over_the_context_s_orders(tiny_lm_path):
         answer_features(model, tok, schema, prompts, answers, None, views=views[:1])
 
 
+def test_chunk_logodds_is_the_most_answerable_chunk_read_alone(tiny_lm_path):
+    """``abstain_logodds_chunk`` is the lowest abstain log-odds of the prompt's chunks, each
+    rendered alone as the context and read as a prompt of its own (``abstain_readings``); a
+    prompt without chunk views reads as itself; the other features stay the prompt's own."""
+    from ragtune.answerability import abstain_readings
+
+    schema = get_schema("alpaca_rag_short")
+    chunks = ["The harbor was built by Marlowe.", "Roses grow here.", "The mill is old."]
+
+    def render(q, cs):
+        return schema.render_prompt(PromptFields(q, "", cs))
+
+    model, tok, schema = _train_tiny(
+        tiny_lm_path,
+        [
+            (render("Who built the harbor?", chunks[:1]), "Marlowe"),
+            (render("Who built the harbor?", chunks[1:2]), schema.abstain),
+        ],
+        steps=20,
+    )
+    qs, answers = ["Who built the harbor?", "What grows here?"], ["Marlowe", "Roses"]
+    prompts = [render(q, chunks) for q in qs]
+    singles = [[render(qs[0], [c]) for c in chunks], []]  # the second has none
+    plain = answer_features(model, tok, schema, prompts, answers, None)
+    read = answer_features(model, tok, schema, prompts, answers, None, chunk_views=singles)
+    assert {f.abstain_logodds_chunk for f in plain} == {None}
+    alone = [  # each chunk alone, as the prompt itself (padding in a mixed batch must not leak)
+        answer_features(model, tok, schema, [p], [answers[0]], None)[0].abstain_logodds
+        for p in singles[0]
+    ]
+    assert max(alone) - min(alone) > 1e-3, "precondition: the chunks read differently"
+    assert read[0].abstain_logodds_chunk == pytest.approx(min(alone), abs=1e-4)
+    assert read[1].abstain_logodds_chunk == pytest.approx(read[1].abstain_logodds)
+    assert abstain_readings(model, tok, schema, singles[0]) == pytest.approx(alone, abs=1e-4)
+    assert abstain_readings(model, tok, schema, []) == []
+    for f, g in zip(plain, read, strict=True):
+        assert (f.lp_answer, f.lp_abstain, f.p_abstain_first) == pytest.approx(
+            (g.lp_answer, g.lp_abstain, g.p_abstain_first), abs=1e-4
+        )
+    with pytest.raises(ValueError, match="2 prompts but 1 sets of chunk views"):
+        answer_features(model, tok, schema, prompts, answers, None, chunk_views=singles[:1])
+
+
 def test_a_feature_not_computed_is_named_not_read_as_zero():
     from ragtune.answerability import AnswerFeatures, combine
 
@@ -608,7 +651,18 @@ def scored_by_retrieval(monkeypatch):
     from ragtune import answerability
     from ragtune.answerability import AnswerFeatures
 
-    def features(model, tokenizer, schema, prompts, answers, contexts, retrieval, batch, views):
+    def features(
+        model,
+        tokenizer,
+        schema,
+        prompts,
+        answers,
+        contexts,
+        retrieval,
+        batch,
+        views,
+        chunk_views=None,
+    ):
         return [AnswerFeatures(-1.0, 1, -1.0, 0.5, 0.0, float(r)) for r in retrieval]
 
     monkeypatch.setattr(answerability, "answer_features", features)

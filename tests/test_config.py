@@ -134,6 +134,8 @@ def test_outputs_root_is_configurable(monkeypatch, tmp_path):
         ("retriever.chunk_overlap=1000", "retriever.chunk_overlap"),
         ("retriever.k=0", "retriever.k"),
         ("retriever.k=three", "retriever.k"),
+        ("retriever.reader_rerank=2", "retriever.reader_rerank"),  # not more than k (3)
+        ("retriever.reader_rerank=-1", "retriever.reader_rerank"),
         ("+retriever.bogus=1", "retriever.bogus"),
         ("+bogus=1", "bogus"),
         ("model.name_or_path=./no/such/model", "model.name_or_path"),

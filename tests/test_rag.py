@@ -640,6 +640,84 @@ def test_a_decision_weighing_the_rotated_reading_reads_every_order_of_the_contex
     assert plain.features.abstain_logodds == pytest.approx(f.abstain_logodds, abs=1e-5)
 
 
+def test_reader_rerank_keeps_the_k_candidates_the_model_is_least_sure_to_abstain_on(
+    pipeline, monkeypatch
+):
+    """``retriever.reader_rerank`` = n > k: the model reads each of the top n candidates alone
+    (the question rendered with that chunk as the whole context) and the context is the k it
+    is least sure to abstain on, in retrieval order; 0 leaves the retriever's top k."""
+    import copy
+    import dataclasses
+
+    import ragtune.rag as rag
+    from ragtune.rag import RagPipeline
+
+    read: list[list[str]] = []
+
+    def readings(model, tokenizer, schema, prompts, batch_size=16):
+        read.append(list(prompts))
+        return [-float(i) for i in range(len(prompts))]  # the later a candidate, the surer
+
+    monkeypatch.setattr(rag, "abstain_readings", readings)
+
+    def make(n):
+        r = copy.copy(pipeline.retriever)
+        r.rcfg = dataclasses.replace(r.rcfg, reader_rerank=n)
+        return RagPipeline(
+            pipeline.model, pipeline.tokenizer, pipeline.schema, r, max_seq_length=1024
+        )
+
+    q = "Where is Velmora?"
+    k = pipeline.retriever.rcfg.k
+    cands = pipeline.retriever.candidates(q, k + 1)
+    assert len(cands) == k + 1 >= 3, "precondition: more candidates than the context takes"
+    got = make(k + 1).answer(q).chunks
+    assert [c.id for c in got] == [c.id for c in cands[1:]]
+    assert read == [[pipeline.render(q, "", [c]) for c in cands]]
+    read.clear()
+    plain = make(0).answer(q).chunks
+    assert read == [] and [c.id for c in plain] == [c.id for c in cands[:k]]
+
+
+def test_a_decision_weighing_the_chunk_reading_reads_each_chunk_alone(pipeline, monkeypatch):
+    """A calibration that weighs ``abstain_logodds_chunk`` makes the pipeline read the question
+    with each chunk of its context alone; one that does not spends no passes on it."""
+    from ragtune import answerability
+    from ragtune.answerability import MANIFEST_KEY, Calibration
+    from ragtune.rag import RagPipeline
+
+    seen: list = []
+    real = answerability.answer_features
+
+    def spy(*args, **kw):
+        seen.append(kw.get("chunk_views", args[9] if len(args) > 9 else None))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(answerability, "answer_features", spy)
+
+    def make(weights):
+        cal = Calibration(threshold=-1e9, weights=weights)
+        return RagPipeline(
+            pipeline.model,
+            pipeline.tokenizer,
+            pipeline.schema,
+            pipeline.retriever,
+            max_seq_length=pipeline.max_seq_length,
+            manifest={MANIFEST_KEY: cal.to_dict()},
+        )
+
+    q = "On which day is the Lantern Tide festival held in Velmora?"
+    chunked = make({"abstain_logodds_chunk": 1.0, "retrieval": 1.0})
+    ans = chunked.answer(q)
+    assert len(ans.chunks) >= 2, "precondition: a context of more than one chunk"
+    assert seen == [[[chunked.render(q, "", [c]) for c in ans.chunks]]]
+    f = ans.features
+    assert ans.score == pytest.approx(f.abstain_logodds_chunk + f.retrieval)
+    seen.clear()
+    plain = make({"abstain_logodds": 1.0, "retrieval": 1.0}).answer(q)
+    assert seen == [None] and plain.features.abstain_logodds_chunk is None
+
+
 def test_recall_finds_each_question_a_chain_retrieved(pipeline, monkeypatch):
     """A LangChain batch retrieves every question before it generates; the decision then needs
     each prompt's own question and chunks back (``finish_prompt``), and none for a prompt

@@ -89,7 +89,7 @@ def save_validation(records: list[Any], dataset_dir: Path) -> None:
 def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: Path) -> Any:
     """Fit the decision on the held-out questions of ``run_dir``; None when there are none
     (or the fit says nothing useful). Returns a :class:`ragtune.answerability.Calibration`."""
-    from ragtune.answerability import FEATURES, ROTATED, fit_calibration
+    from ragtune.answerability import CHUNK, FEATURES, ROTATED, fit_calibration
     from ragtune.loading import load_model
     from ragtune.metrics import f1_score, max_over_gold
     from ragtune.qa import gold_answers, load_qa
@@ -119,6 +119,7 @@ def calibrate(cfg: Any, schema: Any, model_dir: Path, retriever: Any, run_dir: P
         name="calibration",
         scoring=True,
         rotate_context=ROTATED in names,
+        read_chunks=CHUNK in names,
     )
     batch = int(cfg.eval.batch_size) if "eval" in cfg else 8
     answers = pipeline.answer_batch(
