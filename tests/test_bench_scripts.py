@@ -816,3 +816,56 @@ def test_decision_features_decides_as_the_pipeline_does(tmp_path: Path) -> None:
         text=True,
     ).stdout
     assert out.count(f"| {tmp_path.name} |") == 2 and f"| {expected.overall:.1f} |" in out
+
+
+def test_refit_calibration_sets_keys_and_the_copy_serves_with_the_retriever_ones(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """bench/refit_calibration.py --set changes the run's settings for the refit, and a
+    retriever key also lands in the copy's manifest (so the copy is evaluated and served with
+    the setting its decision was fitted under); the run's own model folder is left as it is."""
+    from omegaconf import OmegaConf
+
+    from ragtune.answerability import Calibration
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "model").mkdir()
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "prompt": {"name": "alpaca_rag_short"},
+                "retriever": {"k": 3, "reader_rerank": 0},
+                "raft": {"calibration_features": ["abstain_logodds", "retrieval"]},
+            }
+        ),
+        run / ".hydra" / "config.yaml",
+    )
+    manifest = {"format": 1, "retriever": {"k": 3, "reader_rerank": 0, "chunk_size": 300}}
+    (run / "model" / "manifest.json").write_text(json.dumps(manifest))
+    bench = _load_bench("refit_calibration")
+    seen: dict = {}
+
+    def calibrate(cfg, schema, model_dir, retriever, run_dir):
+        seen.update(cfg=cfg, model_dir=model_dir, run_dir=run_dir)
+        return Calibration(threshold=0.5, weights={"abstain_logodds": -1.0})
+
+    monkeypatch.setattr(bench, "calibrate", calibrate)
+    monkeypatch.setattr(bench, "open_retriever", lambda cfg, tok, ingest_corpus: object())
+    monkeypatch.setattr(bench, "load_tokenizer", lambda cfg: object())
+    copy = tmp_path / "copy"
+    features = "raft.calibration_features=[abstain_logodds,retrieval,abstain_logodds_chunk]"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["refit", str(run), str(copy), "--set", "retriever.reader_rerank=6", "--set", features],
+    )
+    bench.main()
+
+    assert seen["cfg"].retriever.reader_rerank == 6 and seen["cfg"].retriever.k == 3
+    assert list(seen["cfg"].raft.calibration_features)[-1] == "abstain_logodds_chunk"
+    assert (seen["model_dir"], seen["run_dir"]) == (copy, run)
+    written = json.loads((copy / "manifest.json").read_text())
+    assert written["retriever"] == {"k": 3, "reader_rerank": 6, "chunk_size": 300}
+    assert written["answerability"]["threshold"] == 0.5
+    assert json.loads((run / "model" / "manifest.json").read_text()) == manifest
