@@ -470,8 +470,8 @@ def assess(
             contexts,
             retrieval_scores,
             batch_size,
-            views,
-            chunk_views,
+            views=views,
+            chunk_views=chunk_views,
         )
     if calibration is None:
         scores = combine(feats)

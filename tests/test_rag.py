@@ -596,12 +596,20 @@ def test_a_shared_context_cache_keeps_questions_and_retrievers_apart(pipeline):
     assert len(cache) == 4  # two questions x two retrievers, each retrieved once
 
 
-def test_a_decision_weighing_the_rotated_reading_reads_every_order_of_the_context(
-    pipeline, monkeypatch
+@pytest.mark.parametrize(
+    ("feature", "views_key", "reading"),
+    [  # each order of the context; each chunk alone as the whole context
+        ("abstain_logodds_rotated", "views", "orders"),
+        ("abstain_logodds_chunk", "chunk_views", "chunks"),
+    ],
+)
+def test_a_decision_weighing_another_reading_of_the_context_reads_it(
+    pipeline, monkeypatch, feature, views_key, reading
 ):
     """A calibration that weighs ``abstain_logodds_rotated`` makes the pipeline score each answer
-    with its context in every order (the same question and chunks, rendered as the prompt is);
-    a pipeline whose decision does not weigh it spends no passes on it."""
+    with its context in every order, one that weighs ``abstain_logodds_chunk`` with each chunk
+    alone (the same question, rendered as the prompt is); a pipeline whose decision does not
+    weigh the feature spends no passes on it."""
     from ragtune import answerability
     from ragtune.answerability import MANIFEST_KEY, Calibration, rotations
     from ragtune.rag import RagPipeline
@@ -610,7 +618,7 @@ def test_a_decision_weighing_the_rotated_reading_reads_every_order_of_the_contex
     real = answerability.answer_features
 
     def spy(*args, **kw):
-        seen.append(kw.get("views", args[8] if len(args) > 8 else None))
+        seen.append(kw.get(views_key))
         return real(*args, **kw)
 
     monkeypatch.setattr(answerability, "answer_features", spy)
@@ -627,16 +635,17 @@ def test_a_decision_weighing_the_rotated_reading_reads_every_order_of_the_contex
         )
 
     q = "On which day is the Lantern Tide festival held in Velmora?"
-    rotated = make({"abstain_logodds_rotated": 1.0, "retrieval": 1.0})
-    ans = rotated.answer(q)
-    assert len(ans.chunks) >= 2, "precondition: a context with more than one order"
-    assert seen == [[[rotated.render(q, "", order) for order in rotations(ans.chunks)]]]
+    reads = make({feature: 1.0, "retrieval": 1.0})
+    ans = reads.answer(q)
+    assert len(ans.chunks) >= 2, "precondition: a context of more than one chunk"
+    contexts = rotations(ans.chunks) if reading == "orders" else [[c] for c in ans.chunks]
+    assert seen == [[[reads.render(q, "", c) for c in contexts]]]
     f = ans.features
-    assert f.abstain_logodds_rotated is not None
-    assert ans.score == pytest.approx(f.abstain_logodds_rotated + f.retrieval)
+    assert getattr(f, feature) is not None
+    assert ans.score == pytest.approx(getattr(f, feature) + f.retrieval)
     seen.clear()
     plain = make({"abstain_logodds": 1.0, "retrieval": 1.0}).answer(q)
-    assert seen == [None] and plain.features.abstain_logodds_rotated is None
+    assert seen == [None] and getattr(plain.features, feature) is None
     assert plain.features.abstain_logodds == pytest.approx(f.abstain_logodds, abs=1e-5)
 
 
@@ -677,45 +686,6 @@ def test_reader_rerank_keeps_the_k_candidates_the_model_is_least_sure_to_abstain
     read.clear()
     plain = make(0).answer(q).chunks
     assert read == [] and [c.id for c in plain] == [c.id for c in cands[:k]]
-
-
-def test_a_decision_weighing_the_chunk_reading_reads_each_chunk_alone(pipeline, monkeypatch):
-    """A calibration that weighs ``abstain_logodds_chunk`` makes the pipeline read the question
-    with each chunk of its context alone; one that does not spends no passes on it."""
-    from ragtune import answerability
-    from ragtune.answerability import MANIFEST_KEY, Calibration
-    from ragtune.rag import RagPipeline
-
-    seen: list = []
-    real = answerability.answer_features
-
-    def spy(*args, **kw):
-        seen.append(kw.get("chunk_views", args[9] if len(args) > 9 else None))
-        return real(*args, **kw)
-
-    monkeypatch.setattr(answerability, "answer_features", spy)
-
-    def make(weights):
-        cal = Calibration(threshold=-1e9, weights=weights)
-        return RagPipeline(
-            pipeline.model,
-            pipeline.tokenizer,
-            pipeline.schema,
-            pipeline.retriever,
-            max_seq_length=pipeline.max_seq_length,
-            manifest={MANIFEST_KEY: cal.to_dict()},
-        )
-
-    q = "On which day is the Lantern Tide festival held in Velmora?"
-    chunked = make({"abstain_logodds_chunk": 1.0, "retrieval": 1.0})
-    ans = chunked.answer(q)
-    assert len(ans.chunks) >= 2, "precondition: a context of more than one chunk"
-    assert seen == [[[chunked.render(q, "", [c]) for c in ans.chunks]]]
-    f = ans.features
-    assert ans.score == pytest.approx(f.abstain_logodds_chunk + f.retrieval)
-    seen.clear()
-    plain = make({"abstain_logodds": 1.0, "retrieval": 1.0}).answer(q)
-    assert seen == [None] and plain.features.abstain_logodds_chunk is None
 
 
 def test_recall_finds_each_question_a_chain_retrieved(pipeline, monkeypatch):
