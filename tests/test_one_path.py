@@ -29,8 +29,10 @@ QUESTIONS = [
 MAX_SEQ_LENGTH = 260  # ~130 prompt tokens + 64 reserved: room for one or two chunks
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_lm_path):
+# the retriever's top k, and the context the model itself picks (retriever.reader_rerank, read
+# from the manifest by every path): a path that retrieved without the model would differ
+@pytest.fixture(scope="module", params=[0, 4], ids=["top_k", "reader_rerank"])
+def trained(request, tmp_path_factory, tiny_lm_path):
     from ragtune.answerability import MANIFEST_KEY, Calibration
     from ragtune.rag import open_pipeline
 
@@ -38,6 +40,7 @@ def trained(tmp_path_factory, tiny_lm_path):
     model_dir, rcfg = build_model_dir(root, _untied(root / "lm", tiny_lm_path))
     manifest = read_manifest(model_dir)
     manifest["model"]["max_seq_length"] = MAX_SEQ_LENGTH
+    manifest["retriever"]["reader_rerank"] = request.param
     write_manifest(model_dir, manifest)
     # a threshold between the lowest and the next score: one answer flips to abstain
     cfg = ask_cfg(root, f"model_dir={model_dir}", "generate.max_new_tokens=8")
@@ -86,6 +89,19 @@ def test_the_budget_binds(pipeline):
         len(pipeline.retriever.retrieve(q, budget_tokens=None)) > len(pipeline.retrieve(q))
         for q in QUESTIONS
     )
+
+
+def test_the_model_picks_other_contexts_only_when_it_reranks(trained, pipeline):
+    """Precondition: with reader_rerank the model picks other chunks than the retriever's top k
+    for at least one question (so a path that skipped it would differ); without, none."""
+    rerank = read_manifest(trained[1])["retriever"]["reader_rerank"]
+    assert pipeline._rerank_n() == rerank
+    budgeted = pipeline.retriever.retrieve
+    assert any(
+        [c.id for c in pipeline.retrieve(q)]
+        != [c.id for c in budgeted(q, budget_tokens=pipeline.context_budget(q))]
+        for q in QUESTIONS
+    ) == bool(rerank)
 
 
 def test_ask_server_langchain_and_eval_agree(trained, pipeline, tmp_path):
