@@ -185,6 +185,11 @@ def _check_combinations(cfg: DictConfig) -> None:
             f"must be >= retriever.k ({r.k}), got {r.fetch_k}",
         )
         need(
+            r.ef_search >= r.fetch_k,
+            "retriever.ef_search",
+            f"must be >= retriever.fetch_k ({r.fetch_k}), got {r.ef_search}",
+        )
+        need(
             r.reader_rerank == 0 or r.reader_rerank > r.k,
             "retriever.reader_rerank",
             f"must be 0 (off) or more than retriever.k ({r.k}), got {r.reader_rerank}",

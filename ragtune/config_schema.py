@@ -133,6 +133,7 @@ class RetrieverConfig:
     k: int
     fetch_k: int
     reader_rerank: int
+    ef_search: int
     dedup_cosine: float
     dedup_overlap: float
     hybrid: bool

@@ -127,6 +127,7 @@ class Retriever:
             "k": r.k,
             "fetch_k": r.fetch_k,
             "reader_rerank": r.reader_rerank,
+            "ef_search": r.ef_search,
             "dedup_cosine": r.dedup_cosine,
             "dedup_overlap": r.dedup_overlap,
             "hybrid": r.hybrid,

@@ -227,16 +227,42 @@ def open_collection(
         _note_moved_corpora(client, rcfg, existing)
         coll = client.get_or_create_collection(
             name,
-            configuration={"hnsw": {"space": "cosine"}},
+            configuration={"hnsw": {"space": "cosine", "ef_search": rcfg.ef_search}},
             metadata=index_metadata(rcfg, corpus),
             embedding_function=None,
         )
     else:
         coll = client.get_collection(name, embedding_function=None)
     check_metadata(name, coll.metadata, rcfg)
+    coll = _set_ef_search(client, coll, rcfg.ef_search)
     if create and corpus is not None:
         coll = _claim_corpus(client, coll, rcfg, corpus)
     return coll
+
+
+def _set_ef_search(client: Any, coll: Any, ef_search: int) -> Any:
+    """The collection searching with ``ef_search`` candidates (a search setting, not the data).
+
+    Chroma keeps a loaded index's setting for the life of the process, so this takes effect
+    where the collection is opened before its first query, as every ragtune stage does. An
+    index this process may not write keeps its own setting, with a warning.
+    """
+    have = ((coll.configuration or {}).get("hnsw") or {}).get("ef_search")
+    if have is None or have == ef_search:
+        return coll
+    try:
+        coll.modify(configuration={"hnsw": {"ef_search": ef_search}})
+    except Exception as e:  # a read-only copy of the index still answers
+        log.warning(
+            "index collection '%s' searches with ef_search=%s; setting retriever.ef_search=%s "
+            "failed (%s)",
+            coll.name,
+            have,
+            ef_search,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        return coll
+    return client.get_collection(coll.name, embedding_function=None)
 
 
 def _claim_corpus(client: Any, coll: Any, rcfg: Any, corpus: str | os.PathLike[str]) -> Any:

@@ -136,6 +136,7 @@ def test_outputs_root_is_configurable(monkeypatch, tmp_path):
         ("retriever.k=three", "retriever.k"),
         ("retriever.reader_rerank=2", "retriever.reader_rerank"),  # not more than k (3)
         ("retriever.reader_rerank=-1", "retriever.reader_rerank"),
+        ("retriever.ef_search=10", "retriever.ef_search"),  # fewer than fetch_k (20)
         ("+retriever.bogus=1", "retriever.bogus"),
         ("+bogus=1", "bogus"),
         ("model.name_or_path=./no/such/model", "model.name_or_path"),

@@ -287,6 +287,7 @@ def test_settings_and_langchain_face(index):
         "chunk_unit",
         "k",
         "fetch_k",
+        "ef_search",
         "dedup_cosine",
         "hybrid",
         "mmr",
@@ -299,7 +300,7 @@ def test_settings_and_langchain_face(index):
         "corpus",
     ):
         assert key in s
-    for key in ("normalize", "k", "fetch_k", "dedup_cosine", "dedup_overlap", "mmr_lambda"):
+    for key in ("normalize", "k", "fetch_k", "ef_search", "dedup_cosine", "dedup_overlap"):
         assert s[key] == getattr(index, key)
     assert s["chunk_size"] == 400 and s["collection"].startswith("rt-minilm-l6-n-c400")
     from langchain_core.retrievers import BaseRetriever
@@ -312,6 +313,50 @@ def test_settings_and_langchain_face(index):
     assert len(ret.as_langchain(k=1).invoke("Which ferry crosses the bay?")) == 1
     emb = ret.embed(["a", "b"])
     assert emb.shape == (2, 384) and abs(float((emb[0] ** 2).sum()) - 1) < 1e-4
+
+
+def _hnsw_recall(coll, vectors: np.ndarray, queries: np.ndarray, n: int = 20) -> float:
+    """The share of each query's exact top ``n`` (by cosine) that the index returns."""
+    exact = np.argsort(-queries @ vectors.T, axis=1)[:, :n]
+    got = coll.query(query_embeddings=queries.tolist(), n_results=n, include=[])["ids"]
+    return float(
+        np.mean(
+            [
+                len({int(i) for i in g} & set(e.tolist())) / n
+                for g, e in zip(got, exact, strict=True)
+            ]
+        )
+    )
+
+
+def test_the_index_searches_as_wide_as_retriever_ef_search(tmp_path):
+    """A new index and one built with another ef_search both search with the configured one:
+    at 400 the fetched candidates are the exact nearest ones where Chroma's default (100)
+    misses some (3,000 random 64-d vectors, the hard case for HNSW)."""
+    from dataclasses import replace
+
+    from ragtune.store import open_client, open_collection
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[:50] + 0.5 * rng.standard_normal((50, 64)).astype(np.float32)
+
+    def built(ef_search: int):
+        rcfg = RetrieverConfig(persist_dir=str(tmp_path / f"ef{ef_search}"), ef_search=ef_search)
+        coll = open_collection(open_client(rcfg), rcfg, create=True, corpus=tmp_path)
+        coll.add(ids=[str(i) for i in range(len(vectors))], embeddings=vectors.tolist())
+        return rcfg, coll
+
+    _, default = built(100)
+    rcfg, wide = built(400)
+    assert _hnsw_recall(default, vectors, queries) < 0.99  # precondition: the default misses
+    assert _hnsw_recall(wide, vectors, queries) >= 0.995
+    # An index built at Chroma's default gets the configured setting when opened (Chroma
+    # loads it at the first query of a process, so the stored setting is what counts)
+    old = replace(rcfg, persist_dir=str(tmp_path / "ef100"))
+    reopened = open_collection(open_client(old), old, create=False, corpus=tmp_path)
+    assert reopened.configuration["hnsw"]["ef_search"] == 400
 
 
 def test_missing_index_is_a_clear_error(index, tmp_path):
