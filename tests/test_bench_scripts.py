@@ -869,3 +869,30 @@ def test_refit_calibration_sets_keys_and_the_copy_serves_with_the_retriever_ones
     assert written["retriever"] == {"k": 3, "reader_rerank": 6, "chunk_size": 300}
     assert written["answerability"]["threshold"] == 0.5
     assert json.loads((run / "model" / "manifest.json").read_text()) == manifest
+
+
+def test_hnsw_search_counts_misses_and_build_differences(tmp_path: Path, monkeypatch) -> None:
+    """bench/hnsw_search.py through the real ingest: a small corpus is searched exactly and
+    rebuilds alike; a search that returns a wrong chunk for one question is one miss per build,
+    and a build that differs from the first is counted as a difference."""
+    bench = _load_bench("hnsw_search")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(["The loom weaves glass.", "Herons eat fish.", "Ferries cross."]):
+        (corpus / f"d{i}.md").write_text(text, encoding="utf-8")
+    questions = ["What does the loom weave?", "What do herons eat?"]
+    row = bench.measure(corpus, questions, ef_search=400, builds=2, fetch_k=2)
+    assert row["missing_an_exact_neighbour"] == [0, 0] and row["differing_between_builds"] == [0]
+
+    real, calls = bench.fetched, []
+
+    def approximate(ret, queries, n):  # the second build's first question gets a wrong chunk
+        sets, secs = real(ret, queries, n)
+        calls.append(1)
+        if len(calls) == 2:
+            sets[0] = frozenset({"not-a-chunk", *list(sets[0])[1:]})
+        return sets, secs
+
+    monkeypatch.setattr(bench, "fetched", approximate)
+    row = bench.measure(corpus, questions, ef_search=400, builds=2, fetch_k=2)
+    assert row["missing_an_exact_neighbour"] == [0, 1] and row["differing_between_builds"] == [1]
