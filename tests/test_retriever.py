@@ -300,7 +300,8 @@ def test_settings_and_langchain_face(index):
         "corpus",
     ):
         assert key in s
-    for key in ("normalize", "k", "fetch_k", "ef_search", "dedup_cosine", "dedup_overlap"):
+    same = ("normalize", "k", "fetch_k", "ef_search", "dedup_cosine", "dedup_overlap", "mmr_lambda")
+    for key in same:
         assert s[key] == getattr(index, key)
     assert s["chunk_size"] == 400 and s["collection"].startswith("rt-minilm-l6-n-c400")
     from langchain_core.retrievers import BaseRetriever
